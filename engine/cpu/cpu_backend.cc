@@ -1,0 +1,178 @@
+// The CPU backend: host memory, packed-weight GEMM, OpenMP threads.
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "engine/backend.h"
+#include "engine/cpu/gemm.h"
+#include "engine/cpu/kernels.h"
+
+namespace kraken::engine {
+
+StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
+
+namespace {
+
+class CpuLinear final : public LinearWeight {
+ public:
+  explicit CpuLinear(cpu::PackedMatrix m) : packed(std::move(m)) {
+    in_ = packed.in();
+    out_ = packed.out();
+  }
+  size_t bytes() const override { return packed.bytes(); }
+  cpu::PackedMatrix packed;
+};
+
+void FreeHost(float* p) { std::free(p); }
+
+// Validates [begin, begin+count) ranges against `limit`, naming the tensor.
+Status CheckRanges(const TensorInfo& t, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t limit,
+                   const char* what) {
+  for (const auto& [b, n] : ranges) {
+    if (b < 0 || n < 0 || b + n > limit) {
+      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), ": ", what, " range [", b, ", ", b + n,
+                             ") is outside [0, ", limit, ")");
+    }
+  }
+  return absl::OkStatus();
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : threads_(threads) {}
+
+  std::string name() const override { return "cpu"; }
+  bool is_host() const override { return true; }
+
+  StatusOr<Buffer> Allocate(int64_t floats) override {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float) + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, bytes);
+    if (p == nullptr) return ResourceExhausted("cannot allocate ", bytes, " bytes of host memory");
+    std::memset(p, 0, bytes);
+    return Buffer(static_cast<float*>(p), floats, &FreeHost);
+  }
+  void Upload(const float* host, float* device, int64_t n) override {
+    std::memcpy(device, host, n * sizeof(float));
+  }
+  void Download(const float* device, float* host, int64_t n) override {
+    std::memcpy(host, device, n * sizeof(float));
+  }
+
+  StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(const LinearSource& src) override {
+    const TensorInfo& t = *src.tensor;
+    if (t.shape.size() != 2) {
+      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), " must be 2-D to be a matrix");
+    }
+    const int64_t out_total = src.in_major ? t.shape[1] : t.shape[0];
+    const int64_t in_total = src.in_major ? t.shape[0] : t.shape[1];
+    cpu::MatrixSource m;
+    m.data = t.data;
+    m.dtype = t.dtype;
+    m.out_stride = src.in_major ? 1 : in_total;
+    m.in_stride = src.in_major ? out_total : 1;
+    m.in_begin = src.in_begin;
+    m.in = src.in_count < 0 ? static_cast<int>(in_total - src.in_begin) : src.in_count;
+    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, {{m.in_begin, m.in}}, in_total, "input-feature"));
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (const auto& [b, n] : src.out_ranges) ranges.emplace_back(b, n);
+    if (ranges.empty()) ranges.emplace_back(0, out_total);
+    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, out_total, "output-feature"));
+    for (const auto& [b, n] : ranges)
+      for (int64_t r = b; r < b + n; ++r) m.rows.push_back(static_cast<int>(r));
+    KRAKEN_ASSIGN_OR_RETURN(cpu::PackedMatrix packed, cpu::PackedMatrix::Pack(m));
+    return std::unique_ptr<LinearWeight>(new CpuLinear(std::move(packed)));
+  }
+
+  StatusOr<Buffer> PrepareVector(const TensorInfo& t,
+                                 const std::vector<std::pair<int64_t, int64_t>>& ranges) override {
+    if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
+      return InvalidArgument("tensor '", t.name, "' has dtype ", DTypeName(t.dtype), "; expected F32, F16 or BF16");
+    }
+    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, t.numel(), "element"));
+    int64_t total = 0;
+    for (const auto& r : ranges) total += r.second;
+    KRAKEN_ASSIGN_OR_RETURN(Buffer buf, Allocate(total));
+    int64_t at = 0;
+    const size_t es = DTypeSize(t.dtype);
+    for (const auto& [b, n] : ranges) {
+      ConvertToF32(t.dtype, t.data + b * es, buf.data() + at, n);
+      at += n;
+    }
+    return buf;
+  }
+
+  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
+             Mat out) override {
+    Scoped s(threads_);
+    cpu::Embed(tokens, positions, wte, wpe, out);
+  }
+  void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) override {
+    KRAKEN_CHECK(x.rows == y.rows && x.cols == y.cols);
+    Scoped s(threads_);
+    cpu::LayerNorm(x, w, b, eps, y);
+  }
+  void Linear(Mat x, const LinearWeight& w, const float* bias, Mat y, bool accumulate) override {
+    KRAKEN_CHECK(x.cols == w.in_features() && y.cols == w.out_features() && x.rows == y.rows,
+                 "Linear shape mismatch");
+    Scoped s(threads_);
+    cpu::Gemm(x.data, x.rows, x.stride, static_cast<const CpuLinear&>(w).packed, bias, y.data, y.stride,
+              accumulate, &gemm_scratch_);
+  }
+  void GeluTanh(Mat x) override {
+    Scoped s(threads_);
+    cpu::GeluTanh(x);
+  }
+  void Add(Mat a, Mat b, Mat out) override {
+    KRAKEN_CHECK(a.rows == out.rows && b.rows == out.rows && a.cols == out.cols && b.cols == out.cols);
+    Scoped s(threads_);
+    cpu::Add(a, b, out);
+  }
+  void Copy(Mat src, Mat dst) override {
+    KRAKEN_CHECK(src.rows == dst.rows && src.cols == dst.cols);
+    Scoped s(threads_);
+    cpu::Copy(src, dst);
+  }
+  void GatherRows(Mat src, const int32_t* rows, Mat dst) override {
+    KRAKEN_CHECK(src.cols == dst.cols);
+    Scoped s(threads_);
+    cpu::GatherRows(src, rows, dst);
+  }
+  void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) override {
+    KRAKEN_CHECK(k.cols == slot.heads * slot.head_dim && v.cols == k.cols);
+    Scoped s(threads_);
+    cpu::WriteKv(k, v, slot, batch);
+  }
+  void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out) override {
+    KRAKEN_CHECK(q.cols == slot.heads * slot.head_dim && out.cols == q.cols);
+    Scoped s(threads_);
+    cpu::Attention(q, slot, batch, scale, out, &attention_scratch_);
+  }
+  Status Synchronize() override { return absl::OkStatus(); }
+
+ private:
+  // Sets the OpenMP team size for the ops of this backend (each worker process may own fewer
+  // cores than the machine has).
+  struct Scoped {
+    explicit Scoped(int n) { omp_set_num_threads(n); }
+  };
+
+  int threads_;
+  cpu::GemmScratch gemm_scratch_;
+  cpu::AttentionScratch attention_scratch_;
+};
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
+  if (options.device == "cpu") {
+    int threads = options.threads;
+    if (threads < 0) return InvalidArgument("backend option 'threads' must be >= 0, got ", threads);
+    if (threads == 0) threads = omp_get_num_procs();
+    return std::unique_ptr<Backend>(new CpuBackend(threads));
+  }
+  if (options.device.rfind("cuda", 0) == 0) return CreateCudaBackend(options);
+  return InvalidArgument("device '", options.device, "' is not known; expected 'cpu' or 'cuda:<index>'");
+}
+
+}  // namespace kraken::engine

@@ -1,0 +1,184 @@
+#include "engine/cpu/gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "engine/cpu/simd.h"
+
+namespace kraken::engine::cpu {
+namespace {
+
+constexpr int kMr = 12;            // rows per register tile (12 x 32 outputs = 24 accumulators)
+constexpr int kTilesPerChunk = 8;  // 96 rows of packed activations stay in L2 across panels
+
+template <DType T>
+inline F32x16 LoadW(const uint8_t* p) {
+  if constexpr (T == DType::kF32) {
+    return F32x16::Load(reinterpret_cast<const float*>(p));
+  } else if constexpr (T == DType::kBF16) {
+    return F32x16::LoadBf16(reinterpret_cast<const uint16_t*>(p));
+  } else {
+    return F32x16::LoadF16(reinterpret_cast<const uint16_t*>(p));
+  }
+}
+
+// MR rows x NP panels. `a` is the packed tile [K][MR]; `w` the first panel, `panel_bytes` apart.
+// Every accumulator is a single FMA chain over k in order: this is the batch-invariance contract.
+template <DType T, int MR, int NP>
+void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc,
+            int n_valid, const float* bias, bool accumulate) {
+  constexpr size_t es = DTypeSize(T);
+  F32x16 acc[MR][2 * NP];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 2 * NP; ++j) acc[r][j] = F32x16::Zero();
+  for (int k = 0; k < k_dim; ++k) {
+    F32x16 b[2 * NP];
+    for (int p = 0; p < NP; ++p) {
+      const uint8_t* src = w + p * panel_bytes + static_cast<size_t>(k) * kPanelWidth * es;
+      b[2 * p] = LoadW<T>(src);
+      b[2 * p + 1] = LoadW<T>(src + 16 * es);
+    }
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
+      const F32x16 av = F32x16::Broadcast(ak[r]);
+      for (int j = 0; j < 2 * NP; ++j) acc[r][j] = Fma(av, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldc;
+    for (int j = 0; j < 2 * NP; ++j) {
+      const int c0 = j * 16;
+      const int n = std::min(16, n_valid - c0);
+      if (n <= 0) break;
+      F32x16 t = acc[r][j];
+      if (bias != nullptr) t = t + F32x16::LoadPartial(bias + c0, n);
+      if (accumulate) t = F32x16::LoadPartial(yr + c0, n) + t;
+      t.StorePartial(yr + c0, n);
+    }
+  }
+}
+
+using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int64_t, int, const float*, bool);
+
+// Panels per kernel call for a tile of `mr` rows: small tiles take several panels so enough
+// independent FMA chains are in flight; the per-element order is the same either way.
+constexpr int PanelsPerCall(int mr) { return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1); }
+
+template <DType T, int MR>
+constexpr KernelFn Pick(int np) {
+  if (np == PanelsPerCall(MR)) return &Kernel<T, MR, PanelsPerCall(MR)>;
+  return &Kernel<T, MR, 1>;
+}
+
+template <DType T>
+KernelFn Select(int mr, int np) {
+  switch (mr) {
+    case 1: return Pick<T, 1>(np);
+    case 2: return Pick<T, 2>(np);
+    case 3: return Pick<T, 3>(np);
+    case 4: return Pick<T, 4>(np);
+    case 5: return Pick<T, 5>(np);
+    case 6: return Pick<T, 6>(np);
+    case 7: return Pick<T, 7>(np);
+    case 8: return Pick<T, 8>(np);
+    case 9: return Pick<T, 9>(np);
+    case 10: return Pick<T, 10>(np);
+    case 11: return Pick<T, 11>(np);
+    default: return Pick<T, 12>(np);
+  }
+}
+
+KernelFn SelectKernel(DType t, int mr, int np) {
+  switch (t) {
+    case DType::kBF16: return Select<DType::kBF16>(mr, np);
+    case DType::kF16: return Select<DType::kF16>(mr, np);
+    default: return Select<DType::kF32>(mr, np);
+  }
+}
+
+}  // namespace
+
+void PackedMatrix::Free::operator()(uint8_t* p) const { std::free(p); }
+
+StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
+  if (src.dtype != DType::kF32 && src.dtype != DType::kBF16 && src.dtype != DType::kF16) {
+    return InvalidArgument("weight dtype ", DTypeName(src.dtype), " cannot be used in a matrix multiply");
+  }
+  PackedMatrix m;
+  m.in_ = src.in;
+  m.out_ = static_cast<int>(src.rows.size());
+  m.dtype_ = src.dtype;
+  m.panels_ = (m.out_ + kPanelWidth - 1) / kPanelWidth;
+  const size_t es = DTypeSize(src.dtype);
+  m.panel_bytes_ = (static_cast<size_t>(m.in_) * kPanelWidth * es + 63) / 64 * 64;
+  m.bytes_ = m.panel_bytes_ * m.panels_;
+  void* mem = std::aligned_alloc(64, std::max<size_t>(m.bytes_, 64));
+  if (mem == nullptr) return ResourceExhausted("cannot allocate ", m.bytes_, " bytes for a packed weight");
+  m.data_.reset(static_cast<uint8_t*>(mem));
+  std::memset(mem, 0, m.bytes_);
+  for (int n = 0; n < m.out_; ++n) {
+    uint8_t* panel = m.data_.get() + (n / kPanelWidth) * m.panel_bytes_;
+    const int lane = n % kPanelWidth;
+    const int64_t row = src.rows[n];
+    for (int k = 0; k < m.in_; ++k) {
+      const int64_t e = row * src.out_stride + static_cast<int64_t>(src.in_begin + k) * src.in_stride;
+      std::memcpy(panel + (static_cast<size_t>(k) * kPanelWidth + lane) * es, src.data + e * es, es);
+    }
+  }
+  return m;
+}
+
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y,
+          int64_t ldc, bool accumulate, GemmScratch* scratch) {
+  const int k_dim = w.in();
+  if (m <= 0 || w.out() == 0) return;
+  const int tiles = (m + kMr - 1) / kMr;
+  const size_t need = static_cast<size_t>(tiles) * kMr * k_dim;
+  if (scratch->packed_a.size() < need) scratch->packed_a.resize(need);
+  float* packed = scratch->packed_a.data();
+  const int chunks = (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+  const int np = PanelsPerCall(std::min(m, kMr));
+  const int groups = (w.panels() + np - 1) / np;
+  const int64_t items = static_cast<int64_t>(chunks) * groups;
+  const size_t panel_bytes = w.panels() > 1 ? static_cast<size_t>(w.panel(1) - w.panel(0)) : 0;
+
+#pragma omp parallel
+  {
+    // Pack activations: tile t holds rows [12t, 12t + mr) as [K][mr].
+#pragma omp for schedule(static)
+    for (int t = 0; t < tiles; ++t) {
+      const int r0 = t * kMr, mr = std::min(kMr, m - r0);
+      float* dst = packed + static_cast<size_t>(t) * kMr * k_dim;
+      for (int r = 0; r < mr; ++r) {
+        const float* src = x + (r0 + r) * lda;
+        for (int k = 0; k < k_dim; ++k) dst[static_cast<size_t>(k) * mr + r] = src[k];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int chunk = static_cast<int>(item / groups), g = static_cast<int>(item % groups);
+      const int t_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
+      for (int t = chunk * kTilesPerChunk; t < t_end; ++t) {
+        const int r0 = t * kMr, mr = std::min(kMr, m - r0);
+        const float* a = packed + static_cast<size_t>(t) * kMr * k_dim;
+        const int p0 = g * np, p_end = std::min(w.panels(), p0 + np);
+        if (p_end - p0 == np) {
+          SelectKernel(w.dtype(), mr, np)(k_dim, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth,
+                                          ldc, w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr,
+                                          accumulate);
+        } else {
+          for (int p = p0; p < p_end; ++p) {
+            SelectKernel(w.dtype(), mr, 1)(k_dim, a, w.panel(p), panel_bytes, y + r0 * ldc + p * kPanelWidth, ldc,
+                                           w.out() - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr,
+                                           accumulate);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kraken::engine::cpu

@@ -1,0 +1,79 @@
+// CPU matrix multiply Y[M, N] = X[M, K] · W^T (+ bias) for weights packed once at load time.
+//
+//   PackedMatrix w = PackedMatrix::Pack(source);          // W: [N out, K in], F32/BF16/F16 kept
+//   Gemm(x, M, /*lda=*/K, w, bias, y, /*ldc=*/N, /*accumulate=*/false, &scratch);
+//
+// Batch invariance: every output element is one fused multiply-add chain over k = 0..K-1 in order,
+// whatever M is and wherever the row sits in the batch, so a sequence's result never depends on
+// its batch mates (CONVENTIONS.md). OpenBLAS 0.3.21 and oneDNN 2.6 do not give this: the same row
+// changes in the last bits as M changes (measured for 66-69 of M = 2..70 at K = 504/1008).
+// Weights stay in their stored type (BF16 halves the bytes a decode step streams) and are
+// widened exactly to F32 in registers; arithmetic is F32.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "engine/dtype.h"
+#include "engine/status.h"
+
+namespace kraken::engine::cpu {
+
+/// Output features per packed panel (two 16-lane vectors).
+inline constexpr int kPanelWidth = 32;
+
+/// Where to read a weight matrix from: element (o, i) of the logical [out, in] matrix is at
+/// `data + (rows[o] * out_stride + (in_begin + i) * in_stride) * DTypeSize(dtype)`.
+/// A PyTorch Linear weight [out, in] has out_stride = in_total, in_stride = 1; a Hugging Face
+/// Conv1D weight [in, out] has out_stride = 1, in_stride = out_total. `rows` selects (and orders)
+/// the source output features, which is how a tensor-parallel shard takes its slice.
+struct MatrixSource {
+  const uint8_t* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t out_stride = 0;
+  int64_t in_stride = 0;
+  int in_begin = 0;
+  int in = 0;                 // K
+  std::vector<int> rows;      // N source rows
+};
+
+/// W [N, K] in panels of kPanelWidth output features, k-major inside a panel, zero-padded to a
+/// whole panel: element (n, k) at panel n / 32, offset k * 32 + n % 32.
+class PackedMatrix {
+ public:
+  /// Packs `src`. The dtype must be F32, BF16 or F16 (INVALID_ARGUMENT otherwise).
+  static StatusOr<PackedMatrix> Pack(const MatrixSource& src);
+
+  int in() const { return in_; }
+  int out() const { return out_; }
+  int panels() const { return panels_; }
+  DType dtype() const { return dtype_; }
+  /// Bytes held by the packed copy.
+  size_t bytes() const { return bytes_; }
+  const uint8_t* panel(int p) const { return data_.get() + static_cast<size_t>(p) * panel_bytes_; }
+
+ private:
+  struct Free {
+    void operator()(uint8_t* p) const;
+  };
+  int in_ = 0, out_ = 0, panels_ = 0;
+  DType dtype_ = DType::kF32;
+  size_t panel_bytes_ = 0, bytes_ = 0;
+  std::unique_ptr<uint8_t, Free> data_;
+};
+
+/// Reusable packing space for the activations; grows to the largest M·K seen (warm-up), then
+/// never allocates again.
+struct GemmScratch {
+  std::vector<float> packed_a;
+};
+
+/// Y = X · W^T + bias, or Y += X · W^T + bias when `accumulate` (the addend is formed first, then
+/// added to Y, in that order for every element).
+/// X: [M, K] row stride lda; Y: [M, N] row stride ldc; bias: [N] or nullptr. X and Y must not
+/// overlap. Uses the OpenMP threads of the caller's team size.
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y,
+          int64_t ldc, bool accumulate, GemmScratch* scratch);
+
+}  // namespace kraken::engine::cpu

@@ -1,0 +1,73 @@
+// Element types of stored tensors (safetensors dtypes the engine reads) and scalar conversions.
+//
+//   float f = kraken::engine::Bf16ToF32(0x3f80);   // 1.0f
+//   size_t bytes = kraken::engine::DTypeSize(DType::kBF16) * numel;
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string_view>
+
+namespace kraken::engine {
+
+/// Storage type of a tensor. Weights may be F32, F16 or BF16; I32/I64 carry token ids in test
+/// files. Activations are always F32 on the CPU backend.
+enum class DType : uint8_t { kF32, kF16, kBF16, kI32, kI64 };
+
+/// Bytes per element of `t`.
+constexpr size_t DTypeSize(DType t) {
+  switch (t) {
+    case DType::kF32: return 4;
+    case DType::kF16: return 2;
+    case DType::kBF16: return 2;
+    case DType::kI32: return 4;
+    case DType::kI64: return 8;
+  }
+  return 0;
+}
+
+/// The safetensors spelling of `t` ("F32", "F16", "BF16", "I32", "I64").
+std::string_view DTypeName(DType t);
+/// Parses a safetensors dtype string; nullopt for anything the engine does not read.
+std::optional<DType> ParseDType(std::string_view name);
+
+/// bfloat16 bits -> float (exact).
+inline float Bf16ToF32(uint16_t bits) {
+  uint32_t u = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/// IEEE binary16 bits -> float (exact, handles subnormals, inf and NaN).
+inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t mant = h & 0x3ffu;
+  uint32_t u;
+  if (exp == 0) {
+    if (mant == 0) {
+      u = sign;
+    } else {  // subnormal: renormalise
+      int e = -1;
+      do {
+        ++e;
+        mant <<= 1;
+      } while ((mant & 0x400u) == 0);
+      u = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (mant & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | mant << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | mant << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+/// Converts `n` elements of type `t` at `src` to float at `dst`. `t` must be a float type.
+void ConvertToF32(DType t, const void* src, float* dst, size_t n);
+
+}  // namespace kraken::engine

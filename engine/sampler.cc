@@ -1,0 +1,199 @@
+#include "engine/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+namespace kraken::engine {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+Status CheckFinite(const char* field, float v) {
+  if (!std::isfinite(v)) return InvalidArgument("sampling field '", field, "' must be finite, got ", v);
+  return absl::OkStatus();
+}
+
+// Higher value first; equal values by lower id (a total order, so results are reproducible).
+struct ByValueThenId {
+  const float* v;
+  bool operator()(int32_t a, int32_t b) const { return v[a] > v[b] || (v[a] == v[b] && a < b); }
+};
+
+}  // namespace
+
+double UniformForIndex(uint64_t seed, uint64_t index) {
+  const uint64_t bits = SplitMix64(SplitMix64(seed) ^ index);
+  return static_cast<double>(bits >> 11) * 0x1.0p-53;
+}
+
+Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("temperature", p.temperature));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("top_p", p.top_p));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("min_p", p.min_p));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("repetition_penalty", p.repetition_penalty));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("presence_penalty", p.presence_penalty));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("frequency_penalty", p.frequency_penalty));
+  if (p.temperature < 0.f) return InvalidArgument("sampling field 'temperature' must be >= 0, got ", p.temperature);
+  if (!(p.top_p > 0.f && p.top_p <= 1.f)) {
+    return InvalidArgument("sampling field 'top_p' must be in (0, 1], got ", p.top_p);
+  }
+  if (p.min_p < 0.f || p.min_p > 1.f) return InvalidArgument("sampling field 'min_p' must be in [0, 1], got ", p.min_p);
+  if (p.repetition_penalty <= 0.f) {
+    return InvalidArgument("sampling field 'repetition_penalty' must be > 0, got ", p.repetition_penalty);
+  }
+  if (p.presence_penalty < -2.f || p.presence_penalty > 2.f) {
+    return InvalidArgument("sampling field 'presence_penalty' must be in [-2, 2], got ", p.presence_penalty);
+  }
+  if (p.frequency_penalty < -2.f || p.frequency_penalty > 2.f) {
+    return InvalidArgument("sampling field 'frequency_penalty' must be in [-2, 2], got ", p.frequency_penalty);
+  }
+  if (p.top_k < -1) return InvalidArgument("sampling field 'top_k' must be >= -1 (0 or -1 = off), got ", p.top_k);
+  if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs) {
+    return InvalidArgument("sampling field 'top_logprobs' must be in [0, ", kMaxTopLogprobs, "], got ",
+                           p.top_logprobs);
+  }
+  if (vocab <= 0) return InvalidArgument("vocabulary size must be > 0, got ", vocab);
+  return absl::OkStatus();
+}
+
+Sampler::Sampler(int vocab)
+    : vocab_(vocab), work_(vocab), order_(vocab), counts_(vocab, 0), seen_(vocab, 0) {}
+
+StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history) {
+  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
+  const int V = vocab_;
+  float* w = work_.data();
+
+  // Raw distribution (for logprobs): NaN -> -inf; +inf tokens take all the mass.
+  float max_raw = kNegInf;
+  int first_pos_inf = -1;
+  for (int i = 0; i < V; ++i) {
+    const float x = std::isnan(logits[i]) ? kNegInf : logits[i];
+    w[i] = x;
+    if (x == std::numeric_limits<float>::infinity() && first_pos_inf < 0) first_pos_inf = i;
+    max_raw = std::max(max_raw, x);
+  }
+  if (max_raw == kNegInf) return InvalidArgument("logits hold no finite value (all -inf or NaN)");
+  SampledToken out;
+  if (first_pos_inf >= 0) {  // degenerate: no defined softmax; choose the first +inf token
+    out.token = first_pos_inf;
+    out.logprob = 0.f;
+    return out;
+  }
+  double sum_raw = 0.0;
+  for (int i = 0; i < V; ++i) sum_raw += std::exp(static_cast<double>(w[i]) - max_raw);
+  const float log_z = static_cast<float>(max_raw + std::log(sum_raw));
+  auto raw_logprob = [&](int id) {
+    const float x = std::isnan(logits[id]) ? kNegInf : logits[id];
+    return x - log_z;
+  };
+  if (p.top_logprobs > 0) {
+    const int n = std::min(p.top_logprobs, V);
+    std::iota(order_.begin(), order_.end(), 0);
+    std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
+    for (int i = 0; i < n; ++i) out.top[i] = {order_[i], raw_logprob(order_[i])};
+    out.num_top = n;
+  }
+
+  // Penalties on the working copy.
+  const bool rep = p.repetition_penalty != 1.0f;
+  const bool freq = p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
+  if (rep || freq) {
+    for (int32_t t : history.generated) {
+      if (t >= 0 && t < V) ++counts_[t];
+    }
+    if (rep) {
+      for (auto span : {history.prompt, history.generated}) {
+        for (int32_t t : span) {
+          if (t < 0 || t >= V || seen_[t]) continue;
+          seen_[t] = 1;
+          w[t] = w[t] > 0.f ? w[t] / p.repetition_penalty : w[t] * p.repetition_penalty;
+        }
+      }
+    }
+    for (int32_t t : history.generated) {
+      if (t < 0 || t >= V || counts_[t] == 0) continue;
+      if (freq) w[t] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(counts_[t]);
+      counts_[t] = 0;  // reset as we go; each distinct token is handled once
+    }
+    for (auto span : {history.prompt, history.generated}) {
+      for (int32_t t : span) {
+        if (t >= 0 && t < V) seen_[t] = 0;
+      }
+    }
+  }
+
+  int chosen = 0;
+  if (p.temperature == 0.f) {
+    for (int i = 1; i < V; ++i) {
+      if (w[i] > w[chosen]) chosen = i;
+    }
+  } else {
+    // Candidates, most likely first where truncation needs an order.
+    int n = V;
+    const bool need_order = (p.top_k > 0 && p.top_k < V) || p.top_p < 1.f;
+    std::iota(order_.begin(), order_.end(), 0);
+    if (p.top_k > 0 && p.top_k < V) {
+      n = p.top_k;
+      std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
+    } else if (need_order) {
+      std::sort(order_.begin(), order_.end(), ByValueThenId{w});
+    }
+    float m = kNegInf;
+    for (int i = 0; i < n; ++i) m = std::max(m, w[order_[i]]);
+    const double inv_t = 1.0 / p.temperature;
+    double total = 0.0;
+    for (int i = 0; i < n; ++i) {
+      const int id = order_[i];
+      const double e = std::exp((static_cast<double>(w[id]) - m) * inv_t);
+      w[id] = static_cast<float>(e);
+      total += e;
+    }
+    if (p.top_p < 1.f) {
+      double cum = 0.0;
+      int keep = 0;
+      while (keep < n) {
+        cum += w[order_[keep]] / total;
+        ++keep;
+        if (cum >= p.top_p) break;
+      }
+      n = keep;
+    }
+    if (p.min_p > 0.f) {
+      float pmax = 0.f;
+      for (int i = 0; i < n; ++i) pmax = std::max(pmax, w[order_[i]]);
+      const float cut = p.min_p * pmax;
+      int kept = 0;
+      for (int i = 0; i < n; ++i) {
+        if (w[order_[i]] >= cut) order_[kept++] = order_[i];
+      }
+      n = kept;
+    }
+    double mass = 0.0;
+    for (int i = 0; i < n; ++i) mass += w[order_[i]];
+    const double target = UniformForIndex(p.seed, history.generated.size()) * mass;
+    double cum = 0.0;
+    chosen = order_[n - 1];
+    for (int i = 0; i < n; ++i) {
+      cum += w[order_[i]];
+      if (target < cum) {
+        chosen = order_[i];
+        break;
+      }
+    }
+  }
+  out.token = chosen;
+  out.logprob = raw_logprob(chosen);
+  return out;
+}
+
+}  // namespace kraken::engine

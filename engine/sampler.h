@@ -1,0 +1,84 @@
+// Token sampling from one sequence's logits, reproducible per sequence.
+//
+//   Sampler sampler(vocab);
+//   SamplingParams p{.temperature = 0.8f, .top_p = 0.95f, .seed = 42};
+//   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab));
+//   KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(logits_row, p, {prompt, generated}));
+//
+// Order of processing (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw.
+// temperature 0 is greedy (ties go to the lowest id). The random number of the k-th generated
+// token is a pure function of (seed, k) — splitmix64 (Steele, Lea, Flood, OOPSLA 2014) — so a
+// sequence's tokens never depend on its batch mates. Log-probabilities are those of the model's
+// raw distribution, log_softmax(logits), before penalties, temperature and truncation.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "engine/status.h"
+
+namespace kraken::engine {
+
+/// Most alternatives a caller may ask for per token.
+inline constexpr int kMaxTopLogprobs = 20;
+
+struct SamplingParams {
+  float temperature = 1.0f;         // >= 0; 0 = greedy
+  int top_k = 0;                    // 0 or -1 = off; > V behaves as V
+  float top_p = 1.0f;               // (0, 1]; 1 = off
+  float min_p = 0.0f;               // [0, 1]; 0 = off; drops p < min_p * p_max
+  float repetition_penalty = 1.0f;  // > 0; 1 = off; over prompt + output (CTRL, Keskar et al. 2019)
+  float presence_penalty = 0.0f;    // [-2, 2]; subtracted once per token seen in the output (OpenAI)
+  float frequency_penalty = 0.0f;   // [-2, 2]; subtracted per occurrence in the output (OpenAI)
+  uint64_t seed = 0;
+  int top_logprobs = 0;             // alternatives to report, [0, kMaxTopLogprobs]
+};
+
+/// INVALID_ARGUMENT naming the field, its allowed range and the value: NaN/inf anywhere,
+/// temperature < 0, top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0,
+/// presence/frequency outside [-2, 2], top_k < -1, top_logprobs outside [0, 20].
+Status ValidateSamplingParams(const SamplingParams& p, int vocab);
+
+/// The tokens a sequence has seen, for penalties.
+struct TokenHistory {
+  std::span<const int32_t> prompt;
+  std::span<const int32_t> generated;
+};
+
+struct TokenLogprob {
+  int32_t token = 0;
+  float logprob = 0.f;
+};
+
+struct SampledToken {
+  int32_t token = 0;
+  float logprob = 0.f;                               // of `token` under log_softmax(logits)
+  std::array<TokenLogprob, kMaxTopLogprobs> top{};   // the `num_top` most likely tokens
+  int num_top = 0;
+};
+
+/// Uniform double in [0, 1) for the `index`-th draw of stream `seed` (53 random bits).
+double UniformForIndex(uint64_t seed, uint64_t index);
+
+class Sampler {
+ public:
+  /// Allocates scratch for a vocabulary of `vocab` tokens; Sample then allocates nothing.
+  explicit Sampler(int vocab);
+
+  /// Picks the next token from `logits` [vocab]. The draw uses index = history.generated.size().
+  /// NaN logits count as -inf; if no logit is finite (or +inf is the only mass) the result is
+  /// still well defined (+inf tokens win, lowest id first) or INVALID_ARGUMENT when every logit
+  /// is -inf/NaN. Parameters are re-validated, so bad ones give an error, never a crash.
+  StatusOr<SampledToken> Sample(const float* logits, const SamplingParams& p, const TokenHistory& history);
+
+ private:
+  int vocab_;
+  std::vector<float> work_;      // processed logits, then probabilities
+  std::vector<int32_t> order_;   // candidate ids
+  std::vector<int32_t> counts_;  // occurrences in the output, for penalties
+  std::vector<uint8_t> seen_;    // in prompt or output, for the repetition penalty
+};
+
+}  // namespace kraken::engine

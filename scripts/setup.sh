@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs every dependency of Kraken Serve on a fresh Debian 12 machine: the Debian packages the
+# C++ build and tests need, and the project's Python virtual environment (.venv) from the pinned
+# requirements.txt. Idempotent: a second run checks and returns in seconds.
+#
+# Usage: scripts/setup.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# Why each package: see README.md "Dependencies".
+debian_packages=(
+  build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto libabsl-dev
+  libspdlog-dev libfmt-dev libcivetweb-dev civetweb libgloo-dev
+  libdnnl-dev ocl-icd-opencl-dev
+  nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev googletest libbenchmark-dev
+  prometheus bible-kjv bible-kjv-text
+)
+
+missing=()
+for p in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "setup: installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "setup: Debian packages present"
+fi
+
+# One project virtual environment, rebuilt only when requirements.txt changes.
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum "$root/requirements.txt" | cut -d' ' -f1)"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "setup: creating Python environment in .venv (PyTorch wheels are large; a few minutes)"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+  "$venv/bin/pip" install -q -r "$root/requirements.txt"
+  echo "$want" > "$stamp"
+else
+  echo "setup: Python environment up to date"
+fi

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds and runs every test that runs without a GPU:
+#   1. Release build, warnings as errors; ctest (all labels but gpu)
+#   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
+#   3. the golden files regenerate identically from the reference
+#   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
+#   5. libFuzzer smoke run of the safetensors parser over the kept corpus
+# ctest runs serially (-j1): each test process uses every core through OpenMP, and two of them
+# spinning on two cores slow each other down a hundredfold.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+py="$root/.venv/bin/python"
+step() { printf '\n==== %s ====\n' "$*"; }
+
+step "build (Release, -Werror)"
+"$root/scripts/build.sh" "$root/build"
+step "ctest -LE gpu"
+(cd "$root/build" && ctest -j1 -LE gpu --output-on-failure)
+
+step "Python tests"
+KRAKEN_BUILD_DIR="$root/build" "$py" -m pytest -q "$root/tools/tests"
+
+step "golden files regenerate identically"
+"$py" "$root/tools/make_test_models.py" --check
+
+step "AddressSanitizer + UndefinedBehaviorSanitizer"
+"$root/scripts/build.sh" "$root/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKRAKEN_SANITIZE=address,undefined \
+  -DKRAKEN_BUILD_BENCH=OFF
+(cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest -j1 -L 'unit|model' --output-on-failure)
+
+step "libFuzzer: safetensors parser"
+"$root/scripts/build.sh" "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
+  -DKRAKEN_BUILD_FUZZERS=ON -DKRAKEN_BUILD_TESTS=OFF -DKRAKEN_BUILD_BENCH=OFF
+corpus="$(mktemp -d)"
+cp "$root"/engine/fuzz/corpus/safetensors/* "$corpus/"
+"$root/build-fuzz/engine/safetensors_fuzzer" -max_total_time="${KRAKEN_FUZZ_SECONDS:-30}" -max_len=4096 \
+  "$corpus" "$root/engine/fuzz/corpus/safetensors" 2>&1 | tail -n 3
+rm -rf "$corpus"
+step "all tests passed"

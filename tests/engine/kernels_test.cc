@@ -1,0 +1,199 @@
+// CPU kernels against straightforward double-precision implementations: exp/tanh, LayerNorm,
+// GELU, and paged attention for odd head sizes, several block sizes, chunked prefill and decode.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "engine/backend.h"
+#include "engine/cpu/kernels.h"
+#include "engine/cpu/simd.h"
+#include "tests/engine/test_util.h"
+
+namespace kraken::engine::cpu {
+namespace {
+
+TEST(Simd, ExpIsAccurateAndHandlesSpecialValues) {
+  float worst = 0.f;
+  for (double x = -87.0; x <= 88.0; x += 0.0137) {
+    const float got = [&] {
+      float out[16];
+      Exp(F32x16::Broadcast(static_cast<float>(x))).Store(out);
+      return out[0];
+    }();
+    const double want = std::exp(static_cast<double>(static_cast<float>(x)));
+    worst = std::max(worst, static_cast<float>(std::fabs(got - want) / want));
+  }
+  EXPECT_LT(worst, 3e-7f) << "relative error";
+  float out[16];
+  const float inf = std::numeric_limits<float>::infinity();
+  Exp(F32x16::Broadcast(-inf)).Store(out);
+  EXPECT_EQ(out[0], 0.f);
+  Exp(F32x16::Broadcast(-100.f)).Store(out);
+  EXPECT_EQ(out[0], 0.f);
+  Exp(F32x16::Broadcast(100.f)).Store(out);
+  EXPECT_EQ(out[0], inf);
+  Exp(F32x16::Broadcast(std::nanf(""))).Store(out);
+  EXPECT_TRUE(std::isnan(out[0]));
+  Exp(F32x16::Broadcast(0.f)).Store(out);
+  EXPECT_EQ(out[0], 1.f);
+}
+
+TEST(Simd, TanhAbsoluteErrorIsTiny) {
+  double worst = 0;
+  for (double x = -12; x <= 12; x += 0.00731) {
+    float out[16];
+    Tanh(F32x16::Broadcast(static_cast<float>(x))).Store(out);
+    worst = std::max(worst, std::fabs(out[0] - std::tanh(static_cast<double>(static_cast<float>(x)))));
+  }
+  EXPECT_LT(worst, 2.5e-7);
+}
+
+TEST(Kernels, LayerNormAndGeluMatchDoublePrecision) {
+  std::mt19937 rng(testing::TestSeed());
+  std::normal_distribution<float> nd(0.3f, 2.f);
+  for (int cols : {1, 15, 16, 17, 113, 504}) {
+    const int rows = 5;
+    std::vector<float> x(rows * cols), w(cols), b(cols), y(rows * cols);
+    for (auto& v : x) v = nd(rng);
+    for (auto& v : w) v = nd(rng);
+    for (auto& v : b) v = nd(rng);
+    LayerNorm(Mat(x.data(), rows, cols), w.data(), b.data(), 1e-5f, Mat(y.data(), rows, cols));
+    for (int r = 0; r < rows; ++r) {
+      double mean = 0, var = 0;
+      for (int i = 0; i < cols; ++i) mean += x[r * cols + i];
+      mean /= cols;
+      for (int i = 0; i < cols; ++i) var += (x[r * cols + i] - mean) * (x[r * cols + i] - mean);
+      var /= cols;
+      for (int i = 0; i < cols; ++i) {
+        const double want = (x[r * cols + i] - mean) / std::sqrt(var + 1e-5) * w[i] + b[i];
+        ASSERT_NEAR(y[r * cols + i], want, 2e-5 * (1 + std::fabs(want))) << "cols=" << cols;
+      }
+    }
+    std::vector<float> g = x;
+    GeluTanh(Mat(g.data(), rows, cols));
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double v = x[i];
+      const double want = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+      ASSERT_NEAR(g[i], want, 1e-6 * (1 + std::fabs(want)));
+    }
+  }
+}
+
+// Naive causal attention for one sequence: q, k, v [T, heads*dh] with all T positions.
+std::vector<double> NaiveAttention(const std::vector<float>& q, const std::vector<float>& k,
+                                   const std::vector<float>& v, int T, int heads, int dh, float scale) {
+  const int w = heads * dh;
+  std::vector<double> out(static_cast<size_t>(T) * w);
+  for (int h = 0; h < heads; ++h) {
+    for (int i = 0; i < T; ++i) {
+      std::vector<double> s(i + 1);
+      double mx = -1e300;
+      for (int j = 0; j <= i; ++j) {
+        double dot = 0;
+        for (int e = 0; e < dh; ++e) dot += static_cast<double>(q[i * w + h * dh + e]) * k[j * w + h * dh + e];
+        s[j] = dot * scale;
+        mx = std::max(mx, s[j]);
+      }
+      double sum = 0;
+      for (double& x : s) sum += (x = std::exp(x - mx));
+      for (int e = 0; e < dh; ++e) {
+        double acc = 0;
+        for (int j = 0; j <= i; ++j) acc += s[j] * v[j * w + h * dh + e];
+        out[i * w + h * dh + e] = acc / sum;
+      }
+    }
+  }
+  return out;
+}
+
+struct AttnCase {
+  int heads, dh, block_size, T;
+};
+
+class AttentionTest : public ::testing::TestWithParam<AttnCase> {};
+
+TEST_P(AttentionTest, PrefillChunkedAndDecodeAgreeWithNaiveAndWithEachOther) {
+  const AttnCase c = GetParam();
+  const uint32_t seed = testing::TestSeed();
+  SCOPED_TRACE(StrCat("seed ", seed, " heads ", c.heads, " dh ", c.dh, " bs ", c.block_size));
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  const int w = c.heads * c.dh, T = c.T;
+  std::vector<float> q(T * w), k(T * w), v(T * w);
+  for (auto* a : {&q, &k, &v})
+    for (float& x : *a) x = nd(rng);
+  const float scale = 1.f / std::sqrt(static_cast<float>(c.dh));
+  const int nblocks = (T + c.block_size - 1) / c.block_size + 3;
+  // A scattered block table: physical blocks in shuffled order; unused blocks hold NaN, which
+  // must never leak into a result.
+  std::vector<int32_t> table(nblocks);
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), rng);
+  KvSlot slot{.heads = c.heads, .head_dim = c.dh, .block_size = c.block_size, .num_blocks = nblocks};
+  std::vector<float> kpool(slot.block_floats() * nblocks, std::nanf("")), vpool(kpool);
+  slot.k = kpool.data();
+  slot.v = vpool.data();
+  AttentionScratch scratch;
+
+  auto run = [&](int start, int n, std::vector<float>& out) {
+    AttentionSeq s{0, n, start, table.data()};
+    AttentionBatch b{{&s, 1}, c.block_size};
+    WriteKv(Mat(&k[start * w], n, w), Mat(&v[start * w], n, w), slot, b);
+    Attention(Mat(&q[start * w], n, w), slot, b, scale, Mat(&out[start * w], n, w), &scratch);
+  };
+  std::vector<float> full(T * w), chunked(T * w), decode(T * w);
+  run(0, T, full);
+  for (int s = 0; s < T; s += 7) run(s, std::min(7, T - s), chunked);
+  for (int s = 0; s < T; ++s) run(s, 1, decode);
+
+  const std::vector<double> want = NaiveAttention(q, k, v, T, c.heads, c.dh, scale);
+  for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(full[i], want[i], 2e-5) << "element " << i;
+  EXPECT_EQ(0, std::memcmp(full.data(), chunked.data(), full.size() * 4)) << "chunked prefill differs";
+  EXPECT_EQ(0, std::memcmp(full.data(), decode.data(), full.size() * 4)) << "token-by-token decode differs";
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
+                         ::testing::Values(AttnCase{1, 113, 16, 53}, AttnCase{2, 209, 16, 40},
+                                           AttnCase{3, 21, 5, 33}, AttnCase{4, 16, 32, 70},
+                                           AttnCase{2, 168, 1, 20}, AttnCase{1, 7, 16, 1}));
+
+TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
+  std::mt19937 rng(testing::TestSeed());
+  std::normal_distribution<float> nd;
+  const int heads = 2, dh = 45, bs = 16, w = heads * dh;
+  const int lens[] = {19, 1, 40, 5};
+  const int T = 19 + 1 + 40 + 5;
+  std::vector<float> q(T * w), k(T * w), v(T * w);
+  for (auto* a : {&q, &k, &v})
+    for (float& x : *a) x = nd(rng);
+  KvSlot slot{.heads = heads, .head_dim = dh, .block_size = bs, .num_blocks = 16};
+  std::vector<float> kpool(slot.block_floats() * 16), vpool(kpool.size());
+  slot.k = kpool.data();
+  slot.v = vpool.data();
+  std::vector<std::vector<int32_t>> tables = {{0, 1}, {2}, {3, 4, 5}, {6}};
+  std::vector<AttentionSeq> seqs;
+  int at = 0;
+  for (int i = 0; i < 4; ++i) {
+    seqs.push_back({at, lens[i], 0, tables[i].data()});
+    at += lens[i];
+  }
+  AttentionScratch scratch;
+  AttentionBatch batch{seqs, bs};
+  std::vector<float> together(T * w), alone(T * w);
+  WriteKv(Mat(k.data(), T, w), Mat(v.data(), T, w), slot, batch);
+  Attention(Mat(q.data(), T, w), slot, batch, 0.15f, Mat(together.data(), T, w), &scratch);
+  for (int i = 0; i < 4; ++i) {
+    AttentionSeq s = seqs[i];
+    const int begin = s.token_begin;
+    s.token_begin = 0;
+    AttentionBatch one{{&s, 1}, bs};
+    Attention(Mat(&q[begin * w], s.num_tokens, w), slot, one, 0.15f, Mat(&alone[begin * w], s.num_tokens, w),
+              &scratch);
+  }
+  EXPECT_EQ(0, std::memcmp(together.data(), alone.data(), together.size() * 4));
+}
+
+}  // namespace
+}  // namespace kraken::engine::cpu

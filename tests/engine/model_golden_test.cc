@@ -1,0 +1,273 @@
+// Each committed test model against the PyTorch reference's golden file (logits and every named
+// intermediate), and the engine's own invariants: chunked prefill, token-by-token decode,
+// scattered KV blocks and batching with other sequences all give the same bits as one prefill.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+#include <random>
+
+#include "engine/model.h"
+#include "tests/engine/test_util.h"
+
+namespace kraken::engine {
+namespace {
+
+using testing::Compare;
+using testing::Golden;
+
+// F32 tolerance from the issue: max |engine - reference| <= 1e-4 * max |reference logit|.
+// BF16/F16 models store rounded weights but compute in F32 exactly like the reference (which
+// widens the same stored values), so the same tolerance applies to them.
+constexpr double kRelTol = 1e-4;
+
+struct Fixture {
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<KvCache> kv;
+  LocalCommunicator comm;
+};
+
+Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16,
+             int threads = 0) {
+  Fixture f;
+  auto b = CreateBackend({.device = "cpu", .threads = threads});
+  EXPECT_TRUE(b.ok()) << b.status();
+  f.backend = std::move(b).value();
+  auto m = LoadModel(testing::TestModelDir(name), f.backend.get(),
+                     {.max_tokens = max_tokens, .max_seqs = 8, .max_logit_rows = max_tokens});
+  EXPECT_TRUE(m.ok()) << m.status();
+  if (!m.ok()) return f;
+  f.model = std::move(m).value();
+  auto kv = KvCache::Create(*f.backend, f.model->kv_layout(), {.num_blocks = num_blocks, .block_size = block_size});
+  EXPECT_TRUE(kv.ok()) << kv.status();
+  f.kv = std::make_unique<KvCache>(std::move(kv).value());
+  return f;
+}
+
+std::vector<int32_t> Iota(int n, int first = 0) {
+  std::vector<int32_t> v(n);
+  std::iota(v.begin(), v.end(), first);
+  return v;
+}
+
+// Runs `tokens` through the model in chunks of `chunk`, returning all logits [T, V].
+std::vector<float> RunChunked(Fixture& f, const std::vector<int32_t>& tokens, int chunk,
+                              const std::vector<int32_t>& table) {
+  const int V = f.model->config().vocab_size;
+  std::vector<float> logits;
+  for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
+    const size_t n = std::min<size_t>(chunk, tokens.size() - begin);
+    SequenceInput s{.tokens = {tokens.data() + begin, n}, .start_pos = static_cast<int32_t>(begin),
+                    .block_table = table, .all_logits = true};
+    auto r = f.model->Forward({.seqs = {&s, 1}}, *f.kv, f.comm);
+    EXPECT_TRUE(r.ok()) << r.status();
+    if (!r.ok()) return {};
+    EXPECT_EQ(r->rows, static_cast<int>(n));
+    logits.insert(logits.end(), r->logits, r->logits + n * V);
+  }
+  return logits;
+}
+
+class GoldenModel : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
+  const std::string name = GetParam();
+  Golden g(testing::TestModelDir(name));
+  ASSERT_TRUE(g.ok());
+  Fixture f = Load(name);
+  ASSERT_NE(f.model, nullptr);
+  const std::vector<int32_t> tokens = g.Ints("tokens");
+  const int T = static_cast<int>(tokens.size());
+
+  // Collect the engine's intermediates by their golden names.
+  std::map<std::string, std::vector<float>> seen;
+  f.model->set_tensor_callback([&](std::string_view n, int layer, int sub, Mat m) {
+    std::string key = "trace." + std::string(n);
+    if (layer >= 0) key += ".l" + std::to_string(layer);
+    if (sub >= 0) key += ".s" + std::to_string(sub);
+    std::vector<float>& v = seen[key];
+    v.clear();
+    for (int r = 0; r < m.rows; ++r) v.insert(v.end(), m.Row(r), m.Row(r) + m.cols);
+  });
+  const std::vector<float> logits = RunChunked(f, tokens, T, Iota(4));
+  f.model->set_tensor_callback(nullptr);
+
+  std::vector<int64_t> shape;
+  const std::vector<float> want = g.Floats("logits", &shape);
+  ASSERT_EQ(logits.size(), want.size());
+  const auto d = Compare(logits.data(), want.data(), want.size());
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << name << ": logits differ by " << d.max_abs << " (max |logit| "
+                                            << d.max_ref << ")";
+  std::printf("[ %s ] logits: max |diff| %.3g, max |logit| %.3g\n", name.c_str(), d.max_abs, d.max_ref);
+
+  // Every intermediate the reference recorded must exist in the engine and agree.
+  int compared = 0;
+  for (const auto& [tname, info] : g.file().tensors()) {
+    if (tname.rfind("trace.", 0) != 0) continue;
+    SCOPED_TRACE(tname);
+    auto it = seen.find(tname);
+    ASSERT_NE(it, seen.end()) << "the engine never produced " << tname;
+    const std::vector<float> ref = g.Floats(tname);
+    ASSERT_EQ(it->second.size(), ref.size());
+    const auto td = Compare(it->second.data(), ref.data(), ref.size());
+    EXPECT_LE(td.max_abs, kRelTol * std::max(1.0, td.max_ref)) << "max |diff| " << td.max_abs;
+    ++compared;
+  }
+  EXPECT_GE(compared, 8);
+
+  if (g.Has("hf_logits")) {  // GPT-2: also Hugging Face transformers' own forward
+    const std::vector<float> hf = g.Floats("hf_logits");
+    const auto hd = Compare(logits.data(), hf.data(), hf.size());
+    EXPECT_LE(hd.max_abs, kRelTol * hd.max_ref) << "vs GPT2LMHeadModel: " << hd.max_abs;
+    std::printf("[ %s ] vs transformers GPT2LMHeadModel: max |diff| %.3g\n", name.c_str(), hd.max_abs);
+  }
+}
+
+TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
+  const std::string name = GetParam();
+  Golden g(testing::TestModelDir(name));
+  const std::vector<int32_t> tokens = g.Ints("tokens");
+  const int T = static_cast<int>(tokens.size());
+  const uint32_t seed = testing::TestSeed();
+  SCOPED_TRACE(StrCat("seed ", seed));
+  std::mt19937 rng(seed);
+
+  Fixture f = Load(name);
+  ASSERT_NE(f.model, nullptr);
+  const std::vector<float> full = RunChunked(f, tokens, T, Iota(4));
+  const size_t bytes = full.size() * sizeof(float);
+  EXPECT_EQ(0, std::memcmp(full.data(), RunChunked(f, tokens, 5, Iota(4)).data(), bytes)) << "chunks of 5";
+  EXPECT_EQ(0, std::memcmp(full.data(), RunChunked(f, tokens, 1, Iota(4)).data(), bytes)) << "decode";
+
+  // Scattered physical blocks and a different thread count: same bits.
+  Fixture scattered = Load(name, 64, 64, /*block_size=*/16, /*threads=*/1);
+  std::vector<int32_t> table = Iota(64);
+  std::shuffle(table.begin(), table.end(), rng);
+  EXPECT_EQ(0, std::memcmp(full.data(), RunChunked(scattered, tokens, 11, table).data(), bytes))
+      << "scattered blocks, one thread";
+  // Another block size changes where the online softmax rescales, so only the reference
+  // tolerance applies.
+  Fixture small = Load(name, 64, 64, /*block_size=*/3);
+  const std::vector<float> small_logits = RunChunked(small, tokens, 11, table);
+  const std::vector<float> want = g.Floats("logits");
+  const auto d = Compare(small_logits.data(), want.data(), want.size());
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << "block size 3";
+
+  // Batched with unrelated sequences at different positions (prefill and decode mixed).
+  const int V = f.model->config().vocab_size;
+  std::vector<int32_t> other1(9), other2(1);
+  for (auto& t : other1) t = static_cast<int32_t>(rng() % V);
+  other2[0] = static_cast<int32_t>(rng() % V);
+  const std::vector<int32_t> t1 = Iota(4, 10), t2 = Iota(4, 20), t0 = Iota(4, 30);
+  // Give sequence 2 some history first.
+  std::vector<int32_t> hist(13);
+  for (auto& t : hist) t = static_cast<int32_t>(rng() % V);
+  SequenceInput h{.tokens = hist, .start_pos = 0, .block_table = t2};
+  ASSERT_TRUE(f.model->Forward({.seqs = {&h, 1}}, *f.kv, f.comm).ok());
+  const int split = 20;
+  SequenceInput first{.tokens = {tokens.data(), split}, .start_pos = 0, .block_table = t0, .all_logits = true};
+  SequenceInput a{.tokens = other1, .start_pos = 0, .block_table = t1, .all_logits = true};
+  SequenceInput b{.tokens = other2, .start_pos = 13, .block_table = t2};
+  std::vector<float> batched;
+  {
+    SequenceInput seqs[] = {a, first, b};
+    auto r = f.model->Forward({.seqs = seqs}, *f.kv, f.comm);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->rows, 9 + split + 1);
+    batched.assign(r->logits + 9 * V, r->logits + (9 + split) * V);
+  }
+  SequenceInput rest{.tokens = {tokens.data() + split, static_cast<size_t>(T - split)}, .start_pos = split,
+                     .block_table = t0, .all_logits = true};
+  {
+    SequenceInput seqs[] = {b, rest};  // b again at a later position, now in front
+    b.start_pos = 14;
+    seqs[0] = b;
+    auto r = f.model->Forward({.seqs = seqs}, *f.kv, f.comm);
+    ASSERT_TRUE(r.ok()) << r.status();
+    batched.insert(batched.end(), r->logits + V, r->logits + (1 + T - split) * V);
+  }
+  EXPECT_EQ(0, std::memcmp(full.data(), batched.data(), bytes)) << "batched with other sequences";
+}
+
+INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel,
+                         ::testing::Values("kraken-n2-h113-f32", "kraken-n4-bias-f32", "kraken-n4-bf16", "gpt2-f32",
+                                           "gpt2-bf16", "parallel-block-f16-sharded"),
+                         [](const auto& param_info) {
+                           std::string s = param_info.param;
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
+
+TEST(ModelInputs, InvalidStepsAreRejectedWithPreciseErrors) {
+  Fixture f = Load("kraken-n4-bf16", /*max_tokens=*/16, /*num_blocks=*/8);
+  ASSERT_NE(f.model, nullptr);
+  const std::vector<int32_t> table = Iota(8), ok_tokens = {1, 2, 3};
+  auto err = [&](SequenceInput s) {
+    auto r = f.model->Forward({.seqs = {&s, 1}}, *f.kv, f.comm);
+    return r.ok() ? std::string() : std::string(r.status().message());
+  };
+  EXPECT_EQ(err({.tokens = ok_tokens, .start_pos = 0, .block_table = table}), "");
+  const std::vector<int32_t> bad_token = {1, 256, 3};
+  EXPECT_EQ(err({.tokens = bad_token, .start_pos = 0, .block_table = table}),
+            "sequence 0: token 1 = 256 is outside the vocabulary [0, 256)");
+  const std::vector<int32_t> negative = {-1};
+  EXPECT_EQ(err({.tokens = negative, .start_pos = 0, .block_table = table}),
+            "sequence 0: token 0 = -1 is outside the vocabulary [0, 256)");
+  EXPECT_EQ(err({.tokens = {}, .start_pos = 0, .block_table = table}),
+            "sequence 0: 'tokens' is empty; a step adds at least one token");
+  EXPECT_EQ(err({.tokens = ok_tokens, .start_pos = 62, .block_table = table}),
+            "sequence 0: positions up to 64 exceed the context length (n_positions = 64)");
+  EXPECT_EQ(err({.tokens = ok_tokens, .start_pos = 30, .block_table = {table.data(), 2}}),
+            "sequence 0: 'block_table' has 2 blocks; 3 are needed for 33 tokens of block size 16");
+  const std::vector<int32_t> bad_table = {0, 9};
+  EXPECT_EQ(err({.tokens = ok_tokens, .start_pos = 15, .block_table = bad_table}),
+            "sequence 0: block_table[1] = 9 is outside [0, 8)");
+  const std::vector<int32_t> many(17, 1);
+  EXPECT_EQ(err({.tokens = many, .start_pos = 0, .block_table = table}),
+            "batch has 17 new tokens; the limit (max_tokens) is 16");
+  auto none = f.model->Forward({}, *f.kv, f.comm);
+  EXPECT_EQ(none.status().message(), "batch has no sequences");
+  // After all those rejections the model still computes the same thing.
+  EXPECT_EQ(err({.tokens = ok_tokens, .start_pos = 0, .block_table = table}), "");
+}
+
+TEST(ModelLoading, MissingOrMisshapenTensorsAndBadShardsAreReported) {
+  auto b = CreateBackend({});
+  ASSERT_TRUE(b.ok());
+  auto m = LoadModel(testing::TestModelDir("kraken-n4-bf16"), b->get(), {.world_size = 3});
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(std::string(m.status().message()).find("kraken_degree 4 cannot be split over a world of size 3"),
+            std::string::npos)
+      << m.status();
+  m = LoadModel(testing::TestModelDir("gpt2-f32"), b->get(), {.world_size = 3});
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(std::string(m.status().message()).find("n_head 4 cannot be split"), std::string::npos) << m.status();
+  m = LoadModel("/nonexistent", b->get(), {});
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
+  auto cuda = CreateBackend({.device = "cuda:0"});
+  ASSERT_FALSE(cuda.ok());
+  EXPECT_EQ(cuda.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_NE(std::string(cuda.status().message()).find("built without CUDA"), std::string::npos);
+}
+
+TEST(ModelSharding, ShardsSplitTheWeightsAndKvCache) {
+  auto b = CreateBackend({});
+  ASSERT_TRUE(b.ok());
+  for (int rank = 0; rank < 2; ++rank) {
+    auto m = LoadModel(testing::TestModelDir("kraken-n4-bf16"), b->get(), {.rank = rank, .world_size = 2});
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ((*m)->kv_layout().slots, 3 * 2);  // L layers x N/W sub-layers
+    auto g = LoadModel(testing::TestModelDir("gpt2-f32"), b->get(), {.rank = rank, .world_size = 2});
+    ASSERT_TRUE(g.ok()) << g.status();
+    EXPECT_EQ((*g)->kv_layout().heads, 2);  // 4 heads over 2 ranks
+  }
+  auto whole = LoadModel(testing::TestModelDir("kraken-n4-bf16"), b->get(), {});
+  auto half = LoadModel(testing::TestModelDir("kraken-n4-bf16"), b->get(), {.rank = 1, .world_size = 2});
+  ASSERT_TRUE(whole.ok() && half.ok());
+  EXPECT_LT((*half)->weight_bytes(), (*whole)->weight_bytes());
+}
+
+}  // namespace
+}  // namespace kraken::engine

@@ -1,0 +1,138 @@
+#include "engine/sampler.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <map>
+
+namespace kraken::engine {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+std::string Err(const SamplingParams& p) {
+  Status s = ValidateSamplingParams(p, 100);
+  return s.ok() ? "" : std::string(s.message());
+}
+
+TEST(Sampler, ValidationNamesFieldRangeAndValue) {
+  EXPECT_EQ(Err({}), "");
+  EXPECT_EQ(Err({.temperature = -0.5f}), "sampling field 'temperature' must be >= 0, got -0.5");
+  EXPECT_EQ(Err({.temperature = std::nanf("")}), "sampling field 'temperature' must be finite, got nan");
+  EXPECT_EQ(Err({.top_p = 0.f}), "sampling field 'top_p' must be in (0, 1], got 0");
+  EXPECT_EQ(Err({.top_p = 1.5f}), "sampling field 'top_p' must be in (0, 1], got 1.5");
+  EXPECT_EQ(Err({.min_p = kInf}), "sampling field 'min_p' must be finite, got inf");
+  EXPECT_EQ(Err({.repetition_penalty = 0.f}), "sampling field 'repetition_penalty' must be > 0, got 0");
+  EXPECT_EQ(Err({.presence_penalty = 2.5f}), "sampling field 'presence_penalty' must be in [-2, 2], got 2.5");
+  EXPECT_EQ(Err({.top_k = -2}), "sampling field 'top_k' must be >= -1 (0 or -1 = off), got -2");
+  EXPECT_EQ(Err({.top_logprobs = 21}), "sampling field 'top_logprobs' must be in [0, 20], got 21");
+}
+
+TEST(Sampler, GreedyPicksArgmaxLowestIdOnTiesAndReportsRawLogprobs) {
+  Sampler s(4);
+  const float logits[4] = {1.f, 3.f, 3.f, -2.f};
+  auto t = s.Sample(logits, {.temperature = 0.f, .top_logprobs = 3}, {});
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->token, 1);
+  const double z = std::log(std::exp(1.0) + 2 * std::exp(3.0) + std::exp(-2.0));
+  EXPECT_NEAR(t->logprob, 3.0 - z, 1e-6);
+  ASSERT_EQ(t->num_top, 3);
+  EXPECT_EQ(t->top[0].token, 1);
+  EXPECT_EQ(t->top[1].token, 2);
+  EXPECT_EQ(t->top[2].token, 0);
+  EXPECT_NEAR(t->top[2].logprob, 1.0 - z, 1e-6);
+}
+
+TEST(Sampler, SeededDrawsAreReproducibleAndFollowTheDistribution) {
+  const int V = 5;
+  const float logits[V] = {0.f, std::log(2.f), std::log(3.f), std::log(4.f), -kInf};
+  Sampler s(V);
+  std::map<int, int> counts;
+  const int n = 20000;
+  std::vector<int32_t> generated;
+  for (int i = 0; i < n; ++i) {
+    auto t = s.Sample(logits, {.temperature = 1.f, .seed = 7}, {{}, generated});
+    ASSERT_TRUE(t.ok());
+    counts[t->token]++;
+    generated.push_back(0);  // index advances; penalties are off so history content is irrelevant
+  }
+  EXPECT_EQ(counts[4], 0) << "a -inf logit was sampled";
+  for (int k = 0; k < 4; ++k) {
+    const double want = (k + 1) / 10.0;
+    EXPECT_NEAR(counts[k] / static_cast<double>(n), want, 0.015) << "token " << k;
+  }
+  // Same seed and index -> same token; different seeds differ somewhere.
+  auto a = s.Sample(logits, {.seed = 99}, {{}, {}});
+  auto b = s.Sample(logits, {.seed = 99}, {{}, {}});
+  EXPECT_EQ(a->token, b->token);
+  int differ = 0;
+  for (uint64_t seed = 0; seed < 50; ++seed) {
+    differ += s.Sample(logits, {.seed = seed}, {})->token != a->token;
+  }
+  EXPECT_GT(differ, 10);
+}
+
+TEST(Sampler, TruncationTopKTopPMinP) {
+  const int V = 6;
+  const float logits[V] = {5.f, 4.f, 3.f, 2.f, 1.f, 0.f};
+  Sampler s(V);
+  for (uint64_t seed = 0; seed < 300; ++seed) {
+    EXPECT_LT(s.Sample(logits, {.top_k = 2, .seed = seed}, {})->token, 2);
+    EXPECT_EQ(s.Sample(logits, {.top_k = 1, .seed = seed}, {})->token, 0);
+    // p = softmax: 0.636, 0.234, 0.086, ... ; top_p 0.8 keeps {0, 1}.
+    EXPECT_LT(s.Sample(logits, {.top_p = 0.8f, .seed = seed}, {})->token, 2);
+    // min_p 0.3: keeps p >= 0.3 * 0.636 = 0.19 -> {0, 1}.
+    EXPECT_LT(s.Sample(logits, {.min_p = 0.3f, .seed = seed}, {})->token, 2);
+    // top_k larger than the vocabulary means no truncation, not a crash.
+    EXPECT_LT(s.Sample(logits, {.top_k = 9999999, .seed = seed}, {})->token, V);
+  }
+}
+
+TEST(Sampler, PenaltiesFollowTheirDefinitions) {
+  Sampler s(3);
+  const float logits[3] = {2.f, 1.9f, -1.f};
+  const std::vector<int32_t> prompt = {0};
+  // Repetition penalty 2 halves token 0's positive logit: 1 < 1.9, so token 1 wins greedily.
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .repetition_penalty = 2.f}, {prompt, {}})->token, 1);
+  // Presence/frequency apply to generated tokens only: the prompt alone changes nothing.
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .presence_penalty = 1.f}, {prompt, {}})->token, 0);
+  const std::vector<int32_t> gen = {0, 0};
+  // frequency 0.06 x 2 occurrences = 0.12 > 0.1 gap.
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .frequency_penalty = 0.06f}, {{}, gen})->token, 1);
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .frequency_penalty = 0.04f}, {{}, gen})->token, 0);
+  // The scratch state is clean between calls.
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f}, {{}, gen})->token, 0);
+}
+
+TEST(Sampler, NonFiniteLogitsAndParametersNeverCrash) {
+  Sampler s(4);
+  const float nan = std::nanf("");
+  const float mixed[4] = {nan, 1.f, nan, 0.5f};
+  auto t = s.Sample(mixed, {.temperature = 0.7f, .seed = 1}, {});
+  ASSERT_TRUE(t.ok());
+  EXPECT_TRUE(t->token == 1 || t->token == 3);
+  const float all_bad[4] = {nan, -kInf, nan, -kInf};
+  auto bad = s.Sample(all_bad, {}, {});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().message(), "logits hold no finite value (all -inf or NaN)");
+  const float pos_inf[4] = {0.f, kInf, kInf, 1.f};
+  EXPECT_EQ(s.Sample(pos_inf, {}, {})->token, 1);
+  EXPECT_FALSE(s.Sample(mixed, {.top_p = nan}, {}).ok());
+  const std::vector<int32_t> junk_history = {-5, 1000, 2};  // out-of-range ids are ignored
+  EXPECT_TRUE(s.Sample(mixed, {.repetition_penalty = 1.3f, .frequency_penalty = 1.f}, {junk_history, junk_history}).ok());
+}
+
+TEST(Sampler, UniformIsInUnitIntervalAndWellSpread) {
+  double sum = 0;
+  for (uint64_t i = 0; i < 100000; ++i) {
+    const double u = UniformForIndex(42, i);
+    ASSERT_GE(u, 0.0);
+    ASSERT_LT(u, 1.0);
+    sum += u;
+  }
+  EXPECT_NEAR(sum / 100000, 0.5, 0.005);
+}
+
+}  // namespace
+}  // namespace kraken::engine

@@ -7,8 +7,10 @@
 #include <map>
 #include <numeric>
 #include <random>
+#include <thread>
 
 #include "engine/model.h"
+#include "tests/engine/in_process_group.h"
 #include "tests/engine/test_util.h"
 
 namespace kraken::engine {
@@ -196,6 +198,71 @@ INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel,
                                            "gpt2-bf16", "parallel-block-f16-sharded"),
                          [](const auto& param_info) {
                            std::string s = param_info.param;
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
+
+struct WorldCase {
+  std::string model;
+  int world;
+};
+
+class ShardedWorld : public ::testing::TestWithParam<WorldCase> {};
+
+// W shards in W threads, joined by in-process collectives, reproduce the golden logits: the
+// shard split only changes floating-point summation order (KRAKEN.md "Mapping to devices").
+TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
+  const auto [name, W] = GetParam();
+  Golden g(testing::TestModelDir(name));
+  const std::vector<int32_t> tokens = g.Ints("tokens");
+  const int T = static_cast<int>(tokens.size());
+  testing::InProcessGroup group(W);
+  std::vector<std::vector<float>> logits(W);
+  std::vector<std::string> errors(W);
+  std::vector<std::thread> threads;
+  for (int rank = 0; rank < W; ++rank) {
+    threads.emplace_back([&, rank] {
+      auto backend = CreateBackend({.device = "cpu", .threads = 1});
+      auto model = LoadModel(testing::TestModelDir(name), backend->get(),
+                             {.max_tokens = T, .max_seqs = 1, .max_logit_rows = T, .rank = rank, .world_size = W,
+                              .compute_logits = rank == 0});
+      if (!model.ok()) {
+        errors[rank] = std::string(model.status().message());
+        return;
+      }
+      auto kv = KvCache::Create(**backend, (*model)->kv_layout(), {.num_blocks = 8});
+      auto comm = group.Member(rank);
+      const std::vector<int32_t> table = Iota(8);
+      // Prefill the first 30 tokens, then decode the rest one by one: collectives at every step.
+      for (int begin = 0; begin < T; begin += begin < 30 ? 30 : 1) {
+        const int n = begin < 30 ? 30 : 1;
+        SequenceInput s{.tokens = {tokens.data() + begin, static_cast<size_t>(n)}, .start_pos = begin,
+                        .block_table = table, .all_logits = true};
+        auto r = (*model)->Forward({.seqs = {&s, 1}}, *kv, *comm);
+        if (!r.ok()) {
+          errors[rank] = std::string(r.status().message());
+          return;
+        }
+        if (rank == 0) logits[0].insert(logits[0].end(), r->logits, r->logits + n * r->vocab);
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  for (int r = 0; r < W; ++r) ASSERT_EQ(errors[r], "") << "rank " << r;
+  const std::vector<float> want = g.Floats("logits");
+  ASSERT_EQ(logits[0].size(), want.size());
+  const auto d = Compare(logits[0].data(), want.data(), want.size());
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << name << " over " << W << " ranks: max |diff| " << d.max_abs;
+  std::printf("[ %s, W=%d ] logits: max |diff| %.3g\n", name.c_str(), W, d.max_abs);
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, ShardedWorld,
+                         ::testing::Values(WorldCase{"kraken-n2-h113-f32", 2}, WorldCase{"kraken-n4-bias-f32", 2},
+                                           WorldCase{"kraken-n4-bias-f32", 4}, WorldCase{"kraken-n4-bf16", 4},
+                                           WorldCase{"gpt2-f32", 2}, WorldCase{"gpt2-bf16", 4},
+                                           WorldCase{"parallel-block-f16-sharded", 3}),
+                         [](const auto& param_info) {
+                           std::string s = param_info.param.model + "_W" + std::to_string(param_info.param.world);
                            std::replace(s.begin(), s.end(), '-', '_');
                            return s;
                          });

@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -18,19 +20,47 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Attention for one (sequence, head, query tile). Each row keeps its own running max `m`, sum `l`
 // and output accumulator, and visits blocks 0 .. pos / bs in order; a block wholly after the
 // row's position is skipped, so the row computes exactly what it would compute alone.
-// `o`: kQueryTile x head_dim scratch; `p`: kQueryTile x padded block scratch.
+// acc[r] = sum_e qt[e][r] * k[e][0..lanes) for one block's keys (k: [dh][stride] transposed),
+// one FMA chain per (row, key) in e order. Its own function so that the accumulators live in
+// registers. With kPrefetch (block size 16: a head's K or V block is dh cache lines), each step
+// also prefetches one line of `v_pf` and of `k_pf`.
+template <int rows, bool kPrefetch>
+[[gnu::noinline]] void Scores(const float* qt, const float* k, int dh, int stride, int lanes, const float* v_pf,
+                              const float* k_pf, F32x16* out) {
+  F32x16 acc[rows];
+  for (F32x16& a : acc) a = F32x16::Zero();
+  for (int e = 0; e < dh; ++e) {
+    if constexpr (kPrefetch) {
+      Prefetch(v_pf + e * kLanes);
+      if (k_pf != nullptr) Prefetch(k_pf + e * kLanes);
+    }
+    const F32x16 kv = kPrefetch ? F32x16::Load(k + e * kLanes)
+                                : F32x16::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
+    const float* qe = qt + e * rows;
+    for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(qe[r]), kv, acc[r]);
+  }
+  for (int r = 0; r < rows; ++r) out[r] = acc[r];
+}
+
+// `o`: kQueryTile x head_dim scratch; `p`: kQueryTile x padded block scratch. The row count is a
+// template parameter so the per-row accumulators stay in registers; every row executes the same
+// operations whatever the count, which keeps results independent of the tiling.
+// `qt`: head_dim x kQueryTile scratch for the queries, transposed so that one base register
+// addresses every row's element. kBlock16 fixes the score-row stride at 16 for the default block
+// size, for the same reason.
+template <int rows, bool kBlock16>
 void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, Mat out, float* o, float* p,
-                int padded_bs) {
+                float* qt, int padded_bs_runtime) {
+  const int padded_bs = kBlock16 ? kLanes : padded_bs_runtime;
   const int dh = slot.head_dim, bs = slot.block_size;
   const int64_t bf = slot.block_floats();
   const AttentionSeq& s = *t.seq;
-  const int rows = t.rows;
   const int col0 = t.head * dh;
-  const float* qr[kQueryTile] = {};
-  int pos[kQueryTile] = {};
-  float m[kQueryTile] = {}, l[kQueryTile] = {};
+  int pos[rows] = {};
+  float m[rows] = {}, l[rows] = {};
   for (int r = 0; r < rows; ++r) {
-    qr[r] = q.Row(s.token_begin + t.row0 + r) + col0;
+    const float* qr = q.Row(s.token_begin + t.row0 + r) + col0;
+    for (int e = 0; e < dh; ++e) qt[e * rows + r] = qr[e];
     pos[r] = s.start_pos + t.row0 + r;
     m[r] = kNegInf;
     l[r] = 0.f;
@@ -39,22 +69,28 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
   const int chunks = padded_bs / kLanes;
   const int num_blocks = pos[rows - 1] / bs + 1;
 
+  const int64_t block_head_floats = static_cast<int64_t>(dh) * bs;  // one head's K (or V) in a block
+  const int64_t head_offset = static_cast<int64_t>(t.head) * block_head_floats;
   for (int b = 0; b < num_blocks; ++b) {
     const int64_t phys = s.block_table[b];
-    const float* kt = slot.k + phys * bf + static_cast<int64_t>(t.head) * dh * bs;  // [dh][bs]
-    const float* vb = slot.v + phys * bf + static_cast<int64_t>(t.head) * bs * dh;  // [bs][dh]
+    const float* kt = slot.k + phys * bf + head_offset;  // [dh][bs]
+    const float* vb = slot.v + phys * bf + head_offset;  // [bs][dh]
     const int key0 = b * bs;
-    int visible[kQueryTile] = {};
+    int visible[rows] = {};
     for (int r = 0; r < rows; ++r) visible[r] = std::clamp(pos[r] - key0 + 1, 0, bs);
 
     // 1. Scores, one FMA chain over the head dimension per (row, key); hidden keys -> -inf.
     for (int c = 0; c < chunks; ++c) {
-      const int lanes = std::min(kLanes, bs - c * kLanes);
-      F32x16 acc[kQueryTile];
-      for (F32x16& a : acc) a = F32x16::Zero();
-      for (int e = 0; e < dh; ++e) {
-        const F32x16 kv = F32x16::LoadPartial(kt + static_cast<int64_t>(e) * bs + c * kLanes, lanes);
-        for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(qr[r][e]), kv, acc[r]);
+      F32x16 acc[rows];
+      if (kBlock16) {
+        // While the scores are computed, prefetch this block's V (read next, with a stride the
+        // hardware prefetcher misses) and the next block's K.
+        const float* k_next = b + 1 < num_blocks
+                                  ? slot.k + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset
+                                  : nullptr;
+        Scores<rows, true>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc);
+      } else {
+        Scores<rows, false>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr, nullptr, acc);
       }
       for (int r = 0; r < rows; ++r) {
         const int vis = std::clamp(visible[r] - c * kLanes, 0, kLanes);
@@ -64,7 +100,7 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
     }
 
     // 2. Online softmax update per row: new max, rescale factor, probabilities, running sum.
-    float corr[kQueryTile] = {};
+    float corr[rows] = {};
     for (int r = 0; r < rows; ++r) {
       if (visible[r] == 0) continue;
       float* pr = p + r * padded_bs;
@@ -83,21 +119,27 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
       m[r] = m_new;
     }
 
-    // 3. o_r = o_r * corr_r + sum_j p_rj v_j over the visible keys, j in order.
+    // 3. o_r = o_r * corr_r + sum_j p_rj v_j over the visible keys, j in order. Row 0 has the
+    // earliest position, so when it sees the whole block every row does (the common case).
+    const bool whole_block = visible[0] == bs;
     for (int e0 = 0; e0 < dh; e0 += kLanes) {
       const int lanes = std::min(kLanes, dh - e0);
-      F32x16 acc[kQueryTile];
-      for (F32x16& a : acc) a = F32x16::Zero();
-      int max_vis = 0;
+      F32x16 acc[rows];
       for (int r = 0; r < rows; ++r) {
-        if (visible[r] == 0) continue;
-        acc[r] = F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
-        max_vis = std::max(max_vis, visible[r]);
+        acc[r] = visible[r] == 0 ? F32x16::Zero()
+                                 : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
       }
-      for (int j = 0; j < max_vis; ++j) {
-        const F32x16 vv = F32x16::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-        for (int r = 0; r < rows; ++r) {
-          if (j < visible[r]) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
+      if (whole_block) {
+        for (int j = 0; j < bs; ++j) {
+          const F32x16 vv = F32x16::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
+        }
+      } else {
+        for (int j = 0; j < visible[rows - 1]; ++j) {
+          const F32x16 vv = F32x16::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          for (int r = 0; r < rows; ++r) {
+            if (j < visible[r]) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
+          }
         }
       }
       for (int r = 0; r < rows; ++r) {
@@ -111,6 +153,15 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
     for (int e = 0; e < dh; ++e) dst[e] = o[r * dh + e] / l[r];
   }
 }
+
+using TileFn = void (*)(Mat, const KvSlot&, const AttentionTile&, float, Mat, float*, float*, float*, int);
+
+template <bool kBlock16, int... R>
+constexpr std::array<TileFn, sizeof...(R)> MakeTileTable(std::integer_sequence<int, R...>) {
+  return {&AttendTile<R + 1, kBlock16>...};
+}
+constexpr auto kTileFns = MakeTileTable<false>(std::make_integer_sequence<int, kQueryTile>{});
+constexpr auto kTileFns16 = MakeTileTable<true>(std::make_integer_sequence<int, kQueryTile>{});
 
 }  // namespace
 
@@ -154,15 +205,19 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   const int padded_bs = (slot.block_size + kLanes - 1) / kLanes * kLanes;
   const int64_t n = static_cast<int64_t>(tiles.size());
   const size_t o_size = static_cast<size_t>(kQueryTile) * slot.head_dim;
-  const size_t per_thread = o_size + static_cast<size_t>(kQueryTile) * padded_bs;
+  const size_t per_thread = 2 * o_size + static_cast<size_t>(kQueryTile) * padded_bs;
+  const auto& fns = slot.block_size == kLanes ? kTileFns16 : kTileFns;
   const size_t need = per_thread * omp_get_max_threads();
   if (scratch->buffers.size() < need) scratch->buffers.resize(need);
 #pragma omp parallel
   {
     float* o = scratch->buffers.data() + per_thread * omp_get_thread_num();
-    float* p = o + o_size;
+    float* qt = o + o_size;
+    float* p = qt + o_size;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < n; ++i) AttendTile(q, slot, tiles[i], scale, out, o, p, padded_bs);
+    for (int64_t i = 0; i < n; ++i) {
+      fns[tiles[i].rows - 1](q, slot, tiles[i], scale, out, o, p, qt, padded_bs);
+    }
   }
 }
 

@@ -25,7 +25,7 @@ void GatherRows(Mat src, const int32_t* rows, Mat dst);
 /// See Backend::WriteKv.
 void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch);
 /// Query rows of one sequence that share each K/V load in Attention.
-inline constexpr int kQueryTile = 8;
+inline constexpr int kQueryTile = 16;
 
 /// One attention work item: a sequence's head and a tile of up to kQueryTile query rows.
 struct AttentionTile {

@@ -164,6 +164,9 @@ inline F32x16 Ldexp(F32x16 a, F32x16 n) { KRAKEN_LANEWISE(a.v[i] * std::ldexp(1.
 #undef KRAKEN_LANEWISE
 #endif
 
+/// Hints that the cache line holding `p` will be read soon (no effect on results).
+inline void Prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+
 /// e^x per lane, within 2 ulp of the exact value for x in [-87.3, 88.7]; exactly 0 below -87.3
 /// (so exp(-inf) == 0), +inf above 88.7, NaN stays NaN. Cody-Waite range reduction x = n ln2 + r
 /// and a degree-6 polynomial for e^r on |r| <= ln2/2 (Cephes expf coefficients).

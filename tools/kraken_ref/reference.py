@@ -95,28 +95,28 @@ class KVCache:
 
 
 def attention(x, qkv_w, qkv_b, proj_w, proj_b, n_head, in_major=False, cache=None, key=None):
-    """Causal multi-head self-attention on one sequence x [T, d]. With `cache`, x holds only the
-    new tokens and attends to the cached ones first."""
-    T, d = x.shape
+    """Causal multi-head self-attention on x [..., T, d] (optional leading batch dimensions).
+    With `cache`, x holds only the new tokens and attends to the cached ones first."""
+    *lead, T, d = x.shape
     hd = d // n_head
     qkv = linear(x, qkv_w, qkv_b, in_major)
     q, k, v = qkv.split(d, dim=-1)
-    q = q.view(T, n_head, hd).transpose(0, 1)
-    k = k.view(T, n_head, hd).transpose(0, 1)
-    v = v.view(T, n_head, hd).transpose(0, 1)
+    q = q.reshape(*lead, T, n_head, hd).transpose(-2, -3)  # [..., h, T, hd]
+    k = k.reshape(*lead, T, n_head, hd).transpose(-2, -3)
+    v = v.reshape(*lead, T, n_head, hd).transpose(-2, -3)
     past = 0
     if cache is not None:
         if key in cache.k:
-            past = cache.k[key].shape[1]
-            k = torch.cat([cache.k[key], k], dim=1)
-            v = torch.cat([cache.v[key], v], dim=1)
+            past = cache.k[key].shape[-2]
+            k = torch.cat([cache.k[key], k], dim=-2)
+            v = torch.cat([cache.v[key], v], dim=-2)
         cache.k[key], cache.v[key] = k, v
     scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
-    S = k.shape[1]
+    S = k.shape[-2]
     mask = torch.arange(S).unsqueeze(0) <= (torch.arange(T).unsqueeze(1) + past)
     scores = scores.masked_fill(~mask, float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v
-    out = out.transpose(0, 1).reshape(T, d)
+    out = out.transpose(-2, -3).reshape(*lead, T, d)
     return linear(out, proj_w, proj_b, in_major)
 
 
@@ -180,7 +180,7 @@ def forward_kraken(cfg: Config, W: dict, tokens, positions, trace=None, cache=No
             new.append(y)
         ys = new
     rows = slice(None) if logit_rows is None else logit_rows
-    z = linear(torch.cat(ys, dim=-1)[rows], W[P + "conjunction.weight"], W.get(P + "conjunction.bias"))
+    z = linear(torch.cat(ys, dim=-1)[..., rows, :], W[P + "conjunction.weight"], W.get(P + "conjunction.bias"))
     _record(trace, "conjunction", z)
     return _head(cfg, W, P, z, trace)
 
@@ -215,7 +215,7 @@ def forward_gpt2(cfg: Config, W: dict, tokens, positions, trace=None, cache=None
         x = x + f
         _record(trace, f"y.l{l}", x)
     rows = slice(None) if logit_rows is None else logit_rows
-    return _head(cfg, W, P, x[rows], trace)
+    return _head(cfg, W, P, x[..., rows, :], trace)
 
 
 def forward_parallel_block(cfg: Config, W: dict, tokens, positions, trace=None, cache=None, logit_rows=None):
@@ -237,7 +237,7 @@ def forward_parallel_block(cfg: Config, W: dict, tokens, positions, trace=None, 
         x = x + a + f
         _record(trace, f"y.l{l}", x)
     rows = slice(None) if logit_rows is None else logit_rows
-    return _head(cfg, W, P, x[rows], trace)
+    return _head(cfg, W, P, x[..., rows, :], trace)
 
 
 FORWARD = {"kraken": forward_kraken, "gpt2": forward_gpt2, "parallel_block": forward_parallel_block}
@@ -245,10 +245,11 @@ FORWARD = {"kraken": forward_kraken, "gpt2": forward_gpt2, "parallel_block": for
 
 @torch.no_grad()
 def forward(cfg: Config, W: dict, tokens, positions=None, trace=None, cache=None, logit_rows=None):
-    """Logits [T, V] (or [len(logit_rows), V]) of one sequence; `positions` default 0..T-1."""
+    """Logits [..., T, V] (or [..., len(logit_rows), V]) for tokens [..., T] (leading batch
+    dimensions allowed; all rows share `positions`, default 0..T-1)."""
     tokens = torch.as_tensor(tokens, dtype=torch.long)
     if positions is None:
-        positions = torch.arange(tokens.shape[0])
+        positions = torch.arange(tokens.shape[-1])
     return FORWARD[cfg.model_type](cfg, W, tokens, torch.as_tensor(positions, dtype=torch.long), trace, cache,
                                    logit_rows)
 

@@ -1,0 +1,245 @@
+// engine_bench: prefill latency and decode throughput of one model directory on the CPU engine,
+// plus the machine's GEMM rate measured in the same run (oneDNN sgemm, the fastest library GEMM
+// on these machines, and our packed GEMM on the same shape). Prints one JSON object; the driver
+// bench/engine_bench.py puts it beside PyTorch eager on the same weights.
+//
+//   build/bench/engine_bench --model DIR --prefill 128,512,2048 --decode-batch 1,8,32
+#include <dnnl.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <numeric>
+#include <random>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "engine/backend.h"
+#include "engine/cpu/gemm.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+
+namespace kraken::engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+double Now() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
+
+std::vector<int> ParseList(const std::string& s) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    if (!item.empty()) v.push_back(std::stoi(item));
+  }
+  return v;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// GEMM FLOPs per token through the layers (QKV, attention output, FFN of every sub-layer).
+double GemmFlopsPerToken(const ModelConfig& c) {
+  const double d = c.n_embd, f = c.ffn_hidden, N = c.kraken_degree, L = c.n_layer;
+  return 2 * (3 * d * d + d * d + 2 * d * f) * N * L;
+}
+
+// GEMM FLOPs per row that needs logits: the conjunction (Kraken) and the LM head.
+double HeadFlopsPerRow(const ModelConfig& c) {
+  const double d = c.n_embd, N = c.kraken_degree;
+  return 2 * d * c.vocab_size + (c.arch == Architecture::kKraken ? 2 * d * N * d : 0.0);
+}
+
+// Causal attention FLOPs of a T-token prefill: QK^T and PV, 2 flops per multiply-add.
+double AttentionFlops(const ModelConfig& c, double T) {
+  const double heads = static_cast<double>(c.n_head) * c.kraken_degree * c.n_layer;
+  return heads * 2.0 * 2.0 * (T * (T + 1) / 2.0) * c.head_dim();
+}
+
+struct Measure {
+  double gflops;
+  double seconds;
+};
+
+Measure OneDnnSgemm(int m, int n, int k, int threads) {
+  omp_set_num_threads(threads);
+  std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(k) * n), c(static_cast<size_t>(m) * n);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (float& x : a) x = u(rng);
+  for (float& x : b) x = u(rng);
+  auto run = [&] { dnnl_sgemm('N', 'N', m, n, k, 1.f, a.data(), k, b.data(), n, 0.f, c.data(), n); };
+  run();
+  std::vector<double> t;
+  for (int i = 0; i < 7; ++i) {
+    const double t0 = Now();
+    run();
+    t.push_back(Now() - t0);
+  }
+  const double s = Median(t);
+  return {2.0 * m * n * k / s / 1e9, s};
+}
+
+Measure OurGemm(int m, int n, int k, int threads) {
+  omp_set_num_threads(threads);
+  std::vector<float> a(static_cast<size_t>(m) * k), w(static_cast<size_t>(n) * k), c(static_cast<size_t>(m) * n);
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> u(-1, 1);
+  for (float& x : a) x = u(rng);
+  for (float& x : w) x = u(rng);
+  cpu::MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()), .dtype = DType::kF32, .out_stride = k,
+                        .in_stride = 1, .in = k};
+  src.rows.resize(n);
+  std::iota(src.rows.begin(), src.rows.end(), 0);
+  auto packed = cpu::PackedMatrix::Pack(src);
+  cpu::GemmScratch scratch;
+  auto run = [&] { cpu::Gemm(a.data(), m, k, *packed, nullptr, c.data(), n, false, &scratch); };
+  run();
+  std::vector<double> t;
+  for (int i = 0; i < 7; ++i) {
+    const double t0 = Now();
+    run();
+    t.push_back(Now() - t0);
+  }
+  const double s = Median(t);
+  return {2.0 * m * n * k / s / 1e9, s};
+}
+
+struct Args {
+  std::string model;
+  std::string prefill = "128,512,2048";
+  std::string batches = "1,8,32";
+  int context = 128;
+  int decode_steps = 16;
+  int repeats = 3;
+  int threads = 0;
+};
+
+Status Run(const Args& a) {
+  const int threads = a.threads > 0 ? a.threads : omp_get_num_procs();
+  const std::vector<int> prefill = ParseList(a.prefill), batches = ParseList(a.batches);
+  const int max_b = *std::max_element(batches.begin(), batches.end());
+  const int max_t = std::max(*std::max_element(prefill.begin(), prefill.end()), max_b * a.context);
+  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = threads}));
+  const double t_load = Now();
+  KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(a.model, backend.get(),
+                                                {.max_tokens = max_t, .max_seqs = max_b, .max_logit_rows = max_b}));
+  const ModelConfig& cfg = model->config();
+  json out;
+  out["model"] = a.model;
+  out["architecture"] = std::string(ArchitectureName(cfg.arch));
+  out["parameters"] = cfg.ParameterCount();
+  out["threads"] = threads;
+  out["load_seconds"] = Now() - t_load;
+  out["weight_bytes"] = model->weight_bytes();
+
+  const int bs = 16;
+  const int blocks_per_seq = (std::max(max_t, a.context + a.decode_steps) + bs - 1) / bs + 1;
+  KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, model->kv_layout(),
+                                                      {.num_blocks = blocks_per_seq * max_b, .block_size = bs}));
+  LocalCommunicator comm;
+  std::mt19937 rng(3);
+  auto random_tokens = [&](int n) {
+    std::vector<int32_t> t(n);
+    for (auto& x : t) x = static_cast<int32_t>(rng() % cfg.vocab_size);
+    return t;
+  };
+
+  // Prefill: one sequence of T tokens in one step; logits of the last position.
+  json pre = json::array();
+  for (int T : prefill) {
+    if (T > cfg.n_positions) continue;
+    const std::vector<int32_t> tokens = random_tokens(T);
+    std::vector<int32_t> table(blocks_per_seq);
+    std::iota(table.begin(), table.end(), 0);
+    SequenceInput s{.tokens = tokens, .start_pos = 0, .block_table = table};
+    std::vector<double> times;
+    for (int r = 0; r <= a.repeats; ++r) {  // first run warms up
+      const double t0 = Now();
+      KRAKEN_ASSIGN_OR_RETURN(ForwardResult res, model->Forward({.seqs = {&s, 1}}, kv, comm));
+      (void)res;
+      if (r > 0) times.push_back(Now() - t0);
+    }
+    const double sec = Median(times);
+    const double gemm = GemmFlopsPerToken(cfg) * T + HeadFlopsPerRow(cfg);
+    const double attn = AttentionFlops(cfg, T);
+    pre.push_back({{"tokens", T}, {"seconds", sec}, {"gflops_total", (gemm + attn) / sec / 1e9},
+                   {"gemm_gflop", gemm / 1e9}, {"attention_gflop", attn / 1e9}});
+  }
+  out["prefill"] = pre;
+
+  // Decode: B sequences with `context` tokens of history each, one new token per sequence per
+  // step, greedy (argmax) sampling included.
+  json dec = json::array();
+  Sampler sampler(cfg.vocab_size);
+  for (int B : batches) {
+    std::vector<std::vector<int32_t>> tables(B), history(B);
+    std::vector<SequenceInput> seqs(B);
+    for (int b = 0; b < B; ++b) {
+      tables[b].resize(blocks_per_seq);
+      std::iota(tables[b].begin(), tables[b].end(), b * blocks_per_seq);
+      history[b] = random_tokens(a.context);
+      seqs[b] = {.tokens = history[b], .start_pos = 0, .block_table = tables[b]};
+    }
+    KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = seqs}, kv, comm));
+    std::vector<int32_t> next(B);
+    auto sample_all = [&](const ForwardResult& res) -> Status {
+      for (int b = 0; b < B; ++b) {
+        KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(res.logits + static_cast<int64_t>(b) * res.vocab,
+                                                               {.temperature = 0.f}, {}));
+        next[b] = t.token;
+      }
+      return absl::OkStatus();
+    };
+    KRAKEN_RETURN_IF_ERROR(sample_all(r));
+    std::vector<double> step_times;
+    for (int step = 0; step < a.decode_steps; ++step) {
+      for (int b = 0; b < B; ++b) {
+        seqs[b] = {.tokens = {&next[b], 1}, .start_pos = a.context + step, .block_table = tables[b]};
+      }
+      const double t0 = Now();
+      KRAKEN_ASSIGN_OR_RETURN(r, model->Forward({.seqs = seqs}, kv, comm));
+      KRAKEN_RETURN_IF_ERROR(sample_all(r));
+      step_times.push_back(Now() - t0);
+    }
+    const double sec = Median(step_times);
+    dec.push_back({{"batch", B}, {"context", a.context}, {"step_seconds", sec}, {"tokens_per_second", B / sec}});
+  }
+  out["decode"] = dec;
+
+  const Measure lib = OneDnnSgemm(2048, 1024, 1024, threads);
+  const Measure ours = OurGemm(2048, 1024, 1024, threads);
+  out["gemm_2048x1024x1024"] = {{"onednn_sgemm_gflops", lib.gflops}, {"kraken_packed_gflops", ours.gflops}};
+  std::cout << out.dump() << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace kraken::engine
+
+int main(int argc, char** argv) {
+  kraken::engine::Args a;
+  CLI::App app{"Prefill latency and decode throughput of the CPU engine"};
+  app.add_option("--model", a.model, "Model directory")->required();
+  app.add_option("--prefill", a.prefill, "Prompt lengths to time, comma-separated");
+  app.add_option("--decode-batch", a.batches, "Decode batch sizes, comma-separated");
+  app.add_option("--context", a.context, "History tokens per sequence before decoding");
+  app.add_option("--decode-steps", a.decode_steps, "Decode steps timed per batch size");
+  app.add_option("--repeats", a.repeats, "Timed repeats per prefill length (median reported)");
+  app.add_option("--threads", a.threads, "CPU threads (0 = all cores)");
+  CLI11_PARSE(app, argc, argv);
+  const kraken::Status s = kraken::engine::Run(a);
+  if (!s.ok()) {
+    std::fprintf(stderr, "engine_bench: %s\n", std::string(s.message()).c_str());
+    return 1;
+  }
+  return 0;
+}

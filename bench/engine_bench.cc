@@ -113,6 +113,28 @@ Measure OurGemm(int m, int n, int k, int threads) {
   return {2.0 * m * n * k / s / 1e9, s};
 }
 
+// Read bandwidth of main memory: all threads summing a 1 GiB buffer, best of 5.
+double MemoryReadGBps(int threads) {
+  omp_set_num_threads(threads);
+  const size_t n = (1ull << 30) / sizeof(float);
+  std::vector<float> buf(n, 1.0f);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = Now();
+    double total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (size_t i = 0; i < n; i += 16) {
+      float s = 0;
+      for (int j = 0; j < 16; ++j) s += buf[i + j];
+      total += s;
+    }
+    const double sec = Now() - t0;
+    if (total != static_cast<double>(n)) std::abort();
+    best = std::max(best, n * sizeof(float) / sec / 1e9);
+  }
+  return best;
+}
+
 struct Args {
   std::string model;
   std::string prefill = "128,512,2048";
@@ -140,11 +162,14 @@ Status Run(const Args& a) {
   out["threads"] = threads;
   out["load_seconds"] = Now() - t_load;
   out["weight_bytes"] = model->weight_bytes();
+  out["kv_cache_bytes"] = 0;
 
   const int bs = 16;
-  const int blocks_per_seq = (std::max(max_t, a.context + a.decode_steps) + bs - 1) / bs + 1;
+  const int max_prefill = *std::max_element(prefill.begin(), prefill.end());
+  const int blocks_per_seq = (std::max(max_prefill, a.context + a.decode_steps) + bs - 1) / bs;
   KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, model->kv_layout(),
                                                       {.num_blocks = blocks_per_seq * max_b, .block_size = bs}));
+  out["kv_cache_bytes"] = kv.bytes();
   LocalCommunicator comm;
   std::mt19937 rng(3);
   auto random_tokens = [&](int n) {
@@ -218,6 +243,7 @@ Status Run(const Args& a) {
   const Measure lib = OneDnnSgemm(2048, 1024, 1024, threads);
   const Measure ours = OurGemm(2048, 1024, 1024, threads);
   out["gemm_2048x1024x1024"] = {{"onednn_sgemm_gflops", lib.gflops}, {"kraken_packed_gflops", ours.gflops}};
+  out["memory_read_gbps"] = MemoryReadGBps(threads);
   std::cout << out.dump() << "\n";
   return absl::OkStatus();
 }

@@ -1,6 +1,11 @@
 #!/usr/bin/env python3
 """Engine benchmark: the C++ CPU engine against PyTorch eager on the same random weights, in the
-same run, for a Kraken "125M 4-way" shape and a GPT-2 124M shape (F32 weights for both).
+same run, for a Kraken "125M 4-way" shape and a GPT-2 124M shape.
+
+The weights are drawn once and rounded to BF16, then saved twice: as an F32 checkpoint and as a
+BF16 checkpoint holding the very same values. PyTorch eager computes in F32 (as the reference
+does); the engine also computes in F32, reading the weights either as F32 or, from the BF16
+checkpoint, as BF16 widened in registers (half the bytes per decode step, identical results).
 
     .venv/bin/python bench/engine_bench.py                 # full table (several minutes)
     .venv/bin/python bench/engine_bench.py --quick         # small prompt lengths, fewer steps
@@ -39,18 +44,20 @@ SHAPES = {
 }
 
 
-def ensure_model(name: str, cfg: ref.Config, root: str) -> str:
-    path = os.path.join(root, name)
-    if os.path.exists(os.path.join(path, "model.safetensors")):
-        return path
-    W = ref.random_weights(cfg, seed=1234, std=0.02)
+def ensure_models(name: str, cfg: ref.Config, root: str) -> dict:
+    """{'f32': dir, 'bf16': dir} holding the same BF16-representable weights."""
+    paths = {"f32": os.path.join(root, name + "-f32"), "bf16": os.path.join(root, name + "-bf16")}
+    if all(os.path.exists(os.path.join(p, "model.safetensors")) for p in paths.values()):
+        return paths
+    W = ref.round_to_dtype(ref.random_weights(cfg, seed=1234, std=0.02), torch.bfloat16)
     if cfg.model_type == "kraken":
         config = kraken_config_json(cfg)
     else:
         config = {"model_type": "gpt2", "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
                   "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions}
-    save_model_dir(path, config, W, torch.float32)
-    return path
+    save_model_dir(paths["f32"], config, W, torch.float32)
+    save_model_dir(paths["bf16"], config, W, torch.bfloat16)
+    return paths
 
 
 def median_time(fn, repeats: int) -> float:
@@ -103,38 +110,46 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     binary = os.path.join(a.build, "bench", "engine_bench")
     results = {}
-    for name, cfg in SHAPES.items():
-        path = ensure_model(name, cfg, models_root)
-        eng = json.loads(subprocess.run(
+    def engine(path):
+        return json.loads(subprocess.run(
             [binary, "--model", path, "--prefill", ",".join(map(str, prefill)), "--decode-batch",
              ",".join(map(str, batches)), "--context", str(context), "--decode-steps", str(steps), "--repeats",
              str(repeats), "--threads", str(a.threads)], check=True, capture_output=True, text=True).stdout)
-        W = load_model_dir(path)
+
+    for name, cfg in SHAPES.items():
+        paths = ensure_models(name, cfg, models_root)
+        eng = {dt: engine(p) for dt, p in paths.items()}
+        W = load_model_dir(paths["f32"])
         pt_prefill = {T: torch_prefill(cfg, W, T, repeats) for T in prefill}
         pt_decode = {B: torch_decode(cfg, W, B, context, steps) for B in batches}
         del W
         results[name] = {"engine": eng, "torch_prefill_s": pt_prefill, "torch_decode_step_s": pt_decode}
 
-    gemm = next(iter(results.values()))["engine"]["gemm_2048x1024x1024"]
+    first = next(iter(results.values()))["engine"]["f32"]
+    gemm = first["gemm_2048x1024x1024"]
     rate = gemm["onednn_sgemm_gflops"]
-    print(f"machine: {a.threads} threads; torch {torch.__version__}")
-    print(f"GEMM 2048x1024x1024 F32: oneDNN sgemm {rate:.1f} GFLOP/s, Kraken packed GEMM "
+    print(f"machine: {a.threads} threads; torch {torch.__version__}; memory read {first['memory_read_gbps']:.1f} GB/s")
+    print(f"GEMM 2048x1024x1024 F32: oneDNN sgemm {rate:.1f} GFLOP/s (the yardstick), Kraken packed GEMM "
           f"{gemm['kraken_packed_gflops']:.1f} GFLOP/s")
+    print("speed-up = PyTorch eager time / engine time; % GEMM = prefill GFLOP/s / oneDNN sgemm GFLOP/s")
     print()
-    print(f"{'model':18} {'measure':24} {'engine':>12} {'pytorch':>12} {'speed-up':>9} {'GFLOP/s':>8} {'% GEMM':>7}")
+    hdr = (f"{'model':17} {'measure':22} {'engine F32':>11} {'engine BF16':>12} {'PyTorch F32':>12} "
+           f"{'speed-up F32':>13} {'BF16':>6} {'GFLOP/s':>8} {'% GEMM':>7}")
+    print(hdr)
     for name, r in results.items():
-        eng = r["engine"]
-        for p in eng["prefill"]:
-            T = p["tokens"]
-            e_ms, t_ms = p["seconds"] * 1e3, r["torch_prefill_s"][T] * 1e3
-            print(f"{name:18} {'prefill T=' + str(T) + ' (ms)':24} {e_ms:12.1f} {t_ms:12.1f} {t_ms / e_ms:8.2f}x "
-                  f"{p['gflops_total']:8.1f} {100 * p['gflops_total'] / rate:6.0f}%")
-        for d in eng["decode"]:
-            B = d["batch"]
-            e_tps = d["tokens_per_second"]
+        e32, e16 = r["engine"]["f32"], r["engine"]["bf16"]
+        for p32, p16 in zip(e32["prefill"], e16["prefill"]):
+            T = p32["tokens"]
+            a_ms, b_ms, t_ms = p32["seconds"] * 1e3, p16["seconds"] * 1e3, r["torch_prefill_s"][T] * 1e3
+            print(f"{name:17} {'prefill T=' + str(T) + ' (ms)':22} {a_ms:11.1f} {b_ms:12.1f} {t_ms:12.1f} "
+                  f"{t_ms / a_ms:12.2f}x {t_ms / b_ms:5.2f}x {p32['gflops_total']:8.1f} "
+                  f"{100 * p32['gflops_total'] / rate:6.0f}%")
+        for d32, d16 in zip(e32["decode"], e16["decode"]):
+            B = d32["batch"]
             t_tps = B / r["torch_decode_step_s"][B]
-            print(f"{name:18} {'decode B=' + str(B) + ' (tokens/s)':24} {e_tps:12.1f} {t_tps:12.1f} "
-                  f"{e_tps / t_tps:8.2f}x")
+            print(f"{name:17} {'decode B=' + str(B) + ' (tok/s)':22} {d32['tokens_per_second']:11.1f} "
+                  f"{d16['tokens_per_second']:12.1f} {t_tps:12.1f} {d32['tokens_per_second'] / t_tps:12.2f}x "
+                  f"{d16['tokens_per_second'] / t_tps:5.2f}x")
     if a.json:
         print(json.dumps(results, indent=1, default=str))
     return 0

@@ -159,7 +159,10 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
-      const int chunk = static_cast<int>(item / groups), g = static_cast<int>(item % groups);
+      // Panel-major: a thread's share is a run of whole panel groups with every row chunk, so
+      // threads get equal work even when the last chunk is short, and each packed weight panel
+      // is read once from memory.
+      const int g = static_cast<int>(item / chunks), chunk = static_cast<int>(item % chunks);
       const int t_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
       for (int t = chunk * kTilesPerChunk; t < t_end; ++t) {
         const int r0 = t * kMr, mr = std::min(kMr, m - r0);

@@ -2,6 +2,7 @@
 chunked prefill, seeded sampling."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -72,3 +73,25 @@ def test_bad_arguments_fail_with_a_message(generate_bin):
     r = subprocess.run([generate_bin, model_dir, "--prompt-ids", "1", "--top-p", "0"], capture_output=True, text=True)
     assert r.returncode == 1
     assert "'top_p' must be in (0, 1], got 0" in r.stderr
+
+
+def test_gpt2_in_openais_original_layout_loads_as_is(tmp_path, generate_bin):
+    """OpenAI's GPT-2 upload has no 'transformer.' prefix and carries attn.bias / attn.masked_bias
+    buffers; the engine must read it exactly like the save_pretrained layout."""
+    import json as _json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = model_dir_of("gpt2-f32")
+    W = load_file(os.path.join(src, "model.safetensors"))
+    cfg = _json.load(open(os.path.join(src, "config.json")))
+    P = cfg["n_positions"]
+    original = {k[len("transformer."):]: v for k, v in W.items()}
+    for l in range(cfg["n_layer"]):
+        original[f"h.{l}.attn.bias"] = torch.tril(torch.ones(P, P)).view(1, 1, P, P)
+        original[f"h.{l}.attn.masked_bias"] = torch.tensor(-1e4)
+    save_file(original, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(os.path.join(src, "config.json"), tmp_path / "config.json")
+    args = ["--score", "--prompt-ids", "3,1,4,1,5,9,2,6,5,3,5"]
+    assert run_generate(generate_bin, str(tmp_path), *args)["scores"] == run_generate(generate_bin, src, *args)["scores"]

@@ -101,6 +101,16 @@ struct KvSlot {
   int64_t block_floats() const { return static_cast<int64_t>(heads) * head_dim * block_size; }
 };
 
+/// Largest work a model will hand the backend in one step, so scratch space can be reserved at
+/// load and a step allocates nothing.
+struct ScratchHint {
+  int max_tokens = 0;      // rows of any activation
+  int max_seqs = 0;        // sequences per step
+  int max_heads = 0;       // attention heads per slot
+  int max_head_dim = 0;
+  int max_gemm_k = 0;      // widest GEMM input (columns of x)
+};
+
 /// Backend construction options.
 struct BackendOptions {
   std::string device = "cpu";  // "cpu" or "cuda:<index>"
@@ -151,6 +161,9 @@ class Backend {
   /// Causal attention: query row i of a sequence attends to its cached keys 0 .. start_pos + i.
   /// q, out: [T, heads * head_dim]; scores are scaled by `scale` before the softmax.
   virtual void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out) = 0;
+  /// Reserves scratch for steps up to `hint` (attention buffers assume KV blocks of at most 16
+  /// tokens; larger blocks grow them once, on the first step). RESOURCE_EXHAUSTED on failure.
+  virtual Status ReserveScratch(const ScratchHint& hint) = 0;
   /// Waits for queued work; reports asynchronous device errors.
   virtual Status Synchronize() = 0;
 };

@@ -4,23 +4,32 @@
 
 namespace kraken::engine {
 
+namespace {
+
+struct Named {
+  DType type;
+  std::string_view name;
+};
+constexpr Named kNames[] = {
+    {DType::kF32, "F32"},   {DType::kF16, "F16"},   {DType::kBF16, "BF16"}, {DType::kF64, "F64"},
+    {DType::kF8E4M3, "F8_E4M3"}, {DType::kF8E5M2, "F8_E5M2"}, {DType::kBool, "BOOL"}, {DType::kU8, "U8"},
+    {DType::kI8, "I8"},     {DType::kI16, "I16"},   {DType::kU16, "U16"},   {DType::kI32, "I32"},
+    {DType::kU32, "U32"},   {DType::kI64, "I64"},   {DType::kU64, "U64"},
+};
+
+}  // namespace
+
 std::string_view DTypeName(DType t) {
-  switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kF16: return "F16";
-    case DType::kBF16: return "BF16";
-    case DType::kI32: return "I32";
-    case DType::kI64: return "I64";
+  for (const Named& n : kNames) {
+    if (n.type == t) return n.name;
   }
   return "?";
 }
 
 std::optional<DType> ParseDType(std::string_view name) {
-  if (name == "F32") return DType::kF32;
-  if (name == "F16") return DType::kF16;
-  if (name == "BF16") return DType::kBF16;
-  if (name == "I32") return DType::kI32;
-  if (name == "I64") return DType::kI64;
+  for (const Named& n : kNames) {
+    if (n.name == name) return n.type;
+  }
   return std::nullopt;
 }
 
@@ -47,11 +56,10 @@ void ConvertToF32(DType t, const void* src, float* dst, size_t n) {
       }
       return;
     }
-    case DType::kI32:
-    case DType::kI64:
+    default:
       break;
   }
-  KRAKEN_CHECK(false, "ConvertToF32 called with an integer dtype");
+  KRAKEN_CHECK(false, "ConvertToF32 called with a dtype that is not F32, F16 or BF16");
 }
 
 }  // namespace kraken::engine

@@ -2,9 +2,21 @@
 
 namespace kraken::engine {
 
+namespace {
+
+// Product of positive factors, or -1 if it exceeds 2^62.
+int64_t CheckedProduct(std::initializer_list<int64_t> factors) {
+  int64_t p = 1;
+  for (int64_t f : factors) {
+    if (f < 0 || __builtin_mul_overflow(p, f, &p) || p > (int64_t{1} << 62)) return -1;
+  }
+  return p;
+}
+
+}  // namespace
+
 int64_t KvCache::BytesPerBlock(const KvLayout& layout, int block_size) {
-  return 2 * static_cast<int64_t>(layout.slots) * layout.heads * layout.head_dim * block_size *
-         static_cast<int64_t>(sizeof(float));
+  return CheckedProduct({2, layout.slots, layout.heads, layout.head_dim, block_size, sizeof(float)});
 }
 
 StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, const KvCacheOptions& options) {
@@ -15,11 +27,16 @@ StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, cons
   if (layout.slots <= 0 || layout.heads <= 0 || layout.head_dim <= 0) {
     return InvalidArgument("KV layout must have positive slots, heads and head_dim");
   }
+  const int64_t floats =
+      CheckedProduct({layout.slots, options.num_blocks, layout.heads, layout.head_dim, options.block_size});
+  if (floats < 0) {
+    return ResourceExhausted("KV cache of ", options.num_blocks, " blocks of ", options.block_size, " tokens for ",
+                             layout.slots, " slots x ", layout.heads, " heads x ", layout.head_dim,
+                             " floats is too large to address");
+  }
   KvCache c;
   c.layout_ = layout;
   c.options_ = options;
-  const int64_t floats = static_cast<int64_t>(layout.slots) * options.num_blocks * layout.heads *
-                         layout.head_dim * options.block_size;
   KRAKEN_ASSIGN_OR_RETURN(c.k_, backend.Allocate(floats));
   KRAKEN_ASSIGN_OR_RETURN(c.v_, backend.Allocate(floats));
   return c;

@@ -33,6 +33,10 @@ namespace kraken::engine {
 /// (-1 when not per sub-layer) and the tensor in backend memory, valid only during the call.
 using TensorCallback = std::function<void(std::string_view name, int layer, int sublayer, Mat tensor)>;
 
+/// Largest step sizes LoadModel accepts (buffers are sized from them at load).
+inline constexpr int kMaxStepTokens = 1 << 20;
+inline constexpr int kMaxStepSeqs = 1 << 16;
+
 struct ModelOptions {
   int max_tokens = 2048;       // new tokens per step, summed over sequences
   int max_seqs = 256;          // sequences per step

@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_util.h"
+
 namespace kraken::engine {
 namespace {
 
@@ -22,7 +24,7 @@ class Fields {
       return InvalidArgument(label_, ": missing required field '", key, "'");
     }
     if (!it->is_number_integer()) {
-      return InvalidArgument(label_, ": field '", key, "' must be an integer, got ", it->dump());
+      return InvalidArgument(label_, ": field '", key, "' must be an integer, got ", DescribeJson(*it));
     }
     const int64_t v = it->get<int64_t>();
     if (v < lo || v > hi) {
@@ -35,7 +37,7 @@ class Fields {
     auto it = j_.find(key);
     if (it == j_.end() || it->is_null()) return fallback;
     if (!it->is_boolean()) {
-      return InvalidArgument(label_, ": field '", key, "' must be true or false, got ", it->dump());
+      return InvalidArgument(label_, ": field '", key, "' must be true or false, got ", DescribeJson(*it));
     }
     return it->get<bool>();
   }
@@ -44,7 +46,7 @@ class Fields {
     auto it = j_.find(key);
     if (it == j_.end() || it->is_null()) return fallback;
     if (!it->is_number()) {
-      return InvalidArgument(label_, ": field '", key, "' must be a number, got ", it->dump());
+      return InvalidArgument(label_, ": field '", key, "' must be a number, got ", DescribeJson(*it));
     }
     const double v = it->get<double>();
     if (!(v >= lo && v <= hi)) {
@@ -60,7 +62,7 @@ class Fields {
       return InvalidArgument(label_, ": missing required field '", key, "'");
     }
     if (!it->is_string()) {
-      return InvalidArgument(label_, ": field '", key, "' must be a string, got ", it->dump());
+      return InvalidArgument(label_, ": field '", key, "' must be a string, got ", DescribeJson(*it));
     }
     return it->get<std::string>();
   }
@@ -74,7 +76,7 @@ class Fields {
     for (const json& x : items) {
       if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() >= vocab) {
         return InvalidArgument(label_, ": field '", key, "' must hold token ids in [0, ", vocab,
-                               "), got ", it->dump());
+                               "), got ", DescribeJson(*it));
       }
       out.push_back(x.get<int>());
     }
@@ -85,7 +87,7 @@ class Fields {
   Status Require(const char* key, const json& required) const {
     auto it = j_.find(key);
     if (it != j_.end() && !it->is_null() && *it != required) {
-      return Unimplemented(label_, ": field '", key, "' is ", it->dump(), "; only ", required.dump(),
+      return Unimplemented(label_, ": field '", key, "' is ", DescribeJson(*it), "; only ", DescribeJson(required),
                            " is supported");
     }
     return absl::OkStatus();
@@ -122,8 +124,8 @@ int64_t ModelConfig::ParameterCount() const {
 }
 
 StatusOr<ModelConfig> ParseModelConfig(std::string_view text, std::string_view label) {
-  json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded() || !j.is_object()) return InvalidArgument(label, ": not a JSON object");
+  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(text, label, /*max_depth=*/32));
+  if (!j.is_object()) return InvalidArgument(label, ": not a JSON object");
   Fields f(j, label);
   ModelConfig c;
   KRAKEN_ASSIGN_OR_RETURN(std::string type, f.String("model_type", std::nullopt));

@@ -13,39 +13,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include "engine/json_util.h"
+
 namespace kraken::engine {
 namespace {
 
 using json = nlohmann::json;
 
-constexpr int kMaxJsonDepth = 4;
-
-// Parses JSON text with duplicate-key and depth detection (nlohmann silently keeps the last of
-// two equal keys, which would let a hostile header hide a tensor).
-StatusOr<json> ParseJsonStrict(std::string_view text, const std::string& label) {
-  std::string duplicate;
-  bool too_deep = false;
-  std::vector<std::set<std::string>> keys_at_depth;
-  json::parser_callback_t cb = [&](int depth, json::parse_event_t event, json& parsed) {
-    if (depth > kMaxJsonDepth) too_deep = true;
-    if (event == json::parse_event_t::object_start) {
-      if (static_cast<int>(keys_at_depth.size()) <= depth) keys_at_depth.resize(depth + 1);
-      keys_at_depth[depth].clear();
-    } else if (event == json::parse_event_t::key && parsed.is_string()) {
-      const int d = depth - 1;  // the object's own depth
-      if (d >= 0 && d < static_cast<int>(keys_at_depth.size()) &&
-          !keys_at_depth[d].insert(parsed.get<std::string>()).second && duplicate.empty()) {
-        duplicate = parsed.get<std::string>();
-      }
-    }
-    return true;
-  };
-  json j = json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return InvalidArgument(label, ": header is not valid JSON");
-  if (too_deep) return InvalidArgument(label, ": header nests deeper than ", kMaxJsonDepth);
-  if (!duplicate.empty()) return InvalidArgument(label, ": duplicate key '", duplicate, "' in header");
-  return j;
-}
+// A safetensors header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {...}}.
+constexpr int kMaxJsonDepth = 3;
 
 bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
 
@@ -118,7 +94,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
   if (header.empty() || header.front() != '{') {
     return InvalidArgument(L, ": header must be a JSON object starting with '{'");
   }
-  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(header, L));
+  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(header, L, kMaxJsonDepth));
   if (!j.is_object()) return InvalidArgument(L, ": header is not a JSON object");
 
   const uint8_t* buffer = bytes.data() + 8 + header_size;
@@ -154,7 +130,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     std::optional<DType> dtype = ParseDType(dtype_name);
     if (!dtype) {
       return InvalidArgument(L, ": tensor '", name, "': dtype '", dtype_name,
-                             "' is not supported (F32, F16, BF16, I32, I64)");
+                             "' is not a safetensors dtype of whole bytes");
     }
     t.dtype = *dtype;
     auto sh = v.find("shape");
@@ -168,12 +144,12 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     for (const json& d : *sh) {
       if (!d.is_number_unsigned()) {
         return InvalidArgument(L, ": tensor '", name, "': shape entries must be non-negative integers, got ",
-                               d.dump());
+                               DescribeJson(d));
       }
       const uint64_t dim = d.get<uint64_t>();
       if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
           MulOverflows(numel, dim, &numel)) {
-        return InvalidArgument(L, ": tensor '", name, "': shape ", sh->dump(), " overflows");
+        return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " overflows");
       }
       t.shape.push_back(static_cast<int64_t>(dim));
     }
@@ -194,7 +170,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     }
     uint64_t expected = 0;
     if (MulOverflows(numel, DTypeSize(t.dtype), &expected) || expected != end - begin) {
-      return InvalidArgument(L, ": tensor '", name, "': shape ", sh->dump(), " of ", dtype_name,
+      return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " of ", dtype_name,
                              " needs ", numel * DTypeSize(t.dtype), " bytes but data_offsets span ",
                              end - begin);
     }
@@ -247,7 +223,7 @@ StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
   std::ifstream in(index_path, std::ios::binary);
   std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const std::string L = index_path.string();
-  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(text, L));
+  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(text, L, kMaxJsonDepth));
   if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object()) {
     return InvalidArgument(L, ": missing object field 'weight_map'");
   }
@@ -288,6 +264,15 @@ StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& dir) {
 const TensorInfo* Checkpoint::Find(std::string_view name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : it->second;
+}
+
+std::vector<std::string> Checkpoint::NamesWithPrefix(std::string_view prefix) const {
+  std::vector<std::string> names;
+  for (auto it = index_.lower_bound(prefix); it != index_.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+       ++it) {
+    names.push_back(it->first);
+  }
+  return names;
 }
 
 std::vector<std::string> Checkpoint::Names() const {

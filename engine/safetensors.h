@@ -39,8 +39,8 @@ struct TensorInfo {
   std::string ShapeString() const;
 };
 
-/// Largest JSON header accepted, in bytes (the reference implementation's limit).
-inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100ull << 20;
+/// Largest JSON header accepted, in bytes (the reference implementation's MAX_HEADER_SIZE).
+inline constexpr uint64_t kMaxSafetensorsHeaderBytes = 100'000'000;
 
 /// A parsed safetensors file: either memory-mapped from disk (Open) or a view over caller-owned
 /// bytes (Parse, used by tests and the fuzzer).
@@ -90,6 +90,8 @@ class Checkpoint {
   const TensorInfo* Find(std::string_view name) const;
   /// Every tensor name, sorted.
   std::vector<std::string> Names() const;
+  /// The names that start with `prefix`, sorted (a range lookup, not a scan).
+  std::vector<std::string> NamesWithPrefix(std::string_view prefix) const;
 
  private:
   std::vector<std::unique_ptr<SafetensorsFile>> files_;

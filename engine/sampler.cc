@@ -1,6 +1,7 @@
 #include "engine/sampler.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -66,7 +67,7 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
 }
 
 Sampler::Sampler(int vocab)
-    : vocab_(vocab), work_(vocab), order_(vocab), counts_(vocab, 0), seen_(vocab, 0) {}
+    : vocab_(std::max(vocab, 0)), work_(vocab_), order_(vocab_), counts_(vocab_, 0), seen_(vocab_, 0) {}
 
 StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history) {
   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
@@ -125,6 +126,15 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       if (freq) w[t] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(counts_[t]);
       counts_[t] = 0;  // reset as we go; each distinct token is handled once
     }
+    // A tiny repetition penalty can push a finite logit past the float range; keep it finite
+    // so the softmax below stays defined.
+    for (auto span : {history.prompt, history.generated}) {
+      for (int32_t t : span) {
+        if (t >= 0 && t < V && std::isinf(w[t]) && std::isfinite(logits[t])) {
+          w[t] = std::copysign(std::numeric_limits<float>::max(), w[t]);
+        }
+      }
+    }
     for (auto span : {history.prompt, history.generated}) {
       for (int32_t t : span) {
         if (t >= 0 && t < V) seen_[t] = 0;
@@ -143,8 +153,15 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
     const bool need_order = (p.top_k > 0 && p.top_k < V) || p.top_p < 1.f;
     std::iota(order_.begin(), order_.end(), 0);
     if (p.top_k > 0 && p.top_k < V) {
+      // The k most likely, plus every token tied with the k-th (as Hugging Face and vLLM keep
+      // all logits >= the k-th largest), in (value, id) order.
       n = p.top_k;
       std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
+      const float kth = w[order_[n - 1]];
+      auto tail = std::partition(order_.begin() + n, order_.end(), [&](int32_t id) { return w[id] == kth; });
+      std::sort(order_.begin() + n, tail);
+      n = static_cast<int>(tail - order_.begin());
+      if (p.top_p < 1.f) std::sort(order_.begin(), order_.begin() + n, ByValueThenId{w});
     } else if (need_order) {
       std::sort(order_.begin(), order_.end(), ByValueThenId{w});
     }
@@ -179,10 +196,14 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       n = kept;
     }
     double mass = 0.0;
-    for (int i = 0; i < n; ++i) mass += w[order_[i]];
+    int heaviest = order_[0];
+    for (int i = 0; i < n; ++i) {
+      mass += w[order_[i]];
+      if (w[order_[i]] > w[heaviest]) heaviest = order_[i];
+    }
     const double target = UniformForIndex(p.seed, history.generated.size()) * mass;
     double cum = 0.0;
-    chosen = order_[n - 1];
+    chosen = heaviest;  // only if rounding leaves target at the very top of the mass
     for (int i = 0; i < n; ++i) {
       cum += w[order_[i]];
       if (target < cum) {

@@ -5,11 +5,13 @@
 //   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab));
 //   KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(logits_row, p, {prompt, generated}));
 //
-// Order of processing (as vLLM): penalties -> temperature -> top-k -> top-p -> min-p -> draw.
-// temperature 0 is greedy (ties go to the lowest id). The random number of the k-th generated
-// token is a pure function of (seed, k) — splitmix64 (Steele, Lea, Flood, OOPSLA 2014) — so a
-// sequence's tokens never depend on its batch mates. Log-probabilities are those of the model's
-// raw distribution, log_softmax(logits), before penalties, temperature and truncation.
+// Order of processing (Hugging Face's, and vLLM V0's): penalties -> temperature -> top-k ->
+// top-p -> min-p -> draw. temperature 0 is greedy (ties go to the lowest id). top-k keeps every
+// token tied with the k-th. The random number of the k-th generated token is a pure function of
+// (seed, k) — splitmix64 (Steele, Lea, Flood, OOPSLA 2014) — so a sequence's tokens never depend
+// on its batch mates; a caller with no seed of its own must draw one (the server draws a fresh
+// seed per request and reports it). Log-probabilities are those of the model's raw
+// distribution, log_softmax(logits), before penalties, temperature and truncation.
 #pragma once
 
 #include <array>
@@ -32,7 +34,7 @@ struct SamplingParams {
   float repetition_penalty = 1.0f;  // > 0; 1 = off; over prompt + output (CTRL, Keskar et al. 2019)
   float presence_penalty = 0.0f;    // [-2, 2]; subtracted once per token seen in the output (OpenAI)
   float frequency_penalty = 0.0f;   // [-2, 2]; subtracted per occurrence in the output (OpenAI)
-  uint64_t seed = 0;
+  uint64_t seed = 0;                // the stream of random numbers; see the header comment
   int top_logprobs = 0;             // alternatives to report, [0, kMaxTopLogprobs]
 };
 

@@ -4,7 +4,7 @@
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
 #   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
-#   5. libFuzzer smoke run of the safetensors parser over the kept corpus
+#   5. libFuzzer runs of the safetensors parser and the tokenizer over their kept corpora
 # ctest runs serially (-j1): each test process uses every core through OpenMP, and two of them
 # spinning on two cores slow each other down a hundredfold.
 set -euo pipefail
@@ -20,20 +20,26 @@ step "ctest -LE gpu"
 step "Python tests"
 KRAKEN_BUILD_DIR="$root/build" "$py" -m pytest -q "$root/tools/tests"
 
-step "golden files regenerate identically"
+step "golden files and the test tokenizer regenerate identically"
 "$py" "$root/tools/make_test_models.py" --check
+"$py" "$root/tools/train_test_tokenizer.py" --check
 
 step "AddressSanitizer + UndefinedBehaviorSanitizer"
 "$root/scripts/build.sh" "$root/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKRAKEN_SANITIZE=address,undefined \
   -DKRAKEN_BUILD_BENCH=OFF
 (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest -j1 -L 'unit|model' --output-on-failure)
 
-step "libFuzzer: safetensors parser"
+step "libFuzzer: safetensors parser, tokenizer"
 "$root/scripts/build.sh" "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
   -DKRAKEN_BUILD_FUZZERS=ON -DKRAKEN_BUILD_TESTS=OFF -DKRAKEN_BUILD_BENCH=OFF
-corpus="$(mktemp -d)"
-cp "$root"/engine/fuzz/corpus/safetensors/* "$corpus/"
-"$root/build-fuzz/engine/safetensors_fuzzer" -max_total_time="${KRAKEN_FUZZ_SECONDS:-30}" -max_len=4096 \
-  "$corpus" "$root/engine/fuzz/corpus/safetensors" 2>&1 | tail -n 3
-rm -rf "$corpus"
+fuzz() {  # fuzz <binary> <kept corpus> <max_len>: new inputs go to a scratch copy
+  local corpus
+  corpus="$(mktemp -d)"
+  cp "$2"/* "$corpus/"
+  "$1" -max_total_time="${KRAKEN_FUZZ_SECONDS:-30}" -max_len="$3" "$corpus" "$2" 2>&1 | tail -n 2
+  rm -rf "$corpus"
+}
+fuzz "$root/build-fuzz/engine/safetensors_fuzzer" "$root/engine/fuzz/corpus/safetensors" 4096
+export KRAKEN_FUZZ_TOKENIZER="$root/tests/data/tokenizers/mixed-4k/tokenizer.json"
+fuzz "$root/build-fuzz/tokenizer/tokenizer_fuzzer" "$root/tokenizer/fuzz/corpus/encode" 512
 step "all tests passed"

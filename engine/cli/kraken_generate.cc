@@ -3,6 +3,7 @@
 //   kraken-generate models/kraken-4way --prompt-ids 464,3290,318 --max-tokens 64
 //   kraken-generate DIR --prompt-ids ... --temperature 0.8 --top-p 0.95 --seed 7 --json
 //   kraken-generate DIR --prompt-ids ... --score         # per-token logprobs and perplexity
+//   kraken-generate DIR --prompt "In the beginning"     # text, with the model's tokenizer
 //
 // Prints generated ids and timings (prefill ms, decode tokens/s); --json prints one JSON object
 // with each step's chosen id, its logprob and the top-n alternatives.
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <random>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
@@ -20,6 +22,8 @@
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "tokenizer/detokenizer.h"
+#include "tokenizer/tokenizer.h"
 
 namespace kraken::engine {
 namespace {
@@ -46,6 +50,7 @@ StatusOr<std::vector<int32_t>> ParseIds(const std::string& text) {
 struct Options {
   std::string model_dir;
   std::string prompt_ids;
+  std::string prompt;
   int max_tokens = 32;
   int threads = 0;
   int block_size = 16;
@@ -57,13 +62,27 @@ struct Options {
 };
 
 Status Run(const Options& o) {
-  KRAKEN_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, ParseIds(o.prompt_ids));
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  std::vector<int32_t> prompt;
+  if (!o.prompt.empty()) {
+    KRAKEN_ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::FromModelDir(o.model_dir));
+    KRAKEN_ASSIGN_OR_RETURN(prompt, tok->Encode(o.prompt));
+    if (prompt.empty()) return InvalidArgument("--prompt encodes to no tokens");
+  } else {
+    KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(o.prompt_ids));
+  }
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = o.threads}));
   KRAKEN_ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model_dir));
-  const int total = static_cast<int>(prompt.size()) + (o.score ? 0 : o.max_tokens);
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] >= cfg.vocab_size) {
+      return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
+    }
+  }
+  // The last generated token is never fed back, so it needs no position.
+  const int total = static_cast<int>(prompt.size()) + (o.score ? 0 : o.max_tokens - 1);
   if (total > cfg.n_positions) {
     return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
-                           ") exceeds the context length ", cfg.n_positions);
+                           ") - 1 exceeds the context length ", cfg.n_positions);
   }
   const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : static_cast<int>(prompt.size());
   ModelOptions mo{.max_tokens = std::max(chunk, 1), .max_seqs = 1,
@@ -85,6 +104,7 @@ Status Run(const Options& o) {
   out["prompt_ids"] = prompt;
   out["threads"] = o.threads == 0 ? omp_get_num_procs() : o.threads;
   out["load_seconds"] = load_s;
+  out["seed"] = o.sampling.seed;
 
   // Prefill (in chunks of --prefill-chunk tokens).
   const auto t0 = Clock::now();
@@ -153,8 +173,8 @@ Status Run(const Options& o) {
       break;
     }
     if (step + 1 == o.max_tokens) break;
-    const int32_t tok = t.token;
-    SequenceInput s{.tokens = {&tok, 1},
+    const int32_t next_id = t.token;
+    SequenceInput s{.tokens = {&next_id, 1},
                     .start_pos = static_cast<int32_t>(prompt.size() + generated.size() - 1),
                     .block_table = table};
     KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
@@ -163,11 +183,18 @@ Status Run(const Options& o) {
   const int decode_steps = static_cast<int>(generated.size()) - 1;  // forwards after the prefill
   const double tps = decode_steps > 0 && decode_s > 0 ? decode_steps / decode_s : 0.0;
   out["generated_ids"] = generated;
+  if (tok != nullptr) {  // the text, through the streaming detokenizer
+    tokenizer::IncrementalDetokenizer detok(*tok, /*skip_special=*/true);
+    std::string text;
+    for (int32_t id : generated) KRAKEN_RETURN_IF_ERROR(detok.Add(id, &text));
+    detok.Finish(&text);
+    out["text"] = text;
+  }
   out["finish_reason"] = finish;
   out["steps"] = steps;
   out["decode_tokens_per_second"] = tps;
   if (o.json) {
-    std::cout << out.dump() << "\n";
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
     return absl::OkStatus();
   }
   std::printf("model: %s (%s), %d threads, loaded in %.2f s\n", o.model_dir.c_str(),
@@ -176,6 +203,7 @@ Status Run(const Options& o) {
   for (int32_t t : prompt) std::printf("%d ", t);
   std::printf("\ngenerated ids: ");
   for (int32_t t : generated) std::printf("%d ", t);
+  if (out.contains("text")) std::printf("\ntext:          %s", out["text"].get<std::string>().c_str());
   std::printf("\nfinish: %s\nprefill: %zu tokens in %.2f ms; decode: %d steps, %.1f tokens/s\n", finish.c_str(),
               prompt.size(), prefill_s * 1e3, decode_steps, tps);
   return absl::OkStatus();
@@ -189,7 +217,10 @@ int main(int argc, char** argv) {
   Options o;
   CLI::App app{"Offline generation and scoring with a Kraken Serve model directory"};
   app.add_option("model_dir", o.model_dir, "Model directory (config.json + safetensors)")->required();
-  app.add_option("--prompt-ids", o.prompt_ids, "Comma-separated prompt token ids")->required();
+  auto* prompt = app.add_option_group("prompt");
+  prompt->add_option("--prompt-ids", o.prompt_ids, "Comma-separated prompt token ids");
+  prompt->add_option("--prompt", o.prompt, "Prompt text, tokenized with the model's tokenizer");
+  prompt->require_option(1);
   app.add_option("--max-tokens", o.max_tokens, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
   app.add_option("--temperature", o.sampling.temperature, "0 = greedy");
   app.add_option("--top-k", o.sampling.top_k, "0 or -1 = off");
@@ -198,7 +229,7 @@ int main(int argc, char** argv) {
   app.add_option("--repetition-penalty", o.sampling.repetition_penalty, "> 0, 1 = off");
   app.add_option("--presence-penalty", o.sampling.presence_penalty, "[-2, 2]");
   app.add_option("--frequency-penalty", o.sampling.frequency_penalty, "[-2, 2]");
-  app.add_option("--seed", o.sampling.seed, "Random seed of the sequence");
+  auto* seed = app.add_option("--seed", o.sampling.seed, "Random seed of the sequence (default: drawn at random)");
   app.add_option("--top-logprobs", o.sampling.top_logprobs, "Alternatives to report per step (--json)");
   app.add_option("--threads", o.threads, "CPU threads (0 = all cores)");
   app.add_option("--block-size", o.block_size, "KV-cache block size in tokens")->check(CLI::Range(1, 1024));
@@ -207,6 +238,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", o.json, "Print one JSON object");
   app.add_flag("--score", o.score, "Score the prompt: per-token logprobs and perplexity");
   CLI11_PARSE(app, argc, argv);
+  if (seed->count() == 0) o.sampling.seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
   const kraken::Status s = kraken::engine::Run(o);
   if (!s.ok()) {
     std::fprintf(stderr, "kraken-generate: %s\n", std::string(s.message()).c_str());

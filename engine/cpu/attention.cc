@@ -207,7 +207,7 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   const size_t o_size = static_cast<size_t>(kQueryTile) * slot.head_dim;
   const size_t per_thread = 2 * o_size + static_cast<size_t>(kQueryTile) * padded_bs;
   const auto& fns = slot.block_size == kLanes ? kTileFns16 : kTileFns;
-  const size_t need = per_thread * omp_get_max_threads();
+  const size_t need = per_thread * omp_get_max_threads();  // the team size the backend set
   if (scratch->buffers.size() < need) scratch->buffers.resize(need);
 #pragma omp parallel
   {

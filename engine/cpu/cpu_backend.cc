@@ -46,6 +46,9 @@ class CpuBackend final : public Backend {
   bool is_host() const override { return true; }
 
   StatusOr<Buffer> Allocate(int64_t floats) override {
+    if (floats < 0 || floats > (int64_t{1} << 60)) {
+      return ResourceExhausted("cannot allocate ", floats, " floats of host memory");
+    }
     const size_t bytes = (static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float) + 63) / 64 * 64;
     void* p = std::aligned_alloc(64, bytes);
     if (p == nullptr) return ResourceExhausted("cannot allocate ", bytes, " bytes of host memory");
@@ -86,7 +89,7 @@ class CpuBackend final : public Backend {
 
   StatusOr<Buffer> PrepareVector(const TensorInfo& t,
                                  const std::vector<std::pair<int64_t, int64_t>>& ranges) override {
-    if (t.dtype != DType::kF32 && t.dtype != DType::kBF16 && t.dtype != DType::kF16) {
+    if (!IsComputeFloat(t.dtype)) {
       return InvalidArgument("tensor '", t.name, "' has dtype ", DTypeName(t.dtype), "; expected F32, F16 or BF16");
     }
     KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, t.numel(), "element"));
@@ -147,6 +150,19 @@ class CpuBackend final : public Backend {
     KRAKEN_CHECK(q.cols == slot.heads * slot.head_dim && out.cols == q.cols);
     Scoped s(threads_);
     cpu::Attention(q, slot, batch, scale, out, &attention_scratch_);
+  }
+  Status ReserveScratch(const ScratchHint& h) override {
+    const int64_t rows = (static_cast<int64_t>(h.max_tokens) + 11) / 12 * 12;  // GEMM row tiles of 12
+    const int64_t tiles = (static_cast<int64_t>(h.max_seqs) + h.max_tokens / cpu::kQueryTile + 1) * h.max_heads;
+    const int64_t per_thread = 2 * static_cast<int64_t>(cpu::kQueryTile) * h.max_head_dim + cpu::kQueryTile * 16;
+    if (rows * h.max_gemm_k > (int64_t{1} << 40) || tiles > (int64_t{1} << 32)) {
+      return ResourceExhausted("scratch for ", h.max_tokens, " tokens is too large");
+    }
+    gemm_scratch_.packed_a.resize(std::max<size_t>(gemm_scratch_.packed_a.size(), rows * h.max_gemm_k));
+    attention_scratch_.tiles.reserve(tiles);
+    const size_t buffers = static_cast<size_t>(per_thread) * threads_;
+    attention_scratch_.buffers.resize(std::max(attention_scratch_.buffers.size(), buffers));
+    return absl::OkStatus();
   }
   Status Synchronize() override { return absl::OkStatus(); }
 

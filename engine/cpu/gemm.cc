@@ -104,7 +104,7 @@ KernelFn SelectKernel(DType t, int mr, int np) {
 void PackedMatrix::Free::operator()(uint8_t* p) const { std::free(p); }
 
 StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
-  if (src.dtype != DType::kF32 && src.dtype != DType::kBF16 && src.dtype != DType::kF16) {
+  if (!IsComputeFloat(src.dtype)) {
     return InvalidArgument("weight dtype ", DTypeName(src.dtype), " cannot be used in a matrix multiply");
   }
   PackedMatrix m;

@@ -1,6 +1,6 @@
 // CPU matrix multiply Y[M, N] = X[M, K] · W^T (+ bias) for weights packed once at load time.
 //
-//   PackedMatrix w = PackedMatrix::Pack(source);          // W: [N out, K in], F32/BF16/F16 kept
+//   KRAKEN_ASSIGN_OR_RETURN(PackedMatrix w, PackedMatrix::Pack(source));  // W: [N out, K in]
 //   Gemm(x, M, /*lda=*/K, w, bias, y, /*ldc=*/N, /*accumulate=*/false, &scratch);
 //
 // Batch invariance: every output element is one fused multiply-add chain over k = 0..K-1 in order,

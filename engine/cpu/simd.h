@@ -1,6 +1,7 @@
 // 16-lane float vectors for the CPU kernels: AVX-512 when the compiler targets it, otherwise a
 // portable lane loop with the same arithmetic (std::fma per lane), so every build computes the
-// same values in the same order — only the speed differs.
+// same values in the same order for finite inputs — only the speed differs. (ReduceMax may
+// treat NaN and signed zeros differently between the two.)
 //
 //   F32x16 acc = F32x16::Zero();
 //   acc = Fma(F32x16::Broadcast(a), F32x16::Load(b), acc);
@@ -82,11 +83,16 @@ inline uint16_t LessThan(F32x16 a, F32x16 b) { return _mm512_cmp_ps_mask(a.v, b.
 inline uint16_t NotNan(F32x16 a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_ORD_Q); }
 /// Rounds to nearest integer (ties to even), as float.
 inline F32x16 RoundNearest(F32x16 a) { return {_mm512_maskz_roundscale_ps(kAll, a.v, _MM_FROUND_TO_NEAREST_INT)}; }
-/// Multiplies by 2^n where n holds integral floats in [-126, 127].
+/// Multiplies by 2^n where n holds integral floats in [-252, 254], as two exact scalings by
+/// 2^(n/2) and 2^(n - n/2) so that n = 128 (exp near its overflow point) still works.
 inline F32x16 Ldexp(F32x16 a, F32x16 n) {
-  __m512i e = _mm512_maskz_slli_epi32(
-      kAll, _mm512_add_epi32(_mm512_maskz_cvtps_epi32(kAll, n.v), _mm512_set1_epi32(127)), 23);
-  return {_mm512_mul_ps(a.v, _mm512_castsi512_ps(e))};
+  const __m512i ni = _mm512_maskz_cvtps_epi32(kAll, n.v);
+  const __m512i half = _mm512_maskz_srai_epi32(kAll, ni, 1);
+  const __m512i rest = _mm512_sub_epi32(ni, half);
+  const __m512i bias = _mm512_set1_epi32(127);
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_add_epi32(half, bias), 23));
+  const __m512 s2 = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_add_epi32(rest, bias), 23));
+  return {_mm512_mul_ps(_mm512_mul_ps(a.v, s1), s2)};
 }
 #else
 struct F32x16 {
@@ -160,7 +166,10 @@ inline uint16_t NotNan(F32x16 a) {
   return m;
 }
 inline F32x16 RoundNearest(F32x16 a) { KRAKEN_LANEWISE(std::nearbyint(a.v[i])); }
-inline F32x16 Ldexp(F32x16 a, F32x16 n) { KRAKEN_LANEWISE(a.v[i] * std::ldexp(1.0f, static_cast<int>(n.v[i]))); }
+inline F32x16 Ldexp(F32x16 a, F32x16 n) {
+  KRAKEN_LANEWISE(a.v[i] * std::ldexp(1.0f, static_cast<int>(n.v[i]) >> 1) *
+                  std::ldexp(1.0f, static_cast<int>(n.v[i]) - (static_cast<int>(n.v[i]) >> 1)));
+}
 #undef KRAKEN_LANEWISE
 #endif
 

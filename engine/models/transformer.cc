@@ -23,7 +23,7 @@ StatusOr<const TensorInfo*> WeightLoader::GetOptional(const std::string& name, s
     return InvalidArgument("tensor '", name, "' has shape ", t->ShapeString(), "; the config implies ",
                            ShapeString(shape));
   }
-  if (t->dtype != DType::kF32 && t->dtype != DType::kF16 && t->dtype != DType::kBF16) {
+  if (!IsComputeFloat(t->dtype)) {
     return InvalidArgument("tensor '", name, "' has dtype ", DTypeName(t->dtype), "; expected F32, F16 or BF16");
   }
   return t;
@@ -40,9 +40,7 @@ void WeightLoader::Ignore(const std::string& name) {
 }
 
 void WeightLoader::IgnorePrefix(const std::string& prefix) {
-  for (const std::string& n : ckpt_.Names()) {
-    if (n.rfind(prefix, 0) == 0) used_.insert(n);
-  }
+  for (std::string& n : ckpt_.NamesWithPrefix(prefix)) used_.insert(std::move(n));
 }
 
 Status WeightLoader::CheckAllUsed() const {
@@ -189,11 +187,11 @@ Status TransformerModel::LoadEmbeddingsAndHead(WeightLoader& w, const std::strin
 
 Status TransformerModel::PrepareStep(const ForwardBatch& batch, const KvCache& kv) {
   const ModelConfig& c = config_;
-  const int n_seqs = static_cast<int>(batch.seqs.size());
-  if (n_seqs == 0) return InvalidArgument("batch has no sequences");
-  if (n_seqs > options_.max_seqs) {
-    return InvalidArgument("batch has ", n_seqs, " sequences; the limit (max_seqs) is ", options_.max_seqs);
+  if (batch.seqs.empty()) return InvalidArgument("batch has no sequences");
+  if (batch.seqs.size() > static_cast<size_t>(options_.max_seqs)) {
+    return InvalidArgument("batch has ", batch.seqs.size(), " sequences; the limit (max_seqs) is ", options_.max_seqs);
   }
+  const int n_seqs = static_cast<int>(batch.seqs.size());
   const KvLayout& kl = kv.layout();
   if (kl.slots != kv_layout_.slots || kl.heads != kv_layout_.heads || kl.head_dim != kv_layout_.head_dim) {
     return InvalidArgument("KV cache layout does not match this model shard's kv_layout()");
@@ -229,6 +227,40 @@ Status TransformerModel::PrepareStep(const ForwardBatch& batch, const KvCache& k
     total += n;
     rows += s.all_logits ? n : 1;
   }
+  // A block this step writes must belong to that sequence alone: otherwise one sequence would
+  // read another's keys and its result would depend on its batch mates. (Blocks only read, such
+  // as a shared prompt prefix, may appear in several tables.)
+  if (block_writer_.size() != static_cast<size_t>(kv.num_blocks())) block_writer_.assign(kv.num_blocks(), -1);
+  Status conflict = absl::OkStatus();
+  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
+    const SequenceInput& s = batch.seqs[i];
+    const int64_t first = s.start_pos / bs, last = (s.start_pos + static_cast<int64_t>(s.tokens.size()) - 1) / bs;
+    for (int64_t j = first; j <= last; ++j) {
+      int32_t& w = block_writer_[s.block_table[j]];
+      if (w >= 0 && w != i) {
+        conflict = InvalidArgument("sequences ", w, " and ", i, " both write KV block ", s.block_table[j]);
+        break;
+      }
+      w = i;
+    }
+  }
+  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
+    const SequenceInput& s = batch.seqs[i];
+    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t w = block_writer_[s.block_table[j]];
+      if (w >= 0 && w != i) {
+        conflict = InvalidArgument("sequence ", i, " reads KV block ", s.block_table[j], " that sequence ", w,
+                                   " writes in the same step");
+        break;
+      }
+    }
+  }
+  for (const SequenceInput& s : batch.seqs) {  // leave the table clean for the next step
+    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
+    for (int64_t j = s.start_pos / bs; j < used; ++j) block_writer_[s.block_table[j]] = -1;
+  }
+  KRAKEN_RETURN_IF_ERROR(conflict);
   if (total > options_.max_tokens) {
     return InvalidArgument("batch has ", total, " new tokens; the limit (max_tokens) is ", options_.max_tokens);
   }
@@ -328,8 +360,11 @@ StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* back
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
     return InvalidArgument("model options: rank ", options.rank, " is not in a world of size ", options.world_size);
   }
-  if (options.max_tokens < 1 || options.max_seqs < 1 || options.max_logit_rows < 1) {
-    return InvalidArgument("model options: max_tokens, max_seqs and max_logit_rows must be >= 1");
+  if (options.max_tokens < 1 || options.max_tokens > kMaxStepTokens || options.max_seqs < 1 ||
+      options.max_seqs > kMaxStepSeqs || options.max_logit_rows < 1 || options.max_logit_rows > kMaxStepTokens) {
+    return InvalidArgument("model options: max_tokens (", options.max_tokens, ") and max_logit_rows (",
+                           options.max_logit_rows, ") must be in [1, ", kMaxStepTokens, "], max_seqs (",
+                           options.max_seqs, ") in [1, ", kMaxStepSeqs, "]");
   }
   KRAKEN_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   KRAKEN_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));

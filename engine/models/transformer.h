@@ -126,6 +126,7 @@ class TransformerModel : public Model {
   int num_tokens_ = 0;
   std::vector<int32_t> tokens_, positions_, logit_rows_;
   std::vector<AttentionSeq> seqs_;
+  std::vector<int32_t> block_writer_;  // per KV block: the sequence writing it this step, or -1
   AttentionBatch attention_batch_;
   std::vector<float> host_logits_;  // used only when the backend's memory is not host memory
 };

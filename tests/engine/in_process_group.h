@@ -1,5 +1,8 @@
 // A tensor-parallel world of threads in one process, for testing sharded models without the
-// multi-process runtime: collectives block until every rank has arrived, then sum in rank order.
+// multi-process runtime. StartAllReduceSum returns at once; the last rank to start sums every
+// rank's buffer in rank order (writing into all of them while the others compute), and Wait
+// blocks until that has happened — so a model that touched its buffer between Start and Wait
+// would race and fail the tests.
 #pragma once
 
 #include <condition_variable>
@@ -25,38 +28,44 @@ class InProcessGroup {
     int rank() const override { return rank_; }
     int world_size() const override { return g_->world_; }
     StatusOr<CollectiveHandle> StartAllReduceSum(float* data, int64_t count) override {
-      g_->AllReduce(rank_, data, count);
-      return CollectiveHandle{++next_};
+      return CollectiveHandle{g_->Start(rank_, data, count)};
     }
-    Status Wait(CollectiveHandle) override { return absl::OkStatus(); }
+    Status Wait(CollectiveHandle h) override {
+      g_->WaitFor(h.id);
+      return absl::OkStatus();
+    }
     Status Broadcast(void*, int64_t, int) override { return Unimplemented("not needed by the tests"); }
     Status Barrier() override {
-      g_->AllReduce(rank_, nullptr, 0);
+      g_->WaitFor(g_->Start(rank_, nullptr, 0));
       return absl::OkStatus();
     }
 
    private:
     InProcessGroup* g_;
     int rank_;
-    uint64_t next_ = 0;
   };
 
-  void AllReduce(int rank, float* data, int64_t count) {
-    std::unique_lock<std::mutex> lock(mu_);
+  // Registers this rank's buffer; returns the generation the collective completes.
+  uint64_t Start(int rank, float* data, int64_t count) {
+    std::lock_guard<std::mutex> lock(mu_);
     bufs_[rank] = data;
-    const uint64_t gen = generation_;
-    if (++arrived_ < world_) {
-      cv_.wait(lock, [&] { return generation_ != gen; });
-      return;
+    const uint64_t done = generation_ + 1;
+    if (++arrived_ == world_) {
+      for (int64_t i = 0; i < count; ++i) {
+        float s = bufs_[0][i];
+        for (int r = 1; r < world_; ++r) s += bufs_[r][i];
+        for (int r = 0; r < world_; ++r) bufs_[r][i] = s;
+      }
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
     }
-    for (int64_t i = 0; i < count; ++i) {
-      float s = bufs_[0][i];
-      for (int r = 1; r < world_; ++r) s += bufs_[r][i];
-      for (int r = 0; r < world_; ++r) bufs_[r][i] = s;
-    }
-    arrived_ = 0;
-    ++generation_;
-    cv_.notify_all();
+    return done;
+  }
+
+  void WaitFor(uint64_t generation) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return generation_ >= generation; });
   }
 
   const int world_;

@@ -57,7 +57,12 @@ TEST(ModelConfig, ParsesHuggingFaceGpt2) {
 }
 
 TEST(ModelConfig, ErrorsNameTheFieldAndValue) {
-  EXPECT_EQ(Err("not json"), "config.json: not a JSON object");
+  EXPECT_EQ(Err("not json"), "config.json: not valid JSON (at byte 2)");
+  EXPECT_EQ(Err("[1, 2]"), "config.json: not a JSON object");
+  EXPECT_EQ(Err(R"({"model_type":"gpt2","model_type":"kraken"})"), "config.json: duplicate key 'model_type'");
+  // Deep nesting is refused by the streaming pass before any tree is built (no recursion).
+  EXPECT_EQ(Err("{\"x\":" + std::string(100000, '[') + std::string(100000, ']') + "}"),
+            "config.json: JSON nests deeper than 32 levels");
   EXPECT_EQ(Err(R"({"model_type":"llama"})"),
             "config.json: field 'model_type' is 'llama'; expected one of 'kraken', 'gpt2', 'parallel_block'");
   EXPECT_EQ(Err(R"({"model_type":"kraken","n_layer":0})"), "config.json: field 'n_layer' (0) must be in [1, 1024]");

@@ -294,6 +294,17 @@ TEST(ModelInputs, InvalidStepsAreRejectedWithPreciseErrors) {
   const std::vector<int32_t> many(17, 1);
   EXPECT_EQ(err({.tokens = many, .start_pos = 0, .block_table = table}),
             "batch has 17 new tokens; the limit (max_tokens) is 16");
+  // Two sequences writing the same block, or one reading a block another writes: refused.
+  const std::vector<int32_t> t0 = {0}, t1 = {0}, shared_prefix = {0, 1};
+  SequenceInput a{.tokens = ok_tokens, .start_pos = 0, .block_table = t0};
+  SequenceInput b{.tokens = ok_tokens, .start_pos = 0, .block_table = t1};
+  SequenceInput pair[] = {a, b};
+  EXPECT_EQ(f.model->Forward({.seqs = pair}, *f.kv, f.comm).status().message(),
+            "sequences 0 and 1 both write KV block 0");
+  SequenceInput reader{.tokens = ok_tokens, .start_pos = 16, .block_table = shared_prefix};
+  SequenceInput mixed[] = {a, reader};
+  EXPECT_EQ(f.model->Forward({.seqs = mixed}, *f.kv, f.comm).status().message(),
+            "sequence 1 reads KV block 0 that sequence 0 writes in the same step");
   auto none = f.model->Forward({}, *f.kv, f.comm);
   EXPECT_EQ(none.status().message(), "batch has no sequences");
   // After all those rejections the model still computes the same thing.

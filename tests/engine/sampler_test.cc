@@ -89,6 +89,30 @@ TEST(Sampler, TruncationTopKTopPMinP) {
   }
 }
 
+TEST(Sampler, TopKKeepsEveryTokenTiedWithTheKth) {
+  const float logits[5] = {3.f, 1.f, 1.f, 1.f, 0.f};
+  Sampler s(5);
+  std::map<int, int> seen;
+  for (uint64_t seed = 0; seed < 2000; ++seed) seen[s.Sample(logits, {.top_k = 2, .seed = seed}, {})->token]++;
+  EXPECT_EQ(seen.count(4), 0u);
+  EXPECT_GT(seen[1], 0);
+  EXPECT_GT(seen[2], 0);  // tied with the 2nd largest: kept
+  EXPECT_GT(seen[3], 0);
+}
+
+TEST(Sampler, ExtremePenaltiesStayWellDefined) {
+  // Repetition penalty 1e-38 multiplies a positive logit past the float range; the token must
+  // then dominate (it is the most encouraged), not fall through to an arbitrary choice.
+  const float logits[8] = {10.f, 1.f, 2.f, 3.f, .5f, .1f, -1.f, -2.f};
+  const std::vector<int32_t> prompt = {0};
+  Sampler s(8);
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    auto t = s.Sample(logits, {.temperature = 1.f, .repetition_penalty = 1e-38f, .seed = seed}, {prompt, {}});
+    ASSERT_TRUE(t.ok());
+    ASSERT_EQ(t->token, 0);
+  }
+}
+
 TEST(Sampler, PenaltiesFollowTheirDefinitions) {
   Sampler s(3);
   const float logits[3] = {2.f, 1.9f, -1.f};

@@ -69,7 +69,12 @@ def test_bad_arguments_fail_with_a_message(generate_bin):
     model_dir = model_dir_of("gpt2-f32")
     r = subprocess.run([generate_bin, model_dir, "--prompt-ids", "1,999"], capture_output=True, text=True)
     assert r.returncode == 1
-    assert "token 1 = 999 is outside the vocabulary [0, 256)" in r.stderr
+    assert "prompt token 1 = 999 is outside the vocabulary [0, 256)" in r.stderr
+    # Scoring in chunks reads the next chunk's first token: it must be checked before any step.
+    r = subprocess.run([generate_bin, model_dir, "--prompt-ids", "1,2,999999999", "--prefill-chunk", "2", "--score"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "prompt token 2 = 999999999 is outside the vocabulary [0, 256)" in r.stderr
     r = subprocess.run([generate_bin, model_dir, "--prompt-ids", "1", "--top-p", "0"], capture_output=True, text=True)
     assert r.returncode == 1
     assert "'top_p' must be in (0, 1], got 0" in r.stderr

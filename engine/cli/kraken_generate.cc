@@ -9,9 +9,12 @@
 // with each step's chosen id, its logprob and the top-n alternatives.
 #include <omp.h>
 
+#include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <random>
 #include <sstream>
@@ -57,6 +60,8 @@ struct Options {
   int prefill_chunk = 0;  // 0 = whole prompt in one step
   bool json = false;
   bool score = false;
+  int score_window = 0;       // score in independent windows of this many predictions
+  std::string prompt_ids_file;
   bool ignore_eos = false;
   SamplingParams sampling{.temperature = 0.f};
 };
@@ -68,6 +73,12 @@ Status Run(const Options& o) {
     KRAKEN_ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::FromModelDir(o.model_dir));
     KRAKEN_ASSIGN_OR_RETURN(prompt, tok->Encode(o.prompt));
     if (prompt.empty()) return InvalidArgument("--prompt encodes to no tokens");
+  } else if (!o.prompt_ids_file.empty()) {
+    std::ifstream in(o.prompt_ids_file);
+    if (!in) return NotFound("cannot read '", o.prompt_ids_file, "'");
+    std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::replace_if(text.begin(), text.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); }, ',');
+    KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(text));
   } else {
     KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(o.prompt_ids));
   }
@@ -78,15 +89,16 @@ Status Run(const Options& o) {
       return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
     }
   }
-  // The last generated token is never fed back, so it needs no position.
-  const int total = static_cast<int>(prompt.size()) + (o.score ? 0 : o.max_tokens - 1);
+  // The last token (generated, or scored) is never fed to the model, so it needs no position.
+  const int window = o.score_window > 0 ? std::min<int>(o.score_window, static_cast<int>(prompt.size()) - 1)
+                                        : static_cast<int>(prompt.size()) - 1;
+  const int total = o.score ? std::max(window, 1) : static_cast<int>(prompt.size()) + o.max_tokens - 1;
   if (total > cfg.n_positions) {
     return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
                            ") - 1 exceeds the context length ", cfg.n_positions);
   }
-  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : static_cast<int>(prompt.size());
-  ModelOptions mo{.max_tokens = std::max(chunk, 1), .max_seqs = 1,
-                  .max_logit_rows = o.score ? std::max(chunk, 1) : 1};
+  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
+  ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = o.score ? chunk : 1};
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(o.model_dir, backend.get(), mo));
   const double load_s = Seconds(t_load, Clock::now());
@@ -106,49 +118,60 @@ Status Run(const Options& o) {
   out["load_seconds"] = load_s;
   out["seed"] = o.sampling.seed;
 
-  // Prefill (in chunks of --prefill-chunk tokens).
-  const auto t0 = Clock::now();
-  ForwardResult last{};
-  double nll = 0.0;
-  nlohmann::json scores = nlohmann::json::array();
-  for (int begin = 0; begin < static_cast<int>(prompt.size()); begin += chunk) {
-    const int n = std::min(chunk, static_cast<int>(prompt.size()) - begin);
-    SequenceInput s{.tokens = {prompt.data() + begin, static_cast<size_t>(n)},
-                    .start_pos = begin,
-                    .block_table = table,
-                    .all_logits = o.score};
-    KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
-    if (o.score) {
-      // Row j predicts token begin + j + 1.
-      for (int j = 0; j < n && begin + j + 1 < static_cast<int>(prompt.size()); ++j) {
-        const float* row = last.logits + static_cast<int64_t>(j) * last.vocab;
-        double mx = -INFINITY, sum = 0.0;
-        for (int v = 0; v < last.vocab; ++v) mx = std::max<double>(mx, row[v]);
-        for (int v = 0; v < last.vocab; ++v) sum += std::exp(row[v] - mx);
-        const int next = prompt[begin + j + 1];
-        const double lp = row[next] - mx - std::log(sum);
-        nll -= lp;
-        scores.push_back({{"position", begin + j + 1}, {"token", next}, {"logprob", lp}});
+  if (o.score) {
+    // Window w feeds tokens [w*C, (w+1)*C) from position 0 and scores the C tokens after each,
+    // i.e. predictions of ids w*C+1 .. (w+1)*C (the last window may be shorter).
+    const auto t0 = Clock::now();
+    double nll = 0.0;
+    nlohmann::json scores = nlohmann::json::array();
+    const int n_pred = static_cast<int>(prompt.size()) - 1;
+    for (int w0 = 0; w0 < n_pred; w0 += window) {
+      const int wn = std::min(window, n_pred - w0);
+      for (int begin = 0; begin < wn; begin += chunk) {
+        const int n = std::min(chunk, wn - begin);
+        SequenceInput s{.tokens = {prompt.data() + w0 + begin, static_cast<size_t>(n)},
+                        .start_pos = begin,
+                        .block_table = table,
+                        .all_logits = true};
+        KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = {&s, 1}}, kv, comm));
+        for (int j = 0; j < n; ++j) {  // row j predicts id w0 + begin + j + 1
+          const float* row = r.logits + static_cast<int64_t>(j) * r.vocab;
+          double mx = -INFINITY, sum = 0.0;
+          for (int v = 0; v < r.vocab; ++v) mx = std::max<double>(mx, row[v]);
+          for (int v = 0; v < r.vocab; ++v) sum += std::exp(row[v] - mx);
+          const int pos = w0 + begin + j + 1;
+          const double lp = row[prompt[pos]] - mx - std::log(sum);
+          nll -= lp;
+          if (o.score_window == 0) scores.push_back({{"position", pos}, {"token", prompt[pos]}, {"logprob", lp}});
+        }
       }
     }
-  }
-  const double prefill_s = Seconds(t0, Clock::now());
-  out["prefill_ms"] = prefill_s * 1e3;
-
-  if (o.score) {
-    const size_t n = scores.size();
-    out["scores"] = scores;
-    out["scored_tokens"] = n;
-    out["mean_nll"] = n ? nll / n : 0.0;
-    out["perplexity"] = n ? std::exp(nll / n) : 1.0;
+    const double score_s = Seconds(t0, Clock::now());
+    if (o.score_window == 0) out["scores"] = scores;
+    out["scored_tokens"] = n_pred;
+    out["mean_nll"] = n_pred > 0 ? nll / n_pred : 0.0;
+    out["perplexity"] = n_pred > 0 ? std::exp(nll / n_pred) : 1.0;
+    out["score_seconds"] = score_s;
     if (o.json) {
       std::cout << out.dump() << "\n";
     } else {
-      std::printf("scored %zu tokens: mean NLL %.6f nats, perplexity %.4f (prefill %.2f ms)\n", n,
-                  n ? nll / n : 0.0, n ? std::exp(nll / n) : 1.0, prefill_s * 1e3);
+      std::printf("scored %d tokens: mean NLL %.6f nats, perplexity %.4f (%.2f s)\n", n_pred,
+                  out["mean_nll"].get<double>(), out["perplexity"].get<double>(), score_s);
     }
     return absl::OkStatus();
   }
+
+  // Prefill (in chunks of --prefill-chunk tokens).
+  const auto t0 = Clock::now();
+  ForwardResult last{};
+  for (int begin = 0; begin < static_cast<int>(prompt.size()); begin += chunk) {
+    const int n = std::min(chunk, static_cast<int>(prompt.size()) - begin);
+    SequenceInput s{.tokens = {prompt.data() + begin, static_cast<size_t>(n)}, .start_pos = begin,
+                    .block_table = table};
+    KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
+  }
+  const double prefill_s = Seconds(t0, Clock::now());
+  out["prefill_ms"] = prefill_s * 1e3;
 
   // Decode.
   std::vector<int32_t> generated;
@@ -220,6 +243,7 @@ int main(int argc, char** argv) {
   auto* prompt = app.add_option_group("prompt");
   prompt->add_option("--prompt-ids", o.prompt_ids, "Comma-separated prompt token ids");
   prompt->add_option("--prompt", o.prompt, "Prompt text, tokenized with the model's tokenizer");
+  prompt->add_option("--prompt-ids-file", o.prompt_ids_file, "File of prompt token ids (comma or space separated)");
   prompt->require_option(1);
   app.add_option("--max-tokens", o.max_tokens, "Tokens to generate")->check(CLI::Range(1, 1 << 20));
   app.add_option("--temperature", o.sampling.temperature, "0 = greedy");
@@ -237,6 +261,8 @@ int main(int argc, char** argv) {
   app.add_flag("--ignore-eos", o.ignore_eos, "Do not stop at the end-of-sequence token");
   app.add_flag("--json", o.json, "Print one JSON object");
   app.add_flag("--score", o.score, "Score the prompt: per-token logprobs and perplexity");
+  app.add_option("--score-window", o.score_window,
+                 "With --score: independent windows of this many predictions (no per-token output)");
   CLI11_PARSE(app, argc, argv);
   if (seed->count() == 0) o.sampling.seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
   const kraken::Status s = kraken::engine::Run(o);

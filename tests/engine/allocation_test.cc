@@ -15,6 +15,12 @@ namespace {
 std::atomic<long> g_allocations{0};
 }  // namespace
 
+// Replacing the global allocation functions with counting ones over malloc/free is the
+// standard technique; GCC cannot see that they pair up and warns after inlining.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+
 void* operator new(std::size_t n) {
   g_allocations.fetch_add(1, std::memory_order_relaxed);
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;

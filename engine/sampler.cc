@@ -69,7 +69,8 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
 Sampler::Sampler(int vocab)
     : vocab_(std::max(vocab, 0)), work_(vocab_), order_(vocab_), counts_(vocab_, 0), seen_(vocab_, 0) {}
 
-StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history) {
+StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
+                                       int64_t draw_index) {
   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
   const int V = vocab_;
   float* w = work_.data();
@@ -201,7 +202,8 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       mass += w[order_[i]];
       if (w[order_[i]] > w[heaviest]) heaviest = order_[i];
     }
-    const double target = UniformForIndex(p.seed, history.generated.size()) * mass;
+    const uint64_t index = draw_index >= 0 ? static_cast<uint64_t>(draw_index) : history.generated.size();
+    const double target = UniformForIndex(p.seed, index) * mass;
     double cum = 0.0;
     chosen = heaviest;  // only if rounding leaves target at the very top of the mass
     for (int i = 0; i < n; ++i) {

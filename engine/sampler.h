@@ -69,11 +69,13 @@ class Sampler {
   /// Allocates scratch for a vocabulary of `vocab` tokens; Sample then allocates nothing.
   explicit Sampler(int vocab);
 
-  /// Picks the next token from `logits` [vocab]. The draw uses index = history.generated.size().
+  /// Picks the next token from `logits` [vocab]. The random draw is number `draw_index` of the
+  /// sequence's stream (default: history.generated.size(), the count of tokens generated so far).
   /// NaN logits count as -inf; if no logit is finite (or +inf is the only mass) the result is
   /// still well defined (+inf tokens win, lowest id first) or INVALID_ARGUMENT when every logit
   /// is -inf/NaN. Parameters are re-validated, so bad ones give an error, never a crash.
-  StatusOr<SampledToken> Sample(const float* logits, const SamplingParams& p, const TokenHistory& history);
+  StatusOr<SampledToken> Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
+                                int64_t draw_index = -1);
 
  private:
   int vocab_;

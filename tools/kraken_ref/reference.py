@@ -94,6 +94,12 @@ class KVCache:
         self.v = {}
 
 
+# Training sets this: without a KV cache, attention then goes through PyTorch's fused
+# scaled_dot_product_attention (same math, different rounding). Golden files keep the explicit
+# formula below.
+USE_SDPA = False
+
+
 def attention(x, qkv_w, qkv_b, proj_w, proj_b, n_head, in_major=False, cache=None, key=None):
     """Causal multi-head self-attention on x [..., T, d] (optional leading batch dimensions).
     With `cache`, x holds only the new tokens and attends to the cached ones first."""
@@ -104,6 +110,9 @@ def attention(x, qkv_w, qkv_b, proj_w, proj_b, n_head, in_major=False, cache=Non
     q = q.reshape(*lead, T, n_head, hd).transpose(-2, -3)  # [..., h, T, hd]
     k = k.reshape(*lead, T, n_head, hd).transpose(-2, -3)
     v = v.reshape(*lead, T, n_head, hd).transpose(-2, -3)
+    if USE_SDPA and cache is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return linear(out.transpose(-2, -3).reshape(*lead, T, d), proj_w, proj_b, in_major)
     past = 0
     if cache is not None:
         if key in cache.k:

@@ -1,0 +1,169 @@
+// The front-end <-> worker contract: the layout of the shared-memory segment through which the
+// front-end hands every worker the same step plan and rank 0 hands back the step result. Both
+// sides include only this header for it; the layout is fixed-size, pointer-free, versioned
+// (kProtocolVersion, checked by workers at start) and sized by Limits.
+//
+//   Segment: [Control | plan header + PlanSeq[max_seqs] + tokens[max_tokens] + block ids
+//             [max_seqs * max_blocks_per_seq] + history[max_history] |
+//             result header + ResultSeq[max_seqs] + prompt logprobs[max_tokens]]
+//
+// Step protocol: the front-end fills the plan, stores plan_step, bumps plan_futex and wakes the
+// workers (FUTEX_WAKE on a process-shared word; no spinning while idle). Every worker runs its
+// shard of the step — the collectives inside keep them in lock step — and records done_step;
+// rank 0 also samples, fills the result, bumps result_futex and wakes the front-end.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/sampler.h"
+
+namespace kraken::runtime {
+
+inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr int kMaxWorld = 64;
+inline constexpr int kMessageBytes = 512;
+
+/// Sizes that fix a segment's layout. Written by the front-end, verified by each worker.
+struct Limits {
+  int32_t world_size = 1;
+  int32_t max_tokens = 0;          // new tokens per step, all sequences together
+  int32_t max_seqs = 0;            // sequences per step
+  int32_t max_blocks_per_seq = 0;  // KV blocks of one sequence (context / block size, rounded up)
+  int32_t max_history = 0;         // penalty-history tokens per step, all sequences together
+  int32_t vocab_size = 0;
+  int32_t num_kv_blocks = 0;       // blocks in each worker's KV pool
+  int32_t block_size = 16;         // tokens per KV block
+};
+
+enum class StepKind : uint32_t { kForward = 1, kShutdown = 2 };
+
+/// Sampling parameters of one sequence as plain data (engine::SamplingParams without padding
+/// surprises).
+struct PlanSampling {
+  float temperature = 1.f;
+  float top_p = 1.f;
+  float min_p = 0.f;
+  float repetition_penalty = 1.f;
+  float presence_penalty = 0.f;
+  float frequency_penalty = 0.f;
+  int32_t top_k = 0;
+  int32_t top_logprobs = 0;
+  uint64_t seed = 0;
+};
+
+/// One sequence of a step. Offsets index the plan's token, block and history arrays.
+struct PlanSeq {
+  uint64_t seq_id = 0;          // the scheduler's id, echoed in the result
+  int32_t token_offset = 0;     // first of this sequence's new tokens in tokens[]
+  int32_t num_tokens = 0;       // >= 1
+  int32_t start_pos = 0;        // tokens already in the KV cache
+  int32_t block_offset = 0;     // first block id in blocks[]
+  int32_t num_blocks = 0;       // covers positions [0, start_pos + num_tokens)
+  int32_t history_offset = 0;   // penalty history in history[]: prompt tokens then generated
+  int32_t history_prompt = 0;   //   ... this many prompt tokens
+  int32_t history_generated = 0;  //   ... then this many generated tokens
+  int64_t draw_index = 0;       // index of the token to sample (tokens generated so far)
+  uint8_t sample = 0;           // 1: sample a next token from the last new token's logits
+  uint8_t prompt_logprobs = 0;  // 1: logprob of each new token after the first, given its prefix
+  uint8_t reserved[6] = {};
+  PlanSampling sampling;
+};
+
+struct PlanHeader {
+  uint64_t step = 0;
+  StepKind kind = StepKind::kForward;
+  int32_t num_seqs = 0;
+  int32_t num_tokens = 0;
+  int32_t num_block_ids = 0;
+  int32_t num_history = 0;
+  int32_t reserved = 0;
+};
+
+/// One sequence's result (written by rank 0).
+struct ResultSeq {
+  uint64_t seq_id = 0;
+  int32_t token = -1;           // sampled id, or -1 when not sampled
+  float logprob = 0.f;          // of `token` under the model's raw distribution
+  int32_t num_top = 0;
+  int32_t error = 0;            // 0, or an absl::StatusCode for this sequence alone
+  engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
+  int32_t prompt_logprob_offset = 0;  // into prompt_logprobs[], num_tokens - 1 entries
+  int32_t reserved = 0;
+};
+
+struct ResultHeader {
+  uint64_t step = 0;
+  int32_t status = 0;              // absl::StatusCode of the whole step
+  int32_t num_seqs = 0;
+  char message[kMessageBytes] = {};
+};
+
+/// Per-rank timing of the steps so far, in nanoseconds (monotonic clock).
+struct RankStats {
+  std::atomic<uint64_t> steps{0};
+  std::atomic<uint64_t> busy_ns{0};            // inside a step, not waiting on a collective
+  std::atomic<uint64_t> exposed_comm_ns{0};    // the compute path blocked in Communicator::Wait
+  std::atomic<uint64_t> collective_ns{0};      // collectives in flight (start to completion)
+  std::atomic<uint64_t> idle_ns{0};            // between steps
+  std::atomic<uint64_t> collectives{0};
+};
+
+enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2, kExited = 3 };
+
+struct alignas(64) RankSlot {
+  std::atomic<uint64_t> heartbeat_ns{0};  // monotonic time of the last sign of life
+  std::atomic<uint32_t> state{0};         // RankState
+  std::atomic<uint64_t> done_step{0};
+  RankStats stats;
+  char message[kMessageBytes] = {};      // why kFailed
+};
+
+struct Control {
+  uint64_t magic = 0;
+  uint32_t version = 0;
+  uint32_t reserved = 0;
+  Limits limits;
+  std::atomic<uint32_t> plan_futex{0};    // bumped per published plan (workers wait on it)
+  std::atomic<uint32_t> result_futex{0};  // bumped per published result (front-end waits on it)
+  std::atomic<uint64_t> plan_step{0};     // the step the plan area holds
+  char nccl_unique_id[128] = {};          // NCCL rendezvous (GPU workers)
+  std::atomic<uint32_t> nccl_id_ready{0};
+  RankSlot ranks[kMaxWorld];
+};
+
+static_assert(std::atomic<uint32_t>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free,
+              "shared-memory atomics must be lock-free to work across processes");
+
+/// Byte offsets of each area in a segment for `limits` (every area 64-byte aligned).
+struct Layout {
+  size_t plan_header, plan_seqs, tokens, blocks, history;
+  size_t result_header, result_seqs, prompt_logprobs;
+  size_t total;
+};
+
+inline size_t AlignUp(size_t n, size_t a = 64) { return (n + a - 1) / a * a; }
+
+inline Layout ComputeLayout(const Limits& l) {
+  Layout o{};
+  size_t at = AlignUp(sizeof(Control), 4096);
+  auto take = [&](size_t bytes) {
+    const size_t here = at;
+    at = AlignUp(at + bytes);
+    return here;
+  };
+  o.plan_header = take(sizeof(PlanHeader));
+  o.plan_seqs = take(sizeof(PlanSeq) * static_cast<size_t>(l.max_seqs));
+  o.tokens = take(sizeof(int32_t) * static_cast<size_t>(l.max_tokens));
+  o.blocks = take(sizeof(int32_t) * static_cast<size_t>(l.max_seqs) * l.max_blocks_per_seq);
+  o.history = take(sizeof(int32_t) * static_cast<size_t>(l.max_history));
+  o.result_header = take(sizeof(ResultHeader));
+  o.result_seqs = take(sizeof(ResultSeq) * static_cast<size_t>(l.max_seqs));
+  o.prompt_logprobs = take(sizeof(float) * static_cast<size_t>(l.max_tokens));
+  o.total = AlignUp(at, 4096);
+  return o;
+}
+
+}  // namespace kraken::runtime

@@ -1,0 +1,334 @@
+#include "runtime/worker.h"
+
+#include <signal.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/comm/gloo_communicator.h"
+#include "engine/comm/link_model.h"
+#include "engine/model.h"
+#include "engine/sampler.h"
+#include "runtime/protocol.h"
+#include "runtime/shm.h"
+#include "runtime/timed_communicator.h"
+
+namespace kraken::runtime {
+namespace {
+
+constexpr uint64_t kHeartbeatPeriodNs = 100'000'000;  // 100 ms
+
+// Everything a worker holds while it serves steps.
+class Worker {
+ public:
+  explicit Worker(const WorkerArgs& a) : a_(a) {}
+
+  Status Setup();
+  // Serves plans until shutdown. Returns OK after an orderly shutdown.
+  Status Serve();
+  void Fail(const Status& s);
+  void StopHeartbeat() {
+    stop_.store(true);
+    if (heartbeat_.joinable()) heartbeat_.join();
+  }
+
+ private:
+  Status RunStep(const PlanHeader& plan);
+  Status CheckPlan(const PlanHeader& plan) const;
+
+  WorkerArgs a_;
+  std::unique_ptr<SharedSegment> seg_;
+  Control* control_ = nullptr;
+  RankSlot* slot_ = nullptr;
+  Layout layout_{};
+  Limits limits_{};
+  std::unique_ptr<engine::Backend> backend_;
+  std::unique_ptr<engine::Model> model_;
+  std::unique_ptr<engine::KvCache> kv_;
+  std::unique_ptr<TimedCommunicator> comm_;
+  std::unique_ptr<engine::Sampler> sampler_;
+  std::vector<engine::SequenceInput> inputs_;
+  std::thread heartbeat_;
+  std::atomic<bool> stop_{false};
+};
+
+template <typename T>
+T* At(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+Status Worker::Setup() {
+  KRAKEN_ASSIGN_OR_RETURN(seg_, SharedSegment::Open(a_.segment, a_.segment_bytes));
+  control_ = At<Control>(seg_->data(), 0);
+  if (control_->magic != kMagic || control_->version != kProtocolVersion) {
+    return FailedPrecondition("dispatch segment has protocol version ", control_->version, "; this worker speaks ",
+                              kProtocolVersion);
+  }
+  limits_ = control_->limits;
+  if (limits_.world_size != a_.world || a_.rank < 0 || a_.rank >= a_.world || a_.world > kMaxWorld) {
+    return FailedPrecondition("rank ", a_.rank, " / world ", a_.world, " disagree with the segment's world size ",
+                              limits_.world_size);
+  }
+  layout_ = ComputeLayout(limits_);
+  if (layout_.total != a_.segment_bytes) return FailedPrecondition("dispatch segment size disagrees with its limits");
+  slot_ = &control_->ranks[a_.rank];
+  slot_->heartbeat_ns.store(NowNs());
+  heartbeat_ = std::thread([this] {
+    while (!stop_.load()) {
+      slot_->heartbeat_ns.store(NowNs(), std::memory_order_relaxed);
+      if (getppid() != a_.parent_pid) std::_Exit(4);  // the front-end is gone
+      std::this_thread::sleep_for(std::chrono::nanoseconds(kHeartbeatPeriodNs));
+    }
+  });
+
+  KRAKEN_ASSIGN_OR_RETURN(backend_, engine::CreateBackend({.device = a_.device, .threads = a_.threads}));
+  engine::ModelOptions mo{.max_tokens = limits_.max_tokens, .max_seqs = limits_.max_seqs,
+                          .max_logit_rows = limits_.max_tokens, .rank = a_.rank, .world_size = a_.world,
+                          .compute_logits = a_.rank == 0};
+  KRAKEN_ASSIGN_OR_RETURN(model_, engine::LoadModel(a_.model_dir, backend_.get(), mo));
+  if (model_->config().vocab_size != limits_.vocab_size) {
+    return FailedPrecondition("model vocabulary ", model_->config().vocab_size, " differs from the segment's ",
+                              limits_.vocab_size);
+  }
+  KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv,
+                          engine::KvCache::Create(*backend_, model_->kv_layout(),
+                                                  {.num_blocks = limits_.num_kv_blocks, .block_size = limits_.block_size}));
+  kv_ = std::make_unique<engine::KvCache>(std::move(kv));
+
+  std::unique_ptr<engine::Communicator> comm;
+  if (a_.world == 1) {
+    comm = std::make_unique<engine::LocalCommunicator>();
+  } else {
+    KRAKEN_ASSIGN_OR_RETURN(comm, engine::GlooCommunicator::Create(
+                                      {.rank = a_.rank, .world_size = a_.world, .store_dir = a_.store_dir,
+                                       .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
+  }
+  if (!a_.link_preset.empty()) {
+    const engine::LinkPreset* p = engine::FindLinkPreset(a_.link_preset);
+    if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
+    comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);
+  }
+  comm_ = std::make_unique<TimedCommunicator>(std::move(comm), &slot_->stats);
+  if (a_.rank == 0) sampler_ = std::make_unique<engine::Sampler>(limits_.vocab_size);
+  inputs_.reserve(limits_.max_seqs);
+
+  // Warm-up: one token through the whole model (every rank, so the collectives meet) sizes the
+  // remaining tables; block 0 position 0 is overwritten by whichever sequence uses it next.
+  const int32_t token = 0, block = 0;
+  engine::SequenceInput s{.tokens = {&token, 1}, .start_pos = 0, .block_table = {&block, 1}};
+  KRAKEN_RETURN_IF_ERROR(model_->Forward({.seqs = {&s, 1}}, *kv_, *comm_).status());
+  for (auto* c : {&slot_->stats.steps, &slot_->stats.busy_ns, &slot_->stats.exposed_comm_ns,
+                  &slot_->stats.collective_ns, &slot_->stats.idle_ns, &slot_->stats.collectives}) {
+    c->store(0);
+  }
+  comm_->TakeExposedNs();
+  slot_->state.store(static_cast<uint32_t>(RankState::kReady), std::memory_order_release);
+  return absl::OkStatus();
+}
+
+Status Worker::CheckPlan(const PlanHeader& p) const {
+  if (p.num_seqs < 0 || p.num_seqs > limits_.max_seqs || p.num_tokens < 0 || p.num_tokens > limits_.max_tokens ||
+      p.num_block_ids < 0 || p.num_block_ids > limits_.max_seqs * limits_.max_blocks_per_seq || p.num_history < 0 ||
+      p.num_history > limits_.max_history) {
+    return InvalidArgument("step plan header exceeds the segment's limits");
+  }
+  const PlanSeq* seqs = At<PlanSeq>(seg_->data(), layout_.plan_seqs);
+  for (int i = 0; i < p.num_seqs; ++i) {
+    const PlanSeq& s = seqs[i];
+    const bool ok = s.token_offset >= 0 && s.num_tokens >= 0 && s.token_offset + s.num_tokens <= p.num_tokens &&
+                    s.block_offset >= 0 && s.num_blocks >= 0 && s.block_offset + s.num_blocks <= p.num_block_ids &&
+                    s.history_offset >= 0 && s.history_prompt >= 0 && s.history_generated >= 0 &&
+                    s.history_offset + s.history_prompt + s.history_generated <= p.num_history;
+    if (!ok) return InvalidArgument("step plan sequence ", i, " points outside the plan's arrays");
+  }
+  return absl::OkStatus();
+}
+
+Status Worker::RunStep(const PlanHeader& plan) {
+  uint8_t* base = seg_->data();
+  const PlanSeq* seqs = At<PlanSeq>(base, layout_.plan_seqs);
+  const int32_t* tokens = At<int32_t>(base, layout_.tokens);
+  const int32_t* blocks = At<int32_t>(base, layout_.blocks);
+  const int32_t* history = At<int32_t>(base, layout_.history);
+  ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
+  ResultSeq* rs = At<ResultSeq>(base, layout_.result_seqs);
+  float* prompt_lp = At<float>(base, layout_.prompt_logprobs);
+
+  Status status = CheckPlan(plan);
+  engine::ForwardResult fr;
+  if (status.ok()) {
+    inputs_.clear();
+    for (int i = 0; i < plan.num_seqs; ++i) {
+      const PlanSeq& s = seqs[i];
+      inputs_.push_back({.tokens = {tokens + s.token_offset, static_cast<size_t>(s.num_tokens)},
+                         .start_pos = s.start_pos,
+                         .block_table = {blocks + s.block_offset, static_cast<size_t>(s.num_blocks)},
+                         .all_logits = s.prompt_logprobs != 0});
+    }
+    auto r = model_->Forward({.seqs = inputs_}, *kv_, *comm_);
+    if (!r.ok()) {
+      status = r.status();
+      // A failed collective means a peer is gone: this worker cannot go on.
+      if (status.code() == absl::StatusCode::kUnavailable) return status;
+    } else {
+      fr = *r;
+    }
+  }
+  if (a_.rank != 0) return absl::OkStatus();
+
+  // Rank 0: sample and publish.
+  rh->step = plan.step;
+  rh->status = static_cast<int32_t>(status.code());
+  std::snprintf(rh->message, sizeof rh->message, "%s", std::string(status.message()).c_str());
+  rh->num_seqs = status.ok() ? plan.num_seqs : 0;
+  if (status.ok()) {
+    int row = 0, lp_at = 0;
+    for (int i = 0; i < plan.num_seqs; ++i) {
+      const PlanSeq& s = seqs[i];
+      ResultSeq& out = rs[i];
+      out = ResultSeq{};
+      out.seq_id = s.seq_id;
+      const int rows = s.prompt_logprobs ? s.num_tokens : 1;
+      if (s.prompt_logprobs) {  // logprob of token j + 1 under row j
+        out.prompt_logprob_offset = lp_at;
+        for (int j = 0; j + 1 < s.num_tokens; ++j) {
+          const float* l = fr.logits + static_cast<int64_t>(row + j) * fr.vocab;
+          double mx = -INFINITY, sum = 0;
+          for (int v = 0; v < fr.vocab; ++v) mx = std::max<double>(mx, l[v]);
+          for (int v = 0; v < fr.vocab; ++v) sum += std::exp(l[v] - mx);
+          prompt_lp[lp_at++] = static_cast<float>(l[tokens[s.token_offset + j + 1]] - mx - std::log(sum));
+        }
+      }
+      const float* last = fr.logits + static_cast<int64_t>(row + rows - 1) * fr.vocab;
+      row += rows;
+      if (!s.sample) continue;
+      const PlanSampling& ps = s.sampling;
+      engine::SamplingParams p{.temperature = ps.temperature, .top_k = ps.top_k, .top_p = ps.top_p,
+                               .min_p = ps.min_p, .repetition_penalty = ps.repetition_penalty,
+                               .presence_penalty = ps.presence_penalty, .frequency_penalty = ps.frequency_penalty,
+                               .seed = ps.seed, .top_logprobs = ps.top_logprobs};
+      engine::TokenHistory h{{history + s.history_offset, static_cast<size_t>(s.history_prompt)},
+                             {history + s.history_offset + s.history_prompt, static_cast<size_t>(s.history_generated)}};
+      auto t = sampler_->Sample(last, p, h, s.draw_index);
+      if (!t.ok()) {
+        out.error = static_cast<int32_t>(t.status().code());
+        continue;
+      }
+      out.token = t->token;
+      out.logprob = t->logprob;
+      out.num_top = t->num_top;
+      for (int k = 0; k < t->num_top; ++k) out.top[k] = t->top[k];
+    }
+  }
+  return absl::OkStatus();
+}
+
+Status Worker::Serve() {
+  uint64_t last_step = control_->plan_step.load();
+  uint64_t idle_from = NowNs();
+  for (;;) {
+    const uint32_t seen = control_->plan_futex.load(std::memory_order_acquire);
+    const uint64_t step = control_->plan_step.load(std::memory_order_acquire);
+    if (step == last_step) {
+      FutexWait(&control_->plan_futex, seen, 200'000'000);
+      continue;
+    }
+    last_step = step;
+    const PlanHeader plan = *At<PlanHeader>(seg_->data(), layout_.plan_header);
+    if (plan.kind == StepKind::kShutdown) return absl::OkStatus();
+    const uint64_t t0 = NowNs();
+    slot_->stats.idle_ns.fetch_add(t0 - idle_from, std::memory_order_relaxed);
+    KRAKEN_RETURN_IF_ERROR(RunStep(plan));
+    const uint64_t t1 = NowNs();
+    const uint64_t exposed = comm_->TakeExposedNs();
+    slot_->stats.busy_ns.fetch_add(t1 - t0 - std::min(exposed, t1 - t0), std::memory_order_relaxed);
+    slot_->stats.steps.fetch_add(1, std::memory_order_relaxed);
+    idle_from = t1;
+    slot_->done_step.store(plan.step, std::memory_order_release);
+    if (a_.rank == 0) {
+      control_->result_futex.fetch_add(1, std::memory_order_acq_rel);
+      FutexWakeAll(&control_->result_futex);
+    }
+  }
+}
+
+void Worker::Fail(const Status& s) {
+  std::fprintf(stderr, "kraken worker rank %d: %s\n", a_.rank, std::string(s.message()).c_str());
+  if (slot_ != nullptr) {
+    std::snprintf(slot_->message, sizeof slot_->message, "%s", std::string(s.message()).c_str());
+    slot_->state.store(static_cast<uint32_t>(RankState::kFailed), std::memory_order_release);
+    FutexWakeAll(&control_->result_futex);
+  }
+}
+
+bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
+  bool is_worker = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string k = argv[i];
+    if (k == kWorkerFlag) {
+      is_worker = true;
+      continue;
+    }
+    if (i + 1 >= argc) break;
+    const std::string v = argv[++i];
+    if (k == "--segment") a->segment = v;
+    else if (k == "--segment-bytes") a->segment_bytes = std::stoull(v);
+    else if (k == "--rank") a->rank = std::stoi(v);
+    else if (k == "--world") a->world = std::stoi(v);
+    else if (k == "--model") a->model_dir = v;
+    else if (k == "--device") a->device = v;
+    else if (k == "--threads") a->threads = std::stoi(v);
+    else if (k == "--store") a->store_dir = v;
+    else if (k == "--parent") a->parent_pid = std::stoi(v);
+    else if (k == "--collective-timeout-ms") a->collective_timeout_ms = std::stoi(v);
+    else if (k == "--link-preset") a->link_preset = v;
+    else if (k == "--measured-gemm-flops") a->measured_gemm_flops = std::stod(v);
+  }
+  return is_worker;
+}
+
+}  // namespace
+
+std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
+  std::vector<std::string> v = {kWorkerFlag,
+                                "--segment", a.segment,
+                                "--segment-bytes", std::to_string(a.segment_bytes),
+                                "--rank", std::to_string(a.rank),
+                                "--world", std::to_string(a.world),
+                                "--model", a.model_dir,
+                                "--device", a.device,
+                                "--threads", std::to_string(a.threads),
+                                "--store", a.store_dir,
+                                "--parent", std::to_string(a.parent_pid),
+                                "--collective-timeout-ms", std::to_string(a.collective_timeout_ms)};
+  if (!a.link_preset.empty()) {
+    v.insert(v.end(), {"--link-preset", a.link_preset, "--measured-gemm-flops", std::to_string(a.measured_gemm_flops)});
+  }
+  return v;
+}
+
+std::optional<int> MaybeRunWorker(int argc, char** argv) {
+  WorkerArgs a;
+  if (!ParseArgs(argc, argv, &a)) return std::nullopt;
+  prctl(PR_SET_PDEATHSIG, SIGKILL);
+  if (getppid() != a.parent_pid) return 4;  // the front-end died before we could ask to die with it
+  Worker w(a);
+  Status s = w.Setup();
+  if (s.ok()) s = w.Serve();  // Setup reports ready only when it succeeded
+  int code = 0;
+  if (!s.ok()) {
+    w.Fail(s);
+    code = 3;
+  }
+  w.StopHeartbeat();
+  return code;
+}
+
+}  // namespace kraken::runtime

@@ -1,0 +1,376 @@
+#include "runtime/worker_group.h"
+
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "engine/model_config.h"
+#include "runtime/worker.h"
+
+extern char** environ;
+
+namespace kraken::runtime {
+namespace {
+
+constexpr int64_t kPollNs = 50'000'000;  // 50 ms between supervision checks while waiting
+
+std::string DescribeExit(int status) {
+  if (WIFEXITED(status)) return StrCat("exited with status ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return StrCat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
+  return "stopped";
+}
+
+template <typename T>
+T* At(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+}  // namespace
+
+StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
+  auto bad = [&] {
+    return InvalidArgument("devices '", spec, "' is not one of cpu, cpu:N, cuda:A-B, cuda:A,B,...");
+  };
+  const size_t colon = spec.find(':');
+  const std::string kind = spec.substr(0, colon);
+  const std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
+  std::vector<std::string> out;
+  auto number = [](const std::string& s, int* v) {
+    if (s.empty() || s.size() > 4 || s.find_first_not_of("0123456789") != std::string::npos) return false;
+    *v = std::stoi(s);
+    return true;
+  };
+  if (kind == "cpu") {
+    int n = 1;
+    if (!rest.empty() && !number(rest, &n)) return bad();
+    if (n < 1 || n > kMaxWorld) return InvalidArgument("devices '", spec, "': 1 to ", kMaxWorld, " CPU workers");
+    out.assign(n, "cpu");
+  } else if (kind == "cuda") {
+    size_t start = 0;
+    while (start <= rest.size()) {
+      size_t comma = rest.find(',', start);
+      if (comma == std::string::npos) comma = rest.size();
+      const std::string item = rest.substr(start, comma - start);
+      const size_t dash = item.find('-');
+      int a = 0, b = 0;
+      if (dash == std::string::npos) {
+        if (!number(item, &a)) return bad();
+        b = a;
+      } else if (!number(item.substr(0, dash), &a) || !number(item.substr(dash + 1), &b) || b < a) {
+        return bad();
+      }
+      for (int i = a; i <= b; ++i) out.push_back(StrCat("cuda:", i));
+      start = comma + 1;
+    }
+    if (out.empty() || static_cast<int>(out.size()) > kMaxWorld) return bad();
+  } else {
+    return bad();
+  }
+  return out;
+}
+
+StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& o) {
+  std::unique_ptr<WorkerGroup> g(new WorkerGroup());
+  g->options_ = o;
+  KRAKEN_ASSIGN_OR_RETURN(g->devices_, ParseDevices(o.devices));
+  KRAKEN_ASSIGN_OR_RETURN(engine::ModelConfig cfg, engine::LoadModelConfig(o.model_dir));
+  const int context = o.max_context > 0 ? o.max_context : cfg.n_positions;
+  if (context > cfg.n_positions) {
+    return InvalidArgument("max_context ", context, " exceeds the model's n_positions ", cfg.n_positions);
+  }
+  if (o.max_tokens < 1 || o.max_seqs < 1 || o.block_size < 1) {
+    return InvalidArgument("max_tokens, max_seqs and block_size must be >= 1");
+  }
+  Limits& l = g->limits_;
+  l.world_size = static_cast<int>(g->devices_.size());
+  l.max_tokens = o.max_tokens;
+  l.max_seqs = o.max_seqs;
+  l.block_size = o.block_size;
+  l.max_blocks_per_seq = (context + o.block_size - 1) / o.block_size;
+  l.num_kv_blocks = o.num_kv_blocks > 0 ? o.num_kv_blocks : o.max_seqs * l.max_blocks_per_seq;
+  l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * context;
+  l.vocab_size = cfg.vocab_size;
+  g->layout_ = ComputeLayout(l);
+  KRAKEN_RETURN_IF_ERROR(g->Launch());
+  return g;
+}
+
+Status WorkerGroup::Launch() {
+  KRAKEN_ASSIGN_OR_RETURN(segment_, SharedSegment::Create(UniqueSegmentName(), layout_.total));
+  control_ = new (segment_->data()) Control();
+  control_->magic = kMagic;
+  control_->version = kProtocolVersion;
+  control_->limits = limits_;
+  const int world = world_size();
+  if (world > 1) {
+    char tmpl[] = "/tmp/kraken-rendezvous-XXXXXX";
+    if (mkdtemp(tmpl) == nullptr) return Internal("cannot create a rendezvous directory: ", std::strerror(errno));
+    store_dir_ = tmpl;
+  }
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const int threads = options_.threads_per_worker > 0 ? options_.threads_per_worker : std::max(1, cores / world);
+  pids_.assign(world, -1);
+  for (int r = 0; r < world; ++r) {
+    WorkerArgs a{.segment = segment_->name(), .segment_bytes = layout_.total, .rank = r, .world = world,
+                 .model_dir = options_.model_dir, .device = devices_[r], .threads = threads,
+                 .store_dir = store_dir_, .parent_pid = static_cast<int>(getpid()),
+                 .collective_timeout_ms = static_cast<int>(options_.collective_timeout.count()),
+                 .link_preset = options_.link_preset, .measured_gemm_flops = options_.measured_gemm_flops};
+    std::vector<std::string> args = WorkerCommandLine(a);
+    args.insert(args.begin(), options_.worker_binary);
+    std::vector<char*> argv;
+    for (std::string& s : args) argv.push_back(s.data());
+    argv.push_back(nullptr);
+    pid_t pid = -1;
+    const int rc = posix_spawn(&pid, options_.worker_binary.c_str(), nullptr, nullptr, argv.data(), environ);
+    if (rc != 0) {
+      KillAll();
+      return Internal("cannot start worker rank ", r, " ('", options_.worker_binary, "'): ", std::strerror(rc));
+    }
+    pids_[r] = pid;
+  }
+  // Wait for every rank: ready, failed (its message), exited, or the start-up limit.
+  const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
+  for (;;) {
+    int ready = 0;
+    for (int r = 0; r < world; ++r) {
+      RankSlot& s = control_->ranks[r];
+      const auto state = static_cast<RankState>(s.state.load(std::memory_order_acquire));
+      if (state == RankState::kReady) {
+        ++ready;
+        continue;
+      }
+      int status = 0;
+      if (state == RankState::kFailed || waitpid(pids_[r], &status, WNOHANG) == pids_[r]) {
+        std::string why = state == RankState::kFailed ? std::string(s.message) : "";
+        if (state != RankState::kFailed) {
+          pids_[r] = -1;
+          why = DescribeExit(status);
+        }
+        KillAll();
+        return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r], ") failed to start: ", why));
+      }
+    }
+    if (ready == world) break;
+    if (NowNs() > deadline) {
+      std::string late;
+      for (int r = 0; r < world; ++r) {
+        if (control_->ranks[r].state.load() != static_cast<uint32_t>(RankState::kReady)) {
+          StrAppend(&late, late.empty() ? "" : ", ", r);
+        }
+      }
+      KillAll();
+      return absl::DeadlineExceededError(StrCat("worker rank(s) ", late, " did not become ready within ",
+                                                options_.start_timeout.count(), " ms"));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  // Everyone has mapped the segment and connected: names and files are no longer needed.
+  segment_->Unlink();
+  if (!store_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(store_dir_, ec);
+    store_dir_.clear();
+  }
+  step_ = 0;
+  return absl::OkStatus();
+}
+
+void WorkerGroup::KillAll() {
+  for (pid_t& pid : pids_) {
+    if (pid > 0) {
+      kill(pid, SIGKILL);
+      waitpid(pid, nullptr, 0);
+      pid = -1;
+    }
+  }
+  segment_.reset();  // unmaps and, if still named, unlinks
+  control_ = nullptr;
+  if (!store_dir_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove_all(store_dir_, ec);
+    store_dir_.clear();
+  }
+}
+
+Status WorkerGroup::CheckWorkers() {
+  const uint64_t now = NowNs();
+  const uint64_t limit = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+  for (int r = 0; r < world_size(); ++r) {
+    int status = 0;
+    if (pids_[r] > 0 && waitpid(pids_[r], &status, WNOHANG) == pids_[r]) {
+      const pid_t pid = pids_[r];
+      pids_[r] = -1;
+      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pid, ") ", DescribeExit(status)));
+    }
+    RankSlot& s = control_->ranks[r];
+    if (s.state.load() == static_cast<uint32_t>(RankState::kFailed)) {
+      return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", s.message));
+    }
+    const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
+    if (now > beat && now - beat > limit) {
+      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") stopped responding: no heartbeat for ",
+                                           (now - beat) / 1'000'000, " ms"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+Status WorkerGroup::Recover(const Status& cause) {
+  failure_noticed_ = std::chrono::steady_clock::now();
+  KillAll();
+  const auto now = std::chrono::steady_clock::now();
+  restart_times_.push_back(now);
+  while (!restart_times_.empty() && now - restart_times_.front() > options_.restart_window) {
+    restart_times_.erase(restart_times_.begin());
+  }
+  if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
+    dead_ = absl::AbortedError(StrCat("giving up: ", restart_times_.size(), " worker failures within ",
+                                      options_.restart_window.count(), " s (limit ", options_.max_restarts,
+                                      "); last: ", std::string(cause.message())));
+    return dead_;
+  }
+  ++restarts_total_;
+  Status launched = Launch();
+  while (!launched.ok()) {  // a restart that fails counts as another failure
+    restart_times_.push_back(std::chrono::steady_clock::now());
+    if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
+      dead_ = absl::AbortedError(StrCat("giving up: workers failed to restart ", options_.max_restarts,
+                                        " times; last: ", std::string(launched.message())));
+      return dead_;
+    }
+    launched = Launch();
+  }
+  return absl::UnavailableError(StrCat(std::string(cause.message()), "; the step failed and all ", world_size(),
+                                       " workers were restarted"));
+}
+
+StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
+  if (!dead_.ok()) return dead_;
+  // Validate against the segment's limits before touching it.
+  int64_t tokens = 0, blocks = 0, history = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqStep& s = seqs[i];
+    tokens += static_cast<int64_t>(s.tokens.size());
+    blocks += static_cast<int64_t>(s.block_table.size());
+    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size());
+    if (s.block_table.size() > static_cast<size_t>(limits_.max_blocks_per_seq)) {
+      return InvalidArgument("sequence ", i, ": block table of ", s.block_table.size(), " blocks exceeds the limit ",
+                             limits_.max_blocks_per_seq);
+    }
+  }
+  if (seqs.empty() || seqs.size() > static_cast<size_t>(limits_.max_seqs) || tokens > limits_.max_tokens ||
+      history > limits_.max_history) {
+    return InvalidArgument("step of ", seqs.size(), " sequences, ", tokens, " tokens, ", history,
+                           " history tokens exceeds the limits (", limits_.max_seqs, ", ", limits_.max_tokens, ", ",
+                           limits_.max_history, ") or is empty");
+  }
+  uint8_t* base = segment_->data();
+  PlanHeader* ph = At<PlanHeader>(base, layout_.plan_header);
+  PlanSeq* ps = At<PlanSeq>(base, layout_.plan_seqs);
+  int32_t* tok = At<int32_t>(base, layout_.tokens);
+  int32_t* blk = At<int32_t>(base, layout_.blocks);
+  int32_t* hist = At<int32_t>(base, layout_.history);
+  int32_t t_at = 0, b_at = 0, h_at = 0;
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    const SeqStep& s = seqs[i];
+    PlanSeq& p = ps[i];
+    p = PlanSeq{};
+    p.seq_id = s.seq_id;
+    p.token_offset = t_at;
+    p.num_tokens = static_cast<int32_t>(s.tokens.size());
+    std::memcpy(tok + t_at, s.tokens.data(), s.tokens.size_bytes());
+    t_at += p.num_tokens;
+    p.start_pos = s.start_pos;
+    p.block_offset = b_at;
+    p.num_blocks = static_cast<int32_t>(s.block_table.size());
+    std::memcpy(blk + b_at, s.block_table.data(), s.block_table.size_bytes());
+    b_at += p.num_blocks;
+    p.history_offset = h_at;
+    p.history_prompt = static_cast<int32_t>(s.history_prompt.size());
+    p.history_generated = static_cast<int32_t>(s.history_generated.size());
+    std::memcpy(hist + h_at, s.history_prompt.data(), s.history_prompt.size_bytes());
+    std::memcpy(hist + h_at + p.history_prompt, s.history_generated.data(), s.history_generated.size_bytes());
+    h_at += p.history_prompt + p.history_generated;
+    p.draw_index = s.draw_index;
+    p.sample = s.sample ? 1 : 0;
+    p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;
+    p.sampling = s.sampling;
+  }
+  const uint64_t step = ++step_;
+  *ph = PlanHeader{.step = step, .kind = StepKind::kForward, .num_seqs = static_cast<int32_t>(seqs.size()),
+                   .num_tokens = t_at, .num_block_ids = b_at, .num_history = h_at};
+  const uint32_t results_before = control_->result_futex.load(std::memory_order_acquire);
+  control_->plan_step.store(step, std::memory_order_release);
+  control_->plan_futex.fetch_add(1, std::memory_order_acq_rel);
+  FutexWakeAll(&control_->plan_futex);
+
+  // Wait for rank 0's result and for every rank to be done with the plan, supervising meanwhile.
+  for (;;) {
+    const uint32_t now = control_->result_futex.load(std::memory_order_acquire);
+    if (now != results_before) {
+      bool all_done = true;
+      for (int r = 0; r < world_size(); ++r) {
+        all_done = all_done && control_->ranks[r].done_step.load(std::memory_order_acquire) >= step;
+      }
+      if (all_done) break;
+    }
+    Status health = CheckWorkers();
+    if (!health.ok()) return Recover(Annotate(health, StrCat("step ", step)));
+    if (now == results_before) {
+      FutexWait(&control_->result_futex, now, kPollNs);
+    } else {
+      std::this_thread::yield();
+    }
+  }
+  const ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
+  if (rh->status != 0) return Status(static_cast<absl::StatusCode>(rh->status), rh->message);
+  return StepResultView{{At<ResultSeq>(base, layout_.result_seqs), static_cast<size_t>(rh->num_seqs)},
+                        At<float>(base, layout_.prompt_logprobs)};
+}
+
+void WorkerGroup::Shutdown() {
+  if (control_ != nullptr) {
+    *At<PlanHeader>(segment_->data(), layout_.plan_header) = PlanHeader{.step = ++step_, .kind = StepKind::kShutdown};
+    control_->plan_step.store(step_, std::memory_order_release);
+    control_->plan_futex.fetch_add(1, std::memory_order_acq_rel);
+    FutexWakeAll(&control_->plan_futex);
+    const uint64_t deadline = NowNs() + 5'000'000'000ull;
+    for (pid_t& pid : pids_) {
+      while (pid > 0 && NowNs() < deadline) {
+        if (waitpid(pid, nullptr, WNOHANG) == pid) pid = -1;
+        else std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+  }
+  KillAll();
+}
+
+WorkerGroup::~WorkerGroup() { Shutdown(); }
+
+std::vector<RankStatsSnapshot> WorkerGroup::Stats() const {
+  std::vector<RankStatsSnapshot> out;
+  for (int r = 0; r < world_size(); ++r) {
+    RankStatsSnapshot s;
+    s.rank = r;
+    s.up = control_ != nullptr && pids_[r] > 0;
+    if (control_ != nullptr) {
+      const RankStats& st = control_->ranks[r].stats;
+      s.steps = st.steps.load();
+      s.collectives = st.collectives.load();
+      s.busy_s = st.busy_ns.load() * 1e-9;
+      s.exposed_comm_s = st.exposed_comm_ns.load() * 1e-9;
+      s.collective_s = st.collective_ns.load() * 1e-9;
+      s.idle_s = st.idle_ns.load() * 1e-9;
+    }
+    out.push_back(s);
+  }
+  return out;
+}
+
+}  // namespace kraken::runtime

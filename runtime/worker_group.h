@@ -1,0 +1,132 @@
+// The front-end side of the multi-process runtime: spawns one worker process per device (this
+// same binary in worker mode, via posix_spawn), hands every step plan to all of them through one
+// shared-memory segment, returns rank 0's step result, and supervises them: a worker that exits
+// or stops sending heartbeats fails the in-flight step with UNAVAILABLE, and all workers are
+// torn down and started again (communicators rebuilt). After `max_restarts` restarts within
+// `restart_window` the group gives up and every later call fails with ABORTED.
+//
+//   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start({.model_dir = dir, .devices = "cpu:2",
+//                                                           .max_tokens = 512, .max_seqs = 16}));
+//   SeqStep seq{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks};
+//   KRAKEN_ASSIGN_OR_RETURN(StepResultView r, group->RunStep({&seq, 1}));
+//   r.seqs[0].token;   // sampled by rank 0
+//
+// The dispatch segment's name exists only while workers start: once all have mapped it, the name
+// is unlinked, so no segment outlives the server whatever way it ends. The same holds for the
+// Gloo rendezvous directory.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "engine/status.h"
+#include "runtime/protocol.h"
+#include "runtime/shm.h"
+
+namespace kraken::runtime {
+
+struct WorkerGroupOptions {
+  std::string model_dir;
+  std::string devices = "cpu:1";   // "cpu", "cpu:N", "cuda:0-7", "cuda:0,2"
+  int threads_per_worker = 0;      // CPU workers; 0 = cores / workers
+  int max_tokens = 2048;           // new tokens per step
+  int max_seqs = 64;               // sequences per step
+  int max_context = 0;             // tokens per sequence; 0 = the model's n_positions
+  int block_size = 16;
+  int num_kv_blocks = 0;           // per worker; 0 = max_seqs full contexts
+  int max_history = 0;             // penalty history per step; 0 = max_seqs * max_context
+  std::string worker_binary = "/proc/self/exe";
+  std::chrono::milliseconds start_timeout{120000};
+  std::chrono::milliseconds heartbeat_timeout{1000};
+  std::chrono::milliseconds collective_timeout{30000};
+  int max_restarts = 3;
+  std::chrono::seconds restart_window{300};
+  std::string link_preset;         // benchmarks only (engine/comm/link_model.h)
+  double measured_gemm_flops = 0;
+};
+
+/// One sequence of a step, as the scheduler hands it over (see runtime/protocol.h PlanSeq).
+struct SeqStep {
+  uint64_t seq_id = 0;
+  std::span<const int32_t> tokens;
+  int32_t start_pos = 0;
+  std::span<const int32_t> block_table;
+  bool sample = true;
+  bool prompt_logprobs = false;
+  PlanSampling sampling;
+  int64_t draw_index = 0;
+  std::span<const int32_t> history_prompt;     // only needed when penalties are on
+  std::span<const int32_t> history_generated;
+};
+
+/// Rank 0's result, pointing into the segment: valid until the next RunStep.
+struct StepResultView {
+  std::span<const ResultSeq> seqs;
+  const float* prompt_logprobs = nullptr;
+};
+
+/// Timing of one rank, in seconds since the workers (re)started.
+struct RankStatsSnapshot {
+  int rank = 0;
+  uint64_t steps = 0, collectives = 0;
+  double busy_s = 0, exposed_comm_s = 0, collective_s = 0, idle_s = 0;
+  bool up = false;
+};
+
+/// "cpu", "cpu:2", "cuda:0-7", "cuda:1,3" -> one device name per worker. INVALID_ARGUMENT naming
+/// the text otherwise.
+StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec);
+
+class WorkerGroup {
+ public:
+  /// Spawns and waits for every worker (bounded by start_timeout; the error names each rank that
+  /// failed or did not report, and why).
+  static StatusOr<std::unique_ptr<WorkerGroup>> Start(const WorkerGroupOptions& options);
+  ~WorkerGroup();  // Shutdown()
+
+  /// Runs one step. INVALID_ARGUMENT (nothing sent) when the step exceeds the limits; the model's
+  /// own validation errors come back from the workers with their message; UNAVAILABLE when a
+  /// worker failed during the step (the workers have been restarted when this returns);
+  /// ABORTED once the group has given up.
+  StatusOr<StepResultView> RunStep(std::span<const SeqStep> seqs);
+
+  /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
+  void Shutdown();
+
+  std::vector<RankStatsSnapshot> Stats() const;
+  int world_size() const { return static_cast<int>(devices_.size()); }
+  const Limits& limits() const { return limits_; }
+  /// Restarts so far.
+  int restarts() const { return restarts_total_; }
+  std::vector<pid_t> worker_pids() const { return pids_; }
+  /// When the last worker failure was noticed (epoch if none).
+  std::chrono::steady_clock::time_point last_failure_noticed() const { return failure_noticed_; }
+
+ private:
+  WorkerGroup() = default;
+  Status Launch();             // segment, rendezvous directory, processes, wait ready
+  void KillAll();              // SIGKILL, reap, clean up
+  Status CheckWorkers();       // OK or UNAVAILABLE naming the first dead or silent rank
+  Status Recover(const Status& cause);  // after a failure: restart or give up
+
+  WorkerGroupOptions options_;
+  std::vector<std::string> devices_;
+  Limits limits_;
+  Layout layout_{};
+  std::unique_ptr<SharedSegment> segment_;
+  Control* control_ = nullptr;
+  std::string store_dir_;
+  std::vector<pid_t> pids_;
+  uint64_t step_ = 0;
+  int restarts_total_ = 0;
+  std::vector<std::chrono::steady_clock::time_point> restart_times_;
+  Status dead_ = absl::OkStatus();
+  std::chrono::steady_clock::time_point failure_noticed_{};
+};
+
+}  // namespace kraken::runtime

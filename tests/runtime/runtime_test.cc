@@ -1,0 +1,274 @@
+// The multi-process runtime end to end: worker processes over shared memory and Gloo reproduce
+// the single-process engine for every architecture and world size, and survive killed, stopped
+// and failing workers without leaving shared memory or rendezvous files behind.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <numeric>
+#include <thread>
+
+#include "engine/model.h"
+#include "runtime/worker_group.h"
+#include "tests/engine/test_util.h"
+
+namespace kraken::runtime {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Names in /dev/shm made by this process, and rendezvous directories in /tmp.
+int Leftovers() {
+  int n = 0;
+  const std::string mine = "kraken-" + std::to_string(getpid()) + "-";
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    n += e.path().filename().string().rfind(mine, 0) == 0;
+  }
+  return n;
+}
+int RendezvousDirs() {
+  int n = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/tmp", ec)) {
+    n += e.path().filename().string().rfind("kraken-rendezvous-", 0) == 0;
+  }
+  return n;
+}
+
+std::vector<int32_t> Iota(int n, int first) {
+  std::vector<int32_t> v(n);
+  std::iota(v.begin(), v.end(), first);
+  return v;
+}
+
+struct Outcome {
+  std::vector<float> prompt_logprobs;  // logprob of token j+1 given tokens 0..j
+  std::vector<int32_t> greedy;         // 12 greedy tokens after the prompt
+};
+
+// The golden prompt through a group: prompt logprobs from the prefill, then greedy decoding.
+Outcome Through(WorkerGroup& g, const std::vector<int32_t>& prompt) {
+  Outcome out;
+  const std::vector<int32_t> blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 7, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sample = true,
+            .prompt_logprobs = true, .sampling = {.temperature = 0.f}};
+  auto r = g.RunStep({&s, 1});
+  EXPECT_TRUE(r.ok()) << r.status();
+  if (!r.ok()) return out;
+  EXPECT_EQ(r->seqs.size(), 1u);
+  EXPECT_EQ(r->seqs[0].seq_id, 7u);
+  out.prompt_logprobs.assign(r->prompt_logprobs + r->seqs[0].prompt_logprob_offset,
+                             r->prompt_logprobs + r->seqs[0].prompt_logprob_offset + prompt.size() - 1);
+  int32_t next = r->seqs[0].token;
+  for (int i = 0; i < 12; ++i) {
+    out.greedy.push_back(next);
+    SeqStep d{.seq_id = 7, .tokens = {&next, 1}, .start_pos = static_cast<int32_t>(prompt.size()) + i,
+              .block_table = blocks, .sampling = {.temperature = 0.f}, .draw_index = i + 1};
+    auto rr = g.RunStep({&d, 1});
+    EXPECT_TRUE(rr.ok()) << rr.status();
+    if (!rr.ok()) return out;
+    next = rr->seqs[0].token;
+  }
+  return out;
+}
+
+// The same with the single-process engine, as the reference.
+Outcome Alone(const std::string& model, const std::vector<int32_t>& prompt) {
+  Outcome out;
+  auto backend = engine::CreateBackend({});
+  auto m = engine::LoadModel(engine::testing::TestModelDir(model), backend->get(),
+                             {.max_tokens = 64, .max_seqs = 1, .max_logit_rows = 64});
+  auto kv = engine::KvCache::Create(**backend, (*m)->kv_layout(), {.num_blocks = 4});
+  engine::LocalCommunicator comm;
+  const std::vector<int32_t> blocks = Iota(4, 0);
+  engine::SequenceInput s{.tokens = prompt, .start_pos = 0, .block_table = blocks, .all_logits = true};
+  auto r = (*m)->Forward({.seqs = {&s, 1}}, *kv, comm);
+  const int V = r->vocab;
+  for (size_t j = 0; j + 1 < prompt.size(); ++j) {
+    const float* l = r->logits + j * V;
+    double mx = -INFINITY, sum = 0;
+    for (int v = 0; v < V; ++v) mx = std::max<double>(mx, l[v]);
+    for (int v = 0; v < V; ++v) sum += std::exp(l[v] - mx);
+    out.prompt_logprobs.push_back(static_cast<float>(l[prompt[j + 1]] - mx - std::log(sum)));
+  }
+  auto argmax = [&](const float* l) { return static_cast<int32_t>(std::max_element(l, l + V) - l); };
+  int32_t next = argmax(r->logits + (prompt.size() - 1) * V);
+  for (int i = 0; i < 12; ++i) {
+    out.greedy.push_back(next);
+    engine::SequenceInput d{.tokens = {&next, 1}, .start_pos = static_cast<int32_t>(prompt.size()) + i, .block_table = blocks};
+    auto rr = (*m)->Forward({.seqs = {&d, 1}}, *kv, comm);
+    next = argmax(rr->logits);
+  }
+  return out;
+}
+
+WorkerGroupOptions Options(const std::string& model, int world) {
+  return {.model_dir = engine::testing::TestModelDir(model), .devices = "cpu:" + std::to_string(world),
+          .threads_per_worker = 1, .max_tokens = 64, .max_seqs = 4, .num_kv_blocks = 16};
+}
+
+struct WorldCase {
+  std::string model;
+  int world;
+};
+
+class Equivalence : public ::testing::TestWithParam<WorldCase> {};
+
+TEST_P(Equivalence, WorkersReproduceTheSingleProcessEngine) {
+  const auto [model, world] = GetParam();
+  engine::testing::Golden g(engine::testing::TestModelDir(model));
+  const std::vector<int32_t> prompt = g.Ints("tokens");
+  const Outcome want = Alone(model, prompt);
+  {
+    auto group = WorkerGroup::Start(Options(model, world));
+    ASSERT_TRUE(group.ok()) << group.status();
+    EXPECT_EQ(Leftovers(), 0) << "the segment name must be gone once workers are up";
+    const Outcome got = Through(**group, prompt);
+    ASSERT_EQ(got.prompt_logprobs.size(), want.prompt_logprobs.size());
+    for (size_t i = 0; i < want.prompt_logprobs.size(); ++i) {
+      EXPECT_NEAR(got.prompt_logprobs[i], want.prompt_logprobs[i], 2e-4) << "position " << i;
+    }
+    EXPECT_EQ(got.greedy, want.greedy);
+    const auto stats = (*group)->Stats();
+    ASSERT_EQ(static_cast<int>(stats.size()), world);
+    for (const auto& s : stats) {
+      EXPECT_EQ(s.steps, 13u) << "rank " << s.rank;
+      EXPECT_GT(s.busy_s, 0.0);
+      if (world > 1) {
+        EXPECT_GT(s.collectives, 13u) << "rank " << s.rank;
+      }
+    }
+  }
+  EXPECT_EQ(Leftovers(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, Equivalence,
+                         ::testing::Values(WorldCase{"kraken-n4-bf16", 1}, WorldCase{"kraken-n4-bf16", 2},
+                                           WorldCase{"kraken-n4-bf16", 4}, WorldCase{"kraken-n2-h113-f32", 2},
+                                           WorldCase{"gpt2-f32", 1}, WorldCase{"gpt2-f32", 2}, WorldCase{"gpt2-f32", 4},
+                                           WorldCase{"parallel-block-f16-sharded", 1},
+                                           WorldCase{"parallel-block-f16-sharded", 3}),
+                         [](const auto& param_info) {
+                           std::string s = param_info.param.model + "_W" + std::to_string(param_info.param.world);
+                           std::replace(s.begin(), s.end(), '-', '_');
+                           return s;
+                         });
+
+// A step that takes a while: collectives emulate a slow link, so a kill lands mid-step.
+WorkerGroupOptions SlowOptions(int world) {
+  WorkerGroupOptions o = Options("kraken-n4-bf16", world);
+  o.link_preset = "ethernet-100g";
+  o.measured_gemm_flops = 312e12 / 5000;  // link time x5000: ~100 ms per collective
+  return o;
+}
+
+TEST(Faults, AWorkerKilledMidStepIsNoticedAndAllAreRestarted) {
+  const int rendezvous_before = RendezvousDirs();
+  auto group = WorkerGroup::Start(SlowOptions(2));
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(20, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
+  const auto before = (*group)->RunStep({&s, 1});
+  ASSERT_TRUE(before.ok()) << before.status();
+  const int32_t token = before->seqs[0].token;
+  const pid_t victim = (*group)->worker_pids()[1];
+  Clock::time_point killed_at;
+  std::thread killer([victim, &killed_at] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(150));  // the step is under way
+    killed_at = Clock::now();
+    kill(victim, SIGKILL);
+  });
+  auto failed = (*group)->RunStep({&s, 1});
+  killer.join();
+  const double noticed = std::chrono::duration<double>((*group)->last_failure_noticed() - killed_at).count();
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(std::string(failed.status().message()).find("worker rank 1"), std::string::npos) << failed.status();
+  EXPECT_NE(std::string(failed.status().message()).find("signal 9"), std::string::npos) << failed.status();
+  EXPECT_GE(noticed, 0.0);
+  EXPECT_LT(noticed, 2.0) << "seconds from the kill to noticing it";
+  EXPECT_EQ((*group)->restarts(), 1);
+  EXPECT_NE((*group)->worker_pids()[1], victim);
+  auto after = (*group)->RunStep({&s, 1});
+  ASSERT_TRUE(after.ok()) << after.status();
+  EXPECT_EQ(after->seqs[0].token, token) << "the restarted workers compute the same thing";
+  group->reset();
+  EXPECT_EQ(Leftovers(), 0);
+  EXPECT_EQ(RendezvousDirs(), rendezvous_before);
+}
+
+TEST(Faults, AStoppedWorkerIsCaughtByTheHeartbeat) {
+  auto group = WorkerGroup::Start(Options("gpt2-f32", 2));
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(5, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
+  const pid_t victim = (*group)->worker_pids()[0];
+  kill(victim, SIGSTOP);
+  const auto t0 = Clock::now();
+  auto r = (*group)->RunStep({&s, 1});
+  const double seconds = std::chrono::duration<double>((*group)->last_failure_noticed() - t0).count();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(std::string(r.status().message()).find("stopped responding"), std::string::npos) << r.status();
+  EXPECT_LT(seconds, 2.0) << "seconds from the stop to noticing it";
+  EXPECT_TRUE((*group)->RunStep({&s, 1}).ok());
+}
+
+TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
+  auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"), .devices = "cuda:0",
+                                        .max_tokens = 8, .max_seqs = 1, .num_kv_blocks = 4});
+  ASSERT_FALSE(bad_device.ok());
+  EXPECT_NE(std::string(bad_device.status().message()).find("worker rank 0 (cuda:0) failed to start"),
+            std::string::npos)
+      << bad_device.status();
+  EXPECT_NE(std::string(bad_device.status().message()).find("built without CUDA"), std::string::npos);
+  // Sharding that the model cannot do: every rank reports it; the first is named.
+  auto bad_world = WorkerGroup::Start(Options("kraken-n4-bf16", 3));
+  ASSERT_FALSE(bad_world.ok());
+  EXPECT_NE(std::string(bad_world.status().message()).find("cannot be split over a world of size 3"),
+            std::string::npos)
+      << bad_world.status();
+  EXPECT_FALSE(ParseDevices("tpu:1").ok());
+  EXPECT_EQ(*ParseDevices("cuda:0-2,5"), (std::vector<std::string>{"cuda:0", "cuda:1", "cuda:2", "cuda:5"}));
+  EXPECT_EQ(Leftovers(), 0);
+}
+
+TEST(Faults, GivesUpAfterTooManyRestarts) {
+  WorkerGroupOptions o = Options("gpt2-f32", 2);
+  o.max_restarts = 1;
+  auto group = WorkerGroup::Start(o);
+  ASSERT_TRUE(group.ok());
+  const std::vector<int32_t> prompt = Iota(5, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks};
+  kill((*group)->worker_pids()[1], SIGKILL);
+  EXPECT_EQ((*group)->RunStep({&s, 1}).status().code(), absl::StatusCode::kUnavailable);
+  kill((*group)->worker_pids()[0], SIGKILL);
+  auto r = (*group)->RunStep({&s, 1});
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kAborted) << r.status();
+  EXPECT_NE(std::string(r.status().message()).find("giving up"), std::string::npos);
+  EXPECT_EQ((*group)->RunStep({&s, 1}).status().code(), absl::StatusCode::kAborted);
+  EXPECT_EQ(Leftovers(), 0);
+}
+
+TEST(Dispatch, OversizedOrInvalidStepsAreRefusedAndTheGroupStaysUsable) {
+  auto group = WorkerGroup::Start(Options("kraken-n4-bf16", 2));
+  ASSERT_TRUE(group.ok());
+  const std::vector<int32_t> many(65, 1), blocks = Iota(4, 0), ok = {1, 2, 3}, bad = {1, 999};
+  SeqStep big{.seq_id = 1, .tokens = many, .block_table = blocks};
+  EXPECT_EQ((*group)->RunStep({&big, 1}).status().code(), absl::StatusCode::kInvalidArgument);
+  SeqStep wrong{.seq_id = 2, .tokens = bad, .block_table = blocks};
+  auto r = (*group)->RunStep({&wrong, 1});  // caught by the workers' own validation
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(r.status().message()).find("token 1 = 999 is outside the vocabulary"), std::string::npos);
+  SeqStep good{.seq_id = 3, .tokens = ok, .block_table = blocks};
+  auto g2 = (*group)->RunStep({&good, 1});
+  ASSERT_TRUE(g2.ok()) << g2.status();
+  EXPECT_EQ((*group)->restarts(), 0);
+}
+
+}  // namespace
+}  // namespace kraken::runtime

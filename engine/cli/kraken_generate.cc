@@ -25,6 +25,8 @@
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "runtime/worker.h"
+#include "runtime/worker_group.h"
 #include "tokenizer/detokenizer.h"
 #include "tokenizer/tokenizer.h"
 
@@ -63,8 +65,92 @@ struct Options {
   int score_window = 0;       // score in independent windows of this many predictions
   std::string prompt_ids_file;
   bool ignore_eos = false;
+  std::string devices;  // set: run on worker processes (runtime/), e.g. "cpu:2"
   SamplingParams sampling{.temperature = 0.f};
 };
+
+// Generation on worker processes, one per device: the multi-process runtime end to end.
+Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const tokenizer::Tokenizer* tok,
+                    const ModelConfig& cfg) {
+  const int total = static_cast<int>(prompt.size()) + o.max_tokens;
+  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir, .devices = o.devices, .threads_per_worker = o.threads,
+                                 .max_tokens = static_cast<int>(prompt.size()), .max_seqs = 1,
+                                 .max_context = std::min(total, cfg.n_positions), .block_size = o.block_size,
+                                 .num_kv_blocks = (total + o.block_size - 1) / o.block_size, .max_history = total};
+  const auto t_load = Clock::now();
+  KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
+  const double load_s = Seconds(t_load, Clock::now());
+  std::vector<int32_t> blocks((total + o.block_size - 1) / o.block_size);
+  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<int32_t>(i);
+  const SamplingParams& p = o.sampling;
+  const runtime::PlanSampling ps{.temperature = p.temperature, .top_p = p.top_p, .min_p = p.min_p,
+                                 .repetition_penalty = p.repetition_penalty, .presence_penalty = p.presence_penalty,
+                                 .frequency_penalty = p.frequency_penalty, .top_k = p.top_k,
+                                 .top_logprobs = p.top_logprobs, .seed = p.seed};
+  const bool penalties = p.repetition_penalty != 1.f || p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
+  std::vector<int32_t> generated;
+  std::string finish = "length";
+  const auto t0 = Clock::now();
+  double prefill_s = 0;
+  int32_t next = -1;
+  for (int step = 0; step < o.max_tokens; ++step) {
+    runtime::SeqStep s{.seq_id = 1,
+                       .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next, 1),
+                       .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + generated.size() - 1),
+                       .block_table = blocks,
+                       .sampling = ps,
+                       .draw_index = static_cast<int64_t>(generated.size())};
+    if (penalties) {
+      s.history_prompt = prompt;
+      s.history_generated = generated;
+    }
+    KRAKEN_ASSIGN_OR_RETURN(runtime::StepResultView r, group->RunStep({&s, 1}));
+    if (step == 0) prefill_s = Seconds(t0, Clock::now());
+    if (r.seqs[0].error != 0) {
+      return Status(static_cast<absl::StatusCode>(r.seqs[0].error), "sampling failed (non-finite logits)");
+    }
+    next = r.seqs[0].token;
+    generated.push_back(next);
+    if (!o.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) != cfg.eos_token_ids.end()) {
+      finish = "stop";
+      break;
+    }
+  }
+  const double decode_s = Seconds(t0, Clock::now()) - prefill_s;
+  nlohmann::json out{{"model", o.model_dir}, {"devices", o.devices}, {"prompt_ids", prompt},
+                     {"generated_ids", generated}, {"finish_reason", finish}, {"seed", p.seed},
+                     {"load_seconds", load_s}, {"prefill_ms", prefill_s * 1e3},
+                     {"decode_tokens_per_second", generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0}};
+  if (tok != nullptr) {
+    tokenizer::IncrementalDetokenizer detok(*tok, /*skip_special=*/true);
+    std::string text;
+    for (int32_t id : generated) KRAKEN_RETURN_IF_ERROR(detok.Add(id, &text));
+    detok.Finish(&text);
+    out["text"] = text;
+  }
+  nlohmann::json ranks = nlohmann::json::array();
+  for (const auto& st : group->Stats()) {
+    ranks.push_back({{"rank", st.rank}, {"steps", st.steps}, {"busy_s", st.busy_s}, {"exposed_comm_s", st.exposed_comm_s},
+                     {"collective_s", st.collective_s}, {"idle_s", st.idle_s}});
+  }
+  out["ranks"] = ranks;
+  if (o.json) {
+    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
+    return absl::OkStatus();
+  }
+  std::printf("model: %s on %s (%d workers), started in %.2f s\n", o.model_dir.c_str(), o.devices.c_str(),
+              group->world_size(), load_s);
+  std::printf("generated ids: ");
+  for (int32_t t : generated) std::printf("%d ", t);
+  if (out.contains("text")) std::printf("\ntext:          %s", out["text"].get<std::string>().c_str());
+  std::printf("\nfinish: %s\nprefill: %zu tokens in %.2f ms; decode: %.1f tokens/s\n", finish.c_str(), prompt.size(),
+              prefill_s * 1e3, out["decode_tokens_per_second"].get<double>());
+  for (const auto& st : group->Stats()) {
+    std::printf("rank %d: busy %.3f s, waiting on collectives %.3f s, collectives in flight %.3f s, idle %.3f s\n",
+                st.rank, st.busy_s, st.exposed_comm_s, st.collective_s, st.idle_s);
+  }
+  return absl::OkStatus();
+}
 
 Status Run(const Options& o) {
   std::unique_ptr<tokenizer::Tokenizer> tok;
@@ -82,7 +168,6 @@ Status Run(const Options& o) {
   } else {
     KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(o.prompt_ids));
   }
-  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = o.threads}));
   KRAKEN_ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model_dir));
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] >= cfg.vocab_size) {
@@ -97,6 +182,12 @@ Status Run(const Options& o) {
     return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
                            ") - 1 exceeds the context length ", cfg.n_positions);
   }
+  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
+  if (!o.devices.empty()) {
+    if (o.score) return InvalidArgument("--score runs in this process; drop --devices");
+    return RunOnWorkers(o, prompt, tok.get(), cfg);
+  }
+  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = o.threads}));
   const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
   ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = o.score ? chunk : 1};
   const auto t_load = Clock::now();
@@ -236,6 +327,7 @@ Status Run(const Options& o) {
 }  // namespace kraken::engine
 
 int main(int argc, char** argv) {
+  if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
   using kraken::engine::Options;
   Options o;
   CLI::App app{"Offline generation and scoring with a Kraken Serve model directory"};
@@ -258,6 +350,7 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "CPU threads (0 = all cores)");
   app.add_option("--block-size", o.block_size, "KV-cache block size in tokens")->check(CLI::Range(1, 1024));
   app.add_option("--prefill-chunk", o.prefill_chunk, "Prefill in chunks of this many tokens (0 = all at once)");
+  app.add_option("--devices", o.devices, "Run on worker processes, one per device: cpu:N (cuda:0-7 with CUDA)");
   app.add_flag("--ignore-eos", o.ignore_eos, "Do not stop at the end-of-sequence token");
   app.add_flag("--json", o.json, "Print one JSON object");
   app.add_flag("--score", o.score, "Score the prompt: per-token logprobs and perplexity");

@@ -3,7 +3,7 @@
 // sides include only this header for it; the layout is fixed-size, pointer-free, versioned
 // (kProtocolVersion, checked by workers at start) and sized by Limits.
 //
-//   Segment: [Control | plan header + PlanSeq[max_seqs] + tokens[max_tokens] + block ids
+//   Segment: [Control | rendezvous store (StoreSlot[2W + 8]) | plan header + PlanSeq[max_seqs] + tokens[max_tokens] + block ids
 //             [max_seqs * max_blocks_per_seq] + history[max_history] |
 //             result header + ResultSeq[max_seqs] + prompt logprobs[max_tokens]]
 //
@@ -18,6 +18,7 @@
 #include <cstdint>
 
 #include "engine/sampler.h"
+#include "runtime/shm_store.h"
 
 namespace kraken::runtime {
 
@@ -58,7 +59,7 @@ struct PlanSampling {
 struct PlanSeq {
   uint64_t seq_id = 0;          // the scheduler's id, echoed in the result
   int32_t token_offset = 0;     // first of this sequence's new tokens in tokens[]
-  int32_t num_tokens = 0;       // >= 1
+  int32_t num_tokens = 0;       // >= 1 (workers refuse 0)
   int32_t start_pos = 0;        // tokens already in the KV cache
   int32_t block_offset = 0;     // first block id in blocks[]
   int32_t num_blocks = 0;       // covers positions [0, start_pos + num_tokens)
@@ -111,10 +112,11 @@ struct RankStats {
   std::atomic<uint64_t> collectives{0};
 };
 
-enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2, kExited = 3 };
+enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2 };
 
 struct alignas(64) RankSlot {
-  std::atomic<uint64_t> heartbeat_ns{0};  // monotonic time of the last sign of life
+  std::atomic<uint64_t> heartbeat_ns{0};  // monotonic time of the last sign of life (own thread)
+  std::atomic<uint64_t> progress_ns{0};   // the serving thread's last step or collective event
   std::atomic<uint32_t> state{0};         // RankState
   std::atomic<uint64_t> done_step{0};
   RankStats stats;
@@ -139,6 +141,7 @@ static_assert(std::atomic<uint32_t>::is_always_lock_free && std::atomic<uint64_t
 
 /// Byte offsets of each area in a segment for `limits` (every area 64-byte aligned).
 struct Layout {
+  size_t store, store_slots;
   size_t plan_header, plan_seqs, tokens, blocks, history;
   size_t result_header, result_seqs, prompt_logprobs;
   size_t total;
@@ -154,6 +157,8 @@ inline Layout ComputeLayout(const Limits& l) {
     at = AlignUp(at + bytes);
     return here;
   };
+  o.store_slots = StoreSlots(l.world_size);
+  o.store = take(sizeof(StoreSlot) * o.store_slots);
   o.plan_header = take(sizeof(PlanHeader));
   o.plan_seqs = take(sizeof(PlanSeq) * static_cast<size_t>(l.max_seqs));
   o.tokens = take(sizeof(int32_t) * static_cast<size_t>(l.max_tokens));

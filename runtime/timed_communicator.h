@@ -15,8 +15,10 @@ namespace kraken::runtime {
 class TimedCommunicator final : public engine::Communicator {
  public:
   /// `stats` lives in the shared segment; it must outlive this object.
-  TimedCommunicator(std::unique_ptr<engine::Communicator> inner, RankStats* stats)
-      : inner_(std::move(inner)), stats_(stats) {}
+  /// `slot` lives in the shared segment; it must outlive this object. Every collective event
+  /// also stamps slot->progress_ns, which the supervisor reads to tell a slow step from a hung one.
+  TimedCommunicator(std::unique_ptr<engine::Communicator> inner, RankSlot* slot)
+      : inner_(std::move(inner)), slot_(slot), stats_(&slot->stats) {}
 
   int rank() const override { return inner_->rank(); }
   int world_size() const override { return inner_->world_size(); }
@@ -24,12 +26,14 @@ class TimedCommunicator final : public engine::Communicator {
     const uint64_t t = NowNs();
     KRAKEN_ASSIGN_OR_RETURN(engine::CollectiveHandle h, inner_->StartAllReduceSum(data, count));
     started_[h.id] = t;
+    slot_->progress_ns.store(t, std::memory_order_relaxed);
     return h;
   }
   Status Wait(engine::CollectiveHandle h) override {
     const uint64_t t0 = NowNs();
     Status s = inner_->Wait(h);
     const uint64_t t1 = NowNs();
+    slot_->progress_ns.store(t1, std::memory_order_relaxed);
     exposed_ns_ += t1 - t0;
     stats_->exposed_comm_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
     auto it = started_.find(h.id);
@@ -52,6 +56,7 @@ class TimedCommunicator final : public engine::Communicator {
 
  private:
   std::unique_ptr<engine::Communicator> inner_;
+  RankSlot* slot_;
   RankStats* stats_;
   std::unordered_map<uint64_t, uint64_t> started_;
   uint64_t exposed_ns_ = 0;

@@ -1,7 +1,7 @@
 #include "runtime/worker.h"
 
 #include <signal.h>
-#include <sys/prctl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +18,7 @@
 #include "engine/sampler.h"
 #include "runtime/protocol.h"
 #include "runtime/shm.h"
+#include "runtime/shm_store.h"
 #include "runtime/timed_communicator.h"
 
 namespace kraken::runtime {
@@ -65,7 +66,7 @@ T* At(uint8_t* base, size_t offset) {
 }
 
 Status Worker::Setup() {
-  KRAKEN_ASSIGN_OR_RETURN(seg_, SharedSegment::Open(a_.segment, a_.segment_bytes));
+  KRAKEN_ASSIGN_OR_RETURN(seg_, SharedSegment::FromFd(kSegmentFd, a_.segment_bytes));
   control_ = At<Control>(seg_->data(), 0);
   if (control_->magic != kMagic || control_->version != kProtocolVersion) {
     return FailedPrecondition("dispatch segment has protocol version ", control_->version, "; this worker speaks ",
@@ -80,11 +81,18 @@ Status Worker::Setup() {
   if (layout_.total != a_.segment_bytes) return FailedPrecondition("dispatch segment size disagrees with its limits");
   slot_ = &control_->ranks[a_.rank];
   slot_->heartbeat_ns.store(NowNs());
+  slot_->progress_ns.store(NowNs());
+  // The heartbeat thread also watches the lifeline: end of file means the front-end is gone
+  // (crashed, killed, or exited without shutting us down), and this worker must go too.
   heartbeat_ = std::thread([this] {
     while (!stop_.load()) {
       slot_->heartbeat_ns.store(NowNs(), std::memory_order_relaxed);
-      if (getppid() != a_.parent_pid) std::_Exit(4);  // the front-end is gone
-      std::this_thread::sleep_for(std::chrono::nanoseconds(kHeartbeatPeriodNs));
+      struct pollfd p {
+        kLifelineFd, POLLIN, 0
+      };
+      if (poll(&p, 1, static_cast<int>(kHeartbeatPeriodNs / 1'000'000)) > 0 || getppid() != a_.parent_pid) {
+        std::_Exit(4);
+      }
     }
   });
 
@@ -106,8 +114,9 @@ Status Worker::Setup() {
   if (a_.world == 1) {
     comm = std::make_unique<engine::LocalCommunicator>();
   } else {
+    ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
     KRAKEN_ASSIGN_OR_RETURN(comm, engine::GlooCommunicator::Create(
-                                      {.rank = a_.rank, .world_size = a_.world, .store_dir = a_.store_dir,
+                                      {.rank = a_.rank, .world_size = a_.world, .store = &store,
                                        .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
@@ -115,7 +124,7 @@ Status Worker::Setup() {
     if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
     comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);
   }
-  comm_ = std::make_unique<TimedCommunicator>(std::move(comm), &slot_->stats);
+  comm_ = std::make_unique<TimedCommunicator>(std::move(comm), slot_);
   if (a_.rank == 0) sampler_ = std::make_unique<engine::Sampler>(limits_.vocab_size);
   inputs_.reserve(limits_.max_seqs);
 
@@ -142,7 +151,7 @@ Status Worker::CheckPlan(const PlanHeader& p) const {
   const PlanSeq* seqs = At<PlanSeq>(seg_->data(), layout_.plan_seqs);
   for (int i = 0; i < p.num_seqs; ++i) {
     const PlanSeq& s = seqs[i];
-    const bool ok = s.token_offset >= 0 && s.num_tokens >= 0 && s.token_offset + s.num_tokens <= p.num_tokens &&
+    const bool ok = s.token_offset >= 0 && s.num_tokens >= 1 && s.token_offset + s.num_tokens <= p.num_tokens &&
                     s.block_offset >= 0 && s.num_blocks >= 0 && s.block_offset + s.num_blocks <= p.num_block_ids &&
                     s.history_offset >= 0 && s.history_prompt >= 0 && s.history_generated >= 0 &&
                     s.history_offset + s.history_prompt + s.history_generated <= p.num_history;
@@ -244,6 +253,7 @@ Status Worker::Serve() {
     const PlanHeader plan = *At<PlanHeader>(seg_->data(), layout_.plan_header);
     if (plan.kind == StepKind::kShutdown) return absl::OkStatus();
     const uint64_t t0 = NowNs();
+    slot_->progress_ns.store(t0, std::memory_order_relaxed);
     slot_->stats.idle_ns.fetch_add(t0 - idle_from, std::memory_order_relaxed);
     KRAKEN_RETURN_IF_ERROR(RunStep(plan));
     const uint64_t t1 = NowNs();
@@ -278,14 +288,12 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
     }
     if (i + 1 >= argc) break;
     const std::string v = argv[++i];
-    if (k == "--segment") a->segment = v;
-    else if (k == "--segment-bytes") a->segment_bytes = std::stoull(v);
+    if (k == "--segment-bytes") a->segment_bytes = std::stoull(v);
     else if (k == "--rank") a->rank = std::stoi(v);
     else if (k == "--world") a->world = std::stoi(v);
     else if (k == "--model") a->model_dir = v;
     else if (k == "--device") a->device = v;
     else if (k == "--threads") a->threads = std::stoi(v);
-    else if (k == "--store") a->store_dir = v;
     else if (k == "--parent") a->parent_pid = std::stoi(v);
     else if (k == "--collective-timeout-ms") a->collective_timeout_ms = std::stoi(v);
     else if (k == "--link-preset") a->link_preset = v;
@@ -298,14 +306,12 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
 
 std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
   std::vector<std::string> v = {kWorkerFlag,
-                                "--segment", a.segment,
                                 "--segment-bytes", std::to_string(a.segment_bytes),
                                 "--rank", std::to_string(a.rank),
                                 "--world", std::to_string(a.world),
                                 "--model", a.model_dir,
                                 "--device", a.device,
                                 "--threads", std::to_string(a.threads),
-                                "--store", a.store_dir,
                                 "--parent", std::to_string(a.parent_pid),
                                 "--collective-timeout-ms", std::to_string(a.collective_timeout_ms)};
   if (!a.link_preset.empty()) {
@@ -317,8 +323,12 @@ std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
 std::optional<int> MaybeRunWorker(int argc, char** argv) {
   WorkerArgs a;
   if (!ParseArgs(argc, argv, &a)) return std::nullopt;
-  prctl(PR_SET_PDEATHSIG, SIGKILL);
-  if (getppid() != a.parent_pid) return 4;  // the front-end died before we could ask to die with it
+  // The front-end supervises the workers; they neither die of a broken socket (a peer gone:
+  // the collective fails and is reported instead) nor of signals meant for the front-end.
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGINT, SIG_IGN);
+  signal(SIGTERM, SIG_IGN);
+  if (getppid() != a.parent_pid) return 4;
   Worker w(a);
   Status s = w.Setup();
   if (s.ok()) s = w.Serve();  // Setup reports ready only when it succeeded

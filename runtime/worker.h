@@ -19,19 +19,22 @@ namespace kraken::runtime {
 
 /// Command line of a worker (built by WorkerGroup, parsed by MaybeRunWorker).
 struct WorkerArgs {
-  std::string segment;       // shared-memory name
-  size_t segment_bytes = 0;
+  size_t segment_bytes = 0;  // the segment itself arrives as descriptor kSegmentFd
   int rank = 0;
   int world = 1;
   std::string model_dir;
   std::string device = "cpu";
   int threads = 1;
-  std::string store_dir;     // Gloo rendezvous directory (W > 1)
   int parent_pid = 0;
   int collective_timeout_ms = 30000;
   std::string link_preset;   // benchmarks: emulate this interconnect
   double measured_gemm_flops = 0;  // with link_preset: scale link time to this CPU (0 = raw)
 };
+
+/// Descriptors a worker inherits: the dispatch segment, and the read end of a pipe whose write
+/// end only the front-end holds (end of file = the front-end is gone, however it ended).
+inline constexpr int kSegmentFd = 3;
+inline constexpr int kLifelineFd = 4;
 
 /// The flag that marks a worker's command line.
 inline constexpr const char* kWorkerFlag = "--kraken-worker";

@@ -1,5 +1,6 @@
 #include "runtime/worker_group.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -20,9 +21,8 @@ namespace {
 constexpr int64_t kPollNs = 50'000'000;  // 50 ms between supervision checks while waiting
 
 std::string DescribeExit(int status) {
-  if (WIFEXITED(status)) return StrCat("exited with status ", WEXITSTATUS(status));
   if (WIFSIGNALED(status)) return StrCat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
-  return "stopped";
+  return StrCat("exited with status ", WEXITSTATUS(status));
 }
 
 template <typename T>
@@ -101,24 +101,49 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
 }
 
 Status WorkerGroup::Launch() {
-  KRAKEN_ASSIGN_OR_RETURN(segment_, SharedSegment::Create(UniqueSegmentName(), layout_.total));
+  Status s = LaunchOnce();
+  if (!s.ok()) KillAll();
+  return s;
+}
+
+Status WorkerGroup::LaunchOnce() {
+  KRAKEN_ASSIGN_OR_RETURN(segment_, SharedSegment::Create(layout_.total));
   control_ = new (segment_->data()) Control();
   control_->magic = kMagic;
   control_->version = kProtocolVersion;
   control_->limits = limits_;
+  for (size_t i = 0; i < layout_.store_slots; ++i) new (segment_->data() + layout_.store + i * sizeof(StoreSlot)) StoreSlot();
+  int pipe_fds[2];
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return Internal("cannot create the workers' lifeline pipe: ", std::strerror(errno));
+  lifeline_ = pipe_fds[1];
+  const int lifeline_read = pipe_fds[0];
+  ++generation_;
   const int world = world_size();
-  if (world > 1) {
-    char tmpl[] = "/tmp/kraken-rendezvous-XXXXXX";
-    if (mkdtemp(tmpl) == nullptr) return Internal("cannot create a rendezvous directory: ", std::strerror(errno));
-    store_dir_ = tmpl;
-  }
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int threads = options_.threads_per_worker > 0 ? options_.threads_per_worker : std::max(1, cores / world);
+  // Workers get the segment and the lifeline's read end at fixed descriptors, nothing else (the
+  // front-end's descriptors are close-on-exec), their own process group (a Ctrl-C or a group
+  // signal meant for the front-end does not reach them) and default signal handling.
+  posix_spawn_file_actions_t actions;
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, segment_->fd(), kSegmentFd);
+  posix_spawn_file_actions_adddup2(&actions, lifeline_read, kLifelineFd);
+  posix_spawnattr_init(&attr);
+  sigset_t none, defaults;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGPIPE, SIGCHLD, SIGUSR1, SIGUSR2}) sigaddset(&defaults, sig);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setpgroup(&attr, 0);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
   pids_.assign(world, -1);
-  for (int r = 0; r < world; ++r) {
-    WorkerArgs a{.segment = segment_->name(), .segment_bytes = layout_.total, .rank = r, .world = world,
-                 .model_dir = options_.model_dir, .device = devices_[r], .threads = threads,
-                 .store_dir = store_dir_, .parent_pid = static_cast<int>(getpid()),
+  exit_reasons_.assign(world, "");
+  Status spawned = absl::OkStatus();
+  for (int r = 0; r < world && spawned.ok(); ++r) {
+    WorkerArgs a{.segment_bytes = layout_.total, .rank = r, .world = world, .model_dir = options_.model_dir,
+                 .device = devices_[r], .threads = threads, .parent_pid = static_cast<int>(getpid()),
                  .collective_timeout_ms = static_cast<int>(options_.collective_timeout.count()),
                  .link_preset = options_.link_preset, .measured_gemm_flops = options_.measured_gemm_flops};
     std::vector<std::string> args = WorkerCommandLine(a);
@@ -127,13 +152,18 @@ Status WorkerGroup::Launch() {
     for (std::string& s : args) argv.push_back(s.data());
     argv.push_back(nullptr);
     pid_t pid = -1;
-    const int rc = posix_spawn(&pid, options_.worker_binary.c_str(), nullptr, nullptr, argv.data(), environ);
+    const int rc = posix_spawn(&pid, options_.worker_binary.c_str(), &actions, &attr, argv.data(), environ);
     if (rc != 0) {
-      KillAll();
-      return Internal("cannot start worker rank ", r, " ('", options_.worker_binary, "'): ", std::strerror(rc));
+      spawned = Internal("cannot start worker rank ", r, " ('", options_.worker_binary, "'): ", std::strerror(rc));
+    } else {
+      pids_[r] = pid;
     }
-    pids_[r] = pid;
   }
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  ::close(lifeline_read);
+  KRAKEN_RETURN_IF_ERROR(spawned);
+
   // Wait for every rank: ready, failed (its message), exited, or the start-up limit.
   const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
   for (;;) {
@@ -145,16 +175,13 @@ Status WorkerGroup::Launch() {
         ++ready;
         continue;
       }
-      int status = 0;
-      if (state == RankState::kFailed || waitpid(pids_[r], &status, WNOHANG) == pids_[r]) {
-        std::string why = state == RankState::kFailed ? std::string(s.message) : "";
-        if (state != RankState::kFailed) {
-          pids_[r] = -1;
-          why = DescribeExit(status);
-        }
-        KillAll();
-        return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r], ") failed to start: ", why));
+      std::string why;
+      if (state == RankState::kFailed) {
+        why = s.message;
+      } else if (!Reap(r, &why)) {
+        continue;
       }
+      return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r], ") failed to start: ", why));
     }
     if (ready == world) break;
     if (NowNs() > deadline) {
@@ -164,58 +191,86 @@ Status WorkerGroup::Launch() {
           StrAppend(&late, late.empty() ? "" : ", ", r);
         }
       }
-      KillAll();
       return absl::DeadlineExceededError(StrCat("worker rank(s) ", late, " did not become ready within ",
                                                 options_.start_timeout.count(), " ms"));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  // Everyone has mapped the segment and connected: names and files are no longer needed.
-  segment_->Unlink();
-  if (!store_dir_.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(store_dir_, ec);
-    store_dir_.clear();
-  }
   step_ = 0;
   return absl::OkStatus();
 }
 
+bool WorkerGroup::Reap(int r, std::string* why) {
+  if (pids_[r] <= 0) {
+    *why = exit_reasons_[r].empty() ? "is gone" : exit_reasons_[r];
+    return true;
+  }
+  int status = 0;
+  pid_t got;
+  do {
+    got = waitpid(pids_[r], &status, WNOHANG);
+  } while (got < 0 && errno == EINTR);
+  if (got == 0) return false;
+  const pid_t pid = pids_[r];
+  pids_[r] = -1;
+  *why = got == pid ? StrCat("(pid ", pid, ") ", DescribeExit(status))
+                    : StrCat("(pid ", pid, ") is gone (reaped elsewhere: ", std::strerror(errno), ")");
+  exit_reasons_[r] = *why;
+  return true;
+}
+
 void WorkerGroup::KillAll() {
+  if (lifeline_ >= 0) {  // end of file for every worker, whatever else happens
+    ::close(lifeline_);
+    lifeline_ = -1;
+  }
   for (pid_t& pid : pids_) {
     if (pid > 0) {
       kill(pid, SIGKILL);
-      waitpid(pid, nullptr, 0);
+      while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+      }
       pid = -1;
     }
   }
-  segment_.reset();  // unmaps and, if still named, unlinks
+  segment_.reset();
   control_ = nullptr;
-  if (!store_dir_.empty()) {
-    std::error_code ec;
-    std::filesystem::remove_all(store_dir_, ec);
-    store_dir_.clear();
-  }
 }
 
-Status WorkerGroup::CheckWorkers() {
-  const uint64_t now = NowNs();
-  const uint64_t limit = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+Status WorkerGroup::CheckWorkers(bool in_step) {
+  // Exits first: when a worker dies, its peers report failed collectives and exit (status 3)
+  // themselves; the one killed by a signal or exiting otherwise is the news.
+  int blamed = -1;
+  std::string blamed_why;
   for (int r = 0; r < world_size(); ++r) {
-    int status = 0;
-    if (pids_[r] > 0 && waitpid(pids_[r], &status, WNOHANG) == pids_[r]) {
-      const pid_t pid = pids_[r];
-      pids_[r] = -1;
-      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pid, ") ", DescribeExit(status)));
+    std::string why;
+    if (!Reap(r, &why)) continue;
+    const bool secondary = why.find("exited with status 3") != std::string::npos;
+    if (blamed < 0 || (!secondary && blamed_why.find("exited with status 3") != std::string::npos)) {
+      blamed = r;
+      blamed_why = why;
     }
+  }
+  if (blamed >= 0) return absl::UnavailableError(StrCat("worker rank ", blamed, " ", blamed_why));
+  for (int r = 0; r < world_size(); ++r) {
     RankSlot& s = control_->ranks[r];
     if (s.state.load() == static_cast<uint32_t>(RankState::kFailed)) {
       return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", s.message));
     }
+  }
+  const uint64_t now = NowNs();
+  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+  const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
+  for (int r = 0; r < world_size(); ++r) {
+    RankSlot& s = control_->ranks[r];
     const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
-    if (now > beat && now - beat > limit) {
+    if (now > beat && now - beat > silent) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") stopped responding: no heartbeat for ",
                                            (now - beat) / 1'000'000, " ms"));
+    }
+    const uint64_t progress = s.progress_ns.load(std::memory_order_relaxed);
+    if (in_step && s.done_step.load() < step_ && now > progress && now - progress > stalled) {
+      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") is stuck: no progress in step ",
+                                           step_, " for ", (now - progress) / 1'000'000, " ms"));
     }
   }
   return absl::OkStatus();
@@ -224,41 +279,44 @@ Status WorkerGroup::CheckWorkers() {
 Status WorkerGroup::Recover(const Status& cause) {
   failure_noticed_ = std::chrono::steady_clock::now();
   KillAll();
-  const auto now = std::chrono::steady_clock::now();
-  restart_times_.push_back(now);
-  while (!restart_times_.empty() && now - restart_times_.front() > options_.restart_window) {
-    restart_times_.erase(restart_times_.begin());
-  }
-  if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
-    dead_ = absl::AbortedError(StrCat("giving up: ", restart_times_.size(), " worker failures within ",
-                                      options_.restart_window.count(), " s (limit ", options_.max_restarts,
-                                      "); last: ", std::string(cause.message())));
-    return dead_;
-  }
-  ++restarts_total_;
-  Status launched = Launch();
-  while (!launched.ok()) {  // a restart that fails counts as another failure
-    restart_times_.push_back(std::chrono::steady_clock::now());
+  Status last = cause;
+  for (;;) {
+    // One account for every failure, the step's and any failed restart's.
+    const auto now = std::chrono::steady_clock::now();
+    restart_times_.push_back(now);
+    while (!restart_times_.empty() && now - restart_times_.front() > options_.restart_window) {
+      restart_times_.erase(restart_times_.begin());
+    }
     if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
-      dead_ = absl::AbortedError(StrCat("giving up: workers failed to restart ", options_.max_restarts,
-                                        " times; last: ", std::string(launched.message())));
+      dead_ = absl::AbortedError(StrCat("giving up: ", restart_times_.size(), " worker failures within ",
+                                        options_.restart_window.count(), " s (more than ", options_.max_restarts,
+                                        "); last: ", std::string(last.message())));
       return dead_;
     }
-    launched = Launch();
+    ++restarts_total_;
+    last = Launch();
+    if (last.ok()) break;
   }
   return absl::UnavailableError(StrCat(std::string(cause.message()), "; the step failed and all ", world_size(),
-                                       " workers were restarted"));
+                                       " workers were restarted (their KV caches are empty: generation ",
+                                       generation_, ")"));
 }
 
 StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   if (!dead_.ok()) return dead_;
   // Validate against the segment's limits before touching it.
-  int64_t tokens = 0, blocks = 0, history = 0;
+  int64_t tokens = 0, history = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqStep& s = seqs[i];
     tokens += static_cast<int64_t>(s.tokens.size());
-    blocks += static_cast<int64_t>(s.block_table.size());
     history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size());
+    if (s.start_pos > 0 && s.kv_generation != generation_) {
+      return absl::FailedPreconditionError(
+          StrCat("sequence ", i, " (id ", s.seq_id, ") continues at position ", s.start_pos, " from KV generation ",
+                 s.kv_generation, ", but the workers restarted since (generation ", generation_,
+                 "): prefill it again from position 0"));
+    }
+    if (s.tokens.empty()) return InvalidArgument("sequence ", i, ": no tokens");
     if (s.block_table.size() > static_cast<size_t>(limits_.max_blocks_per_seq)) {
       return InvalidArgument("sequence ", i, ": block table of ", s.block_table.size(), " blocks exceeds the limit ",
                              limits_.max_blocks_per_seq);
@@ -320,12 +378,18 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
       }
       if (all_done) break;
     }
-    Status health = CheckWorkers();
-    if (!health.ok()) return Recover(Annotate(health, StrCat("step ", step)));
+    Status health = CheckWorkers(/*in_step=*/true);
+    if (!health.ok()) {
+      // A peer's failure shows up first as failed collectives elsewhere; give the dead one a
+      // moment to be reaped so the report names it.
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      Status again = CheckWorkers(/*in_step=*/true);
+      return Recover(Annotate(again.ok() ? health : again, StrCat("step ", step)));
+    }
     if (now == results_before) {
       FutexWait(&control_->result_futex, now, kPollNs);
     } else {
-      std::this_thread::yield();
+      std::this_thread::sleep_for(std::chrono::microseconds(50));  // rank 0 done; others a moment behind
     }
   }
   const ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);

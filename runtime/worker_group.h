@@ -11,9 +11,11 @@
 //   KRAKEN_ASSIGN_OR_RETURN(StepResultView r, group->RunStep({&seq, 1}));
 //   r.seqs[0].token;   // sampled by rank 0
 //
-// The dispatch segment's name exists only while workers start: once all have mapped it, the name
-// is unlinked, so no segment outlives the server whatever way it ends. The same holds for the
-// Gloo rendezvous directory.
+// Nothing is left behind however the server ends: the dispatch segment is anonymous (memfd),
+// Gloo's rendezvous store lives inside it, and each worker holds the read end of a pipe whose
+// write end only the front-end has: when the front-end goes, its workers see end of file and exit.
+// A restart loses every sequence's KV cache: generation() changes, and RunStep refuses a sequence
+// that continues (start_pos > 0) from an older generation until it is prefilled again.
 #pragma once
 
 #include <sys/types.h>
@@ -43,6 +45,7 @@ struct WorkerGroupOptions {
   std::string worker_binary = "/proc/self/exe";
   std::chrono::milliseconds start_timeout{120000};
   std::chrono::milliseconds heartbeat_timeout{1000};
+  std::chrono::milliseconds stall_timeout{60000};  // a step with no progress event for this long is hung
   std::chrono::milliseconds collective_timeout{30000};
   int max_restarts = 3;
   std::chrono::seconds restart_window{300};
@@ -53,6 +56,7 @@ struct WorkerGroupOptions {
 /// One sequence of a step, as the scheduler hands it over (see runtime/protocol.h PlanSeq).
 struct SeqStep {
   uint64_t seq_id = 0;
+  uint64_t kv_generation = 0;  // WorkerGroup::generation() when the sequence's KV cache was built
   std::span<const int32_t> tokens;
   int32_t start_pos = 0;
   std::span<const int32_t> block_table;
@@ -92,7 +96,9 @@ class WorkerGroup {
   /// Runs one step. INVALID_ARGUMENT (nothing sent) when the step exceeds the limits; the model's
   /// own validation errors come back from the workers with their message; UNAVAILABLE when a
   /// worker failed during the step (the workers have been restarted when this returns);
-  /// ABORTED once the group has given up.
+  /// FAILED_PRECONDITION for a sequence that continues from a KV cache lost in a restart;
+  /// ABORTED once the group has given up (after more than max_restarts failures within
+  /// restart_window).
   StatusOr<StepResultView> RunStep(std::span<const SeqStep> seqs);
 
   /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
@@ -103,15 +109,21 @@ class WorkerGroup {
   const Limits& limits() const { return limits_; }
   /// Restarts so far.
   int restarts() const { return restarts_total_; }
+  /// Changes whenever the workers (and their KV caches) are started anew.
+  uint64_t generation() const { return generation_; }
   std::vector<pid_t> worker_pids() const { return pids_; }
   /// When the last worker failure was noticed (epoch if none).
   std::chrono::steady_clock::time_point last_failure_noticed() const { return failure_noticed_; }
 
  private:
   WorkerGroup() = default;
-  Status Launch();             // segment, rendezvous directory, processes, wait ready
+  Status Launch();             // segment, lifeline, processes, wait ready; cleans up on failure
+  Status LaunchOnce();
   void KillAll();              // SIGKILL, reap, clean up
-  Status CheckWorkers();       // OK or UNAVAILABLE naming the first dead or silent rank
+  // OK, or UNAVAILABLE naming a dead, failed, silent or stuck rank (exits are preferred: a peer's
+  // death makes the others report failed collectives).
+  Status CheckWorkers(bool in_step);
+  bool Reap(int rank, std::string* why);  // true when the worker is gone
   Status Recover(const Status& cause);  // after a failure: restart or give up
 
   WorkerGroupOptions options_;
@@ -120,8 +132,10 @@ class WorkerGroup {
   Layout layout_{};
   std::unique_ptr<SharedSegment> segment_;
   Control* control_ = nullptr;
-  std::string store_dir_;
+  int lifeline_ = -1;           // write end; closing it tells the workers to go
   std::vector<pid_t> pids_;
+  std::vector<std::string> exit_reasons_;  // how each reaped worker ended
+  uint64_t generation_ = 0;
   uint64_t step_ = 0;
   int restarts_total_ = 0;
   std::vector<std::chrono::steady_clock::time_point> restart_times_;

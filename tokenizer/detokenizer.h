@@ -12,7 +12,7 @@
 // the bytes cannot change meaning is emitted (valid characters as they are, ill-formed subparts
 // as U+FFFD exactly as Decode would), and a truncated but so-far-valid character (at most 3 bytes)
 // is held until the next token completes or breaks it. Decoding bytes this way is prefix-stable,
-// which is why the deltas add up to the one-shot decode (invariant 1 of FAILURE_CASES.md).
+// which is why the deltas add up to the one-shot decode, whatever the chunking.
 #pragma once
 
 #include <cstdint>

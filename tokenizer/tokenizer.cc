@@ -153,6 +153,10 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     }
     pattern = split["pattern"]["Regex"].get<std::string>();
     KRAKEN_RETURN_IF_ERROR(byte_level(seq[1], /*want_regex=*/false));
+    if (t->add_prefix_space_) {  // Hugging Face would add the space to every split piece
+      return Unsupported(label, "'pre_tokenizer.pretokenizers[1].add_prefix_space'", true,
+                         "false after a Split");
+    }
   } else {
     KRAKEN_RETURN_IF_ERROR(byte_level(pre, /*want_regex=*/true));
   }
@@ -206,7 +210,8 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     if (ia == t->vocab_.end() || ib == t->vocab_.end() || ic == t->vocab_.end()) {
       return InvalidArgument(label, ": merge '", a, " ", b, "' uses a token missing from the vocabulary");
     }
-    t->merges_.try_emplace(PairKey(ia->second, ib->second), Merge{rank, ic->second});
+    // A repeated merge takes its last rank, as Hugging Face's map of merges does.
+    t->merges_.insert_or_assign(PairKey(ia->second, ib->second), Merge{rank, ic->second});
     ++rank;
   }
 
@@ -226,6 +231,11 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
       }
       const std::string content = a["content"].get<std::string>();
       if (content.empty()) return InvalidArgument(label, ": added token with id ", DescribeJson(a["id"]), " is empty");
+      auto in_vocab = t->vocab_.find(content);
+      if (in_vocab != t->vocab_.end() && in_vocab->second != a["id"].get<int32_t>()) {
+        return InvalidArgument(label, ": added token '", content, "' has id ", DescribeJson(a["id"]),
+                               " but the vocabulary gives it id ", in_vocab->second);
+      }
       const bool special = a.value("special", false);
       t->added_.push_back({a["id"].get<int32_t>(), content, special, a.value("normalized", !special)});
     }
@@ -342,7 +352,7 @@ void Tokenizer::SplitAdded(std::string_view text, bool parse_special, bool norma
       const AddedToken* hit = nullptr;
       if (added_first_byte_[static_cast<unsigned char>(text[i])]) {
         for (const AddedToken& a : added_) {  // longest first: the first hit is the longest
-          if (a.normalized == normalized_pass && (parse_special || !a.special) && a.content.size() <= seg.end - i &&
+          if (a.normalized == normalized_pass && a.content.size() <= seg.end - i &&
               text.compare(i, a.content.size(), a.content) == 0) {
             hit = &a;
             break;
@@ -351,6 +361,10 @@ void Tokenizer::SplitAdded(std::string_view text, bool parse_special, bool norma
       }
       if (hit == nullptr) {
         ++i;
+        continue;
+      }
+      if (hit->special && !parse_special) {  // matched, but stays plain text (HF encode_special_tokens)
+        i += hit->content.size();
         continue;
       }
       if (i > start) out.push_back({start, i, -1});
@@ -379,14 +393,14 @@ StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool par
     if (s.token >= 0) {
       out.push_back(s.token);
     } else {
-      EncodeText(text.substr(s.begin, s.end - s.begin), &out);
+      KRAKEN_RETURN_IF_ERROR(EncodeText(text.substr(s.begin, s.end - s.begin), &out));
     }
   }
   return out;
 }
 
-void Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* out) const {
-  if (text.empty()) return;
+Status Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* out) const {
+  if (text.empty()) return absl::OkStatus();
   std::string prefixed;
   if (add_prefix_space_ && text.front() != ' ') {
     prefixed.reserve(text.size() + 1);
@@ -399,9 +413,15 @@ void Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* out) con
   size_t pos = 0;
   while (pos < text.size()) {
     const int rc = pcre2_match(regex_->code, subject, text.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
-    if (rc < 0) {  // no further match: the rest is one piece (Isolated split behaviour)
+    if (rc == PCRE2_ERROR_NOMATCH) {  // no further match: the rest is one piece (Isolated split)
       EncodeWord(text.substr(pos), out);
       break;
+    }
+    if (rc < 0) {  // match or JIT stack limits: refuse rather than tokenize differently
+      pcre2_match_data_free(md);
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(rc, msg, sizeof msg);
+      return ResourceExhausted("pre-tokenizer regex failed at byte ", pos, ": ", reinterpret_cast<const char*>(msg));
     }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md);
     size_t b = ov[0], e = ov[1];
@@ -415,6 +435,7 @@ void Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* out) con
     pos = e;
   }
   pcre2_match_data_free(md);
+  return absl::OkStatus();
 }
 
 void Tokenizer::EncodeWord(std::string_view word, std::vector<int32_t>* out) const {

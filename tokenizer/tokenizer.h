@@ -99,7 +99,7 @@ class Tokenizer {
   // Splits the plain segments around the added tokens of one pass.
   void SplitAdded(std::string_view text, bool parse_special, bool normalized_pass,
                   std::vector<Segment>* segments) const;
-  void EncodeText(std::string_view text, std::vector<int32_t>* out) const;
+  Status EncodeText(std::string_view text, std::vector<int32_t>* out) const;
   void EncodeWord(std::string_view word, std::vector<int32_t>* out) const;
 
   absl::flat_hash_map<std::string, int32_t> vocab_;      // byte-level form -> id

@@ -95,6 +95,7 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   int32_t next = -1;
   for (int step = 0; step < o.max_tokens; ++step) {
     runtime::SeqStep s{.seq_id = 1,
+                       .kv_generation = group->generation(),
                        .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next, 1),
                        .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + generated.size() - 1),
                        .block_table = blocks,

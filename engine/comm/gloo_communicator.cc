@@ -4,7 +4,6 @@
 #include <gloo/barrier.h>
 #include <gloo/broadcast.h>
 #include <gloo/rendezvous/context.h>
-#include <gloo/rendezvous/file_store.h>
 #include <gloo/rendezvous/prefix_store.h>
 #include <gloo/transport/tcp/device.h>
 
@@ -13,6 +12,7 @@
 namespace kraken::engine {
 
 StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(const GlooOptions& o) {
+  if (o.store == nullptr) return InvalidArgument("Gloo: no rendezvous store");
   if (o.world_size < 1 || o.rank < 0 || o.rank >= o.world_size) {
     return InvalidArgument("Gloo: rank ", o.rank, " is not in a world of size ", o.world_size);
   }
@@ -24,8 +24,7 @@ StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(const GlooO
     gloo::transport::tcp::attr attr;
     attr.hostname = o.host;
     auto device = gloo::transport::tcp::CreateDevice(attr);
-    gloo::rendezvous::FileStore store(o.store_dir);
-    gloo::rendezvous::PrefixStore prefix("kraken", store);
+    gloo::rendezvous::PrefixStore prefix("kraken", *o.store);
     auto context = std::make_shared<gloo::rendezvous::Context>(o.rank, o.world_size);
     context->setTimeout(o.timeout);
     context->connectFullMesh(prefix, device);

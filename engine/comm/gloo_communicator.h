@@ -1,10 +1,11 @@
 // Collectives between CPU worker processes with Gloo (Facebook's collective library; Debian
-// libgloo-dev): TCP on loopback, rendezvous through a file store in a private directory.
+// libgloo-dev): TCP on loopback; rendezvous through a store the caller provides (the runtime
+// keeps it in its shared-memory segment, runtime/shm_store.h).
 // Gloo's collectives are blocking, so one communication thread runs them in submission order
 // while the compute thread goes on; Wait blocks only until that collective has finished.
 //
 //   KRAKEN_ASSIGN_OR_RETURN(auto comm, GlooCommunicator::Create({.rank = r, .world_size = W,
-//                                                                 .store_dir = dir}));
+//                                                                 .store = &store}));
 //   KRAKEN_ASSIGN_OR_RETURN(CollectiveHandle h, comm->StartAllReduceSum(buf, n));
 //   ... compute ...
 //   KRAKEN_RETURN_IF_ERROR(comm->Wait(h));
@@ -25,14 +26,17 @@
 
 namespace gloo {
 class Context;
+namespace rendezvous {
+class Store;
 }
+}  // namespace gloo
 
 namespace kraken::engine {
 
 struct GlooOptions {
   int rank = 0;
   int world_size = 1;
-  std::string store_dir;      // shared by all ranks (a private temporary directory)
+  gloo::rendezvous::Store* store = nullptr;  // shared by all ranks; used only inside Create
   std::string host = "127.0.0.1";
   std::chrono::milliseconds timeout{30000};  // connection and per-collective limit
 };

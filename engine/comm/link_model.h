@@ -4,7 +4,7 @@
 // the collective hides it, exactly as on the emulated system).
 //
 // CPU compute here is roughly a thousand times slower than the GPUs such links connect, so a
-// preset applied raw makes communication look free. With `scale_to_measured_gflops` set, link
+// preset applied raw makes communication look free. With `measured_gemm_flops` > 0, link
 // time is multiplied by (the preset device's dense GEMM rate / the GEMM rate measured here),
 // which keeps the emulated system's ratio of communication to compute.
 //

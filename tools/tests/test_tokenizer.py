@@ -146,3 +146,51 @@ def test_special_tokens_and_invalid_utf8(tokenize_bin):
     code, _, err = run("--encode", b"ok \xff bad")
     assert code == 1
     assert "text is not valid UTF-8 (first bad byte at offset 3)" in err
+
+
+def _variant(tmp_path, name, mutate):
+    j = json.load(open(MIXED))
+    mutate(j)
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(j))
+    return str(path)
+
+
+def test_edge_configurations_match_or_are_refused(tokenize_bin, tmp_path):
+    def run(path, *args):
+        r = subprocess.run([tokenize_bin, path, *args], capture_output=True, text=True)
+        return r.returncode, r.stdout.strip(), r.stderr
+
+    # A non-special added token inside a special one's text, with special tokens as plain text:
+    # Hugging Face matches the special token (leftmost-longest) and leaves it as text.
+    def add_short(j):
+        j["added_tokens"].append({"id": 4096, "content": "<|endof", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": False})
+    p = _variant(tmp_path, "short", add_short)
+    hf = Tokenizer.from_file(p)
+    for text in ("a<|endoftext|>b", "x <|endof y", "<|endof<|endoftext|>"):
+        assert [int(x) for x in run(p, "--encode", text)[1].split(",")] == hf.encode(text).ids
+        hf.encode_special_tokens = True
+        assert [int(x) for x in run(p, "--encode", text, "--no-special")[1].split(",")] == hf.encode(text).ids
+        hf.encode_special_tokens = False
+
+    # A merge listed twice takes its last rank.
+    def dup_merge(j):
+        j["model"]["merges"].append(list(j["model"]["merges"][3]))
+    p = _variant(tmp_path, "dup", dup_merge)
+    hf = Tokenizer.from_file(p)
+    text = "the that this then thee thine those"
+    assert [int(x) for x in run(p, "--encode", text)[1].split(",")] == hf.encode(text).ids
+
+    # Configurations that would tokenize differently are refused at load, by name.
+    def split_prefix(j):
+        j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": r"\s+|\w+|[^\s\w]+"}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": False}]}
+    code, _, err = run(_variant(tmp_path, "prefix", split_prefix), "--encode", "x")
+    assert code == 1 and "add_prefix_space" in err
+
+    def clash(j):
+        j["added_tokens"].append({"id": 4000, "content": "a", "special": False})
+    code, _, err = run(_variant(tmp_path, "clash", clash), "--encode", "x")
+    assert code == 1 and "added token 'a' has id 4000 but the vocabulary gives it id" in err

@@ -4,7 +4,9 @@
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
 #   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
-#   5. libFuzzer runs of the safetensors parser and the tokenizer over their kept corpora
+#   5. KRAKEN_ENABLE_CUDA=ON build of the NCCL communicator and its tests (when the CUDA toolkit
+#      is installed); without a GPU only the no-device tests run, the gpu-labelled ones skip
+#   6. libFuzzer runs of the safetensors parser and the tokenizer over their kept corpora
 # ctest runs serially (-j1): each test process uses every core through OpenMP, and two of them
 # spinning on two cores slow each other down a hundredfold.
 set -euo pipefail
@@ -28,6 +30,16 @@ step "AddressSanitizer + UndefinedBehaviorSanitizer"
 "$root/scripts/build.sh" "$root/build-asan" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKRAKEN_SANITIZE=address,undefined \
   -DKRAKEN_BUILD_BENCH=OFF
 (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest -j1 -L 'unit|model' --output-on-failure)
+
+step "CUDA build: NCCL communicator"
+if [[ -f /usr/local/cuda/include/nccl.h ]]; then
+  cmake -S "$root" -B "$root/build-cuda" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_ENABLE_CUDA=ON \
+    -DKRAKEN_WERROR=ON -DKRAKEN_BUILD_BENCH=OFF -DCUDAToolkit_ROOT=/usr/local/cuda >/dev/null
+  ninja -C "$root/build-cuda" kraken_comm_nccl nccl_no_device_test nccl_test
+  (cd "$root/build-cuda" && ctest -j1 -R '^Nccl' --output-on-failure)
+else
+  echo "no CUDA toolkit under /usr/local/cuda: skipped"
+fi
 
 step "libFuzzer: safetensors parser, tokenizer"
 "$root/scripts/build.sh" "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \

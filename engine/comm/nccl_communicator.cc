@@ -1,0 +1,219 @@
+#include "engine/comm/nccl_communicator.h"
+
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <gloo/rendezvous/store.h>
+
+namespace kraken::engine {
+namespace {
+
+std::string CudaError(cudaError_t e) { return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"); }
+std::string NcclError(ncclResult_t r) { return StrCat("NCCL error ", static_cast<int>(r), " (", ncclGetErrorString(r), ")"); }
+
+}  // namespace
+
+StatusOr<int> CudaDeviceCount() {
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();  // clear the sticky error state for later callers
+    return FailedPrecondition("no usable CUDA device: cudaGetDeviceCount failed with ", CudaError(e));
+  }
+  if (n <= 0) return FailedPrecondition("no usable CUDA device: cudaGetDeviceCount reports 0 devices");
+  return n;
+}
+
+struct NcclCommunicator::Impl {
+  ncclComm_t comm = nullptr;
+  cudaStream_t stream = nullptr;   // communication stream
+  cudaStream_t compute = nullptr;  // caller's stream, or null
+  float* scratch = nullptr;        // one float for Barrier
+  uint64_t next_id = 0;
+  std::unordered_map<uint64_t, cudaEvent_t> done;  // in-flight collectives by handle id
+};
+
+StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(const NcclOptions& o) {
+  if (o.world_size < 1) return InvalidArgument("world_size must be >= 1, got ", o.world_size);
+  if (o.rank < 0 || o.rank >= o.world_size)
+    return InvalidArgument("rank must be in [0, ", o.world_size, "), got ", o.rank);
+  if (o.world_size > 1 && o.store == nullptr) return InvalidArgument("store is required when world_size > 1");
+  KRAKEN_ASSIGN_OR_RETURN(int devices, CudaDeviceCount());
+  if (o.device < 0 || o.device >= devices)
+    return InvalidArgument("device must be in [0, ", devices, "), got ", o.device);
+  if (cudaError_t e = cudaSetDevice(o.device); e != cudaSuccess)
+    return FailedPrecondition("rank ", o.rank, ": cudaSetDevice(", o.device, ") failed with ", CudaError(e));
+
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  const std::string key = o.key_prefix + "/nccl_id";
+  if (o.world_size > 1) {
+    try {
+      if (o.rank == 0) {
+        if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess)
+          return absl::UnavailableError(StrCat("rank 0: ncclGetUniqueId failed: ", NcclError(r)));
+        std::vector<char> bytes(reinterpret_cast<const char*>(&id), reinterpret_cast<const char*>(&id) + sizeof(id));
+        o.store->set(key, bytes);
+      } else {
+        o.store->wait({key}, o.timeout);
+        std::vector<char> bytes = o.store->get(key);
+        if (bytes.size() != sizeof(id))
+          return absl::UnavailableError(StrCat("rank ", o.rank, ": NCCL unique id has ", bytes.size(),
+                                               " bytes, expected ", sizeof(id)));
+        std::memcpy(&id, bytes.data(), sizeof(id));
+      }
+    } catch (const std::exception& e) {
+      return absl::UnavailableError(StrCat("rank ", o.rank, ": NCCL unique id exchange failed: ", e.what()));
+    }
+  } else if (ncclResult_t r = ncclGetUniqueId(&id); r != ncclSuccess) {
+    return absl::UnavailableError(StrCat("ncclGetUniqueId failed: ", NcclError(r)));
+  }
+
+  auto self = std::unique_ptr<NcclCommunicator>(new NcclCommunicator());
+  self->rank_ = o.rank;
+  self->world_ = o.world_size;
+  self->timeout_ = o.timeout;
+  self->impl_ = std::make_unique<Impl>();
+  Impl& im = *self->impl_;
+  im.compute = static_cast<cudaStream_t>(o.compute_stream);
+  if (cudaError_t e = cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking); e != cudaSuccess)
+    return absl::UnavailableError(StrCat("rank ", o.rank, ": cudaStreamCreate failed with ", CudaError(e)));
+  if (cudaError_t e = cudaMalloc(&im.scratch, sizeof(float)); e != cudaSuccess)
+    return absl::UnavailableError(StrCat("rank ", o.rank, ": cudaMalloc failed with ", CudaError(e)));
+  if (ncclResult_t r = ncclCommInitRank(&im.comm, o.world_size, id, o.rank); r != ncclSuccess) {
+    im.comm = nullptr;
+    return absl::UnavailableError(StrCat("rank ", o.rank, ": ncclCommInitRank failed: ", NcclError(r)));
+  }
+  return self;
+}
+
+NcclCommunicator::~NcclCommunicator() {
+  if (!impl_) return;
+  Impl& im = *impl_;
+  for (auto& [id, ev] : im.done) cudaEventDestroy(ev);
+  if (im.comm != nullptr) {
+    // After a failure the communicator may hang in destroy; abort is the documented way out.
+    if (failure_.ok()) {
+      cudaStreamSynchronize(im.stream);
+      ncclCommDestroy(im.comm);
+    } else {
+      ncclCommAbort(im.comm);
+    }
+  }
+  if (im.scratch != nullptr) cudaFree(im.scratch);
+  if (im.stream != nullptr) cudaStreamDestroy(im.stream);
+}
+
+Status NcclCommunicator::Fail(const std::string& what) {
+  if (failure_.ok()) {
+    failure_ = absl::UnavailableError(StrCat("rank ", rank_, ": ", what));
+    if (impl_ && impl_->comm != nullptr) {
+      ncclCommAbort(impl_->comm);
+      impl_->comm = nullptr;
+    }
+  }
+  return failure_;
+}
+
+StatusOr<CollectiveHandle> NcclCommunicator::StartAllReduceSum(float* data, int64_t count) {
+  if (!failure_.ok()) return failure_;
+  if (count < 0) return InvalidArgument("AllReduce count must be >= 0, got ", count);
+  Impl& im = *impl_;
+  cudaEvent_t ready = nullptr, done = nullptr;
+  if (cudaEventCreateWithFlags(&ready, cudaEventDisableTiming) != cudaSuccess ||
+      cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) {
+    if (ready) cudaEventDestroy(ready);
+    return Fail("cudaEventCreate failed");
+  }
+  // Order the collective after the compute stream's writes to `data`.
+  if (im.compute != nullptr) {
+    cudaEventRecord(ready, im.compute);
+    cudaStreamWaitEvent(im.stream, ready, 0);
+  }
+  cudaEventDestroy(ready);  // destruction is deferred by CUDA until the event completes
+  if (ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat32, ncclSum, im.comm, im.stream);
+      r != ncclSuccess) {
+    cudaEventDestroy(done);
+    return Fail(StrCat("ncclAllReduce failed: ", NcclError(r)));
+  }
+  cudaEventRecord(done, im.stream);
+  const uint64_t id = ++im.next_id;
+  im.done.emplace(id, done);
+  return CollectiveHandle{id};
+}
+
+Status NcclCommunicator::HostWait(void* event_ptr) {
+  auto event = static_cast<cudaEvent_t>(event_ptr);
+  const auto deadline = std::chrono::steady_clock::now() + timeout_;
+  while (true) {
+    cudaError_t e = cudaEventQuery(event);
+    if (e == cudaSuccess) return absl::OkStatus();
+    if (e != cudaErrorNotReady) return Fail(StrCat("collective failed: ", CudaError(e)));
+    ncclResult_t async = ncclSuccess;
+    if (ncclCommGetAsyncError(impl_->comm, &async) != ncclSuccess || async != ncclSuccess)
+      return Fail(StrCat("collective failed (a peer is gone?): ", NcclError(async)));
+    if (std::chrono::steady_clock::now() > deadline)
+      return Fail(StrCat("collective did not finish within ", timeout_.count(), " ms"));
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+Status NcclCommunicator::Wait(CollectiveHandle handle) {
+  if (!failure_.ok()) return failure_;
+  Impl& im = *impl_;
+  auto it = im.done.find(handle.id);
+  if (it == im.done.end()) return InvalidArgument("unknown or already waited collective handle ", handle.id);
+  cudaEvent_t done = it->second;
+  im.done.erase(it);
+  Status status = absl::OkStatus();
+  if (im.compute != nullptr) {
+    if (cudaError_t e = cudaStreamWaitEvent(im.compute, done, 0); e != cudaSuccess)
+      status = Fail(StrCat("cudaStreamWaitEvent failed with ", CudaError(e)));
+  } else {
+    status = HostWait(done);
+  }
+  cudaEventDestroy(done);
+  return status;
+}
+
+Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root) {
+  if (!failure_.ok()) return failure_;
+  if (root < 0 || root >= world_) return InvalidArgument("broadcast root must be in [0, ", world_, "), got ", root);
+  if (bytes < 0) return InvalidArgument("broadcast bytes must be >= 0, got ", bytes);
+  Impl& im = *impl_;
+  if (im.compute != nullptr) {
+    cudaEvent_t ready;
+    cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    cudaEventRecord(ready, im.compute);
+    cudaStreamWaitEvent(im.stream, ready, 0);
+    cudaEventDestroy(ready);
+  }
+  if (ncclResult_t r = ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, im.comm, im.stream);
+      r != ncclSuccess)
+    return Fail(StrCat("ncclBroadcast failed: ", NcclError(r)));
+  cudaEvent_t done;
+  cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+  cudaEventRecord(done, im.stream);
+  Status s = HostWait(done);
+  cudaEventDestroy(done);
+  return s;
+}
+
+Status NcclCommunicator::Barrier() {
+  if (!failure_.ok()) return failure_;
+  Impl& im = *impl_;
+  if (ncclResult_t r = ncclAllReduce(im.scratch, im.scratch, 1, ncclFloat32, ncclSum, im.comm, im.stream); r != ncclSuccess)
+    return Fail(StrCat("barrier AllReduce failed: ", NcclError(r)));
+  cudaEvent_t done;
+  cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+  cudaEventRecord(done, im.stream);
+  Status s = HostWait(done);
+  cudaEventDestroy(done);
+  return s;
+}
+
+}  // namespace kraken::engine

@@ -142,6 +142,17 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       }
     }
   }
+  if (!history.banned.empty()) {
+    for (int32_t t : history.banned)
+      if (t >= 0 && t < V) seen_[t] = 1;
+    bool other = false;
+    for (int i = 0; i < V && !other; ++i) other = !seen_[i] && w[i] != kNegInf;
+    for (int32_t t : history.banned) {
+      if (t < 0 || t >= V) continue;
+      if (other) w[t] = kNegInf;
+      seen_[t] = 0;
+    }
+  }
 
   int chosen = 0;
   if (p.temperature == 0.f) {

@@ -47,6 +47,9 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab);
 struct TokenHistory {
   std::span<const int32_t> prompt;
   std::span<const int32_t> generated;
+  /// Tokens that may not be drawn this step (EOS and stop ids while min_tokens is not reached):
+  /// their weight becomes -inf after penalties. Ignored when it would leave nothing to draw.
+  std::span<const int32_t> banned;
 };
 
 struct TokenLogprob {

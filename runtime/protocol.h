@@ -23,7 +23,7 @@
 namespace kraken::runtime {
 
 inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
-inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr uint32_t kProtocolVersion = 2;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
 
@@ -66,10 +66,11 @@ struct PlanSeq {
   int32_t history_offset = 0;   // penalty history in history[]: prompt tokens then generated
   int32_t history_prompt = 0;   //   ... this many prompt tokens
   int32_t history_generated = 0;  //   ... then this many generated tokens
+  int32_t history_banned = 0;   //   ... then this many ids that may not be sampled
   int64_t draw_index = 0;       // index of the token to sample (tokens generated so far)
   uint8_t sample = 0;           // 1: sample a next token from the last new token's logits
   uint8_t prompt_logprobs = 0;  // 1: logprob of each new token after the first, given its prefix
-  uint8_t reserved[6] = {};
+  uint8_t reserved[2] = {};
   PlanSampling sampling;
 };
 

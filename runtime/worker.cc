@@ -154,7 +154,8 @@ Status Worker::CheckPlan(const PlanHeader& p) const {
     const bool ok = s.token_offset >= 0 && s.num_tokens >= 1 && s.token_offset + s.num_tokens <= p.num_tokens &&
                     s.block_offset >= 0 && s.num_blocks >= 0 && s.block_offset + s.num_blocks <= p.num_block_ids &&
                     s.history_offset >= 0 && s.history_prompt >= 0 && s.history_generated >= 0 &&
-                    s.history_offset + s.history_prompt + s.history_generated <= p.num_history;
+                    s.history_banned >= 0 &&
+                    s.history_offset + s.history_prompt + s.history_generated + s.history_banned <= p.num_history;
     if (!ok) return InvalidArgument("step plan sequence ", i, " points outside the plan's arrays");
   }
   return absl::OkStatus();
@@ -224,7 +225,9 @@ Status Worker::RunStep(const PlanHeader& plan) {
                                .presence_penalty = ps.presence_penalty, .frequency_penalty = ps.frequency_penalty,
                                .seed = ps.seed, .top_logprobs = ps.top_logprobs};
       engine::TokenHistory h{{history + s.history_offset, static_cast<size_t>(s.history_prompt)},
-                             {history + s.history_offset + s.history_prompt, static_cast<size_t>(s.history_generated)}};
+                             {history + s.history_offset + s.history_prompt, static_cast<size_t>(s.history_generated)},
+                             {history + s.history_offset + s.history_prompt + s.history_generated,
+                              static_cast<size_t>(s.history_banned)}};
       auto t = sampler_->Sample(last, p, h, s.draw_index);
       if (!t.ok()) {
         out.error = static_cast<int32_t>(t.status().code());

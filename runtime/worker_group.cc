@@ -309,7 +309,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqStep& s = seqs[i];
     tokens += static_cast<int64_t>(s.tokens.size());
-    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size());
+    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size() + s.banned.size());
     if (s.start_pos > 0 && s.kv_generation != generation_) {
       return absl::FailedPreconditionError(
           StrCat("sequence ", i, " (id ", s.seq_id, ") continues at position ", s.start_pos, " from KV generation ",
@@ -354,7 +354,9 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
     p.history_generated = static_cast<int32_t>(s.history_generated.size());
     std::memcpy(hist + h_at, s.history_prompt.data(), s.history_prompt.size_bytes());
     std::memcpy(hist + h_at + p.history_prompt, s.history_generated.data(), s.history_generated.size_bytes());
-    h_at += p.history_prompt + p.history_generated;
+    p.history_banned = static_cast<int32_t>(s.banned.size());
+    std::memcpy(hist + h_at + p.history_prompt + p.history_generated, s.banned.data(), s.banned.size_bytes());
+    h_at += p.history_prompt + p.history_generated + p.history_banned;
     p.draw_index = s.draw_index;
     p.sample = s.sample ? 1 : 0;
     p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;

@@ -66,6 +66,7 @@ struct SeqStep {
   int64_t draw_index = 0;
   std::span<const int32_t> history_prompt;     // only needed when penalties are on
   std::span<const int32_t> history_generated;
+  std::span<const int32_t> banned;             // may not be sampled (min_tokens)
 };
 
 /// Rank 0's result, pointing into the segment: valid until the next RunStep.

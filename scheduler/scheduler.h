@@ -1,0 +1,115 @@
+// Iteration-level continuous batching (Yu et al., "Orca", OSDI 2022) over a paged KV cache
+// (Kwon et al., "vLLM / PagedAttention", SOSP 2023), with chunked prefill inside a per-step token
+// budget (Agrawal et al., "Sarathi-Serve", OSDI 2024).
+//
+// The scheduler knows requests only as token sequences: it never sees text, a model or a clock,
+// so every decision is a pure function of (queues, free KV blocks, budget) and is unit-tested
+// without a model (tests/scheduler/). One call to Schedule() plans one forward step:
+//
+//   1. Running sequences that decode (one known token not yet in the KV cache) get 1 token each,
+//      in order; then running sequences still in prefill get a chunk of their remaining prompt
+//      from what is left of the token budget. A long prompt therefore never stalls decodes.
+//   2. If a running sequence needs a block and none is free, the last running sequence in order
+//      that is not yet part of this step is preempted by recompute: its blocks are freed, it goes
+//      back to the head of the waiting queue, and later it is prefilled again over its prompt and
+//      the tokens it had generated (nothing is lost; its seeded sampling continues identically).
+//      With no such victim the sequence preempts itself.
+//   3. Waiting requests are admitted in order while budget, sequence slots and blocks above the
+//      watermark remain; a prompt longer than the remaining budget is admitted with a first chunk.
+//      Admission is strictly in order: a request that does not fit blocks those behind it.
+//
+// Order everywhere is (priority, arrival): lower priority values first, first come first served
+// among equal priorities (all requests have priority 0 unless a client says otherwise).
+// Schedule() assumes the step will run: it advances each planned sequence's computed-token count.
+// After a failed step the caller aborts the sequences it had planned.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "engine/status.h"
+#include "scheduler/block_manager.h"
+
+namespace kraken::scheduler {
+
+struct SchedulerOptions {
+  int num_kv_blocks = 0;         // in each worker's pool
+  int block_size = 16;           // tokens per block
+  int max_batch_tokens = 512;    // new tokens per step, all sequences together
+  int max_batch_seqs = 64;       // sequences per step
+  int max_waiting = 256;         // waiting-queue capacity; Add beyond it is RESOURCE_EXHAUSTED
+  double watermark = 0.01;       // fraction of blocks admission leaves free for running decodes
+};
+
+/// One sequence as the scheduler tracks it.
+struct Sequence {
+  uint64_t id = 0;
+  int priority = 0;
+  uint64_t arrival = 0;              // order of Add calls
+  std::vector<int32_t> tokens;       // prompt then generated tokens: everything known
+  int32_t num_computed = 0;          // tokens of `tokens` whose K/V are in the cache
+  std::vector<int32_t> block_table;  // physical blocks covering [0, num_computed)
+  int preemptions = 0;
+  bool running = false;
+};
+
+/// One sequence's part of a planned step: feed tokens[start_pos, start_pos + num_tokens).
+struct ScheduledSeq {
+  Sequence* seq = nullptr;
+  int32_t start_pos = 0;
+  int32_t num_tokens = 0;
+  bool sample = false;  // the chunk reaches the last known token: sample the next one
+};
+
+struct StepPlan {
+  std::vector<ScheduledSeq> seqs;
+  std::vector<uint64_t> preempted;  // sequences preempted while planning this step
+  int num_tokens = 0;
+  bool empty() const { return seqs.empty(); }
+};
+
+class Scheduler {
+ public:
+  /// CHECK-fails on non-positive sizes (a configuration error caught at server start-up).
+  explicit Scheduler(const SchedulerOptions& options);
+
+  /// Queues a request with `tokens` (>= 1) already known. RESOURCE_EXHAUSTED when the waiting
+  /// queue holds max_waiting requests; INVALID_ARGUMENT for a duplicate id, no tokens, or a
+  /// sequence whose full KV could never fit in the cache.
+  Status Add(uint64_t id, std::vector<int32_t> tokens, int priority);
+  /// Plans the next step (see the header comment).
+  StepPlan Schedule();
+  /// Appends a sampled token to a running sequence.
+  void AppendToken(uint64_t id, int32_t token);
+  /// Forgets a sequence (finished, cancelled, failed) and frees its blocks. Unknown ids are ignored.
+  void Remove(uint64_t id);
+
+  const Sequence* Find(uint64_t id) const;
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  int num_running() const { return static_cast<int>(running_.size()); }
+  const BlockManager& blocks() const { return blocks_; }
+  const SchedulerOptions& options() const { return options_; }
+  /// Ids of all running sequences, in order.
+  std::vector<uint64_t> running_ids() const;
+
+ private:
+  void Preempt(Sequence* s);
+  void SortRunning();
+  bool Before(const Sequence* a, const Sequence* b) const {
+    return a->priority != b->priority ? a->priority < b->priority : a->arrival < b->arrival;
+  }
+  void InsertWaiting(Sequence* s);
+
+  SchedulerOptions options_;
+  BlockManager blocks_;
+  int watermark_blocks_ = 0;
+  uint64_t next_arrival_ = 0;
+  std::unordered_map<uint64_t, std::unique_ptr<Sequence>> seqs_;
+  std::deque<Sequence*> waiting_;  // in order
+  std::vector<Sequence*> running_;
+};
+
+}  // namespace kraken::scheduler

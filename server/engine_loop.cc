@@ -1,0 +1,286 @@
+#include "server/engine_loop.h"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+namespace kraken::server {
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace
+
+EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer& tok,
+                       const EngineOptions& options)
+    : group_(std::move(group)), tok_(tok), options_(options), sched_([&] {
+        scheduler::SchedulerOptions s = options.scheduler;
+        // Admission control happens in Submit; preempted sequences re-enter the scheduler's
+        // waiting queue without counting against it.
+        s.max_waiting = s.max_waiting + s.max_batch_seqs + 1;
+        return s;
+      }()) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+EngineLoop::~EngineLoop() { Stop(); }
+
+void EngineLoop::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void EngineLoop::Wake() { cv_.notify_all(); }
+
+Status EngineLoop::Submit(std::shared_ptr<Request> r) {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_ || fatal_) return absl::UnavailableError("the server is shutting down");
+    const int waiting = static_cast<int>(incoming_.size()) + sched_waiting_.load();
+    if (waiting >= options_.scheduler.max_waiting)
+      return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
+                               " requests waiting); retry later");
+    incoming_.push_back(std::move(r));
+    ++active_count_;
+  }
+  cv_.notify_all();
+  return absl::OkStatus();
+}
+
+void EngineLoop::FinishRequest(Request& r, const Status& status, kraken::v1::FinishReason reason,
+                               std::string stop_reason) {
+  const auto now = Clock::now();
+  std::lock_guard<std::recursive_mutex> l(r.mu);
+  if (r.out.finished) return;
+  r.out.finished = true;
+  r.out.status = status;
+  r.out.finish_reason = reason;
+  r.out.stop_reason = std::move(stop_reason);
+  r.out.completion_tokens = static_cast<uint32_t>(r.generated.size());
+  r.out.queue_s = r.scheduled ? Seconds(*r.scheduled - r.arrival) : Seconds(now - r.arrival);
+  r.out.ttft_s = r.first_token ? Seconds(*r.first_token - r.arrival) : 0.0;
+  r.out.e2e_s = Seconds(now - r.arrival);
+  if (r.notify) r.notify();
+}
+
+void EngineLoop::End(uint64_t id, const Status& status, kraken::v1::FinishReason reason, std::string stop_reason) {
+  auto it = active_.find(id);
+  if (it == active_.end()) return;
+  std::shared_ptr<Request> r = it->second;
+  sched_.Remove(id);
+  sched_waiting_ = sched_.num_waiting();
+  active_.erase(it);
+  --active_count_;
+  FinishRequest(*r, status, reason, std::move(stop_reason));
+  if (status.ok()) {
+    spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
+                 r->request_id, r->id, r->params.prompt.size(), r->generated.size(), r->out.ttft_s, r->out.e2e_s,
+                 kraken::v1::FinishReason_Name(reason));
+  } else {
+    spdlog::info("request {} ({}) ended: {}", r->request_id, r->id, status.ToString());
+  }
+}
+
+void EngineLoop::Admit() {
+  std::deque<std::shared_ptr<Request>> batch;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    batch.swap(incoming_);
+  }
+  for (auto& r : batch) {
+    active_.emplace(r->id, r);
+    Status s = sched_.Add(r->id, r->params.prompt, r->params.priority);
+    if (!s.ok()) {
+      active_.erase(r->id);
+      --active_count_;
+      FinishRequest(*r, s, kraken::v1::FINISH_REASON_UNSPECIFIED, "");
+      continue;
+    }
+  }
+  sched_waiting_ = sched_.num_waiting();
+}
+
+void EngineLoop::Reap(Clock::time_point now) {
+  std::vector<std::pair<uint64_t, Status>> ending;
+  for (auto& [id, r] : active_) {
+    if (now >= r->deadline) {
+      ending.emplace_back(id, absl::DeadlineExceededError(StrCat(
+                                  "deadline exceeded after ", Seconds(now - r->arrival), " s (",
+                                  r->scheduled ? "while generating" : "while queued", ")")));
+    } else if (r->cancelled.load()) {
+      ending.emplace_back(id, absl::CancelledError("the client cancelled the request"));
+    }
+  }
+  for (auto& [id, s] : ending) End(id, s);
+}
+
+void EngineLoop::Loop() {
+  while (true) {
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      // Sleep while there is nothing to do; with deadlines pending, wake at least every 50 ms.
+      cv_.wait_for(l, std::chrono::milliseconds(active_.empty() ? 1000 : 50),
+                   [&] { return stop_ || !incoming_.empty() || !active_.empty(); });
+      if (stop_) break;
+    }
+    Admit();
+    Reap(Clock::now());
+    if (active_.empty()) continue;
+    if (!RunOneStep()) {
+      // Nothing could be scheduled (all waiting behind the watermark): wait for a change.
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait_for(l, std::chrono::milliseconds(5), [&] { return stop_ || !incoming_.empty(); });
+    }
+    if (fatal_) break;
+  }
+  // Whatever is left ends now.
+  Admit();
+  std::vector<uint64_t> ids;
+  for (auto& [id, r] : active_) ids.push_back(id);
+  for (uint64_t id : ids)
+    End(id, fatal_ ? absl::UnavailableError("the server's workers failed and could not be restarted")
+                   : absl::UnavailableError("the server is shutting down"));
+}
+
+bool EngineLoop::RunOneStep() {
+  scheduler::StepPlan plan = sched_.Schedule();
+  sched_waiting_ = sched_.num_waiting();
+  for (uint64_t id : plan.preempted) {
+    spdlog::debug("request {} preempted (KV cache full); it will be recomputed", id);
+  }
+  if (plan.empty()) return false;
+  const auto now = Clock::now();
+  steps_.clear();
+  banned_.clear();
+  // Spans into banned_ must stay valid: size it first.
+  for (const auto& ss : plan.seqs) {
+    const Request& r = *active_.at(ss.seq->id);
+    if (ss.sample && r.generated.size() < r.params.min_tokens) banned_.insert(banned_.end(), r.params.stop_token_ids.begin(), r.params.stop_token_ids.end());
+  }
+  size_t banned_at = 0;
+  for (const auto& ss : plan.seqs) {
+    Request& r = *active_.at(ss.seq->id);
+    if (!r.scheduled) r.scheduled = now;
+    runtime::SeqStep st;
+    st.seq_id = r.id;
+    st.kv_generation = group_->generation();
+    st.tokens = std::span<const int32_t>(ss.seq->tokens.data() + ss.start_pos, ss.num_tokens);
+    st.start_pos = ss.start_pos;
+    st.block_table = ss.seq->block_table;
+    st.sample = ss.sample;
+    st.sampling = r.params.sampling;
+    st.draw_index = static_cast<int64_t>(r.generated.size());
+    if (ss.sample && NeedsHistory(r.params.sampling)) {
+      st.history_prompt = r.params.prompt;
+      st.history_generated = r.generated;
+    }
+    if (ss.sample && r.generated.size() < r.params.min_tokens) {
+      st.banned = std::span<const int32_t>(banned_.data() + banned_at, r.params.stop_token_ids.size());
+      banned_at += r.params.stop_token_ids.size();
+    }
+    steps_.push_back(st);
+  }
+  auto result = group_->RunStep(steps_);
+  if (!result.ok()) {
+    const Status& s = result.status();
+    spdlog::error("step of {} sequences failed: {}", plan.seqs.size(), s.ToString());
+    if (s.code() == absl::StatusCode::kAborted) {
+      fatal_ = true;
+      return true;
+    }
+    // The workers were restarted (UNAVAILABLE) or the plan was refused: the KV caches of every
+    // running sequence are gone or suspect. Fail those; waiting requests go on.
+    const Status fail = s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition
+                            ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
+                            : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
+    for (uint64_t id : sched_.running_ids()) End(id, fail);
+    return true;
+  }
+  for (const runtime::ResultSeq& res : result->seqs) {
+    auto it = active_.find(res.seq_id);
+    if (it == active_.end()) continue;
+    if (res.error != 0) {
+      End(res.seq_id, absl::InternalError(StrCat("sampling failed: status ", res.error)));
+      continue;
+    }
+    if (res.token >= 0) OnToken(*it->second, res);
+  }
+  return true;
+}
+
+void EngineLoop::OnToken(Request& r, const runtime::ResultSeq& res) {
+  const auto now = Clock::now();
+  const int32_t tok = res.token;
+  r.generated.push_back(tok);
+  sched_.AppendToken(r.id, tok);
+
+  kraken::v1::FinishReason reason = kraken::v1::FINISH_REASON_UNSPECIFIED;
+  std::string stop_reason;
+  std::string text;
+  const bool stop_id = std::find(r.params.stop_token_ids.begin(), r.params.stop_token_ids.end(), tok) !=
+                       r.params.stop_token_ids.end();
+  if (stop_id && r.generated.size() > r.params.min_tokens) {
+    reason = kraken::v1::FINISH_REASON_STOP;
+    stop_reason = StrCat("token:", tok);
+  } else {
+    std::string delta;
+    if (Status s = r.detok.Add(tok, &delta); !s.ok()) {
+      End(r.id, absl::InternalError(StrCat("detokenizing token ", tok, ": ", std::string(s.message()))));
+      return;
+    }
+    StopMatcher::Result m = r.stops.Push(delta);
+    text = std::move(m.release);
+    if (m.matched) {
+      reason = kraken::v1::FINISH_REASON_STOP;
+      stop_reason = m.stop;
+    }
+  }
+  const size_t total = r.params.prompt.size() + r.generated.size();
+  if (reason == kraken::v1::FINISH_REASON_UNSPECIFIED &&
+      (r.generated.size() >= r.params.max_tokens || total >= static_cast<size_t>(options_.context_length)))
+    reason = kraken::v1::FINISH_REASON_LENGTH;
+  if (reason != kraken::v1::FINISH_REASON_UNSPECIFIED && stop_reason.empty() == false &&
+      stop_reason.rfind("token:", 0) == 0) {
+    // Ended by a token: release whatever text was held back.
+    std::string rest;
+    r.detok.Finish(&rest);
+    text += r.stops.Push(rest).release;
+    text += r.stops.Flush();
+  } else if (reason == kraken::v1::FINISH_REASON_LENGTH) {
+    std::string rest;
+    r.detok.Finish(&rest);
+    StopMatcher::Result m = r.stops.Push(rest);
+    text += m.release;
+    if (m.matched) {
+      reason = kraken::v1::FINISH_REASON_STOP;
+      stop_reason = m.stop;
+    } else {
+      text += r.stops.Flush();
+    }
+  }
+  {
+    std::lock_guard<std::recursive_mutex> l(r.mu);
+    if (!r.first_token) r.first_token = now;
+    r.out.text += text;
+    r.out.ids.push_back(tok);
+    if (r.params.logprobs) {
+      kraken::v1::TokenLogprob lp;
+      lp.set_token_id(tok);
+      lp.set_logprob(res.logprob);
+      for (int i = 0; i < res.num_top; ++i) {
+        auto* t = lp.add_top();
+        t->set_token_id(res.top[i].token);
+        t->set_logprob(res.top[i].logprob);
+      }
+      r.out.logprobs.push_back(std::move(lp));
+    }
+    if (reason == kraken::v1::FINISH_REASON_UNSPECIFIED && r.notify) r.notify();
+  }
+  if (reason != kraken::v1::FINISH_REASON_UNSPECIFIED) End(r.id, absl::OkStatus(), reason, std::move(stop_reason));
+}
+
+}  // namespace kraken::server

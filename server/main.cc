@@ -1,0 +1,234 @@
+// kraken-server: serves a model over gRPC (kraken.v1.Kraken, grpc.health.v1.Health, reflection).
+// Every flag is also an environment variable (KRAKEN_<FLAG>, e.g. KRAKEN_PORT) and a key of the
+// TOML/INI file given with --config; the command line wins over the environment, which wins over
+// the file. See docs/api.md and README.md.
+#include <signal.h>
+
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "engine/model_config.h"
+#include "runtime/worker.h"
+#include "server/service.h"
+
+namespace {
+
+struct Flags {
+  std::string model = "models/kraken-kjv-4way";
+  std::string devices = "cpu:1";
+  std::string host = "0.0.0.0";
+  int port = 8001;
+  int threads_per_worker = 0;
+  int max_batch_tokens = 512;
+  int max_batch_seqs = 64;
+  int max_waiting = 256;
+  int num_kv_blocks = 0;
+  int block_size = 16;
+  double kv_watermark = 0.01;
+  int max_message_bytes = 4 << 20;
+  double grace_period_s = 30;
+  int max_restarts = 3;
+  std::string tls_cert, tls_key, tls_client_ca;
+  std::string api_key;
+  std::string log_level = "info";
+};
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
+  using namespace kraken;
+
+  Flags f;
+  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers"};
+  app.set_config("--config", "", "TOML/INI file with any of these flags as keys");
+  auto opt = [&](const char* name, auto& var, const char* env, const char* help) {
+    return app.add_option(name, var, help)->envname(env)->capture_default_str();
+  };
+  opt("--model", f.model, "KRAKEN_MODEL", "model directory (config.json, model.safetensors, tokenizer.json)");
+  opt("--devices", f.devices, "KRAKEN_DEVICES", "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
+  opt("--host", f.host, "KRAKEN_HOST", "address to listen on");
+  opt("--port", f.port, "KRAKEN_PORT", "gRPC port")->check(CLI::Range(0, 65535));
+  opt("--threads-per-worker", f.threads_per_worker, "KRAKEN_THREADS_PER_WORKER", "CPU threads per worker; 0 = cores / workers");
+  opt("--max-batch-tokens", f.max_batch_tokens, "KRAKEN_MAX_BATCH_TOKENS", "token budget of one step")->check(CLI::Range(1, 1 << 20));
+  opt("--max-batch-seqs", f.max_batch_seqs, "KRAKEN_MAX_BATCH_SEQS", "sequences per step")->check(CLI::Range(1, 4096));
+  opt("--max-waiting", f.max_waiting, "KRAKEN_MAX_WAITING", "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")->check(CLI::Range(0, 1 << 20));
+  opt("--num-kv-blocks", f.num_kv_blocks, "KRAKEN_NUM_KV_BLOCKS", "KV blocks per worker; 0 = max-batch-seqs full contexts");
+  opt("--block-size", f.block_size, "KRAKEN_BLOCK_SIZE", "tokens per KV block")->check(CLI::Range(1, 1024));
+  opt("--kv-watermark", f.kv_watermark, "KRAKEN_KV_WATERMARK", "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+  opt("--max-message-bytes", f.max_message_bytes, "KRAKEN_MAX_MESSAGE_BYTES", "largest request message");
+  opt("--grace-period", f.grace_period_s, "KRAKEN_GRACE_PERIOD", "seconds in-flight requests get after SIGTERM");
+  opt("--max-restarts", f.max_restarts, "KRAKEN_MAX_RESTARTS", "worker restarts within 5 minutes before giving up");
+  opt("--tls-cert", f.tls_cert, "KRAKEN_TLS_CERT", "PEM certificate chain (enables TLS)");
+  opt("--tls-key", f.tls_key, "KRAKEN_TLS_KEY", "PEM private key");
+  opt("--tls-client-ca", f.tls_client_ca, "KRAKEN_TLS_CLIENT_CA", "PEM CA: require and verify client certificates");
+  opt("--api-key", f.api_key, "KRAKEN_API_KEY", "require 'authorization: Bearer <key>' on API calls");
+  opt("--log-level", f.log_level, "KRAKEN_LOG_LEVEL", "trace, debug, info, warn, error");
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  if (f.tls_cert.empty() != f.tls_key.empty()) {
+    spdlog::critical("--tls-cert and --tls-key must be given together");
+    return 2;
+  }
+  if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
+    spdlog::critical("--tls-client-ca needs --tls-cert and --tls-key");
+    return 2;
+  }
+
+  // SIGTERM and SIGINT are taken by a waiting thread; block them before any thread starts.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto config = engine::LoadModelConfig(f.model);
+  if (!config.ok()) {
+    spdlog::critical("cannot load model: {}", config.status().ToString());
+    return 2;
+  }
+  auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
+  if (!tok.ok()) {
+    spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
+    return 2;
+  }
+  server::RequestLimits limits;
+  limits.context_length = config->n_positions;
+  limits.vocab_size = config->vocab_size;
+  limits.eos_token_id = config->eos_token_ids.empty() ? -1 : config->eos_token_ids.front();
+  try {  // generation defaults, as Hugging Face's generation_config.json
+    auto g = nlohmann::json::parse(ReadFile(f.model + "/generation_config.json"));
+    if (g.contains("temperature")) limits.default_temperature = g["temperature"].get<float>();
+    if (g.contains("top_p")) limits.default_top_p = g["top_p"].get<float>();
+    if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
+    if (g.contains("eos_token_id")) limits.eos_token_id = g["eos_token_id"].get<int>();
+  } catch (const std::exception& e) {
+    spdlog::info("no usable generation_config.json ({}); built-in defaults apply", e.what());
+  }
+
+  const auto t0 = std::chrono::steady_clock::now();
+  runtime::WorkerGroupOptions wo;
+  wo.model_dir = f.model;
+  wo.devices = f.devices;
+  wo.threads_per_worker = f.threads_per_worker;
+  wo.max_tokens = f.max_batch_tokens;
+  wo.max_seqs = f.max_batch_seqs;
+  wo.block_size = f.block_size;
+  wo.num_kv_blocks = f.num_kv_blocks;
+  wo.max_history = f.max_batch_seqs * (config->n_positions + limits.max_stop_token_ids + 1);
+  wo.max_restarts = f.max_restarts;
+  auto group = runtime::WorkerGroup::Start(wo);
+  if (!group.ok()) {
+    spdlog::critical("workers failed to start: {}", group.status().ToString());
+    return 1;
+  }
+  const runtime::Limits rl = (*group)->limits();
+  const int world = (*group)->world_size();
+  spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", world, f.devices,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
+               rl.block_size);
+
+  server::EngineOptions eo;
+  eo.context_length = config->n_positions;
+  eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size, .max_batch_tokens = f.max_batch_tokens,
+                  .max_batch_seqs = f.max_batch_seqs, .max_waiting = f.max_waiting, .watermark = f.kv_watermark};
+  server::EngineLoop engine(std::move(*group), **tok, eo);
+
+  server::ServiceOptions so;
+  so.limits = limits;
+  so.api_key = f.api_key;
+  auto& info = so.info;
+  info.set_model_name(f.model.substr(f.model.find_last_of('/') + 1));
+  info.set_architecture(std::string(engine::ArchitectureName(config->arch)));
+  info.set_kraken_degree(config->kraken_degree);
+  info.set_world_size(world);
+  info.set_context_length(config->n_positions);
+  info.set_vocab_size(config->vocab_size);
+  info.set_eos_token_id(limits.eos_token_id);
+  info.set_default_max_tokens(limits.default_max_tokens);
+  info.set_max_stop_strings(limits.max_stop_strings);
+  info.set_max_stop_string_bytes(limits.max_stop_string_bytes);
+  info.set_max_top_logprobs(limits.max_top_logprobs);
+  info.set_max_waiting_requests(f.max_waiting);
+  info.set_max_batch_tokens(f.max_batch_tokens);
+  info.set_max_batch_sequences(f.max_batch_seqs);
+  info.set_devices(f.devices);
+  server::KrakenService service(engine, **tok, so);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+  try {
+    if (!f.tls_cert.empty()) {
+      grpc::SslServerCredentialsOptions ssl(f.tls_client_ca.empty()
+                                                ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                                : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+      ssl.pem_key_cert_pairs.push_back({ReadFile(f.tls_key), ReadFile(f.tls_cert)});
+      if (!f.tls_client_ca.empty()) ssl.pem_root_certs = ReadFile(f.tls_client_ca);
+      creds = grpc::SslServerCredentials(ssl);
+    }
+  } catch (const std::exception& e) {
+    spdlog::critical("TLS: {}", e.what());
+    return 2;
+  }
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
+  builder.SetMaxReceiveMessageSize(f.max_message_bytes);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    spdlog::critical("cannot listen on {}:{}", f.host, f.port);
+    return 1;
+  }
+  auto* health = server->GetHealthCheckService();
+  health->SetServingStatus(true);
+  spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", info.model_name(), info.architecture(),
+               info.kraken_degree(), world, f.host, bound_port, f.tls_cert.empty() ? "" : " with TLS",
+               f.api_key.empty() ? "" : ", API key required");
+
+  // Wait for SIGTERM/SIGINT, or for the workers to fail for good.
+  std::atomic<int> signo{0};
+  std::thread waiter([&] {
+    int s = 0;
+    sigwait(&sigs, &s);
+    signo = s;
+  });
+  while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const bool fatal = engine.fatal();
+  health->SetServingStatus(false);
+  service.StartDraining();
+  if (fatal) {
+    spdlog::critical("workers failed beyond the restart limit; exiting");
+  } else {
+    spdlog::info("signal {}: draining (grace period {} s)", signo.load(), f.grace_period_s);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(f.grace_period_s);
+    while (engine.active() > 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  engine.Stop();  // ends what is left with UNAVAILABLE
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (signo == 0) kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
+  waiter.join();
+  spdlog::info("stopped");
+  return fatal ? 1 : 0;
+}

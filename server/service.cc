@@ -1,0 +1,260 @@
+#include "server/service.h"
+
+#include <spdlog/spdlog.h>
+
+#include "tokenizer/utf8.h"
+
+namespace kraken::server {
+namespace {
+
+using kraken::v1::GenerateResponse;
+
+// Moves what is pending in `out` into `msg`. The first message carries the seed (and the echo);
+// the last carries finish reason, usage and timings.
+void TakeOutput(Request& r, GenerateResponse* msg, bool last) {
+  Output& o = r.out;
+  msg->set_request_id(r.request_id);
+  msg->mutable_text()->append(o.text);
+  o.text.clear();
+  for (int32_t id : o.ids) msg->add_token_ids(id);
+  o.ids.clear();
+  for (auto& lp : o.logprobs) *msg->add_logprobs() = std::move(lp);
+  o.logprobs.clear();
+  if (!o.first_sent) {
+    o.first_sent = true;
+    msg->set_seed(r.params.sampling.seed);
+    if (r.params.echo) {
+      msg->set_prompt_text(r.params.prompt_text);
+      for (int32_t id : r.params.prompt) msg->add_prompt_token_ids(id);
+    }
+  }
+  if (last) {
+    msg->set_seed(r.params.sampling.seed);
+    msg->set_finish_reason(o.finish_reason);
+    msg->set_stop_reason(o.stop_reason);
+    msg->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(r.params.prompt.size()));
+    msg->mutable_usage()->set_completion_tokens(o.completion_tokens);
+    msg->mutable_timings()->set_queue_seconds(o.queue_s);
+    msg->mutable_timings()->set_ttft_seconds(o.ttft_s);
+    msg->mutable_timings()->set_e2e_seconds(o.e2e_s);
+  }
+}
+
+bool HasPending(const Output& o) { return !o.text.empty() || !o.ids.empty() || !o.first_sent; }
+
+class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+ public:
+  GenerateReactor(std::shared_ptr<Request> r, EngineLoop& engine) : r_(std::move(r)), engine_(engine) {
+    std::lock_guard<std::recursive_mutex> l(r_->mu);
+    r_->notify = [this] { Pump(); };
+    Pump();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::recursive_mutex> l(r_->mu);
+    writing_ = false;
+    if (!ok) {  // the client is gone
+      r_->cancelled = true;
+      engine_.Wake();
+      if (!finish_called_) {
+        finish_called_ = true;
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
+      }
+      return;
+    }
+    Pump();
+  }
+  void OnCancel() override {
+    r_->cancelled = true;
+    engine_.Wake();
+  }
+  void OnDone() override {
+    {
+      std::lock_guard<std::recursive_mutex> l(r_->mu);
+      r_->notify = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  // With r_->mu held: start the next write, or finish.
+  void Pump() {
+    if (writing_ || finish_called_) return;
+    Output& o = r_->out;
+    if (o.finished && !o.status.ok()) {
+      finish_called_ = true;
+      Finish(ToGrpc(o.status));
+      return;
+    }
+    if (o.finished && !last_sent_) {
+      msg_.Clear();
+      TakeOutput(*r_, &msg_, true);
+      last_sent_ = true;
+      writing_ = true;
+      StartWrite(&msg_);
+      return;
+    }
+    if (o.finished) {
+      finish_called_ = true;
+      Finish(grpc::Status::OK);
+      return;
+    }
+    if (HasPending(o) && (!o.text.empty() || !o.ids.empty())) {
+      msg_.Clear();
+      TakeOutput(*r_, &msg_, false);
+      writing_ = true;
+      StartWrite(&msg_);
+    }
+  }
+
+  std::shared_ptr<Request> r_;
+  EngineLoop& engine_;
+  GenerateResponse msg_;
+  bool writing_ = false, last_sent_ = false, finish_called_ = false;
+};
+
+class CompleteReactor final : public grpc::ServerUnaryReactor {
+ public:
+  CompleteReactor(std::shared_ptr<Request> r, EngineLoop& engine, GenerateResponse* resp)
+      : r_(std::move(r)), engine_(engine), resp_(resp) {
+    std::lock_guard<std::recursive_mutex> l(r_->mu);
+    r_->notify = [this] { Pump(); };
+    Pump();
+  }
+  void OnCancel() override {
+    r_->cancelled = true;
+    engine_.Wake();
+  }
+  void OnDone() override {
+    {
+      std::lock_guard<std::recursive_mutex> l(r_->mu);
+      r_->notify = nullptr;
+    }
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    if (finish_called_ || !r_->out.finished) return;
+    finish_called_ = true;
+    if (!r_->out.status.ok()) {
+      Finish(ToGrpc(r_->out.status));
+      return;
+    }
+    TakeOutput(*r_, resp_, true);
+    Finish(grpc::Status::OK);
+  }
+  std::shared_ptr<Request> r_;
+  EngineLoop& engine_;
+  GenerateResponse* resp_;
+  bool finish_called_ = false;
+};
+
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
+  auto* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+}  // namespace
+
+grpc::Status ToGrpc(const Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
+}
+
+Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
+  if (options_.api_key.empty()) return absl::OkStatus();
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata");
+  const std::string value(it->second.data(), it->second.size());
+  if (value != "Bearer " + options_.api_key) return absl::UnauthenticatedError("invalid API key in 'authorization'");
+  return absl::OkStatus();
+}
+
+StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServerContext* ctx,
+                                                              const kraken::v1::GenerateRequest& req) {
+  const auto arrival = Clock::now();
+  if (draining_) return absl::UnavailableError("the server is shutting down");
+  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
+  KRAKEN_ASSIGN_OR_RETURN(RequestParams params, ValidateGenerateRequest(req, options_.limits, tok_));
+  auto deadline = Clock::time_point::max();
+  const auto sys_deadline = ctx->deadline();
+  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
+    deadline = arrival + std::chrono::duration_cast<Clock::duration>(sys_deadline - std::chrono::system_clock::now());
+  auto r = std::make_shared<Request>(next_id_++, req.request_id(), std::move(params), tok_, arrival, deadline);
+  if (r->params.max_tokens == 0) {  // nothing to generate: answer at once
+    EngineLoop::FinishRequest(*r, absl::OkStatus(), kraken::v1::FINISH_REASON_LENGTH, "");
+    return r;
+  }
+  KRAKEN_RETURN_IF_ERROR(engine_.Submit(r));
+  return r;
+}
+
+grpc::ServerWriteReactor<GenerateResponse>* KrakenService::Generate(grpc::CallbackServerContext* ctx,
+                                                                    const kraken::v1::GenerateRequest* req) {
+  auto r = MakeRequest(ctx, *req);
+  if (!r.ok()) {
+    class Reject final : public grpc::ServerWriteReactor<GenerateResponse> {
+     public:
+      explicit Reject(const grpc::Status& s) { Finish(s); }
+      void OnDone() override { delete this; }
+    };
+    spdlog::info("request {} rejected: {}", req->request_id(), r.status().ToString());
+    return new Reject(ToGrpc(r.status()));
+  }
+  return new GenerateReactor(std::move(*r), engine_);
+}
+
+grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const kraken::v1::GenerateRequest* req,
+                                                  GenerateResponse* resp) {
+  auto r = MakeRequest(ctx, *req);
+  if (!r.ok()) {
+    spdlog::info("request {} rejected: {}", req->request_id(), r.status().ToString());
+    return FinishUnary(ctx, ToGrpc(r.status()));
+  }
+  return new CompleteReactor(std::move(*r), engine_, resp);
+}
+
+grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* ctx, const kraken::v1::TokenizeRequest* req,
+                                                  kraken::v1::TokenizeResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
+  if (static_cast<int>(req->text().size()) > options_.limits.max_prompt_bytes)
+    return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' must be at most ", options_.limits.max_prompt_bytes,
+                                                   " bytes, got ", req->text().size())));
+  size_t bad = 0;
+  if (!tokenizer::IsValidUtf8(req->text(), &bad))
+    return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ",
+                                                   bad, ")")));
+  auto ids = tok_.Encode(req->text(), req->add_special_tokens());
+  if (!ids.ok()) return FinishUnary(ctx, ToGrpc(ids.status()));
+  for (int32_t id : *ids) resp->add_token_ids(id);
+  return FinishUnary(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext* ctx,
+                                                    const kraken::v1::DetokenizeRequest* req,
+                                                    kraken::v1::DetokenizeResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
+  for (int i = 0; i < req->token_ids_size(); ++i) {
+    const int32_t id = req->token_ids(i);
+    if (id < 0 || id >= tok_.vocab_size())
+      return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", tok_.vocab_size(),
+                                                     "), got ", id)));
+  }
+  std::vector<int32_t> ids(req->token_ids().begin(), req->token_ids().end());
+  auto text = tok_.Decode(ids, req->skip_special_tokens());
+  if (!text.ok()) return FinishUnary(ctx, ToGrpc(text.status()));
+  resp->set_text(*text);
+  return FinishUnary(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KrakenService::GetModelInfo(grpc::CallbackServerContext* ctx,
+                                                      const kraken::v1::GetModelInfoRequest*, kraken::v1::ModelInfo* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
+  *resp = options_.info;
+  return FinishUnary(ctx, grpc::Status::OK);
+}
+
+}  // namespace kraken::server

@@ -10,6 +10,7 @@ import pytest
 TOOLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(TOOLS)
 sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.join(TOOLS, "tests"))
 
 
 def model_dir_of(name: str) -> str:

@@ -174,9 +174,9 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       std::sort(order_.begin() + n, tail);
       n = static_cast<int>(tail - order_.begin());
       if (p.top_p < 1.f) std::sort(order_.begin(), order_.begin() + n, ByValueThenId{w});
-    } else if (need_order) {
-      std::sort(order_.begin(), order_.end(), ByValueThenId{w});
     }
+    // top-p alone: the nucleus is found below by sorting only as many candidates as it needs.
+    const bool lazy_order = need_order && !(p.top_k > 0 && p.top_k < V);
     float m = kNegInf;
     for (int i = 0; i < n; ++i) m = std::max(m, w[order_[i]]);
     const double inv_t = 1.0 / p.temperature;
@@ -188,12 +188,22 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       total += e;
     }
     if (p.top_p < 1.f) {
+      // Walk the candidates in (probability, id) order until their mass reaches top_p. With no
+      // top-k, order them in growing slices (64, 256, ...): partial_sort of the rest keeps the
+      // order exact, and a peaked distribution never sorts the whole vocabulary.
       double cum = 0.0;
       int keep = 0;
-      while (keep < n) {
+      int sorted = lazy_order ? 0 : n;
+      bool reached = false;
+      while (!reached && keep < n) {
+        if (keep == sorted) {
+          const int next = std::min(n, std::max(64, sorted * 4));
+          std::partial_sort(order_.begin() + sorted, order_.begin() + next, order_.begin() + n, ByValueThenId{w});
+          sorted = next;
+        }
         cum += w[order_[keep]] / total;
         ++keep;
-        if (cum >= p.top_p) break;
+        reached = cum >= p.top_p;
       }
       n = keep;
     }

@@ -278,6 +278,7 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
 
 Status WorkerGroup::Recover(const Status& cause) {
   failure_noticed_ = std::chrono::steady_clock::now();
+  if (recovery_cb_) recovery_cb_(true, cause);
   KillAll();
   Status last = cause;
   for (;;) {
@@ -297,6 +298,7 @@ Status WorkerGroup::Recover(const Status& cause) {
     last = Launch();
     if (last.ok()) break;
   }
+  if (recovery_cb_) recovery_cb_(false, absl::OkStatus());
   return absl::UnavailableError(StrCat(std::string(cause.message()), "; the step failed and all ", world_size(),
                                        " workers were restarted (their KV caches are empty: generation ",
                                        generation_, ")"));

@@ -21,6 +21,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -105,6 +106,13 @@ class WorkerGroup {
   /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
   void Shutdown();
 
+  /// Called on the calling thread of RunStep when a worker failure has been noticed (`true`, with
+  /// the cause: the in-flight step will fail) and again when the workers are back (`false`). The
+  /// server uses it to fail streams at once and to report NOT_SERVING while recovering.
+  void set_recovery_callback(std::function<void(bool recovering, const Status& cause)> cb) {
+    recovery_cb_ = std::move(cb);
+  }
+
   std::vector<RankStatsSnapshot> Stats() const;
   int world_size() const { return static_cast<int>(devices_.size()); }
   const Limits& limits() const { return limits_; }
@@ -141,6 +149,7 @@ class WorkerGroup {
   int restarts_total_ = 0;
   std::vector<std::chrono::steady_clock::time_point> restart_times_;
   Status dead_ = absl::OkStatus();
+  std::function<void(bool, const Status&)> recovery_cb_;
   std::chrono::steady_clock::time_point failure_noticed_{};
 };
 

@@ -20,6 +20,17 @@ EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokeni
         s.max_waiting = s.max_waiting + s.max_batch_seqs + 1;
         return s;
       }()) {
+  group_->set_recovery_callback([this](bool recovering, const Status& cause) {
+    if (options_.on_serving) options_.on_serving(!recovering);
+    if (!recovering) return;
+    // Fail the streams whose KV caches are being lost now, not after the restart; the
+    // sequences leave the scheduler when the failed step returns.
+    const Status fail = absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
+    for (uint64_t id : sched_.running_ids()) {
+      auto it = active_.find(id);
+      if (it != active_.end()) FinishRequest(*it->second, fail, kraken::v1::FINISH_REASON_UNSPECIFIED, "");
+    }
+  });
   thread_ = std::thread([this] { Loop(); });
 }
 

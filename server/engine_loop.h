@@ -9,6 +9,7 @@
 #pragma once
 
 #include <condition_variable>
+#include <functional>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -24,6 +25,8 @@ namespace kraken::server {
 struct EngineOptions {
   scheduler::SchedulerOptions scheduler;
   int context_length = 0;
+  /// Told false while the workers are being recovered, true when they are back (health status).
+  std::function<void(bool serving)> on_serving;
 };
 
 class EngineLoop {

@@ -151,6 +151,16 @@ int main(int argc, char** argv) {
   eo.context_length = config->n_positions;
   eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size, .max_batch_tokens = f.max_batch_tokens,
                   .max_batch_seqs = f.max_batch_seqs, .max_waiting = f.max_waiting, .watermark = f.kv_watermark};
+  // Health, per service and overall: NOT_SERVING while workers are recovered.
+  std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
+  std::atomic<bool> draining{false};
+  auto set_health = [&](bool serving) {
+    if (auto* h = health_service.load()) {
+      h->SetServingStatus(serving && !draining);
+      h->SetServingStatus("kraken.v1.Kraken", serving && !draining);
+    }
+  };
+  eo.on_serving = set_health;
   server::EngineLoop engine(std::move(*group), **tok, eo);
 
   server::ServiceOptions so;
@@ -200,8 +210,8 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot listen on {}:{}", f.host, f.port);
     return 1;
   }
-  auto* health = server->GetHealthCheckService();
-  health->SetServingStatus(true);
+  health_service = server->GetHealthCheckService();
+  set_health(true);
   spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", info.model_name(), info.architecture(),
                info.kraken_degree(), world, f.host, bound_port, f.tls_cert.empty() ? "" : " with TLS",
                f.api_key.empty() ? "" : ", API key required");
@@ -215,7 +225,8 @@ int main(int argc, char** argv) {
   });
   while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
-  health->SetServingStatus(false);
+  draining = true;
+  set_health(false);
   service.StartDraining();
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");

@@ -66,6 +66,7 @@ struct Options {
   std::string prompt_ids_file;
   bool ignore_eos = false;
   std::string devices;  // set: run on worker processes (runtime/), e.g. "cpu:2"
+  int batch = 1;        // with devices: sequences decoded together (seeds seed .. seed + batch - 1)
   SamplingParams sampling{.temperature = 0.f};
 };
 
@@ -73,55 +74,72 @@ struct Options {
 Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const tokenizer::Tokenizer* tok,
                     const ModelConfig& cfg) {
   const int total = static_cast<int>(prompt.size()) + o.max_tokens;
+  const int B = o.batch;
+  const int blocks_per_seq = (total + o.block_size - 1) / o.block_size;
   runtime::WorkerGroupOptions wo{.model_dir = o.model_dir, .devices = o.devices, .threads_per_worker = o.threads,
-                                 .max_tokens = static_cast<int>(prompt.size()), .max_seqs = 1,
+                                 .max_tokens = static_cast<int>(prompt.size()) * B, .max_seqs = B,
                                  .max_context = std::min(total, cfg.n_positions), .block_size = o.block_size,
-                                 .num_kv_blocks = (total + o.block_size - 1) / o.block_size, .max_history = total};
+                                 .num_kv_blocks = blocks_per_seq * B, .max_history = total * B};
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
   const double load_s = Seconds(t_load, Clock::now());
-  std::vector<int32_t> blocks((total + o.block_size - 1) / o.block_size);
-  for (size_t i = 0; i < blocks.size(); ++i) blocks[i] = static_cast<int32_t>(i);
+  // Sequence b owns blocks [b * blocks_per_seq, (b + 1) * blocks_per_seq) and samples with seed + b.
+  std::vector<std::vector<int32_t>> blocks(B, std::vector<int32_t>(blocks_per_seq));
+  for (int b = 0; b < B; ++b)
+    for (int i = 0; i < blocks_per_seq; ++i) blocks[b][i] = b * blocks_per_seq + i;
   const SamplingParams& p = o.sampling;
-  const runtime::PlanSampling ps{.temperature = p.temperature, .top_p = p.top_p, .min_p = p.min_p,
-                                 .repetition_penalty = p.repetition_penalty, .presence_penalty = p.presence_penalty,
-                                 .frequency_penalty = p.frequency_penalty, .top_k = p.top_k,
-                                 .top_logprobs = p.top_logprobs, .seed = p.seed};
   const bool penalties = p.repetition_penalty != 1.f || p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
-  std::vector<int32_t> generated;
+  std::vector<std::vector<int32_t>> gen(B);
+  std::vector<int32_t> next(B, -1);
+  std::vector<bool> done(B, false);
+  std::vector<runtime::SeqStep> steps;
   std::string finish = "length";
   const auto t0 = Clock::now();
   double prefill_s = 0;
-  int32_t next = -1;
+  int64_t decoded = 0;  // tokens sampled by decode steps, all sequences
   for (int step = 0; step < o.max_tokens; ++step) {
-    runtime::SeqStep s{.seq_id = 1,
-                       .kv_generation = group->generation(),
-                       .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next, 1),
-                       .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + generated.size() - 1),
-                       .block_table = blocks,
-                       .sampling = ps,
-                       .draw_index = static_cast<int64_t>(generated.size())};
-    if (penalties) {
-      s.history_prompt = prompt;
-      s.history_generated = generated;
+    steps.clear();
+    for (int b = 0; b < B; ++b) {
+      if (done[b]) continue;
+      runtime::SeqStep s{.seq_id = static_cast<uint64_t>(b + 1),
+                         .kv_generation = group->generation(),
+                         .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next[b], 1),
+                         .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + gen[b].size() - 1),
+                         .block_table = blocks[b],
+                         .sampling = {.temperature = p.temperature, .top_p = p.top_p, .min_p = p.min_p,
+                                      .repetition_penalty = p.repetition_penalty, .presence_penalty = p.presence_penalty,
+                                      .frequency_penalty = p.frequency_penalty, .top_k = p.top_k,
+                                      .top_logprobs = p.top_logprobs, .seed = p.seed + static_cast<uint64_t>(b)},
+                         .draw_index = static_cast<int64_t>(gen[b].size())};
+      if (penalties) {
+        s.history_prompt = prompt;
+        s.history_generated = gen[b];
+      }
+      steps.push_back(s);
     }
-    KRAKEN_ASSIGN_OR_RETURN(runtime::StepResultView r, group->RunStep({&s, 1}));
+    if (steps.empty()) break;
+    KRAKEN_ASSIGN_OR_RETURN(runtime::StepResultView r, group->RunStep(steps));
     if (step == 0) prefill_s = Seconds(t0, Clock::now());
-    if (r.seqs[0].error != 0) {
-      return Status(static_cast<absl::StatusCode>(r.seqs[0].error), "sampling failed (non-finite logits)");
-    }
-    next = r.seqs[0].token;
-    generated.push_back(next);
-    if (!o.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), next) != cfg.eos_token_ids.end()) {
-      finish = "stop";
-      break;
+    for (const runtime::ResultSeq& res : r.seqs) {
+      if (res.error != 0) return Status(static_cast<absl::StatusCode>(res.error), "sampling failed (non-finite logits)");
+      const int b = static_cast<int>(res.seq_id) - 1;
+      next[b] = res.token;
+      gen[b].push_back(res.token);
+      if (step > 0) ++decoded;
+      if (!o.ignore_eos &&
+          std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), res.token) != cfg.eos_token_ids.end()) {
+        done[b] = true;
+        if (b == 0) finish = "stop";
+      }
     }
   }
+  const std::vector<int32_t>& generated = gen[0];
   const double decode_s = Seconds(t0, Clock::now()) - prefill_s;
   nlohmann::json out{{"model", o.model_dir}, {"devices", o.devices}, {"prompt_ids", prompt},
                      {"generated_ids", generated}, {"finish_reason", finish}, {"seed", p.seed},
                      {"load_seconds", load_s}, {"prefill_ms", prefill_s * 1e3},
-                     {"decode_tokens_per_second", generated.size() > 1 ? (generated.size() - 1) / decode_s : 0.0}};
+                     {"batch", B},
+                     {"decode_tokens_per_second", decoded > 0 ? decoded / decode_s : 0.0}};
   if (tok != nullptr) {
     tokenizer::IncrementalDetokenizer detok(*tok, /*skip_special=*/true);
     std::string text;
@@ -186,6 +204,10 @@ Status Run(const Options& o) {
   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
   if (!o.devices.empty()) {
     if (o.score) return InvalidArgument("--score runs in this process; drop --devices");
+  } else if (o.batch != 1) {
+    return InvalidArgument("--batch needs --devices (worker processes)");
+  }
+  if (!o.devices.empty()) {
     return RunOnWorkers(o, prompt, tok.get(), cfg);
   }
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = o.threads}));
@@ -352,6 +374,10 @@ int main(int argc, char** argv) {
   app.add_option("--block-size", o.block_size, "KV-cache block size in tokens")->check(CLI::Range(1, 1024));
   app.add_option("--prefill-chunk", o.prefill_chunk, "Prefill in chunks of this many tokens (0 = all at once)");
   app.add_option("--devices", o.devices, "Run on worker processes, one per device: cpu:N (cuda:0-7 with CUDA)");
+  app.add_option("--batch", o.batch,
+                 "With --devices: decode this many copies of the prompt together (seeds seed, seed + 1, ...); "
+                 "decode tokens/s counts all of them. The output shows the first.")
+      ->check(CLI::Range(1, 1024));
   app.add_flag("--ignore-eos", o.ignore_eos, "Do not stop at the end-of-sequence token");
   app.add_flag("--json", o.json, "Print one JSON object");
   app.add_flag("--score", o.score, "Score the prompt: per-token logprobs and perplexity");

@@ -24,7 +24,9 @@ def free_port() -> int:
 class Server:
     """kraken-server on a free loopback port; `stub` talks to it."""
 
-    def __init__(self, *args, model=DEFAULT_MODEL, devices="cpu:2", env=None, api_key=None):
+    def __init__(self, *args, model=DEFAULT_MODEL, devices="cpu:2", env=None, api_key=None, health_creds=None):
+        """health_creds: (root CA, client key, client cert) PEM bytes when the server requires mutual TLS."""
+        self.health_creds = health_creds
         if not os.path.exists(SERVER_BIN):
             raise RuntimeError(f"{SERVER_BIN} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
         self.port = free_port()
@@ -39,7 +41,12 @@ class Server:
 
     def _wait_ready(self, timeout=120):
         from grpc_health.v1 import health_pb2, health_pb2_grpc
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(self.target))
+        if self.health_creds:
+            ca, key, cert = self.health_creds
+            channel = grpc.secure_channel(self.target, grpc.ssl_channel_credentials(ca, key, cert))
+        else:
+            channel = grpc.insecure_channel(self.target)
+        health = health_pb2_grpc.HealthStub(channel)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -21,6 +21,11 @@ def server():
 
 
 def test_model_info(server):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
+    for service in ("", "kraken.v1.Kraken"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
     info = server.stub.GetModelInfo(pb.GetModelInfoRequest())
     assert info.architecture == "kraken"
     assert info.kraken_degree == 4
@@ -277,6 +282,8 @@ def test_worker_killed_during_streaming_gives_unavailable_then_recovers(small_se
     r = small_server.stub.Complete(request(text="And God said,", max_tokens=4), timeout=60)
     assert len(r.token_ids) == 4
     assert small_server.worker_pids() != pids
+    log = small_server.read_log()
+    assert "signal 9" in log or "SIGKILL" in log or "Killed" in log, log
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_zero():
@@ -310,5 +317,60 @@ def test_api_key_is_required_and_health_stays_open():
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(grpc.insecure_channel(s.target))
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        s.close()
+
+
+def _make_certs(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, with the openssl CLI."""
+    import subprocess as sp
+
+    def run(*a):
+        sp.run(["openssl", *a], check=True, capture_output=True, cwd=d)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=kraken-test-ca")
+    for name, ext in [("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")]:
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN=kraken-test-{name}")
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(ext + "\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {n: open(os.path.join(d, n), "rb").read() for n in
+            ["ca.pem", "server.pem", "server.key", "client.pem", "client.key"]}
+
+
+def test_tls_and_mutual_tls(tmp_path):
+    c = _make_certs(str(tmp_path))
+    d = str(tmp_path)
+    s = Server("--tls-cert", f"{d}/server.pem", "--tls-key", f"{d}/server.key", "--tls-client-ca", f"{d}/ca.pem",
+               devices="cpu:1", health_creds=(c["ca.pem"], c["client.key"], c["client.pem"]))
+    try:
+        good = grpc.ssl_channel_credentials(root_certificates=c["ca.pem"], private_key=c["client.key"],
+                                            certificate_chain=c["client.pem"])
+        from kraken_client import pb_grpc
+        stub = pb_grpc.KrakenStub(grpc.secure_channel(s.target, good))
+        assert len(stub.Complete(request(text="a", max_tokens=2), timeout=30).token_ids) == 2
+        # Without a client certificate the handshake is refused.
+        bare = pb_grpc.KrakenStub(grpc.secure_channel(s.target, grpc.ssl_channel_credentials(c["ca.pem"])))
+        with pytest.raises(grpc.RpcError) as e:
+            bare.Complete(request(text="a", max_tokens=2), timeout=10)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Plain text is refused too.
+        with pytest.raises(grpc.RpcError):
+            pb_grpc.KrakenStub(grpc.insecure_channel(s.target)).Complete(request(text="a", max_tokens=2), timeout=10)
+    finally:
+        s.close()
+
+
+def test_flags_from_environment_and_config_file(tmp_path):
+    cfg = tmp_path / "server.toml"
+    cfg.write_text('max-waiting = 7\nmax-batch-seqs = 3\n')
+    s = Server("--config", str(cfg), devices="cpu:1", env={"KRAKEN_MAX_BATCH_TOKENS": "96"})
+    try:
+        info = s.stub.GetModelInfo(pb.GetModelInfoRequest())
+        assert info.max_waiting_requests == 7
+        assert info.max_batch_sequences == 3
+        assert info.max_batch_tokens == 96
     finally:
         s.close()

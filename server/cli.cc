@@ -1,0 +1,139 @@
+// kraken-cli: a command-line client for kraken-server.
+//
+//   kraken-cli generate "And God said," --stream --max-tokens 64
+//   kraken-cli tokenize "In the beginning"
+//   kraken-cli info
+//
+// --target host:port (default localhost:8001; env KRAKEN_TARGET), --api-key (env KRAKEN_API_KEY),
+// --tls-ca to verify a TLS server with this PEM root (and --tls-cert/--tls-key for mutual TLS).
+// Exit status: 0 on success, 1 with the gRPC status code and message on stderr otherwise.
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+
+#include <CLI/CLI.hpp>
+#include <grpcpp/grpcpp.h>
+
+#include "kraken/v1/kraken.grpc.pb.h"
+
+namespace {
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int Fail(const grpc::Status& s) {
+  std::fprintf(stderr, "error: %d %s\n", static_cast<int>(s.error_code()), s.error_message().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string target = "localhost:8001", api_key, tls_ca, tls_cert, tls_key;
+  CLI::App app{"kraken-cli: client for kraken-server"};
+  app.require_subcommand(1);
+  app.add_option("--target", target, "server address")->envname("KRAKEN_TARGET")->capture_default_str();
+  app.add_option("--api-key", api_key, "sent as 'authorization: Bearer <key>'")->envname("KRAKEN_API_KEY");
+  app.add_option("--tls-ca", tls_ca, "PEM root certificate: connect with TLS");
+  app.add_option("--tls-cert", tls_cert, "PEM client certificate (mutual TLS)");
+  app.add_option("--tls-key", tls_key, "PEM client key (mutual TLS)");
+
+  kraken::v1::GenerateRequest req;
+  std::string prompt;
+  bool do_stream = false;
+  uint32_t max_tokens = 0;
+  float temperature = -1;
+  uint64_t seed = 0;
+  bool has_seed = false;
+  std::vector<std::string> stops;
+  auto* gen = app.add_subcommand("generate", "generate a completion");
+  gen->add_option("prompt", prompt, "prompt text")->required();
+  gen->add_flag("--stream", do_stream, "print text as it is generated");
+  gen->add_option("--max-tokens", max_tokens, "tokens to generate (default: the model's)");
+  gen->add_option("--temperature", temperature, "0 = greedy (default: the model's)");
+  gen->add_option("--seed", seed, "random seed")->each([&](const std::string&) { has_seed = true; });
+  gen->add_option("--stop", stops, "stop string (repeatable)");
+  std::string text;
+  auto* tok = app.add_subcommand("tokenize", "print the token ids of a text");
+  tok->add_option("text", text, "text")->required();
+  auto* info = app.add_subcommand("info", "print the model and server limits");
+  CLI11_PARSE(app, argc, argv);
+
+  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  try {
+    if (!tls_ca.empty()) {
+      grpc::SslCredentialsOptions o;
+      o.pem_root_certs = ReadFile(tls_ca);
+      if (!tls_cert.empty()) {
+        o.pem_cert_chain = ReadFile(tls_cert);
+        o.pem_private_key = ReadFile(tls_key);
+      }
+      creds = grpc::SslCredentials(o);
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  }
+  auto stub = kraken::v1::Kraken::NewStub(grpc::CreateChannel(target, creds));
+  auto context = [&] {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + api_key);
+    return ctx;
+  };
+
+  if (*info) {
+    kraken::v1::ModelInfo m;
+    auto ctx = context();
+    grpc::Status s = stub->GetModelInfo(ctx.get(), {}, &m);
+    if (!s.ok()) return Fail(s);
+    std::cout << m.DebugString();
+    return 0;
+  }
+  if (*tok) {
+    kraken::v1::TokenizeRequest r;
+    r.set_text(text);
+    kraken::v1::TokenizeResponse out;
+    auto ctx = context();
+    grpc::Status s = stub->Tokenize(ctx.get(), r, &out);
+    if (!s.ok()) return Fail(s);
+    for (int i = 0; i < out.token_ids_size(); ++i) std::printf("%s%d", i ? "," : "", out.token_ids(i));
+    std::printf("\n");
+    return 0;
+  }
+  req.set_text(prompt);
+  if (max_tokens > 0) req.set_max_tokens(max_tokens);
+  if (temperature >= 0) req.set_temperature(temperature);
+  if (has_seed) req.set_seed(seed);
+  for (const auto& s : stops) req.add_stop(s);
+  kraken::v1::GenerateResponse last;
+  if (do_stream) {
+    auto ctx = context();
+    auto reader = stub->Generate(ctx.get(), req);
+    kraken::v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      std::fwrite(msg.text().data(), 1, msg.text().size(), stdout);
+      std::fflush(stdout);
+      last = msg;
+    }
+    grpc::Status s = reader->Finish();
+    if (!s.ok()) return Fail(s);
+    std::printf("\n");
+  } else {
+    auto ctx = context();
+    grpc::Status s = stub->Complete(ctx.get(), req, &last);
+    if (!s.ok()) return Fail(s);
+    std::printf("%s\n", last.text().c_str());
+  }
+  std::fprintf(stderr, "[%s; %u prompt + %u generated tokens; TTFT %.1f ms; e2e %.1f ms; seed %llu]\n",
+               kraken::v1::FinishReason_Name(last.finish_reason()).c_str(), last.usage().prompt_tokens(),
+               last.usage().completion_tokens(), last.timings().ttft_seconds() * 1e3,
+               last.timings().e2e_seconds() * 1e3, static_cast<unsigned long long>(last.seed()));
+  return 0;
+}

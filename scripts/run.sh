@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
-# The main job, until the gRPC server exists: build, then generate text with the bundled Kraken
-# 4-way model (models/kraken-kjv-4way) on two worker processes, printing the text, the prefill
-# and decode timings and each rank's busy and collective-wait time. Extra arguments go to
-# kraken-generate (e.g. --prompt "...", --devices cpu:4, --temperature 0).
+# The main job: build, start kraken-server with the bundled Kraken 4-way model
+# (models/kraken-kjv-4way) on two CPU worker processes, stream one completion to show it works,
+# then keep serving on port 8001 until Ctrl-C / SIGTERM (which drains and exits 0).
+#   KRAKEN_PORT, KRAKEN_DEVICES, KRAKEN_MODEL, ... (every server flag) are honoured;
+#   extra arguments go to kraken-server;  KRAKEN_DEMO_ONLY=1 stops after the demo completion.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/build.sh" "$root/build"
-model="${KRAKEN_MODEL:-$root/models/kraken-kjv-4way}"
-exec "$root/build/engine/kraken-generate" "$model" --prompt "And God said," --max-tokens 64 \
-  --temperature 0.8 --top-p 0.95 --seed 1 --devices cpu:2 "$@"
+export KRAKEN_MODEL="${KRAKEN_MODEL:-$root/models/kraken-kjv-4way}"
+export KRAKEN_DEVICES="${KRAKEN_DEVICES:-cpu:2}"
+export KRAKEN_PORT="${KRAKEN_PORT:-8001}"
+"$root/build/server/kraken-server" "$@" &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
+cli=("$root/build/server/kraken-cli" --target "localhost:$KRAKEN_PORT")
+for _ in $(seq 1 600); do  # until the server answers (it logs when it is ready)
+  if "${cli[@]}" info >/dev/null 2>&1; then break; fi
+  kill -0 $server 2>/dev/null || { wait $server; exit $?; }
+  sleep 0.2
+done
+echo "---- streamed completion (kraken-cli generate --stream) ----"
+"${cli[@]}" generate "And God said," --stream --max-tokens 64 --seed 1
+echo "---- serving on port $KRAKEN_PORT; Ctrl-C to stop ----"
+if [[ "${KRAKEN_DEMO_ONLY:-0}" == 1 ]]; then kill -TERM $server; fi
+wait $server

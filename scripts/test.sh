@@ -43,7 +43,7 @@ fi
 
 step "libFuzzer: safetensors parser, tokenizer"
 "$root/scripts/build.sh" "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
-  -DKRAKEN_BUILD_FUZZERS=ON -DKRAKEN_BUILD_TESTS=OFF -DKRAKEN_BUILD_BENCH=OFF
+  -DKRAKEN_BUILD_FUZZERS=ON -DKRAKEN_BUILD_TESTS=OFF -DKRAKEN_BUILD_BENCH=OFF -DKRAKEN_BUILD_SERVER=OFF
 fuzz() {  # fuzz <binary> <kept corpus> <max_len>: new inputs go to a scratch copy
   local corpus
   corpus="$(mktemp -d)"

@@ -89,10 +89,10 @@ void EngineLoop::End(uint64_t id, const Status& status, kraken::v1::FinishReason
   FinishRequest(*r, status, reason, std::move(stop_reason));
   if (status.ok()) {
     spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
-                 r->request_id, r->id, r->params.prompt.size(), r->generated.size(), r->out.ttft_s, r->out.e2e_s,
+                 r->request_id.empty() ? "-" : r->request_id, r->id, r->params.prompt.size(), r->generated.size(), r->out.ttft_s, r->out.e2e_s,
                  kraken::v1::FinishReason_Name(reason));
   } else {
-    spdlog::info("request {} ({}) ended: {}", r->request_id, r->id, status.ToString());
+    spdlog::info("request {} ({}) ended: {}", r->request_id.empty() ? "-" : r->request_id, r->id, status.ToString());
   }
 }
 

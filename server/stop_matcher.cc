@@ -12,20 +12,22 @@ StopMatcher::Result StopMatcher::Push(std::string_view delta) {
     r.release.swap(held_);
     return r;
   }
-  // Earliest match; released text never contains the start of a match, so it suffices to search
-  // what is held.
-  size_t best = std::string::npos;
+  // The stop that completes first (smallest end; on a tie the longest, which starts earliest):
+  // the result is the same however the text was split into deltas. Released text never holds
+  // the start of a match, so it suffices to search what is held.
+  size_t best_end = std::string::npos;
   const std::string* best_stop = nullptr;
   for (const std::string& s : stops_) {
     const size_t at = held_.find(s);
     if (at == std::string::npos) continue;
-    if (at < best || (at == best && s.size() > best_stop->size())) {
-      best = at;
+    const size_t end = at + s.size();
+    if (end < best_end || (end == best_end && s.size() > best_stop->size())) {
+      best_end = end;
       best_stop = &s;
     }
   }
   if (best_stop != nullptr) {
-    r.release = held_.substr(0, best);
+    r.release = held_.substr(0, best_end - best_stop->size());
     r.matched = true;
     r.stop = *best_stop;
     held_.clear();

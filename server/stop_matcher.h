@@ -2,7 +2,8 @@
 // the incremental detokenizer); a stop string may span any number of deltas. The matcher releases
 // text only once no stop string can start inside it, holds back the longest tail that is still a
 // prefix of some stop string, and on a match releases exactly the text before it: the stop string
-// itself is never released.
+// itself is never released. Generation stops at the first stop string to be completed (as if the
+// text arrived one byte at a time), so the result does not depend on token boundaries.
 //
 //   StopMatcher m({"\n\n", "END"});
 //   StopMatcher::Result r = m.Push("Hello E");  // r.release == "Hello ", "E" is held
@@ -21,7 +22,7 @@ class StopMatcher {
   struct Result {
     std::string release;  // text now final and safe to send
     bool matched = false;
-    std::string stop;     // the stop string that matched (earliest start; longest on a tie)
+    std::string stop;     // the stop string that completed first (longest on a tie)
   };
 
   explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}

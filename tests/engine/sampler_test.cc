@@ -160,3 +160,64 @@ TEST(Sampler, UniformIsInUnitIntervalAndWellSpread) {
 
 }  // namespace
 }  // namespace kraken::engine
+
+namespace kraken::engine {
+namespace {
+
+TEST(Sampler, BannedTokensAreNeverDrawnUnlessNothingElseIsLeft) {
+  Sampler s(4);
+  const float logits[4] = {5.f, 1.f, 0.f, -1.f};
+  const int32_t ban[] = {0};
+  // Greedy would pick 0; banned, the next best is 1.
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f}, {{}, {}, ban})->token, 1);
+  for (uint64_t seed = 0; seed < 200; ++seed) {
+    auto t = s.Sample(logits, {.temperature = 1.f, .seed = seed}, {{}, {}, ban});
+    ASSERT_TRUE(t.ok());
+    EXPECT_NE(t->token, 0);
+    // The logprob is the raw model's, before the ban.
+    if (t->token == 1) {
+      EXPECT_NEAR(t->logprob, 1.f - (5.f + std::log(1 + std::exp(-4.f) + std::exp(-5.f) + std::exp(-6.f))), 1e-5);
+    }
+  }
+  // Every finite token banned: the ban is dropped rather than leaving nothing to draw.
+  const float one[4] = {2.f, -INFINITY, -INFINITY, -INFINITY};
+  EXPECT_EQ(s.Sample(one, {.temperature = 0.f}, {{}, {}, ban})->token, 0);
+  // Out-of-range ids in the ban list are ignored.
+  const int32_t odd[] = {-5, 99};
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f}, {{}, {}, odd})->token, 0);
+}
+
+TEST(Sampler, TopPNucleusMatchesAFullSortOnLargeVocabularies) {
+  // A flat distribution over 5000 ids needs the slices to grow past 64 and 256 before the
+  // nucleus is complete; the kept set must be the (probability, id)-ordered prefix.
+  const int V = 5000;
+  std::vector<float> logits(V);
+  for (int i = 0; i < V; ++i) logits[i] = static_cast<float>((i * 7919) % 1000) * 1e-3f;
+  Sampler s(V);
+  std::vector<int> order(V);
+  for (int i = 0; i < V; ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  double total = 0;
+  for (int i = 0; i < V; ++i) total += std::exp(static_cast<double>(logits[i]) - 0.999);
+  double cum = 0;
+  int keep = 0;
+  while (keep < V) {
+    cum += std::exp(static_cast<double>(logits[order[keep]]) - 0.999) / total;
+    ++keep;
+    if (cum >= 0.5) break;
+  }
+  std::vector<bool> in(V, false);
+  for (int i = 0; i < keep; ++i) in[order[i]] = true;
+  ASSERT_GT(keep, 1000);
+  int outside = 0;
+  for (uint64_t seed = 0; seed < 500; ++seed) {
+    auto t = s.Sample(logits.data(), {.temperature = 1.f, .top_p = 0.5f, .seed = seed}, {});
+    ASSERT_TRUE(t.ok());
+    outside += !in[t->token];
+  }
+  // Summation order may move the boundary by a token or two of equal weight, never more.
+  EXPECT_LE(outside, 2);
+}
+
+}  // namespace
+}  // namespace kraken::engine

@@ -239,10 +239,15 @@ def test_cancel_mid_stream_frees_blocks(small_server):
 
 
 def test_deadline_while_running_and_while_queued(small_server):
-    running = small_server.stub.Generate(long_request(seed=2), timeout=0.5)
+    # 240 tokens take far longer than 0.15 s; the first arrives well before it (prefill ~10 ms).
+    running = small_server.stub.Generate(long_request(seed=2), timeout=0.15)
+    received = []
     with pytest.raises(grpc.RpcError) as e:
-        list(running)
+        for m in running:
+            received.append(m)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert received, "the deadline passed while the request was generating"
+    assert sum(len(m.token_ids) for m in received) < 240
     blocker = small_server.stub.Generate(long_request(seed=3), timeout=60)
     next(blocker)
     with pytest.raises(grpc.RpcError) as e:
@@ -374,3 +379,11 @@ def test_flags_from_environment_and_config_file(tmp_path):
         assert info.max_batch_tokens == 96
     finally:
         s.close()
+
+
+def test_server_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server.target))
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert {"kraken.v1.Kraken", "grpc.health.v1.Health"} <= names

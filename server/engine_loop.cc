@@ -17,7 +17,7 @@ EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokeni
         scheduler::SchedulerOptions s = options.scheduler;
         // Admission control happens in Submit; preempted sequences re-enter the scheduler's
         // waiting queue without counting against it.
-        s.max_waiting = s.max_waiting + s.max_batch_seqs + 1;
+        s.max_waiting = s.max_waiting + s.max_batch_seqs + 1;  // never the binding limit
         return s;
       }()) {
   group_->set_recovery_callback([this](bool recovering, const Status& cause) {
@@ -31,6 +31,8 @@ EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokeni
       if (it != active_.end()) FinishRequest(*it->second, fail, kraken::v1::FINISH_REASON_UNSPECIFIED, "");
     }
   });
+  rank_base_.resize(group_->world_size());
+  stats_generation_ = group_->generation();
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -45,18 +47,24 @@ void EngineLoop::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-void EngineLoop::Wake() { cv_.notify_all(); }
+void EngineLoop::Wake() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
 
 Status EngineLoop::Submit(std::shared_ptr<Request> r) {
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_ || fatal_) return absl::UnavailableError("the server is shutting down");
-    const int waiting = static_cast<int>(incoming_.size()) + sched_waiting_.load();
-    if (waiting >= options_.scheduler.max_waiting)
+    if (queued_.load() >= options_.scheduler.max_waiting)
       return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
                                " requests waiting); retry later");
     incoming_.push_back(std::move(r));
     ++active_count_;
+    ++queued_;
   }
   cv_.notify_all();
   return absl::OkStatus();
@@ -83,10 +91,17 @@ void EngineLoop::End(uint64_t id, const Status& status, kraken::v1::FinishReason
   if (it == active_.end()) return;
   std::shared_ptr<Request> r = it->second;
   sched_.Remove(id);
-  sched_waiting_ = sched_.num_waiting();
+  if (!r->scheduled) --queued_;
   active_.erase(it);
   --active_count_;
   FinishRequest(*r, status, reason, std::move(stop_reason));
+  if (options_.metrics != nullptr) {
+    if (status.ok()) {
+      options_.metrics->RecordSuccess(reason == kraken::v1::FINISH_REASON_STOP ? "stop" : "length", r->out.e2e_s);
+    } else {
+      options_.metrics->RecordFailure(status);
+    }
+  }
   if (status.ok()) {
     spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
                  r->request_id.empty() ? "-" : r->request_id, r->id, r->params.prompt.size(), r->generated.size(), r->out.ttft_s, r->out.e2e_s,
@@ -102,17 +117,19 @@ void EngineLoop::Admit() {
     std::lock_guard<std::mutex> l(mu_);
     batch.swap(incoming_);
   }
+  if (!batch.empty() && active_.empty() && idle_begin_ && !idle_end_) idle_end_ = Clock::now();
   for (auto& r : batch) {
     active_.emplace(r->id, r);
     Status s = sched_.Add(r->id, r->params.prompt, r->params.priority);
     if (!s.ok()) {
       active_.erase(r->id);
       --active_count_;
+      --queued_;
       FinishRequest(*r, s, kraken::v1::FINISH_REASON_UNSPECIFIED, "");
+      if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
       continue;
     }
   }
-  sched_waiting_ = sched_.num_waiting();
 }
 
 void EngineLoop::Reap(Clock::time_point now) {
@@ -136,15 +153,24 @@ void EngineLoop::Loop() {
       // Sleep while there is nothing to do; with deadlines pending, wake at least every 50 ms.
       cv_.wait_for(l, std::chrono::milliseconds(active_.empty() ? 1000 : 50),
                    [&] { return stop_ || !incoming_.empty() || !active_.empty(); });
+      wake_ = false;
       if (stop_) break;
     }
     Admit();
     Reap(Clock::now());
-    if (active_.empty()) continue;
-    if (!RunOneStep()) {
+    if (active_.empty()) {
+      if (last_step_end_ && !idle_begin_) idle_begin_ = Clock::now();
+      UpdateGauges();
+      UpdateRankMetrics();  // no_work idle accrues while nothing runs
+      continue;
+    }
+    const bool ran = RunOneStep();
+    if (active_.empty() && last_step_end_ && !idle_begin_) idle_begin_ = Clock::now();  // no_work starts
+    if (!ran) {
       // Nothing could be scheduled (all waiting behind the watermark): wait for a change.
       std::unique_lock<std::mutex> l(mu_);
-      cv_.wait_for(l, std::chrono::milliseconds(5), [&] { return stop_ || !incoming_.empty(); });
+      cv_.wait_for(l, std::chrono::milliseconds(5), [&] { return stop_ || wake_ || !incoming_.empty(); });
+      wake_ = false;
     }
     if (fatal_) break;
   }
@@ -159,7 +185,6 @@ void EngineLoop::Loop() {
 
 bool EngineLoop::RunOneStep() {
   scheduler::StepPlan plan = sched_.Schedule();
-  sched_waiting_ = sched_.num_waiting();
   for (uint64_t id : plan.preempted) {
     spdlog::debug("request {} preempted (KV cache full); it will be recomputed", id);
   }
@@ -175,10 +200,15 @@ bool EngineLoop::RunOneStep() {
   size_t banned_at = 0;
   for (const auto& ss : plan.seqs) {
     Request& r = *active_.at(ss.seq->id);
-    if (!r.scheduled) r.scheduled = now;
+    if (!r.scheduled) {
+      r.scheduled = now;
+      --queued_;
+      if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(Seconds(now - r.arrival));
+    }
+    if (ss.start_pos == 0) r.kv_generation = group_->generation();
     runtime::SeqStep st;
     st.seq_id = r.id;
-    st.kv_generation = group_->generation();
+    st.kv_generation = r.kv_generation;
     st.tokens = std::span<const int32_t>(ss.seq->tokens.data() + ss.start_pos, ss.num_tokens);
     st.start_pos = ss.start_pos;
     st.block_table = ss.seq->block_table;
@@ -195,7 +225,11 @@ bool EngineLoop::RunOneStep() {
     }
     steps_.push_back(st);
   }
+  AccountIdle(Clock::now());
   auto result = group_->RunStep(steps_);
+  last_step_end_ = Clock::now();
+  idle_begin_.reset();
+  idle_end_.reset();
   if (!result.ok()) {
     const Status& s = result.status();
     spdlog::error("step of {} sequences failed: {}", plan.seqs.size(), s.ToString());
@@ -209,8 +243,11 @@ bool EngineLoop::RunOneStep() {
                             ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
                             : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
     for (uint64_t id : sched_.running_ids()) End(id, fail);
+    UpdateRankMetrics();
+    UpdateGauges();
     return true;
   }
+  if (options_.metrics != nullptr) options_.metrics->iteration_tokens.Observe(plan.num_tokens);
   for (const runtime::ResultSeq& res : result->seqs) {
     auto it = active_.find(res.seq_id);
     if (it == active_.end()) continue;
@@ -220,7 +257,63 @@ bool EngineLoop::RunOneStep() {
     }
     if (res.token >= 0) OnToken(*it->second, res);
   }
+  UpdateRankMetrics();
+  UpdateGauges();
   return true;
+}
+
+void EngineLoop::AccountIdle(Clock::time_point step_start) {
+  if (!last_step_end_) return;
+  if (idle_begin_) {
+    const auto end = idle_end_ ? *idle_end_ : step_start;
+    host_idle_s_ += Seconds(*idle_begin_ - *last_step_end_) + Seconds(step_start - end);
+    const auto from = std::max(*idle_begin_, no_work_accounted_);
+    if (end > from) no_work_s_ += Seconds(end - from);
+  } else {
+    host_idle_s_ += Seconds(step_start - *last_step_end_);
+  }
+}
+
+void EngineLoop::UpdateGauges() {
+  ServerMetrics* m = options_.metrics;
+  if (m == nullptr) return;
+  m->running.Set(sched_.num_running());
+  m->waiting.Set(std::max(queued_.load(), sched_.num_waiting()));  // accepted, not running (preempted included)
+  m->kv_usage.Set(sched_.blocks().usage());
+}
+
+void EngineLoop::UpdateRankMetrics() {
+  ServerMetrics* m = options_.metrics;
+  if (m == nullptr) return;
+  // Live no_work idle while nothing runs.
+  if (idle_begin_ && !idle_end_) {
+    const auto now = Clock::now();
+    const auto from = std::max(*idle_begin_, no_work_accounted_);
+    if (now > from) no_work_s_ += Seconds(now - from);
+    no_work_accounted_ = now;
+  }
+  const std::vector<runtime::RankStatsSnapshot> stats = group_->Stats();
+  if (group_->generation() != stats_generation_) {  // restarted: the workers' totals began again
+    for (auto& b : rank_base_) {
+      b.busy += b.last.busy_s;
+      b.exposed += b.last.exposed_comm_s;
+      b.collective += b.last.collective_s;
+      b.last = {};
+    }
+    stats_generation_ = group_->generation();
+  }
+  for (size_t r = 0; r < stats.size() && r < rank_base_.size(); ++r) {
+    RankBase& b = rank_base_[r];
+    b.last = stats[r];
+    m->busy[r]->SetTotal(b.busy + stats[r].busy_s);
+    m->exposed[r]->SetTotal(b.exposed + stats[r].exposed_comm_s);
+    m->idle_collective[r]->SetTotal(b.exposed + stats[r].exposed_comm_s);
+    m->allreduce[r]->SetTotal(b.collective + stats[r].collective_s);
+    m->idle_host[r]->SetTotal(host_idle_s_);
+    m->idle_no_work[r]->SetTotal(no_work_s_);
+    m->worker_up[r]->Set(stats[r].up ? 1 : 0);
+  }
+  m->restarts.SetTotal(group_->restarts());
 }
 
 void EngineLoop::OnToken(Request& r, const runtime::ResultSeq& res) {
@@ -251,17 +344,13 @@ void EngineLoop::OnToken(Request& r, const runtime::ResultSeq& res) {
     }
   }
   const size_t total = r.params.prompt.size() + r.generated.size();
+  const bool by_string = reason == kraken::v1::FINISH_REASON_STOP && !stop_id;
   if (reason == kraken::v1::FINISH_REASON_UNSPECIFIED &&
       (r.generated.size() >= r.params.max_tokens || total >= static_cast<size_t>(options_.context_length)))
     reason = kraken::v1::FINISH_REASON_LENGTH;
-  if (reason != kraken::v1::FINISH_REASON_UNSPECIFIED && stop_reason.empty() == false &&
-      stop_reason.rfind("token:", 0) == 0) {
-    // Ended by a token: release whatever text was held back.
-    std::string rest;
-    r.detok.Finish(&rest);
-    text += r.stops.Push(rest).release;
-    text += r.stops.Flush();
-  } else if (reason == kraken::v1::FINISH_REASON_LENGTH) {
+  if (reason != kraken::v1::FINISH_REASON_UNSPECIFIED && !by_string) {
+    // Ended by a stop token or by length: flush the detokenizer and whatever the stop matcher
+    // holds; the flushed text may still complete a stop string, which then ends the text.
     std::string rest;
     r.detok.Finish(&rest);
     StopMatcher::Result m = r.stops.Push(rest);
@@ -273,6 +362,17 @@ void EngineLoop::OnToken(Request& r, const runtime::ResultSeq& res) {
       text += r.stops.Flush();
     }
   }
+  if (ServerMetrics* m = options_.metrics) {
+    if (!r.first_token) {
+      m->ttft.Observe(Seconds(now - r.arrival));
+      if (r.scheduled) m->prefill_time.Observe(Seconds(now - *r.scheduled));
+      m->prompt_tokens.Inc(static_cast<double>(r.params.prompt.size()));
+    } else {
+      m->itl.Observe(Seconds(now - r.last_token));
+    }
+    m->generation_tokens.Inc();
+  }
+  r.last_token = now;
   {
     std::lock_guard<std::recursive_mutex> l(r.mu);
     if (!r.first_token) r.first_token = now;

@@ -12,6 +12,7 @@
 #include <functional>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -19,6 +20,7 @@
 #include "runtime/worker_group.h"
 #include "scheduler/scheduler.h"
 #include "server/request.h"
+#include "server/server_metrics.h"
 
 namespace kraken::server {
 
@@ -27,6 +29,7 @@ struct EngineOptions {
   int context_length = 0;
   /// Told false while the workers are being recovered, true when they are back (health status).
   std::function<void(bool serving)> on_serving;
+  ServerMetrics* metrics = nullptr;  // optional
 };
 
 class EngineLoop {
@@ -57,6 +60,10 @@ class EngineLoop {
   void Reap(Clock::time_point now);
   bool RunOneStep();
   void OnToken(Request& r, const runtime::ResultSeq& res);
+  // Metrics: per-rank totals (accumulated across worker restarts), idle split, gauges.
+  void UpdateRankMetrics();
+  void AccountIdle(Clock::time_point step_start);
+  void UpdateGauges();
   void End(uint64_t id, const Status& status, kraken::v1::FinishReason reason = kraken::v1::FINISH_REASON_UNSPECIFIED,
            std::string stop_reason = "");
 
@@ -70,13 +77,26 @@ class EngineLoop {
   std::deque<std::shared_ptr<Request>> incoming_;
   bool stop_ = false;
   std::atomic<int> active_count_{0};
-  std::atomic<int> sched_waiting_{0};  // in the scheduler's waiting queue
+  // Requests accepted by Submit and not yet scheduled for the first time (the waiting queue's
+  // occupancy as clients see it; preempted sequences do not count again).
+  std::atomic<int> queued_{0};
+  bool wake_ = false;  // guarded by mu_: Wake() was called
   std::atomic<bool> fatal_{false};
 
   // Engine thread only.
   std::unordered_map<uint64_t, std::shared_ptr<Request>> active_;
   std::vector<runtime::SeqStep> steps_;
   std::vector<int32_t> banned_;
+  // Idle accounting (engine thread): when the last step ended, and the span with no request.
+  std::optional<Clock::time_point> last_step_end_, idle_begin_, idle_end_;
+  Clock::time_point no_work_accounted_{};
+  double host_idle_s_ = 0, no_work_s_ = 0;
+  struct RankBase {
+    double busy = 0, exposed = 0, collective = 0;
+    runtime::RankStatsSnapshot last;
+  };
+  std::vector<RankBase> rank_base_;
+  uint64_t stats_generation_ = 0;
   std::thread thread_;
 };
 

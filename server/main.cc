@@ -7,6 +7,7 @@
 #include <chrono>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -19,6 +20,9 @@
 
 #include "engine/model_config.h"
 #include "runtime/worker.h"
+#include "metrics/http_exporter.h"
+#include "server/json_log.h"
+#include "server/server_metrics.h"
 #include "server/service.h"
 
 namespace {
@@ -41,6 +45,8 @@ struct Flags {
   std::string tls_cert, tls_key, tls_client_ca;
   std::string api_key;
   std::string log_level = "info";
+  std::string log_format = "plain";
+  int metrics_port = 8002;
 };
 
 std::string ReadFile(const std::string& path) {
@@ -82,8 +88,16 @@ int main(int argc, char** argv) {
   opt("--tls-client-ca", f.tls_client_ca, "KRAKEN_TLS_CLIENT_CA", "PEM CA: require and verify client certificates");
   opt("--api-key", f.api_key, "KRAKEN_API_KEY", "require 'authorization: Bearer <key>' on API calls");
   opt("--log-level", f.log_level, "KRAKEN_LOG_LEVEL", "trace, debug, info, warn, error");
+  opt("--log-format", f.log_format, "KRAKEN_LOG_FORMAT", "plain or json (one JSON object per line)")
+      ->check(CLI::IsMember({"plain", "json"}));
+  opt("--metrics-port", f.metrics_port, "KRAKEN_METRICS_PORT", "Prometheus /metrics port; -1 = off")
+      ->check(CLI::Range(-1, 65535));
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::from_str(f.log_level));
+  if (f.log_format == "json") {
+    // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
+    server::UseJsonLogs();
+  }
   if (f.tls_cert.empty() != f.tls_key.empty()) {
     spdlog::critical("--tls-cert and --tls-key must be given together");
     return 2;
@@ -120,7 +134,11 @@ int main(int argc, char** argv) {
     if (g.contains("temperature")) limits.default_temperature = g["temperature"].get<float>();
     if (g.contains("top_p")) limits.default_top_p = g["top_p"].get<float>();
     if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
-    if (g.contains("eos_token_id")) limits.eos_token_id = g["eos_token_id"].get<int>();
+    if (g.contains("eos_token_id")) {
+      const auto& e = g["eos_token_id"];  // an id or a list of ids (the first is used)
+      if (e.is_number_integer()) limits.eos_token_id = e.get<int>();
+      else if (e.is_array() && !e.empty()) limits.eos_token_id = e[0].get<int>();
+    }
   } catch (const std::exception& e) {
     spdlog::info("no usable generation_config.json ({}); built-in defaults apply", e.what());
   }
@@ -142,19 +160,41 @@ int main(int argc, char** argv) {
     return 1;
   }
   const runtime::Limits rl = (*group)->limits();
+  if (rl.num_kv_blocks < rl.max_blocks_per_seq) {
+    // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
+    spdlog::critical("--num-kv-blocks {} is below one full context ({} blocks of {} tokens)", rl.num_kv_blocks,
+                     rl.max_blocks_per_seq, rl.block_size);
+    return 2;
+  }
   const int world = (*group)->world_size();
   spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", world, f.devices,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
                rl.block_size);
 
+  metrics::Registry registry;
+  server::ServerMetrics server_metrics(registry, world, KRAKEN_VERSION, f.model.substr(f.model.find_last_of('/') + 1),
+                                       f.devices);
+  std::unique_ptr<metrics::HttpExporter> exporter;
+  if (f.metrics_port >= 0) {
+    auto e = metrics::HttpExporter::Start(f.host, f.metrics_port, &registry);
+    if (!e.ok()) {
+      spdlog::critical("{}", e.status().ToString());
+      return 1;
+    }
+    exporter = std::move(*e);
+    spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
+  }
   server::EngineOptions eo;
+  eo.metrics = &server_metrics;
   eo.context_length = config->n_positions;
   eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size, .max_batch_tokens = f.max_batch_tokens,
                   .max_batch_seqs = f.max_batch_seqs, .max_waiting = f.max_waiting, .watermark = f.kv_watermark};
   // Health, per service and overall: NOT_SERVING while workers are recovered.
   std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
   std::atomic<bool> draining{false};
+  std::mutex health_mu;
   auto set_health = [&](bool serving) {
+    std::lock_guard<std::mutex> l(health_mu);
     if (auto* h = health_service.load()) {
       h->SetServingStatus(serving && !draining);
       h->SetServingStatus("kraken.v1.Kraken", serving && !draining);
@@ -166,6 +206,7 @@ int main(int argc, char** argv) {
   server::ServiceOptions so;
   so.limits = limits;
   so.api_key = f.api_key;
+  so.metrics = &server_metrics;
   auto& info = so.info;
   info.set_model_name(f.model.substr(f.model.find_last_of('/') + 1));
   info.set_architecture(std::string(engine::ArchitectureName(config->arch)));
@@ -217,15 +258,25 @@ int main(int argc, char** argv) {
                f.api_key.empty() ? "" : ", API key required");
 
   // Wait for SIGTERM/SIGINT, or for the workers to fail for good.
+  // The first SIGTERM/SIGINT drains; a second one ends the grace period at once.
   std::atomic<int> signo{0};
+  std::atomic<int> signals{0};
+  std::atomic<bool> stop_waiting{false};
   std::thread waiter([&] {
-    int s = 0;
-    sigwait(&sigs, &s);
-    signo = s;
+    while (true) {
+      int s = 0;
+      sigwait(&sigs, &s);
+      if (stop_waiting) return;
+      if (signals++ == 0) signo = s;
+      else spdlog::warn("second signal {}: ending the grace period now", s);
+    }
   });
   while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
-  draining = true;
+  {
+    std::lock_guard<std::mutex> l(health_mu);
+    draining = true;
+  }
   set_health(false);
   service.StartDraining();
   if (fatal) {
@@ -233,12 +284,13 @@ int main(int argc, char** argv) {
   } else {
     spdlog::info("signal {}: draining (grace period {} s)", signo.load(), f.grace_period_s);
     const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(f.grace_period_s);
-    while (engine.active() > 0 && std::chrono::steady_clock::now() < until)
+    while (engine.active() > 0 && std::chrono::steady_clock::now() < until && signals < 2)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   engine.Stop();  // ends what is left with UNAVAILABLE
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
-  if (signo == 0) kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
+  stop_waiting = true;
+  kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
   waiter.join();
   spdlog::info("stopped");
   return fatal ? 1 : 0;

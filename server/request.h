@@ -62,6 +62,8 @@ class Request {
   tokenizer::IncrementalDetokenizer detok;
   StopMatcher stops;
   std::optional<Clock::time_point> scheduled, first_token;
+  uint64_t kv_generation = 0;
+  Clock::time_point last_token{};  // when the previous token was handed over (inter-token latency)  // the workers' generation when this sequence's KV cache was built
 
   // Shared with the reactor.
   std::recursive_mutex mu;

@@ -79,11 +79,18 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
  private:
   // With r_->mu held: start the next write, or finish.
   void Pump() {
-    if (writing_ || finish_called_) return;
+    if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
     Output& o = r_->out;
     if (o.finished && !o.status.ok()) {
       finish_called_ = true;
-      Finish(ToGrpc(o.status));
+      if (!o.text.empty() || !o.ids.empty()) {  // deliver what was produced, then the error
+        msg_.Clear();
+        TakeOutput(*r_, &msg_, false);
+        writing_ = true;
+        StartWriteAndFinish(&msg_, grpc::WriteOptions(), ToGrpc(o.status));
+      } else {
+        Finish(ToGrpc(o.status));
+      }
       return;
     }
     if (o.finished && !last_sent_) {
@@ -175,17 +182,19 @@ Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
 
 StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServerContext* ctx,
                                                               const kraken::v1::GenerateRequest& req) {
+  // The deadline, read against both clocks at the same moment.
   const auto arrival = Clock::now();
-  if (draining_) return absl::UnavailableError("the server is shutting down");
-  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
-  KRAKEN_ASSIGN_OR_RETURN(RequestParams params, ValidateGenerateRequest(req, options_.limits, tok_));
   auto deadline = Clock::time_point::max();
   const auto sys_deadline = ctx->deadline();
   if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
     deadline = arrival + std::chrono::duration_cast<Clock::duration>(sys_deadline - std::chrono::system_clock::now());
+  if (draining_) return absl::UnavailableError("the server is shutting down");
+  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
+  KRAKEN_ASSIGN_OR_RETURN(RequestParams params, ValidateGenerateRequest(req, options_.limits, tok_));
   auto r = std::make_shared<Request>(next_id_++, req.request_id(), std::move(params), tok_, arrival, deadline);
   if (r->params.max_tokens == 0) {  // nothing to generate: answer at once
     EngineLoop::FinishRequest(*r, absl::OkStatus(), kraken::v1::FINISH_REASON_LENGTH, "");
+    if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", r->out.e2e_s);
     return r;
   }
   KRAKEN_RETURN_IF_ERROR(engine_.Submit(r));
@@ -201,7 +210,8 @@ grpc::ServerWriteReactor<GenerateResponse>* KrakenService::Generate(grpc::Callba
       explicit Reject(const grpc::Status& s) { Finish(s); }
       void OnDone() override { delete this; }
     };
-    spdlog::info("request {} rejected: {}", req->request_id(), r.status().ToString());
+    spdlog::info("request {} rejected: {}", req->request_id().empty() ? "-" : req->request_id(), r.status().ToString());
+    if (options_.metrics != nullptr) options_.metrics->RecordFailure(r.status());
     return new Reject(ToGrpc(r.status()));
   }
   return new GenerateReactor(std::move(*r), engine_);
@@ -211,7 +221,8 @@ grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* c
                                                   GenerateResponse* resp) {
   auto r = MakeRequest(ctx, *req);
   if (!r.ok()) {
-    spdlog::info("request {} rejected: {}", req->request_id(), r.status().ToString());
+    spdlog::info("request {} rejected: {}", req->request_id().empty() ? "-" : req->request_id(), r.status().ToString());
+    if (options_.metrics != nullptr) options_.metrics->RecordFailure(r.status());
     return FinishUnary(ctx, ToGrpc(r.status()));
   }
   return new CompleteReactor(std::move(*r), engine_, resp);

@@ -13,6 +13,7 @@
 
 #include "kraken/v1/kraken.grpc.pb.h"
 #include "server/engine_loop.h"
+#include "server/server_metrics.h"
 #include "server/validation.h"
 
 namespace kraken::server {
@@ -24,6 +25,7 @@ struct ServiceOptions {
   RequestLimits limits;
   kraken::v1::ModelInfo info;
   std::string api_key;  // empty: no authentication
+  ServerMetrics* metrics = nullptr;  // optional
 };
 
 class KrakenService final : public kraken::v1::Kraken::CallbackService {

@@ -30,9 +30,10 @@ class Server:
         if not os.path.exists(SERVER_BIN):
             raise RuntimeError(f"{SERVER_BIN} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
         self.port = free_port()
+        self.metrics_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         cmd = [SERVER_BIN, "--model", model, "--devices", devices, "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads-per-worker", "1", *args]
+               "--metrics-port", str(self.metrics_port), "--threads-per-worker", "1", *args]
         self.log_path = f"/tmp/kraken-server-test-{self.port}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -64,6 +65,12 @@ class Server:
         self.log.flush()
         with open(self.log_path) as f:
             return f.read()
+
+    def scrape(self) -> str:
+        """The text of /metrics."""
+        import urllib.request
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
 
     def worker_pids(self):
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)

@@ -1,0 +1,49 @@
+// The server's Prometheus metrics (names and buckets follow vLLM's where one exists; all carry
+// the kraken_ prefix). Every label value comes from a fixed set: finish reasons, failure reasons,
+// ranks, collective ops. Definitions: docs/metrics.md.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "engine/status.h"
+#include "metrics/registry.h"
+
+namespace kraken::server {
+
+class ServerMetrics {
+ public:
+  ServerMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
+                const std::string& devices);
+
+  /// Counts a request that ended with `status` (not OK) in request_failure_total{reason}.
+  void RecordFailure(const Status& status);
+  /// Counts a successful request: finish_reason is "stop" or "length".
+  void RecordSuccess(const std::string& finish_reason, double e2e_s);
+
+  metrics::Histogram& ttft;
+  metrics::Histogram& itl;
+  metrics::Histogram& e2e;
+  metrics::Histogram& queue_time;
+  metrics::Histogram& prefill_time;
+  metrics::Histogram& iteration_tokens;
+  metrics::Counter& prompt_tokens;
+  metrics::Counter& generation_tokens;
+  metrics::Gauge& running;
+  metrics::Gauge& waiting;
+  metrics::Gauge& kv_usage;
+  metrics::Counter& restarts;
+  // Per rank, indexed by rank.
+  std::vector<metrics::Counter*> busy, idle_collective, idle_no_work, idle_host, allreduce, exposed;
+  std::vector<metrics::Gauge*> worker_up;
+
+ private:
+  metrics::Family<metrics::Counter>& success_;
+  metrics::Family<metrics::Counter>& failure_;
+};
+
+/// The failure reason label of a status code: invalid_argument, resource_exhausted,
+/// deadline_exceeded, cancelled, unavailable, unauthenticated, internal (everything else).
+const char* FailureReason(const Status& status);
+
+}  // namespace kraken::server

@@ -74,10 +74,8 @@ StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
   return out;
 }
 
-StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& o) {
-  std::unique_ptr<WorkerGroup> g(new WorkerGroup());
-  g->options_ = o;
-  KRAKEN_ASSIGN_OR_RETURN(g->devices_, ParseDevices(o.devices));
+StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<std::string> devices, ParseDevices(o.devices));
   KRAKEN_ASSIGN_OR_RETURN(engine::ModelConfig cfg, engine::LoadModelConfig(o.model_dir));
   const int context = o.max_context > 0 ? o.max_context : cfg.n_positions;
   if (context > cfg.n_positions) {
@@ -86,8 +84,8 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   if (o.max_tokens < 1 || o.max_seqs < 1 || o.block_size < 1) {
     return InvalidArgument("max_tokens, max_seqs and block_size must be >= 1");
   }
-  Limits& l = g->limits_;
-  l.world_size = static_cast<int>(g->devices_.size());
+  Limits l;
+  l.world_size = static_cast<int>(devices.size());
   l.max_tokens = o.max_tokens;
   l.max_seqs = o.max_seqs;
   l.block_size = o.block_size;
@@ -95,7 +93,15 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   l.num_kv_blocks = o.num_kv_blocks > 0 ? o.num_kv_blocks : o.max_seqs * l.max_blocks_per_seq;
   l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * context;
   l.vocab_size = cfg.vocab_size;
-  g->layout_ = ComputeLayout(l);
+  return l;
+}
+
+StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& o) {
+  std::unique_ptr<WorkerGroup> g(new WorkerGroup());
+  g->options_ = o;
+  KRAKEN_ASSIGN_OR_RETURN(g->devices_, ParseDevices(o.devices));
+  KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
+  g->layout_ = ComputeLayout(g->limits_);
   KRAKEN_RETURN_IF_ERROR(g->Launch());
   return g;
 }

@@ -88,6 +88,11 @@ struct RankStatsSnapshot {
 /// the text otherwise.
 StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec);
 
+/// The segment limits Start would use for `options` (model config, devices and sizes), without
+/// starting anything; ComputeLayout(limits).total is the dispatch segment's size in bytes.
+/// Errors as Start's argument checks.
+StatusOr<Limits> PlanLimits(const WorkerGroupOptions& options);
+
 class WorkerGroup {
  public:
   /// Spawns and waits for every worker (bounded by start_timeout; the error names each rank that

@@ -16,6 +16,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
 #include <nlohmann/json.hpp>
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include "engine/model_config.h"
@@ -47,7 +48,13 @@ struct Flags {
   std::string log_level = "info";
   std::string log_format = "plain";
   int metrics_port = 8002;
+  bool print_resources = false;
 };
+
+// Bytes of NCCL's /dev/shm use budgeted per GPU rank (its host-memory transports and proxy
+// buffers; NCCL's default buffer is 4 MiB per channel and peer). Generous on purpose: a short
+// /dev/shm makes NCCL fail at the first collective.
+constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
 
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -90,9 +97,13 @@ int main(int argc, char** argv) {
   opt("--log-level", f.log_level, "KRAKEN_LOG_LEVEL", "trace, debug, info, warn, error");
   opt("--log-format", f.log_format, "KRAKEN_LOG_FORMAT", "plain or json (one JSON object per line)")
       ->check(CLI::IsMember({"plain", "json"}));
+  app.add_flag("--print-resources", f.print_resources,
+               "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
   opt("--metrics-port", f.metrics_port, "KRAKEN_METRICS_PORT", "Prometheus /metrics port; -1 = off")
       ->check(CLI::Range(-1, 65535));
   CLI11_PARSE(app, argc, argv);
+  // Logs go to stderr; stdout carries only data (--print-resources).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("kraken"));
   spdlog::set_level(spdlog::level::from_str(f.log_level));
   if (f.log_format == "json") {
     // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
@@ -120,11 +131,6 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot load model: {}", config.status().ToString());
     return 2;
   }
-  auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
-  if (!tok.ok()) {
-    spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
-    return 2;
-  }
   server::RequestLimits limits;
   limits.context_length = config->n_positions;
   limits.vocab_size = config->vocab_size;
@@ -143,7 +149,6 @@ int main(int argc, char** argv) {
     spdlog::info("no usable generation_config.json ({}); built-in defaults apply", e.what());
   }
 
-  const auto t0 = std::chrono::steady_clock::now();
   runtime::WorkerGroupOptions wo;
   wo.model_dir = f.model;
   wo.devices = f.devices;
@@ -154,6 +159,45 @@ int main(int argc, char** argv) {
   wo.num_kv_blocks = f.num_kv_blocks;
   wo.max_history = f.max_batch_seqs * (config->n_positions + limits.max_stop_token_ids + 1);
   wo.max_restarts = f.max_restarts;
+  if (f.print_resources) {
+    auto lim = runtime::PlanLimits(wo);
+    if (!lim.ok()) {
+      spdlog::critical("{}", lim.status().ToString());
+      return 2;
+    }
+    if (config->arch == engine::Architecture::kKraken && config->kraken_degree % lim->world_size != 0) {
+      spdlog::critical("the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
+                       "hold whole sub-layers", config->kraken_degree, lim->world_size);
+      return 2;
+    }
+    const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
+    const bool gpu = f.devices.rfind("cuda", 0) == 0;
+    const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
+    // K and V, F32, per cached token on each worker: Kraken holds d floats per sub-layer and
+    // each worker N/W sub-layers of every layer (KRAKEN.md "KV cache"); Megatron shards hold D/W.
+    const int64_t per_token = 2ll * 4 * config->n_layer * config->n_embd * config->kraken_degree / lim->world_size;
+    nlohmann::json j{{"model", f.model},
+                     {"devices", f.devices},
+                     {"world_size", lim->world_size},
+                     {"gpus", gpu ? lim->world_size : 0},
+                     {"grpc_port", f.port},
+                     {"metrics_port", f.metrics_port},
+                     {"grace_period_seconds", f.grace_period_s},
+                     {"dispatch_segment_bytes", segment},
+                     {"nccl_shm_bytes", nccl},
+                     {"shm_bytes_required", segment + nccl},
+                     {"kv_cache_bytes_per_token_per_worker", per_token},
+                     {"kv_cache_blocks_per_worker", lim->num_kv_blocks},
+                     {"kv_cache_bytes_per_worker", per_token * lim->num_kv_blocks * lim->block_size}};
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
+  if (!tok.ok()) {
+    spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
+    return 2;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
   auto group = runtime::WorkerGroup::Start(wo);
   if (!group.ok()) {
     spdlog::critical("workers failed to start: {}", group.status().ToString());

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <regex>
 
 namespace kraken::metrics {
 namespace {
@@ -154,12 +153,25 @@ std::string FormatValue(double v) {
 
 Registry::Registry() = default;
 
+namespace {
+
+// [a-zA-Z_:][a-zA-Z0-9_:]* for metric names (colon allowed), [a-zA-Z_][a-zA-Z0-9_]* for labels.
+bool ValidName(const std::string& s, bool colon) {
+  if (s.empty()) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    const bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || (colon && c == ':');
+    if (!alpha && !(i > 0 && c >= '0' && c <= '9')) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 void Registry::CheckNew(const std::string& name, const std::vector<std::string>& labels, bool histogram) {
-  static const std::regex kName("[a-zA-Z_:][a-zA-Z0-9_:]*");
-  static const std::regex kLabel("[a-zA-Z_][a-zA-Z0-9_]*");
-  if (!std::regex_match(name, kName)) Fatal("invalid metric name '" + name + "'");
+  if (!ValidName(name, true)) Fatal("invalid metric name '" + name + "'");
   for (const auto& l : labels) {
-    if (!std::regex_match(l, kLabel) || l.rfind("__", 0) == 0 || (histogram && l == "le"))
+    if (!ValidName(l, false) || l.rfind("__", 0) == 0 || (histogram && l == "le"))
       Fatal("invalid label name '" + l + "' of " + name);
   }
   auto taken = [&](const auto& fams) {

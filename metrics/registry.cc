@@ -71,7 +71,7 @@ Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)) {
 }
 
 void Histogram::Observe(double v) {
-  if (std::isnan(v)) {
+  if (!std::isfinite(v)) {
     ++g_errors;
     return;
   }

@@ -11,8 +11,8 @@
 //   ok.With({"stop"}).Inc();
 //   std::string text = reg.Serialize();
 //
-// Recording never fails and never throws: a negative or non-finite increment or observation is
-// skipped and counted in kraken_metrics_errors_total. Label values must come from fixed sets
+// Recording never fails and never throws: a negative or non-finite counter increment, or a
+// non-finite observation, is skipped and counted in kraken_metrics_errors_total. Label values must come from fixed sets
 // (finish reasons, ranks), never from requests: every child is created once and kept.
 #pragma once
 
@@ -56,7 +56,7 @@ class Histogram {
  public:
   /// `bounds`: finite, strictly increasing upper bounds; +Inf is implicit.
   explicit Histogram(std::vector<double> bounds);
-  /// Records one observation; NaN is skipped and counted as a metrics error.
+  /// Records one observation; a non-finite value is skipped and counted as a metrics error.
   void Observe(double v);
   const std::vector<double>& bounds() const { return bounds_; }
   /// Observations <= bounds()[i] (cumulative), then the total count last.

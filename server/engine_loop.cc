@@ -32,6 +32,8 @@ EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokeni
     }
   });
   rank_base_.resize(group_->world_size());
+  // The workers are idle from the start: count it as no_work until the first request.
+  last_step_end_ = idle_begin_ = Clock::now();
   stats_generation_ = group_->generation();
   thread_ = std::thread([this] { Loop(); });
 }
@@ -159,7 +161,17 @@ void EngineLoop::Loop() {
     Admit();
     Reap(Clock::now());
     if (active_.empty()) {
-      if (last_step_end_ && !idle_begin_) idle_begin_ = Clock::now();
+      const auto now = Clock::now();
+      if (idle_begin_ && idle_end_) {
+        // Requests came and went without a step (refused, cancelled, past their deadline): the
+        // front-end's time on them is host time; idleness resumes now.
+        const auto from = std::max(*idle_begin_, no_work_accounted_);
+        if (*idle_end_ > from) no_work_s_ += Seconds(*idle_end_ - from);
+        host_idle_s_ += Seconds(now - *idle_end_);
+        no_work_accounted_ = now;
+        idle_end_.reset();
+      }
+      if (last_step_end_ && !idle_begin_) idle_begin_ = now;
       UpdateGauges();
       UpdateRankMetrics();  // no_work idle accrues while nothing runs
       continue;
@@ -278,7 +290,15 @@ void EngineLoop::UpdateGauges() {
   ServerMetrics* m = options_.metrics;
   if (m == nullptr) return;
   m->running.Set(sched_.num_running());
-  m->waiting.Set(std::max(queued_.load(), sched_.num_waiting()));  // accepted, not running (preempted included)
+  int incoming = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    incoming = static_cast<int>(incoming_.size());
+  }
+  // queued_ counts accepted requests never scheduled (incoming or in the scheduler's queue); the
+  // rest of the scheduler's queue are preempted sequences waiting to be recomputed.
+  const int never_scheduled_in_queue = queued_.load() - incoming;
+  m->waiting.Set(queued_.load() + std::max(0, sched_.num_waiting() - never_scheduled_in_queue));
   m->kv_usage.Set(sched_.blocks().usage());
 }
 

@@ -41,11 +41,11 @@ ServerMetrics::ServerMetrics(metrics::Registry& reg, int world, const std::strin
                            "Time from arrival to the end of a successful request.", {}, kRequestBuckets)
               .With({})),
       queue_time(reg.AddHistogram("kraken_request_queue_time_seconds",
-                                  "Time from arrival until the request is first scheduled.", {}, kRequestBuckets)
+                                  "Time from arrival until the request is first scheduled.", {}, kTtftBuckets)
                      .With({})),
       prefill_time(reg.AddHistogram("kraken_request_prefill_time_seconds",
                                     "Time from first scheduled to the first token (the prefill, chunks included).",
-                                    {}, kRequestBuckets)
+                                    {}, kTtftBuckets)
                        .With({})),
       iteration_tokens(reg.AddHistogram("kraken_iteration_tokens", "Tokens computed per engine step (batch size in tokens).",
                                         {}, kIterationBuckets)
@@ -53,7 +53,7 @@ ServerMetrics::ServerMetrics(metrics::Registry& reg, int world, const std::strin
       prompt_tokens(reg.AddCounter("kraken_prompt_tokens_total", "Prompt tokens prefilled.", {}).With({})),
       generation_tokens(reg.AddCounter("kraken_generation_tokens_total", "Tokens generated.", {}).With({})),
       running(reg.AddGauge("kraken_num_requests_running", "Requests with KV cache in the workers.", {}).With({})),
-      waiting(reg.AddGauge("kraken_num_requests_waiting", "Requests accepted and not yet scheduled.", {}).With({})),
+      waiting(reg.AddGauge("kraken_num_requests_waiting", "Requests accepted and not running: not yet scheduled, or preempted and waiting to be recomputed.", {}).With({})),
       kv_usage(reg.AddGauge("kraken_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", {}).With({})),
       restarts(reg.AddCounter("kraken_worker_restarts_total", "Times all workers were restarted after a failure.", {})
                    .With({})),

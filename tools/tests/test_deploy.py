@@ -168,6 +168,9 @@ def test_manifests_agree_with_the_server(overlay, tmp_path):
                              capture_output=True, text=True, check=True)
         need = json.loads(out.stdout)
         assert quantity_bytes(dshm["emptyDir"]["sizeLimit"]) >= need["shm_bytes_required"], (overlay, need)
+        # Worker threads fit the CPU request (the server would otherwise divide the node's cores).
+        cpu_request = float(c["resources"]["requests"]["cpu"])
+        assert device_count(devices) * int(cfg["threads-per-worker"]) <= cpu_request, (overlay, cfg)
         # Non-root, read-only root filesystem, no privilege escalation.
         assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
         sc = c["securityContext"]
@@ -192,10 +195,21 @@ def test_manifests_agree_with_the_server(overlay, tmp_path):
     with open(os.path.join(ROOT, "proto", "kraken", "v1", "kraken.proto")) as f:
         proto = f.read()
     assert "package kraken.v1;" in proto and "service Kraken {" in proto
-    # The ServiceMonitor scrapes the Service's metrics port by name and selects the Service.
+    # The ServiceMonitor scrapes this overlay's Service only, by its metrics port name, and labels
+    # the job as the rules expect.
     sm = by_kind(objs, "ServiceMonitor")[0]
-    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
-    assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    ep = sm["spec"]["endpoints"][0]
+    assert ep["port"] == "metrics"
+    assert {"targetLabel": "job", "replacement": "kraken"} in ep["relabelings"]
+    sel = sm["spec"]["selector"]["matchLabels"]
+    assert "app.kubernetes.io/instance" in sel
+    assert all(svc["metadata"]["labels"].get(k) == v for k, v in sel.items())
+    # The PodDisruptionBudget covers this overlay's serving pods only.
+    pdb = by_kind(objs, "PodDisruptionBudget")[0]
+    assert "app.kubernetes.io/instance" in pdb["spec"]["selector"]["matchLabels"]
+    for tmpl, front_end in pod_templates(objs):
+        assert tmpl["metadata"]["labels"]["app.kubernetes.io/instance"] == sel["app.kubernetes.io/instance"]
+        assert tmpl["spec"]["automountServiceAccountToken"] is False
 
 
 def test_print_resources_refuses_a_world_the_model_cannot_split():
@@ -271,6 +285,13 @@ def test_dockerfile_structure(name):
     ours = {p for p in build_pkgs if not re.match(r"(cuda-|libcublas|libnccl|ca-certificates|curl)", p)}
     missing = {p for p in ours if re.search(rf"(^|\s){re.escape(p)}(\s|$)", setup) is None}
     assert not missing, f"build packages not in scripts/setup.sh: {missing}"
-    runtime_pkgs = set().union(*(apt_packages(a) for a in final["RUN"]))
-    uncovered = linked_packages() - runtime_pkgs
-    assert not uncovered, f"kraken-server links libraries from packages the image lacks: {uncovered}"
+    runtime_pkgs = {p.split("=")[0] for p in set().union(*(apt_packages(a) for a in final["RUN"]))}
+    if name == "Dockerfile.cpu":
+        uncovered = linked_packages() - runtime_pkgs
+        assert not uncovered, f"kraken-server links libraries from packages the image lacks: {uncovered}"
+    else:
+        # The CUDA binary cannot be built here for ldd: the CPU image's packages plus CUDA's.
+        cpu_stages = dockerfile_stages(os.path.join(DEPLOY, "docker", "Dockerfile.cpu"))
+        cpu_pkgs = set().union(*(apt_packages(a) for i, a in cpu_stages[-1][1] if i == "RUN")) - {"ca-certificates"}
+        missing = (cpu_pkgs | {"cuda-cudart-13-0", "libcublas-13-0", "libnccl2"}) - runtime_pkgs
+        assert not missing, f"the CUDA image lacks {missing}"

@@ -276,7 +276,10 @@ def test_queue_full_is_resource_exhausted_at_once(small_server):
     running = small_server.stub.Generate(long_request(seed=4), timeout=60)
     next(running)
     waiting = small_server.stub.Generate(long_request(seed=5), timeout=60)
-    time.sleep(0.3)  # let it reach the queue
+    # Wait until the server reports it queued (the gauge is refreshed every step).
+    t_end = time.time() + 10
+    while "kraken_num_requests_waiting 1\n" not in small_server.scrape() and time.time() < t_end:
+        time.sleep(0.02)
     t0 = time.time()
     with pytest.raises(grpc.RpcError) as e:
         small_server.stub.Complete(request(text="a", max_tokens=4), timeout=30)

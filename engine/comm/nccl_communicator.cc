@@ -37,6 +37,29 @@ struct NcclCommunicator::Impl {
   std::unordered_map<uint64_t, cudaEvent_t> done;  // in-flight collectives by handle id
 };
 
+namespace {
+
+// Makes the communication stream wait for what the compute stream has enqueued so far.
+void OrderAfterCompute(NcclCommunicator::Impl& im) {
+  if (im.compute == nullptr) return;
+  cudaEvent_t ready;
+  cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+  cudaEventRecord(ready, im.compute);
+  cudaStreamWaitEvent(im.stream, ready, 0);
+  cudaEventDestroy(ready);  // released by CUDA once the wait has been satisfied
+}
+
+}  // namespace
+
+Status NcclCommunicator::HostWaitStream() {
+  cudaEvent_t done;
+  cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+  cudaEventRecord(done, impl_->stream);
+  Status s = HostWait(done);
+  cudaEventDestroy(done);
+  return s;
+}
+
 StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(const NcclOptions& o) {
   if (o.world_size < 1) return InvalidArgument("world_size must be >= 1, got ", o.world_size);
   if (o.rank < 0 || o.rank >= o.world_size)
@@ -123,18 +146,9 @@ StatusOr<CollectiveHandle> NcclCommunicator::StartAllReduceSum(float* data, int6
   if (!failure_.ok()) return failure_;
   if (count < 0) return InvalidArgument("AllReduce count must be >= 0, got ", count);
   Impl& im = *impl_;
-  cudaEvent_t ready = nullptr, done = nullptr;
-  if (cudaEventCreateWithFlags(&ready, cudaEventDisableTiming) != cudaSuccess ||
-      cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) {
-    if (ready) cudaEventDestroy(ready);
-    return Fail("cudaEventCreate failed");
-  }
-  // Order the collective after the compute stream's writes to `data`.
-  if (im.compute != nullptr) {
-    cudaEventRecord(ready, im.compute);
-    cudaStreamWaitEvent(im.stream, ready, 0);
-  }
-  cudaEventDestroy(ready);  // destruction is deferred by CUDA until the event completes
+  cudaEvent_t done = nullptr;
+  if (cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) return Fail("cudaEventCreate failed");
+  OrderAfterCompute(im);  // the collective reads what the compute stream wrote to `data`
   if (ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat32, ncclSum, im.comm, im.stream);
       r != ncclSuccess) {
     cudaEventDestroy(done);
@@ -185,22 +199,11 @@ Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root) {
   if (root < 0 || root >= world_) return InvalidArgument("broadcast root must be in [0, ", world_, "), got ", root);
   if (bytes < 0) return InvalidArgument("broadcast bytes must be >= 0, got ", bytes);
   Impl& im = *impl_;
-  if (im.compute != nullptr) {
-    cudaEvent_t ready;
-    cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
-    cudaEventRecord(ready, im.compute);
-    cudaStreamWaitEvent(im.stream, ready, 0);
-    cudaEventDestroy(ready);
-  }
+  OrderAfterCompute(im);
   if (ncclResult_t r = ncclBroadcast(data, data, static_cast<size_t>(bytes), ncclUint8, root, im.comm, im.stream);
       r != ncclSuccess)
     return Fail(StrCat("ncclBroadcast failed: ", NcclError(r)));
-  cudaEvent_t done;
-  cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
-  cudaEventRecord(done, im.stream);
-  Status s = HostWait(done);
-  cudaEventDestroy(done);
-  return s;
+  return HostWaitStream();
 }
 
 Status NcclCommunicator::Barrier() {
@@ -208,12 +211,7 @@ Status NcclCommunicator::Barrier() {
   Impl& im = *impl_;
   if (ncclResult_t r = ncclAllReduce(im.scratch, im.scratch, 1, ncclFloat32, ncclSum, im.comm, im.stream); r != ncclSuccess)
     return Fail(StrCat("barrier AllReduce failed: ", NcclError(r)));
-  cudaEvent_t done;
-  cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
-  cudaEventRecord(done, im.stream);
-  Status s = HostWait(done);
-  cudaEventDestroy(done);
-  return s;
+  return HostWaitStream();
 }
 
 }  // namespace kraken::engine

@@ -66,9 +66,12 @@ class NcclCommunicator final : public Communicator {
   Status Broadcast(void* data, int64_t bytes, int root) override;
   Status Barrier() override;
 
+ public:
+  struct Impl;  // CUDA and NCCL handles (defined in the .cc)
+
  private:
-  struct Impl;
   NcclCommunicator() = default;
+  Status HostWaitStream();  // blocks until the communication stream's work so far is done
   Status Fail(const std::string& what);
   Status HostWait(void* event);
 

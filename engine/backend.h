@@ -1,6 +1,8 @@
 // The narrow interface the models are written against: memory, weight preparation and the ops a
-// GPT-style transformer needs. The CPU backend is always built; the CUDA backend only with
-// KRAKEN_ENABLE_CUDA (otherwise CreateCudaBackend returns UNIMPLEMENTED "built without CUDA").
+// GPT-style transformer needs. The CPU backend is always built; the CUDA backend
+// (engine/cuda/cuda_backend.cc) only with KRAKEN_ENABLE_CUDA (otherwise "cuda:*" devices get
+// UNIMPLEMENTED "built without CUDA"). Ops on a CUDA backend are asynchronous: they are queued on
+// its stream, and Synchronize reports the first device error.
 //
 //   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = 2}));
 //   KRAKEN_ASSIGN_OR_RETURN(Buffer x, backend->Allocate(tokens * d));
@@ -124,6 +126,9 @@ class Backend {
   virtual std::string name() const = 0;
   /// True when device memory is host memory (results can be read without Download).
   virtual bool is_host() const = 0;
+  /// The stream this backend enqueues work on (a cudaStream_t for CUDA), so a communicator can
+  /// order its collectives after the compute that produced their input; nullptr for the CPU.
+  virtual void* native_stream() const { return nullptr; }
 
   /// Allocates `floats` zeroed floats of device memory. RESOURCE_EXHAUSTED when it cannot.
   virtual StatusOr<Buffer> Allocate(int64_t floats) = 0;

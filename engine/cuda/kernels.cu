@@ -1,0 +1,258 @@
+// CUDA kernels of the engine's ops; see kernels.h for each contract. Row-wise kernels use one
+// thread block per row so a row's result never depends on how many rows a step has (batch
+// invariance, as on the CPU backend).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cfloat>
+
+#include "engine/cuda/kernels.h"
+
+namespace kraken::engine::cuda {
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int kAttentionThreads = 128;  // also the key tile of the attention kernel
+
+// Sum / max over the thread block; every thread gets the result. `red` holds one value per warp
+// and is free again when the function returns.
+__device__ float BlockSum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < warps; ++i) s += red[i];
+  __syncthreads();
+  return s;
+}
+
+__device__ float BlockMax(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = (blockDim.x + 31) / 32;
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float m = -FLT_MAX;
+  for (int i = 0; i < warps; ++i) m = fmaxf(m, red[i]);
+  __syncthreads();
+  return m;
+}
+
+__global__ void EmbedKernel(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
+                            float* out, int cols, int64_t out_stride) {
+  const int64_t t = blockIdx.x;
+  const float* e = wte + static_cast<int64_t>(tokens[t]) * cols;
+  const float* p = wpe + static_cast<int64_t>(positions[t]) * cols;
+  float* o = out + t * out_stride;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = e[c] + p[c];
+}
+
+__global__ void LayerNormKernel(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
+                                int64_t y_stride, int cols) {
+  __shared__ float red[32];
+  const float* xr = x + blockIdx.x * x_stride;
+  float* yr = y + blockIdx.x * y_stride;
+  float s = 0.f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) s += xr[c];
+  const float mean = BlockSum(s, red) / static_cast<float>(cols);
+  float q = 0.f;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float d = xr[c] - mean;
+    q += d * d;
+  }
+  const float var = BlockSum(q, red) / static_cast<float>(cols);
+  const float rstd = 1.f / sqrtf(var + eps);
+  // Each thread writes only the elements it read above, after both reductions: safe when y == x.
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float n = (xr[c] - mean) * rstd * w[c];
+    yr[c] = b != nullptr ? n + b[c] : n;
+  }
+}
+
+__global__ void GeluTanhKernel(float* x, int64_t stride, int cols) {
+  float* r = x + blockIdx.x * stride;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+    const float v = r[c];
+    r[c] = 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
+}
+
+__global__ void AddKernel(const float* a, int64_t as, const float* b, int64_t bs, float* out, int64_t os, int cols) {
+  const int64_t r = blockIdx.x;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) out[r * os + c] = a[r * as + c] + b[r * bs + c];
+}
+
+__global__ void GatherRowsKernel(const float* src, int64_t ss, const int32_t* rows, float* dst, int64_t ds, int cols) {
+  const float* s = src + static_cast<int64_t>(rows[blockIdx.x]) * ss;
+  float* d = dst + static_cast<int64_t>(blockIdx.x) * ds;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}
+
+__global__ void BiasRowsKernel(const float* bias, float* y, int64_t ys, int cols, bool accumulate) {
+  float* r = y + blockIdx.x * ys;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) r[c] = accumulate ? r[c] + bias[c] : bias[c];
+}
+
+template <typename Half>
+__device__ Half FromFloat(float v);
+template <>
+__device__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __half FromFloat<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+template <typename Half>
+__global__ void ToHalfKernel(const float* x, int64_t xs, int cols, Half* out) {
+  const float* r = x + blockIdx.x * xs;
+  Half* o = out + static_cast<int64_t>(blockIdx.x) * cols;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = FromFloat<Half>(r[c]);
+}
+
+__global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_t vs, float* kc, float* vc,
+                              const int32_t* token_slot, int heads, int head_dim, int block_size) {
+  const int64_t t = blockIdx.x;
+  const int64_t slot = token_slot[t];
+  const int64_t block = slot / block_size, off = slot % block_size;
+  const int width = heads * head_dim;
+  const int64_t base = block * heads * head_dim * block_size;  // same size for K and V blocks
+  for (int e = threadIdx.x; e < width; e += blockDim.x) {
+    const int h = e / head_dim, d = e % head_dim;
+    kc[base + (static_cast<int64_t>(h) * head_dim + d) * block_size + off] = k[t * ks + e];
+    vc[base + (static_cast<int64_t>(h) * block_size + off) * head_dim + d] = v[t * vs + e];
+  }
+}
+
+// Shared memory: q (scaled) [head_dim], acc [head_dim], p [kAttentionThreads], red [32].
+__global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc, const AttentionRow* rows,
+                                const int32_t* tables, int heads, int head_dim, int block_size, float scale,
+                                float* out, int64_t os) {
+  extern __shared__ float smem[];
+  float* qsh = smem;
+  float* acc = qsh + head_dim;
+  float* p = acc + head_dim;
+  float* red = p + kAttentionThreads;
+
+  const int64_t t = blockIdx.x;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const AttentionRow row = rows[t];
+  const int32_t* table = tables + row.table_offset;
+  const int keys = row.position + 1;
+  const int64_t block_floats = static_cast<int64_t>(heads) * head_dim * block_size;
+
+  for (int d = tid; d < head_dim; d += blockDim.x) {
+    qsh[d] = q[t * qs + static_cast<int64_t>(h) * head_dim + d] * scale;
+    acc[d] = 0.f;
+  }
+  __syncthreads();
+
+  float m = -FLT_MAX;  // running max over the keys seen so far (same in every thread)
+  float l = 0.f;       // running sum of exp(score - m)
+  for (int tile = 0; tile < keys; tile += kAttentionThreads) {
+    const int j = tile + tid;
+    float s = -FLT_MAX;
+    if (j < keys) {
+      // K block layout [heads][head_dim][block_size]: neighbouring threads read neighbouring keys.
+      const float* kp = kc + table[j / block_size] * block_floats + static_cast<int64_t>(h) * head_dim * block_size +
+                        j % block_size;
+      float dot = 0.f;
+      for (int d = 0; d < head_dim; ++d) dot += qsh[d] * kp[static_cast<int64_t>(d) * block_size];
+      s = dot;
+    }
+    const float m_new = fmaxf(m, BlockMax(s, red));
+    const float e = j < keys ? expf(s - m_new) : 0.f;
+    p[tid] = e;
+    const float correction = expf(m - m_new);
+    l = l * correction + BlockSum(e, red);  // BlockSum's barrier also publishes p[]
+    const int n = min(kAttentionThreads, keys - tile);
+    // V block layout [heads][block_size][head_dim]: neighbouring threads read neighbouring dims.
+    for (int d = tid; d < head_dim; d += blockDim.x) {
+      float a = acc[d] * correction;
+      for (int i = 0; i < n; ++i) {
+        const int jj = tile + i;
+        const float* vp = vc + table[jj / block_size] * block_floats +
+                          (static_cast<int64_t>(h) * block_size + jj % block_size) * head_dim;
+        a += p[i] * vp[d];
+      }
+      acc[d] = a;
+    }
+    m = m_new;
+    __syncthreads();  // p[] is rewritten by the next tile
+  }
+  const float inv = 1.f / l;
+  for (int d = tid; d < head_dim; d += blockDim.x) out[t * os + static_cast<int64_t>(h) * head_dim + d] = acc[d] * inv;
+}
+
+int RowThreads(int cols) {
+  // Enough threads for the row, rounded up to whole warps, at most kRowThreads.
+  const int t = (cols + 31) / 32 * 32;
+  return t < 32 ? 32 : (t > kRowThreads ? kRowThreads : t);
+}
+
+}  // namespace
+
+void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
+                 int rows, int cols, int64_t out_stride, cudaStream_t stream) {
+  if (rows == 0) return;
+  EmbedKernel<<<rows, RowThreads(cols), 0, stream>>>(tokens, positions, wte, wpe, out, cols, out_stride);
+}
+
+void LaunchLayerNorm(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
+                     int64_t y_stride, int rows, int cols, cudaStream_t stream) {
+  if (rows == 0) return;
+  LayerNormKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, w, b, eps, y, y_stride, cols);
+}
+
+void LaunchGeluTanh(float* x, int64_t stride, int rows, int cols, cudaStream_t stream) {
+  if (rows == 0) return;
+  GeluTanhKernel<<<rows, RowThreads(cols), 0, stream>>>(x, stride, cols);
+}
+
+void LaunchAdd(const float* a, int64_t a_stride, const float* b, int64_t b_stride, float* out, int64_t out_stride,
+               int rows, int cols, cudaStream_t stream) {
+  if (rows == 0) return;
+  AddKernel<<<rows, RowThreads(cols), 0, stream>>>(a, a_stride, b, b_stride, out, out_stride, cols);
+}
+
+void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride,
+                      int n, int cols, cudaStream_t stream) {
+  if (n == 0) return;
+  GatherRowsKernel<<<n, RowThreads(cols), 0, stream>>>(src, src_stride, rows, dst, dst_stride, cols);
+}
+
+void LaunchBiasRows(const float* bias, float* y, int64_t y_stride, int rows, int cols, bool accumulate,
+                    cudaStream_t stream) {
+  if (rows == 0) return;
+  BiasRowsKernel<<<rows, RowThreads(cols), 0, stream>>>(bias, y, y_stride, cols, accumulate);
+}
+
+void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* out, bool bf16, cudaStream_t stream) {
+  if (rows == 0) return;
+  if (bf16) {
+    ToHalfKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, cols, static_cast<__nv_bfloat16*>(out));
+  } else {
+    ToHalfKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, cols, static_cast<__half*>(out));
+  }
+}
+
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
+                   float* v_cache, const int32_t* token_slot, int T, int heads, int head_dim, int block_size,
+                   cudaStream_t stream) {
+  if (T == 0) return;
+  WriteKvKernel<<<T, RowThreads(heads * head_dim), 0, stream>>>(k, k_stride, v, v_stride, k_cache, v_cache,
+                                                                 token_slot, heads, head_dim, block_size);
+}
+
+void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                     const AttentionRow* rows, const int32_t* tables, int T, int heads, int head_dim, int block_size,
+                     float scale, float* out, int64_t out_stride, cudaStream_t stream) {
+  if (T == 0) return;
+  const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
+  AttentionKernel<<<dim3(T, heads), kAttentionThreads, shared, stream>>>(
+      q, q_stride, k_cache, v_cache, rows, tables, heads, head_dim, block_size, scale, out, out_stride);
+}
+
+}  // namespace kraken::engine::cuda

@@ -1,0 +1,68 @@
+// CUDA kernels behind CudaBackend (engine/cuda/cuda_backend.cc), declared as plain C++ launchers
+// so the backend itself compiles with the host compiler. Every launcher enqueues on `stream` and
+// returns at once; errors surface at the next CUDA call on that stream (the backend checks
+// cudaGetLastError after each launch and at Synchronize).
+//
+// Matrices are row-major F32 with a row stride in elements, as engine::Mat. All pointers are
+// device pointers unless a name says otherwise.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kraken::engine::cuda {
+
+/// Per query row of a step, what the attention kernel needs: its sequence's block table (an
+/// offset into the flattened tables of the step) and its absolute position (it sees keys
+/// 0 .. position).
+struct AttentionRow {
+  int32_t position = 0;
+  int32_t table_offset = 0;
+};
+
+/// out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]  for t < rows; wte [V, cols], wpe [P, cols].
+void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
+                 int rows, int cols, int64_t out_stride, cudaStream_t stream);
+
+/// y = (x - mean) / sqrt(var + eps) * w (+ b) per row, two-pass mean and biased variance (the CPU
+/// backend's definition). One thread block per row; y may alias x. b may be null.
+void LaunchLayerNorm(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
+                     int64_t y_stride, int rows, int cols, cudaStream_t stream);
+
+/// x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in place.
+void LaunchGeluTanh(float* x, int64_t stride, int rows, int cols, cudaStream_t stream);
+
+/// out = a + b (out may alias a or b).
+void LaunchAdd(const float* a, int64_t a_stride, const float* b, int64_t b_stride, float* out, int64_t out_stride,
+               int rows, int cols, cudaStream_t stream);
+
+/// dst[i, :] = src[rows[i], :] for i < n (rows: device array).
+void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride,
+                      int n, int cols, cudaStream_t stream);
+
+/// y[r, :] = bias (assign) or y[r, :] += bias (accumulate), for every row r < rows.
+void LaunchBiasRows(const float* bias, float* y, int64_t y_stride, int rows, int cols, bool accumulate,
+                    cudaStream_t stream);
+
+/// Converts x [rows, cols] (row stride x_stride) to a contiguous [rows, cols] matrix of bf16
+/// (when `bf16`) or IEEE half at `out`, rounding to nearest even.
+void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* out, bool bf16, cudaStream_t stream);
+
+/// Stores row t of k and v ([T, heads * head_dim], head-major columns) at physical token slot
+/// token_slot[t] = block * block_size + offset of the paged cache: K blocks are
+/// [heads][head_dim][block_size], V blocks [heads][block_size][head_dim].
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
+                   float* v_cache, const int32_t* token_slot, int T, int heads, int head_dim, int block_size,
+                   cudaStream_t stream);
+
+/// Causal attention over the paged cache: query row t (of T) and head h attend to keys
+/// 0 .. rows[t].position through the block table at tables + rows[t].table_offset. One thread
+/// block per (row, head) walks the keys in tiles of 128 with the online-softmax rescaling of
+/// FlashAttention (Dao et al. 2022, Alg. 1), so any head size works and no [T, L] score matrix
+/// exists. q, out: [T, heads * head_dim].
+void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                     const AttentionRow* rows, const int32_t* tables, int T, int heads, int head_dim, int block_size,
+                     float scale, float* out, int64_t out_stride, cudaStream_t stream);
+
+}  // namespace kraken::engine::cuda

@@ -18,6 +18,13 @@ struct CollectiveHandle {
   uint64_t id = 0;
 };
 
+/// Collective time measured on the device (CUDA events) rather than by the host.
+struct DeviceCollectiveTiming {
+  uint64_t collective_ns = 0;  // start to completion on the communication stream, summed
+  uint64_t exposed_ns = 0;     // the compute stream stalled waiting for a collective, summed
+  uint64_t count = 0;          // collectives these sums cover
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -32,6 +39,12 @@ class Communicator {
   virtual Status Broadcast(void* data, int64_t bytes, int root) = 0;
   /// Returns once every rank has called it.
   virtual Status Barrier() = 0;
+  /// A communicator whose Wait does not block the host (NCCL ordering a compute stream) times its
+  /// collectives on the device: it fills `t` for the collectives waited on since the last call
+  /// and returns true. Call only once the compute stream has drained (after
+  /// Backend::Synchronize). Host-blocking communicators return false: the caller's host timing
+  /// of Wait is already the exposed time.
+  virtual bool TakeDeviceTiming(DeviceCollectiveTiming* t) { return false; }
 };
 
 /// World of one rank: every collective completes at once and leaves the data unchanged.

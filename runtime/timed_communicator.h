@@ -14,7 +14,6 @@ namespace kraken::runtime {
 
 class TimedCommunicator final : public engine::Communicator {
  public:
-  /// `stats` lives in the shared segment; it must outlive this object.
   /// `slot` lives in the shared segment; it must outlive this object. Every collective event
   /// also stamps slot->progress_ns, which the supervisor reads to tell a slow step from a hung one.
   TimedCommunicator(std::unique_ptr<engine::Communicator> inner, RankSlot* slot)
@@ -34,12 +33,11 @@ class TimedCommunicator final : public engine::Communicator {
     Status s = inner_->Wait(h);
     const uint64_t t1 = NowNs();
     slot_->progress_ns.store(t1, std::memory_order_relaxed);
-    exposed_ns_ += t1 - t0;
-    stats_->exposed_comm_ns.fetch_add(t1 - t0, std::memory_order_relaxed);
+    step_.exposed_ns += t1 - t0;
     auto it = started_.find(h.id);
     if (it != started_.end()) {
-      stats_->collective_ns.fetch_add(t1 - it->second, std::memory_order_relaxed);
-      stats_->collectives.fetch_add(1, std::memory_order_relaxed);
+      step_.collective_ns += t1 - it->second;
+      ++step_.count;
       started_.erase(it);
     }
     return s;
@@ -47,11 +45,18 @@ class TimedCommunicator final : public engine::Communicator {
   Status Broadcast(void* data, int64_t bytes, int root) override { return inner_->Broadcast(data, bytes, root); }
   Status Barrier() override { return inner_->Barrier(); }
 
-  /// Nanoseconds spent blocked in Wait since the last call (and resets the count).
-  uint64_t TakeExposedNs() {
-    const uint64_t e = exposed_ns_;
-    exposed_ns_ = 0;
-    return e;
+  /// Publishes the step's collective figures to the rank's stats and returns its exposed
+  /// nanoseconds. Call after the step's device work has drained. When the inner communicator
+  /// times on the device (NCCL: Wait only orders the compute stream, so the host sees ~0), its
+  /// CUDA-event figures replace the host's.
+  uint64_t EndStep() {
+    engine::DeviceCollectiveTiming t;
+    if (!inner_->TakeDeviceTiming(&t)) t = step_;
+    step_ = {};
+    stats_->exposed_comm_ns.fetch_add(t.exposed_ns, std::memory_order_relaxed);
+    stats_->collective_ns.fetch_add(t.collective_ns, std::memory_order_relaxed);
+    stats_->collectives.fetch_add(t.count, std::memory_order_relaxed);
+    return t.exposed_ns;
   }
 
  private:
@@ -59,7 +64,7 @@ class TimedCommunicator final : public engine::Communicator {
   RankSlot* slot_;
   RankStats* stats_;
   std::unordered_map<uint64_t, uint64_t> started_;
-  uint64_t exposed_ns_ = 0;
+  engine::DeviceCollectiveTiming step_;  // host-measured figures of the current step
 };
 
 }  // namespace kraken::runtime

@@ -14,6 +14,9 @@
 #include "engine/backend.h"
 #include "engine/comm/gloo_communicator.h"
 #include "engine/comm/link_model.h"
+#ifdef KRAKEN_HAVE_NCCL
+#include "engine/comm/nccl_communicator.h"
+#endif
 #include "engine/model.h"
 #include "engine/sampler.h"
 #include "runtime/protocol.h"
@@ -113,6 +116,20 @@ Status Worker::Setup() {
   std::unique_ptr<engine::Communicator> comm;
   if (a_.world == 1) {
     comm = std::make_unique<engine::LocalCommunicator>();
+  } else if (a_.device.rfind("cuda", 0) == 0) {
+#ifdef KRAKEN_HAVE_NCCL
+    // GPU ranks: NCCL on its own stream, ordered after the backend's compute stream, so a
+    // Kraken AllReduce overlaps the next layer's attention without blocking the host.
+    ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
+    const size_t colon = a_.device.find(':');
+    const int device = colon == std::string::npos ? 0 : std::stoi(a_.device.substr(colon + 1));
+    KRAKEN_ASSIGN_OR_RETURN(comm, engine::NcclCommunicator::Create(
+                                      {.rank = a_.rank, .world_size = a_.world, .device = device, .store = &store,
+                                       .compute_stream = backend_->native_stream(),
+                                       .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
+#else
+    return FailedPrecondition("device '", a_.device, "' needs NCCL, but this binary was built without CUDA");
+#endif
   } else {
     ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
     KRAKEN_ASSIGN_OR_RETURN(comm, engine::GlooCommunicator::Create(
@@ -133,11 +150,11 @@ Status Worker::Setup() {
   const int32_t token = 0, block = 0;
   engine::SequenceInput s{.tokens = {&token, 1}, .start_pos = 0, .block_table = {&block, 1}};
   KRAKEN_RETURN_IF_ERROR(model_->Forward({.seqs = {&s, 1}}, *kv_, *comm_).status());
+  comm_->EndStep();  // the warm-up's figures are not served work
   for (auto* c : {&slot_->stats.steps, &slot_->stats.busy_ns, &slot_->stats.exposed_comm_ns,
                   &slot_->stats.collective_ns, &slot_->stats.idle_ns, &slot_->stats.collectives}) {
     c->store(0);
   }
-  comm_->TakeExposedNs();
   slot_->state.store(static_cast<uint32_t>(RankState::kReady), std::memory_order_release);
   return absl::OkStatus();
 }
@@ -260,7 +277,7 @@ Status Worker::Serve() {
     slot_->stats.idle_ns.fetch_add(t0 - idle_from, std::memory_order_relaxed);
     KRAKEN_RETURN_IF_ERROR(RunStep(plan));
     const uint64_t t1 = NowNs();
-    const uint64_t exposed = comm_->TakeExposedNs();
+    const uint64_t exposed = comm_->EndStep();
     slot_->stats.busy_ns.fetch_add(t1 - t0 - std::min(exposed, t1 - t0), std::memory_order_relaxed);
     slot_->stats.steps.fetch_add(1, std::memory_order_relaxed);
     idle_from = t1;

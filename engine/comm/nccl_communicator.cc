@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -34,7 +35,18 @@ struct NcclCommunicator::Impl {
   cudaStream_t compute = nullptr;  // caller's stream, or null
   float* scratch = nullptr;        // one float for Barrier
   uint64_t next_id = 0;
-  std::unordered_map<uint64_t, cudaEvent_t> done;  // in-flight collectives by handle id
+  // In-flight collectives by handle id. With a compute stream the events carry timing: `start`
+  // when the communication stream reaches the collective, `done` when it completes.
+  struct InFlight {
+    cudaEvent_t start = nullptr, done = nullptr;
+  };
+  std::unordered_map<uint64_t, InFlight> in_flight;
+  // Waited collectives whose timing is read by TakeDeviceTiming: start, done, and `ready` (the
+  // compute stream reached Wait).
+  struct Timed {
+    cudaEvent_t start, done, ready;
+  };
+  std::vector<Timed> timed;
 };
 
 namespace {
@@ -117,7 +129,15 @@ StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(const NcclO
 NcclCommunicator::~NcclCommunicator() {
   if (!impl_) return;
   Impl& im = *impl_;
-  for (auto& [id, ev] : im.done) cudaEventDestroy(ev);
+  for (auto& [id, f] : im.in_flight) {
+    if (f.start != nullptr) cudaEventDestroy(f.start);
+    cudaEventDestroy(f.done);
+  }
+  for (const auto& t : im.timed) {
+    cudaEventDestroy(t.start);
+    cudaEventDestroy(t.done);
+    cudaEventDestroy(t.ready);
+  }
   if (im.comm != nullptr) {
     // After a failure the communicator may hang in destroy; abort is the documented way out.
     if (failure_.ok()) {
@@ -146,17 +166,25 @@ StatusOr<CollectiveHandle> NcclCommunicator::StartAllReduceSum(float* data, int6
   if (!failure_.ok()) return failure_;
   if (count < 0) return InvalidArgument("AllReduce count must be >= 0, got ", count);
   Impl& im = *impl_;
-  cudaEvent_t done = nullptr;
-  if (cudaEventCreateWithFlags(&done, cudaEventDisableTiming) != cudaSuccess) return Fail("cudaEventCreate failed");
+  const bool timed = im.compute != nullptr;  // device timing only when Wait does not block the host
+  const unsigned flags = timed ? cudaEventDefault : cudaEventDisableTiming;
+  Impl::InFlight f;
+  if (cudaEventCreateWithFlags(&f.done, flags) != cudaSuccess) return Fail("cudaEventCreate failed");
+  if (timed && cudaEventCreateWithFlags(&f.start, flags) != cudaSuccess) {
+    cudaEventDestroy(f.done);
+    return Fail("cudaEventCreate failed");
+  }
   OrderAfterCompute(im);  // the collective reads what the compute stream wrote to `data`
+  if (f.start != nullptr) cudaEventRecord(f.start, im.stream);
   if (ncclResult_t r = ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat32, ncclSum, im.comm, im.stream);
       r != ncclSuccess) {
-    cudaEventDestroy(done);
+    if (f.start != nullptr) cudaEventDestroy(f.start);
+    cudaEventDestroy(f.done);
     return Fail(StrCat("ncclAllReduce failed: ", NcclError(r)));
   }
-  cudaEventRecord(done, im.stream);
+  cudaEventRecord(f.done, im.stream);
   const uint64_t id = ++im.next_id;
-  im.done.emplace(id, done);
+  im.in_flight.emplace(id, f);
   return CollectiveHandle{id};
 }
 
@@ -179,19 +207,46 @@ Status NcclCommunicator::HostWait(void* event_ptr) {
 Status NcclCommunicator::Wait(CollectiveHandle handle) {
   if (!failure_.ok()) return failure_;
   Impl& im = *impl_;
-  auto it = im.done.find(handle.id);
-  if (it == im.done.end()) return InvalidArgument("unknown or already waited collective handle ", handle.id);
-  cudaEvent_t done = it->second;
-  im.done.erase(it);
+  auto it = im.in_flight.find(handle.id);
+  if (it == im.in_flight.end()) return InvalidArgument("unknown or already waited collective handle ", handle.id);
+  const Impl::InFlight f = it->second;
+  im.in_flight.erase(it);
   Status status = absl::OkStatus();
   if (im.compute != nullptr) {
-    if (cudaError_t e = cudaStreamWaitEvent(im.compute, done, 0); e != cudaSuccess)
+    cudaEvent_t ready = nullptr;
+    if (cudaEventCreateWithFlags(&ready, cudaEventDefault) == cudaSuccess) cudaEventRecord(ready, im.compute);
+    if (cudaError_t e = cudaStreamWaitEvent(im.compute, f.done, 0); e != cudaSuccess)
       status = Fail(StrCat("cudaStreamWaitEvent failed with ", CudaError(e)));
+    if (ready != nullptr) {
+      im.timed.push_back({f.start, f.done, ready});
+      return status;
+    }
   } else {
-    status = HostWait(done);
+    status = HostWait(f.done);
   }
-  cudaEventDestroy(done);
+  if (f.start != nullptr) cudaEventDestroy(f.start);
+  cudaEventDestroy(f.done);
   return status;
+}
+
+bool NcclCommunicator::TakeDeviceTiming(DeviceCollectiveTiming* t) {
+  if (!impl_ || impl_->compute == nullptr) return false;
+  *t = DeviceCollectiveTiming{};
+  for (const auto& e : impl_->timed) {
+    float collective_ms = 0, ready_to_done_ms = 0;
+    if (cudaEventElapsedTime(&collective_ms, e.start, e.done) == cudaSuccess &&
+        cudaEventElapsedTime(&ready_to_done_ms, e.ready, e.done) == cudaSuccess) {
+      t->collective_ns += static_cast<uint64_t>(std::max(0.f, collective_ms) * 1e6);
+      // The compute stream stalled only if the collective finished after it reached Wait.
+      t->exposed_ns += static_cast<uint64_t>(std::max(0.f, ready_to_done_ms) * 1e6);
+      ++t->count;
+    }
+    cudaEventDestroy(e.start);
+    cudaEventDestroy(e.done);
+    cudaEventDestroy(e.ready);
+  }
+  impl_->timed.clear();
+  return true;
 }
 
 Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root) {

@@ -12,6 +12,7 @@
 //   Wait(h)                    — makes the compute stream wait for the collective's completion
 //                                event (the host does not block), or, with no compute stream,
 //                                blocks the host until it completes.
+//   TakeDeviceTiming(&t)       — after the step: collective and exposed time from CUDA events.
 //
 // All buffers are device memory of the communicator's GPU. A peer that dies makes NCCL report an
 // asynchronous error; Wait polls ncclCommGetAsyncError while it waits, aborts the communicator and
@@ -65,6 +66,11 @@ class NcclCommunicator final : public Communicator {
   /// `data`: device pointer. Blocks the host until done.
   Status Broadcast(void* data, int64_t bytes, int root) override;
   Status Barrier() override;
+  /// With a compute stream: CUDA-event timing of the collectives waited on since the last call
+  /// (collective = its start on the communication stream to its completion; exposed = how long
+  /// the compute stream, having reached Wait, still waited for it). Adds no synchronisation: the
+  /// events are read here, after the step. False without a compute stream.
+  bool TakeDeviceTiming(DeviceCollectiveTiming* t) override;
 
  public:
   struct Impl;  // CUDA and NCCL handles (defined in the .cc)

@@ -70,10 +70,13 @@ struct Cell {
 };
 
 StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const std::vector<int>& tokens,
-                                      const std::string& preset, double gemm_flops, int repeats) {
+                                      const std::string& preset, double gemm_flops, int repeats,
+                                      const std::string& device) {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int max_t = *std::max_element(tokens.begin(), tokens.end());
-  runtime::WorkerGroupOptions o{.model_dir = model, .devices = "cpu:" + std::to_string(world),
+  // "cuda": GPUs 0 .. W-1, one worker each, NCCL between them.
+  const std::string devices = device == "cuda" ? StrCat("cuda:0-", world - 1) : StrCat("cpu:", world);
+  runtime::WorkerGroupOptions o{.model_dir = model, .devices = devices,
                                 .threads_per_worker = std::max(1, cores / world), .max_tokens = max_t,
                                 .max_seqs = 1, .max_context = max_t, .num_kv_blocks = (max_t + 15) / 16,
                                 .max_history = 1};
@@ -123,7 +126,10 @@ int Main(int argc, char** argv) {
   std::string models = "build/bench-models/ttft", worlds_s = "2,4", tokens_s = "128,2048";
   std::string presets_s = "none,a100-nvswitch,h100-nvlink4,pcie4-x16,ethernet-100g";
   int repeats = 3;
+  std::string device = "cpu";
   CLI::App app{"Prefill TTFT: Kraken vs standard tensor parallelism vs parallel-block"};
+  app.add_option("--device", device, "cpu (worker processes + Gloo) or cuda (one GPU per rank + NCCL)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--models", models, "Directory with kraken/, standard/ and parallel/ model directories");
   app.add_option("--worlds", worlds_s, "World sizes");
   app.add_option("--tokens", tokens_s, "Prompt lengths");
@@ -158,6 +164,10 @@ int Main(int argc, char** argv) {
               "time spent waiting on a collective (rank 0/1/...)\n\n");
 
   for (const auto& preset : Split(presets_s)) {
+    if (device == "cuda" && preset != "none") {
+      std::fprintf(stderr, "ttft_bench: --device cuda measures the real interconnect; use --presets none\n");
+      return 1;
+    }
     if (preset != "none" && engine::FindLinkPreset(preset) == nullptr) {
       std::fprintf(stderr, "ttft_bench: unknown preset '%s'\n", preset.c_str());
       return 1;
@@ -177,7 +187,7 @@ int Main(int argc, char** argv) {
     for (int w : worlds) {
       std::map<std::string, std::map<int, Cell>> r;
       for (const auto& a : archs) {
-        auto m = Measure(models + "/" + a, w, tokens, preset, gemm[w], repeats);
+        auto m = Measure(models + "/" + a, w, tokens, preset, gemm[w], repeats, device);
         if (!m.ok()) {
           std::fprintf(stderr, "ttft_bench: %s W=%d: %s\n", a.c_str(), w, std::string(m.status().message()).c_str());
           return 1;

@@ -137,6 +137,7 @@ Status Worker::Setup() {
                                        .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
+    if (a_.device != "cpu") return InvalidArgument("link presets emulate an interconnect for CPU workers only");
     const engine::LinkPreset* p = engine::FindLinkPreset(a_.link_preset);
     if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
     comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);

@@ -49,6 +49,7 @@ class LinkModelCommunicator final : public Communicator {
   Status Wait(CollectiveHandle handle) override;
   Status Broadcast(void* data, int64_t bytes, int root) override { return inner_->Broadcast(data, bytes, root); }
   Status Barrier() override { return inner_->Barrier(); }
+  bool TakeDeviceTiming(DeviceCollectiveTiming* t) override { return inner_->TakeDeviceTiming(t); }
   /// Link seconds per real second of collective.
   double scale() const { return scale_; }
 

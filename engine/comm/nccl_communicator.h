@@ -15,8 +15,11 @@
 //   TakeDeviceTiming(&t)       — after the step: collective and exposed time from CUDA events.
 //
 // All buffers are device memory of the communicator's GPU. A peer that dies makes NCCL report an
-// asynchronous error; Wait polls ncclCommGetAsyncError while it waits, aborts the communicator and
-// returns UNAVAILABLE (sticky), so the runtime rebuilds all communicators.
+// asynchronous error. Without a compute stream, Wait polls ncclCommGetAsyncError while it waits,
+// aborts the communicator and returns UNAVAILABLE (sticky), so the runtime rebuilds all
+// communicators. With a compute stream, Wait returns at once and the dead peer's collective stays
+// pending on the device, so the step's synchronisation does not return: the front-end's stall
+// watchdog (RankSlot::progress_ns, runtime/worker_group.cc) ends the worker and restarts the group.
 // Reference: NCCL User Guide, "Creating a communicator" and "Fault tolerance"
 // (docs.nvidia.com/deeplearning/nccl/user-guide).
 #pragma once

@@ -14,9 +14,10 @@
 // pinned staging buffers with cudaMemcpyAsync on the compute stream; metadata that is the same
 // for every attention slot of a step is uploaded once and reused.
 //
-// Errors: ops have no return value; the first CUDA or cuBLAS error is kept and returned by the
-// next Synchronize as UNAVAILABLE (a device fault leaves the CUDA context unusable, so the worker
-// must be restarted).
+// Errors: ops have no return value; the first error is kept and returned by the next Synchronize.
+// A CUDA or cuBLAS error is UNAVAILABLE and stays (a device fault leaves the CUDA context
+// unusable, so the worker must be restarted); a failed scratch allocation is RESOURCE_EXHAUSTED
+// and fails only that step.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -89,12 +90,14 @@ class StagedArray {
       if (cudaEventCreateWithFlags(&done_, cudaEventDisableTiming) != cudaSuccess) {
         return absl::UnavailableError("cudaEventCreate failed");
       }
-      const size_t cap = std::max<size_t>(bytes, 4096);
+      const size_t cap = std::max<size_t>(bytes + bytes / 2, 4096);  // grow geometrically: block tables lengthen
       if (cudaError_t e = cudaMallocHost(&pinned_, cap); e != cudaSuccess) {
+        cudaGetLastError();  // not sticky: leave no error for the next launch check to blame
         pinned_ = nullptr;
         return ResourceExhausted("cannot allocate ", cap, " bytes of pinned host memory: ", CudaMessage(e));
       }
       if (cudaError_t e = cudaMalloc(&device_, cap); e != cudaSuccess) {
+        cudaGetLastError();
         device_ = nullptr;
         return ResourceExhausted("cannot allocate ", cap, " bytes of device memory: ", CudaMessage(e));
       }
@@ -131,15 +134,15 @@ class StagedArray {
 /// The per-step attention metadata derived from an AttentionBatch (host copies kept to tell
 /// whether the device copies are current).
 struct AttentionMeta {
-  std::vector<int32_t> token_slot;              // per new token: block * block_size + offset
-  std::vector<cuda::AttentionRow> rows;          // per new token: position, table offset
-  std::vector<int32_t> tables;                   // the sequences' used block tables, concatenated
+  std::vector<cuda::AttentionRow> rows;  // per new token: its activation row, position, table, KV slot
+  std::vector<int32_t> tables;           // the sequences' used block tables, concatenated
   int block_size = 0;
+  int max_row = -1;                      // largest activation row named
 
   void Build(const AttentionBatch& batch) {
-    token_slot.clear();
     rows.clear();
     tables.clear();
+    max_row = -1;
     block_size = batch.block_size;
     const int bs = batch.block_size;
     for (const AttentionSeq& s : batch.seqs) {
@@ -149,16 +152,15 @@ struct AttentionMeta {
       tables.insert(tables.end(), s.block_table, s.block_table + used);
       for (int32_t i = 0; i < s.num_tokens; ++i) {
         const int32_t pos = s.start_pos + i;
-        token_slot.push_back(s.block_table[pos / bs] * bs + pos % bs);
-        rows.push_back({pos, offset});
+        rows.push_back({s.token_begin + i, pos, offset, s.block_table[pos / bs] * bs + pos % bs});
+        max_row = std::max(max_row, s.token_begin + i);
       }
     }
   }
   bool SameAs(const AttentionMeta& o) const {
-    return block_size == o.block_size && token_slot == o.token_slot && tables == o.tables &&
-           rows.size() == o.rows.size() &&
+    return block_size == o.block_size && tables == o.tables && rows.size() == o.rows.size() &&
            std::equal(rows.begin(), rows.end(), o.rows.begin(), [](const cuda::AttentionRow& a, const cuda::AttentionRow& b) {
-             return a.position == b.position && a.table_offset == b.table_offset;
+             return a.row == b.row && a.position == b.position && a.table_offset == b.table_offset && a.slot == b.slot;
            });
   }
 };
@@ -350,16 +352,18 @@ class CudaBackend final : public Backend {
   void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) override {
     KRAKEN_CHECK(k.cols == slot.heads * slot.head_dim && v.cols == k.cols && slot.block_size == batch.block_size);
     if (!StageAttention(batch)) return;
-    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, token_slot_dev_, k.rows, slot.heads,
-                        slot.head_dim, slot.block_size, stream_);
+    KRAKEN_CHECK(meta_.max_row < k.rows && meta_.max_row < v.rows, "attention batch names rows beyond k/v");
+    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, rows_dev_,
+                        static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, stream_);
     RecordLaunch("WriteKv");
   }
   void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out) override {
     KRAKEN_CHECK(q.cols == slot.heads * slot.head_dim && out.cols == q.cols && slot.block_size == batch.block_size);
     KRAKEN_CHECK(slot.head_dim <= kMaxHeadDim, "head_dim above the CUDA attention kernel's limit");
     if (!StageAttention(batch)) return;
-    cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, rows_dev_, tables_dev_, q.rows, slot.heads,
-                          slot.head_dim, slot.block_size, scale, out.data, out.stride, stream_);
+    KRAKEN_CHECK(meta_.max_row < q.rows && meta_.max_row < out.rows, "attention batch names rows beyond q/out");
+    cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, rows_dev_, tables_dev_, static_cast<int>(meta_.rows.size()),
+                          slot.heads, slot.head_dim, slot.block_size, scale, out.data, out.stride, stream_);
     RecordLaunch("Attention");
   }
   Status ReserveScratch(const ScratchHint& h) override {
@@ -372,7 +376,11 @@ class CudaBackend final : public Backend {
   }
   Status Synchronize() override {
     Record(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    return error_;
+    Status s = error_;
+    // An allocation that failed (RESOURCE_EXHAUSTED) failed this step only; a device fault
+    // (UNAVAILABLE) leaves the context unusable and stays.
+    if (s.code() == absl::StatusCode::kResourceExhausted) error_ = absl::OkStatus();
+    return s;
   }
 
  private:
@@ -400,11 +408,9 @@ class CudaBackend final : public Backend {
     if (meta_valid_ && scratch_meta_.SameAs(meta_)) return true;
     std::swap(meta_, scratch_meta_);
     meta_valid_ = false;
-    void* s = Stage(token_slot_, meta_.token_slot.data(), meta_.token_slot.size() * sizeof(int32_t));
     void* r = Stage(rows_, meta_.rows.data(), meta_.rows.size() * sizeof(cuda::AttentionRow));
     void* t = Stage(tables_, meta_.tables.data(), meta_.tables.size() * sizeof(int32_t));
-    if (s == nullptr || r == nullptr || t == nullptr) return false;
-    token_slot_dev_ = static_cast<const int32_t*>(s);
+    if (r == nullptr || t == nullptr) return false;
     rows_dev_ = static_cast<const cuda::AttentionRow*>(r);
     tables_dev_ = static_cast<const int32_t*>(t);
     meta_valid_ = true;
@@ -439,10 +445,9 @@ class CudaBackend final : public Backend {
   Status error_;
   void* half_x_ = nullptr;
   size_t half_capacity_ = 0;
-  StagedArray tokens_, positions_, gather_rows_, token_slot_, rows_, tables_;
+  StagedArray tokens_, positions_, gather_rows_, rows_, tables_;
   AttentionMeta meta_, scratch_meta_;
   bool meta_valid_ = false;
-  const int32_t* token_slot_dev_ = nullptr;
   const cuda::AttentionRow* rows_dev_ = nullptr;
   const int32_t* tables_dev_ = nullptr;
 };

@@ -112,9 +112,10 @@ __global__ void ToHalfKernel(const float* x, int64_t xs, int cols, Half* out) {
 }
 
 __global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_t vs, float* kc, float* vc,
-                              const int32_t* token_slot, int heads, int head_dim, int block_size) {
-  const int64_t t = blockIdx.x;
-  const int64_t slot = token_slot[t];
+                              const AttentionRow* rows, int heads, int head_dim, int block_size) {
+  const AttentionRow r = rows[blockIdx.x];
+  const int64_t t = r.row;
+  const int64_t slot = r.slot;
   const int64_t block = slot / block_size, off = slot % block_size;
   const int width = heads * head_dim;
   const int64_t base = block * heads * head_dim * block_size;  // same size for K and V blocks
@@ -135,10 +136,10 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
   float* p = acc + head_dim;
   float* red = p + kAttentionThreads;
 
-  const int64_t t = blockIdx.x;
+  const AttentionRow row = rows[blockIdx.x];
+  const int64_t t = row.row;
   const int h = blockIdx.y;
   const int tid = threadIdx.x;
-  const AttentionRow row = rows[t];
   const int32_t* table = tables + row.table_offset;
   const int keys = row.position + 1;
   const int64_t block_floats = static_cast<int64_t>(heads) * head_dim * block_size;
@@ -239,19 +240,19 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
 }
 
 void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
-                   float* v_cache, const int32_t* token_slot, int T, int heads, int head_dim, int block_size,
+                   float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
                    cudaStream_t stream) {
-  if (T == 0) return;
-  WriteKvKernel<<<T, RowThreads(heads * head_dim), 0, stream>>>(k, k_stride, v, v_stride, k_cache, v_cache,
-                                                                 token_slot, heads, head_dim, block_size);
+  if (n == 0) return;
+  WriteKvKernel<<<n, RowThreads(heads * head_dim), 0, stream>>>(k, k_stride, v, v_stride, k_cache, v_cache, rows,
+                                                                 heads, head_dim, block_size);
 }
 
 void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
-                     const AttentionRow* rows, const int32_t* tables, int T, int heads, int head_dim, int block_size,
+                     const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream) {
-  if (T == 0) return;
+  if (n == 0) return;
   const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
-  AttentionKernel<<<dim3(T, heads), kAttentionThreads, shared, stream>>>(
+  AttentionKernel<<<dim3(n, heads), kAttentionThreads, shared, stream>>>(
       q, q_stride, k_cache, v_cache, rows, tables, heads, head_dim, block_size, scale, out, out_stride);
 }
 

@@ -17,8 +17,10 @@ namespace kraken::engine::cuda {
 /// offset into the flattened tables of the step) and its absolute position (it sees keys
 /// 0 .. position).
 struct AttentionRow {
+  int32_t row = 0;           // row of the step's activations (AttentionSeq::token_begin + i)
   int32_t position = 0;
   int32_t table_offset = 0;
+  int32_t slot = 0;          // physical KV token slot: block * block_size + offset
 };
 
 /// out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]  for t < rows; wte [V, cols], wpe [P, cols].
@@ -49,20 +51,21 @@ void LaunchBiasRows(const float* bias, float* y, int64_t y_stride, int rows, int
 /// (when `bf16`) or IEEE half at `out`, rounding to nearest even.
 void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* out, bool bf16, cudaStream_t stream);
 
-/// Stores row t of k and v ([T, heads * head_dim], head-major columns) at physical token slot
-/// token_slot[t] = block * block_size + offset of the paged cache: K blocks are
+/// For each of the n entries: stores row rows[i].row of k and v ([*, heads * head_dim], head-major
+/// columns) at physical token slot rows[i].slot of the paged cache: K blocks are
 /// [heads][head_dim][block_size], V blocks [heads][block_size][head_dim].
 void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
-                   float* v_cache, const int32_t* token_slot, int T, int heads, int head_dim, int block_size,
+                   float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
                    cudaStream_t stream);
 
-/// Causal attention over the paged cache: query row t (of T) and head h attend to keys
-/// 0 .. rows[t].position through the block table at tables + rows[t].table_offset. One thread
+/// Causal attention over the paged cache, for each of the n entries: query row rows[i].row and
+/// head h attend to keys 0 .. rows[i].position through the block table at
+/// tables + rows[i].table_offset; rows no entry names are left untouched. One thread
 /// block per (row, head) walks the keys in tiles of 128 with the online-softmax rescaling of
 /// FlashAttention (Dao et al. 2022, Alg. 1), so any head size works and no [T, L] score matrix
 /// exists. q, out: [T, heads * head_dim].
 void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
-                     const AttentionRow* rows, const int32_t* tables, int T, int heads, int head_dim, int block_size,
+                     const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream);
 
 }  // namespace kraken::engine::cuda

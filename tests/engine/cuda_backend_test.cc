@@ -3,8 +3,9 @@
 //   - copies (Embed, Copy, GatherRows, WriteKv) must be bit-identical;
 //   - F32 ops differ only in summation order and libm: 2e-6 relative to the row's magnitude;
 //   - BF16 / F16 GEMMs round the activations to the weights' type before cuBLAS multiplies them
-//     with F32 accumulation, so |gpu - cpu| <= u * sum_k |x_k w_k| with u = 2^-8 (BF16: 8-bit
-//     significand, rounding error 2^-9, doubled for the accumulation order) or 2^-10 (F16, rounding error 2^-11, doubled).
+//     with F32 accumulation, so |gpu - cpu| <= u * sum_k |x_k w_k| + (F32 accumulation) with
+//     u = 2^-8 for BF16 (8-bit significand: unit roundoff 2^-8) and 2^-10 for F16 (unit roundoff
+//     2^-11, doubled); the F32 accumulation term (~k 2^-24) is far below the slack.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -33,7 +34,7 @@ struct Backends {
   std::unique_ptr<Backend> cpu, gpu;
 };
 
-Backends Make() {
+Backends MakeOrNull() {
   Backends b;
   auto c = CreateBackend({.device = "cpu", .threads = 0});
   auto g = CreateBackend({.device = "cuda:0"});
@@ -43,6 +44,9 @@ Backends Make() {
   if (g.ok()) b.gpu = std::move(g).value();
   return b;
 }
+#define MAKE_BACKENDS(b)    \
+  Backends b = MakeOrNull(); \
+  ASSERT_TRUE(b.cpu != nullptr && b.gpu != nullptr)
 
 // A matrix held by both backends with the same contents.
 struct Twin {
@@ -90,7 +94,7 @@ void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& cpu, d
 
 TEST(CudaOps, RowKernelsMatchTheCpu) {
   REQUIRE_GPU();
-  Backends b = Make();
+  MAKE_BACKENDS(b);
   std::mt19937 rng(testing::TestSeed());
   for (int cols : {1, 31, 160, 257, 1000}) {
     SCOPED_TRACE(cols);
@@ -154,7 +158,7 @@ struct LinearCase {
 
 TEST(CudaOps, LinearMatchesTheCpuWithinTheRoundingOfItsInputs) {
   REQUIRE_GPU();
-  Backends b = Make();
+  MAKE_BACKENDS(b);
   std::mt19937 rng(testing::TestSeed() + 1);
   const int rows_total = 96, cols_total = 80;  // stored tensor [96, 80] (or [80, 96] in-major)
   const std::vector<LinearCase> cases = {
@@ -240,7 +244,7 @@ struct AttnCase {
 
 TEST(CudaOps, PagedWriteKvAndAttentionMatchTheCpu) {
   REQUIRE_GPU();
-  Backends b = Make();
+  MAKE_BACKENDS(b);
   std::mt19937 rng(testing::TestSeed() + 2);
   for (const AttnCase ac : {AttnCase{1, 1, 1}, AttnCase{2, 3, 5}, AttnCase{3, 17, 16}, AttnCase{2, 64, 16},
                             AttnCase{1, 113, 7}, AttnCase{4, 160, 16}, AttnCase{1, 256, 32}}) {
@@ -290,6 +294,38 @@ TEST(CudaOps, PagedWriteKvAndAttentionMatchTheCpu) {
     EXPECT_EQ(0, std::memcmp(vg.data(), kvc->slot(0).v, floats * sizeof(float))) << "V cache";
   }
   EXPECT_TRUE(b.gpu->Synchronize().ok());
+}
+
+TEST(CudaOps, AttentionFollowsTokenBeginAndLeavesUnnamedRowsAlone) {
+  REQUIRE_GPU();
+  MAKE_BACKENDS(b);
+  std::mt19937 rng(testing::TestSeed() + 3);
+  const int heads = 2, head_dim = 24, bs = 4, width = heads * head_dim;
+  const KvLayout layout{.slots = 1, .heads = heads, .head_dim = head_dim};
+  auto kvc = KvCache::Create(*b.cpu, layout, {.num_blocks = 16, .block_size = bs});
+  auto kvg = KvCache::Create(*b.gpu, layout, {.num_blocks = 16, .block_size = bs});
+  ASSERT_TRUE(kvc.ok() && kvg.ok());
+  const std::vector<int32_t> ta = {9, 2, 5}, tb = {0, 14, 7, 3};
+  // Rows 0-1: none; rows 2-6: sequence B (5 tokens from position 0); rows 7-9: sequence A (3 tokens
+  // from position 0); row 10: none. The sequences are listed A first.
+  const std::vector<AttentionSeq> seqs = {{7, 3, 0, ta.data()}, {2, 5, 0, tb.data()}};
+  const AttentionBatch batch{seqs, bs};
+  const int T = 11;
+  Twin k = MakeTwin(b, T, width, width, rng), v = MakeTwin(b, T, width, width, rng);
+  Twin q = MakeTwin(b, T, width, width, rng), out = MakeTwin(b, T, width, width, rng);
+  b.cpu->WriteKv(k.C(), v.C(), kvc->slot(0), batch);
+  b.gpu->WriteKv(k.G(), v.G(), kvg->slot(0), batch);
+  b.cpu->Attention(q.C(), kvc->slot(0), batch, 0.2f, out.C());
+  b.gpu->Attention(q.G(), kvg->slot(0), batch, 0.2f, out.G());
+  const std::vector<float> got = Read(*b.gpu, out), want = Dense(out);
+  ExpectClose(got, want, 2e-6, "Attention with rows out of sequence order");
+  for (int r : {0, 1, 10}) {  // untouched: still the random values both twins started with
+    EXPECT_EQ(0, std::memcmp(got.data() + r * width, want.data() + r * width, width * sizeof(float))) << "row " << r;
+  }
+  const int64_t floats = kvc->slot(0).block_floats() * 16;
+  std::vector<float> kg(floats);
+  b.gpu->Download(kvg->slot(0).k, kg.data(), floats);
+  EXPECT_EQ(0, std::memcmp(kg.data(), kvc->slot(0).k, floats * sizeof(float))) << "K cache";
 }
 
 // ---- Whole models ---------------------------------------------------------------------------
@@ -387,7 +423,7 @@ TEST(CudaNccl, WorldOfOneThroughNcclGivesTheSameBitsAndTimesEveryCollective) {
   ASSERT_TRUE((*nccl)->TakeDeviceTiming(&t));
   // Kraken: one AllReduce per layer boundary plus the conjunction's.
   EXPECT_EQ(t.count, static_cast<uint64_t>(b.model->config().n_layer));
-  EXPECT_GT(t.collective_ns, 0u);
+  // (collective_ns may be 0 here: NCCL enqueues no kernel for an in-place sum over one rank.)
   EXPECT_TRUE((*nccl)->TakeDeviceTiming(&t));
   EXPECT_EQ(t.count, 0u) << "taken timing is not reported twice";
 }

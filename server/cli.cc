@@ -17,16 +17,9 @@
 #include <grpcpp/grpcpp.h>
 
 #include "kraken/v1/kraken.grpc.pb.h"
+#include "server/read_file.h"
 
 namespace {
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 int Fail(const grpc::Status& s) {
   std::fprintf(stderr, "error: %d %s\n", static_cast<int>(s.error_code()), s.error_message().c_str());
@@ -70,10 +63,10 @@ int main(int argc, char** argv) {
   try {
     if (!tls_ca.empty()) {
       grpc::SslCredentialsOptions o;
-      o.pem_root_certs = ReadFile(tls_ca);
+      o.pem_root_certs = kraken::server::ReadWholeFile(tls_ca);
       if (!tls_cert.empty()) {
-        o.pem_cert_chain = ReadFile(tls_cert);
-        o.pem_private_key = ReadFile(tls_key);
+        o.pem_cert_chain = kraken::server::ReadWholeFile(tls_cert);
+        o.pem_private_key = kraken::server::ReadWholeFile(tls_key);
       }
       creds = grpc::SslCredentials(o);
     }

@@ -23,6 +23,7 @@
 #include "runtime/worker.h"
 #include "metrics/http_exporter.h"
 #include "server/json_log.h"
+#include "server/read_file.h"
 #include "server/server_metrics.h"
 #include "server/service.h"
 
@@ -55,14 +56,6 @@ struct Flags {
 // buffers; NCCL's default buffer is 4 MiB per channel and peer). Generous on purpose: a short
 // /dev/shm makes NCCL fail at the first collective.
 constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot read " + path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -136,7 +129,7 @@ int main(int argc, char** argv) {
   limits.vocab_size = config->vocab_size;
   limits.eos_token_id = config->eos_token_ids.empty() ? -1 : config->eos_token_ids.front();
   try {  // generation defaults, as Hugging Face's generation_config.json
-    auto g = nlohmann::json::parse(ReadFile(f.model + "/generation_config.json"));
+    auto g = nlohmann::json::parse(kraken::server::ReadWholeFile(f.model + "/generation_config.json"));
     if (g.contains("temperature")) limits.default_temperature = g["temperature"].get<float>();
     if (g.contains("top_p")) limits.default_top_p = g["top_p"].get<float>();
     if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
@@ -277,8 +270,9 @@ int main(int argc, char** argv) {
       grpc::SslServerCredentialsOptions ssl(f.tls_client_ca.empty()
                                                 ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
                                                 : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-      ssl.pem_key_cert_pairs.push_back({ReadFile(f.tls_key), ReadFile(f.tls_cert)});
-      if (!f.tls_client_ca.empty()) ssl.pem_root_certs = ReadFile(f.tls_client_ca);
+      ssl.pem_key_cert_pairs.push_back(
+          {kraken::server::ReadWholeFile(f.tls_key), kraken::server::ReadWholeFile(f.tls_cert)});
+      if (!f.tls_client_ca.empty()) ssl.pem_root_certs = kraken::server::ReadWholeFile(f.tls_client_ca);
       creds = grpc::SslServerCredentials(ssl);
     }
   } catch (const std::exception& e) {

@@ -42,11 +42,30 @@ void TakeOutput(Request& r, GenerateResponse* msg, bool last) {
 
 bool HasPending(const Output& o) { return !o.text.empty() || !o.ids.empty() || !o.first_sent; }
 
+// What both reactors share with the engine loop: the request, its wake-up hook, and the two
+// ends of the call (the client cancels; gRPC is done with the reactor).
+struct EngineLink {
+  std::shared_ptr<Request> r;
+  EngineLoop& engine;
+
+  // With r->mu held by the caller: the engine calls `pump` (under r->mu) whenever output is new.
+  void Attach(std::function<void()> pump) { r->notify = std::move(pump); }
+  void Cancel() {
+    r->cancelled = true;
+    engine.Wake();
+  }
+  // The reactor is about to be deleted: the engine must not call into it again.
+  void Detach() {
+    std::lock_guard<std::recursive_mutex> l(r->mu);
+    r->notify = nullptr;
+  }
+};
+
 class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
  public:
-  GenerateReactor(std::shared_ptr<Request> r, EngineLoop& engine) : r_(std::move(r)), engine_(engine) {
+  GenerateReactor(std::shared_ptr<Request> r, EngineLoop& engine) : link_{std::move(r), engine}, r_(link_.r) {
     std::lock_guard<std::recursive_mutex> l(r_->mu);
-    r_->notify = [this] { Pump(); };
+    link_.Attach([this] { Pump(); });
     Pump();
   }
 
@@ -54,8 +73,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
     std::lock_guard<std::recursive_mutex> l(r_->mu);
     writing_ = false;
     if (!ok) {  // the client is gone
-      r_->cancelled = true;
-      engine_.Wake();
+      link_.Cancel();
       if (!finish_called_) {
         finish_called_ = true;
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
@@ -64,15 +82,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
     }
     Pump();
   }
-  void OnCancel() override {
-    r_->cancelled = true;
-    engine_.Wake();
-  }
+  void OnCancel() override { link_.Cancel(); }
   void OnDone() override {
-    {
-      std::lock_guard<std::recursive_mutex> l(r_->mu);
-      r_->notify = nullptr;
-    }
+    link_.Detach();
     delete this;
   }
 
@@ -114,8 +126,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
     }
   }
 
-  std::shared_ptr<Request> r_;
-  EngineLoop& engine_;
+  EngineLink link_;
+  const std::shared_ptr<Request>& r_;
   GenerateResponse msg_;
   bool writing_ = false, last_sent_ = false, finish_called_ = false;
 };
@@ -123,20 +135,14 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
 class CompleteReactor final : public grpc::ServerUnaryReactor {
  public:
   CompleteReactor(std::shared_ptr<Request> r, EngineLoop& engine, GenerateResponse* resp)
-      : r_(std::move(r)), engine_(engine), resp_(resp) {
+      : link_{std::move(r), engine}, r_(link_.r), resp_(resp) {
     std::lock_guard<std::recursive_mutex> l(r_->mu);
-    r_->notify = [this] { Pump(); };
+    link_.Attach([this] { Pump(); });
     Pump();
   }
-  void OnCancel() override {
-    r_->cancelled = true;
-    engine_.Wake();
-  }
+  void OnCancel() override { link_.Cancel(); }
   void OnDone() override {
-    {
-      std::lock_guard<std::recursive_mutex> l(r_->mu);
-      r_->notify = nullptr;
-    }
+    link_.Detach();
     delete this;
   }
 
@@ -151,8 +157,8 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
     TakeOutput(*r_, resp_, true);
     Finish(grpc::Status::OK);
   }
-  std::shared_ptr<Request> r_;
-  EngineLoop& engine_;
+  EngineLink link_;
+  const std::shared_ptr<Request>& r_;
   GenerateResponse* resp_;
   bool finish_called_ = false;
 };

@@ -140,22 +140,8 @@ struct AttentionMeta {
   int max_row = -1;                      // largest activation row named
 
   void Build(const AttentionBatch& batch) {
-    rows.clear();
-    tables.clear();
-    max_row = -1;
     block_size = batch.block_size;
-    const int bs = batch.block_size;
-    for (const AttentionSeq& s : batch.seqs) {
-      const int32_t offset = static_cast<int32_t>(tables.size());
-      const int32_t end = s.start_pos + s.num_tokens;
-      const int32_t used = (end + bs - 1) / bs;
-      tables.insert(tables.end(), s.block_table, s.block_table + used);
-      for (int32_t i = 0; i < s.num_tokens; ++i) {
-        const int32_t pos = s.start_pos + i;
-        rows.push_back({s.token_begin + i, pos, offset, s.block_table[pos / bs] * bs + pos % bs});
-        max_row = std::max(max_row, s.token_begin + i);
-      }
-    }
+    max_row = cuda::BuildAttentionRows(batch, &rows, &tables);
   }
   bool SameAs(const AttentionMeta& o) const {
     return block_size == o.block_size && tables == o.tables && rows.size() == o.rows.size() &&

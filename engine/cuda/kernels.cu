@@ -1,14 +1,21 @@
 // CUDA kernels of the engine's ops; see kernels.h for each contract. Row-wise kernels use one
 // thread block per row so a row's result never depends on how many rows a step has (batch
 // invariance, as on the CPU backend).
+#include <cfloat>
+
+#ifdef KRAKEN_CUDA_EMULATION
+#include "engine/cuda/emulation.h"  // the same source on the CPU, for tests without a GPU
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-
-#include <cfloat>
+#define KRAKEN_SHARED __shared__
+#define KRAKEN_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define KRAKEN_LAUNCH(kernel, grid, block, shared, stream, ...) kernel<<<grid, block, shared, stream>>>(__VA_ARGS__)
+#endif
 
 #include "engine/cuda/kernels.h"
 
-namespace kraken::engine::cuda {
+KRAKEN_CUDA_NAMESPACE_BEGIN
 namespace {
 
 constexpr int kRowThreads = 256;
@@ -49,7 +56,7 @@ __global__ void EmbedKernel(const int32_t* tokens, const int32_t* positions, con
 
 __global__ void LayerNormKernel(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
                                 int64_t y_stride, int cols) {
-  __shared__ float red[32];
+  KRAKEN_SHARED float red[32];
   const float* xr = x + blockIdx.x * x_stride;
   float* yr = y + blockIdx.x * y_stride;
   float s = 0.f;
@@ -130,7 +137,7 @@ __global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_
 __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc, const AttentionRow* rows,
                                 const int32_t* tables, int heads, int head_dim, int block_size, float scale,
                                 float* out, int64_t os) {
-  extern __shared__ float smem[];
+  KRAKEN_DYNAMIC_SHARED(float, smem);
   float* qsh = smem;
   float* acc = qsh + head_dim;
   float* p = acc + head_dim;
@@ -198,44 +205,45 @@ int RowThreads(int cols) {
 void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
                  int rows, int cols, int64_t out_stride, cudaStream_t stream) {
   if (rows == 0) return;
-  EmbedKernel<<<rows, RowThreads(cols), 0, stream>>>(tokens, positions, wte, wpe, out, cols, out_stride);
+  KRAKEN_LAUNCH(EmbedKernel, rows, RowThreads(cols), 0, stream, tokens, positions, wte, wpe, out, cols, out_stride);
 }
 
 void LaunchLayerNorm(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
                      int64_t y_stride, int rows, int cols, cudaStream_t stream) {
   if (rows == 0) return;
-  LayerNormKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, w, b, eps, y, y_stride, cols);
+  KRAKEN_LAUNCH(LayerNormKernel, rows, RowThreads(cols), 0, stream, x, x_stride, w, b, eps, y, y_stride, cols);
 }
 
 void LaunchGeluTanh(float* x, int64_t stride, int rows, int cols, cudaStream_t stream) {
   if (rows == 0) return;
-  GeluTanhKernel<<<rows, RowThreads(cols), 0, stream>>>(x, stride, cols);
+  KRAKEN_LAUNCH(GeluTanhKernel, rows, RowThreads(cols), 0, stream, x, stride, cols);
 }
 
 void LaunchAdd(const float* a, int64_t a_stride, const float* b, int64_t b_stride, float* out, int64_t out_stride,
                int rows, int cols, cudaStream_t stream) {
   if (rows == 0) return;
-  AddKernel<<<rows, RowThreads(cols), 0, stream>>>(a, a_stride, b, b_stride, out, out_stride, cols);
+  KRAKEN_LAUNCH(AddKernel, rows, RowThreads(cols), 0, stream, a, a_stride, b, b_stride, out, out_stride, cols);
 }
 
 void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride,
                       int n, int cols, cudaStream_t stream) {
   if (n == 0) return;
-  GatherRowsKernel<<<n, RowThreads(cols), 0, stream>>>(src, src_stride, rows, dst, dst_stride, cols);
+  KRAKEN_LAUNCH(GatherRowsKernel, n, RowThreads(cols), 0, stream, src, src_stride, rows, dst, dst_stride, cols);
 }
 
 void LaunchBiasRows(const float* bias, float* y, int64_t y_stride, int rows, int cols, bool accumulate,
                     cudaStream_t stream) {
   if (rows == 0) return;
-  BiasRowsKernel<<<rows, RowThreads(cols), 0, stream>>>(bias, y, y_stride, cols, accumulate);
+  KRAKEN_LAUNCH(BiasRowsKernel, rows, RowThreads(cols), 0, stream, bias, y, y_stride, cols, accumulate);
 }
 
 void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* out, bool bf16, cudaStream_t stream) {
   if (rows == 0) return;
   if (bf16) {
-    ToHalfKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, cols, static_cast<__nv_bfloat16*>(out));
+    KRAKEN_LAUNCH(ToHalfKernel<__nv_bfloat16>, rows, RowThreads(cols), 0, stream, x, x_stride, cols,
+                  static_cast<__nv_bfloat16*>(out));
   } else {
-    ToHalfKernel<<<rows, RowThreads(cols), 0, stream>>>(x, x_stride, cols, static_cast<__half*>(out));
+    KRAKEN_LAUNCH(ToHalfKernel<__half>, rows, RowThreads(cols), 0, stream, x, x_stride, cols, static_cast<__half*>(out));
   }
 }
 
@@ -243,8 +251,8 @@ void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_s
                    float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
                    cudaStream_t stream) {
   if (n == 0) return;
-  WriteKvKernel<<<n, RowThreads(heads * head_dim), 0, stream>>>(k, k_stride, v, v_stride, k_cache, v_cache, rows,
-                                                                 heads, head_dim, block_size);
+  KRAKEN_LAUNCH(WriteKvKernel, n, RowThreads(heads * head_dim), 0, stream, k, k_stride, v, v_stride, k_cache,
+                v_cache, rows, heads, head_dim, block_size);
 }
 
 void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
@@ -252,8 +260,8 @@ void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, con
                      float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
   const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
-  AttentionKernel<<<dim3(n, heads), kAttentionThreads, shared, stream>>>(
-      q, q_stride, k_cache, v_cache, rows, tables, heads, head_dim, block_size, scale, out, out_stride);
+  KRAKEN_LAUNCH(AttentionKernel, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride, k_cache, v_cache,
+                rows, tables, heads, head_dim, block_size, scale, out, out_stride);
 }
 
-}  // namespace kraken::engine::cuda
+KRAKEN_CUDA_NAMESPACE_END

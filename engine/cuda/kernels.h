@@ -7,11 +7,30 @@
 // device pointers unless a name says otherwise.
 #pragma once
 
+#ifdef KRAKEN_CUDA_EMULATION
+using cudaStream_t = struct CUstream_st*;  // engine/cuda/emulation.h: launches ignore streams
+#else
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
+#include <vector>
 
-namespace kraken::engine::cuda {
+#ifndef __CUDACC__  // nvcc builds kernels.cu as C++17; engine/batch.h needs C++20 (std::span)
+#include "engine/batch.h"
+#endif
+
+// The emulated build (engine/cuda/emulation.h) puts the same functions in an inline namespace of
+// their own, so a test binary can hold them beside the real ones.
+#ifdef KRAKEN_CUDA_EMULATION
+#define KRAKEN_CUDA_NAMESPACE_BEGIN namespace kraken::engine::cuda { inline namespace emulated {
+#define KRAKEN_CUDA_NAMESPACE_END } }
+#else
+#define KRAKEN_CUDA_NAMESPACE_BEGIN namespace kraken::engine::cuda {
+#define KRAKEN_CUDA_NAMESPACE_END }
+#endif
+
+KRAKEN_CUDA_NAMESPACE_BEGIN
 
 /// Per query row of a step, what the attention kernel needs: its sequence's block table (an
 /// offset into the flattened tables of the step) and its absolute position (it sees keys
@@ -22,6 +41,30 @@ struct AttentionRow {
   int32_t table_offset = 0;
   int32_t slot = 0;          // physical KV token slot: block * block_size + offset
 };
+
+#ifndef __CUDACC__
+/// The host arrays the KV-write and attention kernels read for `batch`: one AttentionRow per new
+/// token, in batch order, and the used part of every sequence's block table, concatenated.
+/// Returns the largest activation row named (-1 for none).
+inline int BuildAttentionRows(const AttentionBatch& batch, std::vector<AttentionRow>* rows,
+                              std::vector<int32_t>* tables) {
+  rows->clear();
+  tables->clear();
+  int max_row = -1;
+  const int bs = batch.block_size;
+  for (const AttentionSeq& s : batch.seqs) {
+    const int32_t offset = static_cast<int32_t>(tables->size());
+    const int32_t used = (s.start_pos + s.num_tokens + bs - 1) / bs;
+    tables->insert(tables->end(), s.block_table, s.block_table + used);
+    for (int32_t i = 0; i < s.num_tokens; ++i) {
+      const int32_t pos = s.start_pos + i;
+      rows->push_back({s.token_begin + i, pos, offset, s.block_table[pos / bs] * bs + pos % bs});
+      if (s.token_begin + i > max_row) max_row = s.token_begin + i;
+    }
+  }
+  return max_row;
+}
+#endif
 
 /// out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]  for t < rows; wte [V, cols], wpe [P, cols].
 void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
@@ -68,4 +111,4 @@ void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, con
                      const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream);
 
-}  // namespace kraken::engine::cuda
+KRAKEN_CUDA_NAMESPACE_END

@@ -84,7 +84,7 @@ class StagedArray {
     if (cudaError_t e = cudaEventSynchronize(done_); e != cudaSuccess) {
       return absl::UnavailableError(StrCat("cudaEventSynchronize: ", CudaMessage(e)));
     }
-    if (bytes > capacity_) {
+    if (bytes > capacity_ || device_ == nullptr) {  // (an empty array still gets a valid pointer)
       // Device buffers may still be read by queued kernels: cudaFree waits for the device.
       Release();
       if (cudaEventCreateWithFlags(&done_, cudaEventDisableTiming) != cudaSuccess) {
@@ -138,10 +138,13 @@ struct AttentionMeta {
   std::vector<int32_t> tables;           // the sequences' used block tables, concatenated
   int block_size = 0;
   int max_row = -1;                      // largest activation row named
+  std::vector<cuda::AttentionTile> tiles;  // prefill runs of up to kQueryTile rows (tiled kernel)
+  std::vector<cuda::AttentionRow> singles;  // the other rows (per-row kernel)
 
   void Build(const AttentionBatch& batch) {
     block_size = batch.block_size;
     max_row = cuda::BuildAttentionRows(batch, &rows, &tables);
+    cuda::BuildAttentionTiles(rows, &tiles, &singles);
   }
   bool SameAs(const AttentionMeta& o) const {
     return block_size == o.block_size && tables == o.tables && rows.size() == o.rows.size() &&
@@ -348,8 +351,20 @@ class CudaBackend final : public Backend {
     KRAKEN_CHECK(slot.head_dim <= kMaxHeadDim, "head_dim above the CUDA attention kernel's limit");
     if (!StageAttention(batch)) return;
     KRAKEN_CHECK(meta_.max_row < q.rows && meta_.max_row < out.rows, "attention batch names rows beyond q/out");
-    cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, rows_dev_, tables_dev_, static_cast<int>(meta_.rows.size()),
-                          slot.heads, slot.head_dim, slot.block_size, scale, out.data, out.stride, stream_);
+    if (slot.head_dim <= cuda::kMaxTiledHeadDim) {
+      // Prefill runs share each K/V load across up to kQueryTile rows; decode rows go one by one.
+      cuda::LaunchTiledAttention(q.data, q.stride, slot.k, slot.v, tiles_dev_, tables_dev_,
+                                 static_cast<int>(meta_.tiles.size()), slot.heads, slot.head_dim, slot.block_size,
+                                 scale, out.data, out.stride, stream_);
+      RecordLaunch("TiledAttention");
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, singles_dev_, tables_dev_,
+                            static_cast<int>(meta_.singles.size()), slot.heads, slot.head_dim, slot.block_size, scale,
+                            out.data, out.stride, stream_);
+    } else {
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, rows_dev_, tables_dev_,
+                            static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, scale,
+                            out.data, out.stride, stream_);
+    }
     RecordLaunch("Attention");
   }
   Status ReserveScratch(const ScratchHint& h) override {
@@ -396,7 +411,11 @@ class CudaBackend final : public Backend {
     meta_valid_ = false;
     void* r = Stage(rows_, meta_.rows.data(), meta_.rows.size() * sizeof(cuda::AttentionRow));
     void* t = Stage(tables_, meta_.tables.data(), meta_.tables.size() * sizeof(int32_t));
-    if (r == nullptr || t == nullptr) return false;
+    void* ti = Stage(tiles_, meta_.tiles.data(), meta_.tiles.size() * sizeof(cuda::AttentionTile));
+    void* si = Stage(singles_, meta_.singles.data(), meta_.singles.size() * sizeof(cuda::AttentionRow));
+    if (r == nullptr || t == nullptr || ti == nullptr || si == nullptr) return false;
+    tiles_dev_ = static_cast<const cuda::AttentionTile*>(ti);
+    singles_dev_ = static_cast<const cuda::AttentionRow*>(si);
     rows_dev_ = static_cast<const cuda::AttentionRow*>(r);
     tables_dev_ = static_cast<const int32_t*>(t);
     meta_valid_ = true;
@@ -431,10 +450,12 @@ class CudaBackend final : public Backend {
   Status error_;
   void* half_x_ = nullptr;
   size_t half_capacity_ = 0;
-  StagedArray tokens_, positions_, gather_rows_, rows_, tables_;
+  StagedArray tokens_, positions_, gather_rows_, rows_, tables_, tiles_, singles_;
   AttentionMeta meta_, scratch_meta_;
   bool meta_valid_ = false;
   const cuda::AttentionRow* rows_dev_ = nullptr;
+  const cuda::AttentionTile* tiles_dev_ = nullptr;
+  const cuda::AttentionRow* singles_dev_ = nullptr;
   const int32_t* tables_dev_ = nullptr;
 };
 

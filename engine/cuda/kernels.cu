@@ -194,6 +194,110 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
   for (int d = tid; d < head_dim; d += blockDim.x) out[t * os + static_cast<int64_t>(h) * head_dim + d] = acc[d] * inv;
 }
 
+// One thread block (128 threads) per (tile, head). Thread t scores query row t / 8 of the tile
+// against keys t % 8 and t % 8 + 8 of each key tile; the 8 threads of a row (8 neighbouring
+// lanes of one warp) combine their maxima and sums with shuffles. Shared memory: see
+// TiledAttentionSharedBytes.
+__global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc,
+                                     const AttentionTile* tiles, const int32_t* tables, int heads, int head_dim,
+                                     int block_size, float scale, float* out, int64_t os) {
+  KRAKEN_DYNAMIC_SHARED(float, smem);
+  const int kd = head_dim + 1;  // K row stride
+  float* qsh = smem;                              // [kQueryTile][head_dim]
+  float* acc = qsh + kQueryTile * head_dim;       // [kQueryTile][head_dim]
+  float* ksh = acc + kQueryTile * head_dim;       // [kKeyTile][head_dim + 1]
+  float* vsh = ksh + kKeyTile * kd;               // [kKeyTile][head_dim]
+  float* psh = vsh + kKeyTile * head_dim;         // [kQueryTile][kKeyTile]
+  float* corr = psh + kQueryTile * kKeyTile;      // [kQueryTile]
+  float* lsum = corr + kQueryTile;                // [kQueryTile]
+
+  const AttentionTile tile = tiles[blockIdx.x];
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int32_t* table = tables + tile.table_offset;
+  const int keys = tile.position0 + tile.count;  // the last row sees keys 0 .. keys - 1
+  const int64_t block_floats = static_cast<int64_t>(heads) * head_dim * block_size;
+
+  for (int i = tid; i < kQueryTile * head_dim; i += blockDim.x) {
+    const int r = i / head_dim, d = i % head_dim;
+    qsh[i] = r < tile.count ? q[(tile.row0 + r) * qs + static_cast<int64_t>(h) * head_dim + d] * scale : 0.f;
+    acc[i] = 0.f;
+  }
+  const int r = tid / 8;       // this thread's query row in the tile (kQueryTile * 8 == 128 threads)
+  const int lane8 = tid % 8;   // its first key in each key tile; the second is lane8 + 8
+  const int my_pos = tile.position0 + r;
+  float m = -FLT_MAX, l = 0.f;  // running max and sum of this row (the same in its 8 threads)
+  __syncthreads();
+
+  for (int k0 = 0; k0 < keys; k0 += kKeyTile) {
+    const int nk = min(kKeyTile, keys - k0);
+    // K: neighbouring threads take neighbouring keys (contiguous within a KV block); V:
+    // neighbouring threads take neighbouring dims.
+    for (int i = tid; i < kKeyTile * head_dim; i += blockDim.x) {
+      const int j = i % kKeyTile, d = i / kKeyTile;
+      float kv = 0.f;
+      if (j < nk) {
+        const int key = k0 + j;
+        kv = kc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * head_dim + d) * block_size +
+                key % block_size];
+      }
+      ksh[j * kd + d] = kv;
+    }
+    for (int i = tid; i < kKeyTile * head_dim; i += blockDim.x) {
+      const int j = i / head_dim, d = i % head_dim;
+      float vv = 0.f;
+      if (j < nk) {
+        const int key = k0 + j;
+        vv = vc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * block_size + key % block_size) *
+                head_dim + d];
+      }
+      vsh[i] = vv;
+    }
+    __syncthreads();
+
+    float s[2];
+    float local_max = -FLT_MAX;
+    for (int u = 0; u < 2; ++u) {
+      const int j = lane8 + 8 * u, key = k0 + j;
+      s[u] = -FLT_MAX;
+      if (r < tile.count && j < nk && key <= my_pos) {
+        float dot = 0.f;
+        for (int d = 0; d < head_dim; ++d) dot += qsh[r * head_dim + d] * ksh[j * kd + d];
+        s[u] = dot;
+        local_max = fmaxf(local_max, dot);
+      }
+    }
+    for (int o = 4; o > 0; o >>= 1) local_max = fmaxf(local_max, __shfl_xor_sync(0xffffffffu, local_max, o));
+    const float m_new = fmaxf(m, local_max);
+    float local_sum = 0.f;
+    for (int u = 0; u < 2; ++u) {
+      const float e = s[u] > -FLT_MAX ? expf(s[u] - m_new) : 0.f;
+      psh[r * kKeyTile + lane8 + 8 * u] = e;
+      local_sum += e;
+    }
+    for (int o = 4; o > 0; o >>= 1) local_sum += __shfl_xor_sync(0xffffffffu, local_sum, o);
+    const float c = expf(m - m_new);  // 1 while the row has seen nothing (both -FLT_MAX)
+    l = l * c + local_sum;
+    m = m_new;
+    if (lane8 == 0) corr[r] = c;
+    __syncthreads();
+
+    for (int i = tid; i < kQueryTile * head_dim; i += blockDim.x) {
+      const int rr = i / head_dim, d = i % head_dim;
+      float a = acc[i] * corr[rr];
+      for (int j = 0; j < nk; ++j) a += psh[rr * kKeyTile + j] * vsh[j * head_dim + d];
+      acc[i] = a;
+    }
+    __syncthreads();  // K, V and P are rewritten by the next key tile
+  }
+  if (lane8 == 0) lsum[r] = l;
+  __syncthreads();
+  for (int i = tid; i < kQueryTile * head_dim; i += blockDim.x) {
+    const int rr = i / head_dim, d = i % head_dim;
+    if (rr < tile.count) out[(tile.row0 + rr) * os + static_cast<int64_t>(h) * head_dim + d] = acc[i] / lsum[rr];
+  }
+}
+
 int RowThreads(int cols) {
   // Enough threads for the row, rounded up to whole warps, at most kRowThreads.
   const int t = (cols + 31) / 32 * 32;
@@ -262,6 +366,14 @@ void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, con
   const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
   KRAKEN_LAUNCH(AttentionKernel, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride, k_cache, v_cache,
                 rows, tables, heads, head_dim, block_size, scale, out, out_stride);
+}
+
+void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                          const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
+                          int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream) {
+  if (n == 0) return;
+  KRAKEN_LAUNCH(TiledAttentionKernel, dim3(n, heads), kQueryTile * 8, TiledAttentionSharedBytes(head_dim), stream, q,
+                q_stride, k_cache, v_cache, tiles, tables, heads, head_dim, block_size, scale, out, out_stride);
 }
 
 KRAKEN_CUDA_NAMESPACE_END

@@ -42,6 +42,29 @@ struct AttentionRow {
   int32_t slot = 0;          // physical KV token slot: block * block_size + offset
 };
 
+/// Up to kQueryTile consecutive new tokens of one sequence: rows row0 .. row0 + count - 1 at
+/// positions position0 .. position0 + count - 1, sharing a block table.
+struct AttentionTile {
+  int32_t row0 = 0;
+  int32_t position0 = 0;
+  int32_t table_offset = 0;
+  int32_t count = 0;
+};
+inline constexpr int kQueryTile = 16;  // query rows per tile
+inline constexpr int kKeyTile = 16;    // keys loaded to shared memory at a time
+
+/// Shared memory the tiled attention kernel needs for `head_dim`, in bytes.
+constexpr size_t TiledAttentionSharedBytes(int head_dim) {
+  // q and the accumulators [tile][head_dim], K [keys][head_dim + 1] (padded against bank
+  // conflicts), V [keys][head_dim], probabilities [tile][keys], per-row correction and sum.
+  return (static_cast<size_t>(2 * kQueryTile + 2 * kKeyTile) * head_dim + kKeyTile + kQueryTile * kKeyTile +
+          2 * kQueryTile) * sizeof(float);
+}
+/// Largest head_dim the tiled kernel takes within the 48 KB of shared memory every GPU allows
+/// without opting in; larger heads use the per-row kernel.
+inline constexpr int kMaxTiledHeadDim = 184;
+static_assert(TiledAttentionSharedBytes(kMaxTiledHeadDim) <= 48 * 1024);
+
 #ifndef __CUDACC__
 /// The host arrays the KV-write and attention kernels read for `batch`: one AttentionRow per new
 /// token, in batch order, and the used part of every sequence's block table, concatenated.
@@ -63,6 +86,31 @@ inline int BuildAttentionRows(const AttentionBatch& batch, std::vector<Attention
     }
   }
   return max_row;
+}
+
+/// Splits `rows` (BuildAttentionRows' order: each sequence's tokens consecutive) into tiles of up
+/// to kQueryTile consecutive tokens of one sequence for the tiled kernel, and single rows
+/// (decode tokens, and sequences adding one token) for the per-row kernel.
+inline void BuildAttentionTiles(const std::vector<AttentionRow>& rows, std::vector<AttentionTile>* tiles,
+                                std::vector<AttentionRow>* singles) {
+  tiles->clear();
+  singles->clear();
+  size_t i = 0;
+  while (i < rows.size()) {
+    size_t n = 1;
+    while (i + n < rows.size() && n < static_cast<size_t>(kQueryTile) &&
+           rows[i + n].table_offset == rows[i].table_offset &&
+           rows[i + n].row == rows[i].row + static_cast<int32_t>(n) &&
+           rows[i + n].position == rows[i].position + static_cast<int32_t>(n)) {
+      ++n;
+    }
+    if (n == 1) {
+      singles->push_back(rows[i]);
+    } else {
+      tiles->push_back({rows[i].row, rows[i].position, rows[i].table_offset, static_cast<int32_t>(n)});
+    }
+    i += n;
+  }
 }
 #endif
 
@@ -100,6 +148,14 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
 void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
                    float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
                    cudaStream_t stream);
+
+/// Causal attention for tiles of query rows (prefill and chunked prefill): one thread block per
+/// (tile, head) loads kKeyTile keys and values at a time into shared memory and applies them to
+/// all of the tile's rows, with the same online softmax as LaunchAttention, so K and V are read
+/// once per tile instead of once per row. head_dim <= kMaxTiledHeadDim.
+void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+                          const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
+                          int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream);
 
 /// Causal attention over the paged cache, for each of the n entries: query row rows[i].row and
 /// head h attend to keys 0 .. rows[i].position through the block table at

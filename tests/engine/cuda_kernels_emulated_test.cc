@@ -112,9 +112,28 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   const int n = static_cast<int>(rows.size());
   cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, rows.data(), n,
                       emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, nullptr);
+  std::vector<float> out_tiled = out_emu;
   cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, rows.data(), tables.data(), n, emu_slot.heads,
                         emu_slot.head_dim, emu_slot.block_size, scale, out_emu.data(), width, nullptr);
-  ExpectClose(out_emu, out_cpu, 2e-6, "Attention");
+  ExpectClose(out_emu, out_cpu, 2e-6, "Attention, every row by the per-row kernel");
+  // What CudaBackend runs for head_dim <= kMaxTiledHeadDim: tiles of prefill rows + single rows.
+  std::vector<cuda::AttentionTile> tiles;
+  std::vector<cuda::AttentionRow> singles;
+  cuda::BuildAttentionTiles(rows, &tiles, &singles);
+  int covered = static_cast<int>(singles.size());
+  for (const auto& t : tiles) {
+    EXPECT_GE(t.count, 2);
+    EXPECT_LE(t.count, cuda::kQueryTile);
+    covered += t.count;
+  }
+  EXPECT_EQ(covered, n);
+  cuda::LaunchTiledAttention(q.data(), width, emu_slot.k, emu_slot.v, tiles.data(), tables.data(),
+                             static_cast<int>(tiles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
+                             scale, out_tiled.data(), width, nullptr);
+  cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, singles.data(), tables.data(),
+                        static_cast<int>(singles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
+                        scale, out_tiled.data(), width, nullptr);
+  ExpectClose(out_tiled, out_cpu, 2e-6, "Attention, tiled prefill rows + per-row decode rows");
 }
 
 TEST(CudaKernelsEmulated, PagedWriteKvAndAttentionMatchTheCpuBackend) {

@@ -252,8 +252,9 @@ def test_cancel_mid_stream_frees_blocks(small_server):
 
 
 def test_deadline_while_running_and_while_queued(small_server):
-    # 240 tokens take far longer than 0.15 s; the first arrives well before it (prefill ~10 ms).
-    running = small_server.stub.Generate(long_request(seed=2), timeout=0.15)
+    # 240 tokens take over 0.16 s even at the tiny model's fastest decode (~1500 tokens/s here); the
+    # first arrives well before 0.1 s (prefill ~10 ms).
+    running = small_server.stub.Generate(long_request(seed=2), timeout=0.1)
     received = []
     with pytest.raises(grpc.RpcError) as e:
         for m in running:
@@ -263,8 +264,11 @@ def test_deadline_while_running_and_while_queued(small_server):
     assert sum(len(m.token_ids) for m in received) < 240
     blocker = small_server.stub.Generate(long_request(seed=3), timeout=60)
     next(blocker)
+    # The blocker's other 239 tokens take over 0.1 s even at the tiny model's fastest decode, so
+    # this request is still queued when its 0.05 s pass (0.3 s let a fast run finish the blocker
+    # first and serve it in time).
     with pytest.raises(grpc.RpcError) as e:
-        small_server.stub.Complete(request(text="a", max_tokens=4), timeout=0.3)
+        small_server.stub.Complete(request(text="a", max_tokens=4), timeout=0.05)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     blocker.cancel()
     # Both freed their blocks: a near-full-context prompt still runs.

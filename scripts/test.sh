@@ -4,7 +4,7 @@
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
 #   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
-#   5. KRAKEN_ENABLE_CUDA=ON build of everything for sm_80 and sm_90 (when the CUDA toolkit is
+#   5. KRAKEN_ENABLE_CUDA=ON build of the server, tools and CUDA tests for sm_80 and sm_90 (when the CUDA toolkit is
 #      installed); without a GPU only the no-device tests run, the gpu-labelled ones skip (they run
 #      on a GPU machine through tests/gpu/run_gpu_checks.sh)
 #   6. libFuzzer runs of the safetensors parser and the tokenizer over their kept corpora
@@ -32,12 +32,17 @@ step "AddressSanitizer + UndefinedBehaviorSanitizer"
   -DKRAKEN_BUILD_BENCH=OFF
 (cd "$root/build-asan" && ASAN_OPTIONS=detect_leaks=1 ctest -j1 -L 'unit|model' --output-on-failure)
 
-step "CUDA build (KRAKEN_ENABLE_CUDA=ON, sm_80 + sm_90): compile and link everything"
+step "CUDA build (KRAKEN_ENABLE_CUDA=ON, sm_80 + sm_90): compile and link the server, tools and CUDA tests"
 if [[ -x /usr/local/cuda/bin/nvcc && -f /usr/local/cuda/include/nccl.h ]]; then
   cmake -S "$root" -B "$root/build-cuda" -G Ninja -DCMAKE_BUILD_TYPE=Release -DKRAKEN_ENABLE_CUDA=ON \
     -DKRAKEN_WERROR=ON -DKRAKEN_BUILD_BENCH=ON -DCUDAToolkit_ROOT=/usr/local/cuda \
     -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc -DCMAKE_CUDA_ARCHITECTURES="80;90" >/dev/null
-  ninja -C "$root/build-cuda" >"$root/build-cuda/ninja.log" 2>&1 || { tail -n 60 "$root/build-cuda/ninja.log"; exit 1; }
+  # Every program a GPU deployment runs, and every test that reaches CUDA code (the CPU-only test
+  # suites were built and run above; rebuilding them here would only repeat that).
+  targets=(kraken-server kraken-cli kraken-generate gpu_bench ttft_bench runtime_tests engine_model_tests
+           cuda_backend_test cuda_no_device_test cuda_kernels_emulated_test nccl_test nccl_no_device_test)
+  ninja -C "$root/build-cuda" "${targets[@]}" >"$root/build-cuda/ninja.log" 2>&1 ||
+    { tail -n 60 "$root/build-cuda/ninja.log"; exit 1; }
   tail -n 1 "$root/build-cuda/ninja.log"
   # Without a GPU the gpu-labelled tests skip; the no-device tests check the errors users get.
   (cd "$root/build-cuda" && ctest -j1 -R '^(Nccl|Cuda)' --output-on-failure | tail -n 4)

@@ -18,6 +18,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_util.h"
 #include "engine/backend.h"
 #include "engine/cpu/gemm.h"
 #include "engine/model.h"
@@ -26,37 +27,15 @@
 namespace kraken::engine {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using bench::GemmFlopsPerToken;
+using bench::HeadFlopsPerRow;
+using bench::Median;
+using bench::Now;
+using bench::ParseList;
+
 using json = nlohmann::json;
 
-double Now() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
 
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) v.push_back(std::stoi(item));
-  }
-  return v;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-// GEMM FLOPs per token through the layers (QKV, attention output, FFN of every sub-layer).
-double GemmFlopsPerToken(const ModelConfig& c) {
-  const double d = c.n_embd, f = c.ffn_hidden, N = c.kraken_degree, L = c.n_layer;
-  return 2 * (3 * d * d + d * d + 2 * d * f) * N * L;
-}
-
-// GEMM FLOPs per row that needs logits: the conjunction (Kraken) and the LM head.
-double HeadFlopsPerRow(const ModelConfig& c) {
-  const double d = c.n_embd, N = c.kraken_degree;
-  return 2 * d * c.vocab_size + (c.arch == Architecture::kKraken ? 2 * d * N * d : 0.0);
-}
 
 // Causal attention FLOPs of a T-token prefill: QK^T and PV, 2 flops per multiply-add.
 double AttentionFlops(const ModelConfig& c, double T) {

@@ -29,6 +29,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "bench/bench_util.h"
 #include "engine/backend.h"
 #include "engine/kv_cache.h"
 #include "engine/model.h"
@@ -36,25 +37,14 @@
 namespace kraken::engine {
 namespace {
 
+using bench::GemmFlopsPerToken;
+using bench::HeadFlopsPerRow;
+using bench::Median;
+using bench::Now;
+using bench::ParseList;
+
 using json = nlohmann::json;
-using Clock = std::chrono::steady_clock;
 
-double Now() { return std::chrono::duration<double>(Clock::now().time_since_epoch()).count(); }
-
-std::vector<int> ParseList(const std::string& s) {
-  std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    if (!item.empty()) v.push_back(std::stoi(item));
-  }
-  return v;
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // Random BF16 values ~ U(-a, a) from a xorshift generator (fast enough for ~10^9 weights).
 struct Bf16Noise {
@@ -227,8 +217,7 @@ int Main(int argc, char** argv) {
       if (rep >= 2) times.push_back(t1 - t0);
     }
     const double ttft = Median(times);
-    const double d = c.n_embd, f = c.ffn_hidden, N = c.kraken_degree;
-    const double flops = 2.0 * T * (4 * d * d + 2 * d * f) * N * c.n_layer + 2.0 * (N * d * d + d * c.vocab_size);
+    const double flops = T * GemmFlopsPerToken(c) + HeadFlopsPerRow(c);
     std::printf("prefill T=%5d: TTFT %8.2f ms  (%.1f TFLOP/s of GEMM work over the whole step, %.1f%% of peak)\n", T,
                 ttft * 1e3, flops / ttft / 1e12, peak > 0 ? 100 * flops / ttft / 1e12 / peak : 0.0);
     result["ttft_ms"][std::to_string(T)] = ttft * 1e3;

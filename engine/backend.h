@@ -140,8 +140,9 @@ class Backend {
   /// out of the tensor's bounds.
   virtual StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(const LinearSource& src) = 0;
   /// Copies elements [begin, begin + count) of each range of a 1-D or 2-D tensor (flattened),
-  /// converted to F32, into device memory.
-  virtual StatusOr<Buffer> PrepareVector(const TensorInfo& t, const std::vector<std::pair<int64_t, int64_t>>& ranges) = 0;
+  /// converted to F32, into device memory (Allocate + Upload; the same for every backend).
+  /// INVALID_ARGUMENT for a dtype other than F32/F16/BF16 or a range outside the tensor.
+  StatusOr<Buffer> PrepareVector(const TensorInfo& t, const std::vector<std::pair<int64_t, int64_t>>& ranges);
 
   // ---- Ops ---------------------------------------------------------------------------------
   /// out[t] = wte[tokens[t]] + wpe[positions[t]]; tokens/positions are host arrays of out.rows
@@ -172,6 +173,18 @@ class Backend {
   /// Waits for queued work; reports asynchronous device errors.
   virtual Status Synchronize() = 0;
 };
+
+/// A LinearSource checked against its tensor, for a backend's PrepareLinear: the logical matrix
+/// W [out_total, in_total] of the whole tensor and the part selected.
+struct LinearSelection {
+  int64_t out_total = 0, in_total = 0;
+  int64_t in_begin = 0, in = 0;  // input features [in_begin, in_begin + in)
+  std::vector<int> rows;         // selected output features, in order
+};
+
+/// Validates `src`: a 2-D F32/F16/BF16 tensor, ranges inside it, 1 .. 2^30 rows and columns
+/// selected. INVALID_ARGUMENT naming the tensor otherwise.
+StatusOr<LinearSelection> SelectLinear(const LinearSource& src);
 
 /// Creates the backend named by `options.device`. "cuda:*" returns UNIMPLEMENTED ("built without
 /// CUDA") unless KRAKEN_ENABLE_CUDA was on; unknown names give INVALID_ARGUMENT.

@@ -26,18 +26,6 @@ class CpuLinear final : public LinearWeight {
 
 void FreeHost(float* p) { std::free(p); }
 
-// Validates [begin, begin+count) ranges against `limit`, naming the tensor.
-Status CheckRanges(const TensorInfo& t, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t limit,
-                   const char* what) {
-  for (const auto& [b, n] : ranges) {
-    if (b < 0 || n < 0 || b + n > limit) {
-      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), ": ", what, " range [", b, ", ", b + n,
-                             ") is outside [0, ", limit, ")");
-    }
-  }
-  return absl::OkStatus();
-}
-
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int threads) : threads_(threads) {}
@@ -63,46 +51,18 @@ class CpuBackend final : public Backend {
   }
 
   StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(const LinearSource& src) override {
+    KRAKEN_ASSIGN_OR_RETURN(LinearSelection sel, SelectLinear(src));
     const TensorInfo& t = *src.tensor;
-    if (t.shape.size() != 2) {
-      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), " must be 2-D to be a matrix");
-    }
-    const int64_t out_total = src.in_major ? t.shape[1] : t.shape[0];
-    const int64_t in_total = src.in_major ? t.shape[0] : t.shape[1];
     cpu::MatrixSource m;
     m.data = t.data;
     m.dtype = t.dtype;
-    m.out_stride = src.in_major ? 1 : in_total;
-    m.in_stride = src.in_major ? out_total : 1;
-    m.in_begin = src.in_begin;
-    m.in = src.in_count < 0 ? static_cast<int>(in_total - src.in_begin) : src.in_count;
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, {{m.in_begin, m.in}}, in_total, "input-feature"));
-    std::vector<std::pair<int64_t, int64_t>> ranges;
-    for (const auto& [b, n] : src.out_ranges) ranges.emplace_back(b, n);
-    if (ranges.empty()) ranges.emplace_back(0, out_total);
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, out_total, "output-feature"));
-    for (const auto& [b, n] : ranges)
-      for (int64_t r = b; r < b + n; ++r) m.rows.push_back(static_cast<int>(r));
+    m.out_stride = src.in_major ? 1 : sel.in_total;
+    m.in_stride = src.in_major ? sel.out_total : 1;
+    m.in_begin = static_cast<int>(sel.in_begin);
+    m.in = static_cast<int>(sel.in);
+    m.rows = std::move(sel.rows);
     KRAKEN_ASSIGN_OR_RETURN(cpu::PackedMatrix packed, cpu::PackedMatrix::Pack(m));
     return std::unique_ptr<LinearWeight>(new CpuLinear(std::move(packed)));
-  }
-
-  StatusOr<Buffer> PrepareVector(const TensorInfo& t,
-                                 const std::vector<std::pair<int64_t, int64_t>>& ranges) override {
-    if (!IsComputeFloat(t.dtype)) {
-      return InvalidArgument("tensor '", t.name, "' has dtype ", DTypeName(t.dtype), "; expected F32, F16 or BF16");
-    }
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, t.numel(), "element"));
-    int64_t total = 0;
-    for (const auto& r : ranges) total += r.second;
-    KRAKEN_ASSIGN_OR_RETURN(Buffer buf, Allocate(total));
-    int64_t at = 0;
-    const size_t es = DTypeSize(t.dtype);
-    for (const auto& [b, n] : ranges) {
-      ConvertToF32(t.dtype, t.data + b * es, buf.data() + at, n);
-      at += n;
-    }
-    return buf;
   }
 
   void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,

@@ -36,18 +36,6 @@ void FreeDevice(float* p) { cudaFree(p); }
 
 std::string CudaMessage(cudaError_t e) { return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"); }
 
-// Validates [begin, begin+count) ranges against `limit`, naming the tensor.
-Status CheckRanges(const TensorInfo& t, const std::vector<std::pair<int64_t, int64_t>>& ranges, int64_t limit,
-                   const char* what) {
-  for (const auto& [b, n] : ranges) {
-    if (b < 0 || n < 0 || b + n > limit) {
-      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), ": ", what, " range [", b, ", ", b + n,
-                             ") is outside [0, ", limit, ")");
-    }
-  }
-  return absl::OkStatus();
-}
-
 /// A weight matrix in device memory, [out, in] row-major in its stored dtype (F32, F16 or BF16).
 class CudaLinear final : public LinearWeight {
  public:
@@ -134,6 +122,7 @@ class StagedArray {
 /// The per-step attention metadata derived from an AttentionBatch (host copies kept to tell
 /// whether the device copies are current).
 struct AttentionMeta {
+  std::vector<AttentionSeq> seqs;        // the batch it was built from (block_table pointers unused)
   std::vector<cuda::AttentionRow> rows;  // per new token: its activation row, position, table, KV slot
   std::vector<int32_t> tables;           // the sequences' used block tables, concatenated
   int block_size = 0;
@@ -142,15 +131,24 @@ struct AttentionMeta {
   std::vector<cuda::AttentionRow> singles;  // the other rows (per-row kernel)
 
   void Build(const AttentionBatch& batch) {
+    seqs.assign(batch.seqs.begin(), batch.seqs.end());
     block_size = batch.block_size;
     max_row = cuda::BuildAttentionRows(batch, &rows, &tables);
     cuda::BuildAttentionTiles(rows, &tiles, &singles);
   }
-  bool SameAs(const AttentionMeta& o) const {
-    return block_size == o.block_size && tables == o.tables && rows.size() == o.rows.size() &&
-           std::equal(rows.begin(), rows.end(), o.rows.begin(), [](const cuda::AttentionRow& a, const cuda::AttentionRow& b) {
-             return a.row == b.row && a.position == b.position && a.table_offset == b.table_offset && a.slot == b.slot;
-           });
+  // Whether this was built from a batch equal to `b`: the same sequences and block-table contents
+  // (every slot of a step passes the same batch; this costs O(sequences + blocks), not O(tokens)).
+  bool Describes(const AttentionBatch& b) const {
+    if (b.block_size != block_size || b.seqs.size() != seqs.size()) return false;
+    size_t at = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const AttentionSeq &x = b.seqs[i], &y = seqs[i];
+      if (x.token_begin != y.token_begin || x.num_tokens != y.num_tokens || x.start_pos != y.start_pos) return false;
+      const size_t used = static_cast<size_t>((x.start_pos + x.num_tokens + block_size - 1) / block_size);
+      if (!std::equal(x.block_table, x.block_table + used, tables.begin() + at)) return false;
+      at += used;
+    }
+    return true;
   }
 };
 
@@ -198,37 +196,20 @@ class CudaBackend final : public Backend {
   }
 
   StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(const LinearSource& src) override {
+    KRAKEN_ASSIGN_OR_RETURN(const LinearSelection sel, SelectLinear(src));
     const TensorInfo& t = *src.tensor;
-    if (t.shape.size() != 2) {
-      return InvalidArgument("tensor '", t.name, "' ", t.ShapeString(), " must be 2-D to be a matrix");
-    }
-    if (!IsComputeFloat(t.dtype)) {
-      return InvalidArgument("tensor '", t.name, "' has dtype ", DTypeName(t.dtype), "; expected F32, F16 or BF16");
-    }
-    const int64_t out_total = src.in_major ? t.shape[1] : t.shape[0];
-    const int64_t in_total = src.in_major ? t.shape[0] : t.shape[1];
-    const int64_t in_begin = src.in_begin;
-    const int64_t in = src.in_count < 0 ? in_total - in_begin : src.in_count;
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, {{in_begin, in}}, in_total, "input-feature"));
-    std::vector<std::pair<int64_t, int64_t>> ranges(src.out_ranges.begin(), src.out_ranges.end());
-    if (ranges.empty()) ranges.emplace_back(0, out_total);
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, out_total, "output-feature"));
-    int64_t out = 0;
-    for (const auto& r : ranges) out += r.second;
-    if (out < 1 || in < 1 || out > (1 << 30) || in > (1 << 30)) {
-      return InvalidArgument("tensor '", t.name, "' selects a ", out, " x ", in, " matrix; both must be in [1, 2^30]");
-    }
     // Gather the selected [out, in] block on the host in the stored dtype, then copy it once.
     const size_t es = DTypeSize(t.dtype);
+    const int64_t in = sel.in, out = static_cast<int64_t>(sel.rows.size());
     std::vector<uint8_t> host(static_cast<size_t>(out) * in * es);
-    size_t row = 0;
-    for (const auto& [b, n] : ranges) {
-      for (int64_t r = b; r < b + n; ++r, ++row) {
-        uint8_t* dst = host.data() + row * in * es;
-        if (!src.in_major) {
-          std::memcpy(dst, t.data + (r * in_total + in_begin) * es, in * es);
-        } else {
-          for (int64_t c = 0; c < in; ++c) std::memcpy(dst + c * es, t.data + ((in_begin + c) * out_total + r) * es, es);
+    for (int64_t row = 0; row < out; ++row) {
+      const int64_t r = sel.rows[row];
+      uint8_t* dst = host.data() + row * in * es;
+      if (!src.in_major) {
+        std::memcpy(dst, t.data + (r * sel.in_total + sel.in_begin) * es, in * es);
+      } else {
+        for (int64_t c = 0; c < in; ++c) {
+          std::memcpy(dst + c * es, t.data + ((sel.in_begin + c) * sel.out_total + r) * es, es);
         }
       }
     }
@@ -243,27 +224,6 @@ class CudaBackend final : public Backend {
       return absl::UnavailableError(StrCat("copying tensor '", t.name, "' to ", name(), ": ", CudaMessage(e)));
     }
     return std::unique_ptr<LinearWeight>(new CudaLinear(d, t.dtype, static_cast<int>(out), static_cast<int>(in)));
-  }
-
-  StatusOr<Buffer> PrepareVector(const TensorInfo& t,
-                                 const std::vector<std::pair<int64_t, int64_t>>& ranges) override {
-    if (!IsComputeFloat(t.dtype)) {
-      return InvalidArgument("tensor '", t.name, "' has dtype ", DTypeName(t.dtype), "; expected F32, F16 or BF16");
-    }
-    KRAKEN_RETURN_IF_ERROR(CheckRanges(t, ranges, t.numel(), "element"));
-    int64_t total = 0;
-    for (const auto& r : ranges) total += r.second;
-    std::vector<float> host(static_cast<size_t>(total));
-    int64_t at = 0;
-    const size_t es = DTypeSize(t.dtype);
-    for (const auto& [b, n] : ranges) {
-      ConvertToF32(t.dtype, t.data + b * es, host.data() + at, n);
-      at += n;
-    }
-    KRAKEN_ASSIGN_OR_RETURN(Buffer buf, Allocate(total));
-    Upload(host.data(), buf.data(), total);
-    KRAKEN_RETURN_IF_ERROR(error_);
-    return buf;
   }
 
   void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
@@ -405,9 +365,8 @@ class CudaBackend final : public Backend {
 
   // Makes the device copies of the step's attention metadata current; false on error.
   bool StageAttention(const AttentionBatch& batch) {
-    scratch_meta_.Build(batch);
-    if (meta_valid_ && scratch_meta_.SameAs(meta_)) return true;
-    std::swap(meta_, scratch_meta_);
+    if (meta_valid_ && meta_.Describes(batch)) return true;
+    meta_.Build(batch);
     meta_valid_ = false;
     void* r = Stage(rows_, meta_.rows.data(), meta_.rows.size() * sizeof(cuda::AttentionRow));
     void* t = Stage(tables_, meta_.tables.data(), meta_.tables.size() * sizeof(int32_t));
@@ -451,7 +410,7 @@ class CudaBackend final : public Backend {
   void* half_x_ = nullptr;
   size_t half_capacity_ = 0;
   StagedArray tokens_, positions_, gather_rows_, rows_, tables_, tiles_, singles_;
-  AttentionMeta meta_, scratch_meta_;
+  AttentionMeta meta_;
   bool meta_valid_ = false;
   const cuda::AttentionRow* rows_dev_ = nullptr;
   const cuda::AttentionTile* tiles_dev_ = nullptr;

@@ -85,12 +85,6 @@ std::vector<float> Dense(const Twin& t) {
   return out;
 }
 
-// max |a - b| <= rel * max(1, max |b|) per whole matrix.
-void ExpectClose(const std::vector<float>& gpu, const std::vector<float>& cpu, double rel, const char* what) {
-  ASSERT_EQ(gpu.size(), cpu.size()) << what;
-  const auto d = testing::Compare(gpu.data(), cpu.data(), cpu.size());
-  EXPECT_LE(d.max_abs, rel * std::max(1.0, d.max_ref)) << what << ": max |gpu - cpu| " << d.max_abs;
-}
 
 TEST(CudaOps, RowKernelsMatchTheCpu) {
   REQUIRE_GPU();
@@ -105,17 +99,17 @@ TEST(CudaOps, RowKernelsMatchTheCpu) {
       const float* gb = pb == nullptr ? nullptr : bias.g.data();
       b.cpu->LayerNorm(x.C(), w.c.data(), pb, 1e-5f, y.C());
       b.gpu->LayerNorm(x.G(), w.g.data(), gb, 1e-5f, y.G());
-      ExpectClose(Read(*b.gpu, y), Dense(y), 2e-6, "LayerNorm");
+      testing::ExpectWithinRel(Read(*b.gpu, y), Dense(y), 2e-6, "LayerNorm");
     }
     b.cpu->LayerNorm(x.C(), w.c.data(), bias.c.data(), 1e-5f, x.C());  // in place
     b.gpu->LayerNorm(x.G(), w.g.data(), bias.g.data(), 1e-5f, x.G());
-    ExpectClose(Read(*b.gpu, x), Dense(x), 2e-6, "LayerNorm in place");
+    testing::ExpectWithinRel(Read(*b.gpu, x), Dense(x), 2e-6, "LayerNorm in place");
     b.cpu->GeluTanh(x.C());
     b.gpu->GeluTanh(x.G());
-    ExpectClose(Read(*b.gpu, x), Dense(x), 2e-6, "GeluTanh");
+    testing::ExpectWithinRel(Read(*b.gpu, x), Dense(x), 2e-6, "GeluTanh");
     b.cpu->Add(x.C(), y.C(), x.C());
     b.gpu->Add(x.G(), y.G(), x.G());
-    ExpectClose(Read(*b.gpu, x), Dense(x), 1e-7, "Add");
+    testing::ExpectWithinRel(Read(*b.gpu, x), Dense(x), 1e-7, "Add");
     b.cpu->Copy(x.C(), y.C());
     b.gpu->Copy(x.G(), y.G());
     EXPECT_EQ(Read(*b.gpu, y), Dense(y)) << "Copy";
@@ -283,7 +277,7 @@ TEST(CudaOps, PagedWriteKvAndAttentionMatchTheCpu) {
       const float scale = 1.f / std::sqrt(static_cast<float>(ac.head_dim));
       b.cpu->Attention(q.C(), kvc->slot(0), batch, scale, out.C());
       b.gpu->Attention(q.G(), kvg->slot(0), batch, scale, out.G());
-      ExpectClose(Read(*b.gpu, out), Dense(out), 2e-6, "Attention");
+      testing::ExpectWithinRel(Read(*b.gpu, out), Dense(out), 2e-6, "Attention");
     }
     // The caches hold the same bits.
     const int64_t floats = kvc->slot(0).block_floats() * blocks;
@@ -318,7 +312,7 @@ TEST(CudaOps, AttentionFollowsTokenBeginAndLeavesUnnamedRowsAlone) {
   b.cpu->Attention(q.C(), kvc->slot(0), batch, 0.2f, out.C());
   b.gpu->Attention(q.G(), kvg->slot(0), batch, 0.2f, out.G());
   const std::vector<float> got = Read(*b.gpu, out), want = Dense(out);
-  ExpectClose(got, want, 2e-6, "Attention with rows out of sequence order");
+  testing::ExpectWithinRel(got, want, 2e-6, "Attention with rows out of sequence order");
   for (int r : {0, 1, 10}) {  // untouched: still the random values both twins started with
     EXPECT_EQ(0, std::memcmp(got.data() + r * width, want.data() + r * width, width * sizeof(float))) << "row " << r;
   }
@@ -395,14 +389,8 @@ TEST_P(CudaModel, LogitsMatchTheReferencePrefilledChunkedAndDecoded) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TestModels, CudaModel,
-                         ::testing::Values("kraken-n2-h113-f32", "kraken-n4-bias-f32", "kraken-n4-bf16", "gpt2-f32",
-                                           "gpt2-bf16", "parallel-block-f16-sharded"),
-                         [](const auto& param_info) {
-                           std::string s = param_info.param;
-                           std::replace(s.begin(), s.end(), '-', '_');
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(TestModels, CudaModel, ::testing::ValuesIn(testing::kTestModels),
+                         testing::TestModelParamName);
 
 TEST(CudaNccl, WorldOfOneThroughNcclGivesTheSameBitsAndTimesEveryCollective) {
   REQUIRE_GPU();

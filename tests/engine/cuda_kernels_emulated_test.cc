@@ -27,11 +27,6 @@ std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   return v;
 }
 
-void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, double rel, const char* what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  const auto d = testing::Compare(got.data(), want.data(), want.size());
-  EXPECT_LE(d.max_abs, rel * std::max(1.0, d.max_ref)) << what << ": max |emulated - cpu| " << d.max_abs;
-}
 
 TEST(CudaKernelsEmulated, RowKernelsMatchTheCpuBackend) {
   auto cpu = Cpu();
@@ -44,15 +39,15 @@ TEST(CudaKernelsEmulated, RowKernelsMatchTheCpuBackend) {
     std::vector<float> y_cpu(rows * cols), y_emu(rows * cols);
     cpu->LayerNorm(Mat(x.data(), rows, cols, xs), w.data(), b.data(), 1e-5f, Mat(y_cpu.data(), rows, cols));
     cuda::LaunchLayerNorm(x.data(), xs, w.data(), b.data(), 1e-5f, y_emu.data(), cols, rows, cols, nullptr);
-    ExpectClose(y_emu, y_cpu, 2e-6, "LayerNorm");
+    testing::ExpectWithinRel(y_emu, y_cpu, 2e-6, "LayerNorm");
     cpu->LayerNorm(Mat(x.data(), rows, cols, xs), w.data(), nullptr, 1e-5f, Mat(y_cpu.data(), rows, cols));
     cuda::LaunchLayerNorm(x.data(), xs, w.data(), nullptr, 1e-5f, y_emu.data(), cols, rows, cols, nullptr);
-    ExpectClose(y_emu, y_cpu, 2e-6, "LayerNorm without bias");
+    testing::ExpectWithinRel(y_emu, y_cpu, 2e-6, "LayerNorm without bias");
 
     std::vector<float> g_cpu = y_cpu, g_emu = y_cpu;
     cpu->GeluTanh(Mat(g_cpu.data(), rows, cols));
     cuda::LaunchGeluTanh(g_emu.data(), cols, rows, cols, nullptr);
-    ExpectClose(g_emu, g_cpu, 2e-6, "GeluTanh");
+    testing::ExpectWithinRel(g_emu, g_cpu, 2e-6, "GeluTanh");
 
     std::vector<float> a_cpu(rows * cols), a_emu(rows * cols);
     cpu->Add(Mat(x.data(), rows, cols, xs), Mat(g_cpu.data(), rows, cols), Mat(a_cpu.data(), rows, cols));
@@ -115,7 +110,7 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   std::vector<float> out_tiled = out_emu;
   cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, rows.data(), tables.data(), n, emu_slot.heads,
                         emu_slot.head_dim, emu_slot.block_size, scale, out_emu.data(), width, nullptr);
-  ExpectClose(out_emu, out_cpu, 2e-6, "Attention, every row by the per-row kernel");
+  testing::ExpectWithinRel(out_emu, out_cpu, 2e-6, "Attention, every row by the per-row kernel");
   // What CudaBackend runs for head_dim <= kMaxTiledHeadDim: tiles of prefill rows + single rows.
   std::vector<cuda::AttentionTile> tiles;
   std::vector<cuda::AttentionRow> singles;
@@ -133,7 +128,7 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, singles.data(), tables.data(),
                         static_cast<int>(singles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
                         scale, out_tiled.data(), width, nullptr);
-  ExpectClose(out_tiled, out_cpu, 2e-6, "Attention, tiled prefill rows + per-row decode rows");
+  testing::ExpectWithinRel(out_tiled, out_cpu, 2e-6, "Attention, tiled prefill rows + per-row decode rows");
 }
 
 TEST(CudaKernelsEmulated, PagedWriteKvAndAttentionMatchTheCpuBackend) {

@@ -193,14 +193,8 @@ TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
   EXPECT_EQ(0, std::memcmp(full.data(), batched.data(), bytes)) << "batched with other sequences";
 }
 
-INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel,
-                         ::testing::Values("kraken-n2-h113-f32", "kraken-n4-bias-f32", "kraken-n4-bf16", "gpt2-f32",
-                                           "gpt2-bf16", "parallel-block-f16-sharded"),
-                         [](const auto& param_info) {
-                           std::string s = param_info.param;
-                           std::replace(s.begin(), s.end(), '-', '_');
-                           return s;
-                         });
+INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel, ::testing::ValuesIn(testing::kTestModels),
+                         testing::TestModelParamName);
 
 struct WorldCase {
   std::string model;

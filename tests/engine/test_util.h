@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -23,6 +24,18 @@ inline std::string SourceDir() {
 }
 
 inline std::string TestModelDir(const std::string& name) { return SourceDir() + "/tests/data/models/" + name; }
+
+/// Every committed test model (tests/data/models), for value-parameterized tests:
+///   INSTANTIATE_TEST_SUITE_P(TestModels, Suite, ::testing::ValuesIn(kTestModels), TestModelParamName);
+inline const std::vector<std::string> kTestModels = {"kraken-n2-h113-f32", "kraken-n4-bias-f32", "kraken-n4-bf16",
+                                                     "gpt2-f32",           "gpt2-bf16",          "parallel-block-f16-sharded"};
+
+/// A gtest parameter name for a model name ('-' is not allowed there).
+inline std::string TestModelParamName(const ::testing::TestParamInfo<std::string>& info) {
+  std::string s = info.param;
+  std::replace(s.begin(), s.end(), '-', '_');
+  return s;
+}
 
 /// A golden file written by tools/make_test_models.py (magic + version checked).
 class Golden {
@@ -70,6 +83,16 @@ struct Diff {
   double max_abs = 0.0;
   double max_ref = 0.0;
 };
+inline Diff Compare(const float* a, const float* b, size_t n);
+
+/// Expects max |got - want| <= rel * max(1, max |want|) over the whole vector.
+inline void ExpectWithinRel(const std::vector<float>& got, const std::vector<float>& want, double rel,
+                            const char* what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const Diff d = Compare(got.data(), want.data(), want.size());
+  EXPECT_LE(d.max_abs, rel * std::max(1.0, d.max_ref)) << what << ": max |got - want| " << d.max_abs;
+}
+
 inline Diff Compare(const float* a, const float* b, size_t n) {
   Diff d;
   for (size_t i = 0; i < n; ++i) {

@@ -273,7 +273,9 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") stopped responding: no heartbeat for ",
                                            (now - beat) / 1'000'000, " ms"));
     }
-    const uint64_t progress = s.progress_ns.load(std::memory_order_relaxed);
+    // A step's silence counts from its publication: the progress stamp left by the previous step
+    // may be from before an idle gap of any length.
+    const uint64_t progress = std::max(s.progress_ns.load(std::memory_order_relaxed), step_published_ns_);
     if (in_step && s.done_step.load() < step_ && now > progress && now - progress > stalled) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") is stuck: no progress in step ",
                                            step_, " for ", (now - progress) / 1'000'000, " ms"));
@@ -282,7 +284,7 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
   return absl::OkStatus();
 }
 
-Status WorkerGroup::Recover(const Status& cause) {
+Status WorkerGroup::Recover(const Status& cause, bool in_step) {
   failure_noticed_ = std::chrono::steady_clock::now();
   if (recovery_cb_) recovery_cb_(true, cause);
   KillAll();
@@ -296,7 +298,7 @@ Status WorkerGroup::Recover(const Status& cause) {
     }
     if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
       dead_ = absl::AbortedError(StrCat("giving up: ", restart_times_.size(), " worker failures within ",
-                                        options_.restart_window.count(), " s (more than ", options_.max_restarts,
+                                        options_.restart_window.count() / 1000.0, " s (more than ", options_.max_restarts,
                                         "); last: ", std::string(last.message())));
       return dead_;
     }
@@ -305,8 +307,8 @@ Status WorkerGroup::Recover(const Status& cause) {
     if (last.ok()) break;
   }
   if (recovery_cb_) recovery_cb_(false, absl::OkStatus());
-  return absl::UnavailableError(StrCat(std::string(cause.message()), "; the step failed and all ", world_size(),
-                                       " workers were restarted (their KV caches are empty: generation ",
+  return absl::UnavailableError(StrCat(std::string(cause.message()), in_step ? "; the step failed and all " : "; all ",
+                                       world_size(), " workers were restarted (their KV caches are empty: generation ",
                                        generation_, ")"));
 }
 
@@ -374,6 +376,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   *ph = PlanHeader{.step = step, .kind = StepKind::kForward, .num_seqs = static_cast<int32_t>(seqs.size()),
                    .num_tokens = t_at, .num_block_ids = b_at, .num_history = h_at};
   const uint32_t results_before = control_->result_futex.load(std::memory_order_acquire);
+  step_published_ns_ = NowNs();
   control_->plan_step.store(step, std::memory_order_release);
   control_->plan_futex.fetch_add(1, std::memory_order_acq_rel);
   FutexWakeAll(&control_->plan_futex);
@@ -394,7 +397,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
       // moment to be reaped so the report names it.
       std::this_thread::sleep_for(std::chrono::milliseconds(200));
       Status again = CheckWorkers(/*in_step=*/true);
-      return Recover(Annotate(again.ok() ? health : again, StrCat("step ", step)));
+      return Recover(Annotate(again.ok() ? health : again, StrCat("step ", step)), /*in_step=*/true);
     }
     if (now == results_before) {
       FutexWait(&control_->result_futex, now, kPollNs);
@@ -406,6 +409,17 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   if (rh->status != 0) return Status(static_cast<absl::StatusCode>(rh->status), rh->message);
   return StepResultView{{At<ResultSeq>(base, layout_.result_seqs), static_cast<size_t>(rh->num_seqs)},
                         At<float>(base, layout_.prompt_logprobs)};
+}
+
+Status WorkerGroup::Supervise() {
+  if (!dead_.ok()) return dead_;
+  if (control_ == nullptr) return absl::OkStatus();
+  Status health = CheckWorkers(/*in_step=*/false);
+  if (health.ok()) return health;
+  // As in RunStep: a moment for a dead peer to be reaped, so the report names the one at fault.
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  Status again = CheckWorkers(/*in_step=*/false);
+  return Recover(Annotate(again.ok() ? health : again, "between steps"), /*in_step=*/false);
 }
 
 void WorkerGroup::Shutdown() {

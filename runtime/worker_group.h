@@ -1,8 +1,12 @@
 // The front-end side of the multi-process runtime: spawns one worker process per device (this
 // same binary in worker mode, via posix_spawn), hands every step plan to all of them through one
-// shared-memory segment, returns rank 0's step result, and supervises them: a worker that exits
-// or stops sending heartbeats fails the in-flight step with UNAVAILABLE, and all workers are
-// torn down and started again (communicators rebuilt). After `max_restarts` restarts within
+// shared-memory segment, returns rank 0's step result, and supervises them: a worker that exits,
+// reports a failure, stops sending heartbeats for `heartbeat_timeout` or makes no progress in a
+// step for `stall_timeout` (counted from when the step was published) fails the in-flight step
+// with UNAVAILABLE, and all workers are torn down and started again (communicators rebuilt).
+// Supervision runs inside RunStep and, between steps, in Supervise(), which the caller runs
+// periodically so a worker that dies or hangs while the server is idle is noticed and replaced
+// before the next request needs it. After more than `max_restarts` failures within
 // `restart_window` the group gives up and every later call fails with ABORTED.
 //
 //   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start({.model_dir = dir, .devices = "cpu:2",
@@ -44,12 +48,13 @@ struct WorkerGroupOptions {
   int num_kv_blocks = 0;           // per worker; 0 = max_seqs full contexts
   int max_history = 0;             // penalty history per step; 0 = max_seqs * max_context
   std::string worker_binary = "/proc/self/exe";
-  std::chrono::milliseconds start_timeout{120000};
-  std::chrono::milliseconds heartbeat_timeout{1000};
-  std::chrono::milliseconds stall_timeout{60000};  // a step with no progress event for this long is hung
-  std::chrono::milliseconds collective_timeout{30000};
+  // Timers (docs/api.md "Timers"): each is the bound on one kind of silence.
+  std::chrono::milliseconds start_timeout{120000};    // spawn to every rank ready
+  std::chrono::milliseconds heartbeat_timeout{1000};  // a worker's heartbeat thread silent this long is hung
+  std::chrono::milliseconds stall_timeout{60000};     // a published step with no progress event for this long
+  std::chrono::milliseconds collective_timeout{30000};  // one Gloo/NCCL collective, inside the workers
   int max_restarts = 3;
-  std::chrono::seconds restart_window{300};
+  std::chrono::milliseconds restart_window{300000};  // failures counted over this sliding window
   std::string link_preset;         // benchmarks only (engine/comm/link_model.h)
   double measured_gemm_flops = 0;
 };
@@ -108,6 +113,13 @@ class WorkerGroup {
   /// restart_window).
   StatusOr<StepResultView> RunStep(std::span<const SeqStep> seqs);
 
+  /// Checks the workers between steps: reaps any that exited, and treats a reported failure or a
+  /// heartbeat silent for more than heartbeat_timeout as a failure (restart, as in RunStep).
+  /// OK when all are well; UNAVAILABLE (naming the rank and why) after a failure once the workers
+  /// have been restarted; ABORTED once the group has given up. Cheap (a waitpid and two atomic
+  /// loads per rank): call it every ~100 ms while no step runs. Thread: the RunStep thread.
+  Status Supervise();
+
   /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
   void Shutdown();
 
@@ -138,7 +150,7 @@ class WorkerGroup {
   // death makes the others report failed collectives).
   Status CheckWorkers(bool in_step);
   bool Reap(int rank, std::string* why);  // true when the worker is gone
-  Status Recover(const Status& cause);  // after a failure: restart or give up
+  Status Recover(const Status& cause, bool in_step);  // after a failure: restart or give up
 
   WorkerGroupOptions options_;
   std::vector<std::string> devices_;
@@ -151,6 +163,7 @@ class WorkerGroup {
   std::vector<std::string> exit_reasons_;  // how each reaped worker ended
   uint64_t generation_ = 0;
   uint64_t step_ = 0;
+  uint64_t step_published_ns_ = 0;  // NowNs() when step_ was handed to the workers
   int restarts_total_ = 0;
   std::vector<std::chrono::steady_clock::time_point> restart_times_;
   Status dead_ = absl::OkStatus();

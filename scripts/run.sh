@@ -10,6 +10,8 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export KRAKEN_MODEL="${KRAKEN_MODEL:-$root/models/kraken-kjv-4way}"
 export KRAKEN_DEVICES="${KRAKEN_DEVICES:-cpu:2}"
 export KRAKEN_PORT="${KRAKEN_PORT:-8001}"
+demo_only="${KRAKEN_DEMO_ONLY:-0}"
+unset KRAKEN_DEMO_ONLY  # this script's own switch, not a server flag (the server refuses those)
 "$root/build/server/kraken-server" "$@" &
 server=$!
 trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
@@ -22,5 +24,5 @@ done
 echo "---- streamed completion (kraken-cli generate --stream) ----"
 "${cli[@]}" generate "And God said," --stream --max-tokens 64 --seed 1
 echo "---- serving on port $KRAKEN_PORT; Ctrl-C to stop ----"
-if [[ "${KRAKEN_DEMO_ONLY:-0}" == 1 ]]; then kill -TERM $server; fi
+if [[ "$demo_only" == 1 ]]; then kill -TERM $server; fi
 wait $server

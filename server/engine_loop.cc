@@ -23,6 +23,11 @@ EngineLoop::EngineLoop(std::unique_ptr<runtime::WorkerGroup> group, const tokeni
   group_->set_recovery_callback([this](bool recovering, const Status& cause) {
     if (options_.on_serving) options_.on_serving(!recovering);
     if (!recovering) return;
+    // Every worker is about to be replaced: none is up until the restart completes (the gauges
+    // are refreshed from the new workers after it).
+    if (options_.metrics != nullptr) {
+      for (auto* up : options_.metrics->worker_up) up->Set(0);
+    }
     // Fail the streams whose KV caches are being lost now, not after the restart; the
     // sequences leave the scheduler when the failed step returns.
     const Status fail = absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
@@ -152,8 +157,9 @@ void EngineLoop::Loop() {
   while (true) {
     {
       std::unique_lock<std::mutex> l(mu_);
-      // Sleep while there is nothing to do; with deadlines pending, wake at least every 50 ms.
-      cv_.wait_for(l, std::chrono::milliseconds(active_.empty() ? 1000 : 50),
+      // Sleep while there is nothing to do, waking every supervision interval to check the
+      // workers (and, with requests pending, their deadlines).
+      cv_.wait_for(l, active_.empty() ? options_.supervise_interval : std::chrono::milliseconds(50),
                    [&] { return stop_ || !incoming_.empty() || !active_.empty(); });
       wake_ = false;
       if (stop_) break;
@@ -172,11 +178,14 @@ void EngineLoop::Loop() {
         idle_end_.reset();
       }
       if (last_step_end_ && !idle_begin_) idle_begin_ = now;
+      Supervise();
       UpdateGauges();
       UpdateRankMetrics();  // no_work idle accrues while nothing runs
+      if (fatal_) break;
       continue;
     }
     const bool ran = RunOneStep();
+    if (!ran) Supervise();  // blocked behind the KV watermark: the workers still get checked
     if (active_.empty() && last_step_end_ && !idle_begin_) idle_begin_ = Clock::now();  // no_work starts
     if (!ran) {
       // Nothing could be scheduled (all waiting behind the watermark): wait for a change.
@@ -193,6 +202,20 @@ void EngineLoop::Loop() {
   for (uint64_t id : ids)
     End(id, fatal_ ? absl::UnavailableError("the server's workers failed and could not be restarted")
                    : absl::UnavailableError("the server is shutting down"));
+}
+
+void EngineLoop::Supervise() {
+  const auto now = Clock::now();
+  if (now - last_supervised_ < options_.supervise_interval) return;
+  last_supervised_ = now;
+  const Status s = group_->Supervise();
+  if (s.ok()) return;
+  if (s.code() == absl::StatusCode::kAborted) {
+    spdlog::critical("workers failed between steps and could not be restarted: {}", s.ToString());
+    fatal_ = true;
+    return;
+  }
+  spdlog::warn("{}", std::string(s.message()));
 }
 
 bool EngineLoop::RunOneStep() {

@@ -30,6 +30,9 @@ struct EngineOptions {
   /// Told false while the workers are being recovered, true when they are back (health status).
   std::function<void(bool serving)> on_serving;
   ServerMetrics* metrics = nullptr;  // optional
+  /// How often the workers are checked while no step runs (WorkerGroup::Supervise): a worker that
+  /// dies or hangs while the server is idle is noticed within this plus the heartbeat timeout.
+  std::chrono::milliseconds supervise_interval{100};
 };
 
 class EngineLoop {
@@ -59,6 +62,9 @@ class EngineLoop {
   void Admit();
   void Reap(Clock::time_point now);
   bool RunOneStep();
+  // Between steps: WorkerGroup::Supervise at most every supervise_interval; a failure it finds
+  // restarts the workers (health NOT_SERVING meanwhile); giving up makes the loop fatal.
+  void Supervise();
   void OnToken(Request& r, const runtime::ResultSeq& res);
   // Metrics: per-rank totals (accumulated across worker restarts), idle split, gauges.
   void UpdateRankMetrics();
@@ -97,6 +103,7 @@ class EngineLoop {
   };
   std::vector<RankBase> rank_base_;
   uint64_t stats_generation_ = 0;
+  Clock::time_point last_supervised_{};
   std::thread thread_;
 };
 

@@ -23,9 +23,12 @@
 #include "runtime/worker.h"
 #include "metrics/http_exporter.h"
 #include "server/json_log.h"
+#include "server/flags.h"
 #include "server/read_file.h"
 #include "server/server_metrics.h"
 #include "server/service.h"
+
+extern char** environ;
 
 namespace {
 
@@ -44,6 +47,11 @@ struct Flags {
   int max_message_bytes = 4 << 20;
   double grace_period_s = 30;
   int max_restarts = 3;
+  double restart_window_s = 300;
+  double heartbeat_timeout_s = 1;
+  double stall_timeout_s = 60;
+  double start_timeout_s = 120;
+  double collective_timeout_s = 30;
   std::string tls_cert, tls_key, tls_client_ca;
   std::string api_key;
   std::string log_level = "info";
@@ -64,10 +72,15 @@ int main(int argc, char** argv) {
   using namespace kraken;
 
   Flags f;
-  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers"};
-  app.set_config("--config", "", "TOML/INI file with any of these flags as keys");
+  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers.\n"
+               "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
+               "the environment, which wins over the file."};
+  app.set_config("--config", "", "TOML/INI file with any of these flags as keys")->envname("KRAKEN_CONFIG");
+  // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name.
   auto opt = [&](const char* name, auto& var, const char* env, const char* help) {
-    return app.add_option(name, var, help)->envname(env)->capture_default_str();
+    // The last value given wins: server::ArgsWithEnvironment puts the environment's first.
+    return app.add_option(name, var, help)->envname(env)->capture_default_str()->multi_option_policy(
+        CLI::MultiOptionPolicy::TakeLast);
   };
   opt("--model", f.model, "KRAKEN_MODEL", "model directory (config.json, model.safetensors, tokenizer.json)");
   opt("--devices", f.devices, "KRAKEN_DEVICES", "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
@@ -80,9 +93,27 @@ int main(int argc, char** argv) {
   opt("--num-kv-blocks", f.num_kv_blocks, "KRAKEN_NUM_KV_BLOCKS", "KV blocks per worker; 0 = max-batch-seqs full contexts");
   opt("--block-size", f.block_size, "KRAKEN_BLOCK_SIZE", "tokens per KV block")->check(CLI::Range(1, 1024));
   opt("--kv-watermark", f.kv_watermark, "KRAKEN_KV_WATERMARK", "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
-  opt("--max-message-bytes", f.max_message_bytes, "KRAKEN_MAX_MESSAGE_BYTES", "largest request message");
-  opt("--grace-period", f.grace_period_s, "KRAKEN_GRACE_PERIOD", "seconds in-flight requests get after SIGTERM");
-  opt("--max-restarts", f.max_restarts, "KRAKEN_MAX_RESTARTS", "worker restarts within 5 minutes before giving up");
+  opt("--max-message-bytes", f.max_message_bytes, "KRAKEN_MAX_MESSAGE_BYTES",
+      "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
+      ->check(CLI::Range(1024, 256 << 20));
+  opt("--grace-period", f.grace_period_s, "KRAKEN_GRACE_PERIOD", "seconds in-flight requests get after SIGTERM")
+      ->check(CLI::Range(0.0, 86400.0));
+  opt("--max-restarts", f.max_restarts, "KRAKEN_MAX_RESTARTS",
+      "worker failures tolerated within --restart-window; one more and the server exits non-zero")
+      ->check(CLI::Range(0, 1000));
+  opt("--restart-window", f.restart_window_s, "KRAKEN_RESTART_WINDOW", "seconds over which worker failures are counted")
+      ->check(CLI::Range(0.001, 86400.0));
+  opt("--heartbeat-timeout", f.heartbeat_timeout_s, "KRAKEN_HEARTBEAT_TIMEOUT",
+      "seconds without a worker heartbeat (checked idle or busy) before it is restarted")
+      ->check(CLI::Range(0.2, 3600.0));
+  opt("--stall-timeout", f.stall_timeout_s, "KRAKEN_STALL_TIMEOUT",
+      "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
+      ->check(CLI::Range(0.01, 86400.0));
+  opt("--start-timeout", f.start_timeout_s, "KRAKEN_START_TIMEOUT", "seconds the workers get to load the model and report ready")
+      ->check(CLI::Range(0.001, 86400.0));
+  opt("--collective-timeout", f.collective_timeout_s, "KRAKEN_COLLECTIVE_TIMEOUT",
+      "seconds one AllReduce may take inside a worker before the worker fails")
+      ->check(CLI::Range(0.01, 86400.0));
   opt("--tls-cert", f.tls_cert, "KRAKEN_TLS_CERT", "PEM certificate chain (enables TLS)");
   opt("--tls-key", f.tls_key, "KRAKEN_TLS_KEY", "PEM private key");
   opt("--tls-client-ca", f.tls_client_ca, "KRAKEN_TLS_CLIENT_CA", "PEM CA: require and verify client certificates");
@@ -94,7 +125,31 @@ int main(int argc, char** argv) {
                "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
   opt("--metrics-port", f.metrics_port, "KRAKEN_METRICS_PORT", "Prometheus /metrics port; -1 = off")
       ->check(CLI::Range(-1, 65535));
-  CLI11_PARSE(app, argc, argv);
+  // Precedence and unknown names: server/flags.h.
+  if (Status env = server::CheckEnvironment(app, environ); !env.ok()) {
+    std::fprintf(stderr, "kraken-server: %s\n", std::string(env.message()).c_str());
+    return 2;
+  }
+  {
+    std::vector<std::string> args = server::ArgsWithEnvironment(app, argc, argv, environ);
+    std::vector<const char*> cargs;
+    for (const std::string& a : args) cargs.push_back(a.c_str());
+    try {
+      app.parse(static_cast<int>(cargs.size()), cargs.data());
+    } catch (const CLI::Success& e) {
+      return app.exit(e);  // --help
+    } catch (const CLI::ParseError& e) {
+      std::fprintf(stderr, "kraken-server: %s\nRun with --help for more information.\n",
+                   server::ExplainParseError(app, e.what(), environ).c_str());
+      return 2;
+    }
+    const CLI::Option* config_opt = app.get_config_ptr();
+    const std::string config_file = config_opt->empty() ? "" : config_opt->as<std::string>();
+    if (Status keys = server::CheckConfigKeys(app, config_file); !keys.ok()) {
+      std::fprintf(stderr, "kraken-server: %s\n", std::string(keys.message()).c_str());
+      return 2;
+    }
+  }
   // Logs go to stderr; stdout carries only data (--print-resources).
   spdlog::set_default_logger(spdlog::stderr_color_mt("kraken"));
   spdlog::set_level(spdlog::level::from_str(f.log_level));
@@ -152,6 +207,12 @@ int main(int argc, char** argv) {
   wo.num_kv_blocks = f.num_kv_blocks;
   wo.max_history = f.max_batch_seqs * (config->n_positions + limits.max_stop_token_ids + 1);
   wo.max_restarts = f.max_restarts;
+  auto ms = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000 + 0.5)); };
+  wo.restart_window = ms(f.restart_window_s);
+  wo.heartbeat_timeout = ms(f.heartbeat_timeout_s);
+  wo.stall_timeout = ms(f.stall_timeout_s);
+  wo.start_timeout = ms(f.start_timeout_s);
+  wo.collective_timeout = ms(f.collective_timeout_s);
   if (f.print_resources) {
     auto lim = runtime::PlanLimits(wo);
     if (!lim.ok()) {
@@ -244,6 +305,7 @@ int main(int argc, char** argv) {
   so.limits = limits;
   so.api_key = f.api_key;
   so.metrics = &server_metrics;
+  so.max_message_bytes = f.max_message_bytes;
   auto& info = so.info;
   info.set_model_name(f.model.substr(f.model.find_last_of('/') + 1));
   info.set_architecture(std::string(engine::ArchitectureName(config->arch)));
@@ -282,7 +344,9 @@ int main(int argc, char** argv) {
   grpc::ServerBuilder builder;
   int bound_port = 0;
   builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
-  builder.SetMaxReceiveMessageSize(f.max_message_bytes);
+  // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
+  // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
+  builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (!server || bound_port == 0) {

@@ -9,6 +9,14 @@ namespace {
 
 using kraken::v1::GenerateResponse;
 
+// The wire form of a response message.
+grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
+  grpc::ByteBuffer out;
+  bool own = false;
+  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
+  return out;
+}
+
 // Moves what is pending in `out` into `msg`. The first message carries the seed (and the echo);
 // the last carries finish reason, usage and timings.
 void TakeOutput(Request& r, GenerateResponse* msg, bool last) {
@@ -61,7 +69,7 @@ struct EngineLink {
   }
 };
 
-class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
   GenerateReactor(std::shared_ptr<Request> r, EngineLoop& engine) : link_{std::move(r), engine}, r_(link_.r) {
     std::lock_guard<std::recursive_mutex> l(r_->mu);
@@ -99,7 +107,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
         msg_.Clear();
         TakeOutput(*r_, &msg_, false);
         writing_ = true;
-        StartWriteAndFinish(&msg_, grpc::WriteOptions(), ToGrpc(o.status));
+        wire_ = Serialize(msg_);
+        StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(o.status));
       } else {
         Finish(ToGrpc(o.status));
       }
@@ -110,7 +119,8 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
       TakeOutput(*r_, &msg_, true);
       last_sent_ = true;
       writing_ = true;
-      StartWrite(&msg_);
+      wire_ = Serialize(msg_);
+      StartWrite(&wire_);
       return;
     }
     if (o.finished) {
@@ -122,19 +132,21 @@ class GenerateReactor final : public grpc::ServerWriteReactor<GenerateResponse> 
       msg_.Clear();
       TakeOutput(*r_, &msg_, false);
       writing_ = true;
-      StartWrite(&msg_);
+      wire_ = Serialize(msg_);
+      StartWrite(&wire_);
     }
   }
 
   EngineLink link_;
   const std::shared_ptr<Request>& r_;
   GenerateResponse msg_;
+  grpc::ByteBuffer wire_;  // msg_ serialized: what the write in flight sends
   bool writing_ = false, last_sent_ = false, finish_called_ = false;
 };
 
 class CompleteReactor final : public grpc::ServerUnaryReactor {
  public:
-  CompleteReactor(std::shared_ptr<Request> r, EngineLoop& engine, GenerateResponse* resp)
+  CompleteReactor(std::shared_ptr<Request> r, EngineLoop& engine, grpc::ByteBuffer* resp)
       : link_{std::move(r), engine}, r_(link_.r), resp_(resp) {
     std::lock_guard<std::recursive_mutex> l(r_->mu);
     link_.Attach([this] { Pump(); });
@@ -154,12 +166,14 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
       Finish(ToGrpc(r_->out.status));
       return;
     }
-    TakeOutput(*r_, resp_, true);
+    GenerateResponse msg;
+    TakeOutput(*r_, &msg, true);
+    *resp_ = Serialize(msg);
     Finish(grpc::Status::OK);
   }
   EngineLink link_;
   const std::shared_ptr<Request>& r_;
-  GenerateResponse* resp_;
+  grpc::ByteBuffer* resp_;
   bool finish_called_ = false;
 };
 
@@ -186,6 +200,14 @@ Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
   return absl::OkStatus();
 }
 
+StatusOr<std::shared_ptr<Request>> KrakenService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
+                                                         kraken::v1::GenerateRequest* req) {
+  if (draining_) return absl::UnavailableError("the server is shutting down");
+  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
+  KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
+  return MakeRequest(ctx, *req);
+}
+
 StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServerContext* ctx,
                                                               const kraken::v1::GenerateRequest& req) {
   // The deadline, read against both clocks at the same moment.
@@ -194,8 +216,6 @@ StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServ
   const auto sys_deadline = ctx->deadline();
   if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
     deadline = arrival + std::chrono::duration_cast<Clock::duration>(sys_deadline - std::chrono::system_clock::now());
-  if (draining_) return absl::UnavailableError("the server is shutting down");
-  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_ASSIGN_OR_RETURN(RequestParams params, ValidateGenerateRequest(req, options_.limits, tok_));
   auto r = std::make_shared<Request>(next_id_++, req.request_id(), std::move(params), tok_, arrival, deadline);
   if (r->params.max_tokens == 0) {  // nothing to generate: answer at once
@@ -207,70 +227,84 @@ StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServ
   return r;
 }
 
-grpc::ServerWriteReactor<GenerateResponse>* KrakenService::Generate(grpc::CallbackServerContext* ctx,
-                                                                    const kraken::v1::GenerateRequest* req) {
-  auto r = MakeRequest(ctx, *req);
+void KrakenService::Refused(const std::string& request_id, const Status& status) const {
+  spdlog::info("request {} rejected: {}", request_id.empty() ? "-" : request_id, status.ToString());
+  if (options_.metrics != nullptr) options_.metrics->RecordFailure(status);
+}
+
+grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::CallbackServerContext* ctx,
+                                                                    const grpc::ByteBuffer* raw) {
+  class Reject final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
+   public:
+    explicit Reject(const grpc::Status& s) { Finish(s); }
+    void OnDone() override { delete this; }
+  };
+  kraken::v1::GenerateRequest req;
+  StatusOr<std::shared_ptr<Request>> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
-    class Reject final : public grpc::ServerWriteReactor<GenerateResponse> {
-     public:
-      explicit Reject(const grpc::Status& s) { Finish(s); }
-      void OnDone() override { delete this; }
-    };
-    spdlog::info("request {} rejected: {}", req->request_id().empty() ? "-" : req->request_id(), r.status().ToString());
-    if (options_.metrics != nullptr) options_.metrics->RecordFailure(r.status());
+    Refused(req.request_id(), r.status());
     return new Reject(ToGrpc(r.status()));
   }
   return new GenerateReactor(std::move(*r), engine_);
 }
 
-grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const kraken::v1::GenerateRequest* req,
-                                                  GenerateResponse* resp) {
-  auto r = MakeRequest(ctx, *req);
+grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                                  grpc::ByteBuffer* resp) {
+  kraken::v1::GenerateRequest req;
+  StatusOr<std::shared_ptr<Request>> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
-    spdlog::info("request {} rejected: {}", req->request_id().empty() ? "-" : req->request_id(), r.status().ToString());
-    if (options_.metrics != nullptr) options_.metrics->RecordFailure(r.status());
+    Refused(req.request_id(), r.status());
     return FinishUnary(ctx, ToGrpc(r.status()));
   }
   return new CompleteReactor(std::move(*r), engine_, resp);
 }
 
-grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* ctx, const kraken::v1::TokenizeRequest* req,
-                                                  kraken::v1::TokenizeResponse* resp) {
+grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                                  grpc::ByteBuffer* out) {
+  kraken::v1::TokenizeResponse response;
   if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
-  if (static_cast<int>(req->text().size()) > options_.limits.max_prompt_bytes)
+  kraken::v1::TokenizeRequest request;
+  if (Status p = ParseRequest(*raw, options_.max_message_bytes, &request); !p.ok()) return FinishUnary(ctx, ToGrpc(p));
+  if (static_cast<int>(request.text().size()) > options_.limits.max_prompt_bytes)
     return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' must be at most ", options_.limits.max_prompt_bytes,
-                                                   " bytes, got ", req->text().size())));
+                                                   " bytes, got ", request.text().size())));
   size_t bad = 0;
-  if (!tokenizer::IsValidUtf8(req->text(), &bad))
+  if (!tokenizer::IsValidUtf8(request.text(), &bad))
     return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ",
                                                    bad, ")")));
-  auto ids = tok_.Encode(req->text(), req->add_special_tokens());
+  auto ids = tok_.Encode(request.text(), request.add_special_tokens());
   if (!ids.ok()) return FinishUnary(ctx, ToGrpc(ids.status()));
-  for (int32_t id : *ids) resp->add_token_ids(id);
+  for (int32_t id : *ids) response.add_token_ids(id);
+  *out = Serialize(response);
   return FinishUnary(ctx, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext* ctx,
-                                                    const kraken::v1::DetokenizeRequest* req,
-                                                    kraken::v1::DetokenizeResponse* resp) {
+grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                                    grpc::ByteBuffer* out) {
   if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
-  for (int i = 0; i < req->token_ids_size(); ++i) {
-    const int32_t id = req->token_ids(i);
+  kraken::v1::DetokenizeRequest request;
+  if (Status p = ParseRequest(*raw, options_.max_message_bytes, &request); !p.ok()) return FinishUnary(ctx, ToGrpc(p));
+  for (int i = 0; i < request.token_ids_size(); ++i) {
+    const int32_t id = request.token_ids(i);
     if (id < 0 || id >= tok_.vocab_size())
       return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", tok_.vocab_size(),
                                                      "), got ", id)));
   }
-  std::vector<int32_t> ids(req->token_ids().begin(), req->token_ids().end());
-  auto text = tok_.Decode(ids, req->skip_special_tokens());
+  std::vector<int32_t> ids(request.token_ids().begin(), request.token_ids().end());
+  auto text = tok_.Decode(ids, request.skip_special_tokens());
   if (!text.ok()) return FinishUnary(ctx, ToGrpc(text.status()));
-  resp->set_text(*text);
+  kraken::v1::DetokenizeResponse response;
+  response.set_text(*text);
+  *out = Serialize(response);
   return FinishUnary(ctx, grpc::Status::OK);
 }
 
-grpc::ServerUnaryReactor* KrakenService::GetModelInfo(grpc::CallbackServerContext* ctx,
-                                                      const kraken::v1::GetModelInfoRequest*, kraken::v1::ModelInfo* resp) {
+grpc::ServerUnaryReactor* KrakenService::GetModelInfo(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                                      grpc::ByteBuffer* out) {
   if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
-  *resp = options_.info;
+  kraken::v1::GetModelInfoRequest request;
+  if (Status p = ParseRequest(*raw, options_.max_message_bytes, &request); !p.ok()) return FinishUnary(ctx, ToGrpc(p));
+  *out = Serialize(options_.info);
   return FinishUnary(ctx, grpc::Status::OK);
 }
 

@@ -26,9 +26,44 @@ struct ServiceOptions {
   kraken::v1::ModelInfo info;
   std::string api_key;  // empty: no authentication
   ServerMetrics* metrics = nullptr;  // optional
+  int max_message_bytes = 4 << 20;   // largest request body the service accepts (bytes)
 };
 
-class KrakenService final : public kraken::v1::Kraken::CallbackService {
+// Every method of kraken.v1.Kraken on raw (grpc::ByteBuffer) callback handlers: the service
+// parses each request body itself, so bytes that are not a valid message get INVALID_ARGUMENT
+// with a message (gRPC's typed handlers answer UNIMPLEMENTED with no message), and a generation
+// request over --max-message-bytes is refused by the service itself, so it is counted.
+using RawKrakenService = kraken::v1::Kraken::WithRawCallbackMethod_Generate<
+    kraken::v1::Kraken::WithRawCallbackMethod_Complete<kraken::v1::Kraken::WithRawCallbackMethod_Tokenize<
+        kraken::v1::Kraken::WithRawCallbackMethod_Detokenize<
+            kraken::v1::Kraken::WithRawCallbackMethod_GetModelInfo<kraken::v1::Kraken::Service>>>>>;
+
+/// gRPC's transport refuses request messages over this many times --max-message-bytes before any
+/// handler runs (and so before they can be counted); between the two the service refuses them
+/// itself, by name and size, and counts them. The factor bounds what one call can make the server
+/// buffer.
+constexpr int kTransportLimitFactor = 4;
+
+/// Parses a request body into `out`. RESOURCE_EXHAUSTED naming the size and the limit when it is
+/// larger than `max_message_bytes`; INVALID_ARGUMENT naming the message type and the size when
+/// the bytes are not a valid encoding of it (or no body arrived).
+template <typename Message>
+Status ParseRequest(const grpc::ByteBuffer& raw, int max_message_bytes, Message* out) {
+  if (!raw.Valid()) return InvalidArgument("the call carried no request message (", out->GetTypeName(), ")");
+  const size_t bytes = raw.Length();
+  if (bytes > static_cast<size_t>(max_message_bytes)) {
+    return ResourceExhausted("the request message is ", bytes, " bytes; the limit (--max-message-bytes) is ",
+                             max_message_bytes);
+  }
+  grpc::ByteBuffer copy(raw);  // Deserialize consumes its input; the copy shares the slices
+  if (!grpc::SerializationTraits<Message>::Deserialize(&copy, out).ok()) {
+    return InvalidArgument("the request body (", bytes, " bytes) is not a valid ", out->GetTypeName(),
+                           " protobuf message");
+  }
+  return absl::OkStatus();
+}
+
+class KrakenService final : public RawKrakenService {
  public:
   KrakenService(EngineLoop& engine, const tokenizer::Tokenizer& tok, ServiceOptions options)
       : engine_(engine), tok_(tok), options_(std::move(options)) {}
@@ -36,19 +71,24 @@ class KrakenService final : public kraken::v1::Kraken::CallbackService {
   /// After this, new calls get UNAVAILABLE; calls already admitted go on.
   void StartDraining() { draining_ = true; }
 
-  grpc::ServerWriteReactor<kraken::v1::GenerateResponse>* Generate(grpc::CallbackServerContext* ctx,
-                                                                    const kraken::v1::GenerateRequest* req) override;
-  grpc::ServerUnaryReactor* Complete(grpc::CallbackServerContext* ctx, const kraken::v1::GenerateRequest* req,
-                                     kraken::v1::GenerateResponse* resp) override;
-  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx, const kraken::v1::TokenizeRequest* req,
-                                     kraken::v1::TokenizeResponse* resp) override;
-  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* ctx, const kraken::v1::DetokenizeRequest* req,
-                                       kraken::v1::DetokenizeResponse* resp) override;
-  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx, const kraken::v1::GetModelInfoRequest* req,
-                                         kraken::v1::ModelInfo* resp) override;
+  grpc::ServerWriteReactor<grpc::ByteBuffer>* Generate(grpc::CallbackServerContext* ctx,
+                                                       const grpc::ByteBuffer* req) override;
+  grpc::ServerUnaryReactor* Complete(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                     grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                     grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* Detokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                       grpc::ByteBuffer* resp) override;
+  grpc::ServerUnaryReactor* GetModelInfo(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                         grpc::ByteBuffer* resp) override;
 
  private:
+  // A generation request refused before it reached the engine: logged and counted once.
+  void Refused(const std::string& request_id, const Status& status) const;
   Status Authorize(grpc::CallbackServerContext* ctx) const;
+  // Draining, authentication, parsing, then MakeRequest: the request to stream, or why not.
+  StatusOr<std::shared_ptr<Request>> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
+                                            kraken::v1::GenerateRequest* req);
   StatusOr<std::shared_ptr<Request>> MakeRequest(grpc::CallbackServerContext* ctx, const kraken::v1::GenerateRequest& req);
 
   EngineLoop& engine_;

@@ -36,7 +36,10 @@ class Server:
                "--metrics-port", str(self.metrics_port), "--threads-per-worker", "1", *args]
         self.log_path = f"/tmp/kraken-server-test-{self.port}.log"
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        # The server refuses KRAKEN_* variables that name no flag (the harness's own, such as
+        # KRAKEN_BUILD_DIR, among them): it sees only those a test gives it.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**inherited, **(env or {})})
         self.stub = connect(self.target, api_key=api_key)
         self._wait_ready()
 

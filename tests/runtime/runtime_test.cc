@@ -338,5 +338,182 @@ TEST(Dispatch, OversizedOrInvalidStepsAreRefusedAndTheGroupStaysUsable) {
   EXPECT_EQ((*group)->restarts(), 0);
 }
 
+// ---- Timers: each fires on a real failure within its bound, and never on mere inactivity. ----
+
+// Seconds since `t0`.
+double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Calls Supervise every 20 ms until it reports something or `limit_s` pass; the status and when.
+std::pair<Status, double> SuperviseUntilFailure(WorkerGroup& g, double limit_s) {
+  const auto t0 = Clock::now();
+  while (Since(t0) < limit_s) {
+    Status s = g.Supervise();
+    if (!s.ok()) return {s, Since(t0)};
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return {absl::OkStatus(), Since(t0)};
+}
+
+// True when `pid` no longer exists at all (exited and reaped: not even a zombie).
+bool Reaped(pid_t pid) { return !std::filesystem::exists("/proc/" + std::to_string(pid)); }
+
+WorkerGroupOptions ShortTimers(const std::string& model, int world) {
+  WorkerGroupOptions o = Options(model, world);
+  o.heartbeat_timeout = std::chrono::milliseconds(300);
+  o.stall_timeout = std::chrono::milliseconds(300);
+  o.collective_timeout = std::chrono::milliseconds(300);
+  o.start_timeout = std::chrono::milliseconds(20000);
+  o.restart_window = std::chrono::milliseconds(600000);
+  return o;
+}
+
+TEST(Timers, AnIdleGapLongerThanEveryTimerFiresNone) {
+  // Heartbeat, stall and collective timers of 0.3 s, then 1.5 s with no step: the next steps must
+  // run, and supervision meanwhile must find nothing (the stall timer once measured this gap).
+  auto group = WorkerGroup::Start(ShortTimers("kraken-n4-bf16", 2));
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(6, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
+  auto first = (*group)->RunStep({&s, 1});
+  ASSERT_TRUE(first.ok()) << first.status();
+  const int32_t token = first->seqs[0].token;
+  auto [idle, seconds] = SuperviseUntilFailure(**group, 1.5);
+  EXPECT_TRUE(idle.ok()) << idle << " after " << seconds << " s idle";
+  for (int i = 0; i < 3; ++i) {
+    auto again = (*group)->RunStep({&s, 1});
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->seqs[0].token, token);
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));  // each gap longer than every timer
+  }
+  EXPECT_EQ((*group)->restarts(), 0);
+}
+
+TEST(Timers, AStepWithoutProgressPastTheStallTimeoutIsCaughtInTime) {
+  // Collectives slowed to ~100 ms each: a stall timeout of 30 ms must fire within the step.
+  WorkerGroupOptions o = SlowOptions(2);
+  o.stall_timeout = std::chrono::milliseconds(30);
+  auto group = WorkerGroup::Start(o);
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(20, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
+  const auto t0 = Clock::now();
+  auto r = (*group)->RunStep({&s, 1});
+  const double noticed = std::chrono::duration<double>((*group)->last_failure_noticed() - t0).count();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_NE(std::string(r.status().message()).find("is stuck: no progress in step"), std::string::npos) << r.status();
+  EXPECT_GE(noticed, 0.03);
+  EXPECT_LT(noticed, 0.03 + 0.5) << "seconds from publishing the step to noticing the stall";
+  EXPECT_EQ((*group)->restarts(), 1);
+}
+
+TEST(Timers, AWorkerKilledWhileIdleIsReapedAndReplacedBeforeTheNextStep) {
+  auto group = WorkerGroup::Start(ShortTimers("gpt2-f32", 2));
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(5, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
+  ASSERT_TRUE((*group)->RunStep({&s, 1}).ok());
+  const uint64_t generation = (*group)->generation();
+  const pid_t victim = (*group)->worker_pids()[1];
+  kill(victim, SIGKILL);
+  auto [failure, seconds] = SuperviseUntilFailure(**group, 5);
+  EXPECT_EQ(failure.code(), absl::StatusCode::kUnavailable) << failure;
+  EXPECT_NE(std::string(failure.message()).find("worker rank 1"), std::string::npos) << failure;
+  EXPECT_NE(std::string(failure.message()).find("signal 9"), std::string::npos) << failure;
+  EXPECT_NE(std::string(failure.message()).find("workers were restarted"), std::string::npos) << failure;
+  EXPECT_LT(seconds, 2.0) << "seconds from the kill to a working group";
+  EXPECT_TRUE(Reaped(victim)) << "the killed worker is left as a zombie";
+  EXPECT_EQ((*group)->restarts(), 1);
+  EXPECT_NE((*group)->generation(), generation);
+  EXPECT_NE((*group)->worker_pids()[1], victim);
+  EXPECT_TRUE((*group)->Supervise().ok());
+  auto next = (*group)->RunStep({&s, 1});
+  EXPECT_TRUE(next.ok()) << next.status() << ": the first step after an idle failure must not fail";
+}
+
+TEST(Timers, AWorkerStoppedWhileIdleIsCaughtByTheHeartbeatWithinItsBound) {
+  auto group = WorkerGroup::Start(ShortTimers("gpt2-f32", 2));
+  ASSERT_TRUE(group.ok()) << group.status();
+  const pid_t victim = (*group)->worker_pids()[0];
+  kill(victim, SIGSTOP);
+  auto [failure, seconds] = SuperviseUntilFailure(**group, 5);
+  EXPECT_EQ(failure.code(), absl::StatusCode::kUnavailable) << failure;
+  EXPECT_NE(std::string(failure.message()).find("worker rank 0"), std::string::npos) << failure;
+  EXPECT_NE(std::string(failure.message()).find("stopped responding"), std::string::npos) << failure;
+  // Heartbeat timeout 0.3 s + the heartbeat period 0.1 s + the 0.2 s the report waits for an exit
+  // + one supervision interval, then the restart itself.
+  EXPECT_LT(seconds, 3.0) << "seconds from the stop to a restarted group";
+  EXPECT_TRUE(Reaped(victim)) << "the stopped worker must be killed and reaped";
+  const std::vector<int32_t> prompt = Iota(5, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks};
+  EXPECT_TRUE((*group)->RunStep({&s, 1}).ok());
+}
+
+TEST(Timers, ACollectiveThatNeverCompletesFailsItsRankAfterTheCollectiveTimeout) {
+  // Rank 1 stopped mid-run, with a heartbeat and stall timeout too long to matter: rank 0's
+  // AllReduce must give up after the 0.3 s collective timeout and the group must be restarted.
+  WorkerGroupOptions o = ShortTimers("kraken-n4-bf16", 2);
+  o.heartbeat_timeout = std::chrono::milliseconds(60000);
+  o.stall_timeout = std::chrono::milliseconds(60000);
+  auto group = WorkerGroup::Start(o);
+  ASSERT_TRUE(group.ok()) << group.status();
+  const std::vector<int32_t> prompt = Iota(6, 3), blocks = Iota(4, 0);
+  SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks};
+  const pid_t stopped = (*group)->worker_pids()[1];
+  kill(stopped, SIGSTOP);
+  const auto t0 = Clock::now();
+  auto r = (*group)->RunStep({&s, 1});
+  const double seconds = Since(t0);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable) << r.status();
+  EXPECT_NE(std::string(r.status().message()).find("worker rank 0"), std::string::npos) << r.status();
+  EXPECT_GE(seconds, 0.3) << r.status();
+  EXPECT_LT(seconds, 10.0) << r.status();
+  EXPECT_TRUE(Reaped(stopped));
+  EXPECT_TRUE((*group)->RunStep({&s, 1}).ok());
+}
+
+TEST(Timers, FailuresFartherApartThanTheRestartWindowNeverAddUp) {
+  // One failure tolerated per 0.5 s window: two failures 0.8 s apart are two restarts, never a
+  // give-up; two within the window give up.
+  WorkerGroupOptions o = ShortTimers("gpt2-f32", 1);
+  o.max_restarts = 1;
+  o.restart_window = std::chrono::milliseconds(500);
+  auto group = WorkerGroup::Start(o);
+  ASSERT_TRUE(group.ok()) << group.status();
+  for (int i = 0; i < 2; ++i) {
+    kill((*group)->worker_pids()[0], SIGKILL);
+    auto [failure, seconds] = SuperviseUntilFailure(**group, 5);
+    EXPECT_EQ(failure.code(), absl::StatusCode::kUnavailable) << "failure " << i << ": " << failure;
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  }
+  EXPECT_EQ((*group)->restarts(), 2);
+  EXPECT_TRUE((*group)->Supervise().ok());
+  o.restart_window = std::chrono::milliseconds(60000);
+  auto strict = WorkerGroup::Start(o);
+  ASSERT_TRUE(strict.ok()) << strict.status();
+  kill((*strict)->worker_pids()[0], SIGKILL);
+  EXPECT_EQ(SuperviseUntilFailure(**strict, 5).first.code(), absl::StatusCode::kUnavailable);
+  kill((*strict)->worker_pids()[0], SIGKILL);
+  const Status gave_up = SuperviseUntilFailure(**strict, 5).first;
+  EXPECT_EQ(gave_up.code(), absl::StatusCode::kAborted) << gave_up;
+  EXPECT_NE(std::string(gave_up.message()).find("giving up: 2 worker failures within 60 s"), std::string::npos)
+      << gave_up;
+  EXPECT_EQ(Leftovers(), 0);
+}
+
+TEST(Timers, TheStartTimeoutBoundsAStartThatCannotFinish) {
+  WorkerGroupOptions o = Options("gpt2-f32", 2);
+  o.start_timeout = std::chrono::milliseconds(1);
+  const auto t0 = Clock::now();
+  auto group = WorkerGroup::Start(o);
+  ASSERT_FALSE(group.ok());
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kDeadlineExceeded) << group.status();
+  EXPECT_NE(std::string(group.status().message()).find("did not become ready within 1 ms"), std::string::npos)
+      << group.status();
+  EXPECT_LT(Since(t0), 2.0);
+  EXPECT_EQ(Leftovers(), 0);
+}
+
 }  // namespace
 }  // namespace kraken::runtime

@@ -14,7 +14,7 @@ debian_packages=(
   libspdlog-dev libfmt-dev libcivetweb-dev civetweb libgloo-dev
   libdnnl-dev ocl-icd-opencl-dev
   nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev googletest libbenchmark-dev
-  prometheus bible-kjv bible-kjv-text openssl curl yamllint
+  prometheus bible-kjv bible-kjv-text openssl curl yamllint qemu-user
 )
 
 missing=()

@@ -12,6 +12,14 @@ What it does (KRAKEN.md "The authors' checkpoint"):
     unexpected or missing, naming it;
   * derives N = n_head / n_heads_in_split and writes our config.json.
 Weights keep the authors' PyTorch [out, in] layout and names, so nothing is transposed.
+
+Refused, with one line on stderr naming the file and the problem and exit status 1 (never a
+traceback): a missing, empty, truncated or non-PyTorch file; a pickle that is not the nanoGPT
+dict; model_args the authors' own code would refuse (n_head not a multiple of n_heads_in_split,
+n_embd not divisible by n_heads_in_split: both asserted in their CausalSelfAttention) or that
+give N = 1 (their KrakenBlock sums the other N - 1 sub-layers' outputs, and there are none);
+values outside what the engine loads (engine/model_config.h); missing, unexpected or misshapen
+tensors.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -28,15 +37,88 @@ from kraken_ref.checkpoint import DTYPES, save_model_dir  # noqa: E402
 PREFIX = "_orig_mod."
 
 
+# Largest value of each integer model_args field the engine loads (engine/model_config.h: kMaxLayers,
+# kMaxWidth, ...); n_head is bounded through N and n_heads_in_split.
+MAX_KRAKEN_DEGREE = 64
+LIMITS = {"n_layer": 1024, "n_embd": 1 << 16, "n_head": MAX_KRAKEN_DEGREE << 16, "n_heads_in_split": 1 << 16,
+          "vocab_size": 1 << 22, "block_size": 1 << 20, "ffn_expansion": 64}
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+
+
 class ConversionError(Exception):
-    pass
+    """Bad or unsupported input; the message is one line naming the field, the limit and the value."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message cut to one line of at most `limit` characters."""
+    text = str(e).strip().splitlines()
+    line = text[0].strip() if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """The informative part of a torch.load failure, on one line: the unpickler's own complaint
+    (not the paragraph about weights_only around it), or the first sentence of the message."""
+    text = str(e)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1].split("Check the documentation", 1)[0]
+    else:
+        text = text.split(". ", 1)[0]
+    return f"{type(e).__name__}: {first_line(' '.join(text.split()) or type(e).__name__)}"
+
+
+def load_checkpoint(path: str):
+    """torch.load of `path` (tensors and plain containers only, no code), or ConversionError
+    saying why it cannot be read."""
+    if not os.path.exists(path):
+        raise ConversionError("no such file")
+    if not os.path.isfile(path):
+        raise ConversionError("not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ConversionError("empty file (0 bytes); expected a ckpt.pt written by torch.save")
+    with open(path, "rb") as f:
+        is_zip = f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # RuntimeError, UnpicklingError, EOFError, ...: it depends on the bytes
+        if is_zip:
+            raise ConversionError(f"truncated or corrupt zip archive ({size} bytes; torch.load: "
+                                  f"{torch_load_reason(e)})") from None
+        raise ConversionError(f"not a PyTorch checkpoint ({size} bytes, not a zip archive; torch.load: "
+                              f"{torch_load_reason(e)})") from None
+
+
+def check_model_args(args: dict) -> None:
+    """model_args the authors' training code would build a Kraken model from, within the engine's limits."""
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_heads_in_split"):
+        if key not in args:
+            raise ConversionError(f"model_args lacks '{key}'")
+    for key, hi in LIMITS.items():
+        v = args.get(key, 2 if key == "ffn_expansion" else None)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConversionError(f"model_args field '{key}' must be an integer, got {v!r}")
+        if not 1 <= v <= hi:
+            raise ConversionError(f"model_args field '{key}' ({v}) must be in [1, {hi}]")
+    if not args.get("is_split", True):
+        raise ConversionError("model_args has is_split=False: a standard GPT, not a Kraken model")
+    n_head, h, d = args["n_head"], args["n_heads_in_split"], args["n_embd"]
+    if n_head % h:
+        raise ConversionError(f"model_args field 'n_head' ({n_head}) must be a multiple of 'n_heads_in_split' ({h})")
+    if d % h:
+        raise ConversionError(f"model_args field 'n_embd' ({d}) must be divisible by 'n_heads_in_split' ({h})")
+    N = n_head // h
+    if not 2 <= N <= MAX_KRAKEN_DEGREE:
+        raise ConversionError(f"Kraken degree N = n_head / n_heads_in_split = {n_head} / {h} = {N} must be in "
+                              f"[2, {MAX_KRAKEN_DEGREE}] (each Kraken layer sums the other N - 1 sub-layers)")
 
 
 def expected_shapes(args: dict) -> dict:
     n_layer, d, V, P = args["n_layer"], args["n_embd"], args["vocab_size"], args["block_size"]
     h = args["n_heads_in_split"]
-    if args["n_head"] % h:
-        raise ConversionError(f"model_args n_head ({args['n_head']}) is not a multiple of n_heads_in_split ({h})")
     N = args["n_head"] // h
     e = args.get("ffn_expansion", 2)
     bias = bool(args.get("bias", False))
@@ -61,18 +143,33 @@ def expected_shapes(args: dict) -> dict:
 
 
 def convert(ckpt_path: str, out_dir: str, dtype: str = "bf16") -> dict:
-    """Converts; returns the config.json dict written. Raises ConversionError on bad input."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-        raise ConversionError(f"{ckpt_path}: expected a dict with 'model' and 'model_args' (nanoGPT ckpt.pt)")
+    """Converts; returns the config.json dict written. Raises ConversionError on bad input, its
+    message starting with `ckpt_path`."""
+    try:
+        return _convert(ckpt_path, out_dir, dtype)
+    except ConversionError as e:
+        raise ConversionError(f"{ckpt_path}: {e}") from None
+
+
+def _convert(ckpt_path: str, out_dir: str, dtype: str) -> dict:
+    ckpt = load_checkpoint(ckpt_path)
+    if not isinstance(ckpt, dict):
+        raise ConversionError(f"holds a {type(ckpt).__name__}, not the dict with 'model' and 'model_args' of a "
+                              "nanoGPT ckpt.pt")
+    for key in ("model", "model_args"):
+        if key not in ckpt:
+            raise ConversionError(f"lacks key '{key}' (a nanoGPT ckpt.pt holds 'model' and 'model_args'); "
+                                  f"keys: {sorted(map(str, ckpt))[:8]}")
+        if not isinstance(ckpt[key], dict):
+            raise ConversionError(f"'{key}' is a {type(ckpt[key]).__name__}, expected a dict")
     args = dict(ckpt["model_args"])
-    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "n_heads_in_split"):
-        if key not in args:
-            raise ConversionError(f"{ckpt_path}: model_args lacks '{key}'")
-    if not args.get("is_split", True):
-        raise ConversionError(f"{ckpt_path}: model_args has is_split=False: a standard GPT, not a Kraken model")
+    check_model_args(args)
     sd = {}
     for k, v in ckpt["model"].items():
+        if not isinstance(k, str):
+            raise ConversionError(f"'model' has a key of type {type(k).__name__} ({k!r}); tensor names are strings")
+        if not isinstance(v, torch.Tensor):
+            raise ConversionError(f"'model' entry '{k}' is a {type(v).__name__}, expected a tensor")
         sd[k[len(PREFIX):] if k.startswith(PREFIX) else k] = v
     wte = sd.get("transformer.wte.weight")
     head = sd.pop("lm_head.weight", None)
@@ -103,8 +200,11 @@ def convert(ckpt_path: str, out_dir: str, dtype: str = "bf16") -> dict:
         "bias": bool(args.get("bias", False)),
         "layer_norm_epsilon": 1e-5,
     }
-    save_model_dir(out_dir, config, {k: v.float() for k, v in sd.items()}, DTYPES[dtype],
-                   metadata={"converted_from": os.path.basename(ckpt_path)})
+    try:
+        save_model_dir(out_dir, config, {k: v.float() for k, v in sd.items()}, DTYPES[dtype],
+                       metadata={"converted_from": os.path.basename(ckpt_path)})
+    except OSError as e:
+        raise ConversionError(f"cannot write the model directory '{out_dir}': {e.strerror or first_line(e)}") from None
     return config
 
 
@@ -118,6 +218,10 @@ def main() -> int:
         cfg = convert(a.ckpt, a.out_dir, a.dtype)
     except ConversionError as e:
         print(f"convert_kraken_checkpoint: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a case the checks above missed: still one line, but say it is ours
+        print(f"convert_kraken_checkpoint: {a.ckpt}: internal error, please report: {type(e).__name__}: "
+              f"{first_line(e)}", file=sys.stderr)
         return 1
     print(f"wrote {a.out_dir}: Kraken {cfg['kraken_degree']}-way, {cfg['n_layer']} layers, d={cfg['n_embd']}")
     return 0

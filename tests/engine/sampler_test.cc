@@ -2,9 +2,13 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <map>
+#include <set>
+#include <sstream>
+#include <vector>
 
 namespace kraken::engine {
 namespace {
@@ -217,6 +221,141 @@ TEST(Sampler, TopPNucleusMatchesAFullSortOnLargeVocabularies) {
   }
   // Summation order may move the boundary by a token or two of equal weight, never more.
   EXPECT_LE(outside, 2);
+}
+
+}  // namespace
+}  // namespace kraken::engine
+
+namespace kraken::engine {
+namespace {
+
+// Truncation pinned token by token. Each case names the exact set of ids a setting keeps and
+// draws many tokens; the draws must stay inside the set and follow softmax(logits / temperature)
+// renormalised over it. The rarest kept token has a renormalised probability of 0.43% (86 of
+// 20000 draws expected), so a set that lacks a token misses that token's count by at least 9
+// binomial standard deviations, while the bound is 5; a token kept that should not be is drawn
+// outside the set. The draws are a pure function of (seed, index), so the outcome is fixed.
+
+/// softmax(logits / temperature) restricted to `kept` (other ids 0), in double.
+std::vector<double> RenormalisedOver(const std::vector<float>& logits, float temperature, const std::set<int>& kept) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int id : kept) m = std::max(m, static_cast<double>(logits[id]) / temperature);
+  std::vector<double> p(logits.size(), 0.0);
+  double total = 0;
+  for (int id : kept) total += p[id] = std::exp(static_cast<double>(logits[id]) / temperature - m);
+  for (double& x : p) x /= total;
+  return p;
+}
+
+/// Draws `n` tokens (draw indices 0..n-1 of seed 11, penalties off) and expects: no id outside
+/// `kept` is ever drawn; each id of `kept` is drawn a number of times within 5 binomial standard
+/// deviations, 5·sqrt(n·p·(1 - p)), of n·p, p its renormalised probability.
+void ExpectKeptSet(const std::vector<float>& logits, const SamplingParams& params, const std::set<int>& kept,
+                   int n = 20000) {
+  const int V = static_cast<int>(logits.size());
+  Sampler s(V);
+  std::vector<int> counts(V, 0);
+  for (int i = 0; i < n; ++i) {
+    auto t = s.Sample(logits.data(), {.temperature = params.temperature, .top_k = params.top_k, .top_p = params.top_p,
+                                      .min_p = params.min_p, .seed = 11}, {}, i);
+    ASSERT_TRUE(t.ok()) << t.status();
+    ++counts[t->token];
+  }
+  std::ostringstream setting;
+  setting << "temperature " << params.temperature << ", top_k " << params.top_k << ", top_p " << params.top_p
+          << ", min_p " << params.min_p << ", kept {";
+  for (int id : kept) setting << " " << id;
+  setting << " }";
+  SCOPED_TRACE(setting.str());
+  const std::vector<double> p = RenormalisedOver(logits, params.temperature, kept);
+  for (int id = 0; id < V; ++id) {
+    if (!kept.count(id)) {
+      EXPECT_EQ(counts[id], 0) << "token " << id << " is outside the kept set but was drawn";
+      continue;
+    }
+    const double want = n * p[id], sigma = std::sqrt(n * p[id] * (1 - p[id]));
+    EXPECT_NEAR(counts[id], want, 5 * sigma) << "token " << id << " (renormalised p " << p[id] << ")";
+  }
+}
+
+// p = softmax: 0.6337, 0.2331, 0.0858, 0.0315, 0.0116, 0.0043 (cumulative 0.6337, 0.8668,
+// 0.9526, 0.9841, 0.9957, 1).
+const std::vector<float> kDescending = {5.f, 4.f, 3.f, 2.f, 1.f, 0.f};
+
+TEST(Sampler, TopPKeepsTheTokenThatCrossesTopP) {
+  // The nucleus is the smallest prefix whose mass reaches top_p: the token that crosses is in.
+  ExpectKeptSet(kDescending, {.top_p = 0.6f}, {0});             // 0.6337 >= 0.6 already
+  ExpectKeptSet(kDescending, {.top_p = 0.7f}, {0, 1});          // 0.6337 < 0.7 <= 0.8668
+  ExpectKeptSet(kDescending, {.top_p = 0.9f}, {0, 1, 2});       // 0.8668 < 0.9 <= 0.9526
+  ExpectKeptSet(kDescending, {.top_p = 0.96f}, {0, 1, 2, 3});   // 0.9526 < 0.96 <= 0.9841
+  // Not in kDescending's order: the nucleus follows probability, not id.
+  ExpectKeptSet({0.f, 2.f, 5.f, 1.f, 4.f, 3.f}, {.top_p = 0.9f}, {2, 4, 5});
+}
+
+TEST(Sampler, TopPBreaksTiesByLowerIdAndStopsWhenTheSumEqualsTopP) {
+  // Ids 1, 2 and 4 tie at p = e^2 / (3e^2 + e + 1) = 0.2855: the lower ids come first.
+  const std::vector<float> tied = {0.f, 2.f, 2.f, 1.f, 2.f};
+  ExpectKeptSet(tied, {.top_p = 0.2f}, {1});
+  ExpectKeptSet(tied, {.top_p = 0.5f}, {1, 2});
+  ExpectKeptSet(tied, {.top_p = 0.8f}, {1, 2, 4});
+  ExpectKeptSet(tied, {.top_p = 0.9f}, {1, 2, 3, 4});   // 0.8564 + 0.1050 crosses 0.9
+  // Equal logits give probabilities that are exact in binary (1/4, 1/8), so the cumulative sum
+  // equals top_p exactly: reaching top_p is enough, the next token is not taken.
+  ExpectKeptSet({3.f, 3.f, 3.f, 3.f}, {.top_p = 0.5f}, {0, 1});
+  ExpectKeptSet({3.f, 3.f, 3.f, 3.f}, {.top_p = 0.75f}, {0, 1, 2});
+  ExpectKeptSet({1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f}, {.top_p = 0.375f}, {0, 1, 2});
+  const float ninf = -std::numeric_limits<float>::infinity();
+  ExpectKeptSet({1.f, ninf, 1.f, 1.f, 1.f}, {.top_p = 0.5f}, {0, 2});   // -inf has p 0 and never counts
+}
+
+TEST(Sampler, TopPOneKeepsEveryTokenAndTopPUsesTemperedProbabilities) {
+  ExpectKeptSet(kDescending, {.top_p = 1.f}, {0, 1, 2, 3, 4, 5});
+  ExpectKeptSet(kDescending, {.top_p = 0.999f}, {0, 1, 2, 3, 4, 5});   // 0.9957 < 0.999
+  // Temperature 2: p = 0.4141, 0.2512, 0.1523, 0.0924, 0.0560, 0.0340 (cumulative 0.4141,
+  // 0.6652, 0.8176, ...). Untempered, 0.7 would keep {0, 1}.
+  ExpectKeptSet(kDescending, {.temperature = 2.f, .top_p = 0.7f}, {0, 1, 2});
+  // Temperature 0.5: p0 = 0.8647, p1 = 0.1170. Untempered, 0.9 would keep {0, 1, 2}.
+  ExpectKeptSet(kDescending, {.temperature = 0.5f, .top_p = 0.9f}, {0, 1});
+}
+
+TEST(Sampler, TopPNucleusCrossingASortSliceBoundary) {
+  // 100 ids (every third) at logit 2, 200 at 0: each high id has p = e^2 / (100e^2 + 200) =
+  // 0.00787, and 64 of them sum to 0.5036 < 0.51 <= 0.5115: the 65th, the first past the
+  // sampler's first sorted slice of 64, crosses and is kept; ties go by id.
+  std::vector<float> logits(300, 0.f);
+  std::set<int> kept;
+  for (int id = 0; id < 300; id += 3) {
+    logits[id] = 2.f;
+    if (kept.size() < 65) kept.insert(id);
+  }
+  ExpectKeptSet(logits, {.top_p = 0.51f}, kept, 40000);
+}
+
+TEST(Sampler, TopKKeepsExactlyTheKMostLikelyPlusTiesAndRenormalisesForTopP) {
+  ExpectKeptSet(kDescending, {.top_k = 1}, {0});
+  ExpectKeptSet(kDescending, {.top_k = 2}, {0, 1});
+  ExpectKeptSet(kDescending, {.top_k = 3}, {0, 1, 2});
+  ExpectKeptSet(kDescending, {.top_k = 6}, {0, 1, 2, 3, 4, 5});
+  ExpectKeptSet({0.f, 2.f, 5.f, 1.f, 4.f, 3.f}, {.top_k = 2}, {2, 4});
+  // Every token tied with the k-th is kept, whether the tie is at the top or below it.
+  ExpectKeptSet({1.f, 2.f, 2.f, 0.f}, {.top_k = 1}, {1, 2});
+  ExpectKeptSet({3.f, 1.f, 1.f, 1.f, 0.f}, {.top_k = 2}, {0, 1, 2, 3});
+  // top-p then measures mass within the top k: renormalised over {0, 1, 2}, p = 0.6652, 0.2447,
+  // 0.0900, so 0.9 is crossed by id 1 (over the whole vocabulary it would take id 2 as well).
+  ExpectKeptSet(kDescending, {.top_k = 3, .top_p = 0.9f}, {0, 1});
+}
+
+TEST(Sampler, MinPKeepsTokensAtLeastMinPTimesTheMostLikely) {
+  // p_i / p_0 = e^-i: 0.368, 0.135, 0.050, ...
+  ExpectKeptSet(kDescending, {.min_p = 0.3f}, {0, 1});
+  ExpectKeptSet(kDescending, {.min_p = 0.1f}, {0, 1, 2});
+  ExpectKeptSet(kDescending, {.min_p = 0.04f}, {0, 1, 2, 3});
+  // The comparison is >=: min_p 1 keeps every token tied with the most likely.
+  ExpectKeptSet({2.f, 2.f, 1.f}, {.min_p = 1.f}, {0, 1});
+  // On tempered probabilities: at temperature 2 the ratios are e^(-i/2): 0.607, 0.368, 0.223.
+  ExpectKeptSet(kDescending, {.temperature = 2.f, .min_p = 0.3f}, {0, 1, 2});
+  // After top-p: 0.96 keeps {0, 1, 2, 3}, min_p 0.1 then drops id 3 (ratio 0.050).
+  ExpectKeptSet(kDescending, {.top_p = 0.96f, .min_p = 0.1f}, {0, 1, 2});
 }
 
 }  // namespace

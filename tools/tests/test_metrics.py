@@ -2,6 +2,7 @@
 Prometheus scrapes it under load, and its answers agree with what the clients measured and with
 the server's own counters; the recording rules, alerts and every dashboard expression work."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -70,8 +71,9 @@ scrape_configs:
         assert body["status"] == "success", body
         return body["data"]
 
-    def query(self, expr):
-        return self.api("query", query=expr)["result"]
+    def query(self, expr, **params):
+        """An instant query; `time=` (Unix seconds) evaluates it then instead of now."""
+        return self.api("query", query=expr, **params)["result"]
 
     def _wait_target_up(self, timeout=90):
         deadline = time.time() + timeout
@@ -137,9 +139,48 @@ def loaded(tmp_path_factory):
         server.stub.Complete(request(text=""))
     prom.wait_for("sum(kraken_request_success_total)", n_requests)
     prom.wait_for('kraken_request_failure_total{reason="invalid_argument"}', 1)
+    prom.load_end = time.time()  # Prometheus holds the load's last counters from here on
     yield server, prom, client_ttft, server_ttft
     prom.close()
     server.close()
+
+
+def test_ttft_histogram_measures_from_arrival_including_queueing():
+    """kraken_time_to_first_token_seconds observes first token − arrival, queueing included: with
+    one sequence at a time, 4 concurrent requests wait for each other, and the histogram's _sum
+    grows by the sum of the ttft_seconds the responses report (1 ms per request of tolerance for
+    rounding), its _count by 4. The queued time they report (over 10 times that tolerance) is what
+    a histogram timed from scheduling would leave out."""
+    n = 4
+    server = Server("--max-batch-seqs", "1", devices="cpu:1")
+    try:
+        before = samples(server.scrape())
+        timings = [None] * n
+
+        def run(i):
+            timings[i] = server.stub.Complete(request(text="And God said,", max_tokens=32, seed=i, ignore_eos=True),
+                                              timeout=120).timings
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        after = samples(server.scrape())
+    finally:
+        server.close()
+    assert all(t is not None for t in timings)
+    queued = [t.queue_seconds for t in timings]
+    assert sum(q > 0.005 for q in queued) >= 2, queued  # they really waited for one another
+    assert sum(queued) > 10 * n * 1e-3, queued
+
+    def delta(name):
+        return after[(name, frozenset())] - before.get((name, frozenset()), 0)
+    assert delta("kraken_time_to_first_token_seconds_count") == n
+    reported = sum(t.ttft_seconds for t in timings)
+    assert delta("kraken_time_to_first_token_seconds_sum") == pytest.approx(reported, abs=n * 1e-3), (
+        f"histogram sum grew by {delta('kraken_time_to_first_token_seconds_sum')} s, responses report TTFTs "
+        f"summing to {reported} s with {sum(queued)} s of it queued")
 
 
 def test_scrape_passes_promtool_and_the_official_parser(loaded):
@@ -204,16 +245,48 @@ def test_idle_and_exposed_ratios_agree_with_the_step_statistics(loaded):
         assert all(0 <= float(x["value"][1]) <= 1 for x in r), r
 
 
-def test_every_dashboard_expression_returns_data(loaded):
-    _, prom, _, _ = loaded
+def dashboard_queries(rate_interval):
+    """Every expression of every panel of the dashboard as Grafana sends it: all instances, and
+    `rate_interval` (a PromQL duration) for $__rate_interval."""
     with open(os.path.join(DEPLOY, "grafana", "kraken-dashboard.json")) as f:
         dash = json.load(f)
-    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
-    assert len(exprs) >= 20
-    for e in exprs:
-        q = e.replace("$__rate_interval", "1m").replace("$instance", ".*")
-        r = prom.query(q)
-        assert r, f"no data: {q}"
+    return [t["expr"].replace("$__rate_interval", rate_interval).replace("$instance", ".*")
+            for p in dash["panels"] for t in p["targets"]]
+
+
+def non_finite(result):
+    """(labels, value) of each sample of a query result that is NaN or ±Inf."""
+    return [(x["metric"], x["value"][1]) for x in result if not math.isfinite(float(x["value"][1]))]
+
+
+def test_every_dashboard_expression_returns_data(loaded):
+    """Evaluated when the load has just ended (1 min windows that hold it, however long the other
+    tests took), every panel expression returns at least one sample and every sample is a finite
+    number: each quantile's histogram had observations in the window and each ratio a non-zero
+    denominator. NaN or ±Inf is not data."""
+    _, prom, _, _ = loaded
+    queries = dashboard_queries("1m")
+    assert len(queries) >= 20
+    bad = []
+    for q in queries:
+        r = prom.query(q, time=prom.load_end)
+        if not r:
+            bad.append(f"no data: {q}")
+        elif non_finite(r):
+            bad.append(f"non-finite samples {non_finite(r)} from: {q}")
+    assert not bad, "\n".join(bad)
+
+
+def test_dashboard_expressions_are_never_nan_when_idle(loaded):
+    """5 s windows that start 3 s after the load ended hold no observation and no collective: a
+    quantile of an empty histogram and a ratio over a zero rate must then give no sample (a gap in
+    Grafana), never NaN or ±Inf, which legends and stat reductions would carry."""
+    _, prom, _, _ = loaded
+    at = prom.load_end + 8
+    time.sleep(max(0.0, at - time.time() + 1))  # and one more scrape interval, so the window is complete
+    bad = [f"non-finite samples {non_finite(r)} from: {q}"
+           for q in dashboard_queries("5s") if non_finite(r := prom.query(q, time=at))]
+    assert not bad, "\n".join(bad)
 
 
 def test_rules_check_and_unit_tests():

@@ -75,7 +75,9 @@ int main(int argc, char** argv) {
   CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers.\n"
                "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
                "the environment, which wins over the file."};
-  app.set_config("--config", "", "TOML/INI file with any of these flags as keys")->envname("KRAKEN_CONFIG");
+  app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
+      ->envname("KRAKEN_CONFIG")
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name.
   auto opt = [&](const char* name, auto& var, const char* env, const char* help) {
     // The last value given wins: server::ArgsWithEnvironment puts the environment's first.

@@ -193,9 +193,14 @@ def test_precedence_is_command_line_then_environment_then_file_then_default(tmp_
     assert (out["grpc_port"], out["metrics_port"], out["grace_period_seconds"]) == (1111, 1112, 7.0), err
     code, out, err = print_resources()
     assert (out["grpc_port"], out["metrics_port"], out["grace_period_seconds"]) == (8001, 8002, 30.0), err
-    # The config file itself may come from the environment.
+    # The config file itself may come from the environment, and --config wins over it.
     code, out, err = print_resources(env={"KRAKEN_CONFIG": str(cfg)})
     assert out["grpc_port"] == 1111, err
+    other = tmp_path / "other.toml"
+    other.write_text("port = 4444\n")
+    code, out, err = print_resources("--config", str(other), env={"KRAKEN_CONFIG": str(cfg)})
+    assert code == 0, err
+    assert (out["grpc_port"], out["grace_period_seconds"]) == (4444, 30.0), err
 
 
 def test_a_running_server_takes_the_environment_over_its_config_file(tmp_path):

@@ -31,3 +31,9 @@ def run_generate(binary: str, model_dir: str, *args: str) -> dict:
     out = subprocess.run([binary, model_dir, "--json", *args], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def pytest_configure(config):
+    # `pytest -m soak` runs only the soak test (tools/tests/test_soak.py), `-m "not soak"` all but it;
+    # the plain suite runs it too.
+    config.addinivalue_line("markers", "soak: the serving soak test (about 2 minutes; runs in the normal suite)")

@@ -1,12 +1,17 @@
 """Deployment, validated offline: every Kustomize overlay renders, every object validates against
 the Kubernetes schemas (kubernetes-validate) or its CRD's published schema (deploy/k8s/crds), the
 YAML passes yamllint, and the rendered objects agree with the server: ports, health service, GPU
-count, /dev/shm size, grace period. The Dockerfiles get a structural check (no Docker engine here):
-multi-stage, pinned bases, non-root user, exec-form entrypoint, cleaned apt lists, and runtime
-packages that cover every shared library the built kraken-server links."""
+count, /dev/shm size, grace period. Every container of every overlay runs its real command line
+(command/args or the image's ENTRYPOINT/CMD, the image's ENV and its own env, the ConfigMap's
+server.toml) through the built kraken-server with --print-resources, so an unknown flag, config
+key or KRAKEN_* variable fails here; so does the image's default command. The Dockerfiles get a
+structural check (no Docker engine here): multi-stage, pinned bases, non-root user, exec-form
+entrypoint, cleaned apt lists, and runtime packages that cover every shared library the built
+kraken-server links."""
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -134,6 +139,12 @@ def test_prometheusrule_is_the_rules_file():
     assert r.returncode == 0, r.stderr
 
 
+def clean_env():
+    """This process's environment without KRAKEN_* variables: the server refuses those that name no flag
+    (the harness's KRAKEN_BUILD_DIR among them)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
+
+
 def kraken8_model(tmp_path):
     """A config-only Kraken 8-way model directory (what --print-resources reads)."""
     d = tmp_path / "kraken-8way"
@@ -165,7 +176,7 @@ def test_manifests_agree_with_the_server(overlay, tmp_path):
         out = subprocess.run([SERVER_BIN, "--model", model, "--devices", devices, "--print-resources",
                               "--max-batch-tokens", str(cfg["max-batch-tokens"]),
                               "--max-batch-seqs", str(cfg["max-batch-seqs"])],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=clean_env())
         need = json.loads(out.stdout)
         assert quantity_bytes(dshm["emptyDir"]["sizeLimit"]) >= need["shm_bytes_required"], (overlay, need)
         # Worker threads fit the CPU request (the server would otherwise divide the node's cores).
@@ -214,7 +225,7 @@ def test_manifests_agree_with_the_server(overlay, tmp_path):
 
 def test_print_resources_refuses_a_world_the_model_cannot_split():
     r = subprocess.run([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cuda:0-7", "--print-resources"],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=clean_env())
     assert r.returncode == 2
     assert "Kraken degree N = 4 is not a multiple of the world size 8" in r.stderr
 
@@ -295,3 +306,311 @@ def test_dockerfile_structure(name):
         cpu_pkgs = set().union(*(apt_packages(a) for i, a in cpu_stages[-1][1] if i == "RUN")) - {"ca-certificates"}
         missing = (cpu_pkgs | {"cuda-cudart-13-0", "libcublas-13-0", "libnccl2"}) - runtime_pkgs
         assert not missing, f"the CUDA image lacks {missing}"
+
+
+# --- Each manifest's real command, run against the real binary -----------------------------------
+# The tests above build their own command lines; this one runs what a pod would run: the
+# container's command/args (or the image's ENTRYPOINT/CMD), the image's ENV overlaid with the
+# container's env, and the files the pod mounts (ConfigMaps) or the image holds, with
+# --print-resources appended. Paths are translated, never replaced: a file the image holds becomes
+# its source in this checkout, a ConfigMap file a temporary copy, a model on a volume a local
+# stand-in. An unknown flag, an unknown config key or a bad KRAKEN_* value in any manifest makes
+# the server exit 2, and the test fails.
+
+IMAGE_BIN = "/usr/local/bin/kraken-server"
+# Set by the LeaderWorkerSet controller in every container of a group (placeholders here).
+LWS_ENV = {"LWS_LEADER_ADDRESS": "h100x2-kraken-serve-0.h100x2-kraken-serve.kraken", "LWS_GROUP_SIZE": "2"}
+# Downward API values (placeholders of the right shape).
+FIELD_REF = {"metadata.name": "kraken-serve-0", "metadata.namespace": "kraken", "metadata.uid": "0000-0000",
+             "spec.nodeName": "node-0", "spec.serviceAccountName": "default", "status.hostIP": "10.0.0.1",
+             "status.podIP": "10.0.0.2"}
+
+
+class MissingJoinFlag(AssertionError):
+    """The multi-node worker's --join, which the server does not have yet (the scale-out runtime)."""
+
+
+def workload_pods(objs):
+    """{(kind, role): pod template}: a Deployment's pods, a LeaderWorkerSet's leader and worker pods."""
+    pods = []
+    for d in by_kind(objs, "Deployment"):
+        pods.append((("Deployment", "pod"), d["spec"]["template"]))
+    for lws in by_kind(objs, "LeaderWorkerSet"):
+        t = lws["spec"]["leaderWorkerTemplate"]
+        pods.append((("LeaderWorkerSet", "leader"), t.get("leaderTemplate", t["workerTemplate"])))
+        pods.append((("LeaderWorkerSet", "worker"), t["workerTemplate"]))
+    out = dict(pods)
+    assert len(out) == len(pods), "two workloads of one kind in an overlay: name them in POD_CASES"
+    return out
+
+
+POD_CASES = [
+    ("cpu-dev", "Deployment", "pod"),
+    ("dgx-h100", "Deployment", "pod"),
+    ("dgx-h100-multinode", "LeaderWorkerSet", "leader"),
+    pytest.param("dgx-h100-multinode", "LeaderWorkerSet", "worker", marks=pytest.mark.xfail(
+        strict=True, raises=MissingJoinFlag,
+        reason="the multi-node worker passes --join, which kraken-server does not have yet (scale-out runtime); "
+               "remove this mark when --join exists")),
+]
+
+
+def test_every_pod_template_has_a_command_test():
+    """POD_CASES names every workload pod of every overlay, so none escapes the command test."""
+    listed = {tuple(c.values) if hasattr(c, "values") else c for c in POD_CASES}
+    assert {(o, kind, role) for o in OVERLAYS for kind, role in workload_pods(render(o))} == listed
+
+
+def k8s_expand(s, env):
+    """Kubernetes' $(VAR) expansion: $$ is a literal $, an undefined reference stays as written."""
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), s)
+
+
+def image_runtime(image):
+    """(ENTRYPOINT, CMD, ENV, {path in the image: its source here}) of the image's final stage; the
+    Dockerfile is found by the image's tag (kraken-serve:cpu -> Dockerfile.cpu)."""
+    import shlex
+    path = os.path.join(DEPLOY, "docker", f"Dockerfile.{image.rpartition(':')[2]}")
+    assert os.path.exists(path), f"no Dockerfile builds image {image}"
+    entrypoint, cmd, env, files = None, [], {}, {}
+    for instr, args in dockerfile_stages(path)[-1][1]:
+        if instr == "ENTRYPOINT":
+            entrypoint = json.loads(args)
+        elif instr == "CMD":
+            cmd = json.loads(args)
+        elif instr == "ENV":
+            env.update(kv.split("=", 1) for kv in shlex.split(args))
+        elif instr == "COPY":
+            words = [w for w in shlex.split(args) if not w.startswith("--")]
+            *srcs, dest = words
+            for src in srcs:
+                local = re.sub(r"^/src/", ROOT + "/", re.sub(r"^/build/", BUILD + "/", src))
+                files[os.path.join(dest, os.path.basename(src)) if dest.endswith("/") else dest] = local
+    return entrypoint, cmd, env, files
+
+
+def container_env(objs, pod_kind, role, c):
+    """The variables the pod adds, as the kubelet builds them: the LeaderWorkerSet's, envFrom, then env in
+    order, each value expanded against the variables defined before it."""
+    env = {}
+    if pod_kind == "LeaderWorkerSet":
+        env.update(LWS_ENV, LWS_WORKER_INDEX="0" if role == "leader" else "1")
+    for src in c.get("envFrom", []):
+        assert "configMapRef" in src, f"envFrom {src} cannot be resolved offline"
+        cm = next(o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"] == src["configMapRef"]["name"])
+        env.update({src.get("prefix", "") + k: v for k, v in cm.get("data", {}).items()})
+    for e in c.get("env", []):
+        ref = e.get("valueFrom")
+        if ref is None:
+            env[e["name"]] = k8s_expand(e.get("value", ""), env)
+        elif "fieldRef" in ref:
+            env[e["name"]] = FIELD_REF.get(ref["fieldRef"]["fieldPath"], "placeholder")
+        else:
+            env[e["name"]] = "1" if "resourceFieldRef" in ref else "placeholder"
+    return env
+
+
+class ContainerFiles:
+    """The container's file system, as far as the server reads it: mounted volumes over the image."""
+
+    def __init__(self, objs, spec, c, image_files):
+        cms = {o["metadata"]["name"]: o for o in by_kind(objs, "ConfigMap")}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        self.image_files = image_files
+        self.mounts = []  # (mount path, volume kind, {file path in the container: text} for ConfigMaps)
+        for m in c.get("volumeMounts", []):
+            v = volumes[m["name"]]
+            files = {}
+            if "configMap" in v:
+                data = cms[v["configMap"]["name"]]["data"]
+                for it in v["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
+                    if m.get("subPath"):
+                        if it["path"] == m["subPath"]:
+                            files[m["mountPath"]] = data[it["key"]]
+                    else:
+                        files[os.path.join(m["mountPath"], it["path"])] = data[it["key"]]
+            kind = next(k for k in v if k != "name")
+            self.mounts.append((m["mountPath"].rstrip("/"), kind, files))
+
+    def find(self, path):
+        """('configMap', text) | (volume kind, None) | ('image', local path) | (None, None)."""
+        for mount, kind, files in sorted(self.mounts, key=lambda m: -len(m[0])):
+            if path == mount or path.startswith(mount + "/"):
+                return kind, files.get(path)
+        for dest, local in self.image_files.items():
+            if path == dest or path.startswith(dest.rstrip("/") + "/"):
+                return "image", local + path[len(dest):]
+        return None, None
+
+
+def flag_value(args, flag):
+    """(index of the value, value) of the last `--flag V` or `--flag=V` in args, or (None, None)."""
+    found = (None, None)
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            found = (i + 1, args[i + 1])
+        elif a.startswith(flag + "="):
+            found = (i, a[len(flag) + 1:])
+    return found
+
+
+def set_flag_value(args, i, flag, value):
+    args[i] = f"{flag}={value}" if args[i].startswith(flag + "=") else value
+
+
+def env_name(key):
+    return "KRAKEN_" + key.upper().replace("-", "_")
+
+
+def container_command(objs, pod_kind, role, spec, c, tmp_path):
+    """The container's kraken-server command line and KRAKEN_* environment, paths translated to this
+    machine, with what they amount to: (argv, env, {'model', 'devices', 'shadowed'})."""
+    entrypoint, image_cmd, image_env, image_files = image_runtime(c["image"])
+    pod_env = container_env(objs, pod_kind, role, c)
+    env = {**image_env, **pod_env}
+    # Kubernetes: command replaces ENTRYPOINT (and drops CMD); args replace CMD. $(VAR) expands in both.
+    command = c.get("command", entrypoint)
+    args = c["args"] if "args" in c else ([] if "command" in c else image_cmd)
+    argv = [k8s_expand(a, env) for a in command + args]
+    assert argv[0] == IMAGE_BIN, f"the container runs {argv[0]}, not {IMAGE_BIN}"
+    argv = argv[1:]
+    env = {k: v for k, v in env.items() if k.startswith("KRAKEN_")}
+    fs = ContainerFiles(objs, spec, c, image_files)
+    # The config file --config (or KRAKEN_CONFIG) names: a mounted ConfigMap's or the image's.
+    cfg_i, cfg_path = flag_value(argv, "--config")
+    if cfg_path is None:
+        cfg_path = env.get("KRAKEN_CONFIG")
+    toml_text = None
+    if cfg_path is not None:
+        where, found = fs.find(cfg_path)
+        if where == "image" and os.path.isfile(found):
+            with open(found) as f:
+                toml_text = f.read()
+        else:
+            assert where == "configMap" and found is not None, \
+                f"--config {cfg_path}: no such file in the container ({where})"
+            toml_text = found
+    toml = tomllib.loads(toml_text) if toml_text is not None else {}
+
+    # Precedence as the server's: command line, then KRAKEN_*, then the file, then the default.
+    def effective(key, default=None):
+        _, v = flag_value(argv, "--" + key)
+        return v if v is not None else env.get(env_name(key), toml.get(key, default))
+
+    # A file key that a variable or a flag overrides never takes effect; a pod variable that a flag
+    # overrides neither (the image's variables are defaults, meant to be overridden).
+    shadowed = sorted({f"server.toml key {k!r} (by {env_name(k) if env_name(k) in env else '--' + k})"
+                       for k in toml if env_name(k) in env or flag_value(argv, "--" + k)[0] is not None} |
+                      {f"env {k} (by --{k[7:].lower().replace('_', '-')})" for k in pod_env
+                       if k.startswith("KRAKEN_") and flag_value(argv, "--" + k[7:].lower().replace("_", "-"))[0]
+                       is not None})
+    devices = str(effective("devices", "cpu:1"))
+    stand_in = DEFAULT_MODEL if devices.startswith("cpu") else kraken8_model(tmp_path)
+
+    def local_model(path):
+        where, found = fs.find(str(path))
+        if where == "image":
+            return found
+        if where == "persistentVolumeClaim":
+            return stand_in
+        return None
+
+    model = effective("model")
+    assert model is not None and local_model(model) is not None, \
+        f"model {model} is neither in the image nor on a volume (the server's default is relative to /)"
+    # Every place that names a model names its local counterpart.
+    i, v = flag_value(argv, "--model")
+    if i is not None:
+        set_flag_value(argv, i, "--model", local_model(v) or v)
+    if "KRAKEN_MODEL" in env:
+        env["KRAKEN_MODEL"] = local_model(env["KRAKEN_MODEL"]) or env["KRAKEN_MODEL"]
+    if toml_text is not None:
+        if "model" in toml:
+            new = local_model(toml["model"]) or toml["model"]
+            toml_text, n = re.subn(r'(?m)^(\s*model\s*=\s*)(".*?"|\'.*?\')',
+                                   lambda m: m.group(1) + json.dumps(new), toml_text)
+            assert n == 1 and tomllib.loads(toml_text) == {**toml, "model": new}
+        local_cfg = tmp_path / f"{role}-server.toml"
+        local_cfg.write_text(toml_text)
+        if cfg_i is not None:
+            set_flag_value(argv, cfg_i, "--config", str(local_cfg))
+        else:
+            env["KRAKEN_CONFIG"] = str(local_cfg)
+    return [SERVER_BIN, *argv], env, {"model": local_model(model), "devices": devices, "shadowed": shadowed}
+
+
+def run_server(argv, env, cwd):
+    # Exactly this environment (plus PATH), outside the checkout so a relative path cannot resolve by
+    # accident.
+    return subprocess.run(argv, env={"PATH": os.environ["PATH"], **env}, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("overlay,kind,role", POD_CASES)
+def test_manifest_command_runs_on_the_real_server(overlay, kind, role, tmp_path):
+    objs = render(overlay)
+    spec = workload_pods(objs)[(kind, role)]["spec"]
+    # No <SERVICE>_PORT=tcp://... variables: for a Service named kraken... they would be KRAKEN_*
+    # variables, which the server refuses.
+    assert spec.get("enableServiceLinks") is False, f"{overlay} {kind} {role}: set enableServiceLinks: false"
+    assert spec["containers"]
+    for c in spec["containers"]:
+        argv, env, eff = container_command(objs, kind, role, spec, c, tmp_path)
+        argv.append("--print-resources")
+        what = f"{overlay} {kind} {role} container {c['name']}: {' '.join(argv)}\nwith {env}"
+        assert not eff["shadowed"], f"{what}\nsettings that never take effect: {eff['shadowed']}"
+        r = run_server(argv, env, tmp_path)
+        if r.returncode != 0 and "--join" in argv and "--join" in r.stderr:
+            # All but --join must work already: the same command without it.
+            i = argv.index("--join")
+            r2 = run_server(argv[:i] + argv[i + 2:], env, tmp_path)
+            assert r2.returncode == 0, f"{what}\n(without --join) exit {r2.returncode}: {r2.stderr}"
+            json.loads(r2.stdout)
+            raise MissingJoinFlag(f"{what}\nexit {r.returncode}: {r.stderr}")
+        assert r.returncode == 0, f"{what}\nexit {r.returncode}: {r.stderr}"
+        need = json.loads(r.stdout)
+        # What the server would run agrees with the pod: model, devices, GPUs, ports.
+        assert need["model"] == eff["model"] and need["devices"] == eff["devices"], (what, need)
+        assert need["gpus"] == int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)), (what, need)
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        if "grpc" in ports:
+            assert (need["grpc_port"], need["metrics_port"]) == (ports["grpc"], ports["metrics"]), (what, need)
+
+
+@pytest.mark.parametrize("image", ["kraken-serve:cpu", "registry.example.com/kraken-serve:cuda"])
+def test_image_default_command_runs_on_the_real_server(image, tmp_path):
+    """`docker run IMAGE`: ENTRYPOINT, CMD and ENV only (the image's own config file)."""
+    c = {"name": "docker-run", "image": image}
+    argv, env, eff = container_command([], "docker", "run", {}, c, tmp_path)
+    r = run_server([*argv, "--print-resources"], env, tmp_path)
+    assert r.returncode == 0, f"{' '.join(argv)} with {env}\nexit {r.returncode}: {r.stderr}"
+    need = json.loads(r.stdout)
+    assert need["model"] == DEFAULT_MODEL and need["devices"] == eff["devices"], need
+    assert (need["grpc_port"], need["metrics_port"]) == (8001, 8002)
+
+
+def test_avx512_node_affinity_example_renders_and_validates(tmp_path):
+    """The cpu-dev overlay's commented-out AVX-512 node affinity (Node Feature Discovery labels), uncommented,
+    renders into a valid Deployment requiring exactly the x86-64-v4 features the CPU image is built for;
+    the overlay as shipped requires none (pods would stay Pending on clusters without NFD)."""
+    arch = next(a for i, a in dockerfile_stages(os.path.join(DEPLOY, "docker", "Dockerfile.cpu"))[0][1]
+                if i == "ARG" and a.startswith("KRAKEN_CPU_ARCH="))
+    assert arch == "KRAKEN_CPU_ARCH=x86-64-v4", "the example's features are x86-64-v4's: update it with the arch"
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s)
+    kust = k8s / "overlays" / "cpu-dev" / "kustomization.yaml"
+    text = kust.read_text()
+    m = re.search(r"\n( *)# BEGIN avx512-node-affinity\n(.*?)\n *# END avx512-node-affinity", text, re.S)
+    assert m, "the AVX-512 node affinity example is gone from the cpu-dev overlay"
+    indent, block = m.group(1), m.group(2)
+    assert all(line.startswith(indent + "# ") for line in block.splitlines())
+    kust.write_text(text.replace(block, "\n".join(indent + line[len(indent) + 2:] for line in block.splitlines())))
+    dep = by_kind(render(str(k8s / "overlays" / "cpu-dev")), "Deployment")[0]
+    kubernetes_validate.validate(dep, K8S_VERSION, strict=True)
+    terms = dep["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert len(terms) == 1  # terms are ORed: one term, its expressions ANDed
+    assert sorted((e["key"], e["operator"], e["values"]) for e in terms[0]["matchExpressions"]) == sorted(
+        (f"feature.node.kubernetes.io/cpu-cpuid.AVX512{f}", "In", ["true"]) for f in ("F", "BW", "CD", "DQ", "VL"))
+    assert "affinity" not in by_kind(render("cpu-dev"), "Deployment")[0]["spec"]["template"]["spec"]

@@ -21,7 +21,7 @@
 #include "engine/batch.h"
 #include "engine/dtype.h"
 #include "engine/safetensors.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

@@ -1,6 +1,6 @@
 #include "engine/dtype.h"
 
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

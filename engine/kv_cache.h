@@ -13,7 +13,7 @@
 #include <cstdint>
 
 #include "engine/backend.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

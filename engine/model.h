@@ -24,7 +24,7 @@
 #include "engine/communicator.h"
 #include "engine/kv_cache.h"
 #include "engine/model_config.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

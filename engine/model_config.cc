@@ -5,7 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "engine/json_util.h"
+#include "base/json_util.h"
 
 namespace kraken::engine {
 namespace {

@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "engine/dtype.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

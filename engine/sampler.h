@@ -19,7 +19,7 @@
 #include <span>
 #include <vector>
 
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine {
 

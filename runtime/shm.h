@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <memory>
 
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::runtime {
 

@@ -31,7 +31,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/status.h"
+#include "base/status.h"
 #include "runtime/protocol.h"
 #include "runtime/shm.h"
 

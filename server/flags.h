@@ -18,7 +18,7 @@
 
 #include <CLI/CLI.hpp>
 
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::server {
 

@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/status.h"
+#include "base/status.h"
 #include "kraken/v1/kraken.pb.h"
 #include "runtime/protocol.h"
 #include "tokenizer/tokenizer.h"

@@ -10,7 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "engine/json_util.h"
+#include "base/json_util.h"
 
 #include "tokenizer/utf8.h"
 

@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::tokenizer {
 

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "engine/dtype.h"
-#include "engine/status.h"
+#include "base/status.h"
 
 namespace kraken::engine::cpu {
 

@@ -15,6 +15,8 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
+#include <type_traits>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -26,17 +28,31 @@ namespace kraken::engine {
 /// Most alternatives a caller may ask for per token.
 inline constexpr int kMaxTopLogprobs = 20;
 
+/// How one sequence's next token is drawn: the one sampling type of the project. The server fills
+/// and validates it, the dispatch segment carries it unchanged (runtime/protocol.h PlanSeq) and
+/// the sampler reads it, so it is standard layout with fixed-width fields and no implicit padding
+/// (checked below): a new field is added here, in ValidateSamplingParams and in Sample, and
+/// nowhere else in the engine or the runtime. Defaults are the "off" values.
 struct SamplingParams {
   float temperature = 1.0f;         // >= 0; 0 = greedy
-  int top_k = 0;                    // 0 or -1 = off; > V behaves as V
+  int32_t top_k = 0;                // 0 or -1 = off; > V behaves as V
   float top_p = 1.0f;               // (0, 1]; 1 = off
   float min_p = 0.0f;               // [0, 1]; 0 = off; drops p < min_p * p_max
   float repetition_penalty = 1.0f;  // > 0; 1 = off; over prompt + output (CTRL, Keskar et al. 2019)
   float presence_penalty = 0.0f;    // [-2, 2]; subtracted once per token seen in the output (OpenAI)
   float frequency_penalty = 0.0f;   // [-2, 2]; subtracted per occurrence in the output (OpenAI)
+  int32_t top_logprobs = 0;         // alternatives to report, [0, kMaxTopLogprobs]
   uint64_t seed = 0;                // the stream of random numbers; see the header comment
-  int top_logprobs = 0;             // alternatives to report, [0, kMaxTopLogprobs]
 };
+static_assert(std::is_standard_layout_v<SamplingParams> && std::is_trivially_copyable_v<SamplingParams>,
+              "SamplingParams crosses process boundaries in shared memory as it is");
+static_assert(sizeof(SamplingParams) == 40 && offsetof(SamplingParams, seed) == 32,
+              "SamplingParams has no implicit padding: keep 4-byte fields before the 8-byte seed, in pairs");
+
+/// True when the penalties need the sequence's token history (prompt and output).
+inline bool NeedsHistory(const SamplingParams& p) {
+  return p.repetition_penalty != 1.f || p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
+}
 
 /// INVALID_ARGUMENT naming the field, its allowed range and the value: NaN/inf anywhere,
 /// temperature < 0, top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0,

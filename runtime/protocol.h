@@ -23,7 +23,7 @@
 namespace kraken::runtime {
 
 inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
-inline constexpr uint32_t kProtocolVersion = 2;
+inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
 
@@ -41,20 +41,6 @@ struct Limits {
 
 enum class StepKind : uint32_t { kForward = 1, kShutdown = 2 };
 
-/// Sampling parameters of one sequence as plain data (engine::SamplingParams without padding
-/// surprises).
-struct PlanSampling {
-  float temperature = 1.f;
-  float top_p = 1.f;
-  float min_p = 0.f;
-  float repetition_penalty = 1.f;
-  float presence_penalty = 0.f;
-  float frequency_penalty = 0.f;
-  int32_t top_k = 0;
-  int32_t top_logprobs = 0;
-  uint64_t seed = 0;
-};
-
 /// One sequence of a step. Offsets index the plan's token, block and history arrays.
 struct PlanSeq {
   uint64_t seq_id = 0;          // the scheduler's id, echoed in the result
@@ -71,7 +57,7 @@ struct PlanSeq {
   uint8_t sample = 0;           // 1: sample a next token from the last new token's logits
   uint8_t prompt_logprobs = 0;  // 1: logprob of each new token after the first, given its prefix
   uint8_t reserved[2] = {};
-  PlanSampling sampling;
+  engine::SamplingParams sampling;  // as validated by the server
 };
 
 struct PlanHeader {

@@ -237,16 +237,11 @@ Status Worker::RunStep(const PlanHeader& plan) {
       const float* last = fr.logits + static_cast<int64_t>(row + rows - 1) * fr.vocab;
       row += rows;
       if (!s.sample) continue;
-      const PlanSampling& ps = s.sampling;
-      engine::SamplingParams p{.temperature = ps.temperature, .top_k = ps.top_k, .top_p = ps.top_p,
-                               .min_p = ps.min_p, .repetition_penalty = ps.repetition_penalty,
-                               .presence_penalty = ps.presence_penalty, .frequency_penalty = ps.frequency_penalty,
-                               .seed = ps.seed, .top_logprobs = ps.top_logprobs};
       engine::TokenHistory h{{history + s.history_offset, static_cast<size_t>(s.history_prompt)},
                              {history + s.history_offset + s.history_prompt, static_cast<size_t>(s.history_generated)},
                              {history + s.history_offset + s.history_prompt + s.history_generated,
                               static_cast<size_t>(s.history_banned)}};
-      auto t = sampler_->Sample(last, p, h, s.draw_index);
+      auto t = sampler_->Sample(last, s.sampling, h, s.draw_index);
       if (!t.ok()) {
         out.error = static_cast<int32_t>(t.status().code());
         continue;

@@ -68,7 +68,7 @@ struct SeqStep {
   std::span<const int32_t> block_table;
   bool sample = true;
   bool prompt_logprobs = false;
-  PlanSampling sampling;
+  engine::SamplingParams sampling;
   int64_t draw_index = 0;
   std::span<const int32_t> history_prompt;     // only needed when penalties are on
   std::span<const int32_t> history_generated;

@@ -250,7 +250,7 @@ bool EngineLoop::RunOneStep() {
     st.sample = ss.sample;
     st.sampling = r.params.sampling;
     st.draw_index = static_cast<int64_t>(r.generated.size());
-    if (ss.sample && NeedsHistory(r.params.sampling)) {
+    if (ss.sample && engine::NeedsHistory(r.params.sampling)) {
       st.history_prompt = r.params.prompt;
       st.history_generated = r.generated;
     }

@@ -86,14 +86,11 @@ StatusOr<RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateReques
   s.frequency_penalty = req.has_frequency_penalty() ? req.frequency_penalty() : 0.f;
   if (req.top_logprobs() > static_cast<uint32_t>(lim.max_top_logprobs))
     return Bad("top_logprobs", StrCat("must be at most ", lim.max_top_logprobs, ", got ", req.top_logprobs()));
-  s.top_logprobs = static_cast<int>(req.top_logprobs());
+  s.top_logprobs = static_cast<int32_t>(req.top_logprobs());
   s.seed = req.has_seed() ? req.seed() : FreshSeed();
   if (Status v = engine::ValidateSamplingParams(s, lim.vocab_size); !v.ok())
     return absl::InvalidArgumentError(StrCat("field ", std::string(v.message()).substr(std::string("sampling field ").size())));
-  p.sampling = {.temperature = s.temperature, .top_p = s.top_p, .min_p = s.min_p,
-                .repetition_penalty = s.repetition_penalty, .presence_penalty = s.presence_penalty,
-                .frequency_penalty = s.frequency_penalty, .top_k = s.top_k, .top_logprobs = s.top_logprobs,
-                .seed = s.seed};
+  p.sampling = s;
 
   // Stops.
   if (req.stop_size() > lim.max_stop_strings)

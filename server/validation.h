@@ -9,7 +9,7 @@
 
 #include "base/status.h"
 #include "kraken/v1/kraken.pb.h"
-#include "runtime/protocol.h"
+#include "engine/sampler.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kraken::server {
@@ -37,7 +37,7 @@ struct RequestParams {
   uint32_t max_tokens = 0;              // after the context clamp
   bool clamped = false;                 // max_tokens was reduced to fit the context
   uint32_t min_tokens = 0;
-  runtime::PlanSampling sampling;       // seed filled in (drawn if the client gave none)
+  engine::SamplingParams sampling;      // seed filled in (drawn if the client gave none)
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;  // user's ids, plus EOS unless ignore_eos
   bool logprobs = false;
@@ -49,10 +49,5 @@ struct RequestParams {
 /// Validates and tokenizes. Errors: INVALID_ARGUMENT naming field, limit and value.
 StatusOr<RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req, const RequestLimits& limits,
                                                 const tokenizer::Tokenizer& tok);
-
-/// True when the penalties need the token history on the workers.
-inline bool NeedsHistory(const runtime::PlanSampling& s) {
-  return s.repetition_penalty != 1.f || s.presence_penalty != 0.f || s.frequency_penalty != 0.f;
-}
 
 }  // namespace kraken::server

@@ -88,7 +88,7 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   for (int b = 0; b < B; ++b)
     for (int i = 0; i < blocks_per_seq; ++i) blocks[b][i] = b * blocks_per_seq + i;
   const SamplingParams& p = o.sampling;
-  const bool penalties = p.repetition_penalty != 1.f || p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
+  const bool penalties = NeedsHistory(p);
   std::vector<std::vector<int32_t>> gen(B);
   std::vector<int32_t> next(B, -1);
   std::vector<bool> done(B, false);
@@ -106,11 +106,9 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
                          .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next[b], 1),
                          .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + gen[b].size() - 1),
                          .block_table = blocks[b],
-                         .sampling = {.temperature = p.temperature, .top_p = p.top_p, .min_p = p.min_p,
-                                      .repetition_penalty = p.repetition_penalty, .presence_penalty = p.presence_penalty,
-                                      .frequency_penalty = p.frequency_penalty, .top_k = p.top_k,
-                                      .top_logprobs = p.top_logprobs, .seed = p.seed + static_cast<uint64_t>(b)},
+                         .sampling = p,
                          .draw_index = static_cast<int64_t>(gen[b].size())};
+      s.sampling.seed = p.seed + static_cast<uint64_t>(b);
       if (penalties) {
         s.history_prompt = prompt;
         s.history_generated = gen[b];

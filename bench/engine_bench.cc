@@ -129,7 +129,7 @@ Status Run(const Args& a) {
   const std::vector<int> prefill = ParseList(a.prefill), batches = ParseList(a.batches);
   const int max_b = *std::max_element(batches.begin(), batches.end());
   const int max_t = std::max(*std::max_element(prefill.begin(), prefill.end()), max_b * a.context);
-  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = threads}));
+  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = threads}));
   const double t_load = Now();
   KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(a.model, backend.get(),
                                                 {.max_tokens = max_t, .max_seqs = max_b, .max_logit_rows = max_b}));

@@ -157,7 +157,12 @@ int Main(int argc, char** argv) {
     }
     std::printf("synthetic model written to %s in %.1f s\n", model_dir.c_str(), Now() - t0);
   }
-  auto backend = CreateBackend({.device = device});
+  auto parsed = Device::Parse(device);
+  if (!parsed.ok()) {
+    std::fprintf(stderr, "gpu_bench: %s\n", std::string(parsed.status().message()).c_str());
+    return 1;
+  }
+  auto backend = CreateBackend({.device = *parsed});
   if (!backend.ok()) {
     std::fprintf(stderr, "gpu_bench: %s\n", std::string(backend.status().message()).c_str());
     return 1;

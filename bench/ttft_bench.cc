@@ -76,7 +76,7 @@ StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const
   const int max_t = *std::max_element(tokens.begin(), tokens.end());
   // "cuda": GPUs 0 .. W-1, one worker each, NCCL between them.
   const std::string devices = device == "cuda" ? StrCat("cuda:0-", world - 1) : StrCat("cpu:", world);
-  runtime::WorkerGroupOptions o{.model_dir = model, .devices = devices,
+  runtime::WorkerGroupOptions o{.model_dir = model, .devices = *runtime::ParseDevices(devices),
                                 .threads_per_worker = std::max(1, cores / world), .max_tokens = max_t,
                                 .max_seqs = 1, .max_context = max_t, .num_kv_blocks = (max_t + 15) / 16,
                                 .max_history = 1};

@@ -4,7 +4,7 @@
 // UNIMPLEMENTED "built without CUDA"). Ops on a CUDA backend are asynchronous: they are queued on
 // its stream, and Synchronize reports the first device error.
 //
-//   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = 2}));
+//   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = 2}));
 //   KRAKEN_ASSIGN_OR_RETURN(Buffer x, backend->Allocate(tokens * d));
 //   backend->LayerNorm(Mat(x.data(), tokens, d), ln.weight, ln.bias, 1e-5f, Mat(y.data(), tokens, d));
 //
@@ -22,6 +22,7 @@
 #include "engine/dtype.h"
 #include "engine/safetensors.h"
 #include "base/status.h"
+#include "engine/device.h"
 
 namespace kraken::engine {
 
@@ -115,7 +116,7 @@ struct ScratchHint {
 
 /// Backend construction options.
 struct BackendOptions {
-  std::string device = "cpu";  // "cpu" or "cuda:<index>"
+  Device device;               // the CPU, or a CUDA device
   int threads = 0;             // CPU compute threads; 0 = all available cores
 };
 

@@ -116,19 +116,17 @@ Status Worker::Setup() {
   std::unique_ptr<engine::Communicator> comm;
   if (a_.world == 1) {
     comm = std::make_unique<engine::LocalCommunicator>();
-  } else if (a_.device.rfind("cuda", 0) == 0) {
+  } else if (a_.device.is_cuda()) {
 #ifdef KRAKEN_HAVE_NCCL
     // GPU ranks: NCCL on its own stream, ordered after the backend's compute stream, so a
     // Kraken AllReduce overlaps the next layer's attention without blocking the host.
     ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
-    const size_t colon = a_.device.find(':');
-    const int device = colon == std::string::npos ? 0 : std::stoi(a_.device.substr(colon + 1));
     KRAKEN_ASSIGN_OR_RETURN(comm, engine::NcclCommunicator::Create(
-                                      {.rank = a_.rank, .world_size = a_.world, .device = device, .store = &store,
+                                      {.rank = a_.rank, .world_size = a_.world, .device = a_.device.index, .store = &store,
                                        .compute_stream = backend_->native_stream(),
                                        .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
 #else
-    return FailedPrecondition("device '", a_.device, "' needs NCCL, but this binary was built without CUDA");
+    return FailedPrecondition("device '", a_.device.ToString(), "' needs NCCL, but this binary was built without CUDA");
 #endif
   } else {
     ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
@@ -137,7 +135,7 @@ Status Worker::Setup() {
                                        .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
-    if (a_.device != "cpu") return InvalidArgument("link presets emulate an interconnect for CPU workers only");
+    if (a_.device.is_cuda()) return InvalidArgument("link presets emulate an interconnect for CPU workers only");
     const engine::LinkPreset* p = engine::FindLinkPreset(a_.link_preset);
     if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
     comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);
@@ -308,7 +306,14 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
     else if (k == "--rank") a->rank = std::stoi(v);
     else if (k == "--world") a->world = std::stoi(v);
     else if (k == "--model") a->model_dir = v;
-    else if (k == "--device") a->device = v;
+    else if (k == "--device") {
+      auto d = engine::Device::Parse(v);  // written by WorkerGroup from a parsed Device: always valid
+      if (!d.ok()) {
+        std::fprintf(stderr, "kraken worker: %s\n", std::string(d.status().message()).c_str());
+        std::_Exit(2);
+      }
+      a->device = *d;
+    }
     else if (k == "--threads") a->threads = std::stoi(v);
     else if (k == "--parent") a->parent_pid = std::stoi(v);
     else if (k == "--collective-timeout-ms") a->collective_timeout_ms = std::stoi(v);
@@ -326,7 +331,7 @@ std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
                                 "--rank", std::to_string(a.rank),
                                 "--world", std::to_string(a.world),
                                 "--model", a.model_dir,
-                                "--device", a.device,
+                                "--device", a.device.ToString(),
                                 "--threads", std::to_string(a.threads),
                                 "--parent", std::to_string(a.parent_pid),
                                 "--collective-timeout-ms", std::to_string(a.collective_timeout_ms)};

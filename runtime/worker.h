@@ -15,6 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/device.h"
+
 namespace kraken::runtime {
 
 /// Command line of a worker (built by WorkerGroup, parsed by MaybeRunWorker).
@@ -23,7 +25,7 @@ struct WorkerArgs {
   int rank = 0;
   int world = 1;
   std::string model_dir;
-  std::string device = "cpu";
+  engine::Device device;
   int threads = 1;
   int parent_pid = 0;
   int collective_timeout_ms = 30000;

@@ -32,14 +32,14 @@ T* At(uint8_t* base, size_t offset) {
 
 }  // namespace
 
-StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
+StatusOr<std::vector<engine::Device>> ParseDevices(const std::string& spec) {
   auto bad = [&] {
     return InvalidArgument("devices '", spec, "' is not one of cpu, cpu:N, cuda:A-B, cuda:A,B,...");
   };
   const size_t colon = spec.find(':');
   const std::string kind = spec.substr(0, colon);
   const std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
-  std::vector<std::string> out;
+  std::vector<engine::Device> out;
   auto number = [](const std::string& s, int* v) {
     if (s.empty() || s.size() > 4 || s.find_first_not_of("0123456789") != std::string::npos) return false;
     *v = std::stoi(s);
@@ -49,7 +49,7 @@ StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
     int n = 1;
     if (!rest.empty() && !number(rest, &n)) return bad();
     if (n < 1 || n > kMaxWorld) return InvalidArgument("devices '", spec, "': 1 to ", kMaxWorld, " CPU workers");
-    out.assign(n, "cpu");
+    out.assign(n, engine::Device::Cpu());
   } else if (kind == "cuda") {
     size_t start = 0;
     while (start <= rest.size()) {
@@ -64,7 +64,7 @@ StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
       } else if (!number(item.substr(0, dash), &a) || !number(item.substr(dash + 1), &b) || b < a) {
         return bad();
       }
-      for (int i = a; i <= b; ++i) out.push_back(StrCat("cuda:", i));
+      for (int i = a; i <= b && static_cast<int>(out.size()) <= kMaxWorld; ++i) out.push_back(engine::Device::Cuda(i));
       start = comma + 1;
     }
     if (out.empty() || static_cast<int>(out.size()) > kMaxWorld) return bad();
@@ -75,7 +75,10 @@ StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec) {
 }
 
 StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
-  KRAKEN_ASSIGN_OR_RETURN(std::vector<std::string> devices, ParseDevices(o.devices));
+  const std::vector<engine::Device>& devices = o.devices;
+  if (devices.empty() || static_cast<int>(devices.size()) > kMaxWorld) {
+    return InvalidArgument("a worker group needs 1 to ", kMaxWorld, " devices, got ", devices.size());
+  }
   KRAKEN_ASSIGN_OR_RETURN(engine::ModelConfig cfg, engine::LoadModelConfig(o.model_dir));
   const int context = o.max_context > 0 ? o.max_context : cfg.n_positions;
   if (context > cfg.n_positions) {
@@ -99,7 +102,7 @@ StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
 StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& o) {
   std::unique_ptr<WorkerGroup> g(new WorkerGroup());
   g->options_ = o;
-  KRAKEN_ASSIGN_OR_RETURN(g->devices_, ParseDevices(o.devices));
+  g->devices_ = o.devices;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
   g->layout_ = ComputeLayout(g->limits_);
   KRAKEN_RETURN_IF_ERROR(g->Launch());
@@ -187,7 +190,7 @@ Status WorkerGroup::LaunchOnce() {
       } else if (!Reap(r, &why)) {
         continue;
       }
-      return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r], ") failed to start: ", why));
+      return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r].ToString(), ") failed to start: ", why));
     }
     if (ready == world) break;
     if (NowNs() > deadline) {

@@ -9,7 +9,8 @@
 // before the next request needs it. After more than `max_restarts` failures within
 // `restart_window` the group gives up and every later call fails with ABORTED.
 //
-//   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start({.model_dir = dir, .devices = "cpu:2",
+//   KRAKEN_ASSIGN_OR_RETURN(auto devices, ParseDevices("cpu:2"));
+//   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start({.model_dir = dir, .devices = devices,
 //                                                           .max_tokens = 512, .max_seqs = 16}));
 //   SeqStep seq{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks};
 //   KRAKEN_ASSIGN_OR_RETURN(StepResultView r, group->RunStep({&seq, 1}));
@@ -32,6 +33,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "engine/device.h"
 #include "runtime/protocol.h"
 #include "runtime/shm.h"
 
@@ -39,7 +41,7 @@ namespace kraken::runtime {
 
 struct WorkerGroupOptions {
   std::string model_dir;
-  std::string devices = "cpu:1";   // "cpu", "cpu:N", "cuda:0-7", "cuda:0,2"
+  std::vector<engine::Device> devices = {engine::Device::Cpu()};  // one worker each (ParseDevices)
   int threads_per_worker = 0;      // CPU workers; 0 = cores / workers
   int max_tokens = 2048;           // new tokens per step
   int max_seqs = 64;               // sequences per step
@@ -89,9 +91,11 @@ struct RankStatsSnapshot {
   bool up = false;
 };
 
-/// "cpu", "cpu:2", "cuda:0-7", "cuda:1,3" -> one device name per worker. INVALID_ARGUMENT naming
-/// the text otherwise.
-StatusOr<std::vector<std::string>> ParseDevices(const std::string& spec);
+/// The --devices grammar, parsed here and nowhere else: "cpu" (one CPU worker), "cpu:N" (N CPU
+/// workers), "cuda:0-7", "cuda:0,2,5" or a mix of ranges and single CUDA ordinals -> one device
+/// per worker, in rank order. INVALID_ARGUMENT naming the text otherwise (or a world size outside
+/// [1, kMaxWorld]).
+StatusOr<std::vector<engine::Device>> ParseDevices(const std::string& spec);
 
 /// The segment limits Start would use for `options` (model config, devices and sizes), without
 /// starting anything; ComputeLayout(limits).total is the dispatch segment's size in bytes.
@@ -153,7 +157,7 @@ class WorkerGroup {
   Status Recover(const Status& cause, bool in_step);  // after a failure: restart or give up
 
   WorkerGroupOptions options_;
-  std::vector<std::string> devices_;
+  std::vector<engine::Device> devices_;
   Limits limits_;
   Layout layout_{};
   std::unique_ptr<SharedSegment> segment_;

@@ -201,7 +201,14 @@ int main(int argc, char** argv) {
 
   runtime::WorkerGroupOptions wo;
   wo.model_dir = f.model;
-  wo.devices = f.devices;
+  {
+    auto devices = runtime::ParseDevices(f.devices);  // the one place --devices is parsed
+    if (!devices.ok()) {
+      spdlog::critical("{}", std::string(devices.status().message()));
+      return 2;
+    }
+    wo.devices = *devices;
+  }
   wo.threads_per_worker = f.threads_per_worker;
   wo.max_tokens = f.max_batch_tokens;
   wo.max_seqs = f.max_batch_seqs;
@@ -227,7 +234,7 @@ int main(int argc, char** argv) {
       return 2;
     }
     const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
-    const bool gpu = f.devices.rfind("cuda", 0) == 0;
+    const bool gpu = wo.devices.front().is_cuda();
     const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
     // K and V, F32, per cached token on each worker: Kraken holds d floats per sub-layer and
     // each worker N/W sub-layers of every layer (KRAKEN.md "KV cache"); Megatron shards hold D/W.

@@ -76,7 +76,8 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   const int total = static_cast<int>(prompt.size()) + o.max_tokens;
   const int B = o.batch;
   const int blocks_per_seq = (total + o.block_size - 1) / o.block_size;
-  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir, .devices = o.devices, .threads_per_worker = o.threads,
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<Device> devices, runtime::ParseDevices(o.devices));
+  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir, .devices = devices, .threads_per_worker = o.threads,
                                  .max_tokens = static_cast<int>(prompt.size()) * B, .max_seqs = B,
                                  .max_context = std::min(total, cfg.n_positions), .block_size = o.block_size,
                                  .num_kv_blocks = blocks_per_seq * B, .max_history = total * B};
@@ -208,7 +209,7 @@ Status Run(const Options& o) {
   if (!o.devices.empty()) {
     return RunOnWorkers(o, prompt, tok.get(), cfg);
   }
-  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = "cpu", .threads = o.threads}));
+  KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = o.threads}));
   const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
   ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = o.score ? chunk : 1};
   const auto t_load = Clock::now();

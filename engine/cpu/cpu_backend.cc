@@ -141,14 +141,13 @@ class CpuBackend final : public Backend {
 }  // namespace
 
 StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
-  if (options.device == "cpu") {
+  if (!options.device.is_cuda()) {
     int threads = options.threads;
     if (threads < 0) return InvalidArgument("backend option 'threads' must be >= 0, got ", threads);
     if (threads == 0) threads = omp_get_num_procs();
     return std::unique_ptr<Backend>(new CpuBackend(threads));
   }
-  if (options.device.rfind("cuda", 0) == 0) return CreateCudaBackend(options);
-  return InvalidArgument("device '", options.device, "' is not known; expected 'cpu' or 'cuda:<index>'");
+  return CreateCudaBackend(options);
 }
 
 }  // namespace kraken::engine

@@ -421,16 +421,8 @@ class CudaBackend final : public Backend {
 }  // namespace
 
 StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options) {
-  int index = 0;
-  const std::string& dev = options.device;
-  if (dev != "cuda") {
-    const std::string digits = dev.size() > 5 && dev.compare(0, 5, "cuda:") == 0 ? dev.substr(5) : "";
-    if (digits.empty() || digits.size() > 4 ||
-        !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-      return InvalidArgument("device '", dev, "' is not 'cuda' or 'cuda:<index>'");
-    }
-    index = std::stoi(digits);
-  }
+  const int index = options.device.index;
+  const std::string dev = options.device.ToString();
   int count = 0;
   if (cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0) {
     return FailedPrecondition("device '", dev, "': no usable CUDA device (",

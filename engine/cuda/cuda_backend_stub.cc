@@ -4,7 +4,7 @@
 namespace kraken::engine {
 
 StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options) {
-  return Unimplemented("device '", options.device,
+  return Unimplemented("device '", options.device.ToString(),
                        "' needs the CUDA backend, but this binary was built without CUDA "
                        "(configure with -DKRAKEN_ENABLE_CUDA=ON)");
 }

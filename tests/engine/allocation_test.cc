@@ -35,7 +35,7 @@ namespace {
 TEST(Allocation, StepsAfterTheFirstAllocateNothing) {
   for (const char* name : {"kraken-n4-bf16", "gpt2-f32", "parallel-block-f16-sharded"}) {
     SCOPED_TRACE(name);
-    auto backend = CreateBackend({.device = "cpu"});
+    auto backend = CreateBackend({.device = Device::Cpu()});
     ASSERT_TRUE(backend.ok());
     auto model = LoadModel(testing::TestModelDir(name), backend->get(),
                            {.max_tokens = 48, .max_seqs = 4, .max_logit_rows = 48});

@@ -36,8 +36,8 @@ struct Backends {
 
 Backends MakeOrNull() {
   Backends b;
-  auto c = CreateBackend({.device = "cpu", .threads = 0});
-  auto g = CreateBackend({.device = "cuda:0"});
+  auto c = CreateBackend({.device = Device::Cpu(), .threads = 0});
+  auto g = CreateBackend({.device = Device::Cuda(0)});
   EXPECT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(g.ok()) << g.status();
   if (c.ok()) b.cpu = std::move(c).value();
@@ -332,7 +332,9 @@ struct Loaded {
 
 Loaded LoadOn(const std::string& device, const std::string& name) {
   Loaded r;
-  auto b = CreateBackend({.device = device});
+  auto d = Device::Parse(device);
+  EXPECT_TRUE(d.ok()) << d.status();
+  auto b = CreateBackend({.device = *d});
   EXPECT_TRUE(b.ok()) << b.status();
   r.backend = std::move(b).value();
   auto m = LoadModel(testing::TestModelDir(name), r.backend.get(), {.max_tokens = 64, .max_seqs = 8, .max_logit_rows = 64});

@@ -18,7 +18,7 @@
 namespace kraken::engine {
 namespace {
 
-std::unique_ptr<Backend> Cpu() { return std::move(CreateBackend({.device = "cpu", .threads = 1})).value(); }
+std::unique_ptr<Backend> Cpu() { return std::move(CreateBackend({.device = Device::Cpu(), .threads = 1})).value(); }
 
 std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);

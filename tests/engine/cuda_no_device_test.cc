@@ -10,17 +10,20 @@ namespace kraken::engine {
 namespace {
 
 TEST(CudaBackendNoDevice, MalformedDeviceNamesAreInvalidArguments) {
-  for (const char* name : {"cuda:", "cuda:x", "cuda:-1", "cuda:0:1", "cuda:99999", "cudax"}) {
-    auto b = CreateBackend({.device = name});
-    ASSERT_FALSE(b.ok()) << name;
-    EXPECT_EQ(b.status().code(), absl::StatusCode::kInvalidArgument) << name << ": " << b.status();
-    EXPECT_NE(b.status().message().find(name), std::string::npos) << b.status();
+  for (const char* name : {"cuda:", "cuda:x", "cuda:-1", "cuda:0:1", "cuda:99999", "cudax", "gpu:0", ""}) {
+    auto d = Device::Parse(name);
+    ASSERT_FALSE(d.ok()) << name;
+    EXPECT_EQ(d.status().code(), absl::StatusCode::kInvalidArgument) << name << ": " << d.status();
+    EXPECT_NE(d.status().message().find(std::string("'") + name + "'"), std::string::npos) << d.status();
   }
+  EXPECT_EQ(*Device::Parse("cuda"), Device::Cuda(0));
+  EXPECT_EQ(*Device::Parse("cuda:12"), Device::Cuda(12));
+  EXPECT_EQ(Device::Parse("cuda:12")->ToString(), "cuda:12");
 }
 
 TEST(CudaBackendNoDevice, WithoutADeviceCreationFailsWithTheDriversReason) {
   if (CudaDeviceCount().ok()) GTEST_SKIP() << "a CUDA device is present";
-  auto b = CreateBackend({.device = "cuda:0"});
+  auto b = CreateBackend({.device = Device::Cuda(0)});
   ASSERT_FALSE(b.ok());
   EXPECT_EQ(b.status().code(), absl::StatusCode::kFailedPrecondition) << b.status();
   EXPECT_NE(b.status().message().find("no usable CUDA device"), std::string::npos) << b.status();

@@ -34,7 +34,7 @@ struct Fixture {
 Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16,
              int threads = 0) {
   Fixture f;
-  auto b = CreateBackend({.device = "cpu", .threads = threads});
+  auto b = CreateBackend({.device = Device::Cpu(), .threads = threads});
   EXPECT_TRUE(b.ok()) << b.status();
   f.backend = std::move(b).value();
   auto m = LoadModel(testing::TestModelDir(name), f.backend.get(),
@@ -216,7 +216,7 @@ TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
   std::vector<std::thread> threads;
   for (int rank = 0; rank < W; ++rank) {
     threads.emplace_back([&, rank] {
-      auto backend = CreateBackend({.device = "cpu", .threads = 1});
+      auto backend = CreateBackend({.device = Device::Cpu(), .threads = 1});
       auto model = LoadModel(testing::TestModelDir(name), backend->get(),
                              {.max_tokens = T, .max_seqs = 1, .max_logit_rows = T, .rank = rank, .world_size = W,
                               .compute_logits = rank == 0});
@@ -318,7 +318,7 @@ TEST(ModelLoading, MissingOrMisshapenTensorsAndBadShardsAreReported) {
   EXPECT_NE(std::string(m.status().message()).find("n_head 4 cannot be split"), std::string::npos) << m.status();
   m = LoadModel("/nonexistent", b->get(), {});
   EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
-  auto cuda = CreateBackend({.device = "cuda:0"});
+  auto cuda = CreateBackend({.device = Device::Cuda(0)});
   ASSERT_FALSE(cuda.ok());
   EXPECT_EQ(cuda.status().code(), absl::StatusCode::kUnimplemented);
   EXPECT_NE(std::string(cuda.status().message()).find("built without CUDA"), std::string::npos);

@@ -114,7 +114,7 @@ Outcome Alone(const std::string& model, const std::vector<int32_t>& prompt) {
 }
 
 WorkerGroupOptions Options(const std::string& model, int world) {
-  return {.model_dir = engine::testing::TestModelDir(model), .devices = "cpu:" + std::to_string(world),
+  return {.model_dir = engine::testing::TestModelDir(model), .devices = *ParseDevices("cpu:" + std::to_string(world)),
           .threads_per_worker = 1, .max_tokens = 64, .max_seqs = 4, .num_kv_blocks = 16};
 }
 
@@ -287,7 +287,7 @@ TEST(Faults, AStoppedWorkerIsCaughtByTheHeartbeat) {
 }
 
 TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
-  auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"), .devices = "cuda:0",
+  auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"), .devices = {engine::Device::Cuda(0)},
                                         .max_tokens = 8, .max_seqs = 1, .num_kv_blocks = 4});
   ASSERT_FALSE(bad_device.ok());
   EXPECT_NE(std::string(bad_device.status().message()).find("worker rank 0 (cuda:0) failed to start"),
@@ -301,7 +301,10 @@ TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
             std::string::npos)
       << bad_world.status();
   EXPECT_FALSE(ParseDevices("tpu:1").ok());
-  EXPECT_EQ(*ParseDevices("cuda:0-2,5"), (std::vector<std::string>{"cuda:0", "cuda:1", "cuda:2", "cuda:5"}));
+  EXPECT_EQ(*ParseDevices("cuda:0-2,5"), (std::vector<engine::Device>{engine::Device::Cuda(0), engine::Device::Cuda(1),
+                                                                       engine::Device::Cuda(2), engine::Device::Cuda(5)}));
+  EXPECT_EQ(*ParseDevices("cpu:3"), std::vector<engine::Device>(3, engine::Device::Cpu()));
+  EXPECT_FALSE(ParseDevices("cuda:0-9999").ok());
   EXPECT_EQ(Leftovers(), 0);
 }
 

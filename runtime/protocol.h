@@ -16,7 +16,11 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
 
+#include "base/status.h"
 #include "engine/sampler.h"
 #include "runtime/shm_store.h"
 
@@ -26,6 +30,18 @@ inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
 inline constexpr uint32_t kProtocolVersion = 3;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
+inline constexpr int kSeqErrorBytes = 160;
+
+/// How a worker process ends (its exit status). The front-end tells a failure that started in a
+/// worker from its peers' reactions to it by these values: a peer whose collective failed because
+/// another rank died exits kFailed too, while the one at fault was killed by a signal or exited
+/// otherwise.
+enum class WorkerExit : int {
+  kShutdown = 0,      // told to shut down
+  kBadArguments = 2,  // a command line the front-end could not have written
+  kFailed = 3,        // its own error or a failed collective; the message is in its RankSlot
+  kOrphaned = 4,      // the front-end is gone (lifeline closed or parent changed)
+};
 
 /// Sizes that fix a segment's layout. Written by the front-end, verified by each worker.
 struct Limits {
@@ -80,6 +96,13 @@ struct ResultSeq {
   engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
   int32_t prompt_logprob_offset = 0;  // into prompt_logprobs[], num_tokens - 1 entries
   int32_t reserved = 0;
+  char error_message[kSeqErrorBytes] = {};  // with error: the worker's message, NUL-terminated
+
+  /// OK, or this sequence's own failure with the worker's code and message.
+  Status status() const {
+    if (error == 0) return absl::OkStatus();
+    return Status(static_cast<absl::StatusCode>(error), std::string(error_message, strnlen(error_message, kSeqErrorBytes)));
+  }
 };
 
 struct ResultHeader {
@@ -157,5 +180,68 @@ inline Layout ComputeLayout(const Limits& l) {
   o.total = AlignUp(at, 4096);
   return o;
 }
+
+/// One sequence of a step as the front-end hands it over; PlanWriter encodes it as a PlanSeq.
+struct SeqStep {
+  uint64_t seq_id = 0;
+  uint64_t kv_generation = 0;  // WorkerGroup::generation() when the sequence's KV cache was built
+  std::span<const int32_t> tokens;
+  int32_t start_pos = 0;
+  std::span<const int32_t> block_table;
+  bool sample = true;
+  bool prompt_logprobs = false;
+  engine::SamplingParams sampling;
+  int64_t draw_index = 0;
+  std::span<const int32_t> history_prompt;     // only needed when penalties are on
+  std::span<const int32_t> history_generated;
+  std::span<const int32_t> banned;             // may not be sampled (min_tokens)
+};
+
+/// Encodes step plans into a segment's plan area (the front-end's side of the codec).
+class PlanWriter {
+ public:
+  PlanWriter(uint8_t* segment, const Layout& layout, const Limits& limits)
+      : base_(segment), layout_(layout), limits_(limits) {}
+  /// INVALID_ARGUMENT naming the sequence and the limit when `seqs` is empty, a sequence has no
+  /// tokens or too long a block table, or the step's sequences, tokens or history tokens exceed
+  /// the segment's limits. Nothing is written.
+  Status Check(std::span<const SeqStep> seqs) const;
+  /// Writes `seqs` (which passed Check) as the plan of step `step`.
+  void Write(uint64_t step, std::span<const SeqStep> seqs);
+
+ private:
+  uint8_t* base_;
+  Layout layout_;
+  Limits limits_;
+};
+
+/// One sequence of a plan as a worker reads it: views into the segment.
+struct PlannedSeq {
+  const PlanSeq* plan = nullptr;
+  std::span<const int32_t> tokens;
+  std::span<const int32_t> block_table;
+  engine::TokenHistory history;  // prompt, generated, banned
+};
+
+/// Decodes the plan a segment holds (the workers' side of the codec). Every view is checked
+/// against the plan's own array lengths and the segment's limits before it is handed out.
+class PlanReader {
+ public:
+  PlanReader(const uint8_t* segment, const Layout& layout, const Limits& limits)
+      : base_(segment), layout_(layout), limits_(limits) {}
+  /// A copy of the plan header (the front-end may not write while workers read, but a copy
+  /// keeps the sizes a worker checked the ones it uses).
+  PlanHeader header() const;
+  /// INVALID_ARGUMENT when `header` exceeds the limits or any sequence points outside the
+  /// plan's arrays.
+  Status Check(const PlanHeader& header) const;
+  /// Sequence `i` of a plan that passed Check.
+  PlannedSeq seq(const PlanHeader& header, int i) const;
+
+ private:
+  const uint8_t* base_;
+  Layout layout_;
+  Limits limits_;
+};
 
 }  // namespace kraken::runtime

@@ -45,7 +45,9 @@ class Worker {
 
  private:
   Status RunStep(const PlanHeader& plan);
-  Status CheckPlan(const PlanHeader& plan) const;
+  // Rank 0: the step's status, prompt logprobs and sampled tokens into the result area.
+  void PublishResult(const PlanHeader& plan, const PlanReader& reader, const Status& status,
+                     const engine::ForwardResult& fr);
 
   WorkerArgs a_;
   std::unique_ptr<SharedSegment> seg_;
@@ -94,7 +96,7 @@ Status Worker::Setup() {
         kLifelineFd, POLLIN, 0
       };
       if (poll(&p, 1, static_cast<int>(kHeartbeatPeriodNs / 1'000'000)) > 0 || getppid() != a_.parent_pid) {
-        std::_Exit(4);
+        std::_Exit(static_cast<int>(WorkerExit::kOrphaned));
       }
     }
   });
@@ -158,45 +160,34 @@ Status Worker::Setup() {
   return absl::OkStatus();
 }
 
-Status Worker::CheckPlan(const PlanHeader& p) const {
-  if (p.num_seqs < 0 || p.num_seqs > limits_.max_seqs || p.num_tokens < 0 || p.num_tokens > limits_.max_tokens ||
-      p.num_block_ids < 0 || p.num_block_ids > limits_.max_seqs * limits_.max_blocks_per_seq || p.num_history < 0 ||
-      p.num_history > limits_.max_history) {
-    return InvalidArgument("step plan header exceeds the segment's limits");
+namespace {
+
+// Log-probability of each next token of `tokens` under the logits rows [row, row + n - 1):
+// out[j] = log p(tokens[j + 1] | tokens[..j]). Writes tokens.size() - 1 values; returns that count.
+int PromptLogprobs(const engine::ForwardResult& fr, int row, std::span<const int32_t> tokens, float* out) {
+  const int n = static_cast<int>(tokens.size());
+  for (int j = 0; j + 1 < n; ++j) {
+    const float* l = fr.logits + static_cast<int64_t>(row + j) * fr.vocab;
+    double mx = -INFINITY, sum = 0;
+    for (int v = 0; v < fr.vocab; ++v) mx = std::max<double>(mx, l[v]);
+    for (int v = 0; v < fr.vocab; ++v) sum += std::exp(l[v] - mx);
+    out[j] = static_cast<float>(l[tokens[j + 1]] - mx - std::log(sum));
   }
-  const PlanSeq* seqs = At<PlanSeq>(seg_->data(), layout_.plan_seqs);
-  for (int i = 0; i < p.num_seqs; ++i) {
-    const PlanSeq& s = seqs[i];
-    const bool ok = s.token_offset >= 0 && s.num_tokens >= 1 && s.token_offset + s.num_tokens <= p.num_tokens &&
-                    s.block_offset >= 0 && s.num_blocks >= 0 && s.block_offset + s.num_blocks <= p.num_block_ids &&
-                    s.history_offset >= 0 && s.history_prompt >= 0 && s.history_generated >= 0 &&
-                    s.history_banned >= 0 &&
-                    s.history_offset + s.history_prompt + s.history_generated + s.history_banned <= p.num_history;
-    if (!ok) return InvalidArgument("step plan sequence ", i, " points outside the plan's arrays");
-  }
-  return absl::OkStatus();
+  return std::max(0, n - 1);
 }
 
-Status Worker::RunStep(const PlanHeader& plan) {
-  uint8_t* base = seg_->data();
-  const PlanSeq* seqs = At<PlanSeq>(base, layout_.plan_seqs);
-  const int32_t* tokens = At<int32_t>(base, layout_.tokens);
-  const int32_t* blocks = At<int32_t>(base, layout_.blocks);
-  const int32_t* history = At<int32_t>(base, layout_.history);
-  ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
-  ResultSeq* rs = At<ResultSeq>(base, layout_.result_seqs);
-  float* prompt_lp = At<float>(base, layout_.prompt_logprobs);
+}  // namespace
 
-  Status status = CheckPlan(plan);
+Status Worker::RunStep(const PlanHeader& plan) {
+  const PlanReader reader(seg_->data(), layout_, limits_);
+  Status status = reader.Check(plan);
   engine::ForwardResult fr;
   if (status.ok()) {
     inputs_.clear();
     for (int i = 0; i < plan.num_seqs; ++i) {
-      const PlanSeq& s = seqs[i];
-      inputs_.push_back({.tokens = {tokens + s.token_offset, static_cast<size_t>(s.num_tokens)},
-                         .start_pos = s.start_pos,
-                         .block_table = {blocks + s.block_offset, static_cast<size_t>(s.num_blocks)},
-                         .all_logits = s.prompt_logprobs != 0});
+      const PlannedSeq s = reader.seq(plan, i);
+      inputs_.push_back({.tokens = s.tokens, .start_pos = s.plan->start_pos, .block_table = s.block_table,
+                         .all_logits = s.plan->prompt_logprobs != 0});
     }
     auto r = model_->Forward({.seqs = inputs_}, *kv_, *comm_);
     if (!r.ok()) {
@@ -207,50 +198,46 @@ Status Worker::RunStep(const PlanHeader& plan) {
       fr = *r;
     }
   }
-  if (a_.rank != 0) return absl::OkStatus();
+  if (a_.rank == 0) PublishResult(plan, reader, status, fr);
+  return absl::OkStatus();
+}
 
-  // Rank 0: sample and publish.
+void Worker::PublishResult(const PlanHeader& plan, const PlanReader& reader, const Status& status,
+                           const engine::ForwardResult& fr) {
+  uint8_t* base = seg_->data();
+  ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
+  ResultSeq* rs = At<ResultSeq>(base, layout_.result_seqs);
+  float* prompt_lp = At<float>(base, layout_.prompt_logprobs);
   rh->step = plan.step;
   rh->status = static_cast<int32_t>(status.code());
   std::snprintf(rh->message, sizeof rh->message, "%s", std::string(status.message()).c_str());
   rh->num_seqs = status.ok() ? plan.num_seqs : 0;
-  if (status.ok()) {
-    int row = 0, lp_at = 0;
-    for (int i = 0; i < plan.num_seqs; ++i) {
-      const PlanSeq& s = seqs[i];
-      ResultSeq& out = rs[i];
-      out = ResultSeq{};
-      out.seq_id = s.seq_id;
-      const int rows = s.prompt_logprobs ? s.num_tokens : 1;
-      if (s.prompt_logprobs) {  // logprob of token j + 1 under row j
-        out.prompt_logprob_offset = lp_at;
-        for (int j = 0; j + 1 < s.num_tokens; ++j) {
-          const float* l = fr.logits + static_cast<int64_t>(row + j) * fr.vocab;
-          double mx = -INFINITY, sum = 0;
-          for (int v = 0; v < fr.vocab; ++v) mx = std::max<double>(mx, l[v]);
-          for (int v = 0; v < fr.vocab; ++v) sum += std::exp(l[v] - mx);
-          prompt_lp[lp_at++] = static_cast<float>(l[tokens[s.token_offset + j + 1]] - mx - std::log(sum));
-        }
-      }
-      const float* last = fr.logits + static_cast<int64_t>(row + rows - 1) * fr.vocab;
-      row += rows;
-      if (!s.sample) continue;
-      engine::TokenHistory h{{history + s.history_offset, static_cast<size_t>(s.history_prompt)},
-                             {history + s.history_offset + s.history_prompt, static_cast<size_t>(s.history_generated)},
-                             {history + s.history_offset + s.history_prompt + s.history_generated,
-                              static_cast<size_t>(s.history_banned)}};
-      auto t = sampler_->Sample(last, s.sampling, h, s.draw_index);
-      if (!t.ok()) {
-        out.error = static_cast<int32_t>(t.status().code());
-        continue;
-      }
-      out.token = t->token;
-      out.logprob = t->logprob;
-      out.num_top = t->num_top;
-      for (int k = 0; k < t->num_top; ++k) out.top[k] = t->top[k];
+  if (!status.ok()) return;
+  int row = 0, lp_at = 0;
+  for (int i = 0; i < plan.num_seqs; ++i) {
+    const PlannedSeq s = reader.seq(plan, i);
+    ResultSeq& out = rs[i];
+    out = ResultSeq{};
+    out.seq_id = s.plan->seq_id;
+    const int rows = s.plan->prompt_logprobs ? static_cast<int>(s.tokens.size()) : 1;
+    if (s.plan->prompt_logprobs) {
+      out.prompt_logprob_offset = lp_at;
+      lp_at += PromptLogprobs(fr, row, s.tokens, prompt_lp + lp_at);
     }
+    const float* last = fr.logits + static_cast<int64_t>(row + rows - 1) * fr.vocab;
+    row += rows;
+    if (!s.plan->sample) continue;
+    auto t = sampler_->Sample(last, s.plan->sampling, s.history, s.plan->draw_index);
+    if (!t.ok()) {
+      out.error = static_cast<int32_t>(t.status().code());
+      std::snprintf(out.error_message, sizeof out.error_message, "%s", std::string(t.status().message()).c_str());
+      continue;
+    }
+    out.token = t->token;
+    out.logprob = t->logprob;
+    out.num_top = t->num_top;
+    for (int k = 0; k < t->num_top; ++k) out.top[k] = t->top[k];
   }
-  return absl::OkStatus();
 }
 
 Status Worker::Serve() {
@@ -264,7 +251,7 @@ Status Worker::Serve() {
       continue;
     }
     last_step = step;
-    const PlanHeader plan = *At<PlanHeader>(seg_->data(), layout_.plan_header);
+    const PlanHeader plan = PlanReader(seg_->data(), layout_, limits_).header();
     if (plan.kind == StepKind::kShutdown) return absl::OkStatus();
     const uint64_t t0 = NowNs();
     slot_->progress_ns.store(t0, std::memory_order_relaxed);
@@ -310,7 +297,7 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
       auto d = engine::Device::Parse(v);  // written by WorkerGroup from a parsed Device: always valid
       if (!d.ok()) {
         std::fprintf(stderr, "kraken worker: %s\n", std::string(d.status().message()).c_str());
-        std::_Exit(2);
+        std::_Exit(static_cast<int>(WorkerExit::kBadArguments));
       }
       a->device = *d;
     }
@@ -349,14 +336,14 @@ std::optional<int> MaybeRunWorker(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   signal(SIGINT, SIG_IGN);
   signal(SIGTERM, SIG_IGN);
-  if (getppid() != a.parent_pid) return 4;
+  if (getppid() != a.parent_pid) return static_cast<int>(WorkerExit::kOrphaned);
   Worker w(a);
   Status s = w.Setup();
   if (s.ok()) s = w.Serve();  // Setup reports ready only when it succeeded
   int code = 0;
   if (!s.ok()) {
     w.Fail(s);
-    code = 3;
+    code = static_cast<int>(WorkerExit::kFailed);
   }
   w.StopHeartbeat();
   return code;

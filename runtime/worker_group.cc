@@ -148,7 +148,7 @@ Status WorkerGroup::LaunchOnce() {
   posix_spawnattr_setpgroup(&attr, 0);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
   pids_.assign(world, -1);
-  exit_reasons_.assign(world, "");
+  exits_.assign(world, {});
   Status spawned = absl::OkStatus();
   for (int r = 0; r < world && spawned.ok(); ++r) {
     WorkerArgs a{.segment_bytes = layout_.total, .rank = r, .world = world, .model_dir = options_.model_dir,
@@ -211,7 +211,7 @@ Status WorkerGroup::LaunchOnce() {
 
 bool WorkerGroup::Reap(int r, std::string* why) {
   if (pids_[r] <= 0) {
-    *why = exit_reasons_[r].empty() ? "is gone" : exit_reasons_[r];
+    *why = exits_[r].why.empty() ? "is gone" : exits_[r].why;
     return true;
   }
   int status = 0;
@@ -224,7 +224,9 @@ bool WorkerGroup::Reap(int r, std::string* why) {
   pids_[r] = -1;
   *why = got == pid ? StrCat("(pid ", pid, ") ", DescribeExit(status))
                     : StrCat("(pid ", pid, ") is gone (reaped elsewhere: ", std::strerror(errno), ")");
-  exit_reasons_[r] = *why;
+  exits_[r] = {.why = *why,
+               .peer_failure = got == pid && WIFEXITED(status) &&
+                               WEXITSTATUS(status) == static_cast<int>(WorkerExit::kFailed)};
   return true;
 }
 
@@ -246,20 +248,15 @@ void WorkerGroup::KillAll() {
 }
 
 Status WorkerGroup::CheckWorkers(bool in_step) {
-  // Exits first: when a worker dies, its peers report failed collectives and exit (status 3)
-  // themselves; the one killed by a signal or exiting otherwise is the news.
+  // Exits first: when a worker dies, its peers report failed collectives and exit
+  // WorkerExit::kFailed themselves; the one killed by a signal or exiting otherwise is the news.
   int blamed = -1;
-  std::string blamed_why;
   for (int r = 0; r < world_size(); ++r) {
     std::string why;
     if (!Reap(r, &why)) continue;
-    const bool secondary = why.find("exited with status 3") != std::string::npos;
-    if (blamed < 0 || (!secondary && blamed_why.find("exited with status 3") != std::string::npos)) {
-      blamed = r;
-      blamed_why = why;
-    }
+    if (blamed < 0 || (exits_[blamed].peer_failure && !exits_[r].peer_failure)) blamed = r;
   }
-  if (blamed >= 0) return absl::UnavailableError(StrCat("worker rank ", blamed, " ", blamed_why));
+  if (blamed >= 0) return absl::UnavailableError(StrCat("worker rank ", blamed, " ", exits_[blamed].why));
   for (int r = 0; r < world_size(); ++r) {
     RankSlot& s = control_->ranks[r];
     if (s.state.load() == static_cast<uint32_t>(RankState::kFailed)) {
@@ -317,67 +314,19 @@ Status WorkerGroup::Recover(const Status& cause, bool in_step) {
 
 StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   if (!dead_.ok()) return dead_;
-  // Validate against the segment's limits before touching it.
-  int64_t tokens = 0, history = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqStep& s = seqs[i];
-    tokens += static_cast<int64_t>(s.tokens.size());
-    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size() + s.banned.size());
     if (s.start_pos > 0 && s.kv_generation != generation_) {
       return absl::FailedPreconditionError(
           StrCat("sequence ", i, " (id ", s.seq_id, ") continues at position ", s.start_pos, " from KV generation ",
                  s.kv_generation, ", but the workers restarted since (generation ", generation_,
                  "): prefill it again from position 0"));
     }
-    if (s.tokens.empty()) return InvalidArgument("sequence ", i, ": no tokens");
-    if (s.block_table.size() > static_cast<size_t>(limits_.max_blocks_per_seq)) {
-      return InvalidArgument("sequence ", i, ": block table of ", s.block_table.size(), " blocks exceeds the limit ",
-                             limits_.max_blocks_per_seq);
-    }
   }
-  if (seqs.empty() || seqs.size() > static_cast<size_t>(limits_.max_seqs) || tokens > limits_.max_tokens ||
-      history > limits_.max_history) {
-    return InvalidArgument("step of ", seqs.size(), " sequences, ", tokens, " tokens, ", history,
-                           " history tokens exceeds the limits (", limits_.max_seqs, ", ", limits_.max_tokens, ", ",
-                           limits_.max_history, ") or is empty");
-  }
-  uint8_t* base = segment_->data();
-  PlanHeader* ph = At<PlanHeader>(base, layout_.plan_header);
-  PlanSeq* ps = At<PlanSeq>(base, layout_.plan_seqs);
-  int32_t* tok = At<int32_t>(base, layout_.tokens);
-  int32_t* blk = At<int32_t>(base, layout_.blocks);
-  int32_t* hist = At<int32_t>(base, layout_.history);
-  int32_t t_at = 0, b_at = 0, h_at = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    const SeqStep& s = seqs[i];
-    PlanSeq& p = ps[i];
-    p = PlanSeq{};
-    p.seq_id = s.seq_id;
-    p.token_offset = t_at;
-    p.num_tokens = static_cast<int32_t>(s.tokens.size());
-    std::memcpy(tok + t_at, s.tokens.data(), s.tokens.size_bytes());
-    t_at += p.num_tokens;
-    p.start_pos = s.start_pos;
-    p.block_offset = b_at;
-    p.num_blocks = static_cast<int32_t>(s.block_table.size());
-    std::memcpy(blk + b_at, s.block_table.data(), s.block_table.size_bytes());
-    b_at += p.num_blocks;
-    p.history_offset = h_at;
-    p.history_prompt = static_cast<int32_t>(s.history_prompt.size());
-    p.history_generated = static_cast<int32_t>(s.history_generated.size());
-    std::memcpy(hist + h_at, s.history_prompt.data(), s.history_prompt.size_bytes());
-    std::memcpy(hist + h_at + p.history_prompt, s.history_generated.data(), s.history_generated.size_bytes());
-    p.history_banned = static_cast<int32_t>(s.banned.size());
-    std::memcpy(hist + h_at + p.history_prompt + p.history_generated, s.banned.data(), s.banned.size_bytes());
-    h_at += p.history_prompt + p.history_generated + p.history_banned;
-    p.draw_index = s.draw_index;
-    p.sample = s.sample ? 1 : 0;
-    p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;
-    p.sampling = s.sampling;
-  }
+  PlanWriter writer(segment_->data(), layout_, limits_);
+  KRAKEN_RETURN_IF_ERROR(writer.Check(seqs));  // before touching the segment
   const uint64_t step = ++step_;
-  *ph = PlanHeader{.step = step, .kind = StepKind::kForward, .num_seqs = static_cast<int32_t>(seqs.size()),
-                   .num_tokens = t_at, .num_block_ids = b_at, .num_history = h_at};
+  writer.Write(step, seqs);
   const uint32_t results_before = control_->result_futex.load(std::memory_order_acquire);
   step_published_ns_ = NowNs();
   control_->plan_step.store(step, std::memory_order_release);
@@ -408,6 +357,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
       std::this_thread::sleep_for(std::chrono::microseconds(50));  // rank 0 done; others a moment behind
     }
   }
+  uint8_t* base = segment_->data();
   const ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
   if (rh->status != 0) return Status(static_cast<absl::StatusCode>(rh->status), rh->message);
   return StepResultView{{At<ResultSeq>(base, layout_.result_seqs), static_cast<size_t>(rh->num_seqs)},

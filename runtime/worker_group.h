@@ -61,22 +61,6 @@ struct WorkerGroupOptions {
   double measured_gemm_flops = 0;
 };
 
-/// One sequence of a step, as the scheduler hands it over (see runtime/protocol.h PlanSeq).
-struct SeqStep {
-  uint64_t seq_id = 0;
-  uint64_t kv_generation = 0;  // WorkerGroup::generation() when the sequence's KV cache was built
-  std::span<const int32_t> tokens;
-  int32_t start_pos = 0;
-  std::span<const int32_t> block_table;
-  bool sample = true;
-  bool prompt_logprobs = false;
-  engine::SamplingParams sampling;
-  int64_t draw_index = 0;
-  std::span<const int32_t> history_prompt;     // only needed when penalties are on
-  std::span<const int32_t> history_generated;
-  std::span<const int32_t> banned;             // may not be sampled (min_tokens)
-};
-
 /// Rank 0's result, pointing into the segment: valid until the next RunStep.
 struct StepResultView {
   std::span<const ResultSeq> seqs;
@@ -164,7 +148,13 @@ class WorkerGroup {
   Control* control_ = nullptr;
   int lifeline_ = -1;           // write end; closing it tells the workers to go
   std::vector<pid_t> pids_;
-  std::vector<std::string> exit_reasons_;  // how each reaped worker ended
+  // How each reaped worker ended: the words for reports, and whether it exited WorkerExit::kFailed
+  // (which a peer's death makes every rank do) rather than dying on its own.
+  struct Exit {
+    std::string why;
+    bool peer_failure = false;
+  };
+  std::vector<Exit> exits_;
   uint64_t generation_ = 0;
   uint64_t step_ = 0;
   uint64_t step_published_ns_ = 0;  // NowNs() when step_ was handed to the workers

@@ -287,7 +287,7 @@ bool EngineLoop::RunOneStep() {
     auto it = active_.find(res.seq_id);
     if (it == active_.end()) continue;
     if (res.error != 0) {
-      End(res.seq_id, absl::InternalError(StrCat("sampling failed: status ", res.error)));
+      End(res.seq_id, absl::InternalError(StrCat("sampling failed: ", std::string(res.status().message()))));
       continue;
     }
     if (res.token >= 0) OnToken(*it->second, res);

@@ -120,7 +120,7 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
     KRAKEN_ASSIGN_OR_RETURN(runtime::StepResultView r, group->RunStep(steps));
     if (step == 0) prefill_s = Seconds(t0, Clock::now());
     for (const runtime::ResultSeq& res : r.seqs) {
-      if (res.error != 0) return Status(static_cast<absl::StatusCode>(res.error), "sampling failed (non-finite logits)");
+      if (res.error != 0) return Annotate(res.status(), "sampling failed");
       const int b = static_cast<int>(res.seq_id) - 1;
       next[b] = res.token;
       gen[b].push_back(res.token);

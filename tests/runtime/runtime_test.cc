@@ -518,5 +518,53 @@ TEST(Timers, TheStartTimeoutBoundsAStartThatCannotFinish) {
   EXPECT_EQ(Leftovers(), 0);
 }
 
+TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
+  const Limits limits{.world_size = 1, .max_tokens = 16, .max_seqs = 3, .max_blocks_per_seq = 4,
+                      .max_history = 32, .vocab_size = 100, .num_kv_blocks = 12, .block_size = 4};
+  const Layout layout = ComputeLayout(limits);
+  std::vector<uint8_t> segment(layout.total);
+  const std::vector<int32_t> a_tokens = {5, 6, 7}, a_blocks = {0, 1}, prompt = {1, 2}, generated = {3}, banned = {9};
+  const std::vector<int32_t> b_tokens = {8}, b_blocks = {2, 3, 4};
+  const SeqStep steps[] = {
+      {.seq_id = 11, .tokens = a_tokens, .start_pos = 0, .block_table = a_blocks, .sample = true,
+       .prompt_logprobs = true, .sampling = {.temperature = 0.5f, .top_k = 3, .seed = 77}, .draw_index = 4,
+       .history_prompt = prompt, .history_generated = generated, .banned = banned},
+      {.seq_id = 12, .tokens = b_tokens, .start_pos = 9, .block_table = b_blocks, .sample = false}};
+  PlanWriter writer(segment.data(), layout, limits);
+  ASSERT_TRUE(writer.Check(steps).ok());
+  writer.Write(5, steps);
+  const PlanReader reader(segment.data(), layout, limits);
+  const PlanHeader h = reader.header();
+  EXPECT_EQ(h.step, 5u);
+  EXPECT_EQ(h.num_seqs, 2);
+  ASSERT_TRUE(reader.Check(h).ok());
+  auto same = [](std::span<const int32_t> got, const std::vector<int32_t>& want) {
+    return std::vector<int32_t>(got.begin(), got.end()) == want;
+  };
+  const PlannedSeq a = reader.seq(h, 0), b = reader.seq(h, 1);
+  EXPECT_EQ(a.plan->seq_id, 11u);
+  EXPECT_TRUE(same(a.tokens, a_tokens) && same(a.block_table, a_blocks));
+  EXPECT_TRUE(same(a.history.prompt, prompt) && same(a.history.generated, generated) && same(a.history.banned, banned));
+  EXPECT_EQ(a.plan->sampling.seed, 77u);
+  EXPECT_EQ(a.plan->sampling.top_k, 3);
+  EXPECT_EQ(a.plan->draw_index, 4);
+  EXPECT_EQ(a.plan->sample, 1);
+  EXPECT_EQ(a.plan->prompt_logprobs, 1);
+  EXPECT_EQ(b.plan->start_pos, 9);
+  EXPECT_TRUE(same(b.tokens, b_tokens) && same(b.block_table, b_blocks));
+  EXPECT_TRUE(b.history.prompt.empty() && b.history.banned.empty());
+  EXPECT_EQ(b.plan->sample, 0);
+  // A sequence pointing past the plan's token array is refused before anything reads it.
+  reinterpret_cast<PlanSeq*>(segment.data() + layout.plan_seqs)[1].num_tokens = 50;
+  EXPECT_EQ(reader.Check(h).message(), "step plan sequence 1 points outside the plan's arrays");
+  // The writer refuses what does not fit, naming the limit.
+  const std::vector<int32_t> many(17, 1);
+  const SeqStep big{.seq_id = 1, .tokens = many, .block_table = a_blocks};
+  EXPECT_EQ(writer.Check({&big, 1}).code(), absl::StatusCode::kInvalidArgument);
+  const std::vector<int32_t> long_table(5, 0);
+  const SeqStep wide{.seq_id = 1, .tokens = b_tokens, .block_table = long_table};
+  EXPECT_EQ(writer.Check({&wide, 1}).message(), "sequence 0: block table of 5 blocks exceeds the limit 4");
+}
+
 }  // namespace
 }  // namespace kraken::runtime

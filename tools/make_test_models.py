@@ -105,12 +105,31 @@ def make(name: str, out_root: str) -> None:
                         "regenerate": ".venv/bin/python tools/make_test_models.py"})
 
 
+# How far a regenerated golden float may sit from the committed one, relative to the largest
+# magnitude in its tensor. The reference runs in float32 through PyTorch's CPU kernels, whose
+# summation order follows the CPU's vector width (AVX2 and AVX-512 machines differ by ~1e-6 of
+# the scale), so golden logits and traces agree to rounding, not to the bit. Weights, token ids
+# and every non-golden file must still be identical.
+GOLDEN_REL_TOL = 1e-5
+
+
+def same_tensor(x: torch.Tensor, y: torch.Tensor, golden: bool) -> bool:
+    if x.dtype != y.dtype or x.shape != y.shape:
+        return False
+    if not golden or not x.is_floating_point():
+        return torch.equal(x, y)
+    scale = max(y.float().abs().max().item(), 1e-30) if y.numel() else 1.0
+    return bool(((x.float() - y.float()).abs() <= GOLDEN_REL_TOL * scale).all())
+
+
 def same_file(a: str, b: str) -> bool:
-    """Byte equality, except safetensors files compare by tensors (their metadata order varies)."""
+    """Byte equality, except safetensors files compare by tensors (their metadata order varies),
+    and golden outputs to GOLDEN_REL_TOL of their scale."""
     if not a.endswith(".safetensors"):
         return filecmp.cmp(a, b, shallow=False)
     ta, tb = load_file(a), load_file(b)
-    return ta.keys() == tb.keys() and all(ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]) for k in ta)
+    golden = os.path.basename(a) == "golden.safetensors"
+    return ta.keys() == tb.keys() and all(same_tensor(ta[k], tb[k], golden) for k in ta)
 
 
 def main() -> int:
@@ -134,7 +153,8 @@ def main() -> int:
             if bad:
                 print("make_test_models: regenerated files differ: " + ", ".join(sorted(set(bad))), file=sys.stderr)
                 return 1
-            print(f"make_test_models: {len(MODELS)} models regenerate identically")
+            print(f"make_test_models: {len(MODELS)} models regenerate identically (golden outputs to "
+                  f"{GOLDEN_REL_TOL:g} of their scale)")
             return 0
     for name in MODELS:
         make(name, a.out)

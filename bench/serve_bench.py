@@ -48,7 +48,7 @@ def pct(xs, q):
 
 
 def engine_run(model, devices, *args):
-    out = subprocess.run([os.path.join(BUILD, "engine", "kraken-generate"), model, "--devices", devices,
+    out = subprocess.run([os.path.join(BUILD, "core", "kraken-generate"), model, "--devices", devices,
                           "--prompt", PROMPT, "--json", "--ignore-eos", "--seed", "1", "--temperature", str(TEMPERATURE),
                           "--top-p", str(TOP_P), *args],
                          capture_output=True, text=True, timeout=600, check=True)

@@ -18,8 +18,9 @@
 //      watermark remain; a prompt longer than the remaining budget is admitted with a first chunk.
 //      Admission is strictly in order: a request that does not fit blocks those behind it.
 //
-// Order everywhere is (priority, arrival): lower priority values first, first come first served
-// among equal priorities (all requests have priority 0 unless a client says otherwise).
+// Order everywhere is the scheduling policy's, a value in SchedulerOptions: kPriority orders by
+// (priority, arrival), lower priority values first and first come first served among equals (all
+// requests have priority 0 unless a client says otherwise); kFcfs by arrival alone.
 // Schedule() assumes the step will run: it advances each planned sequence's computed-token count.
 // After a failed step the caller aborts the sequences it had planned.
 #pragma once
@@ -35,6 +36,12 @@
 
 namespace kraken::scheduler {
 
+/// How the waiting and running queues are ordered (admission, preemption victims).
+enum class SchedulingPolicy {
+  kPriority,  // (priority, arrival)
+  kFcfs,      // arrival; priorities are ignored
+};
+
 struct SchedulerOptions {
   int num_kv_blocks = 0;         // in each worker's pool
   int block_size = 16;           // tokens per block
@@ -42,6 +49,7 @@ struct SchedulerOptions {
   int max_batch_seqs = 64;       // sequences per step
   int max_waiting = 256;         // waiting-queue capacity; Add beyond it is RESOURCE_EXHAUSTED
   double watermark = 0.01;       // fraction of blocks admission leaves free for running decodes
+  SchedulingPolicy policy = SchedulingPolicy::kPriority;
 };
 
 /// One sequence as the scheduler tracks it.
@@ -99,7 +107,8 @@ class Scheduler {
   void Preempt(Sequence* s);
   void SortRunning();
   bool Before(const Sequence* a, const Sequence* b) const {
-    return a->priority != b->priority ? a->priority < b->priority : a->arrival < b->arrival;
+    if (options_.policy == SchedulingPolicy::kPriority && a->priority != b->priority) return a->priority < b->priority;
+    return a->arrival < b->arrival;
   }
   void InsertWaiting(Sequence* s);
 

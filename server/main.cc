@@ -1,13 +1,18 @@
 // kraken-server: serves a model over gRPC (kraken.v1.Kraken, grpc.health.v1.Health, reflection).
 // Every flag is also an environment variable (KRAKEN_<FLAG>, e.g. KRAKEN_PORT) and a key of the
 // TOML/INI file given with --config; the command line wins over the environment, which wins over
-// the file. See docs/api.md and README.md.
+// the file (server/flags.h). See docs/api.md and README.md.
+//
+// main() runs these in order: parse flags; load the model's config and generation defaults;
+// start the workers (runtime::WorkerGroup) and the serving core (core::Engine); serve gRPC; wait
+// for SIGTERM (drain) or for the workers to fail for good (exit 1).
 #include <signal.h>
 
 #include <chrono>
 #include <fstream>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -20,17 +25,20 @@
 #include <spdlog/spdlog.h>
 
 #include "engine/model_config.h"
-#include "runtime/worker.h"
+#include "core/engine.h"
+#include "core/serving_metrics.h"
 #include "metrics/http_exporter.h"
-#include "server/json_log.h"
+#include "runtime/worker.h"
 #include "server/flags.h"
+#include "server/json_log.h"
 #include "server/read_file.h"
-#include "server/server_metrics.h"
 #include "server/service.h"
 
 extern char** environ;
 
 namespace {
+
+using namespace kraken;
 
 struct Flags {
   std::string model = "models/kraken-kjv-4way";
@@ -57,6 +65,7 @@ struct Flags {
   std::string log_level = "info";
   std::string log_format = "plain";
   int metrics_port = 8002;
+  std::string scheduling_policy = "priority";
   bool print_resources = false;
 };
 
@@ -65,16 +74,9 @@ struct Flags {
 // /dev/shm makes NCCL fail at the first collective.
 constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
 
-}  // namespace
 
-int main(int argc, char** argv) {
-  if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
-  using namespace kraken;
 
-  Flags f;
-  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers.\n"
-               "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
-               "the environment, which wins over the file."};
+void AddFlags(CLI::App& app, Flags& f) {
   app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
       ->envname("KRAKEN_CONFIG")
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
@@ -127,7 +129,18 @@ int main(int argc, char** argv) {
                "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
   opt("--metrics-port", f.metrics_port, "KRAKEN_METRICS_PORT", "Prometheus /metrics port; -1 = off")
       ->check(CLI::Range(-1, 65535));
-  // Precedence and unknown names: server/flags.h.
+  opt("--scheduling-policy", f.scheduling_policy, "KRAKEN_SCHEDULING_POLICY",
+      "order of the waiting queue: priority (the request's priority, then arrival) or fcfs (arrival only)")
+      ->check(CLI::IsMember({"priority", "fcfs"}));
+}
+
+// Parses the command line, the environment and the config file into `f` (server/flags.h).
+// Returns the exit code when the program should stop here (--help, or a bad setting).
+std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
+  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers.\n"
+               "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
+               "the environment, which wins over the file."};
+  AddFlags(app, f);
   if (Status env = server::CheckEnvironment(app, environ); !env.ok()) {
     std::fprintf(stderr, "kraken-server: %s\n", std::string(env.message()).c_str());
     return 2;
@@ -152,41 +165,26 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  // Logs go to stderr; stdout carries only data (--print-resources).
-  spdlog::set_default_logger(spdlog::stderr_color_mt("kraken"));
-  spdlog::set_level(spdlog::level::from_str(f.log_level));
-  if (f.log_format == "json") {
-    // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
-    server::UseJsonLogs();
-  }
   if (f.tls_cert.empty() != f.tls_key.empty()) {
-    spdlog::critical("--tls-cert and --tls-key must be given together");
+    std::fprintf(stderr, "kraken-server: --tls-cert and --tls-key must be given together\n");
     return 2;
   }
   if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
-    spdlog::critical("--tls-client-ca needs --tls-cert and --tls-key");
+    std::fprintf(stderr, "kraken-server: --tls-client-ca needs --tls-cert and --tls-key\n");
     return 2;
   }
+  return std::nullopt;
+}
 
-  // SIGTERM and SIGINT are taken by a waiting thread; block them before any thread starts.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGTERM);
-  sigaddset(&sigs, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
-
-  auto config = engine::LoadModelConfig(f.model);
-  if (!config.ok()) {
-    spdlog::critical("cannot load model: {}", config.status().ToString());
-    return 2;
-  }
+// What requests may ask for: the model's limits and its generation defaults (Hugging Face's
+// generation_config.json, when present).
+server::RequestLimits LoadLimits(const std::string& model, const engine::ModelConfig& config) {
   server::RequestLimits limits;
-  limits.context_length = config->n_positions;
-  limits.vocab_size = config->vocab_size;
-  limits.eos_token_id = config->eos_token_ids.empty() ? -1 : config->eos_token_ids.front();
-  try {  // generation defaults, as Hugging Face's generation_config.json
-    auto g = nlohmann::json::parse(kraken::server::ReadWholeFile(f.model + "/generation_config.json"));
+  limits.context_length = config.n_positions;
+  limits.vocab_size = config.vocab_size;
+  limits.eos_token_id = config.eos_token_ids.empty() ? -1 : config.eos_token_ids.front();
+  try {
+    auto g = nlohmann::json::parse(server::ReadWholeFile(model + "/generation_config.json"));
     if (g.contains("temperature")) limits.default_temperature = g["temperature"].get<float>();
     if (g.contains("top_p")) limits.default_top_p = g["top_p"].get<float>();
     if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
@@ -198,23 +196,20 @@ int main(int argc, char** argv) {
   } catch (const std::exception& e) {
     spdlog::info("no usable generation_config.json ({}); built-in defaults apply", e.what());
   }
+  return limits;
+}
 
+StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine::ModelConfig& config,
+                                                    const server::RequestLimits& limits) {
   runtime::WorkerGroupOptions wo;
   wo.model_dir = f.model;
-  {
-    auto devices = runtime::ParseDevices(f.devices);  // the one place --devices is parsed
-    if (!devices.ok()) {
-      spdlog::critical("{}", std::string(devices.status().message()));
-      return 2;
-    }
-    wo.devices = *devices;
-  }
+  KRAKEN_ASSIGN_OR_RETURN(wo.devices, runtime::ParseDevices(f.devices));  // the one place --devices is parsed
   wo.threads_per_worker = f.threads_per_worker;
   wo.max_tokens = f.max_batch_tokens;
   wo.max_seqs = f.max_batch_seqs;
   wo.block_size = f.block_size;
   wo.num_kv_blocks = f.num_kv_blocks;
-  wo.max_history = f.max_batch_seqs * (config->n_positions + limits.max_stop_token_ids + 1);
+  wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1);
   wo.max_restarts = f.max_restarts;
   auto ms = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000 + 0.5)); };
   wo.restart_window = ms(f.restart_window_s);
@@ -222,106 +217,53 @@ int main(int argc, char** argv) {
   wo.stall_timeout = ms(f.stall_timeout_s);
   wo.start_timeout = ms(f.start_timeout_s);
   wo.collective_timeout = ms(f.collective_timeout_s);
-  if (f.print_resources) {
-    auto lim = runtime::PlanLimits(wo);
-    if (!lim.ok()) {
-      spdlog::critical("{}", lim.status().ToString());
-      return 2;
-    }
-    if (config->arch == engine::Architecture::kKraken && config->kraken_degree % lim->world_size != 0) {
-      spdlog::critical("the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
-                       "hold whole sub-layers", config->kraken_degree, lim->world_size);
-      return 2;
-    }
-    const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
-    const bool gpu = wo.devices.front().is_cuda();
-    const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
-    // K and V, F32, per cached token on each worker: Kraken holds d floats per sub-layer and
-    // each worker N/W sub-layers of every layer (KRAKEN.md "KV cache"); Megatron shards hold D/W.
-    const int64_t per_token = 2ll * 4 * config->n_layer * config->n_embd * config->kraken_degree / lim->world_size;
-    nlohmann::json j{{"model", f.model},
-                     {"devices", f.devices},
-                     {"world_size", lim->world_size},
-                     {"gpus", gpu ? lim->world_size : 0},
-                     {"grpc_port", f.port},
-                     {"metrics_port", f.metrics_port},
-                     {"grace_period_seconds", f.grace_period_s},
-                     {"dispatch_segment_bytes", segment},
-                     {"nccl_shm_bytes", nccl},
-                     {"shm_bytes_required", segment + nccl},
-                     {"kv_cache_bytes_per_token_per_worker", per_token},
-                     {"kv_cache_blocks_per_worker", lim->num_kv_blocks},
-                     {"kv_cache_bytes_per_worker", per_token * lim->num_kv_blocks * lim->block_size}};
-    std::printf("%s\n", j.dump(2).c_str());
-    return 0;
-  }
-  auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
-  if (!tok.ok()) {
-    spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
+  return wo;
+}
+
+// --print-resources: what this configuration needs, as JSON on stdout. Returns the exit code.
+int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const engine::ModelConfig& config) {
+  auto lim = runtime::PlanLimits(wo);
+  if (!lim.ok()) {
+    spdlog::critical("{}", lim.status().ToString());
     return 2;
   }
-  const auto t0 = std::chrono::steady_clock::now();
-  auto group = runtime::WorkerGroup::Start(wo);
-  if (!group.ok()) {
-    spdlog::critical("workers failed to start: {}", group.status().ToString());
-    return 1;
-  }
-  const runtime::Limits rl = (*group)->limits();
-  if (rl.num_kv_blocks < rl.max_blocks_per_seq) {
-    // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
-    spdlog::critical("--num-kv-blocks {} is below one full context ({} blocks of {} tokens)", rl.num_kv_blocks,
-                     rl.max_blocks_per_seq, rl.block_size);
+  if (config.arch == engine::Architecture::kKraken && config.kraken_degree % lim->world_size != 0) {
+    spdlog::critical("the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
+                     "hold whole sub-layers", config.kraken_degree, lim->world_size);
     return 2;
   }
-  const int world = (*group)->world_size();
-  spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", world, f.devices,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
-               rl.block_size);
+  const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
+  const bool gpu = wo.devices.front().is_cuda();
+  const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
+  // K and V, F32, per cached token on each worker: Kraken holds d floats per sub-layer and each
+  // worker N/W sub-layers of every layer (docs/kraken.md "KV cache"); Megatron shards hold D/W.
+  const int64_t per_token = 2ll * 4 * config.n_layer * config.n_embd * config.kraken_degree / lim->world_size;
+  nlohmann::json j{{"model", f.model},
+                   {"devices", f.devices},
+                   {"world_size", lim->world_size},
+                   {"gpus", gpu ? lim->world_size : 0},
+                   {"grpc_port", f.port},
+                   {"metrics_port", f.metrics_port},
+                   {"grace_period_seconds", f.grace_period_s},
+                   {"dispatch_segment_bytes", segment},
+                   {"nccl_shm_bytes", nccl},
+                   {"shm_bytes_required", segment + nccl},
+                   {"kv_cache_bytes_per_token_per_worker", per_token},
+                   {"kv_cache_blocks_per_worker", lim->num_kv_blocks},
+                   {"kv_cache_bytes_per_worker", per_token * lim->num_kv_blocks * lim->block_size}};
+  std::printf("%s\n", j.dump(2).c_str());
+  return 0;
+}
 
-  metrics::Registry registry;
-  server::ServerMetrics server_metrics(registry, world, KRAKEN_VERSION, f.model.substr(f.model.find_last_of('/') + 1),
-                                       f.devices);
-  std::unique_ptr<metrics::HttpExporter> exporter;
-  if (f.metrics_port >= 0) {
-    auto e = metrics::HttpExporter::Start(f.host, f.metrics_port, &registry);
-    if (!e.ok()) {
-      spdlog::critical("{}", e.status().ToString());
-      return 1;
-    }
-    exporter = std::move(*e);
-    spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
-  }
-  server::EngineOptions eo;
-  eo.metrics = &server_metrics;
-  eo.context_length = config->n_positions;
-  eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size, .max_batch_tokens = f.max_batch_tokens,
-                  .max_batch_seqs = f.max_batch_seqs, .max_waiting = f.max_waiting, .watermark = f.kv_watermark};
-  // Health, per service and overall: NOT_SERVING while workers are recovered.
-  std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
-  std::atomic<bool> draining{false};
-  std::mutex health_mu;
-  auto set_health = [&](bool serving) {
-    std::lock_guard<std::mutex> l(health_mu);
-    if (auto* h = health_service.load()) {
-      h->SetServingStatus(serving && !draining);
-      h->SetServingStatus("kraken.v1.Kraken", serving && !draining);
-    }
-  };
-  eo.on_serving = set_health;
-  server::EngineLoop engine(std::move(*group), **tok, eo);
-
-  server::ServiceOptions so;
-  so.limits = limits;
-  so.api_key = f.api_key;
-  so.metrics = &server_metrics;
-  so.max_message_bytes = f.max_message_bytes;
-  auto& info = so.info;
+kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& config,
+                                    const server::RequestLimits& limits, int world) {
+  kraken::v1::ModelInfo info;
   info.set_model_name(f.model.substr(f.model.find_last_of('/') + 1));
-  info.set_architecture(std::string(engine::ArchitectureName(config->arch)));
-  info.set_kraken_degree(config->kraken_degree);
+  info.set_architecture(std::string(engine::ArchitectureName(config.arch)));
+  info.set_kraken_degree(config.kraken_degree);
   info.set_world_size(world);
-  info.set_context_length(config->n_positions);
-  info.set_vocab_size(config->vocab_size);
+  info.set_context_length(config.n_positions);
+  info.set_vocab_size(config.vocab_size);
   info.set_eos_token_id(limits.eos_token_id);
   info.set_default_max_tokens(limits.default_max_tokens);
   info.set_max_stop_strings(limits.max_stop_strings);
@@ -331,45 +273,60 @@ int main(int argc, char** argv) {
   info.set_max_batch_tokens(f.max_batch_tokens);
   info.set_max_batch_sequences(f.max_batch_seqs);
   info.set_devices(f.devices);
-  server::KrakenService service(engine, **tok, so);
+  return info;
+}
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  std::shared_ptr<grpc::ServerCredentials> creds = grpc::InsecureServerCredentials();
+// Plain text, TLS, or mutual TLS. INVALID_ARGUMENT naming the file that cannot be read.
+StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const Flags& f) {
+  if (f.tls_cert.empty()) return grpc::InsecureServerCredentials();
   try {
-    if (!f.tls_cert.empty()) {
-      grpc::SslServerCredentialsOptions ssl(f.tls_client_ca.empty()
-                                                ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
-                                                : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
-      ssl.pem_key_cert_pairs.push_back(
-          {kraken::server::ReadWholeFile(f.tls_key), kraken::server::ReadWholeFile(f.tls_cert)});
-      if (!f.tls_client_ca.empty()) ssl.pem_root_certs = kraken::server::ReadWholeFile(f.tls_client_ca);
-      creds = grpc::SslServerCredentials(ssl);
-    }
+    grpc::SslServerCredentialsOptions ssl(f.tls_client_ca.empty()
+                                              ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                                              : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    ssl.pem_key_cert_pairs.push_back({server::ReadWholeFile(f.tls_key), server::ReadWholeFile(f.tls_cert)});
+    if (!f.tls_client_ca.empty()) ssl.pem_root_certs = server::ReadWholeFile(f.tls_client_ca);
+    return grpc::SslServerCredentials(ssl);
   } catch (const std::exception& e) {
-    spdlog::critical("TLS: {}", e.what());
-    return 2;
+    return InvalidArgument("TLS: ", e.what());
   }
-  grpc::ServerBuilder builder;
-  int bound_port = 0;
-  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
-  // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
-  // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
-  builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || bound_port == 0) {
-    spdlog::critical("cannot listen on {}:{}", f.host, f.port);
-    return 1;
-  }
-  health_service = server->GetHealthCheckService();
-  set_health(true);
-  spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", info.model_name(), info.architecture(),
-               info.kraken_degree(), world, f.host, bound_port, f.tls_cert.empty() ? "" : " with TLS",
-               f.api_key.empty() ? "" : ", API key required");
+}
 
-  // Wait for SIGTERM/SIGINT, or for the workers to fail for good.
-  // The first SIGTERM/SIGINT drains; a second one ends the grace period at once.
+// Overall and per-service health: SERVING while the workers are up and the server is not
+// draining. Set from the engine thread (recoveries) and the main thread (start, drain).
+class Health {
+ public:
+  void Attach(grpc::HealthCheckServiceInterface* service) {
+    std::lock_guard<std::mutex> l(mu_);
+    service_ = service;
+  }
+  void Set(bool serving) {
+    std::lock_guard<std::mutex> l(mu_);
+    serving_ = serving;
+    Publish();
+  }
+  void Drain() {
+    std::lock_guard<std::mutex> l(mu_);
+    draining_ = true;
+    Publish();
+  }
+
+ private:
+  void Publish() {
+    if (service_ == nullptr) return;
+    service_->SetServingStatus(serving_ && !draining_);
+    service_->SetServingStatus("kraken.v1.Kraken", serving_ && !draining_);
+  }
+  std::mutex mu_;
+  grpc::HealthCheckServiceInterface* service_ = nullptr;
+  bool serving_ = false, draining_ = false;
+};
+
+// Waits for SIGTERM/SIGINT (blocked in `sigs`) or for the engine to fail for good, then drains:
+// health NOT_SERVING, new calls UNAVAILABLE, in-flight requests get the grace period (a second
+// signal ends it), then everything stops. Returns the exit code: 0 after a signal, 1 when the
+// workers failed beyond the restart limit.
+int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engine, server::KrakenService& service,
+                 grpc::Server& server, Health& health) {
   std::atomic<int> signo{0};
   std::atomic<int> signals{0};
   std::atomic<bool> stop_waiting{false};
@@ -384,25 +341,144 @@ int main(int argc, char** argv) {
   });
   while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
-  {
-    std::lock_guard<std::mutex> l(health_mu);
-    draining = true;
-  }
-  set_health(false);
+  health.Drain();
   service.StartDraining();
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");
   } else {
-    spdlog::info("signal {}: draining (grace period {} s)", signo.load(), f.grace_period_s);
-    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(f.grace_period_s);
+    spdlog::info("signal {}: draining (grace period {} s)", signo.load(), grace_period_s);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_period_s);
     while (engine.active() > 0 && std::chrono::steady_clock::now() < until && signals < 2)
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   engine.Stop();  // ends what is left with UNAVAILABLE
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  server.Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop_waiting = true;
   kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
   waiter.join();
   spdlog::info("stopped");
   return fatal ? 1 : 0;
+}
+
+core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig& config, const runtime::Limits& rl,
+                                      core::ServingMetrics* metrics, Health* health) {
+  core::EngineOptions eo;
+  eo.metrics = metrics;
+  eo.context_length = config.n_positions;
+  eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size,
+                  .max_batch_tokens = f.max_batch_tokens, .max_batch_seqs = f.max_batch_seqs,
+                  .max_waiting = f.max_waiting, .watermark = f.kv_watermark,
+                  .policy = f.scheduling_policy == "fcfs" ? scheduler::SchedulingPolicy::kFcfs
+                                                          : scheduler::SchedulingPolicy::kPriority};
+  eo.on_serving = [health](bool serving) { health->Set(serving); };
+  return eo;
+}
+
+// Starts the workers; the exit code when they cannot serve this configuration.
+StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, const runtime::WorkerGroupOptions& wo) {
+  const auto t0 = std::chrono::steady_clock::now();
+  KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
+  const runtime::Limits rl = group->limits();
+  if (rl.num_kv_blocks < rl.max_blocks_per_seq) {
+    // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
+    return InvalidArgument("--num-kv-blocks ", rl.num_kv_blocks, " is below one full context (",
+                           rl.max_blocks_per_seq, " blocks of ", rl.block_size, " tokens)");
+  }
+  spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", group->world_size(), f.devices,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
+               rl.block_size);
+  return group;
+}
+
+// Everything after the flags: returns the exit code.
+int Run(const Flags& f, const sigset_t& sigs) {
+  auto config = engine::LoadModelConfig(f.model);
+  if (!config.ok()) {
+    spdlog::critical("cannot load model: {}", config.status().ToString());
+    return 2;
+  }
+  const server::RequestLimits limits = LoadLimits(f.model, *config);
+  auto wo = WorkerOptions(f, *config, limits);
+  if (!wo.ok()) {
+    spdlog::critical("{}", std::string(wo.status().message()));
+    return 2;
+  }
+  if (f.print_resources) return PrintResources(f, *wo, *config);
+  auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
+  if (!tok.ok()) {
+    spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
+    return 2;
+  }
+  auto creds = Credentials(f);
+  if (!creds.ok()) {
+    spdlog::critical("{}", std::string(creds.status().message()));
+    return 2;
+  }
+  auto group = StartWorkers(f, *wo);
+  if (!group.ok()) {
+    spdlog::critical("workers failed to start: {}", group.status().ToString());
+    return group.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  const runtime::Limits rl = (*group)->limits();
+  const int world = (*group)->world_size();
+  metrics::Registry registry;
+  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, f.model.substr(f.model.find_last_of('/') + 1),
+                                       f.devices);
+  std::unique_ptr<metrics::HttpExporter> exporter;
+  if (f.metrics_port >= 0) {
+    auto e = metrics::HttpExporter::Start(f.host, f.metrics_port, &registry);
+    if (!e.ok()) {
+      spdlog::critical("{}", e.status().ToString());
+      return 1;
+    }
+    exporter = std::move(*e);
+    spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
+  }
+  Health health;
+  core::Engine engine(std::move(*group), **tok,
+                      MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
+  server::ServiceOptions so{.limits = limits, .info = MakeModelInfo(f, *config, limits, world), .api_key = f.api_key,
+                            .metrics = &serving_metrics, .max_message_bytes = f.max_message_bytes};
+  server::KrakenService service(engine, **tok, so);
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), *creds, &bound_port);
+  // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
+  // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
+  builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound_port == 0) {
+    spdlog::critical("cannot listen on {}:{}", f.host, f.port);
+    return 1;
+  }
+  health.Attach(server->GetHealthCheckService());
+  health.Set(true);
+  spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
+               so.info.kraken_degree(), world, f.host, bound_port, f.tls_cert.empty() ? "" : " with TLS",
+               f.api_key.empty() ? "" : ", API key required");
+  return WaitAndDrain(sigs, f.grace_period_s, engine, service, *server, health);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
+  Flags f;
+  if (auto code = ParseFlags(argc, argv, f)) return *code;
+  // Logs go to stderr; stdout carries only data (--print-resources).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("kraken"));
+  spdlog::set_level(spdlog::level::from_str(f.log_level));
+  // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
+  if (f.log_format == "json") kraken::server::UseJsonLogs();
+  // SIGTERM and SIGINT are taken by a waiting thread; block them before any thread starts.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGTERM);
+  sigaddset(&sigs, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+  return Run(f, sigs);
 }

@@ -17,30 +17,41 @@ grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
   return out;
 }
 
-// Moves what is pending in `out` into `msg`. The first message carries the seed (and the echo);
-// the last carries finish reason, usage and timings.
-void TakeOutput(Request& r, GenerateResponse* msg, bool last) {
-  Output& o = r.out;
-  msg->set_request_id(r.request_id);
+kraken::v1::FinishReason ToProto(core::FinishReason r) {
+  switch (r) {
+    case core::FinishReason::kStop: return kraken::v1::FINISH_REASON_STOP;
+    case core::FinishReason::kLength: return kraken::v1::FINISH_REASON_LENGTH;
+    case core::FinishReason::kNone: break;
+  }
+  return kraken::v1::FINISH_REASON_UNSPECIFIED;
+}
+
+// Turns a chunk taken from the core into `msg`. The first message carries the seed (and the
+// echo); the last carries finish reason, usage and timings.
+void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first, bool last, GenerateResponse* msg) {
+  const core::RequestParams& p = h.params();
+  msg->set_request_id(p.request_id);
   msg->mutable_text()->append(o.text);
-  o.text.clear();
   for (int32_t id : o.ids) msg->add_token_ids(id);
-  o.ids.clear();
-  for (auto& lp : o.logprobs) *msg->add_logprobs() = std::move(lp);
-  o.logprobs.clear();
-  if (!o.first_sent) {
-    o.first_sent = true;
-    msg->set_seed(r.params.sampling.seed);
-    if (r.params.echo) {
-      msg->set_prompt_text(r.params.prompt_text);
-      for (int32_t id : r.params.prompt) msg->add_prompt_token_ids(id);
+  for (const core::TokenLogprobs& lp : o.logprobs) {
+    kraken::v1::TokenLogprob* out = msg->add_logprobs();
+    out->set_token_id(lp.token);
+    out->set_logprob(lp.logprob);
+    for (const engine::TokenLogprob& t : lp.top) {
+      auto* alt = out->add_top();
+      alt->set_token_id(t.token);
+      alt->set_logprob(t.logprob);
     }
   }
+  if (first || last) msg->set_seed(p.sampling.seed);
+  if (first && p.echo) {
+    msg->set_prompt_text(p.prompt_text);
+    for (int32_t id : p.prompt) msg->add_prompt_token_ids(id);
+  }
   if (last) {
-    msg->set_seed(r.params.sampling.seed);
-    msg->set_finish_reason(o.finish_reason);
+    msg->set_finish_reason(ToProto(o.finish_reason));
     msg->set_stop_reason(o.stop_reason);
-    msg->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(r.params.prompt.size()));
+    msg->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(p.prompt.size()));
     msg->mutable_usage()->set_completion_tokens(o.completion_tokens);
     msg->mutable_timings()->set_queue_seconds(o.queue_s);
     msg->mutable_timings()->set_ttft_seconds(o.ttft_s);
@@ -48,132 +59,144 @@ void TakeOutput(Request& r, GenerateResponse* msg, bool last) {
   }
 }
 
-bool HasPending(const Output& o) { return !o.text.empty() || !o.ids.empty() || !o.first_sent; }
-
-// What both reactors share with the engine loop: the request, its wake-up hook, and the two
-// ends of the call (the client cancels; gRPC is done with the reactor).
-struct EngineLink {
-  std::shared_ptr<Request> r;
-  EngineLoop& engine;
-
-  // With r->mu held by the caller: the engine calls `pump` (under r->mu) whenever output is new.
-  void Attach(std::function<void()> pump) { r->notify = std::move(pump); }
-  void Cancel() {
-    r->cancelled = true;
-    engine.Wake();
-  }
-  // The reactor is about to be deleted: the engine must not call into it again.
-  void Detach() {
-    std::lock_guard<std::recursive_mutex> l(r->mu);
-    r->notify = nullptr;
-  }
-};
-
+// Streams one request: whenever no write is outstanding, sends what the core has produced.
+// While the client is slow, output coalesces in the handle and the engine never waits. `mu_`
+// (this reactor's only lock) serialises the engine thread's pumps with gRPC's callbacks; the
+// core calls the listener holding none of its own locks.
 class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  GenerateReactor(std::shared_ptr<Request> r, EngineLoop& engine) : link_{std::move(r), engine}, r_(link_.r) {
-    std::lock_guard<std::recursive_mutex> l(r_->mu);
-    link_.Attach([this] { Pump(); });
+  explicit GenerateReactor(std::shared_ptr<core::RequestHandle> h) : h_(std::move(h)) {
+    h_->Listen([this] { Pump(); });
     Pump();
   }
 
   void OnWriteDone(bool ok) override {
-    std::lock_guard<std::recursive_mutex> l(r_->mu);
+    std::lock_guard<std::mutex> l(mu_);
     writing_ = false;
     if (!ok) {  // the client is gone
-      link_.Cancel();
+      h_->Cancel();
       if (!finish_called_) {
         finish_called_ = true;
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
       }
       return;
     }
-    Pump();
+    PumpLocked();
   }
-  void OnCancel() override { link_.Cancel(); }
+  void OnCancel() override { h_->Cancel(); }
   void OnDone() override {
-    link_.Detach();
+    h_->Detach();  // the engine will not call Pump again
     delete this;
   }
 
  private:
-  // With r_->mu held: start the next write, or finish.
   void Pump() {
+    std::lock_guard<std::mutex> l(mu_);
+    PumpLocked();
+  }
+  // Start the next write, or finish.
+  void PumpLocked() {
     if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
-    Output& o = r_->out;
-    if (o.finished && !o.status.ok()) {
+    if (!taken_.finished) {
+      core::Output chunk;
+      h_->Take(&chunk);
+      Merge(std::move(chunk));
+    }
+    const bool has_tokens = !taken_.text.empty() || !taken_.ids.empty();
+    if (taken_.finished && !taken_.status.ok()) {
       finish_called_ = true;
-      if (!o.text.empty() || !o.ids.empty()) {  // deliver what was produced, then the error
-        msg_.Clear();
-        TakeOutput(*r_, &msg_, false);
-        writing_ = true;
-        wire_ = Serialize(msg_);
-        StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(o.status));
+      if (has_tokens) {  // deliver what was produced, then the error
+        Send(/*last=*/false, /*and_finish=*/true);
       } else {
-        Finish(ToGrpc(o.status));
+        Finish(ToGrpc(taken_.status));
       }
       return;
     }
-    if (o.finished && !last_sent_) {
-      msg_.Clear();
-      TakeOutput(*r_, &msg_, true);
+    if (taken_.finished && !last_sent_) {
       last_sent_ = true;
-      writing_ = true;
-      wire_ = Serialize(msg_);
-      StartWrite(&wire_);
+      Send(/*last=*/true, /*and_finish=*/false);
       return;
     }
-    if (o.finished) {
+    if (taken_.finished) {
       finish_called_ = true;
       Finish(grpc::Status::OK);
       return;
     }
-    if (HasPending(o) && (!o.text.empty() || !o.ids.empty())) {
-      msg_.Clear();
-      TakeOutput(*r_, &msg_, false);
-      writing_ = true;
-      wire_ = Serialize(msg_);
-      StartWrite(&wire_);
+    if (has_tokens) Send(/*last=*/false, /*and_finish=*/false);
+  }
+  // Appends a chunk to what is taken but not yet sent (the end fields overwrite).
+  void Merge(core::Output chunk) {
+    taken_.text += chunk.text;
+    taken_.ids.insert(taken_.ids.end(), chunk.ids.begin(), chunk.ids.end());
+    for (auto& lp : chunk.logprobs) taken_.logprobs.push_back(std::move(lp));
+    if (chunk.finished) {
+      chunk.text = std::move(taken_.text);
+      chunk.ids = std::move(taken_.ids);
+      chunk.logprobs = std::move(taken_.logprobs);
+      taken_ = std::move(chunk);
     }
   }
+  void Send(bool last, bool and_finish) {
+    GenerateResponse msg;
+    ToResponse(*h_, taken_, !first_sent_, last, &msg);
+    first_sent_ = true;
+    taken_.text.clear();
+    taken_.ids.clear();
+    taken_.logprobs.clear();
+    wire_ = Serialize(msg);
+    writing_ = true;
+    if (and_finish) StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(taken_.status));
+    else StartWrite(&wire_);
+  }
 
-  EngineLink link_;
-  const std::shared_ptr<Request>& r_;
-  GenerateResponse msg_;
-  grpc::ByteBuffer wire_;  // msg_ serialized: what the write in flight sends
-  bool writing_ = false, last_sent_ = false, finish_called_ = false;
+  std::shared_ptr<core::RequestHandle> h_;
+  std::mutex mu_;
+  core::Output taken_;     // taken from the handle, not yet sent
+  grpc::ByteBuffer wire_;  // the message the write in flight sends
+  bool writing_ = false, first_sent_ = false, last_sent_ = false, finish_called_ = false;
 };
 
+// Answers one request in a single message once it has ended.
 class CompleteReactor final : public grpc::ServerUnaryReactor {
  public:
-  CompleteReactor(std::shared_ptr<Request> r, EngineLoop& engine, grpc::ByteBuffer* resp)
-      : link_{std::move(r), engine}, r_(link_.r), resp_(resp) {
-    std::lock_guard<std::recursive_mutex> l(r_->mu);
-    link_.Attach([this] { Pump(); });
+  CompleteReactor(std::shared_ptr<core::RequestHandle> h, grpc::ByteBuffer* resp) : h_(std::move(h)), resp_(resp) {
+    h_->Listen([this] { Pump(); });
     Pump();
   }
-  void OnCancel() override { link_.Cancel(); }
+  void OnCancel() override { h_->Cancel(); }
   void OnDone() override {
-    link_.Detach();
+    h_->Detach();
     delete this;
   }
 
  private:
   void Pump() {
-    if (finish_called_ || !r_->out.finished) return;
+    std::lock_guard<std::mutex> l(mu_);
+    if (finish_called_) return;
+    core::Output chunk;
+    h_->Take(&chunk);
+    all_.text += chunk.text;
+    all_.ids.insert(all_.ids.end(), chunk.ids.begin(), chunk.ids.end());
+    for (auto& lp : chunk.logprobs) all_.logprobs.push_back(std::move(lp));
+    if (!chunk.finished) return;
     finish_called_ = true;
-    if (!r_->out.status.ok()) {
-      Finish(ToGrpc(r_->out.status));
+    if (!chunk.status.ok()) {
+      Finish(ToGrpc(chunk.status));
       return;
     }
+    chunk.text = std::move(all_.text);
+    chunk.ids = std::move(all_.ids);
+    chunk.logprobs = std::move(all_.logprobs);
     GenerateResponse msg;
-    TakeOutput(*r_, &msg, true);
+    ToResponse(*h_, chunk, /*first=*/true, /*last=*/true, &msg);
     *resp_ = Serialize(msg);
     Finish(grpc::Status::OK);
   }
-  EngineLink link_;
-  const std::shared_ptr<Request>& r_;
+
+  std::shared_ptr<core::RequestHandle> h_;
   grpc::ByteBuffer* resp_;
+  std::mutex mu_;
+  core::Output all_;  // everything taken so far
   bool finish_called_ = false;
 };
 
@@ -200,31 +223,21 @@ Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
   return absl::OkStatus();
 }
 
-StatusOr<std::shared_ptr<Request>> KrakenService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
-                                                         kraken::v1::GenerateRequest* req) {
+StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::CallbackServerContext* ctx,
+                                                                     const grpc::ByteBuffer& raw,
+                                                                     kraken::v1::GenerateRequest* req) {
+  // The deadline, read against both clocks at the same moment.
+  const auto arrival = core::Clock::now();
+  auto deadline = core::Clock::time_point::max();
+  const auto sys_deadline = ctx->deadline();
+  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
+    deadline = arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline -
+                                                                           std::chrono::system_clock::now());
   if (draining_) return absl::UnavailableError("the server is shutting down");
   KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
-  return MakeRequest(ctx, *req);
-}
-
-StatusOr<std::shared_ptr<Request>> KrakenService::MakeRequest(grpc::CallbackServerContext* ctx,
-                                                              const kraken::v1::GenerateRequest& req) {
-  // The deadline, read against both clocks at the same moment.
-  const auto arrival = Clock::now();
-  auto deadline = Clock::time_point::max();
-  const auto sys_deadline = ctx->deadline();
-  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
-    deadline = arrival + std::chrono::duration_cast<Clock::duration>(sys_deadline - std::chrono::system_clock::now());
-  KRAKEN_ASSIGN_OR_RETURN(RequestParams params, ValidateGenerateRequest(req, options_.limits, tok_));
-  auto r = std::make_shared<Request>(next_id_++, req.request_id(), std::move(params), tok_, arrival, deadline);
-  if (r->params.max_tokens == 0) {  // nothing to generate: answer at once
-    EngineLoop::FinishRequest(*r, absl::OkStatus(), kraken::v1::FINISH_REASON_LENGTH, "");
-    if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", r->out.e2e_s);
-    return r;
-  }
-  KRAKEN_RETURN_IF_ERROR(engine_.Submit(r));
-  return r;
+  KRAKEN_ASSIGN_OR_RETURN(core::RequestParams params, ValidateGenerateRequest(*req, options_.limits, tok_));
+  return engine_.Submit(std::move(params), arrival, deadline);
 }
 
 void KrakenService::Refused(const std::string& request_id, const Status& status) const {
@@ -240,23 +253,23 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::Callba
     void OnDone() override { delete this; }
   };
   kraken::v1::GenerateRequest req;
-  StatusOr<std::shared_ptr<Request>> r = Accept(ctx, *raw, &req);
+  StatusOr<std::shared_ptr<core::RequestHandle>> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
     Refused(req.request_id(), r.status());
     return new Reject(ToGrpc(r.status()));
   }
-  return new GenerateReactor(std::move(*r), engine_);
+  return new GenerateReactor(std::move(*r));
 }
 
 grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                   grpc::ByteBuffer* resp) {
   kraken::v1::GenerateRequest req;
-  StatusOr<std::shared_ptr<Request>> r = Accept(ctx, *raw, &req);
+  StatusOr<std::shared_ptr<core::RequestHandle>> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
     Refused(req.request_id(), r.status());
     return FinishUnary(ctx, ToGrpc(r.status()));
   }
-  return new CompleteReactor(std::move(*r), engine_, resp);
+  return new CompleteReactor(std::move(*r), resp);
 }
 
 grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,

@@ -12,8 +12,8 @@
 #include <grpcpp/grpcpp.h>
 
 #include "kraken/v1/kraken.grpc.pb.h"
-#include "server/engine_loop.h"
-#include "server/server_metrics.h"
+#include "core/engine.h"
+#include "core/serving_metrics.h"
 #include "server/validation.h"
 
 namespace kraken::server {
@@ -25,7 +25,7 @@ struct ServiceOptions {
   RequestLimits limits;
   kraken::v1::ModelInfo info;
   std::string api_key;  // empty: no authentication
-  ServerMetrics* metrics = nullptr;  // optional
+  core::ServingMetrics* metrics = nullptr;  // optional
   int max_message_bytes = 4 << 20;   // largest request body the service accepts (bytes)
 };
 
@@ -65,7 +65,7 @@ Status ParseRequest(const grpc::ByteBuffer& raw, int max_message_bytes, Message*
 
 class KrakenService final : public RawKrakenService {
  public:
-  KrakenService(EngineLoop& engine, const tokenizer::Tokenizer& tok, ServiceOptions options)
+  KrakenService(core::Engine& engine, const tokenizer::Tokenizer& tok, ServiceOptions options)
       : engine_(engine), tok_(tok), options_(std::move(options)) {}
 
   /// After this, new calls get UNAVAILABLE; calls already admitted go on.
@@ -86,16 +86,14 @@ class KrakenService final : public RawKrakenService {
   // A generation request refused before it reached the engine: logged and counted once.
   void Refused(const std::string& request_id, const Status& status) const;
   Status Authorize(grpc::CallbackServerContext* ctx) const;
-  // Draining, authentication, parsing, then MakeRequest: the request to stream, or why not.
-  StatusOr<std::shared_ptr<Request>> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
-                                            kraken::v1::GenerateRequest* req);
-  StatusOr<std::shared_ptr<Request>> MakeRequest(grpc::CallbackServerContext* ctx, const kraken::v1::GenerateRequest& req);
+  // Draining, authentication, parsing, validation, then the engine: the request's handle, or why not.
+  StatusOr<std::shared_ptr<core::RequestHandle>> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
+                                                        kraken::v1::GenerateRequest* req);
 
-  EngineLoop& engine_;
+  core::Engine& engine_;
   const tokenizer::Tokenizer& tok_;
   ServiceOptions options_;
   std::atomic<bool> draining_{false};
-  std::atomic<uint64_t> next_id_{1};
 };
 
 }  // namespace kraken::server

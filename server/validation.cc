@@ -20,9 +20,10 @@ uint64_t FreshSeed() {
 
 }  // namespace
 
-StatusOr<RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req, const RequestLimits& lim,
+StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req, const RequestLimits& lim,
                                                 const tokenizer::Tokenizer& tok) {
-  RequestParams p;
+  core::RequestParams p;
+  p.request_id = req.request_id();
   if (static_cast<int>(req.request_id().size()) > lim.max_request_id_bytes)
     return Bad("request_id", StrCat("must be at most ", lim.max_request_id_bytes, " bytes, got ", req.request_id().size()));
   if (!tokenizer::IsValidUtf8(req.request_id())) return Bad("request_id", "is not valid UTF-8");

@@ -7,7 +7,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="${KRAKEN_GPU_BUILD:-$root/build-gpu}"
-gen="$build/engine/kraken-generate"
+gen="$build/core/kraken-generate"
 gpus="$(nvidia-smi -L | wc -l)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -43,8 +43,8 @@ fi
 step "end to end on a worker process: cuda:0 against cpu:1 (greedy, bundled model)"
 model="$root/models/kraken-kjv-4way"
 args=(--prompt "In the beginning God created" --max-tokens 24 --ignore-eos --json)
-"$build/engine/kraken-generate" "$model" --devices cpu:1 "${args[@]}" >"$out/generate-cpu.json"
-"$build/engine/kraken-generate" "$model" --devices cuda:0 "${args[@]}" >"$out/generate-cuda.json"
+"$build/core/kraken-generate" "$model" --devices cpu:1 "${args[@]}" >"$out/generate-cpu.json"
+"$build/core/kraken-generate" "$model" --devices cuda:0 "${args[@]}" >"$out/generate-cuda.json"
 python3 - "$out/generate-cpu.json" "$out/generate-cuda.json" <<'PY'
 import json, sys
 cpu, gpu = (json.load(open(p)) for p in sys.argv[1:3])

@@ -506,16 +506,19 @@ TEST(Timers, FailuresFartherApartThanTheRestartWindowNeverAddUp) {
 }
 
 TEST(Timers, TheStartTimeoutBoundsAStartThatCannotFinish) {
-  WorkerGroupOptions o = Options("gpt2-f32", 2);
-  o.start_timeout = std::chrono::milliseconds(1);
+  // The warm-up's collectives on the slowed link take ~100 ms each: a 30 ms start timeout fires
+  // before any rank is ready, and the same start with the default timeout succeeds.
+  WorkerGroupOptions o = SlowOptions(2);
+  o.start_timeout = std::chrono::milliseconds(30);
   const auto t0 = Clock::now();
   auto group = WorkerGroup::Start(o);
   ASSERT_FALSE(group.ok());
   EXPECT_EQ(group.status().code(), absl::StatusCode::kDeadlineExceeded) << group.status();
-  EXPECT_NE(std::string(group.status().message()).find("did not become ready within 1 ms"), std::string::npos)
+  EXPECT_NE(std::string(group.status().message()).find("did not become ready within 30 ms"), std::string::npos)
       << group.status();
   EXPECT_LT(Since(t0), 2.0);
   EXPECT_EQ(Leftovers(), 0);
+  EXPECT_TRUE(WorkerGroup::Start(SlowOptions(2)).ok());
 }
 
 TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {

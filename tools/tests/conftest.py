@@ -20,7 +20,7 @@ def model_dir_of(name: str) -> str:
 @pytest.fixture(scope="session")
 def generate_bin() -> str:
     build = os.environ.get("KRAKEN_BUILD_DIR", os.path.join(ROOT, "build"))
-    path = os.path.join(build, "engine", "kraken-generate")
+    path = os.path.join(build, "core", "kraken-generate")
     if not os.path.exists(path):
         pytest.fail(f"{path} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
     return path

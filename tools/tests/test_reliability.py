@@ -307,7 +307,7 @@ def test_a_cpu_without_the_builds_instruction_set_gets_one_line_not_sigill():
     if qemu is None:
         pytest.fail("qemu-x86_64 is not installed: run scripts/setup.sh")
     env = {"PATH": os.environ["PATH"]}
-    generate = os.path.join(os.path.dirname(os.path.dirname(SERVER_BIN)), "engine", "kraken-generate")
+    generate = os.path.join(os.path.dirname(os.path.dirname(SERVER_BIN)), "core", "kraken-generate")
     for binary in (SERVER_BIN, generate):
         r = subprocess.run([qemu, "-cpu", "qemu64", binary, "--help"], capture_output=True, text=True, env=env,
                            timeout=120)

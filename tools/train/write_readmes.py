@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--data", default=os.path.join(ROOT, "build", "train-data"))
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
     a = ap.parse_args()
-    binary = os.path.join(a.build, "engine", "kraken-generate")
+    binary = os.path.join(a.build, "core", "kraken-generate")
     val = np.fromfile(os.path.join(a.data, "val.bin"), dtype=np.uint16)
     ids_file = os.path.join(a.data, "val.ids")
     np.savetxt(ids_file, val.reshape(1, -1), fmt="%d", delimiter=",")
@@ -99,7 +99,7 @@ Each directory holds `config.json`, `model.safetensors` (BF16), `tokenizer.json`
 {common}
 ## Use
 
-    build/engine/kraken-generate models/kraken-kjv-4way --prompt "And God said," --max-tokens 64 --temperature 0.8 --top-p 0.95
+    build/core/kraken-generate models/kraken-kjv-4way --prompt "And God said," --max-tokens 64 --temperature 0.8 --top-p 0.95
 
 ## Licence
 

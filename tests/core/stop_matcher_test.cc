@@ -3,9 +3,9 @@
 
 #include <random>
 
-#include "server/stop_matcher.h"
+#include "core/stop_matcher.h"
 
-namespace kraken::server {
+namespace kraken::core {
 namespace {
 
 TEST(StopMatcher, HoldsAPossiblePrefixAndReleasesItWhenRuledOut) {
@@ -100,4 +100,4 @@ TEST(StopMatcher, AnyChunkingGivesTheOneShotResult) {
 }
 
 }  // namespace
-}  // namespace kraken::server
+}  // namespace kraken::core

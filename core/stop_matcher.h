@@ -15,7 +15,7 @@
 #include <string_view>
 #include <vector>
 
-namespace kraken::server {
+namespace kraken::core {
 
 class StopMatcher {
  public:
@@ -39,4 +39,4 @@ class StopMatcher {
   bool done_ = false;
 };
 
-}  // namespace kraken::server
+}  // namespace kraken::core

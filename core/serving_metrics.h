@@ -1,4 +1,4 @@
-// The server's Prometheus metrics (names and buckets follow vLLM's where one exists; all carry
+// The serving core's Prometheus metrics (names and buckets follow vLLM's where one exists; all carry
 // the kraken_ prefix). Every label value comes from a fixed set: finish reasons, failure reasons,
 // ranks, collective ops. Definitions: docs/metrics.md.
 #pragma once
@@ -9,11 +9,11 @@
 #include "base/status.h"
 #include "metrics/registry.h"
 
-namespace kraken::server {
+namespace kraken::core {
 
-class ServerMetrics {
+class ServingMetrics {
  public:
-  ServerMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
+  ServingMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
                 const std::string& devices);
 
   /// Counts a request that ended with `status` (not OK) in request_failure_total{reason}.
@@ -46,4 +46,4 @@ class ServerMetrics {
 /// deadline_exceeded, cancelled, unavailable, unauthenticated, internal (everything else).
 const char* FailureReason(const Status& status);
 
-}  // namespace kraken::server
+}  // namespace kraken::core

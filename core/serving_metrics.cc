@@ -1,6 +1,6 @@
-#include "server/server_metrics.h"
+#include "core/serving_metrics.h"
 
-namespace kraken::server {
+namespace kraken::core {
 namespace {
 
 // vLLM's buckets (vllm/engine/metrics.py), in seconds.
@@ -26,7 +26,7 @@ const char* FailureReason(const Status& s) {
   }
 }
 
-ServerMetrics::ServerMetrics(metrics::Registry& reg, int world, const std::string& version, const std::string& model,
+ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::string& version, const std::string& model,
                              const std::string& devices)
     : ttft(reg.AddHistogram("kraken_time_to_first_token_seconds",
                             "Time from a request's arrival (queueing included) to its first token handed to the "
@@ -99,11 +99,11 @@ ServerMetrics::ServerMetrics(metrics::Registry& reg, int world, const std::strin
   reg.AddCollector([&errors] { errors.SetTotal(static_cast<double>(metrics::MetricsErrors())); });
 }
 
-void ServerMetrics::RecordFailure(const Status& status) { failure_.With({FailureReason(status)}).Inc(); }
+void ServingMetrics::RecordFailure(const Status& status) { failure_.With({FailureReason(status)}).Inc(); }
 
-void ServerMetrics::RecordSuccess(const std::string& finish_reason, double e2e_s) {
+void ServingMetrics::RecordSuccess(const std::string& finish_reason, double e2e_s) {
   success_.With({finish_reason}).Inc();
   e2e.Observe(e2e_s);
 }
 
-}  // namespace kraken::server
+}  // namespace kraken::core

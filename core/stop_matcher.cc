@@ -1,8 +1,8 @@
-#include "server/stop_matcher.h"
+#include "core/stop_matcher.h"
 
 #include <algorithm>
 
-namespace kraken::server {
+namespace kraken::core {
 
 StopMatcher::Result StopMatcher::Push(std::string_view delta) {
   Result r;
@@ -57,4 +57,4 @@ std::string StopMatcher::Flush() {
   return out;
 }
 
-}  // namespace kraken::server
+}  // namespace kraken::core

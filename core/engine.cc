@@ -1,0 +1,450 @@
+#include "core/engine.h"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+#include "core/finish.h"
+
+namespace kraken::core {
+namespace {
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+}  // namespace
+
+const char* FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kNone: break;
+  }
+  return "none";
+}
+
+Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer& tok,
+               const EngineOptions& options)
+    : group_(std::move(group)), tok_(tok), options_(options), sched_([&] {
+        scheduler::SchedulerOptions s = options.scheduler;
+        // Admission control happens in Submit; preempted sequences re-enter the scheduler's
+        // waiting queue without counting against it.
+        s.max_waiting = s.max_waiting + s.max_batch_seqs + 1;  // never the binding limit
+        return s;
+      }()) {
+  group_->set_recovery_callback([this](bool recovering, const Status& cause) { OnRecovery(recovering, cause); });
+  rank_base_.resize(group_->world_size());
+  // The workers are idle from the start: count it as no_work until the first request.
+  last_step_end_ = idle_begin_ = Clock::now();
+  stats_generation_ = group_->generation();
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Engine::~Engine() { Stop(); }
+
+void Engine::Stop() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Engine::Wake() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    wake_ = true;
+  }
+  cv_.notify_all();
+}
+
+StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(RequestParams params, Clock::time_point arrival,
+                                                        Clock::time_point deadline) {
+  auto h = std::make_shared<RequestHandle>(next_id_++, std::move(params), arrival, deadline);
+  if (h->params().max_tokens == 0) {  // nothing to generate: answer at once
+    Finish(*h, {}, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
+    if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", Seconds(Clock::now() - arrival));
+    return h;
+  }
+  h->set_on_cancel([this] { Wake(); });
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_ || fatal_) return absl::UnavailableError("the server is shutting down");
+    if (queued_.load() >= options_.scheduler.max_waiting)
+      return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
+                               " requests waiting); retry later");
+    incoming_.push_back(h);
+    ++active_count_;
+    ++queued_;
+  }
+  cv_.notify_all();
+  return h;
+}
+
+void Engine::Finish(RequestHandle& h, const std::vector<int32_t>& generated,
+                    const std::optional<Clock::time_point>& scheduled,
+                    const std::optional<Clock::time_point>& first_token, const Status& status, FinishReason reason,
+                    std::string stop_reason) {
+  const auto now = Clock::now();
+  h.Finish(status, reason, std::move(stop_reason), static_cast<uint32_t>(generated.size()),
+           Seconds((scheduled ? *scheduled : now) - h.arrival()),
+           first_token ? Seconds(*first_token - h.arrival()) : 0.0, Seconds(now - h.arrival()));
+}
+
+void Engine::End(uint64_t id, const Status& status, FinishReason reason, std::string stop_reason) {
+  auto it = active_.find(id);
+  if (it == active_.end()) return;
+  std::unique_ptr<Request> r = std::move(it->second);
+  active_.erase(it);
+  sched_.Remove(id);
+  if (!r->scheduled) --queued_;
+  --active_count_;
+  Finish(*r->handle, r->generated, r->scheduled, r->first_token, status, reason, std::move(stop_reason));
+  const double e2e = Seconds(Clock::now() - r->handle->arrival());
+  const std::string& rid = r->params.request_id;
+  if (options_.metrics != nullptr) {
+    if (status.ok()) options_.metrics->RecordSuccess(FinishReasonName(reason), e2e);
+    else options_.metrics->RecordFailure(status);
+  }
+  if (status.ok()) {
+    spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
+                 rid.empty() ? "-" : rid, id, r->params.prompt.size(), r->generated.size(),
+                 r->first_token ? Seconds(*r->first_token - r->handle->arrival()) : 0.0, e2e,
+                 FinishReasonName(reason));
+  } else {
+    spdlog::info("request {} ({}) ended: {}", rid.empty() ? "-" : rid, id, status.ToString());
+  }
+}
+
+void Engine::EndAll(const Status& status) {
+  std::vector<uint64_t> ids;
+  for (auto& [id, r] : active_) ids.push_back(id);
+  for (uint64_t id : ids) End(id, status);
+}
+
+void Engine::Admit() {
+  std::deque<std::shared_ptr<RequestHandle>> batch;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    batch.swap(incoming_);
+  }
+  if (!batch.empty() && active_.empty() && idle_begin_ && !idle_end_) idle_end_ = Clock::now();
+  for (auto& h : batch) {
+    const uint64_t id = h->id();
+    Status s = sched_.Add(id, h->params().prompt, h->params().priority);
+    if (!s.ok()) {
+      --active_count_;
+      --queued_;
+      Finish(*h, {}, std::nullopt, std::nullopt, s, FinishReason::kNone, "");
+      if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
+      continue;
+    }
+    active_.emplace(id, std::make_unique<Request>(std::move(h), tok_));
+  }
+}
+
+void Engine::Reap(Clock::time_point now) {
+  std::vector<std::pair<uint64_t, Status>> ending;
+  for (auto& [id, r] : active_) {
+    const RequestHandle& h = *r->handle;
+    if (now >= h.deadline()) {
+      ending.emplace_back(id, absl::DeadlineExceededError(StrCat("deadline exceeded after ",
+                                                                 Seconds(now - h.arrival()), " s (",
+                                                                 r->scheduled ? "while generating" : "while queued",
+                                                                 ")")));
+    } else if (h.cancelled()) {
+      ending.emplace_back(id, absl::CancelledError("the client cancelled the request"));
+    }
+  }
+  for (auto& [id, s] : ending) End(id, s);
+}
+
+bool Engine::WaitForWork() {
+  std::unique_lock<std::mutex> l(mu_);
+  // Sleep while there is nothing to do, waking every supervision interval to check the workers
+  // (and, with requests pending, their deadlines).
+  cv_.wait_for(l, active_.empty() ? options_.supervise_interval : std::chrono::milliseconds(50),
+               [&] { return stop_ || !incoming_.empty() || !active_.empty(); });
+  wake_ = false;
+  return !stop_;
+}
+
+void Engine::Loop() {
+  while (WaitForWork()) {
+    Admit();
+    Reap(Clock::now());
+    if (active_.empty()) {
+      AccountNoWork();
+      Supervise();
+      UpdateGauges();
+      UpdateRankMetrics();  // no_work idle accrues while nothing runs
+      if (fatal_) break;
+      continue;
+    }
+    const bool ran = RunOneStep();
+    if (active_.empty() && last_step_end_ && !idle_begin_) idle_begin_ = Clock::now();  // no_work starts
+    if (!ran) {
+      Supervise();  // blocked behind the KV watermark: the workers still get checked
+      // Nothing could be scheduled (all waiting behind the watermark): wait for a change.
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait_for(l, std::chrono::milliseconds(5), [&] { return stop_ || wake_ || !incoming_.empty(); });
+      wake_ = false;
+    }
+    if (fatal_) break;
+  }
+  // Whatever is left ends now.
+  Admit();
+  EndAll(fatal_ ? absl::UnavailableError("the server's workers failed and could not be restarted")
+                : absl::UnavailableError("the server is shutting down"));
+}
+
+void Engine::AccountNoWork() {
+  const auto now = Clock::now();
+  if (idle_begin_ && idle_end_) {
+    // Requests came and went without a step (refused, cancelled, past their deadline): the
+    // front-end's time on them is host time; idleness resumes now.
+    const auto from = std::max(*idle_begin_, no_work_accounted_);
+    if (*idle_end_ > from) no_work_s_ += Seconds(*idle_end_ - from);
+    host_idle_s_ += Seconds(now - *idle_end_);
+    no_work_accounted_ = now;
+    idle_end_.reset();
+  }
+  if (last_step_end_ && !idle_begin_) idle_begin_ = now;
+}
+
+void Engine::Supervise() {
+  const auto now = Clock::now();
+  if (now - last_supervised_ < options_.supervise_interval) return;
+  last_supervised_ = now;
+  const Status s = group_->Supervise();
+  if (s.ok()) return;
+  if (s.code() == absl::StatusCode::kAborted) {
+    spdlog::critical("workers failed between steps and could not be restarted: {}", s.ToString());
+    fatal_ = true;
+    return;
+  }
+  spdlog::warn("{}", std::string(s.message()));
+}
+
+void Engine::OnRecovery(bool recovering, const Status& cause) {
+  if (options_.on_serving) options_.on_serving(!recovering);
+  if (!recovering) return;
+  // Every worker is about to be replaced: none is up until the restart completes (the gauges are
+  // refreshed from the new workers after it).
+  if (options_.metrics != nullptr) {
+    for (auto* up : options_.metrics->worker_up) up->Set(0);
+  }
+  // Fail the streams whose KV caches are being lost now, not after the restart; the sequences
+  // leave the scheduler when the failed step returns.
+  const Status fail = absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
+  for (uint64_t id : sched_.running_ids()) {
+    auto it = active_.find(id);
+    if (it == active_.end()) continue;
+    const Request& r = *it->second;
+    Finish(*r.handle, r.generated, r.scheduled, r.first_token, fail, FinishReason::kNone, "");
+  }
+}
+
+void Engine::BuildSteps(const scheduler::StepPlan& plan) {
+  const auto now = Clock::now();
+  steps_.clear();
+  banned_.clear();
+  // Spans into banned_ must stay valid: size it first.
+  for (const auto& ss : plan.seqs) {
+    const Request& r = *active_.at(ss.seq->id);
+    if (ss.sample && r.generated.size() < r.params.min_tokens) {
+      banned_.insert(banned_.end(), r.params.stop_token_ids.begin(), r.params.stop_token_ids.end());
+    }
+  }
+  size_t banned_at = 0;
+  for (const auto& ss : plan.seqs) {
+    Request& r = *active_.at(ss.seq->id);
+    if (!r.scheduled) {
+      r.scheduled = now;
+      --queued_;
+      if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(Seconds(now - r.handle->arrival()));
+    }
+    if (ss.start_pos == 0) r.kv_generation = group_->generation();
+    runtime::SeqStep st{.seq_id = r.handle->id(),
+                        .kv_generation = r.kv_generation,
+                        .tokens = std::span<const int32_t>(ss.seq->tokens.data() + ss.start_pos, ss.num_tokens),
+                        .start_pos = ss.start_pos,
+                        .block_table = ss.seq->block_table,
+                        .sample = ss.sample,
+                        .sampling = r.params.sampling,
+                        .draw_index = static_cast<int64_t>(r.generated.size())};
+    if (ss.sample && engine::NeedsHistory(r.params.sampling)) {
+      st.history_prompt = r.params.prompt;
+      st.history_generated = r.generated;
+    }
+    if (ss.sample && r.generated.size() < r.params.min_tokens) {
+      st.banned = std::span<const int32_t>(banned_.data() + banned_at, r.params.stop_token_ids.size());
+      banned_at += r.params.stop_token_ids.size();
+    }
+    steps_.push_back(st);
+  }
+}
+
+bool Engine::RunOneStep() {
+  scheduler::StepPlan plan = sched_.Schedule();
+  for (uint64_t id : plan.preempted) {
+    spdlog::debug("request {} preempted (KV cache full); it will be recomputed", id);
+  }
+  if (plan.empty()) return false;
+  BuildSteps(plan);
+  AccountIdle(Clock::now());
+  auto result = group_->RunStep(steps_);
+  last_step_end_ = Clock::now();
+  idle_begin_.reset();
+  idle_end_.reset();
+  if (!result.ok()) {
+    OnStepFailed(result.status(), plan.seqs.size());
+    return true;
+  }
+  if (options_.metrics != nullptr) options_.metrics->iteration_tokens.Observe(plan.num_tokens);
+  for (const runtime::ResultSeq& res : result->seqs) {
+    auto it = active_.find(res.seq_id);
+    if (it == active_.end()) continue;
+    if (res.error != 0) {
+      End(res.seq_id, absl::InternalError(StrCat("sampling failed: ", std::string(res.status().message()))));
+      continue;
+    }
+    if (res.token >= 0) OnToken(*it->second, res);
+  }
+  UpdateRankMetrics();
+  UpdateGauges();
+  return true;
+}
+
+void Engine::OnStepFailed(const Status& s, size_t planned) {
+  spdlog::error("step of {} sequences failed: {}", planned, s.ToString());
+  if (s.code() == absl::StatusCode::kAborted) {
+    fatal_ = true;
+    return;
+  }
+  // The workers were restarted (UNAVAILABLE) or the plan was refused: the KV caches of every
+  // running sequence are gone or suspect. Fail those; waiting requests go on.
+  const Status fail = s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition
+                          ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
+                          : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
+  for (uint64_t id : sched_.running_ids()) End(id, fail);
+  UpdateRankMetrics();
+  UpdateGauges();
+}
+
+void Engine::AccountIdle(Clock::time_point step_start) {
+  if (!last_step_end_) return;
+  if (idle_begin_) {
+    const auto end = idle_end_ ? *idle_end_ : step_start;
+    host_idle_s_ += Seconds(*idle_begin_ - *last_step_end_) + Seconds(step_start - end);
+    const auto from = std::max(*idle_begin_, no_work_accounted_);
+    if (end > from) no_work_s_ += Seconds(end - from);
+  } else {
+    host_idle_s_ += Seconds(step_start - *last_step_end_);
+  }
+}
+
+void Engine::UpdateGauges() {
+  ServingMetrics* m = options_.metrics;
+  if (m == nullptr) return;
+  m->running.Set(sched_.num_running());
+  int incoming = 0;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    incoming = static_cast<int>(incoming_.size());
+  }
+  // queued_ counts accepted requests never scheduled (incoming or in the scheduler's queue); the
+  // rest of the scheduler's queue are preempted sequences waiting to be recomputed.
+  const int never_scheduled_in_queue = queued_.load() - incoming;
+  m->waiting.Set(queued_.load() + std::max(0, sched_.num_waiting() - never_scheduled_in_queue));
+  m->kv_usage.Set(sched_.blocks().usage());
+}
+
+void Engine::UpdateRankMetrics() {
+  ServingMetrics* m = options_.metrics;
+  if (m == nullptr) return;
+  // Live no_work idle while nothing runs.
+  if (idle_begin_ && !idle_end_) {
+    const auto now = Clock::now();
+    const auto from = std::max(*idle_begin_, no_work_accounted_);
+    if (now > from) no_work_s_ += Seconds(now - from);
+    no_work_accounted_ = now;
+  }
+  const std::vector<runtime::RankStatsSnapshot> stats = group_->Stats();
+  if (group_->generation() != stats_generation_) {  // restarted: the workers' totals began again
+    for (auto& b : rank_base_) {
+      b.busy += b.last.busy_s;
+      b.exposed += b.last.exposed_comm_s;
+      b.collective += b.last.collective_s;
+      b.last = {};
+    }
+    stats_generation_ = group_->generation();
+  }
+  for (size_t r = 0; r < stats.size() && r < rank_base_.size(); ++r) {
+    RankBase& b = rank_base_[r];
+    b.last = stats[r];
+    m->busy[r]->SetTotal(b.busy + stats[r].busy_s);
+    m->exposed[r]->SetTotal(b.exposed + stats[r].exposed_comm_s);
+    m->idle_collective[r]->SetTotal(b.exposed + stats[r].exposed_comm_s);
+    m->allreduce[r]->SetTotal(b.collective + stats[r].collective_s);
+    m->idle_host[r]->SetTotal(host_idle_s_);
+    m->idle_no_work[r]->SetTotal(no_work_s_);
+    m->worker_up[r]->Set(stats[r].up ? 1 : 0);
+  }
+  m->restarts.SetTotal(group_->restarts());
+}
+
+void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
+  const auto now = Clock::now();
+  const int32_t tok = res.token;
+  r.generated.push_back(tok);
+  sched_.AppendToken(r.handle->id(), tok);
+  const RequestParams& p = r.params;
+  // The text this token adds (unless it is a stop token), held back while it may begin a stop string.
+  std::string text;
+  StopMatcher::Result matched;
+  if (!StopsOnToken(p, tok, r.generated.size())) {
+    std::string delta;
+    if (Status s = r.detok.Add(tok, &delta); !s.ok()) {
+      End(r.handle->id(), absl::InternalError(StrCat("detokenizing token ", tok, ": ", std::string(s.message()))));
+      return;
+    }
+    matched = r.stops.Push(delta);
+    text = std::move(matched.release);
+  }
+  StopCheck check = CheckStop(p, tok, r.generated.size(), static_cast<size_t>(options_.context_length),
+                              matched.matched ? &matched.stop : nullptr);
+  if (check.reason != FinishReason::kNone && !matched.matched) {
+    // Ended by a stop token or by length: flush the detokenizer and whatever the stop matcher
+    // holds; the flushed text may still complete a stop string, which then ends the text.
+    std::string rest;
+    r.detok.Finish(&rest);
+    StopMatcher::Result m = r.stops.Push(rest);
+    text += m.release;
+    if (m.matched) check = {FinishReason::kStop, m.stop};
+    else text += r.stops.Flush();
+  }
+  if (ServingMetrics* m = options_.metrics) {
+    if (!r.first_token) {
+      m->ttft.Observe(Seconds(now - r.handle->arrival()));
+      if (r.scheduled) m->prefill_time.Observe(Seconds(now - *r.scheduled));
+      m->prompt_tokens.Inc(static_cast<double>(p.prompt.size()));
+    } else {
+      m->itl.Observe(Seconds(now - r.last_token));
+    }
+    m->generation_tokens.Inc();
+  }
+  r.last_token = now;
+  if (!r.first_token) r.first_token = now;
+  r.handle->Publish([&](Output& out) {
+    out.text += text;
+    out.ids.push_back(tok);
+    if (p.logprobs) {
+      TokenLogprobs lp{.token = tok, .logprob = res.logprob, .top = {res.top, res.top + res.num_top}};
+      out.logprobs.push_back(std::move(lp));
+    }
+  }, /*notify=*/check.reason == FinishReason::kNone);
+  if (check.reason != FinishReason::kNone) End(r.handle->id(), absl::OkStatus(), check.reason, std::move(check.stop_reason));
+}
+
+}  // namespace kraken::core

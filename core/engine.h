@@ -1,0 +1,135 @@
+// The serving core's engine: one thread that owns the worker group and the scheduler and turns
+// submitted requests into forward steps, one after another, with continuous batching. Each
+// iteration takes in new requests, drops cancelled ones and those past their deadline (their KV
+// blocks are freed before the next step), asks the scheduler for a step, runs it on the workers
+// and hands each sampled token to its request: detokenize, match stops, check lengths (CheckStop,
+// core/finish.h), publish to the request's handle. It knows no protocol: front-ends translate.
+//
+// A worker failure during a step fails the requests whose KV cache was lost with UNAVAILABLE
+// (the runtime has restarted the workers by then) and serving goes on; between steps the workers
+// are supervised every supervise_interval; if the runtime gives up, every request fails and
+// fatal() turns true (the server then exits non-zero).
+//
+// Threads: Submit, Wake and Stop from any thread; everything else runs on the engine thread.
+// The engine's own mutex guards only the hand-over queue; no callback (a handle's listener,
+// on_serving) is ever called with it held.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+
+#include "core/request.h"
+#include "core/serving_metrics.h"
+#include "runtime/worker_group.h"
+#include "scheduler/scheduler.h"
+#include "tokenizer/tokenizer.h"
+
+namespace kraken::core {
+
+struct EngineOptions {
+  scheduler::SchedulerOptions scheduler;
+  int context_length = 0;  // the model's n_positions: prompt + output never exceed it
+  /// Told false while the workers are being recovered, true when they are back (health status).
+  /// Called on the engine thread, holding no lock.
+  std::function<void(bool serving)> on_serving;
+  ServingMetrics* metrics = nullptr;  // optional
+  /// How often the workers are checked while no step runs (WorkerGroup::Supervise): a worker that
+  /// dies or hangs while the server is idle is noticed within this plus the heartbeat timeout.
+  std::chrono::milliseconds supervise_interval{100};
+};
+
+class Engine {
+ public:
+  /// Starts the engine thread. `tok` must outlive the engine.
+  Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer& tok, const EngineOptions& options);
+  ~Engine();  // Stop()
+
+  /// Queues a request that arrived at `arrival` and must end by `deadline`
+  /// (Clock::time_point::max() for none). RESOURCE_EXHAUSTED (naming the capacity) when the
+  /// waiting queue is full, UNAVAILABLE when the engine is stopping or has failed. On success the
+  /// request ends through its handle exactly once; max_tokens 0 ends at once with kLength.
+  StatusOr<std::shared_ptr<RequestHandle>> Submit(RequestParams params, Clock::time_point arrival,
+                                                  Clock::time_point deadline);
+  /// Wakes the engine thread (a request was cancelled).
+  void Wake();
+  /// Requests still queued or running.
+  int active() const { return active_count_.load(); }
+  bool fatal() const { return fatal_.load(); }
+  /// Ends the engine thread; requests still active end with UNAVAILABLE.
+  void Stop();
+  const runtime::WorkerGroup& group() const { return *group_; }
+
+ private:
+  void Loop();
+  bool WaitForWork();  // false when told to stop
+  void Admit();
+  void Reap(Clock::time_point now);
+  bool RunOneStep();
+  // Builds steps_ for `plan` (engine thread), marking first schedules.
+  void BuildSteps(const scheduler::StepPlan& plan);
+  void OnStepFailed(const Status& s, size_t planned);
+  void OnToken(Request& r, const runtime::ResultSeq& res);
+  // Between steps: WorkerGroup::Supervise at most every supervise_interval; a failure it finds
+  // restarts the workers (health NOT_SERVING meanwhile); giving up makes the loop fatal.
+  void Supervise();
+  void OnRecovery(bool recovering, const Status& cause);
+  // Metrics: per-rank totals (accumulated across worker restarts), idle split, gauges.
+  void UpdateRankMetrics();
+  void AccountIdle(Clock::time_point step_start);
+  void AccountNoWork();
+  void UpdateGauges();
+  void End(uint64_t id, const Status& status, FinishReason reason = FinishReason::kNone, std::string stop_reason = "");
+  void EndAll(const Status& status);
+  // Ends `r` (its handle gets the status and the timings). Engine thread or, before Submit
+  // returns, the submitting thread.
+  static void Finish(RequestHandle& h, const std::vector<int32_t>& generated,
+                     const std::optional<Clock::time_point>& scheduled,
+                     const std::optional<Clock::time_point>& first_token, const Status& status, FinishReason reason,
+                     std::string stop_reason);
+
+  std::unique_ptr<runtime::WorkerGroup> group_;
+  const tokenizer::Tokenizer& tok_;
+  EngineOptions options_;
+  scheduler::Scheduler sched_;
+
+  std::mutex mu_;  // guards incoming_, stop_, wake_
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<RequestHandle>> incoming_;
+  bool stop_ = false;
+  bool wake_ = false;
+  std::atomic<int> active_count_{0};
+  // Requests accepted by Submit and not yet scheduled for the first time (the waiting queue's
+  // occupancy as clients see it; preempted sequences do not count again).
+  std::atomic<int> queued_{0};
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<bool> fatal_{false};
+
+  // Engine thread only.
+  std::unordered_map<uint64_t, std::unique_ptr<Request>> active_;
+  std::vector<runtime::SeqStep> steps_;
+  std::vector<int32_t> banned_;
+  // Idle accounting: when the last step ended, and the span with no request.
+  std::optional<Clock::time_point> last_step_end_, idle_begin_, idle_end_;
+  Clock::time_point no_work_accounted_{};
+  double host_idle_s_ = 0, no_work_s_ = 0;
+  struct RankBase {
+    double busy = 0, exposed = 0, collective = 0;
+    runtime::RankStatsSnapshot last;
+  };
+  std::vector<RankBase> rank_base_;
+  uint64_t stats_generation_ = 0;
+  Clock::time_point last_supervised_{};
+  std::thread thread_;
+};
+
+/// "stop", "length" or "none": the label a finish reason gets in metrics and logs.
+const char* FinishReasonName(FinishReason reason);
+
+}  // namespace kraken::core

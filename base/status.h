@@ -32,11 +32,21 @@ using absl::Status;
 using absl::StatusOr;
 
 namespace internal {
-inline void AppendPart(std::string& out, std::string_view s) { out.append(s); }
-inline void AppendPart(std::string& out, const char* s) { out.append(s); }
-inline void AppendPart(std::string& out, const std::string& s) { out.append(s); }
-inline void AppendPart(std::string& out, char c) { out.push_back(c); }
-inline void AppendPart(std::string& out, bool b) { out.append(b ? "true" : "false"); }
+inline void AppendPart(std::string& out, std::string_view s) {
+  out.append(s);
+}
+inline void AppendPart(std::string& out, const char* s) {
+  out.append(s);
+}
+inline void AppendPart(std::string& out, const std::string& s) {
+  out.append(s);
+}
+inline void AppendPart(std::string& out, char c) {
+  out.push_back(c);
+}
+inline void AppendPart(std::string& out, bool b) {
+  out.append(b ? "true" : "false");
+}
 template <std::integral T>
 void AppendPart(std::string& out, T v) {
   out.append(std::to_string(v));
@@ -102,8 +112,7 @@ inline Status Annotate(const Status& status, std::string_view context) {
 }
 
 [[noreturn]] inline void CheckFailed(const char* cond, const char* file, int line, const char* msg) {
-  std::fprintf(stderr, "kraken: invariant violated at %s:%d: %s%s%s\n", file, line, cond,
-               msg[0] ? " — " : "", msg);
+  std::fprintf(stderr, "kraken: invariant violated at %s:%d: %s%s%s\n", file, line, cond, msg[0] ? " — " : "", msg);
   std::abort();
 }
 
@@ -113,10 +122,10 @@ inline Status Annotate(const Status& status, std::string_view context) {
 #define KRAKEN_STATUS_CONCAT(a, b) KRAKEN_STATUS_CONCAT_INNER(a, b)
 
 /// Returns from the enclosing function if `expr` (a Status) is not OK.
-#define KRAKEN_RETURN_IF_ERROR(expr)                  \
-  do {                                                \
-    ::absl::Status kraken_status_ = (expr);           \
-    if (!kraken_status_.ok()) return kraken_status_;  \
+#define KRAKEN_RETURN_IF_ERROR(expr)                 \
+  do {                                               \
+    ::absl::Status kraken_status_ = (expr);          \
+    if (!kraken_status_.ok()) return kraken_status_; \
   } while (0)
 
 #define KRAKEN_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
@@ -129,7 +138,7 @@ inline Status Annotate(const Status& status, std::string_view context) {
   KRAKEN_ASSIGN_OR_RETURN_IMPL(KRAKEN_STATUS_CONCAT(kraken_statusor_, __LINE__), lhs, expr)
 
 /// Aborts with a message when `cond` is false. For programmer errors only, never for input.
-#define KRAKEN_CHECK(cond, ...)                                                           \
-  do {                                                                                    \
-    if (!(cond)) ::kraken::CheckFailed(#cond, __FILE__, __LINE__, "" __VA_ARGS__);        \
+#define KRAKEN_CHECK(cond, ...)                                                    \
+  do {                                                                             \
+    if (!(cond)) ::kraken::CheckFailed(#cond, __FILE__, __LINE__, "" __VA_ARGS__); \
   } while (0)

@@ -35,8 +35,6 @@ using bench::ParseList;
 
 using json = nlohmann::json;
 
-
-
 // Causal attention FLOPs of a T-token prefill: QK^T and PV, 2 flops per multiply-add.
 double AttentionFlops(const ModelConfig& c, double T) {
   const double heads = static_cast<double>(c.n_head) * c.kraken_degree * c.n_layer;
@@ -74,8 +72,11 @@ Measure OurGemm(int m, int n, int k, int threads) {
   std::uniform_real_distribution<float> u(-1, 1);
   for (float& x : a) x = u(rng);
   for (float& x : w) x = u(rng);
-  cpu::MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()), .dtype = DType::kF32, .out_stride = k,
-                        .in_stride = 1, .in = k};
+  cpu::MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()),
+                        .dtype = DType::kF32,
+                        .out_stride = k,
+                        .in_stride = 1,
+                        .in = k};
   src.rows.resize(n);
   std::iota(src.rows.begin(), src.rows.end(), 0);
   auto packed = cpu::PackedMatrix::Pack(src);
@@ -131,8 +132,8 @@ Status Run(const Args& a) {
   const int max_t = std::max(*std::max_element(prefill.begin(), prefill.end()), max_b * a.context);
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = threads}));
   const double t_load = Now();
-  KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(a.model, backend.get(),
-                                                {.max_tokens = max_t, .max_seqs = max_b, .max_logit_rows = max_b}));
+  KRAKEN_ASSIGN_OR_RETURN(
+      auto model, LoadModel(a.model, backend.get(), {.max_tokens = max_t, .max_seqs = max_b, .max_logit_rows = max_b}));
   const ModelConfig& cfg = model->config();
   json out;
   out["model"] = a.model;
@@ -175,8 +176,11 @@ Status Run(const Args& a) {
     const double sec = Median(times);
     const double gemm = GemmFlopsPerToken(cfg) * T + HeadFlopsPerRow(cfg);
     const double attn = AttentionFlops(cfg, T);
-    pre.push_back({{"tokens", T}, {"seconds", sec}, {"gflops_total", (gemm + attn) / sec / 1e9},
-                   {"gemm_gflop", gemm / 1e9}, {"attention_gflop", attn / 1e9}});
+    pre.push_back({{"tokens", T},
+                   {"seconds", sec},
+                   {"gflops_total", (gemm + attn) / sec / 1e9},
+                   {"gemm_gflop", gemm / 1e9},
+                   {"attention_gflop", attn / 1e9}});
   }
   out["prefill"] = pre;
 
@@ -197,8 +201,8 @@ Status Run(const Args& a) {
     std::vector<int32_t> next(B);
     auto sample_all = [&](const ForwardResult& res) -> Status {
       for (int b = 0; b < B; ++b) {
-        KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(res.logits + static_cast<int64_t>(b) * res.vocab,
-                                                               {.temperature = 0.f}, {}));
+        KRAKEN_ASSIGN_OR_RETURN(
+            SampledToken t, sampler.Sample(res.logits + static_cast<int64_t>(b) * res.vocab, {.temperature = 0.f}, {}));
         next[b] = t.token;
       }
       return absl::OkStatus();

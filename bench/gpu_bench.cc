@@ -45,7 +45,6 @@ using bench::ParseList;
 
 using json = nlohmann::json;
 
-
 // Random BF16 values ~ U(-a, a) from a xorshift generator (fast enough for ~10^9 weights).
 struct Bf16Noise {
   uint64_t s = 0x9e3779b97f4a7c15ull;
@@ -70,9 +69,10 @@ struct Shape {
 Status WriteSyntheticKraken(const std::string& dir, const Shape& s) {
   std::filesystem::create_directories(dir);
   const int64_t d = s.width, f = 2 * s.width, N = s.degree;
-  std::vector<std::pair<std::string, std::vector<int64_t>>> tensors = {
-      {"transformer.wte.weight", {s.vocab, d}}, {"transformer.wpe.weight", {s.positions, d}},
-      {"transformer.ln_f.weight", {d}}, {"transformer.conjunction.weight", {d, N * d}}};
+  std::vector<std::pair<std::string, std::vector<int64_t>>> tensors = {{"transformer.wte.weight", {s.vocab, d}},
+                                                                       {"transformer.wpe.weight", {s.positions, d}},
+                                                                       {"transformer.ln_f.weight", {d}},
+                                                                       {"transformer.conjunction.weight", {d, N * d}}};
   for (int i = 0; i < N; ++i) {
     for (int l = 0; l < s.layers; ++l) {
       const std::string p = "transformer.h." + std::to_string(i) + "." + std::to_string(l) + ".";
@@ -110,10 +110,10 @@ Status WriteSyntheticKraken(const std::string& dir, const Shape& s) {
     out.write(reinterpret_cast<const char*>(buf.data()), static_cast<std::streamsize>(2 * n));
   }
   if (!out) return Internal("cannot write ", dir, "/model.safetensors");
-  json config = {{"model_type", "kraken"}, {"n_layer", s.layers}, {"n_embd", s.width},
-                 {"n_head_per_sublayer", s.heads}, {"kraken_degree", s.degree}, {"ffn_expansion", 2},
-                 {"vocab_size", s.vocab}, {"n_positions", s.positions}, {"bias", false},
-                 {"layer_norm_epsilon", 1e-5}, {"torch_dtype", "bfloat16"}};
+  json config = {{"model_type", "kraken"},         {"n_layer", s.layers},        {"n_embd", s.width},
+                 {"n_head_per_sublayer", s.heads}, {"kraken_degree", s.degree},  {"ffn_expansion", 2},
+                 {"vocab_size", s.vocab},          {"n_positions", s.positions}, {"bias", false},
+                 {"layer_norm_epsilon", 1e-5},     {"torch_dtype", "bfloat16"}};
   std::ofstream(dir + "/config.json") << config.dump(2);
   return absl::OkStatus();
 }
@@ -123,7 +123,7 @@ double DatasheetPeak(const cudaDeviceProp& p) {
   const std::string name = p.name;
   if (p.major == 9) return name.find("PCIe") != std::string::npos ? 756.0 : 989.4;  // H100/H200 SXM
   if (p.major == 8 && p.minor == 0) return 312.0;                                   // A100
-  if (p.major == 10) return 2250.0;                                                  // B200
+  if (p.major == 10) return 2250.0;                                                 // B200
   return 0.0;
 }
 
@@ -173,9 +173,9 @@ int Main(int argc, char** argv) {
   const int max_prompt = *std::max_element(prompts.begin(), prompts.end());
   const int max_batch = *std::max_element(batches.begin(), batches.end());
   const int context = 128;
-  auto model = LoadModel(model_dir, backend->get(),
-                         {.max_tokens = std::max(max_prompt, max_batch * context), .max_seqs = max_batch,
-                          .max_logit_rows = max_batch});
+  auto model = LoadModel(
+      model_dir, backend->get(),
+      {.max_tokens = std::max(max_prompt, max_batch * context), .max_seqs = max_batch, .max_logit_rows = max_batch});
   if (!model.ok()) {
     std::fprintf(stderr, "gpu_bench: %s\n", std::string(model.status().message()).c_str());
     return 1;
@@ -192,8 +192,7 @@ int Main(int argc, char** argv) {
   LocalCommunicator comm;
   std::printf("device: %s (sm_%d%d), dense BF16 peak used: %.1f TFLOP/s\n", prop.name, prop.major, prop.minor, peak);
   std::printf("model: %s, %d layers x %d sub-layers, width %d, %d heads, vocab %d, weights %.2f GB\n",
-              model_dir.c_str(), c.n_layer, c.kraken_degree, c.n_embd, c.n_head, c.vocab_size,
-              m.weight_bytes() / 1e9);
+              model_dir.c_str(), c.n_layer, c.kraken_degree, c.n_embd, c.n_head, c.vocab_size, m.weight_bytes() / 1e9);
   json result = {{"device", prop.name}, {"peak_tflops", peak}, {"model", model_dir}};
 
   std::mt19937 rng(7);
@@ -272,14 +271,18 @@ int Main(int argc, char** argv) {
       double count;  // how many of this shape one prefill step runs
     };
     const double NL = static_cast<double>(c.kraken_degree) * c.n_layer;
-    const std::vector<G> gemms = {{"qkv", 3 * d, d, NL}, {"attn_proj", d, d, NL}, {"fc", f, d, NL}, {"fc_proj", d, f, NL}};
+    const std::vector<G> gemms = {
+        {"qkv", 3 * d, d, NL}, {"attn_proj", d, d, NL}, {"fc", f, d, NL}, {"fc_proj", d, f, NL}};
     Bf16Noise noise;
     double total_flops = 0, total_time = 0;
     for (const G& g : gemms) {
       std::vector<uint16_t> w(static_cast<size_t>(g.out) * g.in);
       for (auto& x : w) x = noise.Next(0.03f);
-      TensorInfo t{.name = g.name, .dtype = DType::kBF16, .shape = {g.out, g.in},
-                   .data = reinterpret_cast<const uint8_t*>(w.data()), .nbytes = w.size() * 2};
+      TensorInfo t{.name = g.name,
+                   .dtype = DType::kBF16,
+                   .shape = {g.out, g.in},
+                   .data = reinterpret_cast<const uint8_t*>(w.data()),
+                   .nbytes = w.size() * 2};
       auto lw = (*backend)->PrepareLinear({.tensor = &t});
       auto x = (*backend)->Allocate(static_cast<int64_t>(T) * g.in);
       auto y = (*backend)->Allocate(static_cast<int64_t>(T) * g.out);
@@ -314,4 +317,6 @@ int Main(int argc, char** argv) {
 }  // namespace
 }  // namespace kraken::engine
 
-int main(int argc, char** argv) { return kraken::engine::Main(argc, argv); }
+int main(int argc, char** argv) {
+  return kraken::engine::Main(argc, argv);
+}

@@ -48,9 +48,13 @@ std::vector<std::string> Split(const std::string& s) {
 double MeasureGemm(int threads) {
   omp_set_num_threads(threads);
   const int m = 512, n = 1024, k = 1024;
-  std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), w(static_cast<size_t>(n) * k, 0.25f), c(static_cast<size_t>(m) * n);
-  engine::cpu::MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()), .dtype = engine::DType::kF32,
-                                .out_stride = k, .in_stride = 1, .in = k};
+  std::vector<float> a(static_cast<size_t>(m) * k, 0.5f), w(static_cast<size_t>(n) * k, 0.25f),
+      c(static_cast<size_t>(m) * n);
+  engine::cpu::MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()),
+                                .dtype = engine::DType::kF32,
+                                .out_stride = k,
+                                .in_stride = 1,
+                                .in = k};
   src.rows.resize(n);
   std::iota(src.rows.begin(), src.rows.end(), 0);
   auto packed = engine::cpu::PackedMatrix::Pack(src);
@@ -65,8 +69,8 @@ double MeasureGemm(int threads) {
 }
 
 struct Cell {
-  double ttft = 0;                      // seconds, median
-  std::vector<double> exposed_share;    // per rank
+  double ttft = 0;                    // seconds, median
+  std::vector<double> exposed_share;  // per rank
 };
 
 StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const std::vector<int>& tokens,
@@ -76,9 +80,13 @@ StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const
   const int max_t = *std::max_element(tokens.begin(), tokens.end());
   // "cuda": GPUs 0 .. W-1, one worker each, NCCL between them.
   const std::string devices = device == "cuda" ? StrCat("cuda:0-", world - 1) : StrCat("cpu:", world);
-  runtime::WorkerGroupOptions o{.model_dir = model, .devices = *runtime::ParseDevices(devices),
-                                .threads_per_worker = std::max(1, cores / world), .max_tokens = max_t,
-                                .max_seqs = 1, .max_context = max_t, .num_kv_blocks = (max_t + 15) / 16,
+  runtime::WorkerGroupOptions o{.model_dir = model,
+                                .devices = *runtime::ParseDevices(devices),
+                                .threads_per_worker = std::max(1, cores / world),
+                                .max_tokens = max_t,
+                                .max_seqs = 1,
+                                .max_context = max_t,
+                                .num_kv_blocks = (max_t + 15) / 16,
                                 .max_history = 1};
   if (preset != "none") {
     o.link_preset = preset;
@@ -92,8 +100,7 @@ StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const
     for (auto& t : prompt) t = static_cast<int32_t>(rng() % group->limits().vocab_size);
     std::vector<int32_t> blocks((T + 15) / 16);
     std::iota(blocks.begin(), blocks.end(), 0);
-    SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks,
-              .sampling = {.temperature = 0.f}};
+    SeqStep s{.seq_id = 1, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sampling = {.temperature = 0.f}};
     KRAKEN_RETURN_IF_ERROR(group->RunStep({&s, 1}).status());  // warm-up
     const auto before = group->Stats();
     std::vector<double> times;
@@ -160,8 +167,9 @@ int Main(int argc, char** argv) {
     std::printf("W=%d: %d thread(s) per worker on %d cores; measured GEMM %.1f GFLOP/s per worker%s\n", w,
                 std::max(1, cores / w), cores, gemm[w] / 1e9, w > cores ? " (workers share cores)" : "");
   }
-  std::printf("speed-up = T_standard / T_kraken - 1 (the paper's definition); exposed = share of each rank's step\n"
-              "time spent waiting on a collective (rank 0/1/...)\n\n");
+  std::printf(
+      "speed-up = T_standard / T_kraken - 1 (the paper's definition); exposed = share of each rank's step\n"
+      "time spent waiting on a collective (rank 0/1/...)\n\n");
 
   for (const auto& preset : Split(presets_s)) {
     if (device == "cuda" && preset != "none") {

@@ -9,15 +9,20 @@
 namespace kraken::core {
 namespace {
 
-double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+double Seconds(Clock::duration d) {
+  return std::chrono::duration<double>(d).count();
+}
 
 }  // namespace
 
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kStop: return "stop";
-    case FinishReason::kLength: return "length";
-    case FinishReason::kNone: break;
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kNone:
+      break;
   }
   return "none";
 }
@@ -39,7 +44,9 @@ Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tok
   thread_ = std::thread([this] { Loop(); });
 }
 
-Engine::~Engine() { Stop(); }
+Engine::~Engine() {
+  Stop();
+}
 
 void Engine::Stop() {
   {
@@ -103,14 +110,15 @@ void Engine::End(uint64_t id, const Status& status, FinishReason reason, std::st
   const double e2e = Seconds(Clock::now() - r->handle->arrival());
   const std::string& rid = r->params.request_id;
   if (options_.metrics != nullptr) {
-    if (status.ok()) options_.metrics->RecordSuccess(FinishReasonName(reason), e2e);
-    else options_.metrics->RecordFailure(status);
+    if (status.ok())
+      options_.metrics->RecordSuccess(FinishReasonName(reason), e2e);
+    else
+      options_.metrics->RecordFailure(status);
   }
   if (status.ok()) {
     spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
                  rid.empty() ? "-" : rid, id, r->params.prompt.size(), r->generated.size(),
-                 r->first_token ? Seconds(*r->first_token - r->handle->arrival()) : 0.0, e2e,
-                 FinishReasonName(reason));
+                 r->first_token ? Seconds(*r->first_token - r->handle->arrival()) : 0.0, e2e, FinishReasonName(reason));
   } else {
     spdlog::info("request {} ({}) ended: {}", rid.empty() ? "-" : rid, id, status.ToString());
   }
@@ -148,10 +156,9 @@ void Engine::Reap(Clock::time_point now) {
   for (auto& [id, r] : active_) {
     const RequestHandle& h = *r->handle;
     if (now >= h.deadline()) {
-      ending.emplace_back(id, absl::DeadlineExceededError(StrCat("deadline exceeded after ",
-                                                                 Seconds(now - h.arrival()), " s (",
-                                                                 r->scheduled ? "while generating" : "while queued",
-                                                                 ")")));
+      ending.emplace_back(
+          id, absl::DeadlineExceededError(StrCat("deadline exceeded after ", Seconds(now - h.arrival()), " s (",
+                                                 r->scheduled ? "while generating" : "while queued", ")")));
     } else if (h.cancelled()) {
       ending.emplace_back(id, absl::CancelledError("the client cancelled the request"));
     }
@@ -236,7 +243,8 @@ void Engine::OnRecovery(bool recovering, const Status& cause) {
   }
   // Fail the streams whose KV caches are being lost now, not after the restart; the sequences
   // leave the scheduler when the failed step returns.
-  const Status fail = absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
+  const Status fail =
+      absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
   for (uint64_t id : sched_.running_ids()) {
     auto it = active_.find(id);
     if (it == active_.end()) continue;
@@ -324,9 +332,10 @@ void Engine::OnStepFailed(const Status& s, size_t planned) {
   }
   // The workers were restarted (UNAVAILABLE) or the plan was refused: the KV caches of every
   // running sequence are gone or suspect. Fail those; waiting requests go on.
-  const Status fail = s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition
-                          ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
-                          : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
+  const Status fail =
+      s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition
+          ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
+          : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
   for (uint64_t id : sched_.running_ids()) End(id, fail);
   UpdateRankMetrics();
   UpdateGauges();
@@ -421,8 +430,10 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
     r.detok.Finish(&rest);
     StopMatcher::Result m = r.stops.Push(rest);
     text += m.release;
-    if (m.matched) check = {FinishReason::kStop, m.stop};
-    else text += r.stops.Flush();
+    if (m.matched)
+      check = {FinishReason::kStop, m.stop};
+    else
+      text += r.stops.Flush();
   }
   if (ServingMetrics* m = options_.metrics) {
     if (!r.first_token) {
@@ -436,15 +447,18 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
   }
   r.last_token = now;
   if (!r.first_token) r.first_token = now;
-  r.handle->Publish([&](Output& out) {
-    out.text += text;
-    out.ids.push_back(tok);
-    if (p.logprobs) {
-      TokenLogprobs lp{.token = tok, .logprob = res.logprob, .top = {res.top, res.top + res.num_top}};
-      out.logprobs.push_back(std::move(lp));
-    }
-  }, /*notify=*/check.reason == FinishReason::kNone);
-  if (check.reason != FinishReason::kNone) End(r.handle->id(), absl::OkStatus(), check.reason, std::move(check.stop_reason));
+  r.handle->Publish(
+      [&](Output& out) {
+        out.text += text;
+        out.ids.push_back(tok);
+        if (p.logprobs) {
+          TokenLogprobs lp{.token = tok, .logprob = res.logprob, .top = {res.top, res.top + res.num_top}};
+          out.logprobs.push_back(std::move(lp));
+        }
+      },
+      /*notify=*/check.reason == FinishReason::kNone);
+  if (check.reason != FinishReason::kNone)
+    End(r.handle->id(), absl::OkStatus(), check.reason, std::move(check.stop_reason));
 }
 
 }  // namespace kraken::core

@@ -51,8 +51,8 @@ struct RequestParams {
   std::vector<int32_t> stop_token_ids;  // the client's, plus EOS unless it is ignored
   bool logprobs = false;                // report each token's logprob (and sampling.top_logprobs)
   bool echo = false;
-  bool skip_special = true;             // leave special tokens out of the text
-  int priority = 0;                     // lower first, under the priority scheduling policy
+  bool skip_special = true;  // leave special tokens out of the text
+  int priority = 0;          // lower first, under the priority scheduling policy
 };
 
 enum class FinishReason { kNone, kStop, kLength };
@@ -66,14 +66,14 @@ struct TokenLogprobs {
 
 /// What a request produced that its front-end has not taken yet; at the end, how it ended.
 struct Output {
-  std::string text;                     // complete UTF-8, stop strings withheld
+  std::string text;  // complete UTF-8, stop strings withheld
   std::vector<int32_t> ids;
   std::vector<TokenLogprobs> logprobs;  // one per id when RequestParams::logprobs
   // Set once, when the request ends.
   bool finished = false;
-  Status status;                        // OK, or why it failed
+  Status status;  // OK, or why it failed
   FinishReason finish_reason = FinishReason::kNone;
-  std::string stop_reason;              // the stop string, or "token:<id>"
+  std::string stop_reason;  // the stop string, or "token:<id>"
   uint32_t completion_tokens = 0;
   double queue_s = 0, ttft_s = 0, e2e_s = 0;  // from arrival: to first scheduled, first token, end
 
@@ -128,28 +128,25 @@ class RequestHandle {
   std::function<void()> on_cancel_;
 
   mutable std::mutex mu_;
-  std::condition_variable idle_;         // listener_calls_ reached 0
-  Output pending_;                       // guarded by mu_
-  std::function<void()> listener_;       // guarded by mu_
-  int listener_calls_ = 0;               // guarded by mu_: listener calls in flight
+  std::condition_variable idle_;    // listener_calls_ reached 0
+  Output pending_;                  // guarded by mu_
+  std::function<void()> listener_;  // guarded by mu_
+  int listener_calls_ = 0;          // guarded by mu_: listener calls in flight
 };
 
 /// The engine thread's state of one request: its handle, and what generation needs.
 struct Request {
   Request(std::shared_ptr<RequestHandle> h, const tokenizer::Tokenizer& tok)
-      : handle(std::move(h)),
-        params(handle->params()),
-        detok(tok, params.skip_special),
-        stops(params.stop) {}
+      : handle(std::move(h)), params(handle->params()), detok(tok, params.skip_special), stops(params.stop) {}
 
   std::shared_ptr<RequestHandle> handle;
   const RequestParams& params;
-  std::vector<int32_t> generated;            // the one owner of the sequence's output tokens
+  std::vector<int32_t> generated;  // the one owner of the sequence's output tokens
   tokenizer::IncrementalDetokenizer detok;
   StopMatcher stops;
   std::optional<Clock::time_point> scheduled, first_token;
-  Clock::time_point last_token{};            // the previous token's hand-over (inter-token latency)
-  uint64_t kv_generation = 0;                // the workers' generation when its KV cache was built
+  Clock::time_point last_token{};  // the previous token's hand-over (inter-token latency)
+  uint64_t kv_generation = 0;      // the workers' generation when its KV cache was built
 };
 
 }  // namespace kraken::core

@@ -4,11 +4,11 @@ namespace kraken::core {
 namespace {
 
 // vLLM's buckets (vllm/engine/metrics.py), in seconds.
-const std::vector<double> kTtftBuckets = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+const std::vector<double> kTtftBuckets = {0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1,  0.25,  0.5,   0.75,
                                           1.0,   2.5,   5.0,  7.5,  10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0};
 const std::vector<double> kItlBuckets = {0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,  0.3,  0.4, 0.5,
                                          0.75, 1.0,   2.5,  5.0,   7.5, 10.0, 20.0, 40.0, 80.0};
-const std::vector<double> kRequestBuckets = {0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,   10.0,  15.0, 20.0,
+const std::vector<double> kRequestBuckets = {0.3,  0.5,  0.8,  1.0,  1.5,   2.0,   2.5,   5.0,   10.0,   15.0,  20.0,
                                              30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0};
 const std::vector<double> kIterationBuckets = {1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384};
 
@@ -16,18 +16,25 @@ const std::vector<double> kIterationBuckets = {1, 8, 16, 32, 64, 128, 256, 512, 
 
 const char* FailureReason(const Status& s) {
   switch (s.code()) {
-    case absl::StatusCode::kInvalidArgument: return "invalid_argument";
-    case absl::StatusCode::kResourceExhausted: return "resource_exhausted";
-    case absl::StatusCode::kDeadlineExceeded: return "deadline_exceeded";
-    case absl::StatusCode::kCancelled: return "cancelled";
-    case absl::StatusCode::kUnavailable: return "unavailable";
-    case absl::StatusCode::kUnauthenticated: return "unauthenticated";
-    default: return "internal";
+    case absl::StatusCode::kInvalidArgument:
+      return "invalid_argument";
+    case absl::StatusCode::kResourceExhausted:
+      return "resource_exhausted";
+    case absl::StatusCode::kDeadlineExceeded:
+      return "deadline_exceeded";
+    case absl::StatusCode::kCancelled:
+      return "cancelled";
+    case absl::StatusCode::kUnavailable:
+      return "unavailable";
+    case absl::StatusCode::kUnauthenticated:
+      return "unauthenticated";
+    default:
+      return "internal";
   }
 }
 
 ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::string& version, const std::string& model,
-                             const std::string& devices)
+                               const std::string& devices)
     : ttft(reg.AddHistogram("kraken_time_to_first_token_seconds",
                             "Time from a request's arrival (queueing included) to its first token handed to the "
                             "client stream; once per request that produced a token.",
@@ -44,17 +51,23 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
                                   "Time from arrival until the request is first scheduled.", {}, kTtftBuckets)
                      .With({})),
       prefill_time(reg.AddHistogram("kraken_request_prefill_time_seconds",
-                                    "Time from first scheduled to the first token (the prefill, chunks included).",
-                                    {}, kTtftBuckets)
+                                    "Time from first scheduled to the first token (the prefill, chunks included).", {},
+                                    kTtftBuckets)
                        .With({})),
-      iteration_tokens(reg.AddHistogram("kraken_iteration_tokens", "Tokens computed per engine step (batch size in tokens).",
-                                        {}, kIterationBuckets)
+      iteration_tokens(reg.AddHistogram("kraken_iteration_tokens",
+                                        "Tokens computed per engine step (batch size in tokens).", {},
+                                        kIterationBuckets)
                            .With({})),
       prompt_tokens(reg.AddCounter("kraken_prompt_tokens_total", "Prompt tokens prefilled.", {}).With({})),
       generation_tokens(reg.AddCounter("kraken_generation_tokens_total", "Tokens generated.", {}).With({})),
       running(reg.AddGauge("kraken_num_requests_running", "Requests with KV cache in the workers.", {}).With({})),
-      waiting(reg.AddGauge("kraken_num_requests_waiting", "Requests accepted and not running: not yet scheduled, or preempted and waiting to be recomputed.", {}).With({})),
-      kv_usage(reg.AddGauge("kraken_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", {}).With({})),
+      waiting(reg.AddGauge(
+                     "kraken_num_requests_waiting",
+                     "Requests accepted and not running: not yet scheduled, or preempted and waiting to be recomputed.",
+                     {})
+                  .With({})),
+      kv_usage(
+          reg.AddGauge("kraken_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", {}).With({})),
       restarts(reg.AddCounter("kraken_worker_restarts_total", "Times all workers were restarted after a failure.", {})
                    .With({})),
       success_(reg.AddCounter("kraken_request_success_total", "Requests that finished, by finish reason.",
@@ -72,12 +85,12 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
       "Seconds each rank was idle, by reason: collective_wait (compute waited on a collective), no_work (no "
       "request in the server), host (requests present, waiting for the front-end between steps).",
       {"rank", "reason"});
-  auto& coll_f = reg.AddCounter("kraken_collective_seconds_total",
-                                "Seconds collectives were in flight on each rank (hidden or not), by op.",
-                                {"rank", "op"});
-  auto& exp_f = reg.AddCounter("kraken_collective_exposed_seconds_total",
-                               "Seconds each rank's compute waited on a collective (communication not hidden).",
-                               {"rank"});
+  auto& coll_f =
+      reg.AddCounter("kraken_collective_seconds_total",
+                     "Seconds collectives were in flight on each rank (hidden or not), by op.", {"rank", "op"});
+  auto& exp_f =
+      reg.AddCounter("kraken_collective_exposed_seconds_total",
+                     "Seconds each rank's compute waited on a collective (communication not hidden).", {"rank"});
   auto& up_f = reg.AddGauge("kraken_worker_up", "1 while the rank's worker process is running.", {"rank"});
   for (int r = 0; r < world; ++r) {
     const std::string rank = std::to_string(r);
@@ -99,7 +112,9 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
   reg.AddCollector([&errors] { errors.SetTotal(static_cast<double>(metrics::MetricsErrors())); });
 }
 
-void ServingMetrics::RecordFailure(const Status& status) { failure_.With({FailureReason(status)}).Inc(); }
+void ServingMetrics::RecordFailure(const Status& status) {
+  failure_.With({FailureReason(status)}).Inc();
+}
 
 void ServingMetrics::RecordSuccess(const std::string& finish_reason, double e2e_s) {
   success_.With({finish_reason}).Inc();

@@ -14,7 +14,7 @@ namespace kraken::core {
 class ServingMetrics {
  public:
   ServingMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
-                const std::string& devices);
+                 const std::string& devices);
 
   /// Counts a request that ended with `status` (not OK) in request_failure_total{reason}.
   void RecordFailure(const Status& status);

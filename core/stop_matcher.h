@@ -22,7 +22,7 @@ class StopMatcher {
   struct Result {
     std::string release;  // text now final and safe to send
     bool matched = false;
-    std::string stop;     // the stop string that completed first (longest on a tie)
+    std::string stop;  // the stop string that completed first (longest on a tie)
   };
 
   explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}

@@ -41,8 +41,7 @@ StatusOr<LinearSelection> SelectLinear(const LinearSource& src) {
   int64_t out = 0;
   for (const auto& r : ranges) out += r.second;
   if (out < 1 || s.in < 1 || out > (1 << 30) || s.in > (1 << 30)) {
-    return InvalidArgument("tensor '", t.name, "' selects a ", out, " x ", s.in,
-                           " matrix; both must be in [1, 2^30]");
+    return InvalidArgument("tensor '", t.name, "' selects a ", out, " x ", s.in, " matrix; both must be in [1, 2^30]");
   }
   s.rows.reserve(out);
   for (const auto& [b, n] : ranges)

@@ -18,11 +18,11 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "engine/batch.h"
+#include "engine/device.h"
 #include "engine/dtype.h"
 #include "engine/safetensors.h"
-#include "base/status.h"
-#include "engine/device.h"
 
 namespace kraken::engine {
 
@@ -107,17 +107,17 @@ struct KvSlot {
 /// Largest work a model will hand the backend in one step, so scratch space can be reserved at
 /// load and a step allocates nothing.
 struct ScratchHint {
-  int max_tokens = 0;      // rows of any activation
-  int max_seqs = 0;        // sequences per step
-  int max_heads = 0;       // attention heads per slot
+  int max_tokens = 0;  // rows of any activation
+  int max_seqs = 0;    // sequences per step
+  int max_heads = 0;   // attention heads per slot
   int max_head_dim = 0;
-  int max_gemm_k = 0;      // widest GEMM input (columns of x)
+  int max_gemm_k = 0;  // widest GEMM input (columns of x)
 };
 
 /// Backend construction options.
 struct BackendOptions {
-  Device device;               // the CPU, or a CUDA device
-  int threads = 0;             // CPU compute threads; 0 = all available cores
+  Device device;    // the CPU, or a CUDA device
+  int threads = 0;  // CPU compute threads; 0 = all available cores
 };
 
 class Backend {
@@ -148,8 +148,7 @@ class Backend {
   // ---- Ops ---------------------------------------------------------------------------------
   /// out[t] = wte[tokens[t]] + wpe[positions[t]]; tokens/positions are host arrays of out.rows
   /// entries, already validated; wte [V, cols], wpe [P, cols] in device memory.
-  virtual void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
-                     Mat out) = 0;
+  virtual void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) = 0;
   /// y = (x - mean) / sqrt(var + eps) * w (+ b) per row (biased variance). y may alias x.
   virtual void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) = 0;
   /// y = x W^T (+ bias), or y += x W^T (+ bias) when accumulate. x and y must not overlap.

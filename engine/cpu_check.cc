@@ -124,9 +124,13 @@ __attribute__((constructor(101))) KRAKEN_BASELINE void CheckCpuAtStart() {
 
 }  // namespace
 
-const char* const* CompiledCpuFeatures() { return kFeatures; }
+const char* const* CompiledCpuFeatures() {
+  return kFeatures;
+}
 
-const char* CompiledCpuArch() { return KRAKEN_CPU_ARCH_NAME; }
+const char* CompiledCpuArch() {
+  return KRAKEN_CPU_ARCH_NAME;
+}
 
 KRAKEN_BASELINE int DescribeMissingCpuFeatures(bool (*has)(const char* feature), char* buf, size_t size) {
   if (size == 0) return 0;

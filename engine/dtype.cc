@@ -11,10 +11,10 @@ struct Named {
   std::string_view name;
 };
 constexpr Named kNames[] = {
-    {DType::kF32, "F32"},   {DType::kF16, "F16"},   {DType::kBF16, "BF16"}, {DType::kF64, "F64"},
+    {DType::kF32, "F32"},        {DType::kF16, "F16"},        {DType::kBF16, "BF16"}, {DType::kF64, "F64"},
     {DType::kF8E4M3, "F8_E4M3"}, {DType::kF8E5M2, "F8_E5M2"}, {DType::kBool, "BOOL"}, {DType::kU8, "U8"},
-    {DType::kI8, "I8"},     {DType::kI16, "I16"},   {DType::kU16, "U16"},   {DType::kI32, "I32"},
-    {DType::kU32, "U32"},   {DType::kI64, "I64"},   {DType::kU64, "U64"},
+    {DType::kI8, "I8"},          {DType::kI16, "I16"},        {DType::kU16, "U16"},   {DType::kI32, "I32"},
+    {DType::kU32, "U32"},        {DType::kI64, "I64"},        {DType::kU64, "U64"},
 };
 
 }  // namespace

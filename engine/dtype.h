@@ -14,7 +14,23 @@ namespace kraken::engine {
 /// Storage type of a tensor: every safetensors dtype of whole bytes. The engine computes with
 /// F32, F16 and BF16 weights; the others can be present in a file (buffers, token ids in test
 /// files) and are refused only if a model tries to use them as weights.
-enum class DType : uint8_t { kF32, kF16, kBF16, kF64, kF8E4M3, kF8E5M2, kBool, kU8, kI8, kI16, kU16, kI32, kU32, kI64, kU64 };
+enum class DType : uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kF64,
+  kF8E4M3,
+  kF8E5M2,
+  kBool,
+  kU8,
+  kI8,
+  kI16,
+  kU16,
+  kI32,
+  kU32,
+  kI64,
+  kU64
+};
 
 /// Bytes per element of `t`.
 constexpr size_t DTypeSize(DType t) {
@@ -23,23 +39,29 @@ constexpr size_t DTypeSize(DType t) {
     case DType::kF8E5M2:
     case DType::kBool:
     case DType::kU8:
-    case DType::kI8: return 1;
+    case DType::kI8:
+      return 1;
     case DType::kF16:
     case DType::kBF16:
     case DType::kI16:
-    case DType::kU16: return 2;
+    case DType::kU16:
+      return 2;
     case DType::kF32:
     case DType::kI32:
-    case DType::kU32: return 4;
+    case DType::kU32:
+      return 4;
     case DType::kF64:
     case DType::kI64:
-    case DType::kU64: return 8;
+    case DType::kU64:
+      return 8;
   }
   return 0;
 }
 
 /// True for the types the engine can compute with (F32, F16, BF16).
-constexpr bool IsComputeFloat(DType t) { return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16; }
+constexpr bool IsComputeFloat(DType t) {
+  return t == DType::kF32 || t == DType::kF16 || t == DType::kBF16;
+}
 
 /// The safetensors spelling of `t` ("F32", "F16", "BF16", "I32", "I64").
 std::string_view DTypeName(DType t);

@@ -12,8 +12,8 @@
 
 #include <cstdint>
 
-#include "engine/backend.h"
 #include "base/status.h"
+#include "engine/backend.h"
 
 namespace kraken::engine {
 

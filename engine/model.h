@@ -19,12 +19,12 @@
 #include <string>
 #include <string_view>
 
+#include "base/status.h"
 #include "engine/backend.h"
 #include "engine/batch.h"
 #include "engine/communicator.h"
 #include "engine/kv_cache.h"
 #include "engine/model_config.h"
-#include "base/status.h"
 
 namespace kraken::engine {
 

@@ -75,8 +75,8 @@ class Fields {
     std::vector<json> items = it->is_array() ? it->get<std::vector<json>>() : std::vector<json>{*it};
     for (const json& x : items) {
       if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() >= vocab) {
-        return InvalidArgument(label_, ": field '", key, "' must hold token ids in [0, ", vocab,
-                               "), got ", DescribeJson(*it));
+        return InvalidArgument(label_, ": field '", key, "' must hold token ids in [0, ", vocab, "), got ",
+                               DescribeJson(*it));
       }
       out.push_back(x.get<int>());
     }
@@ -102,9 +102,12 @@ class Fields {
 
 std::string_view ArchitectureName(Architecture a) {
   switch (a) {
-    case Architecture::kKraken: return "kraken";
-    case Architecture::kGpt2: return "gpt2";
-    case Architecture::kParallelBlock: return "parallel_block";
+    case Architecture::kKraken:
+      return "kraken";
+    case Architecture::kGpt2:
+      return "gpt2";
+    case Architecture::kParallelBlock:
+      return "parallel_block";
   }
   return "?";
 }
@@ -112,14 +115,14 @@ std::string_view ArchitectureName(Architecture a) {
 int64_t ModelConfig::ParameterCount() const {
   const int64_t d = n_embd, f = ffn_hidden, N = kraken_degree;
   const int64_t b = bias ? 1 : 0;
-  int64_t per_block = 3 * d * d + d * d + 2 * d * f;            // QKV, attn out, FFN
-  per_block += b * (3 * d + d + f + d);                          // their biases
+  int64_t per_block = 3 * d * d + d * d + 2 * d * f;  // QKV, attn out, FFN
+  per_block += b * (3 * d + d + f + d);               // their biases
   const int64_t norms_per_block = arch == Architecture::kParallelBlock ? 1 : 2;
   per_block += norms_per_block * d * (1 + b);
   int64_t total = static_cast<int64_t>(vocab_size) * d + static_cast<int64_t>(n_positions) * d;
   total += per_block * N * n_layer;
-  total += d * (1 + b);                                          // ln_f
-  if (arch == Architecture::kKraken) total += d * N * d + b * d; // conjunction
+  total += d * (1 + b);                                           // ln_f
+  if (arch == Architecture::kKraken) total += d * N * d + b * d;  // conjunction
   return total;
 }
 
@@ -169,8 +172,8 @@ StatusOr<ModelConfig> ParseModelConfig(std::string_view text, std::string_view l
     KRAKEN_ASSIGN_OR_RETURN(c.bias, f.Bool("bias", true));
   }
   if (c.n_embd % c.n_head != 0) {
-    return InvalidArgument(label, ": field 'n_embd' (", c.n_embd, ") must be divisible by '", head_key,
-                           "' (", c.n_head, ")");
+    return InvalidArgument(label, ": field 'n_embd' (", c.n_embd, ") must be divisible by '", head_key, "' (", c.n_head,
+                           ")");
   }
   KRAKEN_ASSIGN_OR_RETURN(c.eos_token_ids, f.IdList("eos_token_id", c.vocab_size));
   KRAKEN_ASSIGN_OR_RETURN(c.bos_token_ids, f.IdList("bos_token_id", c.vocab_size));

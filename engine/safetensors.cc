@@ -23,7 +23,9 @@ using json = nlohmann::json;
 // A safetensors header is {name: {dtype, shape: [...], data_offsets: [...]}, __metadata__: {...}}.
 constexpr int kMaxJsonDepth = 3;
 
-bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
+bool MulOverflows(uint64_t a, uint64_t b, uint64_t* out) {
+  return __builtin_mul_overflow(a, b, out);
+}
 
 }  // namespace
 
@@ -67,8 +69,7 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(const std::stri
   return f;
 }
 
-StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::span<const uint8_t> bytes,
-                                                                  std::string label) {
+StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::span<const uint8_t> bytes, std::string label) {
   std::unique_ptr<SafetensorsFile> f(new SafetensorsFile());
   f->label_ = std::move(label);
   KRAKEN_RETURN_IF_ERROR(f->ParseBytes(bytes));
@@ -83,12 +84,12 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
   uint64_t header_size = 0;
   for (int i = 7; i >= 0; --i) header_size = header_size << 8 | bytes[i];
   if (header_size > kMaxSafetensorsHeaderBytes) {
-    return InvalidArgument(L, ": header size ", header_size, " exceeds the limit of ",
-                           kMaxSafetensorsHeaderBytes, " bytes");
+    return InvalidArgument(L, ": header size ", header_size, " exceeds the limit of ", kMaxSafetensorsHeaderBytes,
+                           " bytes");
   }
   if (header_size > bytes.size() - 8) {
-    return InvalidArgument(L, ": header size ", header_size, " runs past the end of the file (",
-                           bytes.size(), " bytes)");
+    return InvalidArgument(L, ": header size ", header_size, " runs past the end of the file (", bytes.size(),
+                           " bytes)");
   }
   const std::string_view header(reinterpret_cast<const char*>(bytes.data() + 8), header_size);
   if (header.empty() || header.front() != '{') {
@@ -147,8 +148,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
                                DescribeJson(d));
       }
       const uint64_t dim = d.get<uint64_t>();
-      if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ||
-          MulOverflows(numel, dim, &numel)) {
+      if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) || MulOverflows(numel, dim, &numel)) {
         return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " overflows");
       }
       t.shape.push_back(static_cast<int64_t>(dim));
@@ -156,8 +156,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     auto off = v.find("data_offsets");
     if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
         !(*off)[1].is_number_unsigned()) {
-      return InvalidArgument(L, ": tensor '", name,
-                             "': 'data_offsets' must be two non-negative integers [begin, end]");
+      return InvalidArgument(L, ": tensor '", name, "': 'data_offsets' must be two non-negative integers [begin, end]");
     }
     const uint64_t begin = (*off)[0].get<uint64_t>();
     const uint64_t end = (*off)[1].get<uint64_t>();
@@ -170,9 +169,8 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     }
     uint64_t expected = 0;
     if (MulOverflows(numel, DTypeSize(t.dtype), &expected) || expected != end - begin) {
-      return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " of ", dtype_name,
-                             " needs ", numel * DTypeSize(t.dtype), " bytes but data_offsets span ",
-                             end - begin);
+      return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " of ", dtype_name, " needs ",
+                             numel * DTypeSize(t.dtype), " bytes but data_offsets span ", end - begin);
     }
     t.data = buffer + begin;
     t.nbytes = end - begin;
@@ -190,8 +188,7 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
     cursor = e;
   }
   if (cursor != buffer_size) {
-    return InvalidArgument(L, ": data buffer has ", buffer_size - cursor,
-                           " trailing bytes that belong to no tensor");
+    return InvalidArgument(L, ": data buffer has ", buffer_size - cursor, " trailing bytes that belong to no tensor");
   }
   return absl::OkStatus();
 }

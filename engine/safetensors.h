@@ -19,8 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "engine/dtype.h"
 #include "base/status.h"
+#include "engine/dtype.h"
 
 namespace kraken::engine {
 

@@ -59,8 +59,7 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
   }
   if (p.top_k < -1) return InvalidArgument("sampling field 'top_k' must be >= -1 (0 or -1 = off), got ", p.top_k);
   if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs) {
-    return InvalidArgument("sampling field 'top_logprobs' must be in [0, ", kMaxTopLogprobs, "], got ",
-                           p.top_logprobs);
+    return InvalidArgument("sampling field 'top_logprobs' must be in [0, ", kMaxTopLogprobs, "], got ", p.top_logprobs);
   }
   if (vocab <= 0) return InvalidArgument("vocabulary size must be > 0, got ", vocab);
   return absl::OkStatus();

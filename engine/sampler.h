@@ -16,9 +16,9 @@
 
 #include <array>
 #include <cstddef>
-#include <type_traits>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "base/status.h"
@@ -75,8 +75,8 @@ struct TokenLogprob {
 
 struct SampledToken {
   int32_t token = 0;
-  float logprob = 0.f;                               // of `token` under log_softmax(logits)
-  std::array<TokenLogprob, kMaxTopLogprobs> top{};   // the `num_top` most likely tokens
+  float logprob = 0.f;                              // of `token` under log_softmax(logits)
+  std::array<TokenLogprob, kMaxTopLogprobs> top{};  // the `num_top` most likely tokens
   int num_top = 0;
 };
 

@@ -41,7 +41,9 @@ void AppendLabels(std::string& out, const std::vector<std::string>& names, const
 
 }  // namespace
 
-uint64_t MetricsErrors() { return g_errors.load(); }
+uint64_t MetricsErrors() {
+  return g_errors.load();
+}
 
 void Counter::Inc(double v) {
   if (!(v >= 0.0) || !std::isfinite(v)) {
@@ -125,10 +127,14 @@ std::string EscapeLabelValue(std::string_view v) {
   std::string out;
   out.reserve(v.size());
   for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '"')
+      out += "\\\"";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -136,9 +142,12 @@ std::string EscapeLabelValue(std::string_view v) {
 std::string EscapeHelp(std::string_view v) {
   std::string out;
   for (char c : v) {
-    if (c == '\\') out += "\\\\";
-    else if (c == '\n') out += "\\n";
-    else out += c;
+    if (c == '\\')
+      out += "\\\\";
+    else if (c == '\n')
+      out += "\\n";
+    else
+      out += c;
   }
   return out;
 }
@@ -180,7 +189,8 @@ void Registry::CheckNew(const std::string& name, const std::vector<std::string>&
   if (taken(counters_) || taken(gauges_) || taken(histograms_)) Fatal("duplicate metric name '" + name + "'");
 }
 
-Family<Counter>& Registry::AddCounter(const std::string& name, const std::string& help, std::vector<std::string> labels) {
+Family<Counter>& Registry::AddCounter(const std::string& name, const std::string& help,
+                                      std::vector<std::string> labels) {
   std::lock_guard<std::mutex> l(mu_);
   CheckNew(name, labels, false);
   if (name.size() < 6 || name.compare(name.size() - 6, 6, "_total") != 0)
@@ -251,7 +261,8 @@ std::string Registry::Serialize() {
         const std::vector<uint64_t> cum = h.CumulativeCounts();
         for (size_t i = 0; i < cum.size(); ++i) {
           out += f->name() + "_bucket";
-          AppendLabels(out, f->label_names(), values, "le", i < h.bounds().size() ? FormatValue(h.bounds()[i]) : "+Inf");
+          AppendLabels(out, f->label_names(), values, "le",
+                       i < h.bounds().size() ? FormatValue(h.bounds()[i]) : "+Inf");
           out += ' ' + std::to_string(cum[i]) + '\n';
         }
         out += f->name() + "_sum";

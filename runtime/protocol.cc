@@ -69,12 +69,17 @@ void PlanWriter::Write(uint64_t step, std::span<const SeqStep> seqs) {
     p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;
     p.sampling = s.sampling;
   }
-  *At<PlanHeader>(base_, layout_.plan_header) =
-      PlanHeader{.step = step, .kind = StepKind::kForward, .num_seqs = static_cast<int32_t>(seqs.size()),
-                 .num_tokens = t_at, .num_block_ids = b_at, .num_history = h_at};
+  *At<PlanHeader>(base_, layout_.plan_header) = PlanHeader{.step = step,
+                                                           .kind = StepKind::kForward,
+                                                           .num_seqs = static_cast<int32_t>(seqs.size()),
+                                                           .num_tokens = t_at,
+                                                           .num_block_ids = b_at,
+                                                           .num_history = h_at};
 }
 
-PlanHeader PlanReader::header() const { return *At<PlanHeader>(base_, layout_.plan_header); }
+PlanHeader PlanReader::header() const {
+  return *At<PlanHeader>(base_, layout_.plan_header);
+}
 
 Status PlanReader::Check(const PlanHeader& p) const {
   if (p.num_seqs < 0 || p.num_seqs > limits_.max_seqs || p.num_tokens < 0 || p.num_tokens > limits_.max_tokens ||

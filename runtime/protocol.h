@@ -3,7 +3,8 @@
 // sides include only this header for it; the layout is fixed-size, pointer-free, versioned
 // (kProtocolVersion, checked by workers at start) and sized by Limits.
 //
-//   Segment: [Control | rendezvous store (StoreSlot[2W + 8]) | plan header + PlanSeq[max_seqs] + tokens[max_tokens] + block ids
+//   Segment: [Control | rendezvous store (StoreSlot[2W + 8]) | plan header + PlanSeq[max_seqs] + tokens[max_tokens] +
+//   block ids
 //             [max_seqs * max_blocks_per_seq] + history[max_history] |
 //             result header + ResultSeq[max_seqs] + prompt logprobs[max_tokens]]
 //
@@ -51,27 +52,27 @@ struct Limits {
   int32_t max_blocks_per_seq = 0;  // KV blocks of one sequence (context / block size, rounded up)
   int32_t max_history = 0;         // penalty-history tokens per step, all sequences together
   int32_t vocab_size = 0;
-  int32_t num_kv_blocks = 0;       // blocks in each worker's KV pool
-  int32_t block_size = 16;         // tokens per KV block
+  int32_t num_kv_blocks = 0;  // blocks in each worker's KV pool
+  int32_t block_size = 16;    // tokens per KV block
 };
 
 enum class StepKind : uint32_t { kForward = 1, kShutdown = 2 };
 
 /// One sequence of a step. Offsets index the plan's token, block and history arrays.
 struct PlanSeq {
-  uint64_t seq_id = 0;          // the scheduler's id, echoed in the result
-  int32_t token_offset = 0;     // first of this sequence's new tokens in tokens[]
-  int32_t num_tokens = 0;       // >= 1 (workers refuse 0)
-  int32_t start_pos = 0;        // tokens already in the KV cache
-  int32_t block_offset = 0;     // first block id in blocks[]
-  int32_t num_blocks = 0;       // covers positions [0, start_pos + num_tokens)
-  int32_t history_offset = 0;   // penalty history in history[]: prompt tokens then generated
-  int32_t history_prompt = 0;   //   ... this many prompt tokens
+  uint64_t seq_id = 0;            // the scheduler's id, echoed in the result
+  int32_t token_offset = 0;       // first of this sequence's new tokens in tokens[]
+  int32_t num_tokens = 0;         // >= 1 (workers refuse 0)
+  int32_t start_pos = 0;          // tokens already in the KV cache
+  int32_t block_offset = 0;       // first block id in blocks[]
+  int32_t num_blocks = 0;         // covers positions [0, start_pos + num_tokens)
+  int32_t history_offset = 0;     // penalty history in history[]: prompt tokens then generated
+  int32_t history_prompt = 0;     //   ... this many prompt tokens
   int32_t history_generated = 0;  //   ... then this many generated tokens
-  int32_t history_banned = 0;   //   ... then this many ids that may not be sampled
-  int64_t draw_index = 0;       // index of the token to sample (tokens generated so far)
-  uint8_t sample = 0;           // 1: sample a next token from the last new token's logits
-  uint8_t prompt_logprobs = 0;  // 1: logprob of each new token after the first, given its prefix
+  int32_t history_banned = 0;     //   ... then this many ids that may not be sampled
+  int64_t draw_index = 0;         // index of the token to sample (tokens generated so far)
+  uint8_t sample = 0;             // 1: sample a next token from the last new token's logits
+  uint8_t prompt_logprobs = 0;    // 1: logprob of each new token after the first, given its prefix
   uint8_t reserved[2] = {};
   engine::SamplingParams sampling;  // as validated by the server
 };
@@ -89,10 +90,10 @@ struct PlanHeader {
 /// One sequence's result (written by rank 0).
 struct ResultSeq {
   uint64_t seq_id = 0;
-  int32_t token = -1;           // sampled id, or -1 when not sampled
-  float logprob = 0.f;          // of `token` under the model's raw distribution
+  int32_t token = -1;   // sampled id, or -1 when not sampled
+  float logprob = 0.f;  // of `token` under the model's raw distribution
   int32_t num_top = 0;
-  int32_t error = 0;            // 0, or an absl::StatusCode for this sequence alone
+  int32_t error = 0;  // 0, or an absl::StatusCode for this sequence alone
   engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
   int32_t prompt_logprob_offset = 0;  // into prompt_logprobs[], num_tokens - 1 entries
   int32_t reserved = 0;
@@ -101,13 +102,14 @@ struct ResultSeq {
   /// OK, or this sequence's own failure with the worker's code and message.
   Status status() const {
     if (error == 0) return absl::OkStatus();
-    return Status(static_cast<absl::StatusCode>(error), std::string(error_message, strnlen(error_message, kSeqErrorBytes)));
+    return Status(static_cast<absl::StatusCode>(error),
+                  std::string(error_message, strnlen(error_message, kSeqErrorBytes)));
   }
 };
 
 struct ResultHeader {
   uint64_t step = 0;
-  int32_t status = 0;              // absl::StatusCode of the whole step
+  int32_t status = 0;  // absl::StatusCode of the whole step
   int32_t num_seqs = 0;
   char message[kMessageBytes] = {};
 };
@@ -115,10 +117,10 @@ struct ResultHeader {
 /// Per-rank timing of the steps so far, in nanoseconds (monotonic clock).
 struct RankStats {
   std::atomic<uint64_t> steps{0};
-  std::atomic<uint64_t> busy_ns{0};            // inside a step, not waiting on a collective
-  std::atomic<uint64_t> exposed_comm_ns{0};    // the compute path blocked in Communicator::Wait
-  std::atomic<uint64_t> collective_ns{0};      // collectives in flight (start to completion)
-  std::atomic<uint64_t> idle_ns{0};            // between steps
+  std::atomic<uint64_t> busy_ns{0};          // inside a step, not waiting on a collective
+  std::atomic<uint64_t> exposed_comm_ns{0};  // the compute path blocked in Communicator::Wait
+  std::atomic<uint64_t> collective_ns{0};    // collectives in flight (start to completion)
+  std::atomic<uint64_t> idle_ns{0};          // between steps
   std::atomic<uint64_t> collectives{0};
 };
 
@@ -130,7 +132,7 @@ struct alignas(64) RankSlot {
   std::atomic<uint32_t> state{0};         // RankState
   std::atomic<uint64_t> done_step{0};
   RankStats stats;
-  char message[kMessageBytes] = {};      // why kFailed
+  char message[kMessageBytes] = {};  // why kFailed
 };
 
 struct Control {
@@ -157,7 +159,9 @@ struct Layout {
   size_t total;
 };
 
-inline size_t AlignUp(size_t n, size_t a = 64) { return (n + a - 1) / a * a; }
+inline size_t AlignUp(size_t n, size_t a = 64) {
+  return (n + a - 1) / a * a;
+}
 
 inline Layout ComputeLayout(const Limits& l) {
   Layout o{};
@@ -192,9 +196,9 @@ struct SeqStep {
   bool prompt_logprobs = false;
   engine::SamplingParams sampling;
   int64_t draw_index = 0;
-  std::span<const int32_t> history_prompt;     // only needed when penalties are on
+  std::span<const int32_t> history_prompt;  // only needed when penalties are on
   std::span<const int32_t> history_generated;
-  std::span<const int32_t> banned;             // may not be sampled (min_tokens)
+  std::span<const int32_t> banned;  // may not be sampled (min_tokens)
 };
 
 /// Encodes step plans into a segment's plan area (the front-end's side of the codec).

@@ -22,8 +22,8 @@ StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(size_t bytes) {
   // first touch in some worker.
   const int rc = posix_fallocate(fd, 0, static_cast<off_t>(bytes));
   if (rc != 0) {
-    return ResourceExhausted("cannot reserve ", bytes, " bytes of shared memory for the dispatch segment: ",
-                             std::strerror(rc));
+    return ResourceExhausted("cannot reserve ", bytes,
+                             " bytes of shared memory for the dispatch segment: ", std::strerror(rc));
   }
   void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) return Internal("mmap of the dispatch segment failed: ", std::strerror(errno));

@@ -18,7 +18,7 @@ namespace kraken::runtime {
 struct StoreSlot {
   static constexpr size_t kKeyBytes = 128;
   static constexpr size_t kValueBytes = 32 * 1024;  // a rank's addresses for up to 64 peers fit
-  std::atomic<uint32_t> state{0};  // 0 free, 1 being written, 2 ready
+  std::atomic<uint32_t> state{0};                   // 0 free, 1 being written, 2 ready
   uint32_t key_len = 0;
   uint32_t value_len = 0;
   char key[kKeyBytes] = {};
@@ -26,7 +26,9 @@ struct StoreSlot {
 };
 
 /// Slots a store for `world` ranks reserves (Gloo's full-mesh rendezvous sets one key per rank).
-inline size_t StoreSlots(int world) { return 2 * static_cast<size_t>(world) + 8; }
+inline size_t StoreSlots(int world) {
+  return 2 * static_cast<size_t>(world) + 8;
+}
 
 class ShmStore final : public gloo::rendezvous::Store {
  public:

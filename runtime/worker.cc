@@ -1,7 +1,7 @@
 #include "runtime/worker.h"
 
-#include <signal.h>
 #include <poll.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -102,17 +102,20 @@ Status Worker::Setup() {
   });
 
   KRAKEN_ASSIGN_OR_RETURN(backend_, engine::CreateBackend({.device = a_.device, .threads = a_.threads}));
-  engine::ModelOptions mo{.max_tokens = limits_.max_tokens, .max_seqs = limits_.max_seqs,
-                          .max_logit_rows = limits_.max_tokens, .rank = a_.rank, .world_size = a_.world,
+  engine::ModelOptions mo{.max_tokens = limits_.max_tokens,
+                          .max_seqs = limits_.max_seqs,
+                          .max_logit_rows = limits_.max_tokens,
+                          .rank = a_.rank,
+                          .world_size = a_.world,
                           .compute_logits = a_.rank == 0};
   KRAKEN_ASSIGN_OR_RETURN(model_, engine::LoadModel(a_.model_dir, backend_.get(), mo));
   if (model_->config().vocab_size != limits_.vocab_size) {
     return FailedPrecondition("model vocabulary ", model_->config().vocab_size, " differs from the segment's ",
                               limits_.vocab_size);
   }
-  KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv,
-                          engine::KvCache::Create(*backend_, model_->kv_layout(),
-                                                  {.num_blocks = limits_.num_kv_blocks, .block_size = limits_.block_size}));
+  KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv, engine::KvCache::Create(*backend_, model_->kv_layout(),
+                                                                      {.num_blocks = limits_.num_kv_blocks,
+                                                                       .block_size = limits_.block_size}));
   kv_ = std::make_unique<engine::KvCache>(std::move(kv));
 
   std::unique_ptr<engine::Communicator> comm;
@@ -123,18 +126,23 @@ Status Worker::Setup() {
     // GPU ranks: NCCL on its own stream, ordered after the backend's compute stream, so a
     // Kraken AllReduce overlaps the next layer's attention without blocking the host.
     ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
-    KRAKEN_ASSIGN_OR_RETURN(comm, engine::NcclCommunicator::Create(
-                                      {.rank = a_.rank, .world_size = a_.world, .device = a_.device.index, .store = &store,
-                                       .compute_stream = backend_->native_stream(),
-                                       .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
+    KRAKEN_ASSIGN_OR_RETURN(
+        comm, engine::NcclCommunicator::Create({.rank = a_.rank,
+                                                .world_size = a_.world,
+                                                .device = a_.device.index,
+                                                .store = &store,
+                                                .compute_stream = backend_->native_stream(),
+                                                .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
 #else
     return FailedPrecondition("device '", a_.device.ToString(), "' needs NCCL, but this binary was built without CUDA");
 #endif
   } else {
     ShmStore store(At<StoreSlot>(seg_->data(), layout_.store), layout_.store_slots);
-    KRAKEN_ASSIGN_OR_RETURN(comm, engine::GlooCommunicator::Create(
-                                      {.rank = a_.rank, .world_size = a_.world, .store = &store,
-                                       .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
+    KRAKEN_ASSIGN_OR_RETURN(
+        comm, engine::GlooCommunicator::Create({.rank = a_.rank,
+                                                .world_size = a_.world,
+                                                .store = &store,
+                                                .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
     if (a_.device.is_cuda()) return InvalidArgument("link presets emulate an interconnect for CPU workers only");
@@ -186,7 +194,9 @@ Status Worker::RunStep(const PlanHeader& plan) {
     inputs_.clear();
     for (int i = 0; i < plan.num_seqs; ++i) {
       const PlannedSeq s = reader.seq(plan, i);
-      inputs_.push_back({.tokens = s.tokens, .start_pos = s.plan->start_pos, .block_table = s.block_table,
+      inputs_.push_back({.tokens = s.tokens,
+                         .start_pos = s.plan->start_pos,
+                         .block_table = s.block_table,
                          .all_logits = s.plan->prompt_logprobs != 0});
     }
     auto r = model_->Forward({.seqs = inputs_}, *kv_, *comm_);
@@ -289,10 +299,14 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
     }
     if (i + 1 >= argc) break;
     const std::string v = argv[++i];
-    if (k == "--segment-bytes") a->segment_bytes = std::stoull(v);
-    else if (k == "--rank") a->rank = std::stoi(v);
-    else if (k == "--world") a->world = std::stoi(v);
-    else if (k == "--model") a->model_dir = v;
+    if (k == "--segment-bytes")
+      a->segment_bytes = std::stoull(v);
+    else if (k == "--rank")
+      a->rank = std::stoi(v);
+    else if (k == "--world")
+      a->world = std::stoi(v);
+    else if (k == "--model")
+      a->model_dir = v;
     else if (k == "--device") {
       auto d = engine::Device::Parse(v);  // written by WorkerGroup from a parsed Device: always valid
       if (!d.ok()) {
@@ -300,12 +314,16 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
         std::_Exit(static_cast<int>(WorkerExit::kBadArguments));
       }
       a->device = *d;
-    }
-    else if (k == "--threads") a->threads = std::stoi(v);
-    else if (k == "--parent") a->parent_pid = std::stoi(v);
-    else if (k == "--collective-timeout-ms") a->collective_timeout_ms = std::stoi(v);
-    else if (k == "--link-preset") a->link_preset = v;
-    else if (k == "--measured-gemm-flops") a->measured_gemm_flops = std::stod(v);
+    } else if (k == "--threads")
+      a->threads = std::stoi(v);
+    else if (k == "--parent")
+      a->parent_pid = std::stoi(v);
+    else if (k == "--collective-timeout-ms")
+      a->collective_timeout_ms = std::stoi(v);
+    else if (k == "--link-preset")
+      a->link_preset = v;
+    else if (k == "--measured-gemm-flops")
+      a->measured_gemm_flops = std::stod(v);
   }
   return is_worker;
 }
@@ -314,14 +332,22 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
 
 std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
   std::vector<std::string> v = {kWorkerFlag,
-                                "--segment-bytes", std::to_string(a.segment_bytes),
-                                "--rank", std::to_string(a.rank),
-                                "--world", std::to_string(a.world),
-                                "--model", a.model_dir,
-                                "--device", a.device.ToString(),
-                                "--threads", std::to_string(a.threads),
-                                "--parent", std::to_string(a.parent_pid),
-                                "--collective-timeout-ms", std::to_string(a.collective_timeout_ms)};
+                                "--segment-bytes",
+                                std::to_string(a.segment_bytes),
+                                "--rank",
+                                std::to_string(a.rank),
+                                "--world",
+                                std::to_string(a.world),
+                                "--model",
+                                a.model_dir,
+                                "--device",
+                                a.device.ToString(),
+                                "--threads",
+                                std::to_string(a.threads),
+                                "--parent",
+                                std::to_string(a.parent_pid),
+                                "--collective-timeout-ms",
+                                std::to_string(a.collective_timeout_ms)};
   if (!a.link_preset.empty()) {
     v.insert(v.end(), {"--link-preset", a.link_preset, "--measured-gemm-flops", std::to_string(a.measured_gemm_flops)});
   }

@@ -29,7 +29,7 @@ struct WorkerArgs {
   int threads = 1;
   int parent_pid = 0;
   int collective_timeout_ms = 30000;
-  std::string link_preset;   // benchmarks: emulate this interconnect
+  std::string link_preset;         // benchmarks: emulate this interconnect
   double measured_gemm_flops = 0;  // with link_preset: scale link time to this CPU (0 = raw)
 };
 

@@ -21,7 +21,8 @@ namespace {
 constexpr int64_t kPollNs = 50'000'000;  // 50 ms between supervision checks while waiting
 
 std::string DescribeExit(int status) {
-  if (WIFSIGNALED(status)) return StrCat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
+  if (WIFSIGNALED(status))
+    return StrCat("was killed by signal ", WTERMSIG(status), " (", strsignal(WTERMSIG(status)), ")");
   return StrCat("exited with status ", WEXITSTATUS(status));
 }
 
@@ -33,9 +34,7 @@ T* At(uint8_t* base, size_t offset) {
 }  // namespace
 
 StatusOr<std::vector<engine::Device>> ParseDevices(const std::string& spec) {
-  auto bad = [&] {
-    return InvalidArgument("devices '", spec, "' is not one of cpu, cpu:N, cuda:A-B, cuda:A,B,...");
-  };
+  auto bad = [&] { return InvalidArgument("devices '", spec, "' is not one of cpu, cpu:N, cuda:A-B, cuda:A,B,..."); };
   const size_t colon = spec.find(':');
   const std::string kind = spec.substr(0, colon);
   const std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
@@ -121,9 +120,11 @@ Status WorkerGroup::LaunchOnce() {
   control_->magic = kMagic;
   control_->version = kProtocolVersion;
   control_->limits = limits_;
-  for (size_t i = 0; i < layout_.store_slots; ++i) new (segment_->data() + layout_.store + i * sizeof(StoreSlot)) StoreSlot();
+  for (size_t i = 0; i < layout_.store_slots; ++i)
+    new (segment_->data() + layout_.store + i * sizeof(StoreSlot)) StoreSlot();
   int pipe_fds[2];
-  if (pipe2(pipe_fds, O_CLOEXEC) != 0) return Internal("cannot create the workers' lifeline pipe: ", std::strerror(errno));
+  if (pipe2(pipe_fds, O_CLOEXEC) != 0)
+    return Internal("cannot create the workers' lifeline pipe: ", std::strerror(errno));
   lifeline_ = pipe_fds[1];
   const int lifeline_read = pipe_fds[0];
   ++generation_;
@@ -151,10 +152,16 @@ Status WorkerGroup::LaunchOnce() {
   exits_.assign(world, {});
   Status spawned = absl::OkStatus();
   for (int r = 0; r < world && spawned.ok(); ++r) {
-    WorkerArgs a{.segment_bytes = layout_.total, .rank = r, .world = world, .model_dir = options_.model_dir,
-                 .device = devices_[r], .threads = threads, .parent_pid = static_cast<int>(getpid()),
+    WorkerArgs a{.segment_bytes = layout_.total,
+                 .rank = r,
+                 .world = world,
+                 .model_dir = options_.model_dir,
+                 .device = devices_[r],
+                 .threads = threads,
+                 .parent_pid = static_cast<int>(getpid()),
                  .collective_timeout_ms = static_cast<int>(options_.collective_timeout.count()),
-                 .link_preset = options_.link_preset, .measured_gemm_flops = options_.measured_gemm_flops};
+                 .link_preset = options_.link_preset,
+                 .measured_gemm_flops = options_.measured_gemm_flops};
     std::vector<std::string> args = WorkerCommandLine(a);
     args.insert(args.begin(), options_.worker_binary);
     std::vector<char*> argv;
@@ -190,7 +197,8 @@ Status WorkerGroup::LaunchOnce() {
       } else if (!Reap(r, &why)) {
         continue;
       }
-      return absl::UnavailableError(StrCat("worker rank ", r, " (", devices_[r].ToString(), ") failed to start: ", why));
+      return absl::UnavailableError(
+          StrCat("worker rank ", r, " (", devices_[r].ToString(), ") failed to start: ", why));
     }
     if (ready == world) break;
     if (NowNs() > deadline) {
@@ -200,8 +208,8 @@ Status WorkerGroup::LaunchOnce() {
           StrAppend(&late, late.empty() ? "" : ", ", r);
         }
       }
-      return absl::DeadlineExceededError(StrCat("worker rank(s) ", late, " did not become ready within ",
-                                                options_.start_timeout.count(), " ms"));
+      return absl::DeadlineExceededError(
+          StrCat("worker rank(s) ", late, " did not become ready within ", options_.start_timeout.count(), " ms"));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -224,9 +232,9 @@ bool WorkerGroup::Reap(int r, std::string* why) {
   pids_[r] = -1;
   *why = got == pid ? StrCat("(pid ", pid, ") ", DescribeExit(status))
                     : StrCat("(pid ", pid, ") is gone (reaped elsewhere: ", std::strerror(errno), ")");
-  exits_[r] = {.why = *why,
-               .peer_failure = got == pid && WIFEXITED(status) &&
-                               WEXITSTATUS(status) == static_cast<int>(WorkerExit::kFailed)};
+  exits_[r] = {
+      .why = *why,
+      .peer_failure = got == pid && WIFEXITED(status) && WEXITSTATUS(status) == static_cast<int>(WorkerExit::kFailed)};
   return true;
 }
 
@@ -270,8 +278,8 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     RankSlot& s = control_->ranks[r];
     const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
     if (now > beat && now - beat > silent) {
-      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") stopped responding: no heartbeat for ",
-                                           (now - beat) / 1'000'000, " ms"));
+      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r],
+                                           ") stopped responding: no heartbeat for ", (now - beat) / 1'000'000, " ms"));
     }
     // A step's silence counts from its publication: the progress stamp left by the previous step
     // may be from before an idle gap of any length.
@@ -298,8 +306,8 @@ Status WorkerGroup::Recover(const Status& cause, bool in_step) {
     }
     if (static_cast<int>(restart_times_.size()) > options_.max_restarts) {
       dead_ = absl::AbortedError(StrCat("giving up: ", restart_times_.size(), " worker failures within ",
-                                        options_.restart_window.count() / 1000.0, " s (more than ", options_.max_restarts,
-                                        "); last: ", std::string(last.message())));
+                                        options_.restart_window.count() / 1000.0, " s (more than ",
+                                        options_.max_restarts, "); last: ", std::string(last.message())));
       return dead_;
     }
     ++restarts_total_;
@@ -317,10 +325,10 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqStep& s = seqs[i];
     if (s.start_pos > 0 && s.kv_generation != generation_) {
-      return absl::FailedPreconditionError(
-          StrCat("sequence ", i, " (id ", s.seq_id, ") continues at position ", s.start_pos, " from KV generation ",
-                 s.kv_generation, ", but the workers restarted since (generation ", generation_,
-                 "): prefill it again from position 0"));
+      return absl::FailedPreconditionError(StrCat("sequence ", i, " (id ", s.seq_id, ") continues at position ",
+                                                  s.start_pos, " from KV generation ", s.kv_generation,
+                                                  ", but the workers restarted since (generation ", generation_,
+                                                  "): prefill it again from position 0"));
     }
   }
   PlanWriter writer(segment_->data(), layout_, limits_);
@@ -384,15 +392,19 @@ void WorkerGroup::Shutdown() {
     const uint64_t deadline = NowNs() + 5'000'000'000ull;
     for (pid_t& pid : pids_) {
       while (pid > 0 && NowNs() < deadline) {
-        if (waitpid(pid, nullptr, WNOHANG) == pid) pid = -1;
-        else std::this_thread::sleep_for(std::chrono::milliseconds(10));
+        if (waitpid(pid, nullptr, WNOHANG) == pid)
+          pid = -1;
+        else
+          std::this_thread::sleep_for(std::chrono::milliseconds(10));
       }
     }
   }
   KillAll();
 }
 
-WorkerGroup::~WorkerGroup() { Shutdown(); }
+WorkerGroup::~WorkerGroup() {
+  Shutdown();
+}
 
 std::vector<RankStatsSnapshot> WorkerGroup::Stats() const {
   std::vector<RankStatsSnapshot> out;

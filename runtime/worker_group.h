@@ -42,22 +42,22 @@ namespace kraken::runtime {
 struct WorkerGroupOptions {
   std::string model_dir;
   std::vector<engine::Device> devices = {engine::Device::Cpu()};  // one worker each (ParseDevices)
-  int threads_per_worker = 0;      // CPU workers; 0 = cores / workers
-  int max_tokens = 2048;           // new tokens per step
-  int max_seqs = 64;               // sequences per step
-  int max_context = 0;             // tokens per sequence; 0 = the model's n_positions
+  int threads_per_worker = 0;                                     // CPU workers; 0 = cores / workers
+  int max_tokens = 2048;                                          // new tokens per step
+  int max_seqs = 64;                                              // sequences per step
+  int max_context = 0;                                            // tokens per sequence; 0 = the model's n_positions
   int block_size = 16;
-  int num_kv_blocks = 0;           // per worker; 0 = max_seqs full contexts
-  int max_history = 0;             // penalty history per step; 0 = max_seqs * max_context
+  int num_kv_blocks = 0;  // per worker; 0 = max_seqs full contexts
+  int max_history = 0;    // penalty history per step; 0 = max_seqs * max_context
   std::string worker_binary = "/proc/self/exe";
   // Timers (docs/api.md "Timers"): each is the bound on one kind of silence.
-  std::chrono::milliseconds start_timeout{120000};    // spawn to every rank ready
-  std::chrono::milliseconds heartbeat_timeout{1000};  // a worker's heartbeat thread silent this long is hung
-  std::chrono::milliseconds stall_timeout{60000};     // a published step with no progress event for this long
+  std::chrono::milliseconds start_timeout{120000};      // spawn to every rank ready
+  std::chrono::milliseconds heartbeat_timeout{1000};    // a worker's heartbeat thread silent this long is hung
+  std::chrono::milliseconds stall_timeout{60000};       // a published step with no progress event for this long
   std::chrono::milliseconds collective_timeout{30000};  // one Gloo/NCCL collective, inside the workers
   int max_restarts = 3;
   std::chrono::milliseconds restart_window{300000};  // failures counted over this sliding window
-  std::string link_preset;         // benchmarks only (engine/comm/link_model.h)
+  std::string link_preset;                           // benchmarks only (engine/comm/link_model.h)
   double measured_gemm_flops = 0;
 };
 
@@ -131,13 +131,13 @@ class WorkerGroup {
 
  private:
   WorkerGroup() = default;
-  Status Launch();             // segment, lifeline, processes, wait ready; cleans up on failure
+  Status Launch();  // segment, lifeline, processes, wait ready; cleans up on failure
   Status LaunchOnce();
-  void KillAll();              // SIGKILL, reap, clean up
+  void KillAll();  // SIGKILL, reap, clean up
   // OK, or UNAVAILABLE naming a dead, failed, silent or stuck rank (exits are preferred: a peer's
   // death makes the others report failed collectives).
   Status CheckWorkers(bool in_step);
-  bool Reap(int rank, std::string* why);  // true when the worker is gone
+  bool Reap(int rank, std::string* why);              // true when the worker is gone
   Status Recover(const Status& cause, bool in_step);  // after a failure: restart or give up
 
   WorkerGroupOptions options_;
@@ -146,7 +146,7 @@ class WorkerGroup {
   Layout layout_{};
   std::unique_ptr<SharedSegment> segment_;
   Control* control_ = nullptr;
-  int lifeline_ = -1;           // write end; closing it tells the workers to go
+  int lifeline_ = -1;  // write end; closing it tells the workers to go
   std::vector<pid_t> pids_;
   // How each reaped worker ended: the words for reports, and whether it exited WorkerExit::kFailed
   // (which a peer's death makes every rank do) rather than dying on its own.

@@ -43,12 +43,12 @@ enum class SchedulingPolicy {
 };
 
 struct SchedulerOptions {
-  int num_kv_blocks = 0;         // in each worker's pool
-  int block_size = 16;           // tokens per block
-  int max_batch_tokens = 512;    // new tokens per step, all sequences together
-  int max_batch_seqs = 64;       // sequences per step
-  int max_waiting = 256;         // waiting-queue capacity; Add beyond it is RESOURCE_EXHAUSTED
-  double watermark = 0.01;       // fraction of blocks admission leaves free for running decodes
+  int num_kv_blocks = 0;       // in each worker's pool
+  int block_size = 16;         // tokens per block
+  int max_batch_tokens = 512;  // new tokens per step, all sequences together
+  int max_batch_seqs = 64;     // sequences per step
+  int max_waiting = 256;       // waiting-queue capacity; Add beyond it is RESOURCE_EXHAUSTED
+  double watermark = 0.01;     // fraction of blocks admission leaves free for running decodes
   SchedulingPolicy policy = SchedulingPolicy::kPriority;
 };
 

@@ -13,8 +13,8 @@
 #include <memory>
 #include <sstream>
 
-#include <CLI/CLI.hpp>
 #include <grpcpp/grpcpp.h>
+#include <CLI/CLI.hpp>
 
 #include "kraken/v1/kraken.grpc.pb.h"
 #include "server/read_file.h"

@@ -16,17 +16,17 @@
 #include <sstream>
 #include <thread>
 
-#include <CLI/CLI.hpp>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
-#include <nlohmann/json.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 
-#include "engine/model_config.h"
 #include "core/engine.h"
 #include "core/serving_metrics.h"
+#include "engine/model_config.h"
 #include "metrics/http_exporter.h"
 #include "runtime/worker.h"
 #include "server/flags.h"
@@ -74,8 +74,6 @@ struct Flags {
 // /dev/shm makes NCCL fail at the first collective.
 constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
 
-
-
 void AddFlags(CLI::App& app, Flags& f) {
   app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
       ->envname("KRAKEN_CONFIG")
@@ -83,20 +81,27 @@ void AddFlags(CLI::App& app, Flags& f) {
   // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name.
   auto opt = [&](const char* name, auto& var, const char* env, const char* help) {
     // The last value given wins: server::ArgsWithEnvironment puts the environment's first.
-    return app.add_option(name, var, help)->envname(env)->capture_default_str()->multi_option_policy(
-        CLI::MultiOptionPolicy::TakeLast);
+    return app.add_option(name, var, help)
+        ->envname(env)
+        ->capture_default_str()
+        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   };
   opt("--model", f.model, "KRAKEN_MODEL", "model directory (config.json, model.safetensors, tokenizer.json)");
   opt("--devices", f.devices, "KRAKEN_DEVICES", "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
   opt("--host", f.host, "KRAKEN_HOST", "address to listen on");
   opt("--port", f.port, "KRAKEN_PORT", "gRPC port")->check(CLI::Range(0, 65535));
-  opt("--threads-per-worker", f.threads_per_worker, "KRAKEN_THREADS_PER_WORKER", "CPU threads per worker; 0 = cores / workers");
-  opt("--max-batch-tokens", f.max_batch_tokens, "KRAKEN_MAX_BATCH_TOKENS", "token budget of one step")->check(CLI::Range(1, 1 << 20));
+  opt("--threads-per-worker", f.threads_per_worker, "KRAKEN_THREADS_PER_WORKER",
+      "CPU threads per worker; 0 = cores / workers");
+  opt("--max-batch-tokens", f.max_batch_tokens, "KRAKEN_MAX_BATCH_TOKENS", "token budget of one step")
+      ->check(CLI::Range(1, 1 << 20));
   opt("--max-batch-seqs", f.max_batch_seqs, "KRAKEN_MAX_BATCH_SEQS", "sequences per step")->check(CLI::Range(1, 4096));
-  opt("--max-waiting", f.max_waiting, "KRAKEN_MAX_WAITING", "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")->check(CLI::Range(0, 1 << 20));
-  opt("--num-kv-blocks", f.num_kv_blocks, "KRAKEN_NUM_KV_BLOCKS", "KV blocks per worker; 0 = max-batch-seqs full contexts");
+  opt("--max-waiting", f.max_waiting, "KRAKEN_MAX_WAITING", "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
+      ->check(CLI::Range(0, 1 << 20));
+  opt("--num-kv-blocks", f.num_kv_blocks, "KRAKEN_NUM_KV_BLOCKS",
+      "KV blocks per worker; 0 = max-batch-seqs full contexts");
   opt("--block-size", f.block_size, "KRAKEN_BLOCK_SIZE", "tokens per KV block")->check(CLI::Range(1, 1024));
-  opt("--kv-watermark", f.kv_watermark, "KRAKEN_KV_WATERMARK", "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+  opt("--kv-watermark", f.kv_watermark, "KRAKEN_KV_WATERMARK", "fraction of KV blocks admission keeps free")
+      ->check(CLI::Range(0.0, 0.5));
   opt("--max-message-bytes", f.max_message_bytes, "KRAKEN_MAX_MESSAGE_BYTES",
       "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(1024, 256 << 20));
@@ -113,7 +118,8 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--stall-timeout", f.stall_timeout_s, "KRAKEN_STALL_TIMEOUT",
       "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
       ->check(CLI::Range(0.01, 86400.0));
-  opt("--start-timeout", f.start_timeout_s, "KRAKEN_START_TIMEOUT", "seconds the workers get to load the model and report ready")
+  opt("--start-timeout", f.start_timeout_s, "KRAKEN_START_TIMEOUT",
+      "seconds the workers get to load the model and report ready")
       ->check(CLI::Range(0.001, 86400.0));
   opt("--collective-timeout", f.collective_timeout_s, "KRAKEN_COLLECTIVE_TIMEOUT",
       "seconds one AllReduce may take inside a worker before the worker fails")
@@ -137,9 +143,10 @@ void AddFlags(CLI::App& app, Flags& f) {
 // Parses the command line, the environment and the config file into `f` (server/flags.h).
 // Returns the exit code when the program should stop here (--help, or a bad setting).
 std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
-  CLI::App app{"kraken-server: streaming gRPC inference for Kraken transformers.\n"
-               "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
-               "the environment, which wins over the file."};
+  CLI::App app{
+      "kraken-server: streaming gRPC inference for Kraken transformers.\n"
+      "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
+      "the environment, which wins over the file."};
   AddFlags(app, f);
   if (Status env = server::CheckEnvironment(app, environ); !env.ok()) {
     std::fprintf(stderr, "kraken-server: %s\n", std::string(env.message()).c_str());
@@ -190,8 +197,10 @@ server::RequestLimits LoadLimits(const std::string& model, const engine::ModelCo
     if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
     if (g.contains("eos_token_id")) {
       const auto& e = g["eos_token_id"];  // an id or a list of ids (the first is used)
-      if (e.is_number_integer()) limits.eos_token_id = e.get<int>();
-      else if (e.is_array() && !e.empty()) limits.eos_token_id = e[0].get<int>();
+      if (e.is_number_integer())
+        limits.eos_token_id = e.get<int>();
+      else if (e.is_array() && !e.empty())
+        limits.eos_token_id = e[0].get<int>();
     }
   } catch (const std::exception& e) {
     spdlog::info("no usable generation_config.json ({}); built-in defaults apply", e.what());
@@ -228,8 +237,10 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
     return 2;
   }
   if (config.arch == engine::Architecture::kKraken && config.kraken_degree % lim->world_size != 0) {
-    spdlog::critical("the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
-                     "hold whole sub-layers", config.kraken_degree, lim->world_size);
+    spdlog::critical(
+        "the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
+        "hold whole sub-layers",
+        config.kraken_degree, lim->world_size);
     return 2;
   }
   const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
@@ -335,8 +346,10 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
       int s = 0;
       sigwait(&sigs, &s);
       if (stop_waiting) return;
-      if (signals++ == 0) signo = s;
-      else spdlog::warn("second signal {}: ending the grace period now", s);
+      if (signals++ == 0)
+        signo = s;
+      else
+        spdlog::warn("second signal {}: ending the grace period now", s);
     }
   });
   while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -365,9 +378,12 @@ core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig&
   core::EngineOptions eo;
   eo.metrics = metrics;
   eo.context_length = config.n_positions;
-  eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks, .block_size = rl.block_size,
-                  .max_batch_tokens = f.max_batch_tokens, .max_batch_seqs = f.max_batch_seqs,
-                  .max_waiting = f.max_waiting, .watermark = f.kv_watermark,
+  eo.scheduler = {.num_kv_blocks = rl.num_kv_blocks,
+                  .block_size = rl.block_size,
+                  .max_batch_tokens = f.max_batch_tokens,
+                  .max_batch_seqs = f.max_batch_seqs,
+                  .max_waiting = f.max_waiting,
+                  .watermark = f.kv_watermark,
                   .policy = f.scheduling_policy == "fcfs" ? scheduler::SchedulingPolicy::kFcfs
                                                           : scheduler::SchedulingPolicy::kPriority};
   eo.on_serving = [health](bool serving) { health->Set(serving); };
@@ -381,8 +397,8 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   const runtime::Limits rl = group->limits();
   if (rl.num_kv_blocks < rl.max_blocks_per_seq) {
     // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
-    return InvalidArgument("--num-kv-blocks ", rl.num_kv_blocks, " is below one full context (",
-                           rl.max_blocks_per_seq, " blocks of ", rl.block_size, " tokens)");
+    return InvalidArgument("--num-kv-blocks ", rl.num_kv_blocks, " is below one full context (", rl.max_blocks_per_seq,
+                           " blocks of ", rl.block_size, " tokens)");
   }
   spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", group->world_size(), f.devices,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
@@ -435,10 +451,12 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
   }
   Health health;
-  core::Engine engine(std::move(*group), **tok,
-                      MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
-  server::ServiceOptions so{.limits = limits, .info = MakeModelInfo(f, *config, limits, world), .api_key = f.api_key,
-                            .metrics = &serving_metrics, .max_message_bytes = f.max_message_bytes};
+  core::Engine engine(std::move(*group), **tok, MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
+  server::ServiceOptions so{.limits = limits,
+                            .info = MakeModelInfo(f, *config, limits, world),
+                            .api_key = f.api_key,
+                            .metrics = &serving_metrics,
+                            .max_message_bytes = f.max_message_bytes};
   server::KrakenService service(engine, **tok, so);
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -19,9 +19,12 @@ grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
 
 kraken::v1::FinishReason ToProto(core::FinishReason r) {
   switch (r) {
-    case core::FinishReason::kStop: return kraken::v1::FINISH_REASON_STOP;
-    case core::FinishReason::kLength: return kraken::v1::FINISH_REASON_LENGTH;
-    case core::FinishReason::kNone: break;
+    case core::FinishReason::kStop:
+      return kraken::v1::FINISH_REASON_STOP;
+    case core::FinishReason::kLength:
+      return kraken::v1::FINISH_REASON_LENGTH;
+    case core::FinishReason::kNone:
+      break;
   }
   return kraken::v1::FINISH_REASON_UNSPECIFIED;
 }
@@ -145,8 +148,10 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     taken_.logprobs.clear();
     wire_ = Serialize(msg);
     writing_ = true;
-    if (and_finish) StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(taken_.status));
-    else StartWrite(&wire_);
+    if (and_finish)
+      StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(taken_.status));
+    else
+      StartWrite(&wire_);
   }
 
   std::shared_ptr<core::RequestHandle> h_;
@@ -231,8 +236,8 @@ StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::Callb
   auto deadline = core::Clock::time_point::max();
   const auto sys_deadline = ctx->deadline();
   if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
-    deadline = arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline -
-                                                                           std::chrono::system_clock::now());
+    deadline =
+        arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
   if (draining_) return absl::UnavailableError("the server is shutting down");
   KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
@@ -283,8 +288,8 @@ grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* c
                                                    " bytes, got ", request.text().size())));
   size_t bad = 0;
   if (!tokenizer::IsValidUtf8(request.text(), &bad))
-    return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ",
-                                                   bad, ")")));
+    return FinishUnary(
+        ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ", bad, ")")));
   auto ids = tok_.Encode(request.text(), request.add_special_tokens());
   if (!ids.ok()) return FinishUnary(ctx, ToGrpc(ids.status()));
   for (int32_t id : *ids) response.add_token_ids(id);
@@ -300,8 +305,8 @@ grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext*
   for (int i = 0; i < request.token_ids_size(); ++i) {
     const int32_t id = request.token_ids(i);
     if (id < 0 || id >= tok_.vocab_size())
-      return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", tok_.vocab_size(),
-                                                     "), got ", id)));
+      return FinishUnary(
+          ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", tok_.vocab_size(), "), got ", id)));
   }
   std::vector<int32_t> ids(request.token_ids().begin(), request.token_ids().end());
   auto text = tok_.Decode(ids, request.skip_special_tokens());

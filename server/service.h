@@ -11,9 +11,9 @@
 
 #include <grpcpp/grpcpp.h>
 
-#include "kraken/v1/kraken.grpc.pb.h"
 #include "core/engine.h"
 #include "core/serving_metrics.h"
+#include "kraken/v1/kraken.grpc.pb.h"
 #include "server/validation.h"
 
 namespace kraken::server {
@@ -24,18 +24,18 @@ grpc::Status ToGrpc(const Status& s);
 struct ServiceOptions {
   RequestLimits limits;
   kraken::v1::ModelInfo info;
-  std::string api_key;  // empty: no authentication
+  std::string api_key;                      // empty: no authentication
   core::ServingMetrics* metrics = nullptr;  // optional
-  int max_message_bytes = 4 << 20;   // largest request body the service accepts (bytes)
+  int max_message_bytes = 4 << 20;          // largest request body the service accepts (bytes)
 };
 
 // Every method of kraken.v1.Kraken on raw (grpc::ByteBuffer) callback handlers: the service
 // parses each request body itself, so bytes that are not a valid message get INVALID_ARGUMENT
 // with a message (gRPC's typed handlers answer UNIMPLEMENTED with no message), and a generation
 // request over --max-message-bytes is refused by the service itself, so it is counted.
-using RawKrakenService = kraken::v1::Kraken::WithRawCallbackMethod_Generate<
-    kraken::v1::Kraken::WithRawCallbackMethod_Complete<kraken::v1::Kraken::WithRawCallbackMethod_Tokenize<
-        kraken::v1::Kraken::WithRawCallbackMethod_Detokenize<
+using RawKrakenService =
+    kraken::v1::Kraken::WithRawCallbackMethod_Generate<kraken::v1::Kraken::WithRawCallbackMethod_Complete<
+        kraken::v1::Kraken::WithRawCallbackMethod_Tokenize<kraken::v1::Kraken::WithRawCallbackMethod_Detokenize<
             kraken::v1::Kraken::WithRawCallbackMethod_GetModelInfo<kraken::v1::Kraken::Service>>>>>;
 
 /// gRPC's transport refuses request messages over this many times --max-message-bytes before any

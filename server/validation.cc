@@ -21,11 +21,12 @@ uint64_t FreshSeed() {
 }  // namespace
 
 StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req, const RequestLimits& lim,
-                                                const tokenizer::Tokenizer& tok) {
+                                                      const tokenizer::Tokenizer& tok) {
   core::RequestParams p;
   p.request_id = req.request_id();
   if (static_cast<int>(req.request_id().size()) > lim.max_request_id_bytes)
-    return Bad("request_id", StrCat("must be at most ", lim.max_request_id_bytes, " bytes, got ", req.request_id().size()));
+    return Bad("request_id",
+               StrCat("must be at most ", lim.max_request_id_bytes, " bytes, got ", req.request_id().size()));
   if (!tokenizer::IsValidUtf8(req.request_id())) return Bad("request_id", "is not valid UTF-8");
 
   switch (req.prompt_case()) {
@@ -72,8 +73,8 @@ StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::Generate
   }
   p.max_tokens = max_tokens;
   if (req.min_tokens() > max_tokens)
-    return Bad("min_tokens", StrCat("must be <= max_tokens (", max_tokens, " after fitting the context), got ",
-                                    req.min_tokens()));
+    return Bad("min_tokens",
+               StrCat("must be <= max_tokens (", max_tokens, " after fitting the context), got ", req.min_tokens()));
   p.min_tokens = req.min_tokens();
 
   // Sampling; the engine's validator names the field, range and value.
@@ -90,7 +91,8 @@ StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::Generate
   s.top_logprobs = static_cast<int32_t>(req.top_logprobs());
   s.seed = req.has_seed() ? req.seed() : FreshSeed();
   if (Status v = engine::ValidateSamplingParams(s, lim.vocab_size); !v.ok())
-    return absl::InvalidArgumentError(StrCat("field ", std::string(v.message()).substr(std::string("sampling field ").size())));
+    return absl::InvalidArgumentError(
+        StrCat("field ", std::string(v.message()).substr(std::string("sampling field ").size())));
   p.sampling = s;
 
   // Stops.

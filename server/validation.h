@@ -1,6 +1,6 @@
 // Checks a GenerateRequest against the model and the server's limits and turns it into the
-// serving core's terms (core::RequestParams). Every rejection is INVALID_ARGUMENT naming the field, the limit and the value;
-// nothing is tokenized or queued before the request is known to be good.
+// serving core's terms (core::RequestParams). Every rejection is INVALID_ARGUMENT naming the field, the limit and the
+// value; nothing is tokenized or queued before the request is known to be good.
 #pragma once
 
 #include <cstdint>
@@ -8,17 +8,17 @@
 #include <vector>
 
 #include "base/status.h"
-#include "kraken/v1/kraken.pb.h"
 #include "core/request.h"
+#include "kraken/v1/kraken.pb.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kraken::server {
 
 /// What the server accepts. Defaults are documented in docs/api.md.
 struct RequestLimits {
-  int context_length = 0;           // model's n_positions: prompt + generated tokens
+  int context_length = 0;  // model's n_positions: prompt + generated tokens
   int vocab_size = 0;
-  int eos_token_id = -1;            // -1: none
+  int eos_token_id = -1;  // -1: none
   uint32_t default_max_tokens = 128;
   float default_temperature = 1.f;  // from generation_config.json when present
   float default_top_p = 1.f;
@@ -31,7 +31,7 @@ struct RequestLimits {
 };
 
 /// Validates and tokenizes. Errors: INVALID_ARGUMENT naming field, limit and value.
-StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req, const RequestLimits& limits,
-                                                const tokenizer::Tokenizer& tok);
+StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::GenerateRequest& req,
+                                                      const RequestLimits& limits, const tokenizer::Tokenizer& tok);
 
 }  // namespace kraken::server

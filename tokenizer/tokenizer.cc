@@ -24,9 +24,10 @@ using json = nlohmann::json;
 // with `\s` spelled out as Unicode's White_Space property, which is what Hugging Face's `\s`
 // matches; PCRE2's own `\s` (with UCP) leaves out U+0085.
 std::string Gpt2Pattern() {
-  const std::string ws = R"(\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
-  return R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^)" + ws + R"(\p{L}\p{N}]+|[)" + ws + "]+(?![^" + ws +
-         "])|[" + ws + "]+";
+  const std::string ws =
+      R"(\t\n\x{0B}\f\r \x{85}\x{A0}\x{1680}\x{2000}-\x{200A}\x{2028}\x{2029}\x{202F}\x{205F}\x{3000})";
+  return R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^)" + ws + R"(\p{L}\p{N}]+|[)" + ws + "]+(?![^" + ws + "])|[" +
+         ws + "]+";
 }
 
 // GPT-2's reversible byte <-> printable-character map: printable Latin-1 bytes map to
@@ -75,7 +76,9 @@ std::string DecodeTokenString(std::string_view token) {
   return out;
 }
 
-uint64_t PairKey(int32_t a, int32_t b) { return static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32 | static_cast<uint32_t>(b); }
+uint64_t PairKey(int32_t a, int32_t b) {
+  return static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32 | static_cast<uint32_t>(b);
+}
 
 StatusOr<std::string> ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -97,11 +100,11 @@ Tokenizer::~Tokenizer() = default;
 namespace {
 
 StatusOr<std::unique_ptr<pcre2_code, void (*)(pcre2_code*)>> CompileRegex(const std::string& pattern,
-                                                                         std::string_view label) {
+                                                                          std::string_view label) {
   int err = 0;
   PCRE2_SIZE offset = 0;
-  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
-                                   PCRE2_UTF | PCRE2_UCP, &err, &offset, nullptr);
+  pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
+                                   &err, &offset, nullptr);
   if (code == nullptr) {
     PCRE2_UCHAR msg[256];
     pcre2_get_error_message(err, msg, sizeof msg);
@@ -146,16 +149,15 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
       return Unsupported(label, "'pre_tokenizer'", pre, "ByteLevel or Sequence[Split, ByteLevel]");
     }
     const json& split = seq[0];
-    if (split.value("behavior", "") != "Isolated" || split.value("invert", false) ||
-        !split.contains("pattern") || !split["pattern"].is_object() || !split["pattern"].contains("Regex") ||
+    if (split.value("behavior", "") != "Isolated" || split.value("invert", false) || !split.contains("pattern") ||
+        !split["pattern"].is_object() || !split["pattern"].contains("Regex") ||
         !split["pattern"]["Regex"].is_string()) {
       return Unsupported(label, "'pre_tokenizer.pretokenizers[0]'", split, "a Regex Split with behavior Isolated");
     }
     pattern = split["pattern"]["Regex"].get<std::string>();
     KRAKEN_RETURN_IF_ERROR(byte_level(seq[1], /*want_regex=*/false));
     if (t->add_prefix_space_) {  // Hugging Face would add the space to every split piece
-      return Unsupported(label, "'pre_tokenizer.pretokenizers[1].add_prefix_space'", true,
-                         "false after a Split");
+      return Unsupported(label, "'pre_tokenizer.pretokenizers[1].add_prefix_space'", true, "false after a Split");
     }
   } else {
     KRAKEN_RETURN_IF_ERROR(byte_level(pre, /*want_regex=*/true));
@@ -221,11 +223,13 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     for (const json& a : j["added_tokens"]) {
       if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") ||
           !a["content"].is_string() || a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= (1 << 24)) {
-        return InvalidArgument(label, ": added token ", DescribeJson(a), " needs an integer 'id' and a string 'content'");
+        return InvalidArgument(label, ": added token ", DescribeJson(a),
+                               " needs an integer 'id' and a string 'content'");
       }
       for (const char* k : {"single_word", "lstrip", "rstrip"}) {
         if (a.value(k, false)) {
-          return Unsupported(label, std::string("added token '") + a["content"].get<std::string>() + "' field '" + k + "'",
+          return Unsupported(label,
+                             std::string("added token '") + a["content"].get<std::string>() + "' field '" + k + "'",
                              true, "false");
         }
       }

@@ -102,14 +102,14 @@ class Tokenizer {
   Status EncodeText(std::string_view text, std::vector<int32_t>* out) const;
   void EncodeWord(std::string_view word, std::vector<int32_t>* out) const;
 
-  absl::flat_hash_map<std::string, int32_t> vocab_;      // byte-level form -> id
-  absl::flat_hash_map<uint64_t, Merge> merges_;          // (left id, right id) -> rank, merged id
+  absl::flat_hash_map<std::string, int32_t> vocab_;  // byte-level form -> id
+  absl::flat_hash_map<uint64_t, Merge> merges_;      // (left id, right id) -> rank, merged id
   std::vector<AddedToken> added_;
-  std::vector<std::string> token_bytes_;                 // id -> decoded bytes
-  std::vector<uint8_t> valid_id_;                        // id names a token
+  std::vector<std::string> token_bytes_;  // id -> decoded bytes
+  std::vector<uint8_t> valid_id_;         // id names a token
   std::vector<uint8_t> special_id_;
-  int32_t byte_token_[256] = {};                         // id of each single-byte symbol
-  uint8_t added_first_byte_[256] = {};                   // some added token starts with this byte
+  int32_t byte_token_[256] = {};        // id of each single-byte symbol
+  uint8_t added_first_byte_[256] = {};  // some added token starts with this byte
   std::unique_ptr<Regex> regex_;
   bool add_prefix_space_ = false;
   bool ignore_merges_ = false;

@@ -18,8 +18,8 @@ inline constexpr std::string_view kReplacement = "\xEF\xBF\xBD";
 
 /// Result of scanning bytes for the first problem.
 struct Utf8Scan {
-  size_t valid = 0;      // bytes [0, valid) are well-formed UTF-8
-  size_t error_len = 0;  // > 0: bytes [valid, valid + error_len) are one ill-formed subpart
+  size_t valid = 0;         // bytes [0, valid) are well-formed UTF-8
+  size_t error_len = 0;     // > 0: bytes [valid, valid + error_len) are one ill-formed subpart
   bool incomplete = false;  // error_len == 0 and valid < size: a truncated but so-far-valid sequence
 };
 

@@ -35,7 +35,9 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
 
 StatusOr<std::vector<int32_t>> ParseIds(const std::string& text) {
   std::vector<int32_t> ids;
@@ -62,7 +64,7 @@ struct Options {
   int prefill_chunk = 0;  // 0 = whole prompt in one step
   bool json = false;
   bool score = false;
-  int score_window = 0;       // score in independent windows of this many predictions
+  int score_window = 0;  // score in independent windows of this many predictions
   std::string prompt_ids_file;
   bool ignore_eos = false;
   std::string devices;  // set: run on worker processes (runtime/), e.g. "cpu:2"
@@ -77,10 +79,15 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   const int B = o.batch;
   const int blocks_per_seq = (total + o.block_size - 1) / o.block_size;
   KRAKEN_ASSIGN_OR_RETURN(std::vector<Device> devices, runtime::ParseDevices(o.devices));
-  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir, .devices = devices, .threads_per_worker = o.threads,
-                                 .max_tokens = static_cast<int>(prompt.size()) * B, .max_seqs = B,
-                                 .max_context = std::min(total, cfg.n_positions), .block_size = o.block_size,
-                                 .num_kv_blocks = blocks_per_seq * B, .max_history = total * B};
+  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir,
+                                 .devices = devices,
+                                 .threads_per_worker = o.threads,
+                                 .max_tokens = static_cast<int>(prompt.size()) * B,
+                                 .max_seqs = B,
+                                 .max_context = std::min(total, cfg.n_positions),
+                                 .block_size = o.block_size,
+                                 .num_kv_blocks = blocks_per_seq * B,
+                                 .max_history = total * B};
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
   const double load_s = Seconds(t_load, Clock::now());
@@ -134,9 +141,14 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   }
   const std::vector<int32_t>& generated = gen[0];
   const double decode_s = Seconds(t0, Clock::now()) - prefill_s;
-  nlohmann::json out{{"model", o.model_dir}, {"devices", o.devices}, {"prompt_ids", prompt},
-                     {"generated_ids", generated}, {"finish_reason", finish}, {"seed", p.seed},
-                     {"load_seconds", load_s}, {"prefill_ms", prefill_s * 1e3},
+  nlohmann::json out{{"model", o.model_dir},
+                     {"devices", o.devices},
+                     {"prompt_ids", prompt},
+                     {"generated_ids", generated},
+                     {"finish_reason", finish},
+                     {"seed", p.seed},
+                     {"load_seconds", load_s},
+                     {"prefill_ms", prefill_s * 1e3},
                      {"batch", B},
                      {"decode_tokens_per_second", decoded > 0 ? decoded / decode_s : 0.0}};
   if (tok != nullptr) {
@@ -148,8 +160,12 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   }
   nlohmann::json ranks = nlohmann::json::array();
   for (const auto& st : group->Stats()) {
-    ranks.push_back({{"rank", st.rank}, {"steps", st.steps}, {"busy_s", st.busy_s}, {"exposed_comm_s", st.exposed_comm_s},
-                     {"collective_s", st.collective_s}, {"idle_s", st.idle_s}});
+    ranks.push_back({{"rank", st.rank},
+                     {"steps", st.steps},
+                     {"busy_s", st.busy_s},
+                     {"exposed_comm_s", st.exposed_comm_s},
+                     {"collective_s", st.collective_s},
+                     {"idle_s", st.idle_s}});
   }
   out["ranks"] = ranks;
   if (o.json) {
@@ -181,7 +197,8 @@ Status Run(const Options& o) {
     std::ifstream in(o.prompt_ids_file);
     if (!in) return NotFound("cannot read '", o.prompt_ids_file, "'");
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    std::replace_if(text.begin(), text.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); }, ',');
+    std::replace_if(
+        text.begin(), text.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); }, ',');
     KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(text));
   } else {
     KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(o.prompt_ids));
@@ -189,7 +206,8 @@ Status Run(const Options& o) {
   KRAKEN_ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model_dir));
   for (size_t i = 0; i < prompt.size(); ++i) {
     if (prompt[i] >= cfg.vocab_size) {
-      return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size, ")");
+      return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size,
+                             ")");
     }
   }
   // The last token (generated, or scored) is never fed to the model, so it needs no position.
@@ -210,15 +228,16 @@ Status Run(const Options& o) {
     return RunOnWorkers(o, prompt, tok.get(), cfg);
   }
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = o.threads}));
-  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
+  const int chunk =
+      o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
   ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = o.score ? chunk : 1};
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(o.model_dir, backend.get(), mo));
   const double load_s = Seconds(t_load, Clock::now());
   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
   const int blocks = (total + o.block_size - 1) / o.block_size;
-  KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, model->kv_layout(),
-                                                      {.num_blocks = blocks, .block_size = o.block_size}));
+  KRAKEN_ASSIGN_OR_RETURN(
+      KvCache kv, KvCache::Create(*backend, model->kv_layout(), {.num_blocks = blocks, .block_size = o.block_size}));
   std::vector<int32_t> table(blocks);
   for (int i = 0; i < blocks; ++i) table[i] = i;
   LocalCommunicator comm;
@@ -279,8 +298,8 @@ Status Run(const Options& o) {
   ForwardResult last{};
   for (int begin = 0; begin < static_cast<int>(prompt.size()); begin += chunk) {
     const int n = std::min(chunk, static_cast<int>(prompt.size()) - begin);
-    SequenceInput s{.tokens = {prompt.data() + begin, static_cast<size_t>(n)}, .start_pos = begin,
-                    .block_table = table};
+    SequenceInput s{
+        .tokens = {prompt.data() + begin, static_cast<size_t>(n)}, .start_pos = begin, .block_table = table};
     KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
   }
   const double prefill_s = Seconds(t0, Clock::now());
@@ -302,8 +321,8 @@ Status Run(const Options& o) {
       js["top_logprobs"] = top;
     }
     steps.push_back(js);
-    const bool eos = !o.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), t.token) !=
-                                          cfg.eos_token_ids.end();
+    const bool eos = !o.ignore_eos &&
+                     std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), t.token) != cfg.eos_token_ids.end();
     if (eos) {
       finish = "stop";
       break;
@@ -383,7 +402,8 @@ int main(int argc, char** argv) {
   app.add_option("--score-window", o.score_window,
                  "With --score: independent windows of this many predictions (no per-token output)");
   CLI11_PARSE(app, argc, argv);
-  if (seed->count() == 0) o.sampling.seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
+  if (seed->count() == 0)
+    o.sampling.seed = (static_cast<uint64_t>(std::random_device{}()) << 32) | std::random_device{}();
   const kraken::Status s = kraken::engine::Run(o);
   if (!s.ok()) {
     std::fprintf(stderr, "kraken-generate: %s\n", std::string(s.message()).c_str());

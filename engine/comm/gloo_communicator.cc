@@ -30,8 +30,8 @@ StatusOr<std::unique_ptr<GlooCommunicator>> GlooCommunicator::Create(const GlooO
     context->connectFullMesh(prefix, device);
     c->context_ = context;
   } catch (const std::exception& e) {
-    return absl::UnavailableError(StrCat("Gloo rank ", o.rank, " of ", o.world_size,
-                                         ": could not connect to its peers: ", e.what()));
+    return absl::UnavailableError(
+        StrCat("Gloo rank ", o.rank, " of ", o.world_size, ": could not connect to its peers: ", e.what()));
   }
   c->thread_ = std::thread([p = c.get()] { p->Loop(); });
   return c;
@@ -94,8 +94,7 @@ void GlooCommunicator::Loop() {
           float* p = static_cast<float*>(job.data);
           opts.setInput(p, static_cast<size_t>(job.count));
           opts.setOutput(p, static_cast<size_t>(job.count));
-          opts.setReduceFunction(
-              static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
+          opts.setReduceFunction(static_cast<void (*)(void*, const void*, const void*, size_t)>(&gloo::sum<float>));
           opts.setTag(tag);
           opts.setTimeout(timeout_);
           gloo::allreduce(opts);

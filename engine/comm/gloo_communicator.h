@@ -75,9 +75,9 @@ class GlooCommunicator final : public Communicator {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Job> queue_;
-  uint64_t next_id_ = 0;   // last id handed out
-  uint64_t done_id_ = 0;   // every id <= this has finished
-  Status failure_;         // sticky: the first failure
+  uint64_t next_id_ = 0;  // last id handed out
+  uint64_t done_id_ = 0;  // every id <= this has finished
+  Status failure_;        // sticky: the first failure
   bool stop_ = false;
 };
 

@@ -13,8 +13,12 @@
 namespace kraken::engine {
 namespace {
 
-std::string CudaError(cudaError_t e) { return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"); }
-std::string NcclError(ncclResult_t r) { return StrCat("NCCL error ", static_cast<int>(r), " (", ncclGetErrorString(r), ")"); }
+std::string CudaError(cudaError_t e) {
+  return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+}
+std::string NcclError(ncclResult_t r) {
+  return StrCat("NCCL error ", static_cast<int>(r), " (", ncclGetErrorString(r), ")");
+}
 
 }  // namespace
 
@@ -97,8 +101,8 @@ StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(const NcclO
         o.store->wait({key}, o.timeout);
         std::vector<char> bytes = o.store->get(key);
         if (bytes.size() != sizeof(id))
-          return absl::UnavailableError(StrCat("rank ", o.rank, ": NCCL unique id has ", bytes.size(),
-                                               " bytes, expected ", sizeof(id)));
+          return absl::UnavailableError(
+              StrCat("rank ", o.rank, ": NCCL unique id has ", bytes.size(), " bytes, expected ", sizeof(id)));
         std::memcpy(&id, bytes.data(), sizeof(id));
       }
     } catch (const std::exception& e) {
@@ -264,7 +268,8 @@ Status NcclCommunicator::Broadcast(void* data, int64_t bytes, int root) {
 Status NcclCommunicator::Barrier() {
   if (!failure_.ok()) return failure_;
   Impl& im = *impl_;
-  if (ncclResult_t r = ncclAllReduce(im.scratch, im.scratch, 1, ncclFloat32, ncclSum, im.comm, im.stream); r != ncclSuccess)
+  if (ncclResult_t r = ncclAllReduce(im.scratch, im.scratch, 1, ncclFloat32, ncclSum, im.comm, im.stream);
+      r != ncclSuccess)
     return Fail(StrCat("barrier AllReduce failed: ", NcclError(r)));
   return HostWaitStream();
 }

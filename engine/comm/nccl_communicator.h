@@ -41,11 +41,11 @@ namespace kraken::engine {
 struct NcclOptions {
   int rank = 0;
   int world_size = 1;
-  int device = 0;                             // CUDA device ordinal this rank uses
-  gloo::rendezvous::Store* store = nullptr;   // shared by all ranks; used only inside Create
-  std::string key_prefix = "kraken";          // distinguishes communicator generations
-  void* compute_stream = nullptr;             // cudaStream_t the model computes on; null = host waits
-  std::chrono::milliseconds timeout{30000};   // rendezvous and per-Wait limit
+  int device = 0;                            // CUDA device ordinal this rank uses
+  gloo::rendezvous::Store* store = nullptr;  // shared by all ranks; used only inside Create
+  std::string key_prefix = "kraken";         // distinguishes communicator generations
+  void* compute_stream = nullptr;            // cudaStream_t the model computes on; null = host waits
+  std::chrono::milliseconds timeout{30000};  // rendezvous and per-Wait limit
 };
 
 /// Number of CUDA devices visible to this process, or an error naming the CUDA error when there is

@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <array>
-#include <utility>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "engine/cpu/kernels.h"
@@ -34,8 +34,8 @@ template <int rows, bool kPrefetch>
       Prefetch(v_pf + e * kLanes);
       if (k_pf != nullptr) Prefetch(k_pf + e * kLanes);
     }
-    const F32x16 kv = kPrefetch ? F32x16::Load(k + e * kLanes)
-                                : F32x16::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
+    const F32x16 kv =
+        kPrefetch ? F32x16::Load(k + e * kLanes) : F32x16::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
     const float* qe = qt + e * rows;
     for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(qe[r]), kv, acc[r]);
   }
@@ -49,8 +49,8 @@ template <int rows, bool kPrefetch>
 // addresses every row's element. kBlock16 fixes the score-row stride at 16 for the default block
 // size, for the same reason.
 template <int rows, bool kBlock16>
-void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, Mat out, float* o, float* p,
-                float* qt, int padded_bs_runtime) {
+void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, Mat out, float* o, float* p, float* qt,
+                int padded_bs_runtime) {
   const int padded_bs = kBlock16 ? kLanes : padded_bs_runtime;
   const int dh = slot.head_dim, bs = slot.block_size;
   const int64_t bf = slot.block_floats();
@@ -85,9 +85,8 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
       if (kBlock16) {
         // While the scores are computed, prefetch this block's V (read next, with a stride the
         // hardware prefetcher misses) and the next block's K.
-        const float* k_next = b + 1 < num_blocks
-                                  ? slot.k + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset
-                                  : nullptr;
+        const float* k_next =
+            b + 1 < num_blocks ? slot.k + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset : nullptr;
         Scores<rows, true>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc);
       } else {
         Scores<rows, false>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr, nullptr, acc);
@@ -126,8 +125,8 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
       const int lanes = std::min(kLanes, dh - e0);
       F32x16 acc[rows];
       for (int r = 0; r < rows; ++r) {
-        acc[r] = visible[r] == 0 ? F32x16::Zero()
-                                 : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
+        acc[r] =
+            visible[r] == 0 ? F32x16::Zero() : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
       }
       if (whole_block) {
         for (int j = 0; j < bs; ++j) {

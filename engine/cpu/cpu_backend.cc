@@ -24,7 +24,9 @@ class CpuLinear final : public LinearWeight {
   cpu::PackedMatrix packed;
 };
 
-void FreeHost(float* p) { std::free(p); }
+void FreeHost(float* p) {
+  std::free(p);
+}
 
 class CpuBackend final : public Backend {
  public:
@@ -43,12 +45,8 @@ class CpuBackend final : public Backend {
     std::memset(p, 0, bytes);
     return Buffer(static_cast<float*>(p), floats, &FreeHost);
   }
-  void Upload(const float* host, float* device, int64_t n) override {
-    std::memcpy(device, host, n * sizeof(float));
-  }
-  void Download(const float* device, float* host, int64_t n) override {
-    std::memcpy(host, device, n * sizeof(float));
-  }
+  void Upload(const float* host, float* device, int64_t n) override { std::memcpy(device, host, n * sizeof(float)); }
+  void Download(const float* device, float* host, int64_t n) override { std::memcpy(host, device, n * sizeof(float)); }
 
   StatusOr<std::unique_ptr<LinearWeight>> PrepareLinear(const LinearSource& src) override {
     KRAKEN_ASSIGN_OR_RETURN(LinearSelection sel, SelectLinear(src));
@@ -65,8 +63,7 @@ class CpuBackend final : public Backend {
     return std::unique_ptr<LinearWeight>(new CpuLinear(std::move(packed)));
   }
 
-  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
-             Mat out) override {
+  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) override {
     Scoped s(threads_);
     cpu::Embed(tokens, positions, wte, wpe, out);
   }
@@ -76,11 +73,10 @@ class CpuBackend final : public Backend {
     cpu::LayerNorm(x, w, b, eps, y);
   }
   void Linear(Mat x, const LinearWeight& w, const float* bias, Mat y, bool accumulate) override {
-    KRAKEN_CHECK(x.cols == w.in_features() && y.cols == w.out_features() && x.rows == y.rows,
-                 "Linear shape mismatch");
+    KRAKEN_CHECK(x.cols == w.in_features() && y.cols == w.out_features() && x.rows == y.rows, "Linear shape mismatch");
     Scoped s(threads_);
-    cpu::Gemm(x.data, x.rows, x.stride, static_cast<const CpuLinear&>(w).packed, bias, y.data, y.stride,
-              accumulate, &gemm_scratch_);
+    cpu::Gemm(x.data, x.rows, x.stride, static_cast<const CpuLinear&>(w).packed, bias, y.data, y.stride, accumulate,
+              &gemm_scratch_);
   }
   void GeluTanh(Mat x) override {
     Scoped s(threads_);

@@ -28,8 +28,8 @@ inline F32x16 LoadW(const uint8_t* p) {
 // MR rows x NP panels. `a` is the packed tile [K][MR]; `w` the first panel, `panel_bytes` apart.
 // Every accumulator is a single FMA chain over k in order: this is the batch-invariance contract.
 template <DType T, int MR, int NP>
-void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc,
-            int n_valid, const float* bias, bool accumulate) {
+void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
+            const float* bias, bool accumulate) {
   constexpr size_t es = DTypeSize(T);
   F32x16 acc[MR][2 * NP];
   for (int r = 0; r < MR; ++r)
@@ -65,7 +65,9 @@ using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int
 
 // Panels per kernel call for a tile of `mr` rows: small tiles take several panels so enough
 // independent FMA chains are in flight; the per-element order is the same either way.
-constexpr int PanelsPerCall(int mr) { return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1); }
+constexpr int PanelsPerCall(int mr) {
+  return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1);
+}
 
 template <DType T, int MR>
 constexpr KernelFn Pick(int np) {
@@ -76,32 +78,49 @@ constexpr KernelFn Pick(int np) {
 template <DType T>
 KernelFn Select(int mr, int np) {
   switch (mr) {
-    case 1: return Pick<T, 1>(np);
-    case 2: return Pick<T, 2>(np);
-    case 3: return Pick<T, 3>(np);
-    case 4: return Pick<T, 4>(np);
-    case 5: return Pick<T, 5>(np);
-    case 6: return Pick<T, 6>(np);
-    case 7: return Pick<T, 7>(np);
-    case 8: return Pick<T, 8>(np);
-    case 9: return Pick<T, 9>(np);
-    case 10: return Pick<T, 10>(np);
-    case 11: return Pick<T, 11>(np);
-    default: return Pick<T, 12>(np);
+    case 1:
+      return Pick<T, 1>(np);
+    case 2:
+      return Pick<T, 2>(np);
+    case 3:
+      return Pick<T, 3>(np);
+    case 4:
+      return Pick<T, 4>(np);
+    case 5:
+      return Pick<T, 5>(np);
+    case 6:
+      return Pick<T, 6>(np);
+    case 7:
+      return Pick<T, 7>(np);
+    case 8:
+      return Pick<T, 8>(np);
+    case 9:
+      return Pick<T, 9>(np);
+    case 10:
+      return Pick<T, 10>(np);
+    case 11:
+      return Pick<T, 11>(np);
+    default:
+      return Pick<T, 12>(np);
   }
 }
 
 KernelFn SelectKernel(DType t, int mr, int np) {
   switch (t) {
-    case DType::kBF16: return Select<DType::kBF16>(mr, np);
-    case DType::kF16: return Select<DType::kF16>(mr, np);
-    default: return Select<DType::kF32>(mr, np);
+    case DType::kBF16:
+      return Select<DType::kBF16>(mr, np);
+    case DType::kF16:
+      return Select<DType::kF16>(mr, np);
+    default:
+      return Select<DType::kF32>(mr, np);
   }
 }
 
 }  // namespace
 
-void PackedMatrix::Free::operator()(uint8_t* p) const { std::free(p); }
+void PackedMatrix::Free::operator()(uint8_t* p) const {
+  std::free(p);
+}
 
 StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
   if (!IsComputeFloat(src.dtype)) {
@@ -131,8 +150,8 @@ StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
   return m;
 }
 
-void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y,
-          int64_t ldc, bool accumulate, GemmScratch* scratch) {
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+          bool accumulate, GemmScratch* scratch) {
   const int k_dim = w.in();
   if (m <= 0 || w.out() == 0) return;
   const int tiles = (m + kMr - 1) / kMr;
@@ -169,8 +188,8 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
         const float* a = packed + static_cast<size_t>(t) * kMr * k_dim;
         const int p0 = g * np, p_end = std::min(w.panels(), p0 + np);
         if (p_end - p0 == np) {
-          SelectKernel(w.dtype(), mr, np)(k_dim, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth,
-                                          ldc, w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr,
+          SelectKernel(w.dtype(), mr, np)(k_dim, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth, ldc,
+                                          w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr,
                                           accumulate);
         } else {
           for (int p = p0; p < p_end; ++p) {

@@ -15,8 +15,8 @@
 #include <memory>
 #include <vector>
 
-#include "engine/dtype.h"
 #include "base/status.h"
+#include "engine/dtype.h"
 
 namespace kraken::engine::cpu {
 
@@ -34,8 +34,8 @@ struct MatrixSource {
   int64_t out_stride = 0;
   int64_t in_stride = 0;
   int in_begin = 0;
-  int in = 0;                 // K
-  std::vector<int> rows;      // N source rows
+  int in = 0;             // K
+  std::vector<int> rows;  // N source rows
 };
 
 /// W [N, K] in panels of kPanelWidth output features, k-major inside a panel, zero-padded to a
@@ -73,7 +73,7 @@ struct GemmScratch {
 /// added to Y, in that order for every element).
 /// X: [M, K] row stride lda; Y: [M, N] row stride ldc; bias: [N] or nullptr. X and Y must not
 /// overlap. Uses the OpenMP threads of the caller's team size.
-void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y,
-          int64_t ldc, bool accumulate, GemmScratch* scratch);
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+          bool accumulate, GemmScratch* scratch);
 
 }  // namespace kraken::engine::cpu

@@ -44,7 +44,6 @@ struct AttentionScratch {
 /// See Backend::Attention. Online softmax over the sequence's KV blocks in logical order
 /// (FlashAttention's rescaling, Dao et al. 2022, Alg. 1), one query-row state per row, so a
 /// row's output is identical whether its sequence is prefilled at once, in chunks, or decoded.
-void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out,
-               AttentionScratch* scratch);
+void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out, AttentionScratch* scratch);
 
 }  // namespace kraken::engine::cpu

@@ -25,7 +25,9 @@ namespace kraken::engine::cpu {
 inline constexpr int kLanes = 16;
 
 /// Mask of the first `n` lanes (n in [0, 16]).
-inline uint16_t FirstLanes(int n) { return n >= 16 ? 0xffffu : static_cast<uint16_t>((1u << n) - 1u); }
+inline uint16_t FirstLanes(int n) {
+  return n >= 16 ? 0xffffu : static_cast<uint16_t>((1u << n) - 1u);
+}
 
 #if KRAKEN_SIMD_AVX512
 // Full-mask (maskz) forms of the intrinsics: GCC 12's unmasked forms expand through
@@ -66,23 +68,47 @@ struct F32x16 {
     return _mm_cvtss_f32(d);
   }
 };
-inline F32x16 operator+(F32x16 a, F32x16 b) { return {_mm512_add_ps(a.v, b.v)}; }
-inline F32x16 operator-(F32x16 a, F32x16 b) { return {_mm512_sub_ps(a.v, b.v)}; }
-inline F32x16 operator*(F32x16 a, F32x16 b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline F32x16 operator/(F32x16 a, F32x16 b) { return {_mm512_div_ps(a.v, b.v)}; }
+inline F32x16 operator+(F32x16 a, F32x16 b) {
+  return {_mm512_add_ps(a.v, b.v)};
+}
+inline F32x16 operator-(F32x16 a, F32x16 b) {
+  return {_mm512_sub_ps(a.v, b.v)};
+}
+inline F32x16 operator*(F32x16 a, F32x16 b) {
+  return {_mm512_mul_ps(a.v, b.v)};
+}
+inline F32x16 operator/(F32x16 a, F32x16 b) {
+  return {_mm512_div_ps(a.v, b.v)};
+}
 /// a * b + c with one rounding.
-inline F32x16 Fma(F32x16 a, F32x16 b, F32x16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline F32x16 Max(F32x16 a, F32x16 b) { return {_mm512_maskz_max_ps(kAll, a.v, b.v)}; }
-inline F32x16 Min(F32x16 a, F32x16 b) { return {_mm512_maskz_min_ps(kAll, a.v, b.v)}; }
-inline F32x16 Abs(F32x16 a) { return {_mm512_abs_ps(a.v)}; }
+inline F32x16 Fma(F32x16 a, F32x16 b, F32x16 c) {
+  return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+}
+inline F32x16 Max(F32x16 a, F32x16 b) {
+  return {_mm512_maskz_max_ps(kAll, a.v, b.v)};
+}
+inline F32x16 Min(F32x16 a, F32x16 b) {
+  return {_mm512_maskz_min_ps(kAll, a.v, b.v)};
+}
+inline F32x16 Abs(F32x16 a) {
+  return {_mm512_abs_ps(a.v)};
+}
 /// Lanes set in `keep` from a, others from b.
-inline F32x16 Select(uint16_t keep, F32x16 a, F32x16 b) { return {_mm512_mask_blend_ps(keep, b.v, a.v)}; }
+inline F32x16 Select(uint16_t keep, F32x16 a, F32x16 b) {
+  return {_mm512_mask_blend_ps(keep, b.v, a.v)};
+}
 /// Lanes where a < b.
-inline uint16_t LessThan(F32x16 a, F32x16 b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+inline uint16_t LessThan(F32x16 a, F32x16 b) {
+  return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ);
+}
 /// Lanes that are not NaN.
-inline uint16_t NotNan(F32x16 a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_ORD_Q); }
+inline uint16_t NotNan(F32x16 a) {
+  return _mm512_cmp_ps_mask(a.v, a.v, _CMP_ORD_Q);
+}
 /// Rounds to nearest integer (ties to even), as float.
-inline F32x16 RoundNearest(F32x16 a) { return {_mm512_maskz_roundscale_ps(kAll, a.v, _MM_FROUND_TO_NEAREST_INT)}; }
+inline F32x16 RoundNearest(F32x16 a) {
+  return {_mm512_maskz_roundscale_ps(kAll, a.v, _MM_FROUND_TO_NEAREST_INT)};
+}
 /// Multiplies by 2^n where n holds integral floats in [-252, 254], as two exact scalings by
 /// 2^(n/2) and 2^(n - n/2) so that n = 128 (exp near its overflow point) still works.
 inline F32x16 Ldexp(F32x16 a, F32x16 n) {
@@ -142,19 +168,37 @@ struct F32x16 {
     return m;
   }
 };
-#define KRAKEN_LANEWISE(expr)                    \
-  F32x16 r;                                      \
+#define KRAKEN_LANEWISE(expr)                     \
+  F32x16 r;                                       \
   for (int i = 0; i < kLanes; ++i) r.v[i] = expr; \
   return r
-inline F32x16 operator+(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] + b.v[i]); }
-inline F32x16 operator-(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] - b.v[i]); }
-inline F32x16 operator*(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] * b.v[i]); }
-inline F32x16 operator/(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] / b.v[i]); }
-inline F32x16 Fma(F32x16 a, F32x16 b, F32x16 c) { KRAKEN_LANEWISE(std::fma(a.v[i], b.v[i], c.v[i])); }
-inline F32x16 Max(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]); }
-inline F32x16 Min(F32x16 a, F32x16 b) { KRAKEN_LANEWISE(a.v[i] < b.v[i] ? a.v[i] : b.v[i]); }
-inline F32x16 Abs(F32x16 a) { KRAKEN_LANEWISE(std::fabs(a.v[i])); }
-inline F32x16 Select(uint16_t keep, F32x16 a, F32x16 b) { KRAKEN_LANEWISE((keep >> i) & 1 ? a.v[i] : b.v[i]); }
+inline F32x16 operator+(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] + b.v[i]);
+}
+inline F32x16 operator-(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] - b.v[i]);
+}
+inline F32x16 operator*(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] * b.v[i]);
+}
+inline F32x16 operator/(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] / b.v[i]);
+}
+inline F32x16 Fma(F32x16 a, F32x16 b, F32x16 c) {
+  KRAKEN_LANEWISE(std::fma(a.v[i], b.v[i], c.v[i]));
+}
+inline F32x16 Max(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] > b.v[i] ? a.v[i] : b.v[i]);
+}
+inline F32x16 Min(F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE(a.v[i] < b.v[i] ? a.v[i] : b.v[i]);
+}
+inline F32x16 Abs(F32x16 a) {
+  KRAKEN_LANEWISE(std::fabs(a.v[i]));
+}
+inline F32x16 Select(uint16_t keep, F32x16 a, F32x16 b) {
+  KRAKEN_LANEWISE((keep >> i) & 1 ? a.v[i] : b.v[i]);
+}
 inline uint16_t LessThan(F32x16 a, F32x16 b) {
   uint16_t m = 0;
   for (int i = 0; i < kLanes; ++i) m |= static_cast<uint16_t>(a.v[i] < b.v[i]) << i;
@@ -165,7 +209,9 @@ inline uint16_t NotNan(F32x16 a) {
   for (int i = 0; i < kLanes; ++i) m |= static_cast<uint16_t>(!std::isnan(a.v[i])) << i;
   return m;
 }
-inline F32x16 RoundNearest(F32x16 a) { KRAKEN_LANEWISE(std::nearbyint(a.v[i])); }
+inline F32x16 RoundNearest(F32x16 a) {
+  KRAKEN_LANEWISE(std::nearbyint(a.v[i]));
+}
 inline F32x16 Ldexp(F32x16 a, F32x16 n) {
   KRAKEN_LANEWISE(a.v[i] * std::ldexp(1.0f, static_cast<int>(n.v[i]) >> 1) *
                   std::ldexp(1.0f, static_cast<int>(n.v[i]) - (static_cast<int>(n.v[i]) >> 1)));
@@ -174,7 +220,9 @@ inline F32x16 Ldexp(F32x16 a, F32x16 n) {
 #endif
 
 /// Hints that the cache line holding `p` will be read soon (no effect on results).
-inline void Prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline void Prefetch(const void* p) {
+  __builtin_prefetch(p, 0, 3);
+}
 
 /// e^x per lane, within 2 ulp of the exact value for x in [-87.3, 88.7]; exactly 0 below -87.3
 /// (so exp(-inf) == 0), +inf above 88.7, NaN stays NaN. Cody-Waite range reduction x = n ln2 + r

@@ -32,9 +32,13 @@ namespace kraken::engine {
 
 namespace {
 
-void FreeDevice(float* p) { cudaFree(p); }
+void FreeDevice(float* p) {
+  cudaFree(p);
+}
 
-std::string CudaMessage(cudaError_t e) { return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")"); }
+std::string CudaMessage(cudaError_t e) {
+  return StrCat(cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
+}
 
 /// A weight matrix in device memory, [out, in] row-major in its stored dtype (F32, F16 or BF16).
 class CudaLinear final : public LinearWeight {
@@ -126,8 +130,8 @@ struct AttentionMeta {
   std::vector<cuda::AttentionRow> rows;  // per new token: its activation row, position, table, KV slot
   std::vector<int32_t> tables;           // the sequences' used block tables, concatenated
   int block_size = 0;
-  int max_row = -1;                      // largest activation row named
-  std::vector<cuda::AttentionTile> tiles;  // prefill runs of up to kQueryTile rows (tiled kernel)
+  int max_row = -1;                         // largest activation row named
+  std::vector<cuda::AttentionTile> tiles;   // prefill runs of up to kQueryTile rows (tiled kernel)
   std::vector<cuda::AttentionRow> singles;  // the other rows (per-row kernel)
 
   void Build(const AttentionBatch& batch) {
@@ -177,8 +181,7 @@ class CudaBackend final : public Backend {
     void* p = nullptr;
     if (cudaError_t e = cudaMalloc(&p, bytes); e != cudaSuccess) {
       cudaGetLastError();  // an out-of-memory error is not sticky; clear it
-      return ResourceExhausted("cannot allocate ", bytes, " bytes of device memory on ", name(), ": ",
-                               CudaMessage(e));
+      return ResourceExhausted("cannot allocate ", bytes, " bytes of device memory on ", name(), ": ", CudaMessage(e));
     }
     if (cudaError_t e = cudaMemsetAsync(p, 0, bytes, stream_); e != cudaSuccess) {
       cudaFree(p);
@@ -226,8 +229,7 @@ class CudaBackend final : public Backend {
     return std::unique_ptr<LinearWeight>(new CudaLinear(d, t.dtype, static_cast<int>(out), static_cast<int>(in)));
   }
 
-  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
-             Mat out) override {
+  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) override {
     const size_t bytes = static_cast<size_t>(out.rows) * sizeof(int32_t);
     auto t = Stage(tokens_, tokens, bytes);
     auto p = Stage(positions_, positions, bytes);
@@ -242,8 +244,7 @@ class CudaBackend final : public Backend {
     RecordLaunch("LayerNorm");
   }
   void Linear(Mat x, const LinearWeight& w, const float* bias, Mat y, bool accumulate) override {
-    KRAKEN_CHECK(x.cols == w.in_features() && y.cols == w.out_features() && x.rows == y.rows,
-                 "Linear shape mismatch");
+    KRAKEN_CHECK(x.cols == w.in_features() && y.cols == w.out_features() && x.rows == y.rows, "Linear shape mismatch");
     if (x.rows == 0) return;
     const auto& lw = static_cast<const CudaLinear&>(w);
     const float alpha = 1.f;
@@ -256,8 +257,8 @@ class CudaBackend final : public Backend {
     const int m = y.cols, n = x.rows, k = x.cols;
     cublasStatus_t s;
     if (lw.dtype() == DType::kF32) {
-      s = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, lw.data(), CUDA_R_32F, k, x.data,
-                       CUDA_R_32F, static_cast<int>(x.stride), &beta, y.data, CUDA_R_32F, static_cast<int>(y.stride),
+      s = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, lw.data(), CUDA_R_32F, k, x.data, CUDA_R_32F,
+                       static_cast<int>(x.stride), &beta, y.data, CUDA_R_32F, static_cast<int>(y.stride),
                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     } else {
       const bool bf16 = lw.dtype() == DType::kBF16;
@@ -265,9 +266,8 @@ class CudaBackend final : public Backend {
       if (!GrowHalf(static_cast<size_t>(n) * k)) return;
       cuda::LaunchToHalf(x.data, x.stride, n, k, half_x_, bf16, stream_);
       RecordLaunch("ToHalf");
-      s = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, lw.data(), type, k, half_x_, type, k,
-                       &beta, y.data, CUDA_R_32F, static_cast<int>(y.stride), CUBLAS_COMPUTE_32F,
-                       CUBLAS_GEMM_DEFAULT);
+      s = cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, m, n, k, &alpha, lw.data(), type, k, half_x_, type, k, &beta,
+                       y.data, CUDA_R_32F, static_cast<int>(y.stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     }
     if (s != CUBLAS_STATUS_SUCCESS && error_.ok()) {
       error_ = absl::UnavailableError(StrCat("cublasGemmEx on ", name(), " (", m, " x ", n, " x ", k,

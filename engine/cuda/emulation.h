@@ -29,8 +29,8 @@ namespace kraken::engine::cuda::emu {
 struct BlockState {
   std::unique_ptr<std::barrier<>> block_barrier;
   std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-  std::vector<float> shuffle;           // one slot per thread
-  std::vector<unsigned char> dynamic;   // dynamic shared memory
+  std::vector<float> shuffle;          // one slot per thread
+  std::vector<unsigned char> dynamic;  // dynamic shared memory
 };
 
 inline thread_local dim3 tl_thread_idx, tl_block_idx, tl_block_dim, tl_grid_dim;
@@ -67,7 +67,9 @@ void Launch(Kernel kernel, dim3 grid, dim3 block, size_t shared_bytes, Args... a
   for (auto& th : pool) th.join();
 }
 
-inline void SyncThreads() { tl_block->block_barrier->arrive_and_wait(); }
+inline void SyncThreads() {
+  tl_block->block_barrier->arrive_and_wait();
+}
 
 inline float ShflXor(float v, int lane_mask) {
   BlockState& b = *tl_block;
@@ -101,7 +103,9 @@ T* DynamicShared() {
   ::kraken::engine::cuda::emu::Launch(kernel, dim3(grid), dim3(block), (shared), __VA_ARGS__)
 
 using std::min;
-inline float fmaxf(float a, float b) { return std::fmax(a, b); }
+inline float fmaxf(float a, float b) {
+  return std::fmax(a, b);
+}
 
 // 16-bit floats: storage types and round-to-nearest-even conversions, as cuda_bf16.h/cuda_fp16.h.
 struct __nv_bfloat16 {
@@ -117,4 +121,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return {static_cast<uint16_t>(u >> 16)};
 }
-inline __half __float2half_rn(float f) { return {static_cast<_Float16>(f)}; }
+inline __half __float2half_rn(float f) {
+  return {static_cast<_Float16>(f)};
+}

@@ -135,8 +135,8 @@ __global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_
 
 // Shared memory: q (scaled) [head_dim], acc [head_dim], p [kAttentionThreads], red [32].
 __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc, const AttentionRow* rows,
-                                const int32_t* tables, int heads, int head_dim, int block_size, float scale,
-                                float* out, int64_t os) {
+                                const int32_t* tables, int heads, int head_dim, int block_size, float scale, float* out,
+                                int64_t os) {
   KRAKEN_DYNAMIC_SHARED(float, smem);
   float* qsh = smem;
   float* acc = qsh + head_dim;
@@ -164,8 +164,8 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
     float s = -FLT_MAX;
     if (j < keys) {
       // K block layout [heads][head_dim][block_size]: neighbouring threads read neighbouring keys.
-      const float* kp = kc + table[j / block_size] * block_floats + static_cast<int64_t>(h) * head_dim * block_size +
-                        j % block_size;
+      const float* kp =
+          kc + table[j / block_size] * block_floats + static_cast<int64_t>(h) * head_dim * block_size + j % block_size;
       float dot = 0.f;
       for (int d = 0; d < head_dim; ++d) dot += qsh[d] * kp[static_cast<int64_t>(d) * block_size];
       s = dot;
@@ -202,14 +202,14 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc
                                      const AttentionTile* tiles, const int32_t* tables, int heads, int head_dim,
                                      int block_size, float scale, float* out, int64_t os) {
   KRAKEN_DYNAMIC_SHARED(float, smem);
-  const int kd = head_dim + 1;  // K row stride
-  float* qsh = smem;                              // [kQueryTile][head_dim]
-  float* acc = qsh + kQueryTile * head_dim;       // [kQueryTile][head_dim]
-  float* ksh = acc + kQueryTile * head_dim;       // [kKeyTile][head_dim + 1]
-  float* vsh = ksh + kKeyTile * kd;               // [kKeyTile][head_dim]
-  float* psh = vsh + kKeyTile * head_dim;         // [kQueryTile][kKeyTile]
-  float* corr = psh + kQueryTile * kKeyTile;      // [kQueryTile]
-  float* lsum = corr + kQueryTile;                // [kQueryTile]
+  const int kd = head_dim + 1;                // K row stride
+  float* qsh = smem;                          // [kQueryTile][head_dim]
+  float* acc = qsh + kQueryTile * head_dim;   // [kQueryTile][head_dim]
+  float* ksh = acc + kQueryTile * head_dim;   // [kKeyTile][head_dim + 1]
+  float* vsh = ksh + kKeyTile * kd;           // [kKeyTile][head_dim]
+  float* psh = vsh + kKeyTile * head_dim;     // [kQueryTile][kKeyTile]
+  float* corr = psh + kQueryTile * kKeyTile;  // [kQueryTile]
+  float* lsum = corr + kQueryTile;            // [kQueryTile]
 
   const AttentionTile tile = tiles[blockIdx.x];
   const int h = blockIdx.y;
@@ -223,8 +223,8 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc
     qsh[i] = r < tile.count ? q[(tile.row0 + r) * qs + static_cast<int64_t>(h) * head_dim + d] * scale : 0.f;
     acc[i] = 0.f;
   }
-  const int r = tid / 8;       // this thread's query row in the tile (kQueryTile * 8 == 128 threads)
-  const int lane8 = tid % 8;   // its first key in each key tile; the second is lane8 + 8
+  const int r = tid / 8;      // this thread's query row in the tile (kQueryTile * 8 == 128 threads)
+  const int lane8 = tid % 8;  // its first key in each key tile; the second is lane8 + 8
   const int my_pos = tile.position0 + r;
   float m = -FLT_MAX, l = 0.f;  // running max and sum of this row (the same in its 8 threads)
   __syncthreads();
@@ -248,8 +248,8 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc
       float vv = 0.f;
       if (j < nk) {
         const int key = k0 + j;
-        vv = vc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * block_size + key % block_size) *
-                head_dim + d];
+        vv = vc[table[key / block_size] * block_floats +
+                (static_cast<int64_t>(h) * block_size + key % block_size) * head_dim + d];
       }
       vsh[i] = vv;
     }
@@ -329,8 +329,8 @@ void LaunchAdd(const float* a, int64_t a_stride, const float* b, int64_t b_strid
   KRAKEN_LAUNCH(AddKernel, rows, RowThreads(cols), 0, stream, a, a_stride, b, b_stride, out, out_stride, cols);
 }
 
-void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride,
-                      int n, int cols, cudaStream_t stream) {
+void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride, int n,
+                      int cols, cudaStream_t stream) {
   if (n == 0) return;
   KRAKEN_LAUNCH(GatherRowsKernel, n, RowThreads(cols), 0, stream, src, src_stride, rows, dst, dst_stride, cols);
 }
@@ -347,16 +347,16 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
     KRAKEN_LAUNCH(ToHalfKernel<__nv_bfloat16>, rows, RowThreads(cols), 0, stream, x, x_stride, cols,
                   static_cast<__nv_bfloat16*>(out));
   } else {
-    KRAKEN_LAUNCH(ToHalfKernel<__half>, rows, RowThreads(cols), 0, stream, x, x_stride, cols, static_cast<__half*>(out));
+    KRAKEN_LAUNCH(ToHalfKernel<__half>, rows, RowThreads(cols), 0, stream, x, x_stride, cols,
+                  static_cast<__half*>(out));
   }
 }
 
-void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
-                   float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
-                   cudaStream_t stream) {
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
+                   const AttentionRow* rows, int n, int heads, int head_dim, int block_size, cudaStream_t stream) {
   if (n == 0) return;
-  KRAKEN_LAUNCH(WriteKvKernel, n, RowThreads(heads * head_dim), 0, stream, k, k_stride, v, v_stride, k_cache,
-                v_cache, rows, heads, head_dim, block_size);
+  KRAKEN_LAUNCH(WriteKvKernel, n, RowThreads(heads * head_dim), 0, stream, k, k_stride, v, v_stride, k_cache, v_cache,
+                rows, heads, head_dim, block_size);
 }
 
 void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
@@ -364,8 +364,8 @@ void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, con
                      float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
   const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
-  KRAKEN_LAUNCH(AttentionKernel, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride, k_cache, v_cache,
-                rows, tables, heads, head_dim, block_size, scale, out, out_stride);
+  KRAKEN_LAUNCH(AttentionKernel, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride, k_cache, v_cache, rows,
+                tables, heads, head_dim, block_size, scale, out, out_stride);
 }
 
 void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,

@@ -23,8 +23,12 @@ using cudaStream_t = struct CUstream_st*;  // engine/cuda/emulation.h: launches 
 // The emulated build (engine/cuda/emulation.h) puts the same functions in an inline namespace of
 // their own, so a test binary can hold them beside the real ones.
 #ifdef KRAKEN_CUDA_EMULATION
-#define KRAKEN_CUDA_NAMESPACE_BEGIN namespace kraken::engine::cuda { inline namespace emulated {
-#define KRAKEN_CUDA_NAMESPACE_END } }
+#define KRAKEN_CUDA_NAMESPACE_BEGIN \
+  namespace kraken::engine::cuda {  \
+  inline namespace emulated {
+#define KRAKEN_CUDA_NAMESPACE_END \
+  }                               \
+  }
 #else
 #define KRAKEN_CUDA_NAMESPACE_BEGIN namespace kraken::engine::cuda {
 #define KRAKEN_CUDA_NAMESPACE_END }
@@ -36,10 +40,10 @@ KRAKEN_CUDA_NAMESPACE_BEGIN
 /// offset into the flattened tables of the step) and its absolute position (it sees keys
 /// 0 .. position).
 struct AttentionRow {
-  int32_t row = 0;           // row of the step's activations (AttentionSeq::token_begin + i)
+  int32_t row = 0;  // row of the step's activations (AttentionSeq::token_begin + i)
   int32_t position = 0;
   int32_t table_offset = 0;
-  int32_t slot = 0;          // physical KV token slot: block * block_size + offset
+  int32_t slot = 0;  // physical KV token slot: block * block_size + offset
 };
 
 /// Up to kQueryTile consecutive new tokens of one sequence: rows row0 .. row0 + count - 1 at
@@ -58,7 +62,8 @@ constexpr size_t TiledAttentionSharedBytes(int head_dim) {
   // q and the accumulators [tile][head_dim], K [keys][head_dim + 1] (padded against bank
   // conflicts), V [keys][head_dim], probabilities [tile][keys], per-row correction and sum.
   return (static_cast<size_t>(2 * kQueryTile + 2 * kKeyTile) * head_dim + kKeyTile + kQueryTile * kKeyTile +
-          2 * kQueryTile) * sizeof(float);
+          2 * kQueryTile) *
+         sizeof(float);
 }
 /// Largest head_dim the tiled kernel takes within the 48 KB of shared memory every GPU allows
 /// without opting in; larger heads use the per-row kernel.
@@ -131,8 +136,8 @@ void LaunchAdd(const float* a, int64_t a_stride, const float* b, int64_t b_strid
                int rows, int cols, cudaStream_t stream);
 
 /// dst[i, :] = src[rows[i], :] for i < n (rows: device array).
-void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride,
-                      int n, int cols, cudaStream_t stream);
+void LaunchGatherRows(const float* src, int64_t src_stride, const int32_t* rows, float* dst, int64_t dst_stride, int n,
+                      int cols, cudaStream_t stream);
 
 /// y[r, :] = bias (assign) or y[r, :] += bias (accumulate), for every row r < rows.
 void LaunchBiasRows(const float* bias, float* y, int64_t y_stride, int rows, int cols, bool accumulate,
@@ -145,9 +150,8 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
 /// For each of the n entries: stores row rows[i].row of k and v ([*, heads * head_dim], head-major
 /// columns) at physical token slot rows[i].slot of the paged cache: K blocks are
 /// [heads][head_dim][block_size], V blocks [heads][block_size][head_dim].
-void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache,
-                   float* v_cache, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
-                   cudaStream_t stream);
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
+                   const AttentionRow* rows, int n, int heads, int head_dim, int block_size, cudaStream_t stream);
 
 /// Causal attention for tiles of query rows (prefill and chunked prefill): one thread block per
 /// (tile, head) loads kKeyTile keys and values at a time into shared memory and applies them to

@@ -29,7 +29,7 @@ class Gpt2Model final : public TransformerModel {
       KRAKEN_RETURN_IF_ERROR(LoadNorm(w, p + "ln_2", &L.ffn.ln_w, &L.ffn.ln_b));
       KRAKEN_RETURN_IF_ERROR(LoadShardedAttention(w, p, /*in_major=*/true, &L.attn));
       KRAKEN_RETURN_IF_ERROR(LoadShardedFfn(w, p, /*in_major=*/true, &L.ffn));
-      w.Ignore(p + "attn.bias");         // causal-mask buffers of older checkpoints
+      w.Ignore(p + "attn.bias");  // causal-mask buffers of older checkpoints
       w.Ignore(p + "attn.masked_bias");
     }
     KRAKEN_RETURN_IF_ERROR(w.CheckAllUsed());
@@ -43,8 +43,10 @@ class Gpt2Model final : public TransformerModel {
     KRAKEN_ASSIGN_OR_RETURN(attn_, Workspace(width));
     KRAKEN_ASSIGN_OR_RETURN(hidden_, Workspace(f));
     KRAKEN_ASSIGN_OR_RETURN(rows_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * d));
-    KRAKEN_RETURN_IF_ERROR(backend_->ReserveScratch({.max_tokens = options_.max_tokens, .max_seqs = options_.max_seqs,
-                                                     .max_heads = c.n_head / W, .max_head_dim = c.head_dim(),
+    KRAKEN_RETURN_IF_ERROR(backend_->ReserveScratch({.max_tokens = options_.max_tokens,
+                                                     .max_seqs = options_.max_seqs,
+                                                     .max_heads = c.n_head / W,
+                                                     .max_head_dim = c.head_dim(),
                                                      .max_gemm_k = std::max(c.ffn_hidden / W, static_cast<int>(d))}));
     return absl::OkStatus();
   }

@@ -102,18 +102,20 @@ Status TransformerModel::LoadShardedAttention(WeightLoader& w, const std::string
   const ModelConfig& c = config_;
   const int W = options_.world_size, r = options_.rank;
   if (c.n_head % W != 0) {
-    return InvalidArgument("n_head ", c.n_head, " cannot be split over a world of size ", W, " (it must be a multiple)");
+    return InvalidArgument("n_head ", c.n_head, " cannot be split over a world of size ", W,
+                           " (it must be a multiple)");
   }
   const int64_t d = c.n_embd;
   const int width = static_cast<int>(d / W);  // this rank's heads x head_dim
   const int off = r * width;
   std::vector<int64_t> qkv_shape = in_major ? std::vector<int64_t>{d, 3 * d} : std::vector<int64_t>{3 * d, d};
   KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* qkv, w.Get(p + "attn.c_attn.weight", qkv_shape));
-  const std::vector<std::pair<int, int>> cols = {{off, width}, {static_cast<int>(d) + off, width},
-                                                 {static_cast<int>(2 * d) + off, width}};
+  const std::vector<std::pair<int, int>> cols = {
+      {off, width}, {static_cast<int>(d) + off, width}, {static_cast<int>(2 * d) + off, width}};
   KRAKEN_ASSIGN_OR_RETURN(out->qkv, Linear({.tensor = qkv, .in_major = in_major, .out_ranges = cols}));
   KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* proj, w.Get(p + "attn.c_proj.weight", {d, d}));
-  KRAKEN_ASSIGN_OR_RETURN(out->proj, Linear({.tensor = proj, .in_major = in_major, .in_begin = off, .in_count = width}));
+  KRAKEN_ASSIGN_OR_RETURN(out->proj,
+                          Linear({.tensor = proj, .in_major = in_major, .in_begin = off, .in_count = width}));
   if (c.bias) {
     KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* qb, w.Get(p + "attn.c_attn.bias", {3 * d}));
     KRAKEN_ASSIGN_OR_RETURN(out->qkv_b, Vector(qb, {{off, width}, {d + off, width}, {2 * d + off, width}}));
@@ -139,7 +141,8 @@ Status TransformerModel::LoadShardedFfn(WeightLoader& w, const std::string& p, b
   KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* fc, w.Get(p + "mlp.c_fc.weight", fc_shape));
   KRAKEN_ASSIGN_OR_RETURN(out->fc, Linear({.tensor = fc, .in_major = in_major, .out_ranges = {{off, width}}}));
   KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* proj, w.Get(p + "mlp.c_proj.weight", proj_shape));
-  KRAKEN_ASSIGN_OR_RETURN(out->proj, Linear({.tensor = proj, .in_major = in_major, .in_begin = off, .in_count = width}));
+  KRAKEN_ASSIGN_OR_RETURN(out->proj,
+                          Linear({.tensor = proj, .in_major = in_major, .in_begin = off, .in_count = width}));
   if (c.bias) {
     KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* fb, w.Get(p + "mlp.c_fc.bias", {f}));
     KRAKEN_ASSIGN_OR_RETURN(out->fc_b, Vector(fb, {{off, width}}));
@@ -167,8 +170,8 @@ Status TransformerModel::LoadEmbeddingsAndHead(WeightLoader& w, const std::strin
   }
   // The LM head is tied to wte; a separate lm_head.weight is accepted only if it is the same.
   KRAKEN_ASSIGN_OR_RETURN(const TensorInfo* head, w.GetOptional("lm_head.weight", {V, d}));
-  if (head != nullptr &&
-      (head->dtype != wte->dtype || head->nbytes != wte->nbytes || std::memcmp(head->data, wte->data, wte->nbytes) != 0)) {
+  if (head != nullptr && (head->dtype != wte->dtype || head->nbytes != wte->nbytes ||
+                          std::memcmp(head->data, wte->data, wte->nbytes) != 0)) {
     return Unimplemented("tensor 'lm_head.weight' differs from '", prefix,
                          "wte.weight'; only a tied LM head is supported");
   }
@@ -209,13 +212,13 @@ Status TransformerModel::PrepareStep(const ForwardBatch& batch, const KvCache& k
     }
     const int64_t blocks_needed = (s.start_pos + n + bs - 1) / bs;
     if (static_cast<int64_t>(s.block_table.size()) < blocks_needed) {
-      return InvalidArgument("sequence ", i, ": 'block_table' has ", s.block_table.size(), " blocks; ",
-                             blocks_needed, " are needed for ", s.start_pos + n, " tokens of block size ", bs);
+      return InvalidArgument("sequence ", i, ": 'block_table' has ", s.block_table.size(), " blocks; ", blocks_needed,
+                             " are needed for ", s.start_pos + n, " tokens of block size ", bs);
     }
     for (int64_t j = 0; j < blocks_needed; ++j) {
       if (s.block_table[j] < 0 || s.block_table[j] >= kv.num_blocks()) {
-        return InvalidArgument("sequence ", i, ": block_table[", j, "] = ", s.block_table[j],
-                               " is outside [0, ", kv.num_blocks(), ")");
+        return InvalidArgument("sequence ", i, ": block_table[", j, "] = ", s.block_table[j], " is outside [0, ",
+                               kv.num_blocks(), ")");
       }
     }
     for (int64_t j = 0; j < n; ++j) {
@@ -370,9 +373,15 @@ StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* back
   KRAKEN_ASSIGN_OR_RETURN(auto ckpt, Checkpoint::Open(dir));
   StatusOr<std::unique_ptr<Model>> model;
   switch (config.arch) {
-    case Architecture::kKraken: model = models::LoadKraken(config, *ckpt, backend, options); break;
-    case Architecture::kGpt2: model = models::LoadGpt2(config, *ckpt, backend, options); break;
-    case Architecture::kParallelBlock: model = models::LoadParallelBlock(config, *ckpt, backend, options); break;
+    case Architecture::kKraken:
+      model = models::LoadKraken(config, *ckpt, backend, options);
+      break;
+    case Architecture::kGpt2:
+      model = models::LoadGpt2(config, *ckpt, backend, options);
+      break;
+    case Architecture::kParallelBlock:
+      model = models::LoadParallelBlock(config, *ckpt, backend, options);
+      break;
   }
   if (!model.ok()) return Annotate(model.status(), "loading '" + dir + "'");
   return model;

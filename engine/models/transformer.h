@@ -37,15 +37,15 @@ class WeightLoader {
 
 /// Weights of one attention block (LN1, fused QKV, output projection) on this shard.
 struct AttentionWeights {
-  Buffer ln_w, ln_b;                         // [d]; ln_b empty without biases
-  std::unique_ptr<LinearWeight> qkv, proj;   // [3·hl·dh, d], [d, hl·dh]
-  Buffer qkv_b, proj_b;                      // may be empty; proj_b only where it is added once
+  Buffer ln_w, ln_b;                        // [d]; ln_b empty without biases
+  std::unique_ptr<LinearWeight> qkv, proj;  // [3·hl·dh, d], [d, hl·dh]
+  Buffer qkv_b, proj_b;                     // may be empty; proj_b only where it is added once
 };
 
 /// Weights of one FFN (LN2 where the architecture has one, W1, W2).
 struct FfnWeights {
   Buffer ln_w, ln_b;
-  std::unique_ptr<LinearWeight> fc, proj;    // [fl, d], [d, fl]
+  std::unique_ptr<LinearWeight> fc, proj;  // [fl, d], [d, fl]
   Buffer fc_b, proj_b;
 };
 

@@ -11,8 +11,7 @@ TEST(NcclNoDevice, CreateFailsWithPreciseError) {
   auto count = CudaDeviceCount();
   if (count.ok()) GTEST_SKIP() << "this machine has " << *count << " CUDA device(s)";
   EXPECT_EQ(count.status().code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_NE(count.status().message().find("cudaGetDeviceCount failed with cuda"), std::string::npos)
-      << count.status();
+  EXPECT_NE(count.status().message().find("cudaGetDeviceCount failed with cuda"), std::string::npos) << count.status();
   auto comm = NcclCommunicator::Create({.rank = 0, .world_size = 1});
   ASSERT_FALSE(comm.ok());
   EXPECT_EQ(comm.status().code(), absl::StatusCode::kFailedPrecondition);

@@ -19,13 +19,17 @@ int Devices() {
 }
 
 // Each rank r fills x[i] = (r + 1) * (i % 7 + 1); the sum over W ranks is W(W+1)/2 * (i % 7 + 1).
-void RunRank(int rank, int world, gloo::rendezvous::Store* store, bool use_compute_stream,
-             std::vector<float>* out, Status* status) {
+void RunRank(int rank, int world, gloo::rendezvous::Store* store, bool use_compute_stream, std::vector<float>* out,
+             Status* status) {
   cudaSetDevice(rank);
   cudaStream_t compute = nullptr;
   if (use_compute_stream) cudaStreamCreate(&compute);
-  auto comm = NcclCommunicator::Create(
-      {.rank = rank, .world_size = world, .device = rank, .store = store, .key_prefix = "t", .compute_stream = compute});
+  auto comm = NcclCommunicator::Create({.rank = rank,
+                                        .world_size = world,
+                                        .device = rank,
+                                        .store = store,
+                                        .key_prefix = "t",
+                                        .compute_stream = compute});
   if (!comm.ok()) {
     *status = comm.status();
     return;

@@ -26,8 +26,12 @@ void* operator new(std::size_t n) {
   if (void* p = std::malloc(n == 0 ? 1 : n)) return p;
   throw std::bad_alloc();
 }
-void operator delete(void* p) noexcept { std::free(p); }
-void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p) noexcept {
+  std::free(p);
+}
+void operator delete(void* p, std::size_t) noexcept {
+  std::free(p);
+}
 
 namespace kraken::engine {
 namespace {
@@ -37,8 +41,8 @@ TEST(Allocation, StepsAfterTheFirstAllocateNothing) {
     SCOPED_TRACE(name);
     auto backend = CreateBackend({.device = Device::Cpu()});
     ASSERT_TRUE(backend.ok());
-    auto model = LoadModel(testing::TestModelDir(name), backend->get(),
-                           {.max_tokens = 48, .max_seqs = 4, .max_logit_rows = 48});
+    auto model =
+        LoadModel(testing::TestModelDir(name), backend->get(), {.max_tokens = 48, .max_seqs = 4, .max_logit_rows = 48});
     ASSERT_TRUE(model.ok()) << model.status();
     auto kv = KvCache::Create(**backend, (*model)->kv_layout(), {.num_blocks = 32});
     ASSERT_TRUE(kv.ok());

@@ -12,8 +12,12 @@ namespace kraken::engine {
 namespace {
 
 const char* g_missing = nullptr;  // the one feature the stand-in CPU lacks
-bool HasAllBut(const char* feature) { return g_missing == nullptr || std::strcmp(feature, g_missing) != 0; }
-bool HasNone(const char*) { return false; }
+bool HasAllBut(const char* feature) {
+  return g_missing == nullptr || std::strcmp(feature, g_missing) != 0;
+}
+bool HasNone(const char*) {
+  return false;
+}
 
 int Count(const char* const* features) {
   int n = 0;

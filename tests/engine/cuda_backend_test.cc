@@ -44,7 +44,7 @@ Backends MakeOrNull() {
   if (g.ok()) b.gpu = std::move(g).value();
   return b;
 }
-#define MAKE_BACKENDS(b)    \
+#define MAKE_BACKENDS(b)     \
   Backends b = MakeOrNull(); \
   ASSERT_TRUE(b.cpu != nullptr && b.gpu != nullptr)
 
@@ -76,7 +76,8 @@ std::vector<float> Read(Backend& gpu, const Twin& t) {
   std::vector<float> all(std::max<int64_t>(1, t.rows * t.stride)), out;
   EXPECT_TRUE(gpu.Synchronize().ok());
   gpu.Download(t.g.data(), all.data(), static_cast<int64_t>(all.size()));
-  for (int r = 0; r < t.rows; ++r) out.insert(out.end(), all.begin() + r * t.stride, all.begin() + r * t.stride + t.cols);
+  for (int r = 0; r < t.rows; ++r)
+    out.insert(out.end(), all.begin() + r * t.stride, all.begin() + r * t.stride + t.cols);
   return out;
 }
 std::vector<float> Dense(const Twin& t) {
@@ -84,7 +85,6 @@ std::vector<float> Dense(const Twin& t) {
   for (int r = 0; r < t.rows; ++r) out.insert(out.end(), t.c.data() + r * t.stride, t.c.data() + r * t.stride + t.cols);
   return out;
 }
-
 
 TEST(CudaOps, RowKernelsMatchTheCpu) {
   REQUIRE_GPU();
@@ -156,12 +156,9 @@ TEST(CudaOps, LinearMatchesTheCpuWithinTheRoundingOfItsInputs) {
   std::mt19937 rng(testing::TestSeed() + 1);
   const int rows_total = 96, cols_total = 80;  // stored tensor [96, 80] (or [80, 96] in-major)
   const std::vector<LinearCase> cases = {
-      {DType::kF32, false, {}, 0, -1, false, false},
-      {DType::kF32, true, {{3, 10}, {50, 7}}, 5, 60, true, false},
-      {DType::kBF16, false, {}, 0, -1, true, true},
-      {DType::kBF16, false, {{0, 32}, {64, 32}}, 16, 48, false, true},
-      {DType::kF16, true, {}, 0, -1, true, false},
-      {DType::kF16, false, {{90, 6}}, 1, 79, false, false},
+      {DType::kF32, false, {}, 0, -1, false, false}, {DType::kF32, true, {{3, 10}, {50, 7}}, 5, 60, true, false},
+      {DType::kBF16, false, {}, 0, -1, true, true},  {DType::kBF16, false, {{0, 32}, {64, 32}}, 16, 48, false, true},
+      {DType::kF16, true, {}, 0, -1, true, false},   {DType::kF16, false, {{90, 6}}, 1, 79, false, false},
   };
   for (size_t ci = 0; ci < cases.size(); ++ci) {
     const LinearCase& lc = cases[ci];
@@ -211,7 +208,9 @@ TEST(CudaOps, LinearMatchesTheCpuWithinTheRoundingOfItsInputs) {
         for (int r = a; r < a + n; ++r) out_rows.push_back(r);
     }
     const int64_t in_total = lc.in_major ? s0 : s1, out_total = lc.in_major ? s1 : s0;
-    const double u = lc.dtype == DType::kBF16 ? std::ldexp(1.0, -8) : lc.dtype == DType::kF16 ? std::ldexp(1.0, -10) : 2e-6;
+    const double u = lc.dtype == DType::kBF16  ? std::ldexp(1.0, -8)
+                     : lc.dtype == DType::kF16 ? std::ldexp(1.0, -10)
+                                               : 2e-6;
     int bad = 0;
     for (int r = 0; r < T; ++r) {
       for (int o = 0; o < out; ++o) {
@@ -337,7 +336,8 @@ Loaded LoadOn(const std::string& device, const std::string& name) {
   auto b = CreateBackend({.device = *d});
   EXPECT_TRUE(b.ok()) << b.status();
   r.backend = std::move(b).value();
-  auto m = LoadModel(testing::TestModelDir(name), r.backend.get(), {.max_tokens = 64, .max_seqs = 8, .max_logit_rows = 64});
+  auto m =
+      LoadModel(testing::TestModelDir(name), r.backend.get(), {.max_tokens = 64, .max_seqs = 8, .max_logit_rows = 64});
   EXPECT_TRUE(m.ok()) << m.status();
   r.model = std::move(m).value();
   auto kv = KvCache::Create(*r.backend, r.model->kv_layout(), {.num_blocks = 64, .block_size = 16});
@@ -353,8 +353,10 @@ std::vector<float> Logits(Loaded& r, Communicator& comm, const std::vector<int32
   std::vector<float> out;
   for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
     const size_t n = std::min<size_t>(chunk, tokens.size() - begin);
-    SequenceInput s{.tokens = {tokens.data() + begin, n}, .start_pos = static_cast<int32_t>(begin),
-                    .block_table = table, .all_logits = true};
+    SequenceInput s{.tokens = {tokens.data() + begin, n},
+                    .start_pos = static_cast<int32_t>(begin),
+                    .block_table = table,
+                    .all_logits = true};
     auto res = r.model->Forward({.seqs = {&s, 1}}, *r.kv, comm);
     EXPECT_TRUE(res.ok()) << res.status();
     if (!res.ok()) return {};
@@ -391,8 +393,7 @@ TEST_P(CudaModel, LogitsMatchTheReferencePrefilledChunkedAndDecoded) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(TestModels, CudaModel, ::testing::ValuesIn(testing::kTestModels),
-                         testing::TestModelParamName);
+INSTANTIATE_TEST_SUITE_P(TestModels, CudaModel, ::testing::ValuesIn(testing::kTestModels), testing::TestModelParamName);
 
 TEST(CudaNccl, WorldOfOneThroughNcclGivesTheSameBitsAndTimesEveryCollective) {
   REQUIRE_GPU();

@@ -18,7 +18,9 @@
 namespace kraken::engine {
 namespace {
 
-std::unique_ptr<Backend> Cpu() { return std::move(CreateBackend({.device = Device::Cpu(), .threads = 1})).value(); }
+std::unique_ptr<Backend> Cpu() {
+  return std::move(CreateBackend({.device = Device::Cpu(), .threads = 1})).value();
+}
 
 std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);
@@ -26,7 +28,6 @@ std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   for (auto& x : v) x = nd(rng);
   return v;
 }
-
 
 TEST(CudaKernelsEmulated, RowKernelsMatchTheCpuBackend) {
   auto cpu = Cpu();
@@ -105,8 +106,8 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   std::vector<int32_t> tables;
   ASSERT_LT(cuda::BuildAttentionRows(batch, &rows, &tables), T);
   const int n = static_cast<int>(rows.size());
-  cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, rows.data(), n,
-                      emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, nullptr);
+  cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, rows.data(), n, emu_slot.heads,
+                      emu_slot.head_dim, emu_slot.block_size, nullptr);
   std::vector<float> out_tiled = out_emu;
   cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, rows.data(), tables.data(), n, emu_slot.heads,
                         emu_slot.head_dim, emu_slot.block_size, scale, out_emu.data(), width, nullptr);
@@ -126,8 +127,8 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
                              static_cast<int>(tiles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
                              scale, out_tiled.data(), width, nullptr);
   cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, singles.data(), tables.data(),
-                        static_cast<int>(singles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
-                        scale, out_tiled.data(), width, nullptr);
+                        static_cast<int>(singles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, scale,
+                        out_tiled.data(), width, nullptr);
   testing::ExpectWithinRel(out_tiled, out_cpu, 2e-6, "Attention, tiled prefill rows + per-row decode rows");
 }
 

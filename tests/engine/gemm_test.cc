@@ -20,7 +20,9 @@ uint16_t ToBf16(float f) {  // round to nearest even
   return static_cast<uint16_t>(u >> 16);
 }
 
-uint16_t ToF16(float f) { return _cvtss_sh(f, 0); }
+uint16_t ToF16(float f) {
+  return _cvtss_sh(f, 0);
+}
 
 struct Weights {
   std::vector<uint8_t> bytes;
@@ -125,8 +127,13 @@ INSTANTIATE_TEST_SUITE_P(AllDTypes, GemmTest, ::testing::Values(DType::kF32, DTy
 TEST(Gemm, PacksSelectedRowsAndInputSlices) {
   // W [4, 3] row-major; take rows {3, 1} and input columns [1, 3): y = x . W[rows, 1:3]^T
   const float wv[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
-  MatrixSource src{.data = reinterpret_cast<const uint8_t*>(wv), .dtype = DType::kF32, .out_stride = 3,
-                   .in_stride = 1, .in_begin = 1, .in = 2, .rows = {3, 1}};
+  MatrixSource src{.data = reinterpret_cast<const uint8_t*>(wv),
+                   .dtype = DType::kF32,
+                   .out_stride = 3,
+                   .in_stride = 1,
+                   .in_begin = 1,
+                   .in = 2,
+                   .rows = {3, 1}};
   auto p = PackedMatrix::Pack(src);
   ASSERT_TRUE(p.ok());
   const float x[2] = {1.f, 10.f};
@@ -137,8 +144,13 @@ TEST(Gemm, PacksSelectedRowsAndInputSlices) {
   EXPECT_EQ(y[1], 5.f + 10 * 6.f);
   // The same matrix stored transposed ([in, out], HF Conv1D): element (o, i) at i * 4 + o.
   const float wt[12] = {1, 4, 7, 10, 2, 5, 8, 11, 3, 6, 9, 12};
-  MatrixSource tsrc{.data = reinterpret_cast<const uint8_t*>(wt), .dtype = DType::kF32, .out_stride = 1,
-                    .in_stride = 4, .in_begin = 1, .in = 2, .rows = {3, 1}};
+  MatrixSource tsrc{.data = reinterpret_cast<const uint8_t*>(wt),
+                    .dtype = DType::kF32,
+                    .out_stride = 1,
+                    .in_stride = 4,
+                    .in_begin = 1,
+                    .in = 2,
+                    .rows = {3, 1}};
   auto q = PackedMatrix::Pack(tsrc);
   ASSERT_TRUE(q.ok());
   float z[2];

@@ -160,9 +160,8 @@ TEST_P(AttentionTest, PrefillChunkedAndDecodeAgreeWithNaiveAndWithEachOther) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
-                         ::testing::Values(AttnCase{1, 113, 16, 53}, AttnCase{2, 209, 16, 40},
-                                           AttnCase{3, 21, 5, 33}, AttnCase{4, 16, 32, 70},
-                                           AttnCase{2, 168, 1, 20}, AttnCase{1, 7, 16, 1}));
+                         ::testing::Values(AttnCase{1, 113, 16, 53}, AttnCase{2, 209, 16, 40}, AttnCase{3, 21, 5, 33},
+                                           AttnCase{4, 16, 32, 70}, AttnCase{2, 168, 1, 20}, AttnCase{1, 7, 16, 1}));
 
 TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
   std::mt19937 rng(testing::TestSeed());
@@ -194,8 +193,7 @@ TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
     const int begin = s.token_begin;
     s.token_begin = 0;
     AttentionBatch one{{&s, 1}, bs};
-    Attention(Mat(&q[begin * w], s.num_tokens, w), slot, one, 0.15f, Mat(&alone[begin * w], s.num_tokens, w),
-              &scratch);
+    Attention(Mat(&q[begin * w], s.num_tokens, w), slot, one, 0.15f, Mat(&alone[begin * w], s.num_tokens, w), &scratch);
   }
   EXPECT_EQ(0, std::memcmp(together.data(), alone.data(), together.size() * 4));
 }

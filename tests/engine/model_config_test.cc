@@ -33,9 +33,9 @@ TEST(ModelConfig, ReleasedConfigurationsHaveThePapersParameterCounts) {
   } rows[] = {{12, 2, 6, 678, 124.0}, {12, 4, 3, 504, 124.5}, {12, 6, 2, 418, 123.2},
               {24, 2, 8, 888, 350.0}, {24, 4, 4, 644, 353.4}, {24, 4, 4, 960, 760.9}};
   for (const R& r : rows) {
-    const std::string j = StrCat(R"({"model_type":"kraken","n_layer":)", r.L, R"(,"n_embd":)", r.d,
-                                 R"(,"kraken_degree":)", r.N, R"(,"n_head_per_sublayer":)", r.h,
-                                 R"(,"vocab_size":50304,"n_positions":1024})");
+    const std::string j =
+        StrCat(R"({"model_type":"kraken","n_layer":)", r.L, R"(,"n_embd":)", r.d, R"(,"kraken_degree":)", r.N,
+               R"(,"n_head_per_sublayer":)", r.h, R"(,"vocab_size":50304,"n_positions":1024})");
     auto c = ParseModelConfig(j);
     ASSERT_TRUE(c.ok()) << c.status();
     EXPECT_NEAR(c->ParameterCount() / 1e6, r.params_m, 0.05) << j;

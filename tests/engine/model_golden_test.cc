@@ -31,8 +31,7 @@ struct Fixture {
   LocalCommunicator comm;
 };
 
-Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16,
-             int threads = 0) {
+Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16, int threads = 0) {
   Fixture f;
   auto b = CreateBackend({.device = Device::Cpu(), .threads = threads});
   EXPECT_TRUE(b.ok()) << b.status();
@@ -61,8 +60,10 @@ std::vector<float> RunChunked(Fixture& f, const std::vector<int32_t>& tokens, in
   std::vector<float> logits;
   for (size_t begin = 0; begin < tokens.size(); begin += chunk) {
     const size_t n = std::min<size_t>(chunk, tokens.size() - begin);
-    SequenceInput s{.tokens = {tokens.data() + begin, n}, .start_pos = static_cast<int32_t>(begin),
-                    .block_table = table, .all_logits = true};
+    SequenceInput s{.tokens = {tokens.data() + begin, n},
+                    .start_pos = static_cast<int32_t>(begin),
+                    .block_table = table,
+                    .all_logits = true};
     auto r = f.model->Forward({.seqs = {&s, 1}}, *f.kv, f.comm);
     EXPECT_TRUE(r.ok()) << r.status();
     if (!r.ok()) return {};
@@ -100,8 +101,8 @@ TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
   const std::vector<float> want = g.Floats("logits", &shape);
   ASSERT_EQ(logits.size(), want.size());
   const auto d = Compare(logits.data(), want.data(), want.size());
-  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << name << ": logits differ by " << d.max_abs << " (max |logit| "
-                                            << d.max_ref << ")";
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref)
+      << name << ": logits differ by " << d.max_abs << " (max |logit| " << d.max_ref << ")";
   std::printf("[ %s ] logits: max |diff| %.3g, max |logit| %.3g\n", name.c_str(), d.max_abs, d.max_ref);
 
   // Every intermediate the reference recorded must exist in the engine and agree.
@@ -180,8 +181,10 @@ TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
     ASSERT_EQ(r->rows, 9 + split + 1);
     batched.assign(r->logits + 9 * V, r->logits + (9 + split) * V);
   }
-  SequenceInput rest{.tokens = {tokens.data() + split, static_cast<size_t>(T - split)}, .start_pos = split,
-                     .block_table = t0, .all_logits = true};
+  SequenceInput rest{.tokens = {tokens.data() + split, static_cast<size_t>(T - split)},
+                     .start_pos = split,
+                     .block_table = t0,
+                     .all_logits = true};
   {
     SequenceInput seqs[] = {b, rest};  // b again at a later position, now in front
     b.start_pos = 14;
@@ -218,7 +221,11 @@ TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
     threads.emplace_back([&, rank] {
       auto backend = CreateBackend({.device = Device::Cpu(), .threads = 1});
       auto model = LoadModel(testing::TestModelDir(name), backend->get(),
-                             {.max_tokens = T, .max_seqs = 1, .max_logit_rows = T, .rank = rank, .world_size = W,
+                             {.max_tokens = T,
+                              .max_seqs = 1,
+                              .max_logit_rows = T,
+                              .rank = rank,
+                              .world_size = W,
                               .compute_logits = rank == 0});
       if (!model.ok()) {
         errors[rank] = std::string(model.status().message());
@@ -230,8 +237,10 @@ TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
       // Prefill the first 30 tokens, then decode the rest one by one: collectives at every step.
       for (int begin = 0; begin < T; begin += begin < 30 ? 30 : 1) {
         const int n = begin < 30 ? 30 : 1;
-        SequenceInput s{.tokens = {tokens.data() + begin, static_cast<size_t>(n)}, .start_pos = begin,
-                        .block_table = table, .all_logits = true};
+        SequenceInput s{.tokens = {tokens.data() + begin, static_cast<size_t>(n)},
+                        .start_pos = begin,
+                        .block_table = table,
+                        .all_logits = true};
         auto r = (*model)->Forward({.seqs = {&s, 1}}, *kv, *comm);
         if (!r.ok()) {
           errors[rank] = std::string(r.status().message());

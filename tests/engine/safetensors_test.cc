@@ -80,13 +80,13 @@ TEST(Safetensors, RejectsMalformedAndHostileFiles) {
       {"offsets past end", Build(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8), "past the end"},
       {"begin after end", Build(R"({"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}})", 8), "begin 8 > end 0"},
       {"shape vs bytes", Build(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "needs 12 bytes"},
-      {"unknown dtype", Build(R"({"a":{"dtype":"X99","shape":[8],"data_offsets":[0,8]}})", 8), "not a safetensors dtype"},
+      {"unknown dtype", Build(R"({"a":{"dtype":"X99","shape":[8],"data_offsets":[0,8]}})", 8),
+       "not a safetensors dtype"},
       {"negative dim", Build(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "non-negative"},
       {"shape overflow",
        Build(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,8]}})", 8),
        "overflows"},
-      {"overlap",
-       Build("{" + ok_entry + R"(,"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12), "overlap"},
+      {"overlap", Build("{" + ok_entry + R"(,"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12), "overlap"},
       {"hole", Build(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "belong to no tensor"},
       {"trailing bytes", Build("{" + ok_entry + "}", 12), "trailing bytes"},
       {"duplicate name", Build("{" + ok_entry + "," + ok_entry + "}", 8), "duplicate key 'a'"},
@@ -165,7 +165,8 @@ TEST_F(ShardedCheckpoint, RejectsInconsistentIndexes) {
   }
   // A shard holding a tensor the index does not list.
   Write("s3.safetensors", Build(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
-                                R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8));
+                                R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                8));
   WriteText("model.safetensors.index.json", R"({"weight_map":{"a":"s3.safetensors"}})");
   auto r = Checkpoint::Open(dir_.string());
   ASSERT_FALSE(r.ok());

@@ -148,7 +148,8 @@ TEST(Sampler, NonFiniteLogitsAndParametersNeverCrash) {
   EXPECT_EQ(s.Sample(pos_inf, {}, {})->token, 1);
   EXPECT_FALSE(s.Sample(mixed, {.top_p = nan}, {}).ok());
   const std::vector<int32_t> junk_history = {-5, 1000, 2};  // out-of-range ids are ignored
-  EXPECT_TRUE(s.Sample(mixed, {.repetition_penalty = 1.3f, .frequency_penalty = 1.f}, {junk_history, junk_history}).ok());
+  EXPECT_TRUE(
+      s.Sample(mixed, {.repetition_penalty = 1.3f, .frequency_penalty = 1.f}, {junk_history, junk_history}).ok());
 }
 
 TEST(Sampler, UniformIsInUnitIntervalAndWellSpread) {
@@ -200,7 +201,8 @@ TEST(Sampler, TopPNucleusMatchesAFullSortOnLargeVocabularies) {
   Sampler s(V);
   std::vector<int> order(V);
   for (int i = 0; i < V; ++i) order[i] = i;
-  std::sort(order.begin(), order.end(), [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+  std::sort(order.begin(), order.end(),
+            [&](int a, int b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
   double total = 0;
   for (int i = 0; i < V; ++i) total += std::exp(static_cast<double>(logits[i]) - 0.999);
   double cum = 0;
@@ -256,8 +258,13 @@ void ExpectKeptSet(const std::vector<float>& logits, const SamplingParams& param
   Sampler s(V);
   std::vector<int> counts(V, 0);
   for (int i = 0; i < n; ++i) {
-    auto t = s.Sample(logits.data(), {.temperature = params.temperature, .top_k = params.top_k, .top_p = params.top_p,
-                                      .min_p = params.min_p, .seed = 11}, {}, i);
+    auto t = s.Sample(logits.data(),
+                      {.temperature = params.temperature,
+                       .top_k = params.top_k,
+                       .top_p = params.top_p,
+                       .min_p = params.min_p,
+                       .seed = 11},
+                      {}, i);
     ASSERT_TRUE(t.ok()) << t.status();
     ++counts[t->token];
   }
@@ -284,10 +291,10 @@ const std::vector<float> kDescending = {5.f, 4.f, 3.f, 2.f, 1.f, 0.f};
 
 TEST(Sampler, TopPKeepsTheTokenThatCrossesTopP) {
   // The nucleus is the smallest prefix whose mass reaches top_p: the token that crosses is in.
-  ExpectKeptSet(kDescending, {.top_p = 0.6f}, {0});             // 0.6337 >= 0.6 already
-  ExpectKeptSet(kDescending, {.top_p = 0.7f}, {0, 1});          // 0.6337 < 0.7 <= 0.8668
-  ExpectKeptSet(kDescending, {.top_p = 0.9f}, {0, 1, 2});       // 0.8668 < 0.9 <= 0.9526
-  ExpectKeptSet(kDescending, {.top_p = 0.96f}, {0, 1, 2, 3});   // 0.9526 < 0.96 <= 0.9841
+  ExpectKeptSet(kDescending, {.top_p = 0.6f}, {0});            // 0.6337 >= 0.6 already
+  ExpectKeptSet(kDescending, {.top_p = 0.7f}, {0, 1});         // 0.6337 < 0.7 <= 0.8668
+  ExpectKeptSet(kDescending, {.top_p = 0.9f}, {0, 1, 2});      // 0.8668 < 0.9 <= 0.9526
+  ExpectKeptSet(kDescending, {.top_p = 0.96f}, {0, 1, 2, 3});  // 0.9526 < 0.96 <= 0.9841
   // Not in kDescending's order: the nucleus follows probability, not id.
   ExpectKeptSet({0.f, 2.f, 5.f, 1.f, 4.f, 3.f}, {.top_p = 0.9f}, {2, 4, 5});
 }
@@ -298,19 +305,19 @@ TEST(Sampler, TopPBreaksTiesByLowerIdAndStopsWhenTheSumEqualsTopP) {
   ExpectKeptSet(tied, {.top_p = 0.2f}, {1});
   ExpectKeptSet(tied, {.top_p = 0.5f}, {1, 2});
   ExpectKeptSet(tied, {.top_p = 0.8f}, {1, 2, 4});
-  ExpectKeptSet(tied, {.top_p = 0.9f}, {1, 2, 3, 4});   // 0.8564 + 0.1050 crosses 0.9
+  ExpectKeptSet(tied, {.top_p = 0.9f}, {1, 2, 3, 4});  // 0.8564 + 0.1050 crosses 0.9
   // Equal logits give probabilities that are exact in binary (1/4, 1/8), so the cumulative sum
   // equals top_p exactly: reaching top_p is enough, the next token is not taken.
   ExpectKeptSet({3.f, 3.f, 3.f, 3.f}, {.top_p = 0.5f}, {0, 1});
   ExpectKeptSet({3.f, 3.f, 3.f, 3.f}, {.top_p = 0.75f}, {0, 1, 2});
   ExpectKeptSet({1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f, 1.f}, {.top_p = 0.375f}, {0, 1, 2});
   const float ninf = -std::numeric_limits<float>::infinity();
-  ExpectKeptSet({1.f, ninf, 1.f, 1.f, 1.f}, {.top_p = 0.5f}, {0, 2});   // -inf has p 0 and never counts
+  ExpectKeptSet({1.f, ninf, 1.f, 1.f, 1.f}, {.top_p = 0.5f}, {0, 2});  // -inf has p 0 and never counts
 }
 
 TEST(Sampler, TopPOneKeepsEveryTokenAndTopPUsesTemperedProbabilities) {
   ExpectKeptSet(kDescending, {.top_p = 1.f}, {0, 1, 2, 3, 4, 5});
-  ExpectKeptSet(kDescending, {.top_p = 0.999f}, {0, 1, 2, 3, 4, 5});   // 0.9957 < 0.999
+  ExpectKeptSet(kDescending, {.top_p = 0.999f}, {0, 1, 2, 3, 4, 5});  // 0.9957 < 0.999
   // Temperature 2: p = 0.4141, 0.2512, 0.1523, 0.0924, 0.0560, 0.0340 (cumulative 0.4141,
   // 0.6652, 0.8176, ...). Untempered, 0.7 would keep {0, 1}.
   ExpectKeptSet(kDescending, {.temperature = 2.f, .top_p = 0.7f}, {0, 1, 2});

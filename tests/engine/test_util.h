@@ -23,12 +23,15 @@ inline std::string SourceDir() {
   return s != nullptr ? s : ".";
 }
 
-inline std::string TestModelDir(const std::string& name) { return SourceDir() + "/tests/data/models/" + name; }
+inline std::string TestModelDir(const std::string& name) {
+  return SourceDir() + "/tests/data/models/" + name;
+}
 
 /// Every committed test model (tests/data/models), for value-parameterized tests:
 ///   INSTANTIATE_TEST_SUITE_P(TestModels, Suite, ::testing::ValuesIn(kTestModels), TestModelParamName);
-inline const std::vector<std::string> kTestModels = {"kraken-n2-h113-f32", "kraken-n4-bias-f32", "kraken-n4-bf16",
-                                                     "gpt2-f32",           "gpt2-bf16",          "parallel-block-f16-sharded"};
+inline const std::vector<std::string> kTestModels = {"kraken-n2-h113-f32", "kraken-n4-bias-f32",
+                                                     "kraken-n4-bf16",     "gpt2-f32",
+                                                     "gpt2-bf16",          "parallel-block-f16-sharded"};
 
 /// A gtest parameter name for a model name ('-' is not allowed there).
 inline std::string TestModelParamName(const ::testing::TestParamInfo<std::string>& info) {

@@ -5,11 +5,11 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <sys/wait.h>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
-#include <sys/wait.h>
 #include <numeric>
 #include <thread>
 
@@ -60,8 +60,13 @@ struct Outcome {
 Outcome Through(WorkerGroup& g, const std::vector<int32_t>& prompt) {
   Outcome out;
   const std::vector<int32_t> blocks = Iota(4, 0);
-  SeqStep s{.seq_id = 7, .tokens = prompt, .start_pos = 0, .block_table = blocks, .sample = true,
-            .prompt_logprobs = true, .sampling = {.temperature = 0.f}};
+  SeqStep s{.seq_id = 7,
+            .tokens = prompt,
+            .start_pos = 0,
+            .block_table = blocks,
+            .sample = true,
+            .prompt_logprobs = true,
+            .sampling = {.temperature = 0.f}};
   auto r = g.RunStep({&s, 1});
   EXPECT_TRUE(r.ok()) << r.status();
   if (!r.ok()) return out;
@@ -72,9 +77,13 @@ Outcome Through(WorkerGroup& g, const std::vector<int32_t>& prompt) {
   int32_t next = r->seqs[0].token;
   for (int i = 0; i < 12; ++i) {
     out.greedy.push_back(next);
-    SeqStep d{.seq_id = 7, .kv_generation = g.generation(), .tokens = {&next, 1},
+    SeqStep d{.seq_id = 7,
+              .kv_generation = g.generation(),
+              .tokens = {&next, 1},
               .start_pos = static_cast<int32_t>(prompt.size()) + i,
-              .block_table = blocks, .sampling = {.temperature = 0.f}, .draw_index = i + 1};
+              .block_table = blocks,
+              .sampling = {.temperature = 0.f},
+              .draw_index = i + 1};
     auto rr = g.RunStep({&d, 1});
     EXPECT_TRUE(rr.ok()) << rr.status();
     if (!rr.ok()) return out;
@@ -106,7 +115,8 @@ Outcome Alone(const std::string& model, const std::vector<int32_t>& prompt) {
   int32_t next = argmax(r->logits + (prompt.size() - 1) * V);
   for (int i = 0; i < 12; ++i) {
     out.greedy.push_back(next);
-    engine::SequenceInput d{.tokens = {&next, 1}, .start_pos = static_cast<int32_t>(prompt.size()) + i, .block_table = blocks};
+    engine::SequenceInput d{
+        .tokens = {&next, 1}, .start_pos = static_cast<int32_t>(prompt.size()) + i, .block_table = blocks};
     auto rr = (*m)->Forward({.seqs = {&d, 1}}, *kv, comm);
     next = argmax(rr->logits);
   }
@@ -114,8 +124,12 @@ Outcome Alone(const std::string& model, const std::vector<int32_t>& prompt) {
 }
 
 WorkerGroupOptions Options(const std::string& model, int world) {
-  return {.model_dir = engine::testing::TestModelDir(model), .devices = *ParseDevices("cpu:" + std::to_string(world)),
-          .threads_per_worker = 1, .max_tokens = 64, .max_seqs = 4, .num_kv_blocks = 16};
+  return {.model_dir = engine::testing::TestModelDir(model),
+          .devices = *ParseDevices("cpu:" + std::to_string(world)),
+          .threads_per_worker = 1,
+          .max_tokens = 64,
+          .max_seqs = 4,
+          .num_kv_blocks = 16};
 }
 
 struct WorldCase {
@@ -223,8 +237,12 @@ TEST(Faults, TheKilledRankIsTheOneBlamedAndLostKvCachesAreRefused) {
   Status failure;
   int32_t next = 5;
   for (int i = 0; i < 100000 && failure.ok(); ++i) {
-    SeqStep d{.seq_id = 1, .kv_generation = gen, .tokens = {&next, 1}, .start_pos = 8 + (i % 50),
-              .block_table = blocks, .sampling = {.temperature = 0.f}};
+    SeqStep d{.seq_id = 1,
+              .kv_generation = gen,
+              .tokens = {&next, 1},
+              .start_pos = 8 + (i % 50),
+              .block_table = blocks,
+              .sampling = {.temperature = 0.f}};
     failure = (*group)->RunStep({&d, 1}).status();
   }
   killer.join();
@@ -287,8 +305,11 @@ TEST(Faults, AStoppedWorkerIsCaughtByTheHeartbeat) {
 }
 
 TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
-  auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"), .devices = {engine::Device::Cuda(0)},
-                                        .max_tokens = 8, .max_seqs = 1, .num_kv_blocks = 4});
+  auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"),
+                                        .devices = {engine::Device::Cuda(0)},
+                                        .max_tokens = 8,
+                                        .max_seqs = 1,
+                                        .num_kv_blocks = 4});
   ASSERT_FALSE(bad_device.ok());
   EXPECT_NE(std::string(bad_device.status().message()).find("worker rank 0 (cuda:0) failed to start"),
             std::string::npos)
@@ -297,12 +318,12 @@ TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
   // Sharding that the model cannot do: every rank reports it; the first is named.
   auto bad_world = WorkerGroup::Start(Options("kraken-n4-bf16", 3));
   ASSERT_FALSE(bad_world.ok());
-  EXPECT_NE(std::string(bad_world.status().message()).find("cannot be split over a world of size 3"),
-            std::string::npos)
+  EXPECT_NE(std::string(bad_world.status().message()).find("cannot be split over a world of size 3"), std::string::npos)
       << bad_world.status();
   EXPECT_FALSE(ParseDevices("tpu:1").ok());
-  EXPECT_EQ(*ParseDevices("cuda:0-2,5"), (std::vector<engine::Device>{engine::Device::Cuda(0), engine::Device::Cuda(1),
-                                                                       engine::Device::Cuda(2), engine::Device::Cuda(5)}));
+  EXPECT_EQ(*ParseDevices("cuda:0-2,5"),
+            (std::vector<engine::Device>{engine::Device::Cuda(0), engine::Device::Cuda(1), engine::Device::Cuda(2),
+                                         engine::Device::Cuda(5)}));
   EXPECT_EQ(*ParseDevices("cpu:3"), std::vector<engine::Device>(3, engine::Device::Cpu()));
   EXPECT_FALSE(ParseDevices("cuda:0-9999").ok());
   EXPECT_EQ(Leftovers(), 0);
@@ -344,7 +365,9 @@ TEST(Dispatch, OversizedOrInvalidStepsAreRefusedAndTheGroupStaysUsable) {
 // ---- Timers: each fires on a real failure within its bound, and never on mere inactivity. ----
 
 // Seconds since `t0`.
-double Since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+double Since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
 
 // Calls Supervise every 20 ms until it reports something or `limit_s` pass; the status and when.
 std::pair<Status, double> SuperviseUntilFailure(WorkerGroup& g, double limit_s) {
@@ -358,7 +381,9 @@ std::pair<Status, double> SuperviseUntilFailure(WorkerGroup& g, double limit_s) 
 }
 
 // True when `pid` no longer exists at all (exited and reaped: not even a zombie).
-bool Reaped(pid_t pid) { return !std::filesystem::exists("/proc/" + std::to_string(pid)); }
+bool Reaped(pid_t pid) {
+  return !std::filesystem::exists("/proc/" + std::to_string(pid));
+}
 
 WorkerGroupOptions ShortTimers(const std::string& model, int world) {
   WorkerGroupOptions o = Options(model, world);
@@ -522,16 +547,30 @@ TEST(Timers, TheStartTimeoutBoundsAStartThatCannotFinish) {
 }
 
 TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
-  const Limits limits{.world_size = 1, .max_tokens = 16, .max_seqs = 3, .max_blocks_per_seq = 4,
-                      .max_history = 32, .vocab_size = 100, .num_kv_blocks = 12, .block_size = 4};
+  const Limits limits{.world_size = 1,
+                      .max_tokens = 16,
+                      .max_seqs = 3,
+                      .max_blocks_per_seq = 4,
+                      .max_history = 32,
+                      .vocab_size = 100,
+                      .num_kv_blocks = 12,
+                      .block_size = 4};
   const Layout layout = ComputeLayout(limits);
   std::vector<uint8_t> segment(layout.total);
   const std::vector<int32_t> a_tokens = {5, 6, 7}, a_blocks = {0, 1}, prompt = {1, 2}, generated = {3}, banned = {9};
   const std::vector<int32_t> b_tokens = {8}, b_blocks = {2, 3, 4};
   const SeqStep steps[] = {
-      {.seq_id = 11, .tokens = a_tokens, .start_pos = 0, .block_table = a_blocks, .sample = true,
-       .prompt_logprobs = true, .sampling = {.temperature = 0.5f, .top_k = 3, .seed = 77}, .draw_index = 4,
-       .history_prompt = prompt, .history_generated = generated, .banned = banned},
+      {.seq_id = 11,
+       .tokens = a_tokens,
+       .start_pos = 0,
+       .block_table = a_blocks,
+       .sample = true,
+       .prompt_logprobs = true,
+       .sampling = {.temperature = 0.5f, .top_k = 3, .seed = 77},
+       .draw_index = 4,
+       .history_prompt = prompt,
+       .history_generated = generated,
+       .banned = banned},
       {.seq_id = 12, .tokens = b_tokens, .start_pos = 9, .block_table = b_blocks, .sample = false}};
   PlanWriter writer(segment.data(), layout, limits);
   ASSERT_TRUE(writer.Check(steps).ok());

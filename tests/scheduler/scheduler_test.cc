@@ -181,8 +181,12 @@ TEST(Scheduler, RemoveFreesBlocksOfRunningAndWaiting) {
 TEST(Scheduler, ThePolicyOrdersAdmission) {
   // One sequence slot: whoever the policy puts first is admitted first.
   for (SchedulingPolicy policy : {SchedulingPolicy::kPriority, SchedulingPolicy::kFcfs}) {
-    Scheduler s({.num_kv_blocks = 64, .block_size = 4, .max_batch_tokens = 64, .max_batch_seqs = 1,
-                 .watermark = 0, .policy = policy});
+    Scheduler s({.num_kv_blocks = 64,
+                 .block_size = 4,
+                 .max_batch_tokens = 64,
+                 .max_batch_seqs = 1,
+                 .watermark = 0,
+                 .policy = policy});
     ASSERT_TRUE(s.Add(1, Tokens(3), /*priority=*/5).ok());
     ASSERT_TRUE(s.Add(2, Tokens(3), /*priority=*/-1).ok());
     const uint64_t first = policy == SchedulingPolicy::kPriority ? 2 : 1;

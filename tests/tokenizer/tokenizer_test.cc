@@ -130,12 +130,15 @@ TEST(TokenizerLoad, RefusesConfigurationsItWouldMisTokenize) {
   };
   EXPECT_EQ(err(base + R"(,"normalizer":{"type":"NFC"}})"),
             "tokenizer.json: 'normalizer' is {\"type\":\"NFC\"}; only null is supported");
-  EXPECT_EQ(err(R"({"model":{"type":"WordPiece"},"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}})"),
-            "tokenizer.json: 'model.type' is \"WordPiece\"; only \"BPE\" is supported");
-  EXPECT_EQ(err(R"({"model":{"type":"BPE","vocab":{},"merges":[]},"pre_tokenizer":{"type":"Metaspace"},"decoder":{"type":"ByteLevel"}})"),
-            "tokenizer.json: 'pre_tokenizer' is {\"type\":\"Metaspace\"}; only ByteLevel is supported");
-  EXPECT_EQ(err(R"({"model":{"type":"BPE","byte_fallback":true,"vocab":{},"merges":[]},"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}})"),
-            "tokenizer.json: 'model.byte_fallback' is true; only false is supported");
+  EXPECT_EQ(
+      err(R"({"model":{"type":"WordPiece"},"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}})"),
+      "tokenizer.json: 'model.type' is \"WordPiece\"; only \"BPE\" is supported");
+  EXPECT_EQ(
+      err(R"({"model":{"type":"BPE","vocab":{},"merges":[]},"pre_tokenizer":{"type":"Metaspace"},"decoder":{"type":"ByteLevel"}})"),
+      "tokenizer.json: 'pre_tokenizer' is {\"type\":\"Metaspace\"}; only ByteLevel is supported");
+  EXPECT_EQ(
+      err(R"({"model":{"type":"BPE","byte_fallback":true,"vocab":{},"merges":[]},"pre_tokenizer":{"type":"ByteLevel"},"decoder":{"type":"ByteLevel"}})"),
+      "tokenizer.json: 'model.byte_fallback' is true; only false is supported");
   EXPECT_NE(err(base + "}").find("lacks the byte-level symbol for byte 0"), std::string::npos);
   EXPECT_EQ(err("[1]"), "tokenizer.json: not a JSON object");
   auto missing = Tokenizer::FromModelDir("/nonexistent");

@@ -16,18 +16,22 @@ TEST(Utf8, ScanFindsValidPrefixErrorLengthAndTruncation) {
     bool incomplete;
   } cases[] = {
       {"abc", 3, 0, false},
-      {"a\xC3\xA9", 3, 0, false},                 // é
-      {"\xF0\x9F\x98\x80", 4, 0, false},          // 😀
-      {"a\x80", 1, 1, false},                     // lone continuation
-      {"\xC0\x80", 0, 1, false},                  // overlong lead: never valid
-      {"\xE0\x80\x80", 0, 1, false},              // E0 needs A0..BF next
-      {"\xED\xA0\x80", 0, 1, false},              // surrogate
-      {"\xF4\x90\x80\x80", 0, 1, false},          // above U+10FFFF
+      {"a\xC3\xA9", 3, 0, false},         // é
+      {"\xF0\x9F\x98\x80", 4, 0, false},  // 😀
+      {"a\x80", 1, 1, false},             // lone continuation
+      {"\xC0\x80", 0, 1, false},          // overlong lead: never valid
+      {"\xE0\x80\x80", 0, 1, false},      // E0 needs A0..BF next
+      {"\xED\xA0\x80", 0, 1, false},      // surrogate
+      {"\xF4\x90\x80\x80", 0, 1, false},  // above U+10FFFF
       {"\xF5", 0, 1, false},
-      {"\xE2\x82", 0, 0, true},                   // truncated €
+      {"\xE2\x82", 0, 0, true},  // truncated €
       {"\xF0\x9F\x98", 0, 0, true},
-      {"\xE2\x82" "A", 0, 2, false},              // broken after two bytes: one subpart of 2
-      {"\xF0\x9F\x98" "A", 0, 3, false},
+      {"\xE2\x82"
+       "A",
+       0, 2, false},  // broken after two bytes: one subpart of 2
+      {"\xF0\x9F\x98"
+       "A",
+       0, 3, false},
   };
   for (const Case& c : cases) {
     const Utf8Scan s = ScanUtf8(c.bytes);
@@ -40,7 +44,9 @@ TEST(Utf8, ScanFindsValidPrefixErrorLengthAndTruncation) {
 TEST(Utf8, LossyReplacesEachMaximalSubpartOnce) {
   // Rust's documented example: "Hello\xF0\x90\x80World" -> "Hello\u{FFFD}World".
   EXPECT_EQ(LossyUtf8("Hello\xF0\x90\x80World"), "Hello" + R + "World");
-  EXPECT_EQ(LossyUtf8("\xE2\x82" "A"), R + "A");
+  EXPECT_EQ(LossyUtf8("\xE2\x82"
+                      "A"),
+            R + "A");
   EXPECT_EQ(LossyUtf8("\xC0\x80"), R + R);  // C0 and 80 are separate subparts
   EXPECT_EQ(LossyUtf8("\xED\xA0\x80"), R + R + R);
   EXPECT_EQ(LossyUtf8("\xF0\x9F\x98"), R);  // truncated at the end: one

@@ -32,7 +32,9 @@ struct Args {
   bool no_special = false;
 };
 
-std::string Dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+std::string Dump(const json& j) {
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
+}
 
 Status JsonlEncode(const Tokenizer& t, const Args& a) {
   std::ifstream in(a.jsonl_encode);
@@ -96,7 +98,10 @@ Status Bench(const Tokenizer& t, const Args& a) {
     }
     best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  std::cout << Dump(json{{"bytes", bytes}, {"documents", lines.size()}, {"tokens", tokens}, {"seconds", best},
+  std::cout << Dump(json{{"bytes", bytes},
+                         {"documents", lines.size()},
+                         {"tokens", tokens},
+                         {"seconds", best},
                          {"mb_per_second", bytes / best / 1e6}})
             << "\n";
   return absl::OkStatus();
@@ -142,7 +147,8 @@ int main(int argc, char** argv) {
   group->add_option("--encode", a.encode, "Text to encode");
   group->add_option("--decode", a.decode, "Comma-separated ids to decode");
   group->add_option("--jsonl-encode", a.jsonl_encode, "Encode each {\"text\"} line of a file");
-  group->add_option("--jsonl-decode", a.jsonl_decode, "Decode each {\"ids\", \"chunks\"} line of a file, also streamed");
+  group->add_option("--jsonl-decode", a.jsonl_decode,
+                    "Decode each {\"ids\", \"chunks\"} line of a file, also streamed");
   group->add_option("--bench", a.bench, "Encode every line of a text file; print MB/s");
   group->require_option(1);
   app.add_flag("--skip-special", a.skip_special, "Decode without special tokens");

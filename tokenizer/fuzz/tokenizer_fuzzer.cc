@@ -16,7 +16,8 @@ namespace {
 const kraken::tokenizer::Tokenizer& Tok() {
   static const auto* t = [] {
     const char* dir = std::getenv("KRAKEN_FUZZ_TOKENIZER");
-    auto r = kraken::tokenizer::Tokenizer::FromFile(dir != nullptr ? dir : "tests/data/tokenizers/mixed-4k/tokenizer.json");
+    auto r =
+        kraken::tokenizer::Tokenizer::FromFile(dir != nullptr ? dir : "tests/data/tokenizers/mixed-4k/tokenizer.json");
     if (!r.ok()) std::abort();
     return r->release();
   }();

@@ -35,7 +35,7 @@ from kraken_ref import reference as ref  # noqa: E402
 from kraken_ref.checkpoint import kraken_config_json, load_model_dir, save_model_dir  # noqa: E402
 
 SHAPES = {
-    # KRAKEN.md "Released configurations", 125M 4-way, with 2048 positions so T = 2048 fits.
+    # docs/kraken.md "Released configurations", 125M 4-way, with 2048 positions so T = 2048 fits.
     "kraken-125m-4way": ref.Config("kraken", n_layer=12, n_embd=504, n_head=3, vocab_size=50304, n_positions=2048,
                                    kraken_degree=4, ffn_hidden=1008, bias=False),
     # GPT-2 124M (Hugging Face layout), 2048 positions.

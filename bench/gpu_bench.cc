@@ -65,7 +65,7 @@ struct Shape {
 };
 
 // Writes config.json and model.safetensors of a BF16 Kraken with `s` (no biases, LayerNorm
-// weights 1, the layout of KRAKEN.md "Checkpoint layout").
+// weights 1, the layout of docs/kraken.md "The authors' checkpoint").
 Status WriteSyntheticKraken(const std::string& dir, const Shape& s) {
   std::filesystem::create_directories(dir);
   const int64_t d = s.width, f = 2 * s.width, N = s.degree;

@@ -8,7 +8,7 @@ scaled down from the paper's so a run fits this machine), then runs build/bench/
     .venv/bin/python bench/ttft_bench.py --build build-gpu --shapes gpu-1.3b-8way --device cuda \
         --presets none --worlds 4,8 --tokens 128,2048
 
-Shapes (KRAKEN.md "Equal-parameter configurations"): standard GPT-2 and parallel-block with
+Shapes (docs/kraken.md "Equal-parameter configurations"): standard GPT-2 and parallel-block with
 L = 4, D = 512, 8 heads, FFN 4D; Kraken 4-way with L = 4 and d = 324 (4 heads of 81, FFN 2d),
 chosen so the whole parameter count matches (d ~ 0.61 D plus the embedding and conjunction).
 Vocabulary 4096, 2048 positions, F32 weights.
@@ -36,7 +36,7 @@ SHAPES = {
                          ffn_hidden=648, bias=False),
 }
 
-# The paper's 1.3B scale (KRAKEN.md "Equal-parameter configurations"): GPT-2 1.3B (L = 24,
+# The paper's 1.3B scale (docs/kraken.md "Equal-parameter configurations"): GPT-2 1.3B (L = 24,
 # D = 2048, 16 heads, FFN 4D) against a 4-way Kraken of d = 1248 (~0.61 D, 8 heads of 156, FFN 2d),
 # BF16 weights, 50304-token vocabulary.
 V_GPU = 50304

@@ -27,7 +27,7 @@ const char* FinishReasonName(FinishReason reason) {
   return "none";
 }
 
-Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer& tok,
+Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer* tok,
                const EngineOptions& options)
     : group_(std::move(group)), tok_(tok), options_(options), sched_([&] {
         scheduler::SchedulerOptions s = options.scheduler;
@@ -67,6 +67,9 @@ void Engine::Wake() {
 
 StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(RequestParams params, Clock::time_point arrival,
                                                         Clock::time_point deadline) {
+  if (tok_ == nullptr && !params.stop.empty()) {
+    return InvalidArgument("field 'stop': stop strings need the model's tokenizer, and this engine has none");
+  }
   auto h = std::make_shared<RequestHandle>(next_id_++, std::move(params), arrival, deadline);
   if (h->params().max_tokens == 0) {  // nothing to generate: answer at once
     Finish(*h, {}, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
@@ -414,7 +417,7 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
   StopMatcher::Result matched;
   if (!StopsOnToken(p, tok, r.generated.size())) {
     std::string delta;
-    if (Status s = r.detok.Add(tok, &delta); !s.ok()) {
+    if (Status s = r.detok ? r.detok->Add(tok, &delta) : absl::OkStatus(); !s.ok()) {
       End(r.handle->id(), absl::InternalError(StrCat("detokenizing token ", tok, ": ", std::string(s.message()))));
       return;
     }
@@ -427,7 +430,7 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
     // Ended by a stop token or by length: flush the detokenizer and whatever the stop matcher
     // holds; the flushed text may still complete a stop string, which then ends the text.
     std::string rest;
-    r.detok.Finish(&rest);
+    if (r.detok) r.detok->Finish(&rest);
     StopMatcher::Result m = r.stops.Push(rest);
     text += m.release;
     if (m.matched)

@@ -47,14 +47,16 @@ struct EngineOptions {
 
 class Engine {
  public:
-  /// Starts the engine thread. `tok` must outlive the engine.
-  Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer& tok, const EngineOptions& options);
+  /// Starts the engine thread. `tok` must outlive the engine; without one (nullptr) requests get
+  /// token ids and logprobs but no text, and may not have stop strings.
+  Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer* tok, const EngineOptions& options);
   ~Engine();  // Stop()
 
   /// Queues a request that arrived at `arrival` and must end by `deadline`
   /// (Clock::time_point::max() for none). RESOURCE_EXHAUSTED (naming the capacity) when the
   /// waiting queue is full, UNAVAILABLE when the engine is stopping or has failed. On success the
   /// request ends through its handle exactly once; max_tokens 0 ends at once with kLength.
+  /// INVALID_ARGUMENT for stop strings when the engine has no tokenizer.
   StatusOr<std::shared_ptr<RequestHandle>> Submit(RequestParams params, Clock::time_point arrival,
                                                   Clock::time_point deadline);
   /// Wakes the engine thread (a request was cancelled).
@@ -95,7 +97,7 @@ class Engine {
                      std::string stop_reason);
 
   std::unique_ptr<runtime::WorkerGroup> group_;
-  const tokenizer::Tokenizer& tok_;
+  const tokenizer::Tokenizer* tok_;
   EngineOptions options_;
   scheduler::Scheduler sched_;
 

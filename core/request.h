@@ -136,13 +136,16 @@ class RequestHandle {
 
 /// The engine thread's state of one request: its handle, and what generation needs.
 struct Request {
-  Request(std::shared_ptr<RequestHandle> h, const tokenizer::Tokenizer& tok)
-      : handle(std::move(h)), params(handle->params()), detok(tok, params.skip_special), stops(params.stop) {}
+  /// `tok` null: no text (ids and logprobs only; the request has no stop strings).
+  Request(std::shared_ptr<RequestHandle> h, const tokenizer::Tokenizer* tok)
+      : handle(std::move(h)), params(handle->params()), stops(params.stop) {
+    if (tok != nullptr) detok.emplace(*tok, params.skip_special);
+  }
 
   std::shared_ptr<RequestHandle> handle;
   const RequestParams& params;
   std::vector<int32_t> generated;  // the one owner of the sequence's output tokens
-  tokenizer::IncrementalDetokenizer detok;
+  std::optional<tokenizer::IncrementalDetokenizer> detok;
   StopMatcher stops;
   std::optional<Clock::time_point> scheduled, first_token;
   Clock::time_point last_token{};  // the previous token's hand-over (inter-token latency)

@@ -7,7 +7,7 @@
 //   KvSlot slot = kv.slot(3);
 //
 // Size: 2 (K and V) * slots * heads * head_dim * block_size * 4 bytes per block. For a Kraken
-// layer that is 2 * d floats per token per sub-layer (KRAKEN.md "KV cache").
+// layer that is 2 * d floats per token per sub-layer (docs/kraken.md "KV cache").
 #pragma once
 
 #include <cstdint>

@@ -8,7 +8,7 @@
 //   // r.logits: [r.rows, V] — for each sequence in order, its last position (or all positions
 //   // when SequenceInput::all_logits).
 //
-// The architectures (KRAKEN.md): "kraken" (N sub-layers, one AllReduce per layer boundary
+// The architectures (docs/kraken.md): "kraken" (N sub-layers, one AllReduce per layer boundary
 // overlapped with the next layer's attention), "gpt2" and "parallel_block" (Megatron tensor
 // parallelism). A shard (rank r of W) loads only its part: Kraken sub-layers r·N/W .. (r+1)·N/W-1;
 // GPT-2 and parallel-block heads and FFN columns r·h/W .. and r·f/W ...

@@ -4,7 +4,7 @@
 //   cfg.head_dim();   // n_embd / n_head
 //
 // Three `model_type`s (docs/model_formats.md has every key):
-//   "kraken"          KRAKEN.md: N = kraken_degree sub-layers of width d = n_embd, each with
+//   "kraken"          docs/kraken.md: N = kraken_degree sub-layers of width d = n_embd, each with
 //                     n_head_per_sublayer heads and an FFN of ffn_expansion * d.
 //   "gpt2"            Hugging Face GPT-2 (GPT2LMHeadModel), read as is.
 //   "parallel_block"  GPT-J style y = x + Attn(LN(x)) + FFN(LN(x)), learned positions.

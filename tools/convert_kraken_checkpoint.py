@@ -4,7 +4,7 @@ training/train.py) into a Kraken Serve model directory: config.json + model.safe
 
     .venv/bin/python tools/convert_kraken_checkpoint.py out-4-1234/ckpt.pt models/kraken-4way --dtype bf16
 
-What it does (KRAKEN.md "The authors' checkpoint"):
+What it does (docs/kraken.md "The authors' checkpoint"):
   * strips the '_orig_mod.' prefix a torch.compile'd module leaves on every key;
   * checks that lm_head.weight is the same as transformer.wte.weight (tied) and drops it;
   * drops the causal-mask buffers (attn.bias) the non-flash attention path registers;

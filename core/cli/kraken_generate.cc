@@ -1,4 +1,6 @@
-// kraken-generate: offline generation and scoring with one model directory, in one process.
+// kraken-generate: offline generation and scoring with one model directory. Generation goes
+// through the serving core (core::Engine) on worker processes, as in the server; scoring runs the
+// model in this process.
 //
 //   kraken-generate models/kraken-4way --prompt-ids 464,3290,318 --max-tokens 64
 //   kraken-generate DIR --prompt-ids ... --temperature 0.8 --top-p 0.95 --seed 7 --json
@@ -13,15 +15,19 @@
 #include <cctype>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <mutex>
 #include <random>
 #include <sstream>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
 
+#include "core/engine.h"
 #include "engine/backend.h"
 #include "engine/model.h"
 #include "engine/sampler.h"
@@ -67,99 +73,15 @@ struct Options {
   int score_window = 0;  // score in independent windows of this many predictions
   std::string prompt_ids_file;
   bool ignore_eos = false;
-  std::string devices;  // set: run on worker processes (runtime/), e.g. "cpu:2"
-  int batch = 1;        // with devices: sequences decoded together (seeds seed .. seed + batch - 1)
+  std::string devices = "cpu:1";  // worker processes (runtime/) that generate
+  int batch = 1;                  // sequences decoded together (seeds seed .. seed + batch - 1)
   SamplingParams sampling{.temperature = 0.f};
 };
 
-// Generation on worker processes, one per device: the multi-process runtime end to end.
-Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const tokenizer::Tokenizer* tok,
-                    const ModelConfig& cfg) {
-  const int total = static_cast<int>(prompt.size()) + o.max_tokens;
-  const int B = o.batch;
-  const int blocks_per_seq = (total + o.block_size - 1) / o.block_size;
-  KRAKEN_ASSIGN_OR_RETURN(std::vector<Device> devices, runtime::ParseDevices(o.devices));
-  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir,
-                                 .devices = devices,
-                                 .threads_per_worker = o.threads,
-                                 .max_tokens = static_cast<int>(prompt.size()) * B,
-                                 .max_seqs = B,
-                                 .max_context = std::min(total, cfg.n_positions),
-                                 .block_size = o.block_size,
-                                 .num_kv_blocks = blocks_per_seq * B,
-                                 .max_history = total * B};
-  const auto t_load = Clock::now();
-  KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
-  const double load_s = Seconds(t_load, Clock::now());
-  // Sequence b owns blocks [b * blocks_per_seq, (b + 1) * blocks_per_seq) and samples with seed + b.
-  std::vector<std::vector<int32_t>> blocks(B, std::vector<int32_t>(blocks_per_seq));
-  for (int b = 0; b < B; ++b)
-    for (int i = 0; i < blocks_per_seq; ++i) blocks[b][i] = b * blocks_per_seq + i;
-  const SamplingParams& p = o.sampling;
-  const bool penalties = NeedsHistory(p);
-  std::vector<std::vector<int32_t>> gen(B);
-  std::vector<int32_t> next(B, -1);
-  std::vector<bool> done(B, false);
-  std::vector<runtime::SeqStep> steps;
-  std::string finish = "length";
-  const auto t0 = Clock::now();
-  double prefill_s = 0;
-  int64_t decoded = 0;  // tokens sampled by decode steps, all sequences
-  for (int step = 0; step < o.max_tokens; ++step) {
-    steps.clear();
-    for (int b = 0; b < B; ++b) {
-      if (done[b]) continue;
-      runtime::SeqStep s{.seq_id = static_cast<uint64_t>(b + 1),
-                         .kv_generation = group->generation(),
-                         .tokens = step == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>(&next[b], 1),
-                         .start_pos = step == 0 ? 0 : static_cast<int32_t>(prompt.size() + gen[b].size() - 1),
-                         .block_table = blocks[b],
-                         .sampling = p,
-                         .draw_index = static_cast<int64_t>(gen[b].size())};
-      s.sampling.seed = p.seed + static_cast<uint64_t>(b);
-      if (penalties) {
-        s.history_prompt = prompt;
-        s.history_generated = gen[b];
-      }
-      steps.push_back(s);
-    }
-    if (steps.empty()) break;
-    KRAKEN_ASSIGN_OR_RETURN(runtime::StepResultView r, group->RunStep(steps));
-    if (step == 0) prefill_s = Seconds(t0, Clock::now());
-    for (const runtime::ResultSeq& res : r.seqs) {
-      if (res.error != 0) return Annotate(res.status(), "sampling failed");
-      const int b = static_cast<int>(res.seq_id) - 1;
-      next[b] = res.token;
-      gen[b].push_back(res.token);
-      if (step > 0) ++decoded;
-      if (!o.ignore_eos &&
-          std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), res.token) != cfg.eos_token_ids.end()) {
-        done[b] = true;
-        if (b == 0) finish = "stop";
-      }
-    }
-  }
-  const std::vector<int32_t>& generated = gen[0];
-  const double decode_s = Seconds(t0, Clock::now()) - prefill_s;
-  nlohmann::json out{{"model", o.model_dir},
-                     {"devices", o.devices},
-                     {"prompt_ids", prompt},
-                     {"generated_ids", generated},
-                     {"finish_reason", finish},
-                     {"seed", p.seed},
-                     {"load_seconds", load_s},
-                     {"prefill_ms", prefill_s * 1e3},
-                     {"batch", B},
-                     {"decode_tokens_per_second", decoded > 0 ? decoded / decode_s : 0.0}};
-  if (tok != nullptr) {
-    tokenizer::IncrementalDetokenizer detok(*tok, /*skip_special=*/true);
-    std::string text;
-    for (int32_t id : generated) KRAKEN_RETURN_IF_ERROR(detok.Add(id, &text));
-    detok.Finish(&text);
-    out["text"] = text;
-  }
+// The timings and the per-rank statistics of a generation, as JSON and as text.
+void Report(const Options& o, const runtime::WorkerGroup& group, nlohmann::json out) {
   nlohmann::json ranks = nlohmann::json::array();
-  for (const auto& st : group->Stats()) {
+  for (const auto& st : group.Stats()) {
     ranks.push_back({{"rank", st.rank},
                      {"steps", st.steps},
                      {"busy_s", st.busy_s},
@@ -170,22 +92,137 @@ Status RunOnWorkers(const Options& o, const std::vector<int32_t>& prompt, const 
   out["ranks"] = ranks;
   if (o.json) {
     std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-    return absl::OkStatus();
+    return;
   }
-  std::printf("model: %s on %s (%d workers), started in %.2f s\n", o.model_dir.c_str(), o.devices.c_str(),
-              group->world_size(), load_s);
+  std::printf("model: %s on %s (%d workers), started in %.2f s\n", o.model_dir.c_str(),
+              out["devices"].get<std::string>().c_str(), group.world_size(), out["load_seconds"].get<double>());
   std::printf("generated ids: ");
-  for (int32_t t : generated) std::printf("%d ", t);
+  for (int32_t t : out["generated_ids"]) std::printf("%d ", t);
   if (out.contains("text")) std::printf("\ntext:          %s", out["text"].get<std::string>().c_str());
-  std::printf("\nfinish: %s\nprefill: %zu tokens in %.2f ms; decode: %.1f tokens/s\n", finish.c_str(), prompt.size(),
-              prefill_s * 1e3, out["decode_tokens_per_second"].get<double>());
-  for (const auto& st : group->Stats()) {
+  std::printf("\nfinish: %s\nprefill: %zu tokens in %.2f ms; decode: %.1f tokens/s\n",
+              out["finish_reason"].get<std::string>().c_str(), out["prompt_ids"].size(),
+              out["prefill_ms"].get<double>(), out["decode_tokens_per_second"].get<double>());
+  for (const auto& st : group.Stats()) {
     std::printf("rank %d: busy %.3f s, waiting on collectives %.3f s, collectives in flight %.3f s, idle %.3f s\n",
                 st.rank, st.busy_s, st.exposed_comm_s, st.collective_s, st.idle_s);
   }
+}
+
+// Waits until every handle has ended; returns what each produced, whole.
+std::vector<core::Output> Collect(const std::vector<std::shared_ptr<core::RequestHandle>>& handles) {
+  std::mutex mu;  // taken before a handle's own lock (Take), never after: chunks stay in order
+  std::condition_variable cv;
+  std::vector<core::Output> all(handles.size());
+  int done = 0;
+  auto take = [&](size_t b) {
+    std::lock_guard<std::mutex> l(mu);
+    core::Output chunk;
+    handles[b]->Take(&chunk);
+    core::Output& a = all[b];
+    a.text += chunk.text;
+    a.ids.insert(a.ids.end(), chunk.ids.begin(), chunk.ids.end());
+    for (auto& lp : chunk.logprobs) a.logprobs.push_back(std::move(lp));
+    if (chunk.finished && !a.finished) {
+      chunk.text = std::move(a.text);
+      chunk.ids = std::move(a.ids);
+      chunk.logprobs = std::move(a.logprobs);
+      a = std::move(chunk);
+      ++done;
+      cv.notify_all();
+    }
+  };
+  for (size_t b = 0; b < handles.size(); ++b) {
+    handles[b]->Listen([&take, b] { take(b); });
+    take(b);  // what it produced (or how it ended) before the listener was set
+  }
+  std::unique_lock<std::mutex> l(mu);
+  cv.wait(l, [&] { return done == static_cast<int>(handles.size()); });
+  l.unlock();
+  for (const auto& h : handles) h->Detach();
+  return all;
+}
+
+// Generation through the serving core (core::Engine) on worker processes, one per device: the
+// same loop the server runs. --batch decodes copies of the prompt together (seeds seed, seed + 1, ...).
+Status Generate(const Options& o, const std::vector<int32_t>& prompt, const tokenizer::Tokenizer* tok,
+                const ModelConfig& cfg) {
+  const int total = static_cast<int>(prompt.size()) + o.max_tokens;
+  const int B = o.batch;
+  const int blocks_per_seq = (total + o.block_size - 1) / o.block_size;
+  const int step_tokens = o.prefill_chunk > 0 ? std::max(o.prefill_chunk, B) : static_cast<int>(prompt.size()) * B;
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<Device> devices, runtime::ParseDevices(o.devices));
+  runtime::WorkerGroupOptions wo{.model_dir = o.model_dir,
+                                 .devices = devices,
+                                 .threads_per_worker = o.threads,
+                                 .max_tokens = step_tokens,
+                                 .max_seqs = B,
+                                 .max_context = std::min(total, cfg.n_positions),
+                                 .block_size = o.block_size,
+                                 .num_kv_blocks = blocks_per_seq * B,
+                                 .max_history = total * B};
+  const auto t_load = Clock::now();
+  KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
+  const double load_s = Seconds(t_load, Clock::now());
+  const runtime::WorkerGroup* g = group.get();
+  core::EngineOptions eo{.scheduler = {.num_kv_blocks = blocks_per_seq * B,
+                                       .block_size = o.block_size,
+                                       .max_batch_tokens = step_tokens,
+                                       .max_batch_seqs = B,
+                                       .max_waiting = B,
+                                       .watermark = 0},
+                         .context_length = cfg.n_positions};
+  core::Engine engine(std::move(group), tok, eo);
+  std::vector<std::shared_ptr<core::RequestHandle>> handles;
+  const auto t0 = core::Clock::now();
+  for (int b = 0; b < B; ++b) {
+    core::RequestParams p{
+        .prompt = prompt, .max_tokens = static_cast<uint32_t>(o.max_tokens), .sampling = o.sampling, .logprobs = true};
+    p.sampling.seed = o.sampling.seed + static_cast<uint64_t>(b);
+    if (!o.ignore_eos) p.stop_token_ids = cfg.eos_token_ids;
+    KRAKEN_ASSIGN_OR_RETURN(auto h, engine.Submit(std::move(p), t0, core::Clock::time_point::max()));
+    handles.push_back(std::move(h));
+  }
+  const std::vector<core::Output> outs = Collect(handles);
+  const double wall_s = std::chrono::duration<double>(core::Clock::now() - t0).count();
+  int64_t decoded = 0;  // tokens sampled by decode steps, all sequences
+  double first_token_s = 0;
+  for (const core::Output& out : outs) {
+    KRAKEN_RETURN_IF_ERROR(out.status);
+    decoded += std::max<int64_t>(0, static_cast<int64_t>(out.ids.size()) - 1);
+    first_token_s = std::max(first_token_s, out.ttft_s);
+  }
+  const core::Output& first = outs[0];
+  nlohmann::json steps = nlohmann::json::array();
+  for (const core::TokenLogprobs& lp : first.logprobs) {
+    nlohmann::json js{{"token", lp.token}, {"logprob", lp.logprob}};
+    if (!lp.top.empty()) {
+      nlohmann::json top = nlohmann::json::array();
+      for (const auto& t : lp.top) top.push_back({t.token, t.logprob});
+      js["top_logprobs"] = top;
+    }
+    steps.push_back(js);
+  }
+  const double decode_s = wall_s - first_token_s;
+  nlohmann::json out{{"model", o.model_dir},
+                     {"devices", o.devices},
+                     {"architecture", std::string(ArchitectureName(cfg.arch))},
+                     {"prompt_ids", prompt},
+                     {"generated_ids", first.ids},
+                     {"finish_reason", core::FinishReasonName(first.finish_reason)},
+                     {"seed", o.sampling.seed},
+                     {"threads", o.threads},
+                     {"load_seconds", load_s},
+                     {"prefill_ms", first.ttft_s * 1e3},
+                     {"batch", B},
+                     {"steps", steps},
+                     {"decode_tokens_per_second", decoded > 0 && decode_s > 0 ? decoded / decode_s : 0.0}};
+  if (tok != nullptr) out["text"] = first.text;
+  Report(o, *g, std::move(out));
   return absl::OkStatus();
 }
 
+// Scoring (--score) runs the model in this process: one forward pass per window chunk, no
+// generation. Everything else goes through Generate.
 Status Run(const Options& o) {
   std::unique_ptr<tokenizer::Tokenizer> tok;
   std::vector<int32_t> prompt;
@@ -210,38 +247,37 @@ Status Run(const Options& o) {
                              ")");
     }
   }
-  // The last token (generated, or scored) is never fed to the model, so it needs no position.
+  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
+  if (!o.score) {
+    // The serving core's rule: generation ends when prompt + output fill the context.
+    if (static_cast<int64_t>(prompt.size()) + o.max_tokens > cfg.n_positions) {
+      return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
+                             ") exceeds the context length ", cfg.n_positions);
+    }
+    return Generate(o, prompt, tok.get(), cfg);
+  }
+  if (o.devices != "cpu:1" || o.batch != 1)
+    return InvalidArgument("--score runs in this process; drop --devices and --batch");
+  // The last scored token is never fed to the model, so it needs no position.
   const int window = o.score_window > 0 ? std::min<int>(o.score_window, static_cast<int>(prompt.size()) - 1)
                                         : static_cast<int>(prompt.size()) - 1;
-  const int total = o.score ? std::max(window, 1) : static_cast<int>(prompt.size()) + o.max_tokens - 1;
+  const int total = std::max(window, 1);
   if (total > cfg.n_positions) {
-    return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
-                           ") - 1 exceeds the context length ", cfg.n_positions);
-  }
-  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
-  if (!o.devices.empty()) {
-    if (o.score) return InvalidArgument("--score runs in this process; drop --devices");
-  } else if (o.batch != 1) {
-    return InvalidArgument("--batch needs --devices (worker processes)");
-  }
-  if (!o.devices.empty()) {
-    return RunOnWorkers(o, prompt, tok.get(), cfg);
+    return InvalidArgument("a scoring window of ", total, " predictions exceeds the context length ", cfg.n_positions,
+                           ": use --score-window");
   }
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = o.threads}));
-  const int chunk =
-      o.prefill_chunk > 0 ? o.prefill_chunk : std::max(o.score ? window : static_cast<int>(prompt.size()), 1);
-  ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = o.score ? chunk : 1};
+  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(window, 1);
+  ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = chunk};
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(o.model_dir, backend.get(), mo));
   const double load_s = Seconds(t_load, Clock::now());
-  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
   const int blocks = (total + o.block_size - 1) / o.block_size;
   KRAKEN_ASSIGN_OR_RETURN(
       KvCache kv, KvCache::Create(*backend, model->kv_layout(), {.num_blocks = blocks, .block_size = o.block_size}));
   std::vector<int32_t> table(blocks);
   for (int i = 0; i < blocks; ++i) table[i] = i;
   LocalCommunicator comm;
-  Sampler sampler(cfg.vocab_size);
   nlohmann::json out;
   out["model"] = o.model_dir;
   out["architecture"] = std::string(ArchitectureName(cfg.arch));
@@ -250,117 +286,45 @@ Status Run(const Options& o) {
   out["load_seconds"] = load_s;
   out["seed"] = o.sampling.seed;
 
-  if (o.score) {
-    // Window w feeds tokens [w*C, (w+1)*C) from position 0 and scores the C tokens after each,
-    // i.e. predictions of ids w*C+1 .. (w+1)*C (the last window may be shorter).
-    const auto t0 = Clock::now();
-    double nll = 0.0;
-    nlohmann::json scores = nlohmann::json::array();
-    const int n_pred = static_cast<int>(prompt.size()) - 1;
-    for (int w0 = 0; w0 < n_pred; w0 += window) {
-      const int wn = std::min(window, n_pred - w0);
-      for (int begin = 0; begin < wn; begin += chunk) {
-        const int n = std::min(chunk, wn - begin);
-        SequenceInput s{.tokens = {prompt.data() + w0 + begin, static_cast<size_t>(n)},
-                        .start_pos = begin,
-                        .block_table = table,
-                        .all_logits = true};
-        KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = {&s, 1}}, kv, comm));
-        for (int j = 0; j < n; ++j) {  // row j predicts id w0 + begin + j + 1
-          const float* row = r.logits + static_cast<int64_t>(j) * r.vocab;
-          double mx = -INFINITY, sum = 0.0;
-          for (int v = 0; v < r.vocab; ++v) mx = std::max<double>(mx, row[v]);
-          for (int v = 0; v < r.vocab; ++v) sum += std::exp(row[v] - mx);
-          const int pos = w0 + begin + j + 1;
-          const double lp = row[prompt[pos]] - mx - std::log(sum);
-          nll -= lp;
-          if (o.score_window == 0) scores.push_back({{"position", pos}, {"token", prompt[pos]}, {"logprob", lp}});
-        }
+  // Window w feeds tokens [w*C, (w+1)*C) from position 0 and scores the C tokens after each,
+  // i.e. predictions of ids w*C+1 .. (w+1)*C (the last window may be shorter).
+  const auto t0 = Clock::now();
+  double nll = 0.0;
+  nlohmann::json scores = nlohmann::json::array();
+  const int n_pred = static_cast<int>(prompt.size()) - 1;
+  for (int w0 = 0; w0 < n_pred; w0 += window) {
+    const int wn = std::min(window, n_pred - w0);
+    for (int begin = 0; begin < wn; begin += chunk) {
+      const int n = std::min(chunk, wn - begin);
+      SequenceInput s{.tokens = {prompt.data() + w0 + begin, static_cast<size_t>(n)},
+                      .start_pos = begin,
+                      .block_table = table,
+                      .all_logits = true};
+      KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = {&s, 1}}, kv, comm));
+      for (int j = 0; j < n; ++j) {  // row j predicts id w0 + begin + j + 1
+        const float* row = r.logits + static_cast<int64_t>(j) * r.vocab;
+        double mx = -INFINITY, sum = 0.0;
+        for (int v = 0; v < r.vocab; ++v) mx = std::max<double>(mx, row[v]);
+        for (int v = 0; v < r.vocab; ++v) sum += std::exp(row[v] - mx);
+        const int pos = w0 + begin + j + 1;
+        const double lp = row[prompt[pos]] - mx - std::log(sum);
+        nll -= lp;
+        if (o.score_window == 0) scores.push_back({{"position", pos}, {"token", prompt[pos]}, {"logprob", lp}});
       }
     }
-    const double score_s = Seconds(t0, Clock::now());
-    if (o.score_window == 0) out["scores"] = scores;
-    out["scored_tokens"] = n_pred;
-    out["mean_nll"] = n_pred > 0 ? nll / n_pred : 0.0;
-    out["perplexity"] = n_pred > 0 ? std::exp(nll / n_pred) : 1.0;
-    out["score_seconds"] = score_s;
-    if (o.json) {
-      std::cout << out.dump() << "\n";
-    } else {
-      std::printf("scored %d tokens: mean NLL %.6f nats, perplexity %.4f (%.2f s)\n", n_pred,
-                  out["mean_nll"].get<double>(), out["perplexity"].get<double>(), score_s);
-    }
-    return absl::OkStatus();
   }
-
-  // Prefill (in chunks of --prefill-chunk tokens).
-  const auto t0 = Clock::now();
-  ForwardResult last{};
-  for (int begin = 0; begin < static_cast<int>(prompt.size()); begin += chunk) {
-    const int n = std::min(chunk, static_cast<int>(prompt.size()) - begin);
-    SequenceInput s{
-        .tokens = {prompt.data() + begin, static_cast<size_t>(n)}, .start_pos = begin, .block_table = table};
-    KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
-  }
-  const double prefill_s = Seconds(t0, Clock::now());
-  out["prefill_ms"] = prefill_s * 1e3;
-
-  // Decode.
-  std::vector<int32_t> generated;
-  generated.reserve(o.max_tokens);
-  nlohmann::json steps = nlohmann::json::array();
-  const auto t1 = Clock::now();
-  std::string finish = "length";
-  for (int step = 0; step < o.max_tokens; ++step) {
-    KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(last.logits, o.sampling, {prompt, generated}));
-    generated.push_back(t.token);
-    nlohmann::json js{{"token", t.token}, {"logprob", t.logprob}};
-    if (t.num_top > 0) {
-      nlohmann::json top = nlohmann::json::array();
-      for (int i = 0; i < t.num_top; ++i) top.push_back({t.top[i].token, t.top[i].logprob});
-      js["top_logprobs"] = top;
-    }
-    steps.push_back(js);
-    const bool eos = !o.ignore_eos &&
-                     std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), t.token) != cfg.eos_token_ids.end();
-    if (eos) {
-      finish = "stop";
-      break;
-    }
-    if (step + 1 == o.max_tokens) break;
-    const int32_t next_id = t.token;
-    SequenceInput s{.tokens = {&next_id, 1},
-                    .start_pos = static_cast<int32_t>(prompt.size() + generated.size() - 1),
-                    .block_table = table};
-    KRAKEN_ASSIGN_OR_RETURN(last, model->Forward({.seqs = {&s, 1}}, kv, comm));
-  }
-  const double decode_s = Seconds(t1, Clock::now());
-  const int decode_steps = static_cast<int>(generated.size()) - 1;  // forwards after the prefill
-  const double tps = decode_steps > 0 && decode_s > 0 ? decode_steps / decode_s : 0.0;
-  out["generated_ids"] = generated;
-  if (tok != nullptr) {  // the text, through the streaming detokenizer
-    tokenizer::IncrementalDetokenizer detok(*tok, /*skip_special=*/true);
-    std::string text;
-    for (int32_t id : generated) KRAKEN_RETURN_IF_ERROR(detok.Add(id, &text));
-    detok.Finish(&text);
-    out["text"] = text;
-  }
-  out["finish_reason"] = finish;
-  out["steps"] = steps;
-  out["decode_tokens_per_second"] = tps;
+  const double score_s = Seconds(t0, Clock::now());
+  if (o.score_window == 0) out["scores"] = scores;
+  out["scored_tokens"] = n_pred;
+  out["mean_nll"] = n_pred > 0 ? nll / n_pred : 0.0;
+  out["perplexity"] = n_pred > 0 ? std::exp(nll / n_pred) : 1.0;
+  out["score_seconds"] = score_s;
   if (o.json) {
-    std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << "\n";
-    return absl::OkStatus();
+    std::cout << out.dump() << "\n";
+  } else {
+    std::printf("scored %d tokens: mean NLL %.6f nats, perplexity %.4f (%.2f s)\n", n_pred,
+                out["mean_nll"].get<double>(), out["perplexity"].get<double>(), score_s);
   }
-  std::printf("model: %s (%s), %d threads, loaded in %.2f s\n", o.model_dir.c_str(),
-              std::string(ArchitectureName(cfg.arch)).c_str(), out["threads"].get<int>(), load_s);
-  std::printf("prompt ids:    ");
-  for (int32_t t : prompt) std::printf("%d ", t);
-  std::printf("\ngenerated ids: ");
-  for (int32_t t : generated) std::printf("%d ", t);
-  if (out.contains("text")) std::printf("\ntext:          %s", out["text"].get<std::string>().c_str());
-  std::printf("\nfinish: %s\nprefill: %zu tokens in %.2f ms; decode: %d steps, %.1f tokens/s\n", finish.c_str(),
-              prompt.size(), prefill_s * 1e3, decode_steps, tps);
   return absl::OkStatus();
 }
 
@@ -369,6 +333,7 @@ Status Run(const Options& o) {
 
 int main(int argc, char** argv) {
   if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
+  spdlog::set_level(spdlog::level::warn);  // the core's per-request lines are for the server's log
   using kraken::engine::Options;
   Options o;
   CLI::App app{"Offline generation and scoring with a Kraken Serve model directory"};
@@ -391,10 +356,11 @@ int main(int argc, char** argv) {
   app.add_option("--threads", o.threads, "CPU threads (0 = all cores)");
   app.add_option("--block-size", o.block_size, "KV-cache block size in tokens")->check(CLI::Range(1, 1024));
   app.add_option("--prefill-chunk", o.prefill_chunk, "Prefill in chunks of this many tokens (0 = all at once)");
-  app.add_option("--devices", o.devices, "Run on worker processes, one per device: cpu:N (cuda:0-7 with CUDA)");
+  app.add_option("--devices", o.devices, "Generate on worker processes, one per device: cpu:N (cuda:0-7 with CUDA)")
+      ->capture_default_str();
   app.add_option("--batch", o.batch,
-                 "With --devices: decode this many copies of the prompt together (seeds seed, seed + 1, ...); "
-                 "decode tokens/s counts all of them. The output shows the first.")
+                 "Decode this many copies of the prompt together (seeds seed, seed + 1, ...); decode tokens/s counts "
+                 "all of them. The output shows the first.")
       ->check(CLI::Range(1, 1024));
   app.add_flag("--ignore-eos", o.ignore_eos, "Do not stop at the end-of-sequence token");
   app.add_flag("--json", o.json, "Print one JSON object");

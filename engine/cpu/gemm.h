@@ -5,8 +5,9 @@
 //
 // Batch invariance: every output element is one fused multiply-add chain over k = 0..K-1 in order,
 // whatever M is and wherever the row sits in the batch, so a sequence's result never depends on
-// its batch mates (CONVENTIONS.md). OpenBLAS 0.3.21 and oneDNN 2.6 do not give this: the same row
-// changes in the last bits as M changes (measured for 66-69 of M = 2..70 at K = 504/1008).
+// its batch mates (docs/engine.md "Batch invariance"). OpenBLAS 0.3.21 and oneDNN 2.6 do not
+// give this: the same row changes in the last bits as M changes (measured for 66-69 of
+// M = 2..70 at K = 504/1008).
 // Weights stay in their stored type (BF16 halves the bytes a decode step streams) and are
 // widened exactly to F32 in registers; arithmetic is F32.
 #pragma once

@@ -1,4 +1,4 @@
-// The Kraken forward pass, exactly as ../shared/design/KRAKEN.md "Forward pass":
+// The Kraken forward pass, exactly as docs/kraken.md "The layer":
 //
 //   x0      = wte[tokens] + wpe[positions]
 //   layer 0: h_i = x0 + Attn_i(LN1_i(x0));  y_i = h_i + FFN_i(LN2_i(h_i))

@@ -22,7 +22,7 @@ TEST(ModelConfig, ParsesKrakenWithDefaults) {
   EXPECT_EQ(c->ffn_hidden, 1008);  // ffn_expansion defaults to 2
   EXPECT_FALSE(c->bias);
   EXPECT_FLOAT_EQ(c->layer_norm_epsilon, 1e-5f);
-  // KRAKEN.md "Released configurations": 125M 4-way has 124.5M parameters.
+  // docs/kraken.md "Released configurations": 125M 4-way has 124.5M parameters.
   EXPECT_NEAR(c->ParameterCount() / 1e6, 124.5, 0.05);
 }
 

@@ -207,7 +207,7 @@ struct WorldCase {
 class ShardedWorld : public ::testing::TestWithParam<WorldCase> {};
 
 // W shards in W threads, joined by in-process collectives, reproduce the golden logits: the
-// shard split only changes floating-point summation order (KRAKEN.md "Mapping to devices").
+// shard split only changes floating-point summation order (docs/kraken.md "Mapping to devices").
 TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
   const auto [name, W] = GetParam();
   Golden g(testing::TestModelDir(name));

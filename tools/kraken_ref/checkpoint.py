@@ -1,5 +1,5 @@
 """Reading and writing model directories (config.json + safetensors) and the authors' nanoGPT
-checkpoint layout (KRAKEN.md "The authors' checkpoint")."""
+checkpoint layout (docs/kraken.md "The authors' checkpoint")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Independent PyTorch reference of the three architectures the engine runs.
 
-Written from ../shared/design/KRAKEN.md, not from the C++ engine, so the two can check each
+Written from docs/kraken.md, not from the C++ engine, so the two can check each
 other. Functional style over a dict of weights named as in our checkpoints; everything computes
 in float32 (BF16/F16 weights are widened exactly first), which is also the engine's arithmetic.
 
@@ -70,7 +70,7 @@ def read_config(model_dir: str) -> Config:
         return config_from_json(json.load(f))
 
 
-# ---- Building blocks (KRAKEN.md "Building blocks") -------------------------------------------
+# ---- Building blocks (docs/kraken.md "Building blocks") --------------------------------------
 
 def layer_norm(x, w, b, eps):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
@@ -141,7 +141,7 @@ def _record(trace, name, t):
 
 
 def forward_kraken(cfg: Config, W: dict, tokens, positions, trace=None, cache=None, logit_rows=None):
-    """KRAKEN.md "Forward pass" for one sequence."""
+    """docs/kraken.md "The layer" for one sequence."""
     N, L, eps = cfg.kraken_degree, cfg.n_layer, cfg.layer_norm_epsilon
     P = "transformer."
     x0 = W[P + "wte.weight"][tokens] + W[P + "wpe.weight"][positions]

@@ -9,7 +9,7 @@ model directory in BF16.
 Both architectures share data, steps, batch, optimizer (AdamW, betas 0.9/0.95, weight decay 0.1
 on matrices), schedule (linear warm-up, cosine decay to a tenth), gradient clipping and seed,
 so their validation perplexities compare the architectures and nothing else. Shapes: see
-ARCHS; their parameter counts agree within 3% (KRAKEN.md "Equal-parameter configurations").
+ARCHS; their parameter counts agree within 3% (docs/kraken.md "Equal-parameter configurations").
 """
 
 from __future__ import annotations

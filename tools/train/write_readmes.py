@@ -87,7 +87,7 @@ Reproduce: `{train_cmd}` (data, then both models, then
 
 Trained models served by Kraken Serve. `kraken-kjv-4way` is the server's default model; `gpt2-kjv`
 is its standard-transformer twin of equal size (within 3% in parameters), trained the same way,
-for side-by-side comparisons (KRAKEN.md "Equal-parameter configurations").
+for side-by-side comparisons (docs/kraken.md "Equal-parameter configurations").
 
 {chr(10).join(table)}
 

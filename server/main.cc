@@ -451,7 +451,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
   }
   Health health;
-  core::Engine engine(std::move(*group), **tok, MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
+  core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
   server::ServiceOptions so{.limits = limits,
                             .info = MakeModelInfo(f, *config, limits, world),
                             .api_key = f.api_key,

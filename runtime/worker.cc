@@ -35,6 +35,12 @@ class Worker {
   explicit Worker(const WorkerArgs& a) : a_(a) {}
 
   Status Setup();
+  // The heartbeat thread: stamps heartbeat_ns every kHeartbeatPeriodNs and exits the process when
+  // the front-end is gone.
+  void StartHeartbeat();
+  // Local for a world of 1, NCCL for CUDA ranks, Gloo otherwise; wrapped in a link model for
+  // benchmarks (WorkerArgs::link_preset).
+  StatusOr<std::unique_ptr<engine::Communicator>> MakeCommunicator();
   // Serves plans until shutdown. Returns OK after an orderly shutdown.
   Status Serve();
   void Fail(const Status& s);
@@ -70,23 +76,7 @@ T* At(uint8_t* base, size_t offset) {
   return reinterpret_cast<T*>(base + offset);
 }
 
-Status Worker::Setup() {
-  KRAKEN_ASSIGN_OR_RETURN(seg_, SharedSegment::FromFd(kSegmentFd, a_.segment_bytes));
-  control_ = At<Control>(seg_->data(), 0);
-  if (control_->magic != kMagic || control_->version != kProtocolVersion) {
-    return FailedPrecondition("dispatch segment has protocol version ", control_->version, "; this worker speaks ",
-                              kProtocolVersion);
-  }
-  limits_ = control_->limits;
-  if (limits_.world_size != a_.world || a_.rank < 0 || a_.rank >= a_.world || a_.world > kMaxWorld) {
-    return FailedPrecondition("rank ", a_.rank, " / world ", a_.world, " disagree with the segment's world size ",
-                              limits_.world_size);
-  }
-  layout_ = ComputeLayout(limits_);
-  if (layout_.total != a_.segment_bytes) return FailedPrecondition("dispatch segment size disagrees with its limits");
-  slot_ = &control_->ranks[a_.rank];
-  slot_->heartbeat_ns.store(NowNs());
-  slot_->progress_ns.store(NowNs());
+void Worker::StartHeartbeat() {
   // The heartbeat thread also watches the lifeline: end of file means the front-end is gone
   // (crashed, killed, or exited without shutting us down), and this worker must go too.
   heartbeat_ = std::thread([this] {
@@ -100,24 +90,9 @@ Status Worker::Setup() {
       }
     }
   });
+}
 
-  KRAKEN_ASSIGN_OR_RETURN(backend_, engine::CreateBackend({.device = a_.device, .threads = a_.threads}));
-  engine::ModelOptions mo{.max_tokens = limits_.max_tokens,
-                          .max_seqs = limits_.max_seqs,
-                          .max_logit_rows = limits_.max_tokens,
-                          .rank = a_.rank,
-                          .world_size = a_.world,
-                          .compute_logits = a_.rank == 0};
-  KRAKEN_ASSIGN_OR_RETURN(model_, engine::LoadModel(a_.model_dir, backend_.get(), mo));
-  if (model_->config().vocab_size != limits_.vocab_size) {
-    return FailedPrecondition("model vocabulary ", model_->config().vocab_size, " differs from the segment's ",
-                              limits_.vocab_size);
-  }
-  KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv, engine::KvCache::Create(*backend_, model_->kv_layout(),
-                                                                      {.num_blocks = limits_.num_kv_blocks,
-                                                                       .block_size = limits_.block_size}));
-  kv_ = std::make_unique<engine::KvCache>(std::move(kv));
-
+StatusOr<std::unique_ptr<engine::Communicator>> Worker::MakeCommunicator() {
   std::unique_ptr<engine::Communicator> comm;
   if (a_.world == 1) {
     comm = std::make_unique<engine::LocalCommunicator>();
@@ -150,6 +125,46 @@ Status Worker::Setup() {
     if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
     comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);
   }
+  return comm;
+}
+
+Status Worker::Setup() {
+  KRAKEN_ASSIGN_OR_RETURN(seg_, SharedSegment::FromFd(kSegmentFd, a_.segment_bytes));
+  control_ = At<Control>(seg_->data(), 0);
+  if (control_->magic != kMagic || control_->version != kProtocolVersion) {
+    return FailedPrecondition("dispatch segment has protocol version ", control_->version, "; this worker speaks ",
+                              kProtocolVersion);
+  }
+  limits_ = control_->limits;
+  if (limits_.world_size != a_.world || a_.rank < 0 || a_.rank >= a_.world || a_.world > kMaxWorld) {
+    return FailedPrecondition("rank ", a_.rank, " / world ", a_.world, " disagree with the segment's world size ",
+                              limits_.world_size);
+  }
+  layout_ = ComputeLayout(limits_);
+  if (layout_.total != a_.segment_bytes) return FailedPrecondition("dispatch segment size disagrees with its limits");
+  slot_ = &control_->ranks[a_.rank];
+  slot_->heartbeat_ns.store(NowNs());
+  slot_->progress_ns.store(NowNs());
+  StartHeartbeat();
+
+  KRAKEN_ASSIGN_OR_RETURN(backend_, engine::CreateBackend({.device = a_.device, .threads = a_.threads}));
+  engine::ModelOptions mo{.max_tokens = limits_.max_tokens,
+                          .max_seqs = limits_.max_seqs,
+                          .max_logit_rows = limits_.max_tokens,
+                          .rank = a_.rank,
+                          .world_size = a_.world,
+                          .compute_logits = a_.rank == 0};
+  KRAKEN_ASSIGN_OR_RETURN(model_, engine::LoadModel(a_.model_dir, backend_.get(), mo));
+  if (model_->config().vocab_size != limits_.vocab_size) {
+    return FailedPrecondition("model vocabulary ", model_->config().vocab_size, " differs from the segment's ",
+                              limits_.vocab_size);
+  }
+  KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv, engine::KvCache::Create(*backend_, model_->kv_layout(),
+                                                                      {.num_blocks = limits_.num_kv_blocks,
+                                                                       .block_size = limits_.block_size}));
+  kv_ = std::make_unique<engine::KvCache>(std::move(kv));
+
+  KRAKEN_ASSIGN_OR_RETURN(std::unique_ptr<engine::Communicator> comm, MakeCommunicator());
   comm_ = std::make_unique<TimedCommunicator>(std::move(comm), slot_);
   if (a_.rank == 0) sampler_ = std::make_unique<engine::Sampler>(limits_.vocab_size);
   inputs_.reserve(limits_.max_seqs);

@@ -128,6 +128,13 @@ Status WorkerGroup::LaunchOnce() {
   lifeline_ = pipe_fds[1];
   const int lifeline_read = pipe_fds[0];
   ++generation_;
+  KRAKEN_RETURN_IF_ERROR(Spawn(lifeline_read));
+  KRAKEN_RETURN_IF_ERROR(WaitReady());
+  step_ = 0;
+  return absl::OkStatus();
+}
+
+Status WorkerGroup::Spawn(int lifeline_read) {
   const int world = world_size();
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int threads = options_.threads_per_worker > 0 ? options_.threads_per_worker : std::max(1, cores / world);
@@ -178,9 +185,11 @@ Status WorkerGroup::LaunchOnce() {
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   ::close(lifeline_read);
-  KRAKEN_RETURN_IF_ERROR(spawned);
+  return spawned;
+}
 
-  // Wait for every rank: ready, failed (its message), exited, or the start-up limit.
+Status WorkerGroup::WaitReady() {
+  const int world = world_size();
   const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
   for (;;) {
     int ready = 0;
@@ -213,7 +222,6 @@ Status WorkerGroup::LaunchOnce() {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  step_ = 0;
   return absl::OkStatus();
 }
 

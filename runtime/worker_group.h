@@ -133,6 +133,11 @@ class WorkerGroup {
   WorkerGroup() = default;
   Status Launch();  // segment, lifeline, processes, wait ready; cleans up on failure
   Status LaunchOnce();
+  // Spawns one worker per device with the segment and the lifeline's read end (closed here).
+  Status Spawn(int lifeline_read);
+  // Until every rank is ready: UNAVAILABLE naming a rank that failed or exited (and why),
+  // DEADLINE_EXCEEDED naming the ranks not ready after start_timeout.
+  Status WaitReady();
   void KillAll();  // SIGKILL, reap, clean up
   // OK, or UNAVAILABLE naming a dead, failed, silent or stuck rank (exits are preferred: a peer's
   // death makes the others report failed collectives).

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs every test that runs without a GPU:
+#   0. clang-format and the module layering (scripts/check_layers.sh)
 #   1. Release build, warnings as errors; ctest (all labels but gpu)
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
@@ -14,6 +15,11 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="$root/.venv/bin/python"
 step() { printf '\n==== %s ====\n' "$*"; }
+
+step "format (clang-format, .clang-format) and layering"
+# Every C++ and CUDA source as clang-format writes it; a diff names the file.
+(cd "$root" && git ls-files '*.cc' '*.h' '*.cu' | xargs clang-format --dry-run --Werror)
+"$root/scripts/check_layers.sh"
 
 step "build (Release, -Werror)"
 "$root/scripts/build.sh" "$root/build"

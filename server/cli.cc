@@ -26,6 +26,75 @@ int Fail(const grpc::Status& s) {
   return 1;
 }
 
+struct Connection {
+  std::unique_ptr<kraken::v1::Kraken::Stub> stub;
+  std::string api_key;
+  // A context carrying the API key, if any.
+  std::unique_ptr<grpc::ClientContext> Context() const {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (!api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + api_key);
+    return ctx;
+  }
+};
+
+// Plain text, or TLS verified against `ca` (with a client certificate for mutual TLS).
+std::shared_ptr<grpc::ChannelCredentials> ChannelCredentials(const std::string& ca, const std::string& cert,
+                                                             const std::string& key) {
+  if (ca.empty()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions o;
+  o.pem_root_certs = kraken::server::ReadWholeFile(ca);
+  if (!cert.empty()) {
+    o.pem_cert_chain = kraken::server::ReadWholeFile(cert);
+    o.pem_private_key = kraken::server::ReadWholeFile(key);
+  }
+  return grpc::SslCredentials(o);
+}
+
+int Info(const Connection& c) {
+  kraken::v1::ModelInfo m;
+  grpc::Status s = c.stub->GetModelInfo(c.Context().get(), {}, &m);
+  if (!s.ok()) return Fail(s);
+  std::cout << m.DebugString();
+  return 0;
+}
+
+int Tokenize(const Connection& c, const std::string& text) {
+  kraken::v1::TokenizeRequest r;
+  r.set_text(text);
+  kraken::v1::TokenizeResponse out;
+  grpc::Status s = c.stub->Tokenize(c.Context().get(), r, &out);
+  if (!s.ok()) return Fail(s);
+  for (int i = 0; i < out.token_ids_size(); ++i) std::printf("%s%d", i ? "," : "", out.token_ids(i));
+  std::printf("\n");
+  return 0;
+}
+
+int Generate(const Connection& c, const kraken::v1::GenerateRequest& req, bool stream) {
+  kraken::v1::GenerateResponse last;
+  if (stream) {
+    auto ctx = c.Context();
+    auto reader = c.stub->Generate(ctx.get(), req);
+    kraken::v1::GenerateResponse msg;
+    while (reader->Read(&msg)) {
+      std::fwrite(msg.text().data(), 1, msg.text().size(), stdout);
+      std::fflush(stdout);
+      last = msg;
+    }
+    grpc::Status s = reader->Finish();
+    if (!s.ok()) return Fail(s);
+    std::printf("\n");
+  } else {
+    grpc::Status s = c.stub->Complete(c.Context().get(), req, &last);
+    if (!s.ok()) return Fail(s);
+    std::printf("%s\n", last.text().c_str());
+  }
+  std::fprintf(stderr, "[%s; %u prompt + %u generated tokens; TTFT %.1f ms; e2e %.1f ms; seed %llu]\n",
+               kraken::v1::FinishReason_Name(last.finish_reason()).c_str(), last.usage().prompt_tokens(),
+               last.usage().completion_tokens(), last.timings().ttft_seconds() * 1e3,
+               last.timings().e2e_seconds() * 1e3, static_cast<unsigned long long>(last.seed()));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -37,8 +106,6 @@ int main(int argc, char** argv) {
   app.add_option("--tls-ca", tls_ca, "PEM root certificate: connect with TLS");
   app.add_option("--tls-cert", tls_cert, "PEM client certificate (mutual TLS)");
   app.add_option("--tls-key", tls_key, "PEM client key (mutual TLS)");
-
-  kraken::v1::GenerateRequest req;
   std::string prompt;
   bool do_stream = false;
   uint32_t max_tokens = 0;
@@ -58,75 +125,20 @@ int main(int argc, char** argv) {
   tok->add_option("text", text, "text")->required();
   auto* info = app.add_subcommand("info", "print the model and server limits");
   CLI11_PARSE(app, argc, argv);
-
-  std::shared_ptr<grpc::ChannelCredentials> creds = grpc::InsecureChannelCredentials();
+  Connection c{.api_key = api_key};
   try {
-    if (!tls_ca.empty()) {
-      grpc::SslCredentialsOptions o;
-      o.pem_root_certs = kraken::server::ReadWholeFile(tls_ca);
-      if (!tls_cert.empty()) {
-        o.pem_cert_chain = kraken::server::ReadWholeFile(tls_cert);
-        o.pem_private_key = kraken::server::ReadWholeFile(tls_key);
-      }
-      creds = grpc::SslCredentials(o);
-    }
+    c.stub = kraken::v1::Kraken::NewStub(grpc::CreateChannel(target, ChannelCredentials(tls_ca, tls_cert, tls_key)));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
   }
-  auto stub = kraken::v1::Kraken::NewStub(grpc::CreateChannel(target, creds));
-  auto context = [&] {
-    auto ctx = std::make_unique<grpc::ClientContext>();
-    if (!api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + api_key);
-    return ctx;
-  };
-
-  if (*info) {
-    kraken::v1::ModelInfo m;
-    auto ctx = context();
-    grpc::Status s = stub->GetModelInfo(ctx.get(), {}, &m);
-    if (!s.ok()) return Fail(s);
-    std::cout << m.DebugString();
-    return 0;
-  }
-  if (*tok) {
-    kraken::v1::TokenizeRequest r;
-    r.set_text(text);
-    kraken::v1::TokenizeResponse out;
-    auto ctx = context();
-    grpc::Status s = stub->Tokenize(ctx.get(), r, &out);
-    if (!s.ok()) return Fail(s);
-    for (int i = 0; i < out.token_ids_size(); ++i) std::printf("%s%d", i ? "," : "", out.token_ids(i));
-    std::printf("\n");
-    return 0;
-  }
+  if (*info) return Info(c);
+  if (*tok) return Tokenize(c, text);
+  kraken::v1::GenerateRequest req;
   req.set_text(prompt);
   if (max_tokens > 0) req.set_max_tokens(max_tokens);
   if (temperature >= 0) req.set_temperature(temperature);
   if (has_seed) req.set_seed(seed);
   for (const auto& s : stops) req.add_stop(s);
-  kraken::v1::GenerateResponse last;
-  if (do_stream) {
-    auto ctx = context();
-    auto reader = stub->Generate(ctx.get(), req);
-    kraken::v1::GenerateResponse msg;
-    while (reader->Read(&msg)) {
-      std::fwrite(msg.text().data(), 1, msg.text().size(), stdout);
-      std::fflush(stdout);
-      last = msg;
-    }
-    grpc::Status s = reader->Finish();
-    if (!s.ok()) return Fail(s);
-    std::printf("\n");
-  } else {
-    auto ctx = context();
-    grpc::Status s = stub->Complete(ctx.get(), req, &last);
-    if (!s.ok()) return Fail(s);
-    std::printf("%s\n", last.text().c_str());
-  }
-  std::fprintf(stderr, "[%s; %u prompt + %u generated tokens; TTFT %.1f ms; e2e %.1f ms; seed %llu]\n",
-               kraken::v1::FinishReason_Name(last.finish_reason()).c_str(), last.usage().prompt_tokens(),
-               last.usage().completion_tokens(), last.timings().ttft_seconds() * 1e3,
-               last.timings().e2e_seconds() * 1e3, static_cast<unsigned long long>(last.seed()));
-  return 0;
+  return Generate(c, req, do_stream);
 }

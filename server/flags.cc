@@ -83,12 +83,14 @@ std::vector<std::string> ArgsWithEnvironment(const CLI::App& app, int argc, cons
 }
 
 Status CheckEnvironment(const CLI::App& app, const char* const* env) {
-  const std::vector<std::string> known = EnvNames(app);
+  std::vector<std::string> known = EnvNames(app);
+  const std::vector<std::string> others(std::begin(kOtherProgramsVariables), std::end(kOtherProgramsVariables));
   for (const char* const* e = env; e != nullptr && *e != nullptr; ++e) {
     const std::string entry = *e;
     if (entry.rfind(kPrefix, 0) != 0) continue;
     const std::string name = entry.substr(0, entry.find('='));
     if (std::find(known.begin(), known.end(), name) != known.end()) continue;
+    if (std::find(others.begin(), others.end(), name) != others.end()) continue;
     return InvalidArgument("environment variable ", name, " is not a kraken-server setting (did you mean ",
                            Closest(name, known), "?); every KRAKEN_* variable names a flag: see kraken-server --help");
   }

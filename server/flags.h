@@ -32,8 +32,12 @@ std::string EnvName(const std::string& long_flag);
 std::vector<std::string> ArgsWithEnvironment(const CLI::App& app, int argc, const char* const* argv,
                                              const char* const* env);
 
+/// KRAKEN_* variables that belong to the project's other programs (kraken-cli's KRAKEN_TARGET),
+/// which a shell may set for both: the server leaves them alone.
+inline constexpr const char* kOtherProgramsVariables[] = {"KRAKEN_TARGET"};
+
 /// INVALID_ARGUMENT naming the first variable in `env` that starts with KRAKEN_ but is no option's
-/// environment name, and the closest valid name; OK otherwise.
+/// environment name (nor in kOtherProgramsVariables), and the closest valid name; OK otherwise.
 Status CheckEnvironment(const CLI::App& app, const char* const* env);
 
 /// Reads `file` with the app's config parser; INVALID_ARGUMENT naming the first key that is no

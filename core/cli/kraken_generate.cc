@@ -23,9 +23,9 @@
 #include <random>
 #include <sstream>
 
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "core/engine.h"
 #include "engine/backend.h"
@@ -223,75 +223,62 @@ Status Generate(const Options& o, const std::vector<int32_t>& prompt, const toke
 
 // Scoring (--score) runs the model in this process: one forward pass per window chunk, no
 // generation. Everything else goes through Generate.
-Status Run(const Options& o) {
-  std::unique_ptr<tokenizer::Tokenizer> tok;
+// The prompt's token ids from --prompt (tokenized: `tok` is loaded), --prompt-ids-file or --prompt-ids.
+StatusOr<std::vector<int32_t>> LoadPrompt(const Options& o, std::unique_ptr<tokenizer::Tokenizer>* tok) {
   std::vector<int32_t> prompt;
   if (!o.prompt.empty()) {
-    KRAKEN_ASSIGN_OR_RETURN(tok, tokenizer::Tokenizer::FromModelDir(o.model_dir));
-    KRAKEN_ASSIGN_OR_RETURN(prompt, tok->Encode(o.prompt));
+    KRAKEN_ASSIGN_OR_RETURN(*tok, tokenizer::Tokenizer::FromModelDir(o.model_dir));
+    KRAKEN_ASSIGN_OR_RETURN(prompt, (*tok)->Encode(o.prompt));
     if (prompt.empty()) return InvalidArgument("--prompt encodes to no tokens");
-  } else if (!o.prompt_ids_file.empty()) {
+    return prompt;
+  }
+  if (!o.prompt_ids_file.empty()) {
     std::ifstream in(o.prompt_ids_file);
     if (!in) return NotFound("cannot read '", o.prompt_ids_file, "'");
     std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     std::replace_if(
         text.begin(), text.end(), [](char c) { return std::isspace(static_cast<unsigned char>(c)); }, ',');
-    KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(text));
-  } else {
-    KRAKEN_ASSIGN_OR_RETURN(prompt, ParseIds(o.prompt_ids));
+    return ParseIds(text);
   }
-  KRAKEN_ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model_dir));
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] >= cfg.vocab_size) {
-      return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size,
-                             ")");
-    }
-  }
-  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
-  if (!o.score) {
-    // The serving core's rule: generation ends when prompt + output fill the context.
-    if (static_cast<int64_t>(prompt.size()) + o.max_tokens > cfg.n_positions) {
-      return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
-                             ") exceeds the context length ", cfg.n_positions);
-    }
-    return Generate(o, prompt, tok.get(), cfg);
-  }
+  return ParseIds(o.prompt_ids);
+}
+
+// Log-probability of ids[pos] under a logits row: log_softmax(row)[ids[pos]].
+double RowLogprob(const float* row, int vocab, int32_t id) {
+  double mx = -INFINITY, sum = 0.0;
+  for (int v = 0; v < vocab; ++v) mx = std::max<double>(mx, row[v]);
+  for (int v = 0; v < vocab; ++v) sum += std::exp(row[v] - mx);
+  return row[id] - mx - std::log(sum);
+}
+
+// --score: per-token logprobs and perplexity of the prompt, in this process. Window w feeds
+// tokens [w*C, (w+1)*C) from position 0 and scores the C tokens after each, i.e. predictions of
+// ids w*C+1 .. (w+1)*C (the last window may be shorter), in chunks of --prefill-chunk.
+Status Score(const Options& o, const std::vector<int32_t>& prompt, const ModelConfig& cfg) {
   if (o.devices != "cpu:1" || o.batch != 1)
     return InvalidArgument("--score runs in this process; drop --devices and --batch");
   // The last scored token is never fed to the model, so it needs no position.
-  const int window = o.score_window > 0 ? std::min<int>(o.score_window, static_cast<int>(prompt.size()) - 1)
-                                        : static_cast<int>(prompt.size()) - 1;
-  const int total = std::max(window, 1);
-  if (total > cfg.n_positions) {
-    return InvalidArgument("a scoring window of ", total, " predictions exceeds the context length ", cfg.n_positions,
+  const int n_pred = static_cast<int>(prompt.size()) - 1;
+  const int window = std::max(1, o.score_window > 0 ? std::min<int>(o.score_window, n_pred) : n_pred);
+  if (window > cfg.n_positions) {
+    return InvalidArgument("a scoring window of ", window, " predictions exceeds the context length ", cfg.n_positions,
                            ": use --score-window");
   }
   KRAKEN_ASSIGN_OR_RETURN(auto backend, CreateBackend({.device = Device::Cpu(), .threads = o.threads}));
-  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : std::max(window, 1);
-  ModelOptions mo{.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = chunk};
+  const int chunk = o.prefill_chunk > 0 ? o.prefill_chunk : window;
   const auto t_load = Clock::now();
-  KRAKEN_ASSIGN_OR_RETURN(auto model, LoadModel(o.model_dir, backend.get(), mo));
+  KRAKEN_ASSIGN_OR_RETURN(
+      auto model, LoadModel(o.model_dir, backend.get(), {.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = chunk}));
   const double load_s = Seconds(t_load, Clock::now());
-  const int blocks = (total + o.block_size - 1) / o.block_size;
+  const int blocks = (window + o.block_size - 1) / o.block_size;
   KRAKEN_ASSIGN_OR_RETURN(
       KvCache kv, KvCache::Create(*backend, model->kv_layout(), {.num_blocks = blocks, .block_size = o.block_size}));
   std::vector<int32_t> table(blocks);
   for (int i = 0; i < blocks; ++i) table[i] = i;
   LocalCommunicator comm;
-  nlohmann::json out;
-  out["model"] = o.model_dir;
-  out["architecture"] = std::string(ArchitectureName(cfg.arch));
-  out["prompt_ids"] = prompt;
-  out["threads"] = o.threads == 0 ? omp_get_num_procs() : o.threads;
-  out["load_seconds"] = load_s;
-  out["seed"] = o.sampling.seed;
-
-  // Window w feeds tokens [w*C, (w+1)*C) from position 0 and scores the C tokens after each,
-  // i.e. predictions of ids w*C+1 .. (w+1)*C (the last window may be shorter).
   const auto t0 = Clock::now();
   double nll = 0.0;
   nlohmann::json scores = nlohmann::json::array();
-  const int n_pred = static_cast<int>(prompt.size()) - 1;
   for (int w0 = 0; w0 < n_pred; w0 += window) {
     const int wn = std::min(window, n_pred - w0);
     for (int begin = 0; begin < wn; begin += chunk) {
@@ -302,23 +289,25 @@ Status Run(const Options& o) {
                       .all_logits = true};
       KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = {&s, 1}}, kv, comm));
       for (int j = 0; j < n; ++j) {  // row j predicts id w0 + begin + j + 1
-        const float* row = r.logits + static_cast<int64_t>(j) * r.vocab;
-        double mx = -INFINITY, sum = 0.0;
-        for (int v = 0; v < r.vocab; ++v) mx = std::max<double>(mx, row[v]);
-        for (int v = 0; v < r.vocab; ++v) sum += std::exp(row[v] - mx);
         const int pos = w0 + begin + j + 1;
-        const double lp = row[prompt[pos]] - mx - std::log(sum);
+        const double lp = RowLogprob(r.logits + static_cast<int64_t>(j) * r.vocab, r.vocab, prompt[pos]);
         nll -= lp;
         if (o.score_window == 0) scores.push_back({{"position", pos}, {"token", prompt[pos]}, {"logprob", lp}});
       }
     }
   }
   const double score_s = Seconds(t0, Clock::now());
+  nlohmann::json out{{"model", o.model_dir},
+                     {"architecture", std::string(ArchitectureName(cfg.arch))},
+                     {"prompt_ids", prompt},
+                     {"threads", o.threads == 0 ? omp_get_num_procs() : o.threads},
+                     {"load_seconds", load_s},
+                     {"seed", o.sampling.seed},
+                     {"scored_tokens", n_pred},
+                     {"mean_nll", n_pred > 0 ? nll / n_pred : 0.0},
+                     {"perplexity", n_pred > 0 ? std::exp(nll / n_pred) : 1.0},
+                     {"score_seconds", score_s}};
   if (o.score_window == 0) out["scores"] = scores;
-  out["scored_tokens"] = n_pred;
-  out["mean_nll"] = n_pred > 0 ? nll / n_pred : 0.0;
-  out["perplexity"] = n_pred > 0 ? std::exp(nll / n_pred) : 1.0;
-  out["score_seconds"] = score_s;
   if (o.json) {
     std::cout << out.dump() << "\n";
   } else {
@@ -326,6 +315,26 @@ Status Run(const Options& o) {
                 out["mean_nll"].get<double>(), out["perplexity"].get<double>(), score_s);
   }
   return absl::OkStatus();
+}
+
+Status Run(const Options& o) {
+  std::unique_ptr<tokenizer::Tokenizer> tok;
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, LoadPrompt(o, &tok));
+  KRAKEN_ASSIGN_OR_RETURN(ModelConfig cfg, LoadModelConfig(o.model_dir));
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] >= cfg.vocab_size) {
+      return InvalidArgument("prompt token ", i, " = ", prompt[i], " is outside the vocabulary [0, ", cfg.vocab_size,
+                             ")");
+    }
+  }
+  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(o.sampling, cfg.vocab_size));
+  if (o.score) return Score(o, prompt, cfg);
+  // The serving core's rule: generation ends when prompt + output fill the context.
+  if (static_cast<int64_t>(prompt.size()) + o.max_tokens > cfg.n_positions) {
+    return InvalidArgument("prompt (", prompt.size(), " tokens) + --max-tokens (", o.max_tokens,
+                           ") exceeds the context length ", cfg.n_positions);
+  }
+  return Generate(o, prompt, tok.get(), cfg);
 }
 
 }  // namespace

@@ -193,6 +193,9 @@ def test_precedence_is_command_line_then_environment_then_file_then_default(tmp_
     assert (out["grpc_port"], out["metrics_port"], out["grace_period_seconds"]) == (1111, 1112, 7.0), err
     code, out, err = print_resources()
     assert (out["grpc_port"], out["metrics_port"], out["grace_period_seconds"]) == (8001, 8002, 30.0), err
+    # kraken-cli's own variable is left alone (a shell may set it for both programs).
+    code, out, err = print_resources(env={"KRAKEN_TARGET": "localhost:9"})
+    assert code == 0 and out["grpc_port"] == 8001, err
     # The config file itself may come from the environment, and --config wins over it.
     code, out, err = print_resources(env={"KRAKEN_CONFIG": str(cfg)})
     assert out["grpc_port"] == 1111, err

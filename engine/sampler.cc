@@ -40,6 +40,7 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
   KRAKEN_RETURN_IF_ERROR(CheckFinite("temperature", p.temperature));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("top_p", p.top_p));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("min_p", p.min_p));
+  KRAKEN_RETURN_IF_ERROR(CheckFinite("typical_p", p.typical_p));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("repetition_penalty", p.repetition_penalty));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("presence_penalty", p.presence_penalty));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("frequency_penalty", p.frequency_penalty));
@@ -48,6 +49,9 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
     return InvalidArgument("sampling field 'top_p' must be in (0, 1], got ", p.top_p);
   }
   if (p.min_p < 0.f || p.min_p > 1.f) return InvalidArgument("sampling field 'min_p' must be in [0, 1], got ", p.min_p);
+  if (!(p.typical_p > 0.f && p.typical_p <= 1.f)) {
+    return InvalidArgument("sampling field 'typical_p' must be in (0, 1], got ", p.typical_p);
+  }
   if (p.repetition_penalty <= 0.f) {
     return InvalidArgument("sampling field 'repetition_penalty' must be > 0, got ", p.repetition_penalty);
   }
@@ -63,6 +67,36 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
   }
   if (vocab <= 0) return InvalidArgument("vocabulary size must be > 0, got ", vocab);
   return absl::OkStatus();
+}
+
+int Sampler::KeepTypical(const float* w, int n, float typical_p) {
+  // Locally typical sampling (Meister, Pimentel, Wiher, Cotterell, TACL 2023; as Hugging Face's
+  // TypicalLogitsWarper): order the candidates by how far their surprisal -log q lies from the
+  // entropy H of q (their renormalised distribution), closest first, ties by id, and keep them
+  // until their probability reaches typical_p, the crossing one included.
+  double z = 0.0;
+  for (int i = 0; i < n; ++i) z += w[order_[i]];
+  double entropy = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const double q = w[order_[i]] / z;
+    if (q > 0.0) entropy -= q * std::log(q);
+  }
+  typical_.clear();
+  for (int i = 0; i < n; ++i) {
+    const double q = w[order_[i]] / z;
+    const double distance = q > 0.0 ? std::abs(-std::log(q) - entropy) : INFINITY;
+    typical_.push_back({distance, order_[i]});
+  }
+  std::sort(typical_.begin(), typical_.end());
+  double cum = 0.0;
+  int keep = 0;
+  while (keep < n) {
+    order_[keep] = typical_[keep].second;
+    cum += w[order_[keep]] / z;
+    ++keep;
+    if (cum >= typical_p) break;
+  }
+  return keep;
 }
 
 Sampler::Sampler(int vocab)
@@ -216,6 +250,7 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       }
       n = kept;
     }
+    if (p.typical_p < 1.f) n = KeepTypical(w, n, p.typical_p);
     double mass = 0.0;
     int heaviest = order_[0];
     for (int i = 0; i < n; ++i) {

@@ -6,7 +6,7 @@
 //   KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(logits_row, p, {prompt, generated}));
 //
 // Order of processing (Hugging Face's, and vLLM V0's): penalties -> temperature -> top-k ->
-// top-p -> min-p -> draw. temperature 0 is greedy (ties go to the lowest id). top-k keeps every
+// top-p -> min-p -> typical-p -> draw. temperature 0 is greedy (ties go to the lowest id). top-k keeps every
 // token tied with the k-th. The random number of the k-th generated token is a pure function of
 // (seed, k) — splitmix64 (Steele, Lea, Flood, OOPSLA 2014) — so a sequence's tokens never depend
 // on its batch mates; a caller with no seed of its own must draw one (the server draws a fresh
@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "base/status.h"
@@ -42,11 +43,13 @@ struct SamplingParams {
   float presence_penalty = 0.0f;    // [-2, 2]; subtracted once per token seen in the output (OpenAI)
   float frequency_penalty = 0.0f;   // [-2, 2]; subtracted per occurrence in the output (OpenAI)
   int32_t top_logprobs = 0;         // alternatives to report, [0, kMaxTopLogprobs]
+  float typical_p = 1.0f;           // (0, 1]; 1 = off; locally typical sampling (Meister et al., TACL 2023)
+  uint32_t reserved = 0;            // keeps `seed` 8-byte aligned without implicit padding
   uint64_t seed = 0;                // the stream of random numbers; see the header comment
 };
 static_assert(std::is_standard_layout_v<SamplingParams> && std::is_trivially_copyable_v<SamplingParams>,
               "SamplingParams crosses process boundaries in shared memory as it is");
-static_assert(sizeof(SamplingParams) == 40 && offsetof(SamplingParams, seed) == 32,
+static_assert(sizeof(SamplingParams) == 48 && offsetof(SamplingParams, seed) == 40,
               "SamplingParams has no implicit padding: keep 4-byte fields before the 8-byte seed, in pairs");
 
 /// True when the penalties need the sequence's token history (prompt and output).
@@ -55,7 +58,7 @@ inline bool NeedsHistory(const SamplingParams& p) {
 }
 
 /// INVALID_ARGUMENT naming the field, its allowed range and the value: NaN/inf anywhere,
-/// temperature < 0, top_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0,
+/// temperature < 0, top_p or typical_p outside (0, 1], min_p outside [0, 1], repetition_penalty <= 0,
 /// presence/frequency outside [-2, 2], top_k < -1, top_logprobs outside [0, 20].
 Status ValidateSamplingParams(const SamplingParams& p, int vocab);
 
@@ -97,11 +100,15 @@ class Sampler {
                                 int64_t draw_index = -1);
 
  private:
+  // Typical-p over the n candidates order_[0, n) with weights w: reorders them, returns how many stay.
+  int KeepTypical(const float* w, int n, float typical_p);
+
   int vocab_;
-  std::vector<float> work_;      // processed logits, then probabilities
-  std::vector<int32_t> order_;   // candidate ids
-  std::vector<int32_t> counts_;  // occurrences in the output, for penalties
-  std::vector<uint8_t> seen_;    // in prompt or output, for the repetition penalty
+  std::vector<float> work_;                          // processed logits, then probabilities
+  std::vector<int32_t> order_;                       // candidate ids
+  std::vector<int32_t> counts_;                      // occurrences in the output, for penalties
+  std::vector<uint8_t> seen_;                        // in prompt or output, for the repetition penalty
+  std::vector<std::pair<double, int32_t>> typical_;  // (|surprisal - entropy|, id), for typical-p
 };
 
 }  // namespace kraken::engine

@@ -83,6 +83,7 @@ StatusOr<core::RequestParams> ValidateGenerateRequest(const kraken::v1::Generate
   s.top_k = req.has_top_k() ? req.top_k() : 0;
   s.top_p = req.has_top_p() ? req.top_p() : lim.default_top_p;
   s.min_p = req.has_min_p() ? req.min_p() : 0.f;
+  s.typical_p = req.has_typical_p() ? req.typical_p() : 1.f;
   s.repetition_penalty = req.has_repetition_penalty() ? req.repetition_penalty() : 1.f;
   s.presence_penalty = req.has_presence_penalty() ? req.presence_penalty() : 0.f;
   s.frequency_penalty = req.has_frequency_penalty() ? req.frequency_penalty() : 0.f;

@@ -31,6 +31,8 @@ TEST(Sampler, ValidationNamesFieldRangeAndValue) {
   EXPECT_EQ(Err({.presence_penalty = 2.5f}), "sampling field 'presence_penalty' must be in [-2, 2], got 2.5");
   EXPECT_EQ(Err({.top_k = -2}), "sampling field 'top_k' must be >= -1 (0 or -1 = off), got -2");
   EXPECT_EQ(Err({.top_logprobs = 21}), "sampling field 'top_logprobs' must be in [0, 20], got 21");
+  EXPECT_EQ(Err({.typical_p = 0.f}), "sampling field 'typical_p' must be in (0, 1], got 0");
+  EXPECT_EQ(Err({.typical_p = std::nanf("")}), "sampling field 'typical_p' must be finite, got nan");
 }
 
 TEST(Sampler, GreedyPicksArgmaxLowestIdOnTiesAndReportsRawLogprobs) {
@@ -258,19 +260,15 @@ void ExpectKeptSet(const std::vector<float>& logits, const SamplingParams& param
   Sampler s(V);
   std::vector<int> counts(V, 0);
   for (int i = 0; i < n; ++i) {
-    auto t = s.Sample(logits.data(),
-                      {.temperature = params.temperature,
-                       .top_k = params.top_k,
-                       .top_p = params.top_p,
-                       .min_p = params.min_p,
-                       .seed = 11},
-                      {}, i);
+    SamplingParams q = params;
+    q.seed = 11;
+    auto t = s.Sample(logits.data(), q, {}, i);
     ASSERT_TRUE(t.ok()) << t.status();
     ++counts[t->token];
   }
   std::ostringstream setting;
   setting << "temperature " << params.temperature << ", top_k " << params.top_k << ", top_p " << params.top_p
-          << ", min_p " << params.min_p << ", kept {";
+          << ", min_p " << params.min_p << ", typical_p " << params.typical_p << ", kept {";
   for (int id : kept) setting << " " << id;
   setting << " }";
   SCOPED_TRACE(setting.str());
@@ -363,6 +361,20 @@ TEST(Sampler, MinPKeepsTokensAtLeastMinPTimesTheMostLikely) {
   ExpectKeptSet(kDescending, {.temperature = 2.f, .min_p = 0.3f}, {0, 1, 2});
   // After top-p: 0.96 keeps {0, 1, 2, 3}, min_p 0.1 then drops id 3 (ratio 0.050).
   ExpectKeptSet(kDescending, {.top_p = 0.96f, .min_p = 0.1f}, {0, 1, 2});
+}
+
+TEST(Sampler, TypicalPKeepsTheTokensWhoseSurprisalIsClosestToTheEntropy) {
+  // p = 0.5, 0.25, 0.125, 0.125: entropy H = 1.75 ln 2 = 1.213 nats; surprisals ln 2, ln 4, ln 8,
+  // ln 8 lie 0.520, 0.173, 0.866, 0.866 from H, so the typical order is 1, 0, 2, 3 (ties by id),
+  // with cumulative probability 0.25, 0.75, 0.875, 1.
+  const std::vector<float> logits = {std::log(4.f), std::log(2.f), 0.f, 0.f};
+  ExpectKeptSet(logits, {.typical_p = 0.25f}, {1});         // 0.25 reaches 0.25 exactly
+  ExpectKeptSet(logits, {.typical_p = 0.3f}, {0, 1});       // the crossing token is kept
+  ExpectKeptSet(logits, {.typical_p = 0.8f}, {0, 1, 2});    // 0.75 < 0.8 <= 0.875: id 2 before 3
+  ExpectKeptSet(logits, {.typical_p = 1.f}, {0, 1, 2, 3});  // off
+  // After min-p, over the renormalised survivors: min_p 0.3 leaves {0, 1} (q = 2/3, 1/3, H = 0.637;
+  // surprisals 0.405, 1.099 lie 0.232, 0.462 away), so typical_p 0.5 keeps id 0 alone.
+  ExpectKeptSet(logits, {.min_p = 0.3f, .typical_p = 0.5f}, {0});
 }
 
 }  // namespace

@@ -165,6 +165,7 @@ INVALID = [
     (dict(text="a", top_p=0.0), "field 'top_p' must be in (0, 1], got 0"),
     (dict(text="a", top_p=1.5), "field 'top_p' must be in (0, 1], got 1.5"),
     (dict(text="a", min_p=2.0), "field 'min_p' must be in [0, 1], got 2"),
+    (dict(text="a", typical_p=0.0), "field 'typical_p' must be in (0, 1], got 0"),
     (dict(text="a", repetition_penalty=0.0), "field 'repetition_penalty' must be > 0, got 0"),
     (dict(text="a", presence_penalty=float("inf")), "field 'presence_penalty' must be finite, got inf"),
     (dict(text="a", frequency_penalty=3.0), "field 'frequency_penalty' must be in [-2, 2], got 3"),
@@ -407,3 +408,16 @@ def test_server_reflection_lists_the_services(server):
     responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for r in responses for s in r.list_services_response.service}
     assert {"kraken.v1.Kraken", "grpc.health.v1.Health"} <= names
+
+
+def test_typical_p_is_seed_reproducible_and_narrows_the_choices(server):
+    """typical_p reaches the sampler: reproducible per seed, and a small typical_p changes what a
+    seeded request draws at temperature 1."""
+    base = dict(text="And God said,", max_tokens=24, temperature=1.0, seed=17, ignore_eos=True)
+    a = server.stub.Complete(request(**base, typical_p=0.2))
+    b = server.stub.Complete(request(**base, typical_p=0.2))
+    off = server.stub.Complete(request(**base))
+    assert list(a.token_ids) == list(b.token_ids)
+    assert len(a.token_ids) == 24
+    assert list(a.token_ids) != list(off.token_ids)
+

@@ -421,3 +421,46 @@ def test_typical_p_is_seed_reproducible_and_narrows_the_choices(server):
     assert len(a.token_ids) == 24
     assert list(a.token_ids) != list(off.token_ids)
 
+
+
+def _order_behind_a_blocker(s):
+    """Runs a long blocker, then queues 'early' (priority 5) and 'urgent' (priority -1) behind it.
+    Returns the order they finished in, or None when the blocker ended before both were seen
+    waiting together (the gauge reaches 2 only while both are queued behind it)."""
+    blocker = s.stub.Generate(request(ids=[1, 2, 3], max_tokens=240, ignore_eos=True, seed=1), timeout=60)
+    next(blocker)
+    done = []
+
+    def run(name, priority):
+        s.stub.Complete(request(ids=[4, 5], max_tokens=4, ignore_eos=True, priority=priority), timeout=60)
+        done.append(name)
+    threads = [threading.Thread(target=run, args=("early", 5))]
+    threads[0].start()
+    t_end = time.time() + 5
+    while "kraken_num_requests_waiting 1\n" not in s.scrape() and time.time() < t_end:
+        time.sleep(0.005)
+    threads.append(threading.Thread(target=run, args=("urgent", -1)))
+    threads[1].start()
+    both = False
+    while not both and time.time() < t_end and not done:
+        both = "kraken_num_requests_waiting 2\n" in s.scrape()
+    list(blocker)
+    for t in threads:
+        t.join()
+    return done if both else None
+
+
+@pytest.mark.parametrize("policy", ["priority", "fcfs"])
+def test_scheduling_policy_orders_the_waiting_queue(policy):
+    """One sequence at a time: behind a running request, a request with priority 5 arrives before
+    one with priority -1. Under priority the later, more urgent one runs first; under fcfs the
+    earlier one does."""
+    s = Server("--max-batch-seqs", "1", "--scheduling-policy", policy, devices="cpu:1")
+    try:
+        for _ in range(5):  # the blocker's 240 tokens take ~0.25 s: retry if both were not seen queued
+            order = _order_behind_a_blocker(s)
+            if order is not None:
+                break
+        assert order == (["urgent", "early"] if policy == "priority" else ["early", "urgent"])
+    finally:
+        s.close()

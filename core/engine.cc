@@ -72,7 +72,7 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(RequestParams params, Cl
   }
   auto h = std::make_shared<RequestHandle>(next_id_++, std::move(params), arrival, deadline);
   if (h->params().max_tokens == 0) {  // nothing to generate: answer at once
-    Finish(*h, {}, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
+    Finish(*h, 0, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
     if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", Seconds(Clock::now() - arrival));
     return h;
   }
@@ -91,12 +91,17 @@ StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(RequestParams params, Cl
   return h;
 }
 
-void Engine::Finish(RequestHandle& h, const std::vector<int32_t>& generated,
-                    const std::optional<Clock::time_point>& scheduled,
+std::span<const int32_t> Engine::Generated(const Request& r) const {
+  const scheduler::Sequence* s = sched_.Find(r.handle->id());
+  if (s == nullptr) return {};
+  return std::span<const int32_t>(s->tokens).subspan(r.params.prompt.size());
+}
+
+void Engine::Finish(RequestHandle& h, size_t num_generated, const std::optional<Clock::time_point>& scheduled,
                     const std::optional<Clock::time_point>& first_token, const Status& status, FinishReason reason,
                     std::string stop_reason) {
   const auto now = Clock::now();
-  h.Finish(status, reason, std::move(stop_reason), static_cast<uint32_t>(generated.size()),
+  h.Finish(status, reason, std::move(stop_reason), static_cast<uint32_t>(num_generated),
            Seconds((scheduled ? *scheduled : now) - h.arrival()),
            first_token ? Seconds(*first_token - h.arrival()) : 0.0, Seconds(now - h.arrival()));
 }
@@ -106,10 +111,11 @@ void Engine::End(uint64_t id, const Status& status, FinishReason reason, std::st
   if (it == active_.end()) return;
   std::unique_ptr<Request> r = std::move(it->second);
   active_.erase(it);
+  const size_t generated = Generated(*r).size();
   sched_.Remove(id);
   if (!r->scheduled) --queued_;
   --active_count_;
-  Finish(*r->handle, r->generated, r->scheduled, r->first_token, status, reason, std::move(stop_reason));
+  Finish(*r->handle, generated, r->scheduled, r->first_token, status, reason, std::move(stop_reason));
   const double e2e = Seconds(Clock::now() - r->handle->arrival());
   const std::string& rid = r->params.request_id;
   if (options_.metrics != nullptr) {
@@ -120,7 +126,7 @@ void Engine::End(uint64_t id, const Status& status, FinishReason reason, std::st
   }
   if (status.ok()) {
     spdlog::info("request {} ({}) finished: prompt {} tokens, generated {}, ttft {:.4f} s, e2e {:.4f} s, reason {}",
-                 rid.empty() ? "-" : rid, id, r->params.prompt.size(), r->generated.size(),
+                 rid.empty() ? "-" : rid, id, r->params.prompt.size(), generated,
                  r->first_token ? Seconds(*r->first_token - r->handle->arrival()) : 0.0, e2e, FinishReasonName(reason));
   } else {
     spdlog::info("request {} ({}) ended: {}", rid.empty() ? "-" : rid, id, status.ToString());
@@ -146,7 +152,7 @@ void Engine::Admit() {
     if (!s.ok()) {
       --active_count_;
       --queued_;
-      Finish(*h, {}, std::nullopt, std::nullopt, s, FinishReason::kNone, "");
+      Finish(*h, 0, std::nullopt, std::nullopt, s, FinishReason::kNone, "");
       if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
       continue;
     }
@@ -252,7 +258,7 @@ void Engine::OnRecovery(bool recovering, const Status& cause) {
     auto it = active_.find(id);
     if (it == active_.end()) continue;
     const Request& r = *it->second;
-    Finish(*r.handle, r.generated, r.scheduled, r.first_token, fail, FinishReason::kNone, "");
+    Finish(*r.handle, Generated(r).size(), r.scheduled, r.first_token, fail, FinishReason::kNone, "");
   }
 }
 
@@ -263,7 +269,7 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
   // Spans into banned_ must stay valid: size it first.
   for (const auto& ss : plan.seqs) {
     const Request& r = *active_.at(ss.seq->id);
-    if (ss.sample && r.generated.size() < r.params.min_tokens) {
+    if (ss.sample && Generated(r).size() < r.params.min_tokens) {
       banned_.insert(banned_.end(), r.params.stop_token_ids.begin(), r.params.stop_token_ids.end());
     }
   }
@@ -283,12 +289,12 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
                         .block_table = ss.seq->block_table,
                         .sample = ss.sample,
                         .sampling = r.params.sampling,
-                        .draw_index = static_cast<int64_t>(r.generated.size())};
+                        .draw_index = static_cast<int64_t>(Generated(r).size())};
     if (ss.sample && engine::NeedsHistory(r.params.sampling)) {
       st.history_prompt = r.params.prompt;
-      st.history_generated = r.generated;
+      st.history_generated = Generated(r);
     }
-    if (ss.sample && r.generated.size() < r.params.min_tokens) {
+    if (ss.sample && Generated(r).size() < r.params.min_tokens) {
       st.banned = std::span<const int32_t>(banned_.data() + banned_at, r.params.stop_token_ids.size());
       banned_at += r.params.stop_token_ids.size();
     }
@@ -409,13 +415,13 @@ void Engine::UpdateRankMetrics() {
 void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
   const auto now = Clock::now();
   const int32_t tok = res.token;
-  r.generated.push_back(tok);
   sched_.AppendToken(r.handle->id(), tok);
+  const size_t generated = Generated(r).size();
   const RequestParams& p = r.params;
   // The text this token adds (unless it is a stop token), held back while it may begin a stop string.
   std::string text;
   StopMatcher::Result matched;
-  if (!StopsOnToken(p, tok, r.generated.size())) {
+  if (!StopsOnToken(p, tok, generated)) {
     std::string delta;
     if (Status s = r.detok ? r.detok->Add(tok, &delta) : absl::OkStatus(); !s.ok()) {
       End(r.handle->id(), absl::InternalError(StrCat("detokenizing token ", tok, ": ", std::string(s.message()))));
@@ -424,7 +430,7 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
     matched = r.stops.Push(delta);
     text = std::move(matched.release);
   }
-  StopCheck check = CheckStop(p, tok, r.generated.size(), static_cast<size_t>(options_.context_length),
+  StopCheck check = CheckStop(p, tok, generated, static_cast<size_t>(options_.context_length),
                               matched.matched ? &matched.stop : nullptr);
   if (check.reason != FinishReason::kNone && !matched.matched) {
     // Ended by a stop token or by length: flush the detokenizer and whatever the stop matcher

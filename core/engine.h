@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <thread>
 #include <unordered_map>
 
@@ -78,6 +79,9 @@ class Engine {
   void BuildSteps(const scheduler::StepPlan& plan);
   void OnStepFailed(const Status& s, size_t planned);
   void OnToken(Request& r, const runtime::ResultSeq& res);
+  // The tokens `r` has generated. The scheduler's sequence (prompt, then output) is their one
+  // owner: it needs them to recompute a preempted sequence; everything else reads them here.
+  std::span<const int32_t> Generated(const Request& r) const;
   // Between steps: WorkerGroup::Supervise at most every supervise_interval; a failure it finds
   // restarts the workers (health NOT_SERVING meanwhile); giving up makes the loop fatal.
   void Supervise();
@@ -91,8 +95,7 @@ class Engine {
   void EndAll(const Status& status);
   // Ends `r` (its handle gets the status and the timings). Engine thread or, before Submit
   // returns, the submitting thread.
-  static void Finish(RequestHandle& h, const std::vector<int32_t>& generated,
-                     const std::optional<Clock::time_point>& scheduled,
+  static void Finish(RequestHandle& h, size_t num_generated, const std::optional<Clock::time_point>& scheduled,
                      const std::optional<Clock::time_point>& first_token, const Status& status, FinishReason reason,
                      std::string stop_reason);
 

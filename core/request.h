@@ -144,7 +144,6 @@ struct Request {
 
   std::shared_ptr<RequestHandle> handle;
   const RequestParams& params;
-  std::vector<int32_t> generated;  // the one owner of the sequence's output tokens
   std::optional<tokenizer::IncrementalDetokenizer> detok;
   StopMatcher stops;
   std::optional<Clock::time_point> scheduled, first_token;

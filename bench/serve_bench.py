@@ -50,6 +50,7 @@ def pct(xs, q):
 def engine_run(model, devices, *args):
     out = subprocess.run([os.path.join(BUILD, "core", "kraken-generate"), model, "--devices", devices,
                           "--prompt", PROMPT, "--json", "--ignore-eos", "--seed", "1", "--temperature", str(TEMPERATURE),
+                          "--threads", "1",  # as the server's workers (tools/tests/serving.py)
                           "--top-p", str(TOP_P), *args],
                          capture_output=True, text=True, timeout=600, check=True)
     return json.loads(out.stdout)
@@ -164,7 +165,7 @@ def main():
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--ttft-requests", type=int, default=50)
-    ap.add_argument("--engine-runs", type=int, default=5)
+    ap.add_argument("--engine-runs", type=int, default=9)
     ap.add_argument("--rate", type=float, default=0, help="Poisson arrivals per second (0: skip scenario 3 "
                     "unless it is the only one asked for)")
     ap.add_argument("--requests", type=int, default=64)

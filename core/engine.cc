@@ -269,7 +269,7 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
   // Spans into banned_ must stay valid: size it first.
   for (const auto& ss : plan.seqs) {
     const Request& r = *active_.at(ss.seq->id);
-    if (ss.sample && Generated(r).size() < r.params.min_tokens) {
+    if (ss.sample && ss.seq->tokens.size() - r.params.prompt.size() < r.params.min_tokens) {
       banned_.insert(banned_.end(), r.params.stop_token_ids.begin(), r.params.stop_token_ids.end());
     }
   }
@@ -282,6 +282,8 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
       if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(Seconds(now - r.handle->arrival()));
     }
     if (ss.start_pos == 0) r.kv_generation = group_->generation();
+    // The sequence's output tokens (the scheduler's sequence owns them; see Generated).
+    const std::span<const int32_t> generated = std::span<const int32_t>(ss.seq->tokens).subspan(r.params.prompt.size());
     runtime::SeqStep st{.seq_id = r.handle->id(),
                         .kv_generation = r.kv_generation,
                         .tokens = std::span<const int32_t>(ss.seq->tokens.data() + ss.start_pos, ss.num_tokens),
@@ -289,12 +291,12 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
                         .block_table = ss.seq->block_table,
                         .sample = ss.sample,
                         .sampling = r.params.sampling,
-                        .draw_index = static_cast<int64_t>(Generated(r).size())};
+                        .draw_index = static_cast<int64_t>(generated.size())};
     if (ss.sample && engine::NeedsHistory(r.params.sampling)) {
       st.history_prompt = r.params.prompt;
-      st.history_generated = Generated(r);
+      st.history_generated = generated;
     }
-    if (ss.sample && Generated(r).size() < r.params.min_tokens) {
+    if (ss.sample && generated.size() < r.params.min_tokens) {
       st.banned = std::span<const int32_t>(banned_.data() + banned_at, r.params.stop_token_ids.size());
       banned_at += r.params.stop_token_ids.size();
     }

@@ -5,9 +5,9 @@ namespace kraken::core {
 bool RequestHandle::Take(Output* out) {
   std::lock_guard<std::mutex> l(mu_);
   const bool news = !pending_.empty() || (pending_.finished && !out->finished);
-  out->text = std::move(pending_.text);
-  out->ids = std::move(pending_.ids);
-  out->logprobs = std::move(pending_.logprobs);
+  out->text += pending_.text;
+  out->ids.insert(out->ids.end(), pending_.ids.begin(), pending_.ids.end());
+  for (TokenLogprobs& lp : pending_.logprobs) out->logprobs.push_back(std::move(lp));
   pending_.text.clear();
   pending_.ids.clear();
   pending_.logprobs.clear();

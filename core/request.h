@@ -92,9 +92,9 @@ class RequestHandle {
   /// Clock::time_point::max() when the request has none.
   Clock::time_point deadline() const { return deadline_; }
 
-  /// Moves the output produced since the last call into `out` (replacing its contents) and copies
-  /// the end fields once the request has ended. Returns true when `out` holds anything new.
-  /// Thread: any.
+  /// Appends the output produced since the last call to `out` (so a front-end can keep one Output
+  /// of what it has not sent yet) and copies the end fields once the request has ended. Returns
+  /// true when anything was added or the end is new to `out`. Thread: any.
   bool Take(Output* out);
   /// Asks the engine to end the request with CANCELLED at its next iteration. Thread: any.
   void Cancel();

@@ -1,19 +1,6 @@
 #include "runtime/protocol.h"
 
 namespace kraken::runtime {
-namespace {
-
-template <typename T>
-T* At(uint8_t* base, size_t offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
-template <typename T>
-const T* At(const uint8_t* base, size_t offset) {
-  return reinterpret_cast<const T*>(base + offset);
-}
-
-}  // namespace
-
 Status PlanWriter::Check(std::span<const SeqStep> seqs) const {
   int64_t tokens = 0, history = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {

@@ -151,6 +151,16 @@ struct Control {
 static_assert(std::atomic<uint32_t>::is_always_lock_free && std::atomic<uint64_t>::is_always_lock_free,
               "shared-memory atomics must be lock-free to work across processes");
 
+/// The object of type T at byte `offset` of a segment mapped at `base` (offsets from Layout).
+template <typename T>
+T* At(uint8_t* base, size_t offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+template <typename T>
+const T* At(const uint8_t* base, size_t offset) {
+  return reinterpret_cast<const T*>(base + offset);
+}
+
 /// Byte offsets of each area in a segment for `limits` (every area 64-byte aligned).
 struct Layout {
   size_t store, store_slots;

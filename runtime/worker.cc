@@ -71,11 +71,6 @@ class Worker {
   std::atomic<bool> stop_{false};
 };
 
-template <typename T>
-T* At(uint8_t* base, size_t offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
-
 void Worker::StartHeartbeat() {
   // The heartbeat thread also watches the lifeline: end of file means the front-end is gone
   // (crashed, killed, or exited without shutting us down), and this worker must go too.

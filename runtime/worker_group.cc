@@ -26,11 +26,6 @@ std::string DescribeExit(int status) {
   return StrCat("exited with status ", WEXITSTATUS(status));
 }
 
-template <typename T>
-T* At(uint8_t* base, size_t offset) {
-  return reinterpret_cast<T*>(base + offset);
-}
-
 }  // namespace
 
 StatusOr<std::vector<engine::Device>> ParseDevices(const std::string& spec) {
@@ -101,7 +96,6 @@ StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
 StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptions& o) {
   std::unique_ptr<WorkerGroup> g(new WorkerGroup());
   g->options_ = o;
-  g->devices_ = o.devices;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
   g->layout_ = ComputeLayout(g->limits_);
   KRAKEN_RETURN_IF_ERROR(g->Launch());
@@ -163,7 +157,7 @@ Status WorkerGroup::Spawn(int lifeline_read) {
                  .rank = r,
                  .world = world,
                  .model_dir = options_.model_dir,
-                 .device = devices_[r],
+                 .device = options_.devices[r],
                  .threads = threads,
                  .parent_pid = static_cast<int>(getpid()),
                  .collective_timeout_ms = static_cast<int>(options_.collective_timeout.count()),
@@ -207,7 +201,7 @@ Status WorkerGroup::WaitReady() {
         continue;
       }
       return absl::UnavailableError(
-          StrCat("worker rank ", r, " (", devices_[r].ToString(), ") failed to start: ", why));
+          StrCat("worker rank ", r, " (", options_.devices[r].ToString(), ") failed to start: ", why));
     }
     if (ready == world) break;
     if (NowNs() > deadline) {
@@ -360,13 +354,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
       if (all_done) break;
     }
     Status health = CheckWorkers(/*in_step=*/true);
-    if (!health.ok()) {
-      // A peer's failure shows up first as failed collectives elsewhere; give the dead one a
-      // moment to be reaped so the report names it.
-      std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      Status again = CheckWorkers(/*in_step=*/true);
-      return Recover(Annotate(again.ok() ? health : again, StrCat("step ", step)), /*in_step=*/true);
-    }
+    if (!health.ok()) return RecoverFrom(health, /*in_step=*/true, StrCat("step ", step));
     if (now == results_before) {
       FutexWait(&control_->result_futex, now, kPollNs);
     } else {
@@ -385,10 +373,15 @@ Status WorkerGroup::Supervise() {
   if (control_ == nullptr) return absl::OkStatus();
   Status health = CheckWorkers(/*in_step=*/false);
   if (health.ok()) return health;
-  // As in RunStep: a moment for a dead peer to be reaped, so the report names the one at fault.
+  return RecoverFrom(health, /*in_step=*/false, "between steps");
+}
+
+Status WorkerGroup::RecoverFrom(const Status& health, bool in_step, std::string_view context) {
+  // A peer's failure shows up first as failed collectives elsewhere; give the dead one a moment
+  // to be reaped so the report names it.
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
-  Status again = CheckWorkers(/*in_step=*/false);
-  return Recover(Annotate(again.ok() ? health : again, "between steps"), /*in_step=*/false);
+  Status again = CheckWorkers(in_step);
+  return Recover(Annotate(again.ok() ? health : again, context), in_step);
 }
 
 void WorkerGroup::Shutdown() {

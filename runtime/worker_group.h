@@ -30,6 +30,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/status.h"
@@ -119,7 +120,7 @@ class WorkerGroup {
   }
 
   std::vector<RankStatsSnapshot> Stats() const;
-  int world_size() const { return static_cast<int>(devices_.size()); }
+  int world_size() const { return static_cast<int>(options_.devices.size()); }
   const Limits& limits() const { return limits_; }
   /// Restarts so far.
   int restarts() const { return restarts_total_; }
@@ -144,9 +145,11 @@ class WorkerGroup {
   Status CheckWorkers(bool in_step);
   bool Reap(int rank, std::string* why);              // true when the worker is gone
   Status Recover(const Status& cause, bool in_step);  // after a failure: restart or give up
+  // After CheckWorkers reported `health`: waits a moment, checks again (so an exit is blamed
+  // rather than the peers' failed collectives it caused), then Recover.
+  Status RecoverFrom(const Status& health, bool in_step, std::string_view context);
 
   WorkerGroupOptions options_;
-  std::vector<engine::Device> devices_;
   Limits limits_;
   Layout layout_{};
   std::unique_ptr<SharedSegment> segment_;

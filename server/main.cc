@@ -76,66 +76,60 @@ constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
 
 void AddFlags(CLI::App& app, Flags& f) {
   app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
-      ->envname("KRAKEN_CONFIG")
+      ->envname(server::EnvName("--config"))
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name.
-  auto opt = [&](const char* name, auto& var, const char* env, const char* help) {
+  // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name;
+  // every flag's variable is server::EnvName of it.
+  auto opt = [&](const std::string& name, auto& var, const char* help) {
     // The last value given wins: server::ArgsWithEnvironment puts the environment's first.
     return app.add_option(name, var, help)
-        ->envname(env)
+        ->envname(server::EnvName(name))
         ->capture_default_str()
         ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   };
-  opt("--model", f.model, "KRAKEN_MODEL", "model directory (config.json, model.safetensors, tokenizer.json)");
-  opt("--devices", f.devices, "KRAKEN_DEVICES", "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
-  opt("--host", f.host, "KRAKEN_HOST", "address to listen on");
-  opt("--port", f.port, "KRAKEN_PORT", "gRPC port")->check(CLI::Range(0, 65535));
-  opt("--threads-per-worker", f.threads_per_worker, "KRAKEN_THREADS_PER_WORKER",
-      "CPU threads per worker; 0 = cores / workers");
-  opt("--max-batch-tokens", f.max_batch_tokens, "KRAKEN_MAX_BATCH_TOKENS", "token budget of one step")
-      ->check(CLI::Range(1, 1 << 20));
-  opt("--max-batch-seqs", f.max_batch_seqs, "KRAKEN_MAX_BATCH_SEQS", "sequences per step")->check(CLI::Range(1, 4096));
-  opt("--max-waiting", f.max_waiting, "KRAKEN_MAX_WAITING", "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
+  opt("--model", f.model, "model directory (config.json, model.safetensors, tokenizer.json)");
+  opt("--devices", f.devices, "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
+  opt("--host", f.host, "address to listen on");
+  opt("--port", f.port, "gRPC port")->check(CLI::Range(0, 65535));
+  opt("--threads-per-worker", f.threads_per_worker, "CPU threads per worker; 0 = cores / workers");
+  opt("--max-batch-tokens", f.max_batch_tokens, "token budget of one step")->check(CLI::Range(1, 1 << 20));
+  opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
+  opt("--max-waiting", f.max_waiting, "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
       ->check(CLI::Range(0, 1 << 20));
-  opt("--num-kv-blocks", f.num_kv_blocks, "KRAKEN_NUM_KV_BLOCKS",
-      "KV blocks per worker; 0 = max-batch-seqs full contexts");
-  opt("--block-size", f.block_size, "KRAKEN_BLOCK_SIZE", "tokens per KV block")->check(CLI::Range(1, 1024));
-  opt("--kv-watermark", f.kv_watermark, "KRAKEN_KV_WATERMARK", "fraction of KV blocks admission keeps free")
-      ->check(CLI::Range(0.0, 0.5));
-  opt("--max-message-bytes", f.max_message_bytes, "KRAKEN_MAX_MESSAGE_BYTES",
-      "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
+  opt("--num-kv-blocks", f.num_kv_blocks, "KV blocks per worker; 0 = max-batch-seqs full contexts");
+  opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
+  opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+  opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(1024, 256 << 20));
-  opt("--grace-period", f.grace_period_s, "KRAKEN_GRACE_PERIOD", "seconds in-flight requests get after SIGTERM")
+  opt("--grace-period", f.grace_period_s, "seconds in-flight requests get after SIGTERM")
       ->check(CLI::Range(0.0, 86400.0));
-  opt("--max-restarts", f.max_restarts, "KRAKEN_MAX_RESTARTS",
+  opt("--max-restarts", f.max_restarts,
       "worker failures tolerated within --restart-window; one more and the server exits non-zero")
       ->check(CLI::Range(0, 1000));
-  opt("--restart-window", f.restart_window_s, "KRAKEN_RESTART_WINDOW", "seconds over which worker failures are counted")
+  opt("--restart-window", f.restart_window_s, "seconds over which worker failures are counted")
       ->check(CLI::Range(0.001, 86400.0));
-  opt("--heartbeat-timeout", f.heartbeat_timeout_s, "KRAKEN_HEARTBEAT_TIMEOUT",
+  opt("--heartbeat-timeout", f.heartbeat_timeout_s,
       "seconds without a worker heartbeat (checked idle or busy) before it is restarted")
       ->check(CLI::Range(0.2, 3600.0));
-  opt("--stall-timeout", f.stall_timeout_s, "KRAKEN_STALL_TIMEOUT",
+  opt("--stall-timeout", f.stall_timeout_s,
       "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
       ->check(CLI::Range(0.01, 86400.0));
-  opt("--start-timeout", f.start_timeout_s, "KRAKEN_START_TIMEOUT",
-      "seconds the workers get to load the model and report ready")
+  opt("--start-timeout", f.start_timeout_s, "seconds the workers get to load the model and report ready")
       ->check(CLI::Range(0.001, 86400.0));
-  opt("--collective-timeout", f.collective_timeout_s, "KRAKEN_COLLECTIVE_TIMEOUT",
+  opt("--collective-timeout", f.collective_timeout_s,
       "seconds one AllReduce may take inside a worker before the worker fails")
       ->check(CLI::Range(0.01, 86400.0));
-  opt("--tls-cert", f.tls_cert, "KRAKEN_TLS_CERT", "PEM certificate chain (enables TLS)");
-  opt("--tls-key", f.tls_key, "KRAKEN_TLS_KEY", "PEM private key");
-  opt("--tls-client-ca", f.tls_client_ca, "KRAKEN_TLS_CLIENT_CA", "PEM CA: require and verify client certificates");
-  opt("--api-key", f.api_key, "KRAKEN_API_KEY", "require 'authorization: Bearer <key>' on API calls");
-  opt("--log-level", f.log_level, "KRAKEN_LOG_LEVEL", "trace, debug, info, warn, error");
-  opt("--log-format", f.log_format, "KRAKEN_LOG_FORMAT", "plain or json (one JSON object per line)")
+  opt("--tls-cert", f.tls_cert, "PEM certificate chain (enables TLS)");
+  opt("--tls-key", f.tls_key, "PEM private key");
+  opt("--tls-client-ca", f.tls_client_ca, "PEM CA: require and verify client certificates");
+  opt("--api-key", f.api_key, "require 'authorization: Bearer <key>' on API calls");
+  opt("--log-level", f.log_level, "trace, debug, info, warn, error");
+  opt("--log-format", f.log_format, "plain or json (one JSON object per line)")
       ->check(CLI::IsMember({"plain", "json"}));
   app.add_flag("--print-resources", f.print_resources,
                "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
-  opt("--metrics-port", f.metrics_port, "KRAKEN_METRICS_PORT", "Prometheus /metrics port; -1 = off")
-      ->check(CLI::Range(-1, 65535));
-  opt("--scheduling-policy", f.scheduling_policy, "KRAKEN_SCHEDULING_POLICY",
+  opt("--metrics-port", f.metrics_port, "Prometheus /metrics port; -1 = off")->check(CLI::Range(-1, 65535));
+  opt("--scheduling-policy", f.scheduling_policy,
       "order of the waiting queue: priority (the request's priority, then arrival) or fcfs (arrival only)")
       ->check(CLI::IsMember({"priority", "fcfs"}));
 }

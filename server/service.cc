@@ -100,11 +100,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   // Start the next write, or finish.
   void PumpLocked() {
     if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
-    if (!taken_.finished) {
-      core::Output chunk;
-      h_->Take(&chunk);
-      Merge(std::move(chunk));
-    }
+    if (!taken_.finished) h_->Take(&taken_);
     const bool has_tokens = !taken_.text.empty() || !taken_.ids.empty();
     if (taken_.finished && !taken_.status.ok()) {
       finish_called_ = true;
@@ -126,18 +122,6 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       return;
     }
     if (has_tokens) Send(/*last=*/false, /*and_finish=*/false);
-  }
-  // Appends a chunk to what is taken but not yet sent (the end fields overwrite).
-  void Merge(core::Output chunk) {
-    taken_.text += chunk.text;
-    taken_.ids.insert(taken_.ids.end(), chunk.ids.begin(), chunk.ids.end());
-    for (auto& lp : chunk.logprobs) taken_.logprobs.push_back(std::move(lp));
-    if (chunk.finished) {
-      chunk.text = std::move(taken_.text);
-      chunk.ids = std::move(taken_.ids);
-      chunk.logprobs = std::move(taken_.logprobs);
-      taken_ = std::move(chunk);
-    }
   }
   void Send(bool last, bool and_finish) {
     GenerateResponse msg;
@@ -178,22 +162,15 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
   void Pump() {
     std::lock_guard<std::mutex> l(mu_);
     if (finish_called_) return;
-    core::Output chunk;
-    h_->Take(&chunk);
-    all_.text += chunk.text;
-    all_.ids.insert(all_.ids.end(), chunk.ids.begin(), chunk.ids.end());
-    for (auto& lp : chunk.logprobs) all_.logprobs.push_back(std::move(lp));
-    if (!chunk.finished) return;
+    h_->Take(&all_);
+    if (!all_.finished) return;
     finish_called_ = true;
-    if (!chunk.status.ok()) {
-      Finish(ToGrpc(chunk.status));
+    if (!all_.status.ok()) {
+      Finish(ToGrpc(all_.status));
       return;
     }
-    chunk.text = std::move(all_.text);
-    chunk.ids = std::move(all_.ids);
-    chunk.logprobs = std::move(all_.logprobs);
     GenerateResponse msg;
-    ToResponse(*h_, chunk, /*first=*/true, /*last=*/true, &msg);
+    ToResponse(*h_, all_, /*first=*/true, /*last=*/true, &msg);
     *resp_ = Serialize(msg);
     Finish(grpc::Status::OK);
   }

@@ -110,23 +110,15 @@ void Report(const Options& o, const runtime::WorkerGroup& group, nlohmann::json 
 
 // Waits until every handle has ended; returns what each produced, whole.
 std::vector<core::Output> Collect(const std::vector<std::shared_ptr<core::RequestHandle>>& handles) {
-  std::mutex mu;  // taken before a handle's own lock (Take), never after: chunks stay in order
+  std::mutex mu;  // taken before a handle's own lock (Take), never after
   std::condition_variable cv;
   std::vector<core::Output> all(handles.size());
   int done = 0;
   auto take = [&](size_t b) {
     std::lock_guard<std::mutex> l(mu);
-    core::Output chunk;
-    handles[b]->Take(&chunk);
-    core::Output& a = all[b];
-    a.text += chunk.text;
-    a.ids.insert(a.ids.end(), chunk.ids.begin(), chunk.ids.end());
-    for (auto& lp : chunk.logprobs) a.logprobs.push_back(std::move(lp));
-    if (chunk.finished && !a.finished) {
-      chunk.text = std::move(a.text);
-      chunk.ids = std::move(a.ids);
-      chunk.logprobs = std::move(a.logprobs);
-      a = std::move(chunk);
+    const bool was_finished = all[b].finished;
+    handles[b]->Take(&all[b]);
+    if (all[b].finished && !was_finished) {
       ++done;
       cv.notify_all();
     }
@@ -163,7 +155,6 @@ Status Generate(const Options& o, const std::vector<int32_t>& prompt, const toke
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
   const double load_s = Seconds(t_load, Clock::now());
-  const runtime::WorkerGroup* g = group.get();
   core::EngineOptions eo{.scheduler = {.num_kv_blocks = blocks_per_seq * B,
                                        .block_size = o.block_size,
                                        .max_batch_tokens = step_tokens,
@@ -217,7 +208,7 @@ Status Generate(const Options& o, const std::vector<int32_t>& prompt, const toke
                      {"steps", steps},
                      {"decode_tokens_per_second", decoded > 0 && decode_s > 0 ? decoded / decode_s : 0.0}};
   if (tok != nullptr) out["text"] = first.text;
-  Report(o, *g, std::move(out));
+  Report(o, engine.group(), std::move(out));
   return absl::OkStatus();
 }
 

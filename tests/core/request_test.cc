@@ -34,19 +34,20 @@ TEST(RequestHandle, OutputIsTakenOnceInOrderAndTheEndOnce) {
   EXPECT_EQ(out.text, "abc");
   EXPECT_EQ(out.ids, (std::vector<int32_t>{5, 6}));
   EXPECT_FALSE(out.finished);
-  EXPECT_FALSE(h->Take(&out));
-  EXPECT_TRUE(out.text.empty());
+  Output more;
+  EXPECT_FALSE(h->Take(&more));
+  EXPECT_TRUE(more.text.empty());
   h->Finish(absl::OkStatus(), FinishReason::kLength, "", 2, 0.1, 0.2, 0.3);
   h->Finish(absl::CancelledError("late"), FinishReason::kNone, "", 0, 0, 0, 0);  // ignored
   h->Publish([](Output& o) { o.text += "after the end"; });                      // ignored
-  ASSERT_TRUE(h->Take(&out));
-  EXPECT_TRUE(out.finished);
-  EXPECT_TRUE(out.status.ok());
-  EXPECT_EQ(out.finish_reason, FinishReason::kLength);
-  EXPECT_EQ(out.completion_tokens, 2u);
-  EXPECT_DOUBLE_EQ(out.e2e_s, 0.3);
-  EXPECT_TRUE(out.text.empty());
-  EXPECT_FALSE(h->Take(&out));  // the end is news once
+  ASSERT_TRUE(h->Take(&more));
+  EXPECT_TRUE(more.finished);
+  EXPECT_TRUE(more.status.ok());
+  EXPECT_EQ(more.finish_reason, FinishReason::kLength);
+  EXPECT_EQ(more.completion_tokens, 2u);
+  EXPECT_DOUBLE_EQ(more.e2e_s, 0.3);
+  EXPECT_TRUE(more.text.empty());
+  EXPECT_FALSE(h->Take(&more));  // the end is news once
 }
 
 TEST(RequestHandle, TheListenerRunsWithoutTheHandlesLockAndDetachWaitsForIt) {

@@ -11,7 +11,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 debian_packages=(
   build-essential cmake ninja-build pkg-config clang clang-format libclang-rt-14-dev
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler grpc-proto libabsl-dev
-  libspdlog-dev libfmt-dev libcivetweb-dev civetweb libgloo-dev
+  libspdlog-dev libfmt-dev libboost1.81-dev libssl-dev libgloo-dev
   libdnnl-dev ocl-icd-opencl-dev
   nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev googletest libbenchmark-dev
   prometheus bible-kjv bible-kjv-text openssl curl yamllint qemu-user

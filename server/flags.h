@@ -49,8 +49,4 @@ Status CheckConfigKeys(const CLI::App& app, const std::string& file);
 /// value when the flag it names was set from the environment in `env`.
 std::string ExplainParseError(const CLI::App& app, const std::string& error, const char* const* env);
 
-/// The candidate nearest to `word` by edit distance (Levenshtein: insertions, deletions,
-/// substitutions, each 1); "" when `candidates` is empty.
-std::string Closest(const std::string& word, const std::vector<std::string>& candidates);
-
 }  // namespace kraken::server

@@ -1,12 +1,14 @@
-// kraken-server: serves a model over gRPC (kraken.v1.Kraken, grpc.health.v1.Health, reflection).
+// kraken-server: serves a model over gRPC (kraken.v1.Kraken, grpc.health.v1.Health, reflection) and
+// over OpenAI-compatible HTTP (openai/api.h), with Prometheus /metrics on its own port.
 // Every flag is also an environment variable (KRAKEN_<FLAG>, e.g. KRAKEN_PORT) and a key of the
 // TOML/INI file given with --config; the command line wins over the environment, which wins over
 // the file (server/flags.h). See docs/api.md and README.md.
 //
 // main() runs these in order: parse flags; load the model's config and generation defaults;
-// start the workers (runtime::WorkerGroup) and the serving core (core::Engine); serve gRPC; wait
-// for SIGTERM (drain) or for the workers to fail for good (exit 1).
+// start the workers (runtime::WorkerGroup) and the serving core (core::Engine); serve gRPC and HTTP;
+// wait for SIGTERM (drain) or for the workers to fail for good (exit 1).
 #include <signal.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <fstream>
@@ -27,7 +29,8 @@
 #include "core/engine.h"
 #include "core/serving_metrics.h"
 #include "engine/model_config.h"
-#include "metrics/http_exporter.h"
+#include "http/server.h"
+#include "openai/api.h"
 #include "runtime/worker.h"
 #include "server/flags.h"
 #include "server/json_log.h"
@@ -45,6 +48,11 @@ struct Flags {
   std::string devices = "cpu:1";
   std::string host = "0.0.0.0";
   int port = 8001;
+  int http_port = 8000;
+  int http_threads = 2;
+  double http_idle_timeout_s = 60;
+  double request_timeout_s = 0;
+  std::string served_model_name;
   int threads_per_worker = 0;
   int max_batch_tokens = 512;
   int max_batch_seqs = 64;
@@ -91,6 +99,17 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--devices", f.devices, "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
   opt("--host", f.host, "address to listen on");
   opt("--port", f.port, "gRPC port")->check(CLI::Range(0, 65535));
+  opt("--http-port", f.http_port, "OpenAI-compatible HTTP port; -1 = off")->check(CLI::Range(-1, 65535));
+  opt("--http-threads", f.http_threads, "I/O threads of the HTTP server (connections are not threads)")
+      ->check(CLI::Range(1, 64));
+  opt("--http-idle-timeout", f.http_idle_timeout_s,
+      "seconds an HTTP connection may sit idle, take to send a request, or leave a response unread")
+      ->check(CLI::Range(0.05, 86400.0));
+  opt("--request-timeout", f.request_timeout_s,
+      "seconds a generation request may take from arrival, on every API (a gRPC deadline may be shorter); 0 = none")
+      ->check(CLI::Range(0.0, 86400.0));
+  opt("--served-model-name", f.served_model_name,
+      "the model's name in the APIs (OpenAI 'model', /v1/models); default: the model folder's name");
   opt("--threads-per-worker", f.threads_per_worker, "CPU threads per worker; 0 = cores / workers");
   opt("--max-batch-tokens", f.max_batch_tokens, "token budget of one step")->check(CLI::Range(1, 1 << 20));
   opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
@@ -179,8 +198,8 @@ std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
 
 // What requests may ask for: the model's limits and its generation defaults (Hugging Face's
 // generation_config.json, when present).
-server::RequestLimits LoadLimits(const std::string& model, const engine::ModelConfig& config) {
-  server::RequestLimits limits;
+core::RequestLimits LoadLimits(const std::string& model, const engine::ModelConfig& config) {
+  core::RequestLimits limits;
   limits.context_length = config.n_positions;
   limits.vocab_size = config.vocab_size;
   limits.eos_token_id = config.eos_token_ids.empty() ? -1 : config.eos_token_ids.front();
@@ -203,7 +222,7 @@ server::RequestLimits LoadLimits(const std::string& model, const engine::ModelCo
 }
 
 StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine::ModelConfig& config,
-                                                    const server::RequestLimits& limits) {
+                                                    const core::RequestLimits& limits) {
   runtime::WorkerGroupOptions wo;
   wo.model_dir = f.model;
   KRAKEN_ASSIGN_OR_RETURN(wo.devices, runtime::ParseDevices(f.devices));  // the one place --devices is parsed
@@ -248,6 +267,7 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
                    {"world_size", lim->world_size},
                    {"gpus", gpu ? lim->world_size : 0},
                    {"grpc_port", f.port},
+                   {"http_port", f.http_port},
                    {"metrics_port", f.metrics_port},
                    {"grace_period_seconds", f.grace_period_s},
                    {"dispatch_segment_bytes", segment},
@@ -260,10 +280,18 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
   return 0;
 }
 
+// The name the APIs give the model: --served-model-name, else the model folder's name.
+std::string ServedModelName(const Flags& f) {
+  if (!f.served_model_name.empty()) return f.served_model_name;
+  std::string dir = f.model;
+  while (dir.size() > 1 && dir.back() == '/') dir.pop_back();
+  return dir.substr(dir.find_last_of('/') + 1);
+}
+
 kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& config,
-                                    const server::RequestLimits& limits, int world) {
+                                    const core::RequestLimits& limits, int world) {
   kraken::v1::ModelInfo info;
-  info.set_model_name(f.model.substr(f.model.find_last_of('/') + 1));
+  info.set_model_name(ServedModelName(f));
   info.set_architecture(std::string(engine::ArchitectureName(config.arch)));
   info.set_kraken_degree(config.kraken_degree);
   info.set_world_size(world);
@@ -314,6 +342,11 @@ class Health {
     draining_ = true;
     Publish();
   }
+  /// The workers are up and the server is not draining.
+  bool serving() {
+    std::lock_guard<std::mutex> l(mu_);
+    return serving_ && !draining_;
+  }
 
  private:
   void Publish() {
@@ -326,12 +359,20 @@ class Health {
   bool serving_ = false, draining_ = false;
 };
 
+// What serves the APIs: gRPC, the OpenAI-compatible HTTP API, and the /metrics endpoint.
+struct Frontends {
+  std::unique_ptr<grpc::Server> grpc;
+  std::unique_ptr<server::KrakenService> service;
+  std::unique_ptr<openai::Api> api;
+  std::unique_ptr<http::Server> http;          // null with --http-port -1
+  std::unique_ptr<http::Server> metrics_http;  // null with --metrics-port -1
+};
+
 // Waits for SIGTERM/SIGINT (blocked in `sigs`) or for the engine to fail for good, then drains:
-// health NOT_SERVING, new calls UNAVAILABLE, in-flight requests get the grace period (a second
-// signal ends it), then everything stops. Returns the exit code: 0 after a signal, 1 when the
-// workers failed beyond the restart limit.
-int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engine, server::KrakenService& service,
-                 grpc::Server& server, Health& health) {
+// health NOT_SERVING (and /health 503), new calls UNAVAILABLE (503), in-flight requests get the
+// grace period (a second signal ends it), then everything stops. Returns the exit code: 0 after a
+// signal, 1 when the workers failed beyond the restart limit.
+int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engine, Frontends& fe, Health& health) {
   std::atomic<int> signo{0};
   std::atomic<int> signals{0};
   std::atomic<bool> stop_waiting{false};
@@ -349,7 +390,8 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
   while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
   health.Drain();
-  service.StartDraining();
+  fe.service->StartDraining();
+  fe.api->StartDraining();
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");
   } else {
@@ -359,7 +401,10 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   engine.Stop();  // ends what is left with UNAVAILABLE
-  server.Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  const auto flush = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  fe.grpc->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  if (fe.http) fe.http->Stop(flush);
+  if (fe.metrics_http) fe.metrics_http->Stop(flush);
   stop_waiting = true;
   kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
   waiter.join();
@@ -400,6 +445,79 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   return group;
 }
 
+// One HTTP server on host:port with `routes`; the port it listens on, or why it cannot.
+StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool tls,
+                                                  const std::function<void(http::Server&)>& routes) {
+  http::ServerOptions ho{.threads = f.http_threads,
+                         .max_body_bytes = static_cast<size_t>(f.max_message_bytes),
+                         .idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_idle_timeout_s * 1000)),
+                         .too_large = &openai::Api::TooLarge,
+                         .not_routed = &openai::Api::NotRouted};
+  if (tls) ho.tls = http::TlsFiles{.cert_chain = f.tls_cert, .private_key = f.tls_key, .client_ca = f.tls_client_ca};
+  auto server = std::make_unique<http::Server>(std::move(ho));
+  routes(*server);
+  KRAKEN_ASSIGN_OR_RETURN(int bound, server->Listen(f.host, port));
+  server->Start();
+  spdlog::info("{} on {}://{}:{}", port == f.metrics_port ? "metrics" : "OpenAI-compatible API", tls ? "https" : "http",
+               f.host, bound);
+  return server;
+}
+
+// Starts gRPC, the OpenAI-compatible HTTP API and /metrics over `engine`. The exit code when one
+// cannot listen.
+StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const tokenizer::Tokenizer& tok,
+                                   server::ServiceOptions so, metrics::Registry& registry, Health& health) {
+  Frontends fe;
+  KRAKEN_ASSIGN_OR_RETURN(auto creds, Credentials(f));
+  auto metrics_text = [&registry] { return registry.Serialize(); };
+  if (f.metrics_port >= 0) {
+    KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, [&](http::Server& s) {
+                              s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
+                                return http::Response{.status = 200,
+                                                      .content_type = "text/plain; version=0.0.4; charset=utf-8",
+                                                      .body = metrics_text()};
+                              });
+                            }));
+  }
+  fe.api = std::make_unique<openai::Api>(engine, tok,
+                                         openai::ApiOptions{.served_model_name = so.info.model_name(),
+                                                            .limits = so.limits,
+                                                            .api_key = f.api_key,
+                                                            .metrics = so.metrics,
+                                                            .request_timeout = so.request_timeout,
+                                                            .serving = [&health] { return health.serving(); },
+                                                            .metrics_text = metrics_text,
+                                                            .version = KRAKEN_VERSION});
+  if (f.http_port >= 0) {
+    KRAKEN_ASSIGN_OR_RETURN(
+        fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), [&](http::Server& s) { fe.api->Register(s); }));
+  }
+  fe.service = std::make_unique<server::KrakenService>(engine, tok, std::move(so));
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), creds, &bound_port);
+  // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
+  // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
+  builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
+  builder.RegisterService(fe.service.get());
+  fe.grpc = builder.BuildAndStart();
+  if (!fe.grpc || bound_port == 0) return absl::UnavailableError(StrCat("cannot listen on ", f.host, ":", f.port));
+  health.Attach(fe.grpc->GetHealthCheckService());
+  return fe;
+}
+
+// Lets the process hold as many connections as its hard limit allows (thousands of SSE streams
+// each hold a descriptor; the soft limit is often 1024).
+void RaiseDescriptorLimit() {
+  rlimit rl{};
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+  }
+}
+
 // Everything after the flags: returns the exit code.
 int Run(const Flags& f, const sigset_t& sigs) {
   auto config = engine::LoadModelConfig(f.model);
@@ -407,7 +525,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::critical("cannot load model: {}", config.status().ToString());
     return 2;
   }
-  const server::RequestLimits limits = LoadLimits(f.model, *config);
+  const core::RequestLimits limits = LoadLimits(f.model, *config);
   auto wo = WorkerOptions(f, *config, limits);
   if (!wo.ok()) {
     spdlog::critical("{}", std::string(wo.status().message()));
@@ -419,11 +537,11 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
     return 2;
   }
-  auto creds = Credentials(f);
-  if (!creds.ok()) {
+  if (auto creds = Credentials(f); !creds.ok()) {
     spdlog::critical("{}", std::string(creds.status().message()));
     return 2;
   }
+  RaiseDescriptorLimit();
   auto group = StartWorkers(f, *wo);
   if (!group.ok()) {
     spdlog::critical("workers failed to start: {}", group.status().ToString());
@@ -432,46 +550,26 @@ int Run(const Flags& f, const sigset_t& sigs) {
   const runtime::Limits rl = (*group)->limits();
   const int world = (*group)->world_size();
   metrics::Registry registry;
-  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, f.model.substr(f.model.find_last_of('/') + 1),
-                                       f.devices);
-  std::unique_ptr<metrics::HttpExporter> exporter;
-  if (f.metrics_port >= 0) {
-    auto e = metrics::HttpExporter::Start(f.host, f.metrics_port, &registry);
-    if (!e.ok()) {
-      spdlog::critical("{}", e.status().ToString());
-      return 1;
-    }
-    exporter = std::move(*e);
-    spdlog::info("metrics on http://{}:{}/metrics", f.host, exporter->port());
-  }
+  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices);
   Health health;
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
-  server::ServiceOptions so{.limits = limits,
-                            .info = MakeModelInfo(f, *config, limits, world),
-                            .api_key = f.api_key,
-                            .metrics = &serving_metrics,
-                            .max_message_bytes = f.max_message_bytes};
-  server::KrakenService service(engine, **tok, so);
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  int bound_port = 0;
-  builder.AddListeningPort(f.host + ":" + std::to_string(f.port), *creds, &bound_port);
-  // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
-  // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
-  builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
-  builder.RegisterService(&service);
-  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
-  if (!server || bound_port == 0) {
-    spdlog::critical("cannot listen on {}:{}", f.host, f.port);
-    return 1;
+  server::ServiceOptions so{
+      .limits = limits,
+      .info = MakeModelInfo(f, *config, limits, world),
+      .api_key = f.api_key,
+      .metrics = &serving_metrics,
+      .max_message_bytes = f.max_message_bytes,
+      .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))};
+  auto fe = StartFrontends(f, engine, **tok, so, registry, health);
+  if (!fe.ok()) {
+    spdlog::critical("{}", std::string(fe.status().message()));
+    return fe.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  health.Attach(server->GetHealthCheckService());
   health.Set(true);
   spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
-               so.info.kraken_degree(), world, f.host, bound_port, f.tls_cert.empty() ? "" : " with TLS",
+               so.info.kraken_degree(), world, f.host, f.port, f.tls_cert.empty() ? "" : " with TLS",
                f.api_key.empty() ? "" : ", API key required");
-  return WaitAndDrain(sigs, f.grace_period_s, engine, service, *server, health);
+  return WaitAndDrain(sigs, f.grace_period_s, engine, *fe, health);
 }
 
 }  // namespace

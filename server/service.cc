@@ -215,10 +215,11 @@ StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::Callb
   if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
     deadline =
         arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
+  if (options_.request_timeout.count() > 0) deadline = std::min(deadline, arrival + options_.request_timeout);
   if (draining_) return absl::UnavailableError("the server is shutting down");
   KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
-  KRAKEN_ASSIGN_OR_RETURN(core::RequestParams params, ValidateGenerateRequest(*req, options_.limits, tok_));
+  KRAKEN_ASSIGN_OR_RETURN(core::RequestParams params, core::ValidateGeneration(FromProto(*req), options_.limits, tok_));
   return engine_.Submit(std::move(params), arrival, deadline);
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -13,8 +14,9 @@
 
 #include "core/engine.h"
 #include "core/serving_metrics.h"
+#include "core/validation.h"
 #include "kraken/v1/kraken.grpc.pb.h"
-#include "server/validation.h"
+#include "server/request_proto.h"
 
 namespace kraken::server {
 
@@ -22,11 +24,12 @@ namespace kraken::server {
 grpc::Status ToGrpc(const Status& s);
 
 struct ServiceOptions {
-  RequestLimits limits;
+  core::RequestLimits limits;
   kraken::v1::ModelInfo info;
-  std::string api_key;                      // empty: no authentication
-  core::ServingMetrics* metrics = nullptr;  // optional
-  int max_message_bytes = 4 << 20;          // largest request body the service accepts (bytes)
+  std::string api_key;                           // empty: no authentication
+  core::ServingMetrics* metrics = nullptr;       // optional
+  int max_message_bytes = 4 << 20;               // largest request body the service accepts (bytes)
+  std::chrono::milliseconds request_timeout{0};  // 0: none; else a request ends DEADLINE_EXCEEDED past it
 };
 
 // Every method of kraken.v1.Kraken on raw (grpc::ByteBuffer) callback handlers: the service

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <limits>
 
-#include "metrics/http_exporter.h"
 #include "metrics/registry.h"
 
 namespace kraken::metrics {
@@ -71,24 +70,6 @@ TEST(Registry, CollectorsRunBeforeEachScrape) {
   reg.AddCollector([&] { g.Set(++runs); });
   EXPECT_NE(reg.Serialize().find("\ng 1\n"), std::string::npos);
   EXPECT_NE(reg.Serialize().find("\ng 2\n"), std::string::npos);
-}
-
-TEST(HttpExporter, ServesMetricsOnAFreePort) {
-  Registry reg;
-  reg.AddCounter("x_total", "x", {}).With({}).Inc(7);
-  auto e = HttpExporter::Start("127.0.0.1", 0, &reg);
-  ASSERT_TRUE(e.ok()) << e.status();
-  EXPECT_GT((*e)->port(), 0);
-  const std::string cmd = "curl -s -i http://127.0.0.1:" + std::to_string((*e)->port()) + "/metrics";
-  FILE* p = popen(cmd.c_str(), "r");
-  ASSERT_NE(p, nullptr);
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
-  pclose(p);
-  EXPECT_NE(out.find("Content-Type: text/plain; version=0.0.4; charset=utf-8"), std::string::npos) << out;
-  EXPECT_NE(out.find("\nx_total 7\n"), std::string::npos) << out;
 }
 
 }  // namespace

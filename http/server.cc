@@ -1,0 +1,380 @@
+#include "http/server.h"
+
+#include <sys/socket.h>
+
+#include <spdlog/spdlog.h>
+#include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+
+#include <algorithm>
+#include <cctype>
+#include <mutex>
+
+namespace kraken::http {
+namespace {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace bhttp = beast::http;
+using tcp = net::ip::tcp;
+using boost::system::error_code;
+
+constexpr auto kAwait = net::use_awaitable;
+
+std::string Lower(std::string_view s) {
+  std::string out(s);
+  std::transform(out.begin(), out.end(), out.begin(), [](unsigned char c) { return std::tolower(c); });
+  return out;
+}
+
+Response PlainText(int status, std::string body) {
+  return Response{.status = status, .content_type = "text/plain; charset=utf-8", .body = std::move(body)};
+}
+
+// What wakes a connection that waits for its Stream: the Stream's wake (any thread) and the
+// socket watcher (the connection's strand). The flag closes the window between a Next that found
+// nothing and the wait: a wake in between is seen by the flag, one after by the timer.
+struct Waker {
+  explicit Waker(const net::any_io_executor& ex) : timer(ex) {}
+  net::steady_timer timer;
+  std::atomic<bool> woken{false};
+  bool client_gone = false;  // strand only
+  bool watching = false;     // strand only: a socket watch is pending
+};
+
+// Calls Abort on a Stream that did not reach its end when the connection lets go of it (the
+// client left, a write failed, or the server stopped).
+struct AbortUnlessEnded {
+  Stream* stream;
+  bool ended = false;
+  ~AbortUnlessEnded() {
+    if (!ended) stream->Abort();
+  }
+};
+
+}  // namespace
+
+struct Server::Impl {
+  explicit Impl(ServerOptions o) : options(std::move(o)), work(net::make_work_guard(ioc)) {}
+
+  ServerOptions options;
+  net::io_context ioc;
+  net::executor_work_guard<net::io_context::executor_type> work;
+  std::optional<net::ssl::context> ssl;
+  std::map<std::string, std::map<std::string, Handler>> routes;  // path -> method -> handler
+  std::vector<std::shared_ptr<tcp::acceptor>> acceptors;
+  std::vector<std::thread> threads;
+  std::atomic<int> in_flight{0};
+  std::atomic<bool> stopping{false};
+  std::once_flag stopped;
+
+  Reply Dispatch(const Request& req);
+  net::awaitable<void> AcceptLoop(std::shared_ptr<tcp::acceptor> acceptor);
+  template <class S>
+  net::awaitable<void> Session(S stream);
+  template <class S>
+  net::awaitable<bool> Serve(S& stream, const Request& req, bool keep_alive);
+  template <class S>
+  net::awaitable<bool> WriteResponse(S& stream, Response r, bool keep_alive);
+  template <class S>
+  net::awaitable<bool> WriteStream(S& stream, Stream& body, bool keep_alive);
+  void Watch(tcp::socket& socket, const std::shared_ptr<Waker>& waker);
+};
+
+std::string_view Request::Header(std::string_view name) const {
+  for (const auto& [k, v] : headers)
+    if (k == name) return v;
+  return {};
+}
+
+Reply Server::Impl::Dispatch(const Request& req) {
+  auto path = routes.find(req.path);
+  if (path == routes.end()) {
+    return options.not_routed ? options.not_routed(404, req) : PlainText(404, "not found\n");
+  }
+  auto method = path->second.find(req.method);
+  if (method == path->second.end()) {
+    Response r = options.not_routed ? options.not_routed(405, req) : PlainText(405, "method not allowed\n");
+    std::string allow;
+    for (const auto& [m, h] : path->second) allow += (allow.empty() ? "" : ", ") + m;
+    r.headers.emplace_back("Allow", allow);
+    return r;
+  }
+  try {
+    return method->second(req);
+  } catch (const std::exception& e) {  // a handler bug: this request fails, the server goes on
+    spdlog::error("HTTP handler for {} {} threw: {}", req.method, req.path, e.what());
+    return PlainText(500, "internal error\n");
+  }
+}
+
+// Waits for the client's side of the socket to become readable while a response is pending: end
+// of stream or an error means the client has gone. Bytes (a pipelined request, a TLS alert) end
+// the watch without a verdict; the next write decides then.
+void Server::Impl::Watch(tcp::socket& socket, const std::shared_ptr<Waker>& waker) {
+  waker->watching = true;
+  socket.async_wait(tcp::socket::wait_read, [waker, fd = socket.native_handle()](const error_code& ec) {
+    waker->watching = false;
+    if (ec) return;  // cancelled: the response ended
+    char c;
+    const ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+      waker->client_gone = true;
+      waker->timer.cancel();
+    }
+  });
+}
+
+template <class S>
+net::awaitable<bool> Server::Impl::WriteResponse(S& stream, Response r, bool keep_alive) {
+  bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(r.status), 11};
+  res.set(bhttp::field::content_type, r.content_type);
+  for (auto& [k, v] : r.headers) res.set(k, v);
+  res.keep_alive(keep_alive);
+  res.body() = std::move(r.body);
+  res.prepare_payload();
+  error_code ec;
+  beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
+  co_await bhttp::async_write(stream, res, net::redirect_error(kAwait, ec));
+  co_return !ec;
+}
+
+template <class S>
+net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool keep_alive) {
+  auto& tcp_stream = beast::get_lowest_layer(stream);
+  auto waker = std::make_shared<Waker>(tcp_stream.get_executor());
+  AbortUnlessEnded guard{&body};
+  body.Start([waker, ex = tcp_stream.get_executor()] {
+    waker->woken.store(true);
+    net::post(ex, [waker] { waker->timer.cancel(); });
+  });
+  Watch(tcp_stream.socket(), waker);
+  bool started = false;
+  error_code ec;
+  while (true) {
+    waker->woken.store(false);
+    Stream::Piece piece;
+    if (!body.Next(&piece)) {
+      if (waker->client_gone) break;
+      if (waker->woken.load()) continue;
+      waker->timer.expires_at(net::steady_timer::time_point::max());
+      co_await waker->timer.async_wait(net::redirect_error(kAwait, ec));
+      if (waker->client_gone) break;
+      continue;
+    }
+    std::string data = std::move(piece.data);
+    if (!started) {
+      Response head = piece.head.value_or(Response{});
+      data = head.body + data;
+      if (piece.end) {  // the whole answer at once: a plain response
+        guard.ended = true;
+        if (waker->watching) tcp_stream.socket().cancel();
+        head.body = std::move(data);
+        co_return co_await WriteResponse(stream, std::move(head), keep_alive);
+      }
+      bhttp::response<bhttp::empty_body> res{static_cast<bhttp::status>(head.status), 11};
+      res.set(bhttp::field::content_type, head.content_type);
+      for (auto& [k, v] : head.headers) res.set(k, v);
+      res.keep_alive(keep_alive);
+      res.chunked(true);
+      bhttp::response_serializer<bhttp::empty_body> sr{res};
+      tcp_stream.expires_after(options.idle_timeout);
+      co_await bhttp::async_write_header(stream, sr, net::redirect_error(kAwait, ec));
+      if (ec) break;
+      started = true;
+    }
+    if (!data.empty()) {
+      tcp_stream.expires_after(options.idle_timeout);
+      co_await net::async_write(stream, bhttp::make_chunk(net::buffer(data)), net::redirect_error(kAwait, ec));
+      if (ec) break;
+    }
+    if (piece.end) {
+      guard.ended = true;
+      tcp_stream.expires_after(options.idle_timeout);
+      co_await net::async_write(stream, bhttp::make_chunk_last(), net::redirect_error(kAwait, ec));
+      break;
+    }
+  }
+  if (waker->watching) tcp_stream.socket().cancel();
+  co_return guard.ended && !ec && !waker->client_gone;
+}
+
+template <class S>
+net::awaitable<bool> Server::Impl::Serve(S& stream, const Request& req, bool keep_alive) {
+  in_flight.fetch_add(1);
+  Reply reply = Dispatch(req);
+  bool ok;
+  if (auto* r = std::get_if<Response>(&reply))
+    ok = co_await WriteResponse(stream, std::move(*r), keep_alive);
+  else
+    ok = co_await WriteStream(stream, *std::get<std::unique_ptr<Stream>>(reply), keep_alive);
+  in_flight.fetch_sub(1);
+  co_return ok;
+}
+
+template <class S>
+net::awaitable<void> Server::Impl::Session(S stream) {
+  auto& tcp_stream = beast::get_lowest_layer(stream);
+  beast::flat_buffer buffer;
+  error_code ec;
+  if constexpr (!std::is_same_v<S, beast::tcp_stream>) {
+    tcp_stream.expires_after(options.idle_timeout);
+    co_await stream.async_handshake(net::ssl::stream_base::server, net::redirect_error(kAwait, ec));
+    if (ec) co_return;
+  }
+  while (!stopping.load()) {
+    bhttp::request_parser<bhttp::string_body> parser;
+    parser.body_limit(options.max_body_bytes);
+    tcp_stream.expires_after(options.idle_timeout);
+    co_await bhttp::async_read_header(stream, buffer, parser, net::redirect_error(kAwait, ec));
+    if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
+    if (ec) {
+      co_await WriteResponse(stream, PlainText(400, "malformed HTTP request: " + ec.message() + "\n"), false);
+      break;
+    }
+    const boost::optional<uint64_t> length = parser.content_length();
+    if (length && *length > options.max_body_bytes) {
+      Response r = options.too_large ? options.too_large(*length, options.max_body_bytes)
+                                     : PlainText(413, "request body too large\n");
+      co_await WriteResponse(stream, std::move(r), false);
+      break;
+    }
+    if (beast::iequals(parser.get()[bhttp::field::expect], "100-continue")) {
+      bhttp::response<bhttp::empty_body> cont{bhttp::status::continue_, 11};
+      co_await bhttp::async_write(stream, cont, net::redirect_error(kAwait, ec));
+      if (ec) break;
+    }
+    co_await bhttp::async_read(stream, buffer, parser, net::redirect_error(kAwait, ec));
+    if (ec == bhttp::error::body_limit) {
+      Response r = options.too_large ? options.too_large(options.max_body_bytes + 1, options.max_body_bytes)
+                                     : PlainText(413, "request body too large\n");
+      co_await WriteResponse(stream, std::move(r), false);
+      break;
+    }
+    if (ec) break;
+    auto& msg = parser.get();
+    Request req;
+    req.method = std::string(msg.method_string());
+    const std::string_view target = msg.target();
+    const size_t q = target.find('?');
+    req.path = std::string(target.substr(0, q));
+    if (q != std::string_view::npos) req.query = std::string(target.substr(q + 1));
+    for (const auto& field : msg) req.headers.emplace_back(Lower(field.name_string()), std::string(field.value()));
+    req.body = std::move(msg.body());
+    const bool keep_alive = msg.keep_alive() && !stopping.load();
+    if (!co_await Serve(stream, req, keep_alive) || !keep_alive) break;
+  }
+  if constexpr (std::is_same_v<S, beast::tcp_stream>) {
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+  } else {
+    tcp_stream.expires_after(std::chrono::seconds(2));
+    co_await stream.async_shutdown(net::redirect_error(kAwait, ec));
+  }
+}
+
+net::awaitable<void> Server::Impl::AcceptLoop(std::shared_ptr<tcp::acceptor> acceptor) {
+  while (true) {
+    error_code ec;
+    tcp::socket socket = co_await acceptor->async_accept(net::make_strand(ioc), net::redirect_error(kAwait, ec));
+    if (stopping.load() || !acceptor->is_open()) co_return;
+    if (ec) {
+      // Out of descriptors or a connection reset before it was taken: pause briefly, go on.
+      spdlog::warn("HTTP accept failed: {}", ec.message());
+      net::steady_timer pause(acceptor->get_executor(), std::chrono::milliseconds(50));
+      co_await pause.async_wait(net::redirect_error(kAwait, ec));
+      continue;
+    }
+    socket.set_option(tcp::no_delay(true), ec);
+    const net::any_io_executor ex = socket.get_executor();
+    if (ssl) {
+      co_spawn(ex, Session(beast::ssl_stream<beast::tcp_stream>(std::move(socket), *ssl)), net::detached);
+    } else {
+      co_spawn(ex, Session(beast::tcp_stream(std::move(socket))), net::detached);
+    }
+  }
+}
+
+Server::Server(ServerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+
+Server::~Server() {
+  Stop(std::chrono::steady_clock::now());
+}
+
+void Server::Route(const std::string& method, const std::string& path, Handler handler) {
+  impl_->routes[path][method] = std::move(handler);
+}
+
+StatusOr<int> Server::Listen(const std::string& host, int port) {
+  if (impl_->options.tls && !impl_->ssl) {
+    const TlsFiles& t = *impl_->options.tls;
+    std::string file;
+    try {
+      net::ssl::context ctx(net::ssl::context::tls_server);
+      ctx.set_options(net::ssl::context::default_workarounds | net::ssl::context::no_sslv2 |
+                      net::ssl::context::no_sslv3 | net::ssl::context::no_tlsv1 | net::ssl::context::no_tlsv1_1);
+      file = t.cert_chain;
+      ctx.use_certificate_chain_file(t.cert_chain);
+      file = t.private_key;
+      ctx.use_private_key_file(t.private_key, net::ssl::context::pem);
+      if (!t.client_ca.empty()) {
+        file = t.client_ca;
+        ctx.load_verify_file(t.client_ca);
+        ctx.set_verify_mode(net::ssl::verify_peer | net::ssl::verify_fail_if_no_peer_cert);
+      }
+      impl_->ssl.emplace(std::move(ctx));
+    } catch (const std::exception& e) {
+      return InvalidArgument("TLS: cannot use ", file, ": ", e.what());
+    }
+  }
+  error_code ec;
+  net::ip::address address = net::ip::make_address(host, ec);
+  if (ec) {
+    tcp::resolver resolver(impl_->ioc);
+    auto results = resolver.resolve(host, std::to_string(port), ec);
+    if (ec || results.empty()) return absl::UnavailableError(StrCat("cannot resolve '", host, "': ", ec.message()));
+    address = results.begin()->endpoint().address();
+  }
+  auto acceptor = std::make_shared<tcp::acceptor>(net::make_strand(impl_->ioc));
+  const tcp::endpoint endpoint(address, static_cast<unsigned short>(port));
+  acceptor->open(endpoint.protocol(), ec);
+  if (!ec) acceptor->set_option(net::socket_base::reuse_address(true), ec);
+  if (!ec) acceptor->bind(endpoint, ec);
+  if (!ec) acceptor->listen(net::socket_base::max_listen_connections, ec);
+  if (ec) return absl::UnavailableError(StrCat("cannot listen on ", host, ":", port, ": ", ec.message()));
+  const int bound = acceptor->local_endpoint().port();
+  impl_->acceptors.push_back(acceptor);
+  co_spawn(acceptor->get_executor(), impl_->AcceptLoop(acceptor), net::detached);
+  return bound;
+}
+
+void Server::Start() {
+  for (int i = 0; i < std::max(1, impl_->options.threads); ++i)
+    impl_->threads.emplace_back([this] { impl_->ioc.run(); });
+}
+
+void Server::Stop(std::chrono::steady_clock::time_point deadline) {
+  std::call_once(impl_->stopped, [&] {
+    impl_->stopping.store(true);
+    for (auto& a : impl_->acceptors) net::post(a->get_executor(), [a] { a->close(); });
+    while (impl_->in_flight.load() > 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    impl_->work.reset();
+    impl_->ioc.stop();
+    for (auto& t : impl_->threads) t.join();
+    impl_->threads.clear();
+  });
+}
+
+int Server::in_flight() const {
+  return impl_->in_flight.load();
+}
+
+std::string_view ReasonPhrase(int status) {
+  const auto reason = bhttp::obsolete_reason(static_cast<bhttp::status>(status));
+  return reason.empty() ? std::string_view("Unknown") : std::string_view(reason.data(), reason.size());
+}
+
+}  // namespace kraken::http

@@ -1,0 +1,282 @@
+#include "openai/protocol.h"
+
+#include <limits>
+
+#include "base/closest.h"
+
+namespace kraken::openai {
+namespace {
+
+using nlohmann::json;
+
+const core::FieldNames kNames{.text = "prompt", .token_ids = "prompt", .top_logprobs = "logprobs"};
+
+// Every field of the completions API this server knows, supported or not.
+const std::vector<std::string> kKnownFields = {"model",
+                                               "prompt",
+                                               "max_tokens",
+                                               "temperature",
+                                               "top_p",
+                                               "top_k",
+                                               "min_p",
+                                               "typical_p",
+                                               "presence_penalty",
+                                               "frequency_penalty",
+                                               "repetition_penalty",
+                                               "seed",
+                                               "stop",
+                                               "stop_token_ids",
+                                               "logprobs",
+                                               "echo",
+                                               "n",
+                                               "best_of",
+                                               "stream",
+                                               "stream_options",
+                                               "user",
+                                               "suffix",
+                                               "logit_bias",
+                                               "min_tokens",
+                                               "ignore_eos",
+                                               "skip_special_tokens",
+                                               "priority"};
+
+// A JSON value for an error message: its type and, shortened, the value itself.
+std::string Shown(const json& v) {
+  std::string text = Dump(v);
+  if (text.size() > 40) text = text.substr(0, 37) + "...";
+  return StrCat(v.type_name(), " ", text);
+}
+
+Status WrongType(const std::string& field, const char* want, const json& v) {
+  return InvalidArgument("field '", field, "' must be ", want, ", got ", Shown(v));
+}
+
+// Readers of one field; an absent or null field leaves `out` as it was.
+Status ReadInt(const json& body, const std::string& field, std::optional<int64_t>* out) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_number_unsigned()) {  // beyond int64: the limit check reports it as the largest
+    *out = it->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+               ? std::numeric_limits<int64_t>::max()
+               : it->get<int64_t>();
+    return absl::OkStatus();
+  }
+  if (!it->is_number_integer()) return WrongType(field, "an integer", *it);
+  *out = it->get<int64_t>();
+  return absl::OkStatus();
+}
+
+Status ReadNumber(const json& body, const std::string& field, std::optional<double>* out) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_number()) return WrongType(field, "a number", *it);
+  *out = it->get<double>();
+  return absl::OkStatus();
+}
+
+Status ReadBool(const json& body, const std::string& field, bool* out) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_boolean()) return WrongType(field, "true or false", *it);
+  *out = it->get<bool>();
+  return absl::OkStatus();
+}
+
+// "prompt": a string, an array of token ids, or an array holding one of either.
+Status ReadPrompt(const json& body, core::GenerationRequest* g) {
+  auto it = body.find("prompt");
+  if (it == body.end() || it->is_null()) return absl::OkStatus();  // ValidateGeneration names it
+  const json* p = &*it;
+  if (p->is_array() && !p->empty() && (p->front().is_string() || p->front().is_array())) {
+    if (p->size() > 1)
+      return InvalidArgument("field 'prompt' holds ", p->size(),
+                             " prompts; this server takes one prompt per request (send one request each)");
+    p = &p->front();
+  }
+  if (p->is_string()) {
+    g->text = p->get<std::string>();
+    return absl::OkStatus();
+  }
+  if (!p->is_array()) return WrongType("prompt", "a string or an array of token ids", *p);
+  std::vector<int64_t> ids;
+  ids.reserve(p->size());
+  for (size_t i = 0; i < p->size(); ++i) {
+    const json& id = (*p)[i];
+    if (!id.is_number_integer()) return WrongType(StrCat("prompt[", i, "]"), "an integer token id", id);
+    ids.push_back(id.is_number_unsigned() ? std::numeric_limits<int64_t>::max() : id.get<int64_t>());
+  }
+  g->token_ids = std::move(ids);
+  return absl::OkStatus();
+}
+
+Status ReadStops(const json& body, core::GenerationRequest* g) {
+  if (auto it = body.find("stop"); it != body.end() && !it->is_null()) {
+    if (it->is_string()) {
+      g->stop.push_back(it->get<std::string>());
+    } else if (it->is_array()) {
+      for (size_t i = 0; i < it->size(); ++i) {
+        if (!(*it)[i].is_string()) return WrongType(StrCat("stop[", i, "]"), "a string", (*it)[i]);
+        g->stop.push_back((*it)[i].get<std::string>());
+      }
+    } else {
+      return WrongType("stop", "a string or an array of strings", *it);
+    }
+  }
+  if (auto it = body.find("stop_token_ids"); it != body.end() && !it->is_null()) {
+    if (!it->is_array()) return WrongType("stop_token_ids", "an array of token ids", *it);
+    for (size_t i = 0; i < it->size(); ++i) {
+      const json& id = (*it)[i];
+      if (!id.is_number_integer()) return WrongType(StrCat("stop_token_ids[", i, "]"), "an integer token id", id);
+      g->stop_token_ids.push_back(id.is_number_unsigned() ? std::numeric_limits<int64_t>::max() : id.get<int64_t>());
+    }
+  }
+  return absl::OkStatus();
+}
+
+// Fields this server knows but whose non-default values it does not offer.
+Status CheckUnsupported(const json& body, const core::GenerationRequest& g) {
+  for (const char* field : {"n", "best_of"}) {
+    std::optional<int64_t> v;
+    KRAKEN_RETURN_IF_ERROR(ReadInt(body, field, &v));
+    if (v && *v != 1) return InvalidArgument("field '", field, "' must be 1 (one sample per request), got ", *v);
+  }
+  if (auto it = body.find("suffix"); it != body.end() && !it->is_null() && !(it->is_string() && it->empty()))
+    return InvalidArgument("field 'suffix' is not supported (the bundled models have no infilling), got ", Shown(*it));
+  if (auto it = body.find("logit_bias"); it != body.end() && !it->is_null() && !(it->is_object() && it->empty()))
+    return InvalidArgument("field 'logit_bias' is not supported, got ", Shown(*it));
+  if (g.echo && g.logprobs)
+    return InvalidArgument(
+        "field 'echo' with 'logprobs' asks for the prompt's logprobs, which this server does not return yet");
+  return absl::OkStatus();
+}
+
+Status ReadSampling(const json& body, core::GenerationRequest* g) {
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "temperature", &g->temperature));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "top_p", &g->top_p));
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "top_k", &g->top_k));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "min_p", &g->min_p));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "typical_p", &g->typical_p));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "presence_penalty", &g->presence_penalty));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "frequency_penalty", &g->frequency_penalty));
+  KRAKEN_RETURN_IF_ERROR(ReadNumber(body, "repetition_penalty", &g->repetition_penalty));
+  std::optional<int64_t> seed;
+  if (auto it = body.find("seed"); it != body.end() && it->is_number_unsigned()) {
+    g->seed = it->get<uint64_t>();
+  } else {
+    KRAKEN_RETURN_IF_ERROR(ReadInt(body, "seed", &seed));
+    if (seed && *seed < 0) return InvalidArgument("field 'seed' must be >= 0, got ", *seed);
+    if (seed) g->seed = static_cast<uint64_t>(*seed);
+  }
+  std::optional<int64_t> logprobs;
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "logprobs", &logprobs));
+  if (logprobs) {  // the chosen token's logprob and this many alternatives
+    g->logprobs = true;
+    g->top_logprobs = *logprobs;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+const core::FieldNames kCompletionFields = kNames;
+
+std::string Dump(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int context_length) {
+  json body = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (body.is_discarded()) return InvalidArgument("the request body is not valid JSON");
+  if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", Shown(body));
+  for (const auto& [key, value] : body.items()) {
+    if (std::find(kKnownFields.begin(), kKnownFields.end(), key) == kKnownFields.end())
+      return InvalidArgument("field '", key, "' is not a field of the completions API (did you mean '",
+                             Closest(key, kKnownFields), "'?)");
+  }
+  CompletionRequest r;
+  core::GenerationRequest& g = r.generation;
+  if (auto it = body.find("model"); it != body.end() && !it->is_null()) {
+    if (!it->is_string()) return WrongType("model", "a string", *it);
+    r.model = it->get<std::string>();
+  }
+  if (auto it = body.find("user"); it != body.end() && !it->is_null() && !it->is_string())
+    return WrongType("user", "a string", *it);
+  KRAKEN_RETURN_IF_ERROR(ReadPrompt(body, &g));
+  if (auto it = body.find("max_tokens"); it != body.end() && it->is_null()) {
+    g.max_tokens = context_length;  // as many as fit: ValidateGeneration fits it to the prompt
+  } else {
+    KRAKEN_RETURN_IF_ERROR(ReadInt(body, "max_tokens", &g.max_tokens));
+  }
+  std::optional<int64_t> min_tokens, priority;
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "min_tokens", &min_tokens));
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "priority", &priority));
+  g.min_tokens = min_tokens.value_or(0);
+  g.priority = priority.value_or(0);
+  KRAKEN_RETURN_IF_ERROR(ReadSampling(body, &g));
+  KRAKEN_RETURN_IF_ERROR(ReadStops(body, &g));
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "echo", &g.echo));
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "ignore_eos", &g.ignore_eos));
+  bool skip_special = true;
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "skip_special_tokens", &skip_special));
+  g.skip_special_tokens = skip_special;
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "stream", &r.stream));
+  if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
+    if (!it->is_object()) return WrongType("stream_options", "an object", *it);
+    for (const auto& [key, value] : it->items()) {
+      if (key != "include_usage" && key != "continuous_usage_stats")
+        return InvalidArgument("field 'stream_options." + key + "' is not a stream option (include_usage)");
+    }
+    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "include_usage", &r.include_usage));
+    if (!r.stream) return InvalidArgument("field 'stream_options' is allowed only with 'stream': true");
+  }
+  KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));
+  return r;
+}
+
+int HttpStatus(const Status& s) {
+  switch (s.code()) {
+    case absl::StatusCode::kOk:
+      return 200;
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kFailedPrecondition:
+    case absl::StatusCode::kOutOfRange:
+      return 400;
+    case absl::StatusCode::kUnauthenticated:
+      return 401;
+    case absl::StatusCode::kPermissionDenied:
+      return 403;
+    case absl::StatusCode::kNotFound:
+      return 404;
+    case absl::StatusCode::kDeadlineExceeded:
+      return 408;
+    case absl::StatusCode::kResourceExhausted:
+      return 429;
+    case absl::StatusCode::kCancelled:
+      return 499;
+    case absl::StatusCode::kUnimplemented:
+      return 501;
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kAborted:
+      return 503;
+    default:
+      return 500;
+  }
+}
+
+nlohmann::json ErrorObject(const Status& s, int http_status) {
+  const std::string message(s.message());
+  json param = nullptr;
+  if (message.rfind("field '", 0) == 0) {
+    const size_t end = message.find('\'', 7);
+    if (end != std::string::npos) param = message.substr(7, end - 7);
+  }
+  const char* type = http_status == 401   ? "authentication_error"
+                     : http_status == 403 ? "permission_error"
+                     : http_status == 404 ? "not_found_error"
+                     : http_status == 429 ? "rate_limit_error"
+                     : http_status < 500  ? "invalid_request_error"
+                                          : "server_error";
+  return json{{"error", {{"message", message}, {"type", type}, {"param", param}, {"code", http_status}}}};
+}
+
+}  // namespace kraken::openai

@@ -1,0 +1,52 @@
+// The OpenAI-compatible wire format (platform.openai.com/docs/api-reference/completions, with the
+// extensions vLLM adds: top_k, min_p, repetition_penalty, min_tokens, stop_token_ids, ignore_eos,
+// skip_special_tokens, priority): request bodies into the core's terms, errors into OpenAI error
+// objects with their HTTP status. Pure functions; the routes are in openai/api.h.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/status.h"
+#include "core/validation.h"
+
+namespace kraken::openai {
+
+/// A /v1/completions body, parsed (not yet validated against the model: core::ValidateGeneration
+/// does that with FieldNames kCompletionFields).
+struct CompletionRequest {
+  core::GenerationRequest generation;
+  std::optional<std::string> model;
+  bool stream = false;
+  bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
+};
+
+/// How the completions API spells the fields core::ValidateGeneration names.
+extern const core::FieldNames kCompletionFields;
+
+/// Parses a /v1/completions body. INVALID_ARGUMENT naming the field and the value for: a body
+/// that is not a JSON object; a field of the wrong type; a field this API does not have (with the
+/// closest one that exists); a feature this server does not offer yet (n or best_of other than 1,
+/// several prompts, suffix, logit_bias, echo with logprobs). `max_tokens: null` asks for as many
+/// tokens as the context allows (`context_length`).
+StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, int context_length);
+
+/// The HTTP status for a failed request: 400 INVALID_ARGUMENT, FAILED_PRECONDITION and OUT_OF_RANGE;
+/// 401 UNAUTHENTICATED; 403 PERMISSION_DENIED; 404 NOT_FOUND; 408 DEADLINE_EXCEEDED (the request
+/// timeout); 429 RESOURCE_EXHAUSTED (queue full); 499 CANCELLED; 501 UNIMPLEMENTED;
+/// 503 UNAVAILABLE and ABORTED; 500 otherwise.
+int HttpStatus(const Status& s);
+
+/// The OpenAI error object for `s`: {"error": {"message", "type", "param", "code"}}, `param` being
+/// the field the message names ("field 'top_p' ..."), or null.
+nlohmann::json ErrorObject(const Status& s, int http_status);
+
+/// Serializes `j` as compact JSON; invalid UTF-8 in strings (a token that is half of a
+/// character) becomes U+FFFD instead of an exception.
+std::string Dump(const nlohmann::json& j);
+
+}  // namespace kraken::openai

@@ -28,6 +28,8 @@ const char* FailureReason(const Status& s) {
       return "unavailable";
     case absl::StatusCode::kUnauthenticated:
       return "unauthenticated";
+    case absl::StatusCode::kNotFound:
+      return "not_found";
     default:
       return "internal";
   }
@@ -76,7 +78,7 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
                               "Requests that ended with an error or were refused, by reason.", {"reason"})) {
   for (const char* r : {"stop", "length"}) success_.With({r});
   for (const char* r : {"invalid_argument", "resource_exhausted", "deadline_exceeded", "cancelled", "unavailable",
-                        "unauthenticated", "internal"})
+                        "unauthenticated", "not_found", "internal"})
     failure_.With({r});
   auto& busy_f = reg.AddCounter("kraken_device_busy_seconds_total",
                                 "Seconds each rank computed (collective waits excluded).", {"rank"});

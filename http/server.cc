@@ -45,6 +45,22 @@ struct Waker {
   bool watching = false;     // strand only: a socket watch is pending
 };
 
+// Lets wakes through while the server's io_context exists. A Stream's wake may be called from any
+// thread at any time, even after the Server is gone (the Stream's owner may keep the function);
+// Stop closes the gate, under the mutex, before it destroys the io_context.
+struct WakeGate {
+  std::mutex mu;
+  bool open = true;
+};
+
+// Bytes and time a connection spends reading what a refused client still sends, before closing,
+// so that the client reads the refusal instead of a reset (a "lingering close", as nginx does).
+constexpr size_t kLingerBytes = 64 << 20;
+constexpr auto kLingerTime = std::chrono::seconds(2);
+
+// What reading one request came to.
+enum class ReadResult { kRequest, kClosed, kRefused };
+
 // Calls Abort on a Stream that did not reach its end when the connection lets go of it (the
 // client left, a write failed, or the server stopped).
 struct AbortUnlessEnded {
@@ -58,11 +74,14 @@ struct AbortUnlessEnded {
 }  // namespace
 
 struct Server::Impl {
-  explicit Impl(ServerOptions o) : options(std::move(o)), work(net::make_work_guard(ioc)) {}
+  explicit Impl(ServerOptions o)
+      : options(std::move(o)), ioc(std::make_unique<net::io_context>()), work(net::make_work_guard(*ioc)) {}
 
   ServerOptions options;
-  net::io_context ioc;
-  net::executor_work_guard<net::io_context::executor_type> work;
+  // Destroyed by Stop, which destroys every connection (and aborts its Stream) with it.
+  std::unique_ptr<net::io_context> ioc;
+  std::optional<net::executor_work_guard<net::io_context::executor_type>> work;
+  std::shared_ptr<WakeGate> gate = std::make_shared<WakeGate>();
   std::optional<net::ssl::context> ssl;
   std::map<std::string, std::map<std::string, Handler>> routes;  // path -> method -> handler
   std::vector<std::shared_ptr<tcp::acceptor>> acceptors;
@@ -75,6 +94,12 @@ struct Server::Impl {
   net::awaitable<void> AcceptLoop(std::shared_ptr<tcp::acceptor> acceptor);
   template <class S>
   net::awaitable<void> Session(S stream);
+  template <class S>
+  net::awaitable<ReadResult> ReadRequest(S& stream, beast::flat_buffer& buffer, Request* req, bool* keep_alive);
+  template <class S>
+  net::awaitable<void> Refuse(S& stream, Response r);
+  template <class S>
+  net::awaitable<void> Close(S& stream);
   template <class S>
   net::awaitable<bool> Serve(S& stream, const Request& req, bool keep_alive);
   template <class S>
@@ -147,9 +172,13 @@ net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool kee
   auto& tcp_stream = beast::get_lowest_layer(stream);
   auto waker = std::make_shared<Waker>(tcp_stream.get_executor());
   AbortUnlessEnded guard{&body};
-  body.Start([waker, ex = tcp_stream.get_executor()] {
-    waker->woken.store(true);
-    net::post(ex, [waker] { waker->timer.cancel(); });
+  body.Start([w = std::weak_ptr<Waker>(waker), ex = tcp_stream.get_executor(), gate = gate] {
+    std::lock_guard<std::mutex> l(gate->mu);
+    if (!gate->open) return;
+    if (auto live = w.lock()) {
+      live->woken.store(true);
+      net::post(ex, [live] { live->timer.cancel(); });
+    }
   });
   Watch(tcp_stream.socket(), waker);
   bool started = false;
@@ -215,70 +244,114 @@ net::awaitable<bool> Server::Impl::Serve(S& stream, const Request& req, bool kee
   co_return ok;
 }
 
+// Answers a request refused before its body was read (413, 400) and closes the connection after
+// reading what the client still sends, for at most kLingerTime and kLingerBytes.
+template <class S>
+net::awaitable<void> Server::Impl::Refuse(S& stream, Response r) {
+  if (!co_await WriteResponse(stream, std::move(r), /*keep_alive=*/false)) co_return;
+  auto& tcp_stream = beast::get_lowest_layer(stream);
+  error_code ec;
+  if constexpr (std::is_same_v<S, beast::tcp_stream>) stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+  tcp_stream.expires_after(kLingerTime);
+  std::vector<char> sink(64 << 10);
+  for (size_t total = 0; total < kLingerBytes;) {
+    const size_t n = co_await stream.async_read_some(net::buffer(sink), net::redirect_error(kAwait, ec));
+    if (ec) break;
+    total += n;
+  }
+}
+
+// Reads one request's head and body into `req`. kClosed: the client closed or went quiet; kRefused:
+// the request was answered with an error (and the connection must close).
+template <class S>
+net::awaitable<ReadResult> Server::Impl::ReadRequest(S& stream, beast::flat_buffer& buffer, Request* req,
+                                                     bool* keep_alive) {
+  auto& tcp_stream = beast::get_lowest_layer(stream);
+  error_code ec;
+  bhttp::request_parser<bhttp::string_body> parser;
+  // No limit while the head is read: Beast fails a Content-Length over the limit inside
+  // async_read_header (error::body_limit), which would make it a 400 before the 413 below could
+  // answer it. The limit is set once the head is in, for bodies of undeclared size (chunked).
+  parser.body_limit(boost::none);
+  tcp_stream.expires_after(options.idle_timeout);
+  co_await bhttp::async_read_header(stream, buffer, parser, net::redirect_error(kAwait, ec));
+  if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof)
+    co_return ReadResult::kClosed;
+  if (ec) {
+    co_await Refuse(stream, PlainText(400, "malformed HTTP request: " + ec.message() + "\n"));
+    co_return ReadResult::kRefused;
+  }
+  auto too_large = [&](uint64_t size) {
+    return options.too_large ? options.too_large(size, options.max_body_bytes)
+                             : PlainText(413, "request body too large\n");
+  };
+  const boost::optional<uint64_t> length = parser.content_length();
+  if (length && *length > options.max_body_bytes) {
+    co_await Refuse(stream, too_large(*length));
+    co_return ReadResult::kRefused;
+  }
+  parser.body_limit(options.max_body_bytes);
+  if (beast::iequals(parser.get()[bhttp::field::expect], "100-continue")) {
+    bhttp::response<bhttp::empty_body> cont{bhttp::status::continue_, 11};
+    co_await bhttp::async_write(stream, cont, net::redirect_error(kAwait, ec));
+    if (ec) co_return ReadResult::kClosed;
+  }
+  co_await bhttp::async_read(stream, buffer, parser, net::redirect_error(kAwait, ec));
+  if (ec == bhttp::error::body_limit) {
+    co_await Refuse(stream, too_large(options.max_body_bytes + 1));
+    co_return ReadResult::kRefused;
+  }
+  if (ec) co_return ReadResult::kClosed;
+  auto& msg = parser.get();
+  req->method = std::string(msg.method_string());
+  const std::string_view target = msg.target();
+  const size_t q = target.find('?');
+  req->path = std::string(target.substr(0, q));
+  if (q != std::string_view::npos) req->query = std::string(target.substr(q + 1));
+  for (const auto& field : msg) req->headers.emplace_back(Lower(field.name_string()), std::string(field.value()));
+  req->body = std::move(msg.body());
+  *keep_alive = msg.keep_alive();
+  co_return ReadResult::kRequest;
+}
+
+template <class S>
+net::awaitable<void> Server::Impl::Close(S& stream) {
+  error_code ec;
+  if constexpr (std::is_same_v<S, beast::tcp_stream>) {
+    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
+  } else {
+    beast::get_lowest_layer(stream).expires_after(std::chrono::seconds(2));
+    co_await stream.async_shutdown(net::redirect_error(kAwait, ec));
+  }
+}
+
+// One connection: TLS handshake when configured, then requests one after another while the client
+// keeps the connection alive.
 template <class S>
 net::awaitable<void> Server::Impl::Session(S stream) {
-  auto& tcp_stream = beast::get_lowest_layer(stream);
   beast::flat_buffer buffer;
-  error_code ec;
   if constexpr (!std::is_same_v<S, beast::tcp_stream>) {
-    tcp_stream.expires_after(options.idle_timeout);
+    error_code ec;
+    beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
     co_await stream.async_handshake(net::ssl::stream_base::server, net::redirect_error(kAwait, ec));
     if (ec) co_return;
   }
   while (!stopping.load()) {
-    bhttp::request_parser<bhttp::string_body> parser;
-    parser.body_limit(options.max_body_bytes);
-    tcp_stream.expires_after(options.idle_timeout);
-    co_await bhttp::async_read_header(stream, buffer, parser, net::redirect_error(kAwait, ec));
-    if (ec == bhttp::error::end_of_stream || ec == beast::error::timeout || ec == net::error::eof) break;
-    if (ec) {
-      co_await WriteResponse(stream, PlainText(400, "malformed HTTP request: " + ec.message() + "\n"), false);
-      break;
-    }
-    const boost::optional<uint64_t> length = parser.content_length();
-    if (length && *length > options.max_body_bytes) {
-      Response r = options.too_large ? options.too_large(*length, options.max_body_bytes)
-                                     : PlainText(413, "request body too large\n");
-      co_await WriteResponse(stream, std::move(r), false);
-      break;
-    }
-    if (beast::iequals(parser.get()[bhttp::field::expect], "100-continue")) {
-      bhttp::response<bhttp::empty_body> cont{bhttp::status::continue_, 11};
-      co_await bhttp::async_write(stream, cont, net::redirect_error(kAwait, ec));
-      if (ec) break;
-    }
-    co_await bhttp::async_read(stream, buffer, parser, net::redirect_error(kAwait, ec));
-    if (ec == bhttp::error::body_limit) {
-      Response r = options.too_large ? options.too_large(options.max_body_bytes + 1, options.max_body_bytes)
-                                     : PlainText(413, "request body too large\n");
-      co_await WriteResponse(stream, std::move(r), false);
-      break;
-    }
-    if (ec) break;
-    auto& msg = parser.get();
     Request req;
-    req.method = std::string(msg.method_string());
-    const std::string_view target = msg.target();
-    const size_t q = target.find('?');
-    req.path = std::string(target.substr(0, q));
-    if (q != std::string_view::npos) req.query = std::string(target.substr(q + 1));
-    for (const auto& field : msg) req.headers.emplace_back(Lower(field.name_string()), std::string(field.value()));
-    req.body = std::move(msg.body());
-    const bool keep_alive = msg.keep_alive() && !stopping.load();
+    bool keep_alive = false;
+    const ReadResult read = co_await ReadRequest(stream, buffer, &req, &keep_alive);
+    if (read == ReadResult::kRefused) co_return;
+    if (read == ReadResult::kClosed) break;
+    keep_alive = keep_alive && !stopping.load();
     if (!co_await Serve(stream, req, keep_alive) || !keep_alive) break;
   }
-  if constexpr (std::is_same_v<S, beast::tcp_stream>) {
-    stream.socket().shutdown(tcp::socket::shutdown_send, ec);
-  } else {
-    tcp_stream.expires_after(std::chrono::seconds(2));
-    co_await stream.async_shutdown(net::redirect_error(kAwait, ec));
-  }
+  co_await Close(stream);
 }
 
 net::awaitable<void> Server::Impl::AcceptLoop(std::shared_ptr<tcp::acceptor> acceptor) {
   while (true) {
     error_code ec;
-    tcp::socket socket = co_await acceptor->async_accept(net::make_strand(ioc), net::redirect_error(kAwait, ec));
+    tcp::socket socket = co_await acceptor->async_accept(net::make_strand(*ioc), net::redirect_error(kAwait, ec));
     if (stopping.load() || !acceptor->is_open()) co_return;
     if (ec) {
       // Out of descriptors or a connection reset before it was taken: pause briefly, go on.
@@ -332,12 +405,12 @@ StatusOr<int> Server::Listen(const std::string& host, int port) {
   error_code ec;
   net::ip::address address = net::ip::make_address(host, ec);
   if (ec) {
-    tcp::resolver resolver(impl_->ioc);
+    tcp::resolver resolver(*impl_->ioc);
     auto results = resolver.resolve(host, std::to_string(port), ec);
     if (ec || results.empty()) return absl::UnavailableError(StrCat("cannot resolve '", host, "': ", ec.message()));
     address = results.begin()->endpoint().address();
   }
-  auto acceptor = std::make_shared<tcp::acceptor>(net::make_strand(impl_->ioc));
+  auto acceptor = std::make_shared<tcp::acceptor>(net::make_strand(*impl_->ioc));
   const tcp::endpoint endpoint(address, static_cast<unsigned short>(port));
   acceptor->open(endpoint.protocol(), ec);
   if (!ec) acceptor->set_option(net::socket_base::reuse_address(true), ec);
@@ -352,7 +425,7 @@ StatusOr<int> Server::Listen(const std::string& host, int port) {
 
 void Server::Start() {
   for (int i = 0; i < std::max(1, impl_->options.threads); ++i)
-    impl_->threads.emplace_back([this] { impl_->ioc.run(); });
+    impl_->threads.emplace_back([this] { impl_->ioc->run(); });
 }
 
 void Server::Stop(std::chrono::steady_clock::time_point deadline) {
@@ -362,9 +435,21 @@ void Server::Stop(std::chrono::steady_clock::time_point deadline) {
     while (impl_->in_flight.load() > 0 && std::chrono::steady_clock::now() < deadline)
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     impl_->work.reset();
-    impl_->ioc.stop();
+    impl_->ioc->stop();
     for (auto& t : impl_->threads) t.join();
     impl_->threads.clear();
+    {
+      std::lock_guard<std::mutex> l(impl_->gate->mu);
+      impl_->gate->open = false;  // no wake posts to the io_context from here on
+    }
+    // Destroying the io_context destroys every connection still open: sockets close, and each
+    // Stream that did not end is aborted (AbortUnlessEnded).
+    for (auto& a : impl_->acceptors) {
+      error_code ec;
+      a->close(ec);
+    }
+    impl_->acceptors.clear();
+    impl_->ioc.reset();
   });
 }
 
@@ -373,6 +458,8 @@ int Server::in_flight() const {
 }
 
 std::string_view ReasonPhrase(int status) {
+  // obsolete_reason answers "<unknown-status>" for a code Beast does not know.
+  if (bhttp::int_to_status(static_cast<unsigned>(status)) == bhttp::status::unknown) return "Unknown";
   const auto reason = bhttp::obsolete_reason(static_cast<bhttp::status>(status));
   return reason.empty() ? std::string_view("Unknown") : std::string_view(reason.data(), reason.size());
 }

@@ -2,6 +2,10 @@
 // OpenAI-compatible API and /metrics. A few I/O threads serve every connection: a connection is a
 // coroutine, never a thread, so thousands of open event streams cost memory, not threads.
 //
+// A request whose head already breaks a limit (a body over max_body_bytes, a malformed head) is
+// answered at once and the connection closed after reading, for a moment, what the client still
+// sends, so that the client reads the answer rather than a reset.
+//
 // A handler answers a request either at once (Response) or over time (Stream). A Stream is pulled:
 // the connection asks it for the next piece whenever the previous one has been written, so a slow
 // reader makes output coalesce in the producer and never blocks it (the same back-pressure as the
@@ -67,8 +71,9 @@ class Stream {
     std::string data;              // bytes to send next
     bool end = false;              // nothing follows `data`
   };
-  /// Calls `wake` (from any thread, any number of times, also after the end) when Next has
-  /// something new. Called once, before the first Next.
+  /// Calls `wake` (from any thread, any number of times, also after the end and after the Server
+  /// has stopped, when it does nothing) when Next has something new. Called once, before the
+  /// first Next.
   virtual void Start(std::function<void()> wake) = 0;
   /// Fills `piece` and returns true, or returns false when nothing is ready (a wake will follow).
   /// A first piece with `end` set is sent as one response with Content-Length; otherwise the
@@ -117,8 +122,9 @@ class Server {
   StatusOr<int> Listen(const std::string& host, int port);
   /// Starts the I/O threads. Call once, after Listen.
   void Start();
-  /// Stops accepting connections; responses in flight get until `deadline` to end, then every
-  /// connection is closed (their streams aborted) and the I/O threads joined. Idempotent.
+  /// Stops accepting connections; responses in flight get until `deadline` to end, then the I/O
+  /// threads are joined and every connection still open is closed, its Stream aborted, before
+  /// Stop returns. Idempotent; Route, Listen and Start may not follow it.
   void Stop(std::chrono::steady_clock::time_point deadline);
   /// Responses begun and not yet ended.
   int in_flight() const;

@@ -210,9 +210,11 @@ Api::Api(core::Engine& engine, const tokenizer::Tokenizer& tok, ApiOptions optio
       created_(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
                    .count()) {}
 
-http::Response Api::TooLarge(uint64_t size, uint64_t limit) {
-  return ErrorResponse(
-      ResourceExhausted("the request body is ", size, " bytes; the limit (--max-message-bytes) is ", limit));
+http::Response Api::TooLarge(uint64_t size, uint64_t limit) const {
+  const Status s =
+      ResourceExhausted("the request body is ", size, " bytes; the limit (--max-message-bytes) is ", limit);
+  (void)Refuse("", s);  // logged and counted as resource_exhausted, answered 413 rather than 429
+  return JsonResponse(413, ErrorObject(s, 413));
 }
 
 http::Response Api::NotRouted(int status, const http::Request& req) {

@@ -46,8 +46,9 @@ class Api {
   /// After this, new generation requests get 503 and /health answers 503.
   void StartDraining() { draining_ = true; }
 
-  /// The body an over-long request gets (http::ServerOptions::too_large): 413, naming the size.
-  static http::Response TooLarge(uint64_t size, uint64_t limit);
+  /// The answer to a body over the limit (http::ServerOptions::too_large): 413 naming the size and
+  /// the limit (bytes), counted as a resource_exhausted failure.
+  http::Response TooLarge(uint64_t size, uint64_t limit) const;
   /// 404 and 405 answers as OpenAI error objects (http::ServerOptions::not_routed).
   static http::Response NotRouted(int status, const http::Request& req);
 

@@ -51,18 +51,20 @@ Status WrongType(const std::string& field, const char* want, const json& v) {
   return InvalidArgument("field '", field, "' must be ", want, ", got ", Shown(v));
 }
 
+// An integer JSON value as int64; one beyond it (only unsigned values can be) as the largest
+// int64, which every limit check then reports as too large.
+int64_t ToInt64(const json& v) {
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+    return std::numeric_limits<int64_t>::max();
+  return v.get<int64_t>();
+}
+
 // Readers of one field; an absent or null field leaves `out` as it was.
 Status ReadInt(const json& body, const std::string& field, std::optional<int64_t>* out) {
   auto it = body.find(field);
   if (it == body.end() || it->is_null()) return absl::OkStatus();
-  if (it->is_number_unsigned()) {  // beyond int64: the limit check reports it as the largest
-    *out = it->get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
-               ? std::numeric_limits<int64_t>::max()
-               : it->get<int64_t>();
-    return absl::OkStatus();
-  }
   if (!it->is_number_integer()) return WrongType(field, "an integer", *it);
-  *out = it->get<int64_t>();
+  *out = ToInt64(*it);
   return absl::OkStatus();
 }
 
@@ -103,7 +105,7 @@ Status ReadPrompt(const json& body, core::GenerationRequest* g) {
   for (size_t i = 0; i < p->size(); ++i) {
     const json& id = (*p)[i];
     if (!id.is_number_integer()) return WrongType(StrCat("prompt[", i, "]"), "an integer token id", id);
-    ids.push_back(id.is_number_unsigned() ? std::numeric_limits<int64_t>::max() : id.get<int64_t>());
+    ids.push_back(ToInt64(id));
   }
   g->token_ids = std::move(ids);
   return absl::OkStatus();
@@ -127,7 +129,7 @@ Status ReadStops(const json& body, core::GenerationRequest* g) {
     for (size_t i = 0; i < it->size(); ++i) {
       const json& id = (*it)[i];
       if (!id.is_number_integer()) return WrongType(StrCat("stop_token_ids[", i, "]"), "an integer token id", id);
-      g->stop_token_ids.push_back(id.is_number_unsigned() ? std::numeric_limits<int64_t>::max() : id.get<int64_t>());
+      g->stop_token_ids.push_back(ToInt64(id));
     }
   }
   return absl::OkStatus();

@@ -445,13 +445,14 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   return group;
 }
 
-// One HTTP server on host:port with `routes`; the port it listens on, or why it cannot.
-StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool tls,
+// One HTTP server on host:port with `routes`; the port it listens on, or why it cannot. `api`
+// answers the errors the transport finds itself (413, 404, 405).
+StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool tls, const openai::Api& api,
                                                   const std::function<void(http::Server&)>& routes) {
   http::ServerOptions ho{.threads = f.http_threads,
                          .max_body_bytes = static_cast<size_t>(f.max_message_bytes),
                          .idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.http_idle_timeout_s * 1000)),
-                         .too_large = &openai::Api::TooLarge,
+                         .too_large = [&api](uint64_t size, uint64_t limit) { return api.TooLarge(size, limit); },
                          .not_routed = &openai::Api::NotRouted};
   if (tls) ho.tls = http::TlsFiles{.cert_chain = f.tls_cert, .private_key = f.tls_key, .client_ca = f.tls_client_ca};
   auto server = std::make_unique<http::Server>(std::move(ho));
@@ -470,15 +471,6 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
   Frontends fe;
   KRAKEN_ASSIGN_OR_RETURN(auto creds, Credentials(f));
   auto metrics_text = [&registry] { return registry.Serialize(); };
-  if (f.metrics_port >= 0) {
-    KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, [&](http::Server& s) {
-                              s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
-                                return http::Response{.status = 200,
-                                                      .content_type = "text/plain; version=0.0.4; charset=utf-8",
-                                                      .body = metrics_text()};
-                              });
-                            }));
-  }
   fe.api = std::make_unique<openai::Api>(engine, tok,
                                          openai::ApiOptions{.served_model_name = so.info.model_name(),
                                                             .limits = so.limits,
@@ -488,9 +480,18 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
                                                             .serving = [&health] { return health.serving(); },
                                                             .metrics_text = metrics_text,
                                                             .version = KRAKEN_VERSION});
+  if (f.metrics_port >= 0) {
+    KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, *fe.api, [&](http::Server& s) {
+                              s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
+                                return http::Response{.status = 200,
+                                                      .content_type = "text/plain; version=0.0.4; charset=utf-8",
+                                                      .body = metrics_text()};
+                              });
+                            }));
+  }
   if (f.http_port >= 0) {
-    KRAKEN_ASSIGN_OR_RETURN(
-        fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), [&](http::Server& s) { fe.api->Register(s); }));
+    KRAKEN_ASSIGN_OR_RETURN(fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), *fe.api,
+                                               [&](http::Server& s) { fe.api->Register(s); }));
   }
   fe.service = std::make_unique<server::KrakenService>(engine, tok, std::move(so));
   grpc::EnableDefaultHealthCheckService(true);

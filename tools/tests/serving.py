@@ -31,9 +31,12 @@ class Server:
             raise RuntimeError(f"{SERVER_BIN} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
         self.port = free_port()
         self.metrics_port = free_port()
+        self.http_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         cmd = [SERVER_BIN, "--model", model, "--devices", devices, "--host", "127.0.0.1", "--port", str(self.port),
-               "--metrics-port", str(self.metrics_port), "--threads-per-worker", "1", *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--threads-per-worker", "1",
+               *args]
         self.log_path = f"/tmp/kraken-server-test-{self.port}.log"
         self.log = open(self.log_path, "w")
         # The server refuses KRAKEN_* variables that name no flag (the harness's own, such as
@@ -63,6 +66,11 @@ class Server:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"kraken-server not ready after {timeout} s: {self.read_log()}")
+
+    def openai(self, api_key="none", **kw):
+        """An `openai.OpenAI` client of the server's OpenAI-compatible API (no retries: a test sees every error)."""
+        import openai
+        return openai.OpenAI(base_url=self.http_url + "/v1", api_key=api_key, max_retries=0, **kw)
 
     def read_log(self) -> str:
         self.log.flush()

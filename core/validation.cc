@@ -55,7 +55,8 @@ Status ValidatePrompt(const GenerationRequest& req, const RequestLimits& lim, co
 }
 
 // max_tokens (clamped to the context) and min_tokens.
-Status ValidateLengths(const GenerationRequest& req, const RequestLimits& lim, RequestParams* p) {
+Status ValidateLengths(const GenerationRequest& req, const RequestLimits& lim, const FieldNames& names,
+                       RequestParams* p) {
   const uint32_t room = static_cast<uint32_t>(lim.context_length - static_cast<int>(p->prompt.size()));
   int64_t max_tokens = req.max_tokens.value_or(lim.default_max_tokens);
   if (max_tokens < 0) return Bad("max_tokens", StrCat("must be >= 0, got ", max_tokens));
@@ -64,9 +65,9 @@ Status ValidateLengths(const GenerationRequest& req, const RequestLimits& lim, R
     p->clamped = true;
   }
   p->max_tokens = static_cast<uint32_t>(max_tokens);
-  if (req.min_tokens < 0) return Bad("min_tokens", StrCat("must be >= 0, got ", req.min_tokens));
+  if (req.min_tokens < 0) return Bad(names.min_tokens, StrCat("must be >= 0, got ", req.min_tokens));
   if (req.min_tokens > max_tokens)
-    return Bad("min_tokens",
+    return Bad(names.min_tokens,
                StrCat("must be <= max_tokens (", max_tokens, " after fitting the context), got ", req.min_tokens));
   p->min_tokens = static_cast<uint32_t>(req.min_tokens);
   return absl::OkStatus();
@@ -135,7 +136,7 @@ StatusOr<RequestParams> ValidateGeneration(const GenerationRequest& req, const R
                StrCat("must be at most ", lim.max_request_id_bytes, " bytes, got ", req.request_id.size()));
   if (!tokenizer::IsValidUtf8(req.request_id)) return Bad("request_id", "is not valid UTF-8");
   KRAKEN_RETURN_IF_ERROR(ValidatePrompt(req, lim, tok, names, &p));
-  KRAKEN_RETURN_IF_ERROR(ValidateLengths(req, lim, &p));
+  KRAKEN_RETURN_IF_ERROR(ValidateLengths(req, lim, names, &p));
   KRAKEN_RETURN_IF_ERROR(ValidateSampling(req, lim, names, &p));
   KRAKEN_RETURN_IF_ERROR(ValidateStops(req, lim, &p));
   if (req.priority < std::numeric_limits<int32_t>::min() || req.priority > std::numeric_limits<int32_t>::max())

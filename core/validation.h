@@ -63,6 +63,7 @@ struct FieldNames {
   std::string text = "text";
   std::string token_ids = "token_ids";
   std::string top_logprobs = "top_logprobs";
+  std::string min_tokens = "min_tokens";
 };
 
 /// Validates and tokenizes. max_tokens beyond the context is clamped (RequestParams::clamped) and

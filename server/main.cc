@@ -34,6 +34,7 @@
 #include "runtime/worker.h"
 #include "server/flags.h"
 #include "server/json_log.h"
+#include "server/kserve_service.h"
 #include "server/read_file.h"
 #include "server/service.h"
 
@@ -363,6 +364,7 @@ class Health {
 struct Frontends {
   std::unique_ptr<grpc::Server> grpc;
   std::unique_ptr<server::KrakenService> service;
+  std::unique_ptr<server::KserveService> kserve;  // KServe v2 on the gRPC port
   std::unique_ptr<openai::Api> api;
   std::unique_ptr<http::Server> http;          // null with --http-port -1
   std::unique_ptr<http::Server> metrics_http;  // null with --metrics-port -1
@@ -391,6 +393,7 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
   const bool fatal = engine.fatal();
   health.Drain();
   fe.service->StartDraining();
+  fe.kserve->StartDraining();
   fe.api->StartDraining();
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");
@@ -493,6 +496,16 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
     KRAKEN_ASSIGN_OR_RETURN(fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), *fe.api,
                                                [&](http::Server& s) { fe.api->Register(s); }));
   }
+  fe.kserve =
+      std::make_unique<server::KserveService>(engine, tok,
+                                              server::KserveOptions{.model_name = so.info.model_name(),
+                                                                    .server_version = KRAKEN_VERSION,
+                                                                    .limits = so.limits,
+                                                                    .api_key = f.api_key,
+                                                                    .metrics = so.metrics,
+                                                                    .max_message_bytes = f.max_message_bytes,
+                                                                    .request_timeout = so.request_timeout,
+                                                                    .serving = [&health] { return health.serving(); }});
   fe.service = std::make_unique<server::KrakenService>(engine, tok, std::move(so));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -503,6 +516,7 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
   // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
   builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
   builder.RegisterService(fe.service.get());
+  builder.RegisterService(fe.kserve.get());
   fe.grpc = builder.BuildAndStart();
   if (!fe.grpc || bound_port == 0) return absl::UnavailableError(StrCat("cannot listen on ", f.host, ":", f.port));
   health.Attach(fe.grpc->GetHealthCheckService());

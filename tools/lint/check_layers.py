@@ -1,7 +1,7 @@
 """Checks the module map of docs/architecture.md on the C++ sources:
 
   * no module includes one above it: each module's allowed includes are listed in ALLOWED;
-  * generated protobuf headers (kraken/v1/*.pb.h) are included only in server/ and proto/;
+  * generated protobuf headers (kraken/v1/*.pb.h, inference/*.pb.h) are included only in server/ and proto/;
   * no function in core/, server/ or runtime/ runs past MAX_FUNCTION_LINES lines (top-level
     definitions, from the line that opens the body to the line that closes it).
 
@@ -53,7 +53,7 @@ def check_includes(path, lines, findings):
         if target.endswith(".pb.h") and module not in PROTOBUF_OK:
             findings.append(f"{path}:{n}: includes the generated protobuf header {target} outside server/ and proto/")
             continue
-        top = "proto" if target.startswith("kraken/v1/") else target.split("/", 1)[0]
+        top = "proto" if target.startswith(("kraken/v1/", "inference/")) else target.split("/", 1)[0]
         if top in ALLOWED and top != module and top not in ALLOWED[module]:
             findings.append(f"{path}:{n}: {module}/ may not include {target} ({top}/ is not below it)")
 

@@ -1,0 +1,67 @@
+// KServe v2 inference requests (inference.ModelInferRequest) in the tensor names of Triton's two
+// LLM backends, turned into the core's terms, and the responses built back from the core's output.
+//
+// TensorRT-LLM backend (its "ensemble" model): BYTES `text_input`; scalars `max_tokens`, `stream`,
+// `temperature`, `top_k`, `top_p`, `random_seed`, `min_length` (min_tokens), `repetition_penalty`,
+// `presence_penalty`, `frequency_penalty`, `end_id`, `pad_id`, `beam_width` (1), `length_penalty`
+// (no effect at beam width 1), `num_return_sequences` (1), `return_log_probs`,
+// `exclude_input_in_output`; BYTES lists `stop_words` and `bad_words` (empty only) ->
+// `text_output`, and `output_log_probs` and `cum_log_probs` with return_log_probs.
+//
+// vLLM backend: BYTES `text_input`, BOOL `stream`, BYTES `sampling_parameters` (vLLM's sampling
+// parameters as a JSON object; numbers and booleans may be given as strings, as that backend
+// accepts), BOOL `exclude_input_in_output` and `return_finish_reason`, `return_num_input_tokens`,
+// `return_num_output_tokens`, `return_cumulative_logprob` -> `text_output` and the outputs asked
+// for.
+//
+// A request is read as the vLLM interface when it has `sampling_parameters` or any input only
+// that interface has, else as TensorRT-LLM's. Every tensor may have any shape holding the
+// elements it needs (a batch dimension of 1 included); a batch above 1 is refused.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "core/request.h"
+#include "core/validation.h"
+#include "inference/grpc_service.pb.h"
+
+namespace kraken::server {
+
+enum class KserveInterface { kTensorRtLlm, kVllm };
+
+/// A parsed inference request, not yet validated against the model (core::ValidateGeneration
+/// with kKserveFields does that).
+struct KserveRequest {
+  core::GenerationRequest generation;
+  KserveInterface interface = KserveInterface::kTensorRtLlm;
+  bool stream = false;         // one response per batch of new text (ModelStreamInfer)
+  bool exclude_input = false;  // vLLM: text_output starts with the prompt unless this is set
+  bool log_probs = false;      // TensorRT-LLM: output_log_probs and cum_log_probs
+  bool finish_reason = false;  // vLLM: finish_reason
+  bool num_input_tokens = false, num_output_tokens = false, cumulative_logprob = false;  // vLLM
+};
+
+/// How the KServe interfaces spell the fields core::ValidateGeneration names.
+extern const core::FieldNames kKserveFields;
+
+/// The inputs a model served here accepts, and the outputs it may give: (name, datatype).
+const std::vector<std::pair<std::string, std::string>>& KserveInputs();
+const std::vector<std::pair<std::string, std::string>>& KserveOutputs();
+
+/// Reads the request's tensors. INVALID_ARGUMENT naming the input and the value for: an input
+/// this model does not have (with the closest one), a datatype or element count that does not fit
+/// the input, raw contents that do not match the declared shape, sampling_parameters that are not
+/// a JSON object of known keys, and what is not offered (bad_words, beam_width or
+/// num_return_sequences above 1, batches).
+StatusOr<KserveRequest> ParseKserveRequest(const inference::ModelInferRequest& req);
+
+/// Adds to `resp` the outputs for `out` (what the request produced since the last response, or
+/// all of it), in raw contents as Triton sends them. `first` adds the prompt to text_output when
+/// the vLLM interface asks for it; `last` adds the outputs that are known only at the end, among
+/// them `cumulative_logprob`, the sum of every generated token's logprob (natural log).
+void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params, const core::Output& out,
+                         bool first, bool last, double cumulative_logprob, inference::ModelInferResponse* resp);
+
+}  // namespace kraken::server

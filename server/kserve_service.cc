@@ -1,0 +1,405 @@
+#include "server/kserve_service.h"
+
+#include <deque>
+#include <list>
+
+#include <spdlog/spdlog.h>
+
+#include "server/service.h"
+
+namespace kraken::server {
+namespace {
+
+using inference::ModelInferRequest;
+using inference::ModelInferResponse;
+using inference::ModelStreamInferResponse;
+
+constexpr const char* kVersion = "1";
+
+grpc::ByteBuffer Wire(const google::protobuf::MessageLite& msg) {
+  grpc::ByteBuffer out;
+  bool own = false;
+  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
+  return out;
+}
+
+grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
+  auto* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+// One request in flight on a stream or a unary call: what the core produced that is not sent yet.
+struct Entry {
+  std::shared_ptr<core::RequestHandle> handle;
+  KserveRequest request;
+  std::string id;
+  core::Output taken;
+  double cumulative_logprob = 0;
+  bool first = true;
+
+  // The response for what was taken since the last one (`last`: with the end's outputs and the
+  // final flag), clearing it.
+  ModelInferResponse Response(const KserveService& svc, bool last) {
+    ModelInferResponse r;
+    r.set_model_name(svc.options().model_name);
+    r.set_model_version(kVersion);
+    r.set_id(id);
+    for (const core::TokenLogprobs& lp : taken.logprobs) cumulative_logprob += lp.logprob;
+    AppendKserveOutputs(request, handle->params(), taken, first, last, cumulative_logprob, &r);
+    (*r.mutable_parameters())["triton_final_response"].set_bool_param(last);
+    first = false;
+    taken.text.clear();
+    taken.ids.clear();
+    taken.logprobs.clear();
+    return r;
+  }
+};
+
+// ModelInfer: the whole answer in one response once the request has ended.
+class InferReactor final : public grpc::ServerUnaryReactor {
+ public:
+  InferReactor(KserveService* svc, Entry entry, grpc::ByteBuffer* resp) : svc_(svc), e_(std::move(entry)), resp_(resp) {
+    e_.handle->Listen([this] { Pump(); });
+    Pump();
+  }
+  void OnCancel() override { e_.handle->Cancel(); }
+  void OnDone() override {
+    e_.handle->Detach();
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    std::lock_guard<std::mutex> l(mu_);
+    if (finished_) return;
+    e_.handle->Take(&e_.taken);
+    if (!e_.taken.finished) return;
+    finished_ = true;
+    svc_->Count(e_.taken.status.ok(), e_.taken.e2e_s);
+    if (!e_.taken.status.ok()) {
+      Finish(ToGrpc(e_.taken.status));
+      return;
+    }
+    *resp_ = Wire(e_.Response(*svc_, /*last=*/true));
+    Finish(grpc::Status::OK);
+  }
+
+  KserveService* svc_;
+  Entry e_;
+  grpc::ByteBuffer* resp_;
+  std::mutex mu_;
+  bool finished_ = false;
+};
+
+// ModelStreamInfer: reads requests while the client sends them, and writes the responses of all
+// of them, one write at a time, round-robin over the requests with something new.
+class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
+ public:
+  StreamReactor(KserveService* svc, grpc::CallbackServerContext* ctx) : svc_(svc), ctx_(ctx) { StartRead(&in_); }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client has sent its last request
+      std::lock_guard<std::mutex> l(mu_);
+      reads_done_ = true;
+      PumpLocked();
+      return;
+    }
+    std::string id;
+    auto accepted = svc_->Accept(ctx_, in_, &id);
+    Entry* added = nullptr;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (accepted.ok()) {
+        entries_.push_back(std::make_unique<Entry>(
+            Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}));
+        added = entries_.back().get();
+      } else {
+        ModelStreamInferResponse r;
+        r.set_error_message(std::string(accepted.status().message()));
+        r.mutable_infer_response()->set_id(id);
+        r.mutable_infer_response()->set_model_name(svc_->options().model_name);
+        errors_.push_back(std::move(r));
+      }
+    }
+    if (added != nullptr) added->handle->Listen([this] { Pump(); });
+    StartRead(&in_);
+    Pump();
+  }
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> l(mu_);
+    writing_ = false;
+    if (!ok) {  // the client is gone
+      CancelAllLocked();
+      if (!finish_called_) {
+        finish_called_ = true;
+        Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
+      }
+      return;
+    }
+    PumpLocked();
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    CancelAllLocked();
+  }
+  void OnDone() override {
+    std::vector<std::unique_ptr<Entry>> all;
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;  // a listener call that waits for the lock does nothing after this
+      for (auto& e : entries_) all.push_back(std::move(e));
+      for (auto& e : retired_) all.push_back(std::move(e));
+    }
+    for (auto& e : all) e->handle->Detach();  // outside the lock: Detach waits for listener calls
+    delete this;
+  }
+
+ private:
+  void Pump() {
+    std::lock_guard<std::mutex> l(mu_);
+    PumpLocked();
+  }
+  void CancelAllLocked() {
+    for (auto& e : entries_) e->handle->Cancel();
+  }
+  // Starts the next write: an error response first, else the next request with something new;
+  // finishes the stream when the client is done sending and every request has ended.
+  void PumpLocked() {
+    if (done_ || writing_ || finish_called_) return;
+    ModelStreamInferResponse r;
+    if (!errors_.empty()) {
+      r = std::move(errors_.front());
+      errors_.pop_front();
+      Write(r);
+      return;
+    }
+    for (size_t n = 0; n < entries_.size(); ++n) {
+      auto it = entries_.begin();
+      std::advance(it, (next_ + n) % entries_.size());
+      Entry& e = **it;
+      e.handle->Take(&e.taken);
+      const bool ended = e.taken.finished;
+      const bool stream = e.request.stream;
+      if (!ended && (!stream || (e.taken.text.empty() && e.taken.logprobs.empty()))) continue;
+      if (ended) svc_->Count(e.taken.status.ok(), e.taken.e2e_s);
+      if (ended && !e.taken.status.ok()) {
+        r.set_error_message(std::string(e.taken.status.message()));
+        r.mutable_infer_response()->set_id(e.id);
+        r.mutable_infer_response()->set_model_name(svc_->options().model_name);
+      } else {
+        *r.mutable_infer_response() = e.Response(*svc_, ended);
+      }
+      next_ = (next_ + n + 1) % entries_.size();
+      if (ended) {
+        retired_.push_back(std::move(*it));
+        entries_.erase(it);
+      }
+      Write(r);
+      return;
+    }
+    if (reads_done_ && entries_.empty()) {
+      finish_called_ = true;
+      Finish(grpc::Status::OK);
+    }
+  }
+  void Write(const ModelStreamInferResponse& r) {
+    out_ = Wire(r);
+    writing_ = true;
+    StartWrite(&out_);
+  }
+
+  KserveService* svc_;
+  grpc::CallbackServerContext* ctx_;
+  grpc::ByteBuffer in_, out_;
+  std::mutex mu_;
+  std::list<std::unique_ptr<Entry>> entries_;    // guarded by mu_: requests not yet ended
+  std::vector<std::unique_ptr<Entry>> retired_;  // ended; detached in OnDone
+  std::deque<ModelStreamInferResponse> errors_;  // refused requests' responses, not yet written
+  size_t next_ = 0;
+  bool writing_ = false, reads_done_ = false, finish_called_ = false, done_ = false;
+};
+
+}  // namespace
+
+KserveService::KserveService(core::Engine& engine, const tokenizer::Tokenizer& tok, KserveOptions options)
+    : engine_(engine), tok_(tok), options_(std::move(options)) {}
+
+Status KserveService::Authorize(grpc::CallbackServerContext* ctx) const {
+  if (options_.api_key.empty()) return absl::OkStatus();
+  const auto& md = ctx->client_metadata();
+  auto it = md.find("authorization");
+  if (it == md.end()) return absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata");
+  std::string expected = "Bearer ";
+  expected += options_.api_key;
+  if (std::string_view(it->second.data(), it->second.size()) != expected)
+    return absl::UnauthenticatedError("invalid API key in 'authorization'");
+  return absl::OkStatus();
+}
+
+Status KserveService::CheckModel(const std::string& name) const {
+  if (name == options_.model_name) return absl::OkStatus();
+  return absl::NotFoundError(
+      StrCat("model '", name, "' is not served here (this server serves '", options_.model_name, "')"));
+}
+
+void KserveService::Count(bool ok, double seconds) {
+  const auto ns = static_cast<uint64_t>(std::max(0.0, seconds) * 1e9);
+  (ok ? success_count_ : fail_count_).fetch_add(1);
+  (ok ? success_ns_ : fail_ns_).fetch_add(ns);
+  last_ms_.store(static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count()));
+}
+
+StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
+                                                        std::string* id) {
+  const auto arrival = core::Clock::now();
+  auto deadline = core::Clock::time_point::max();
+  const auto sys_deadline = ctx->deadline();
+  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
+    deadline =
+        arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
+  if (options_.request_timeout.count() > 0) deadline = std::min(deadline, arrival + options_.request_timeout);
+  auto refuse = [&](const Status& s) -> Status {
+    spdlog::info("request {} rejected: {}", id->empty() ? "-" : *id, s.ToString());
+    if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
+    return s;
+  };
+  if (draining_) return refuse(absl::UnavailableError("the server is shutting down"));
+  if (Status a = Authorize(ctx); !a.ok()) return refuse(a);
+  ModelInferRequest req;
+  if (Status p = ParseRequest(raw, options_.max_message_bytes, &req); !p.ok()) return refuse(p);
+  *id = req.id();
+  if (Status m = CheckModel(req.model_name()); !m.ok()) return refuse(m);
+  auto parsed = ParseKserveRequest(req);
+  if (!parsed.ok()) return refuse(parsed.status());
+  auto params = core::ValidateGeneration(parsed->generation, options_.limits, tok_, kKserveFields);
+  if (!params.ok()) return refuse(params.status());
+  auto handle = engine_.Submit(std::move(*params), arrival, deadline);
+  if (!handle.ok()) return refuse(handle.status());
+  return Accepted{.handle = std::move(*handle), .request = std::move(*parsed)};
+}
+
+grpc::ServerUnaryReactor* KserveService::ServerLive(grpc::CallbackServerContext* ctx,
+                                                    const inference::ServerLiveRequest*,
+                                                    inference::ServerLiveResponse* resp) {
+  resp->set_live(true);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ServerReady(grpc::CallbackServerContext* ctx,
+                                                     const inference::ServerReadyRequest*,
+                                                     inference::ServerReadyResponse* resp) {
+  resp->set_ready(!draining_ && (!options_.serving || options_.serving()));
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ModelReady(grpc::CallbackServerContext* ctx,
+                                                    const inference::ModelReadyRequest* req,
+                                                    inference::ModelReadyResponse* resp) {
+  resp->set_ready(req->name() == options_.model_name && !draining_ && (!options_.serving || options_.serving()));
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ServerMetadata(grpc::CallbackServerContext* ctx,
+                                                        const inference::ServerMetadataRequest*,
+                                                        inference::ServerMetadataResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  resp->set_name("kraken-serve");
+  resp->set_version(options_.server_version);
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ModelMetadata(grpc::CallbackServerContext* ctx,
+                                                       const inference::ModelMetadataRequest* req,
+                                                       inference::ModelMetadataResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+  resp->set_name(options_.model_name);
+  *resp->add_versions() = std::string(kVersion);
+  resp->set_platform("kraken");
+  for (const auto& [name, type] : KserveInputs()) {
+    auto* t = resp->add_inputs();
+    t->set_name(name);
+    t->set_datatype(type);
+    t->add_shape(-1);
+  }
+  for (const auto& [name, type] : KserveOutputs()) {
+    auto* t = resp->add_outputs();
+    t->set_name(name);
+    t->set_datatype(type);
+    t->add_shape(-1);
+  }
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ModelConfig(grpc::CallbackServerContext* ctx,
+                                                     const inference::ModelConfigRequest* req,
+                                                     inference::ModelConfigResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+  auto type_of = [](const std::string& t) {
+    return t == "BYTES"    ? inference::TYPE_STRING
+           : t == "BOOL"   ? inference::TYPE_BOOL
+           : t == "INT32"  ? inference::TYPE_INT32
+           : t == "UINT32" ? inference::TYPE_UINT32
+           : t == "UINT64" ? inference::TYPE_UINT64
+                           : inference::TYPE_FP32;
+  };
+  inference::ModelConfig* c = resp->mutable_config();
+  c->set_name(options_.model_name);
+  c->set_platform("kraken");
+  c->set_backend("kraken");
+  c->set_max_batch_size(0);
+  c->mutable_model_transaction_policy()->set_decoupled(true);
+  for (const auto& [name, type] : KserveInputs()) {
+    auto* in = c->add_input();
+    in->set_name(name);
+    in->set_data_type(type_of(type));
+    in->add_dims(-1);
+    in->set_optional(name != "text_input");
+  }
+  for (const auto& [name, type] : KserveOutputs()) {
+    auto* out = c->add_output();
+    out->set_name(name);
+    out->set_data_type(type_of(type));
+    out->add_dims(-1);
+  }
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ModelStatistics(grpc::CallbackServerContext* ctx,
+                                                         const inference::ModelStatisticsRequest* req,
+                                                         inference::ModelStatisticsResponse* resp) {
+  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  if (!req->name().empty())
+    if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+  auto* s = resp->add_model_stats();
+  s->set_name(options_.model_name);
+  s->set_version(kVersion);
+  s->set_last_inference(last_ms_.load());
+  s->set_inference_count(success_count_.load());
+  s->set_execution_count(success_count_.load());
+  s->mutable_inference_stats()->mutable_success()->set_count(success_count_.load());
+  s->mutable_inference_stats()->mutable_success()->set_ns(success_ns_.load());
+  s->mutable_inference_stats()->mutable_fail()->set_count(fail_count_.load());
+  s->mutable_inference_stats()->mutable_fail()->set_ns(fail_ns_.load());
+  return Done(ctx, grpc::Status::OK);
+}
+
+grpc::ServerUnaryReactor* KserveService::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
+                                                    grpc::ByteBuffer* resp) {
+  std::string id;
+  auto accepted = Accept(ctx, *raw, &id);
+  if (!accepted.ok()) return Done(ctx, ToGrpc(accepted.status()));
+  return new InferReactor(
+      this, Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}, resp);
+}
+
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KserveService::ModelStreamInfer(
+    grpc::CallbackServerContext* ctx) {
+  return new StreamReactor(this, ctx);
+}
+
+}  // namespace kraken::server

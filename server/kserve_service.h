@@ -1,0 +1,102 @@
+// KServe v2 (Open Inference Protocol) over gRPC, as Triton serves it: inference.GRPCInferenceService
+// on the gRPC port beside kraken.v1, so tritonclient, perf_analyzer and genai-perf work unchanged.
+// The one model is served as Triton serves an LLM behind its TensorRT-LLM or vLLM backend
+// (server/kserve_request.h has the tensors): decoupled, so ModelStreamInfer gives one response per
+// batch of new text, the last flagged `triton_final_response`; ModelInfer gives the whole answer.
+//
+// ModelStreamInfer carries any number of requests on one stream, answered as they progress; a
+// request that fails gets a response with `error_message` and the stream goes on. Responses are
+// written one at a time, whenever the previous write is done (a slow reader makes output coalesce,
+// the engine never waits); a client that cancels the stream cancels its requests.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <grpcpp/grpcpp.h>
+
+#include "core/engine.h"
+#include "core/serving_metrics.h"
+#include "core/validation.h"
+#include "inference/grpc_service.grpc.pb.h"
+#include "server/kserve_request.h"
+
+namespace kraken::server {
+
+struct KserveOptions {
+  std::string model_name;  // the one model's name; requests naming another get NOT_FOUND
+  std::string server_version;
+  core::RequestLimits limits;
+  std::string api_key;                           // empty: none; ServerLive/ServerReady/ModelReady stay open
+  core::ServingMetrics* metrics = nullptr;       // optional: refusals counted
+  int max_message_bytes = 4 << 20;               // largest request message (bytes)
+  std::chrono::milliseconds request_timeout{0};  // 0: none
+  std::function<bool()> serving;                 // readiness: the workers are up
+};
+
+// Typed callback handlers for the metadata calls, raw (grpc::ByteBuffer) ones for the two inference
+// calls, which parse their bodies themselves (ParseRequest in server/service.h): bytes that are not
+// a message get INVALID_ARGUMENT with a message, and a body over --max-message-bytes is refused
+// and counted.
+using KserveBase = inference::GRPCInferenceService;
+using RawKserveService = KserveBase::WithCallbackMethod_ServerLive<KserveBase::WithCallbackMethod_ServerReady<
+    KserveBase::WithCallbackMethod_ModelReady<KserveBase::WithCallbackMethod_ServerMetadata<
+        KserveBase::WithCallbackMethod_ModelMetadata<KserveBase::WithCallbackMethod_ModelConfig<
+            KserveBase::WithCallbackMethod_ModelStatistics<KserveBase::WithRawCallbackMethod_ModelInfer<
+                KserveBase::WithRawCallbackMethod_ModelStreamInfer<KserveBase::Service>>>>>>>>>;
+
+class KserveService final : public RawKserveService {
+ public:
+  KserveService(core::Engine& engine, const tokenizer::Tokenizer& tok, KserveOptions options);
+
+  /// After this, new inference requests get UNAVAILABLE and ServerReady answers false.
+  void StartDraining() { draining_ = true; }
+
+  grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest* req,
+                                       inference::ServerLiveResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerReady(grpc::CallbackServerContext* ctx, const inference::ServerReadyRequest* req,
+                                        inference::ServerReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelReady(grpc::CallbackServerContext* ctx, const inference::ModelReadyRequest* req,
+                                       inference::ModelReadyResponse* resp) override;
+  grpc::ServerUnaryReactor* ServerMetadata(grpc::CallbackServerContext* ctx,
+                                           const inference::ServerMetadataRequest* req,
+                                           inference::ServerMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelMetadata(grpc::CallbackServerContext* ctx, const inference::ModelMetadataRequest* req,
+                                          inference::ModelMetadataResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelConfig(grpc::CallbackServerContext* ctx, const inference::ModelConfigRequest* req,
+                                        inference::ModelConfigResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx,
+                                            const inference::ModelStatisticsRequest* req,
+                                            inference::ModelStatisticsResponse* resp) override;
+  grpc::ServerUnaryReactor* ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* req,
+                                       grpc::ByteBuffer* resp) override;
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
+      grpc::CallbackServerContext* ctx) override;
+
+  /// One accepted request: its handle and what it asked for.
+  struct Accepted {
+    std::shared_ptr<core::RequestHandle> handle;
+    KserveRequest request;
+  };
+  /// Draining, authentication, parsing, the model's name, validation, then the engine. The
+  /// request's id (for the error response) is filled in even when it fails.
+  StatusOr<Accepted> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw, std::string* id);
+  /// Counts a request that ended (for ModelStatistics): `ok`, and its duration from arrival.
+  void Count(bool ok, double seconds);
+  const KserveOptions& options() const { return options_; }
+
+ private:
+  Status Authorize(grpc::CallbackServerContext* ctx) const;
+  Status CheckModel(const std::string& name) const;
+
+  core::Engine& engine_;
+  const tokenizer::Tokenizer& tok_;
+  KserveOptions options_;
+  std::atomic<bool> draining_{false};
+  std::atomic<uint64_t> success_count_{0}, success_ns_{0}, fail_count_{0}, fail_ns_{0}, last_ms_{0};
+};
+
+}  // namespace kraken::server

@@ -44,3 +44,17 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
 else
   echo "setup: Python environment up to date"
 fi
+
+# The field's clients (tritonclient, aiperf) in their own environment: their pins clash with ours.
+clients="$root/.venv-clients"
+clients_stamp="$clients/.requirements.sha256"
+clients_want="$(sha256sum "$root/requirements-clients.txt" | cut -d' ' -f1)"
+if [ ! -x "$clients/bin/python" ] || [ "$(cat "$clients_stamp" 2>/dev/null)" != "$clients_want" ]; then
+  echo "setup: creating the clients' environment in .venv-clients"
+  python3 -m venv "$clients"
+  "$clients/bin/pip" install -q --upgrade pip
+  "$clients/bin/pip" install -q -r "$root/requirements-clients.txt"
+  echo "$clients_want" > "$clients_stamp"
+else
+  echo "setup: clients' environment up to date"
+fi

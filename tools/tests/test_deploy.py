@@ -195,6 +195,7 @@ def test_manifests_agree_with_the_server(overlay, tmp_path):
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["grpc"] == cfg["port"] == svc_ports["grpc"]["port"]
         assert ports["metrics"] == cfg["metrics-port"] == svc_ports["metrics"]["port"]
+        assert ports["http"] == cfg["http-port"] == svc_ports["http"]["port"]
         assert c["startupProbe"]["grpc"]["port"] == cfg["port"]
         assert c["readinessProbe"]["grpc"] == {"port": cfg["port"], "service": "kraken.v1.Kraken"}
         assert c["livenessProbe"]["httpGet"]["port"] == cfg["metrics-port"]
@@ -287,7 +288,7 @@ def test_dockerfile_structure(name):
     user = final["USER"][-1].split(":")[0]
     assert user.isdigit() and int(user) != 0, "the image must run as a numeric non-root user"
     assert json.loads(final["ENTRYPOINT"][-1])[0] == "/usr/local/bin/kraken-server"
-    assert set(" ".join(final["EXPOSE"]).split()) == {"8001", "8002"}
+    assert set(" ".join(final["EXPOSE"]).split()) == {"8000", "8001", "8002"}
     assert all(a.startswith("--from=build") for a in final.get("COPY", [])), "the runtime stage copies only build outputs"
     # Build dependencies are the project's own (scripts/setup.sh); runtime packages cover the binary.
     with open(os.path.join(ROOT, "scripts", "setup.sh")) as f:
@@ -576,6 +577,8 @@ def test_manifest_command_runs_on_the_real_server(overlay, kind, role, tmp_path)
         ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
         if "grpc" in ports:
             assert (need["grpc_port"], need["metrics_port"]) == (ports["grpc"], ports["metrics"]), (what, need)
+        if "http" in ports:
+            assert need["http_port"] == ports["http"], (what, need)
 
 
 @pytest.mark.parametrize("image", ["kraken-serve:cpu", "registry.example.com/kraken-serve:cuda"])
@@ -587,7 +590,7 @@ def test_image_default_command_runs_on_the_real_server(image, tmp_path):
     assert r.returncode == 0, f"{' '.join(argv)} with {env}\nexit {r.returncode}: {r.stderr}"
     need = json.loads(r.stdout)
     assert need["model"] == DEFAULT_MODEL and need["devices"] == eff["devices"], need
-    assert (need["grpc_port"], need["metrics_port"]) == (8001, 8002)
+    assert (need["http_port"], need["grpc_port"], need["metrics_port"]) == (8000, 8001, 8002)
 
 
 def test_avx512_node_affinity_example_renders_and_validates(tmp_path):

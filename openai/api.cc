@@ -32,14 +32,15 @@ struct CompletionContext {
   int64_t created = 0;
   bool stream = false;
   bool include_usage = false;
+  bool continuous_usage = false;
   const tokenizer::Tokenizer* tok = nullptr;
 };
 
-json Usage(const core::RequestHandle& h, const core::Output& o) {
+json Usage(const core::RequestHandle& h, int64_t completion_tokens) {
   const auto prompt = static_cast<int64_t>(h.params().prompt.size());
   return json{{"prompt_tokens", prompt},
-              {"completion_tokens", o.completion_tokens},
-              {"total_tokens", prompt + o.completion_tokens}};
+              {"completion_tokens", completion_tokens},
+              {"total_tokens", prompt + completion_tokens}};
 }
 
 // "stop_reason" as vLLM gives it: the stop string, the stop token id, or null.
@@ -87,9 +88,10 @@ class CompletionStream final : public http::Stream {
               {"created", c_.created},
               {"model", c_.model},
               {"choices", json::array({Choice(text, taken_.ids, taken_.logprobs, FinishReason(taken_))})},
-              {"usage", Usage(*h_, taken_)}};
+              {"usage", Usage(*h_, taken_.completion_tokens)}};
     body["choices"][0]["stop_reason"] = StopReason(taken_);
     piece->head = JsonResponse(200, body);
+    piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
     return true;
   }
 
@@ -98,9 +100,10 @@ class CompletionStream final : public http::Stream {
   bool NextEvent(Piece* piece) {
     if (!head_sent_) {
       head_sent_ = true;
-      piece->head = http::Response{.status = 200,
-                                   .content_type = "text/event-stream",
-                                   .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}}};
+      piece->head = http::Response{
+          .status = 200,
+          .content_type = "text/event-stream",
+          .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}, {"X-Request-Id", c_.id.substr(5)}}};
       if (h_->params().echo) piece->data = Event(Chunk(h_->params().prompt_text, {}, {}, nullptr, nullptr));
     }
     h_->Take(&taken_);
@@ -114,10 +117,11 @@ class CompletionStream final : public http::Stream {
       if (ended && c_.include_usage) {
         json usage_chunk = Base();
         usage_chunk["choices"] = json::array();
-        usage_chunk["usage"] = Usage(*h_, taken_);
+        usage_chunk["usage"] = Usage(*h_, taken_.completion_tokens);
         piece->data += Event(usage_chunk);
       }
     }
+    sent_tokens_ += static_cast<int64_t>(taken_.ids.size());
     taken_.text.clear();
     taken_.ids.clear();
     taken_.logprobs.clear();
@@ -132,7 +136,10 @@ class CompletionStream final : public http::Stream {
 
   json Base() const {
     json j{{"id", c_.id}, {"object", "text_completion"}, {"created", c_.created}, {"model", c_.model}};
-    if (c_.include_usage) j["usage"] = nullptr;
+    if (c_.continuous_usage)  // vLLM's continuous_usage_stats: the tokens sent so far, this chunk's included
+      j["usage"] = Usage(*h_, sent_tokens_ + static_cast<int64_t>(taken_.ids.size()));
+    else if (c_.include_usage)
+      j["usage"] = nullptr;
     return j;
   }
 
@@ -181,6 +188,7 @@ class CompletionStream final : public http::Stream {
   core::Output taken_;
   bool head_sent_ = false;
   int64_t text_offset_ = 0;
+  int64_t sent_tokens_ = 0;  // tokens in the chunks sent so far
 };
 
 // Parses a small JSON object body whose fields must all be in `known`.
@@ -263,6 +271,7 @@ http::Reply Api::Completions(const http::Request& req) {
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
       .stream = parsed->stream,
       .include_usage = parsed->include_usage,
+      .continuous_usage = parsed->continuous_usage,
       .tok = &tok_};
   return std::make_unique<CompletionStream>(std::move(*handle), std::move(c));
 }

@@ -229,6 +229,7 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
         return InvalidArgument("field 'stream_options." + key + "' is not a stream option (include_usage)");
     }
     KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "include_usage", &r.include_usage));
+    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "continuous_usage_stats", &r.continuous_usage));
     if (!r.stream) return InvalidArgument("field 'stream_options' is allowed only with 'stream': true");
   }
   KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));

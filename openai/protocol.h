@@ -22,7 +22,8 @@ struct CompletionRequest {
   core::GenerationRequest generation;
   std::optional<std::string> model;
   bool stream = false;
-  bool include_usage = false;  // stream_options.include_usage: a last chunk with the usage
+  bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
+  bool continuous_usage = false;  // stream_options.continuous_usage_stats (vLLM): usage on every chunk
 };
 
 /// How the completions API spells the fields core::ValidateGeneration names.

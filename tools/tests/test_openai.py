@@ -342,3 +342,59 @@ def test_queue_full_is_429():
         assert client.completions.create(model=MODEL, prompt="a", max_tokens=1).usage.completion_tokens == 1
     finally:
         s.close()
+
+
+def test_request_id_header_and_continuous_usage(server):
+    status, headers, body = http(server, "POST", "/v1/completions",
+                                 {"prompt": "And God said,", "max_tokens": 6, "temperature": 0, "stream": True,
+                                  "stream_options": {"include_usage": True, "continuous_usage_stats": True}},
+                                 headers={"X-Request-Id": "abc-123"})
+    assert status == 200 and headers["X-Request-Id"] == "abc-123"
+    chunks = [json.loads(e[6:]) for e in body.decode().split("\n\n") if e.startswith("data: {")]
+    assert all(c["id"] == "cmpl-abc-123" for c in chunks)
+    # Every chunk carries the tokens sent so far, this one's included; they only grow, to the total.
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] >= 1
+    assert all(c["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] for c in chunks)
+
+
+def test_a_slow_reader_slows_nobody_and_loses_nothing(server):
+    # A stream whose client reads nothing (a tiny receive buffer): another request meanwhile
+    # finishes, and the slow stream's own generation ends in the engine before the client has read
+    # a byte (the engine never waits for a connection); then the client receives the whole
+    # completion, whatever was still pending joined into fewer events.
+    body = json.dumps({"prompt": "And", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True,
+                       "logprobs": 20}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    s.connect(("127.0.0.1", server.http_port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + str(len(body)).encode() +
+              b"\r\n\r\n" + body)
+    client = server.openai()
+    t0 = time.time()
+    other = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=40, temperature=0)
+    other_s = time.time() - t0
+    assert other.usage.completion_tokens == 40
+    wait_for(lambda: metric(server.scrape(), "kraken_num_requests_running") == 0, 30, "the slow stream's request end")
+    raw = b""
+    s.settimeout(30)
+    while not raw.endswith(b"0\r\n\r\n"):
+        part = s.recv(1 << 16)
+        assert part, "the connection closed before the end"
+        raw += part
+    s.close()
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    payload, rest = b"", chunked
+    while True:  # de-chunk
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        payload, rest = payload + rest[:size], rest[size + 2:]
+    events = [json.loads(e[6:]) for e in payload.decode().split("\n\n") if e.startswith("data: {")]
+    text = "".join(e["choices"][0]["text"] for e in events)
+    whole = client.completions.create(model=MODEL, prompt="And", max_tokens=200, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert text == whole.choices[0].text
+    assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 200
+    print(f"\nslow reader: 200 tokens in {len(events)} events; the other request took {other_s:.2f} s")

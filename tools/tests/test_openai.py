@@ -398,3 +398,20 @@ def test_a_slow_reader_slows_nobody_and_loses_nothing(server):
     assert text == whole.choices[0].text
     assert sum(len(e["choices"][0]["logprobs"]["tokens"]) for e in events) == 200
     print(f"\nslow reader: 200 tokens in {len(events)} events; the other request took {other_s:.2f} s")
+
+
+@pytest.mark.parametrize("seed", [1, 2])  # seeds whose draws include characters split across tokens
+def test_streamed_text_is_whole_utf8_and_equals_the_unary_text(server, seed):
+    # Failure cases B01/B02/B25: at a very high temperature the model emits byte tokens that split
+    # characters (and sequences that are no UTF-8 at all). Every event is valid UTF-8 JSON, the
+    # events join to the unary text, and that is the tokenizer's decoding of the tokens drawn.
+    args = {"prompt": [95, 160, 120], "max_tokens": 200, "temperature": 100.0, "seed": seed, "ignore_eos": True}
+    status, _, body = http(server, "POST", "/v1/completions", {**args, "stream": True})
+    assert status == 200
+    events = [json.loads(e[6:]) for e in body.decode("utf-8", errors="strict").split("\n\n") if e.startswith("data: {")]
+    streamed = "".join(e["choices"][0]["text"] for e in events)
+    unary = json.loads(http(server, "POST", "/v1/completions", args)[2])["choices"][0]["text"]
+    assert streamed == unary
+    g = server.stub.Complete(request(ids=[95, 160, 120], max_tokens=200, temperature=100.0, seed=seed, ignore_eos=True))
+    assert streamed == server.stub.Detokenize(pb.DetokenizeRequest(token_ids=g.token_ids, skip_special_tokens=True)).text
+    assert any(ord(c) > 127 for c in streamed)

@@ -166,7 +166,8 @@ def test_refusals_are_openai_error_objects(server, body, status, message, param)
     with pytest.raises(expected) as e:
         client.completions.create(model=body.get("model", MODEL), prompt=body["prompt"], extra_body=rest)
     assert message in str(e.value)
-    assert client.completions.create(model=MODEL, prompt="a", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=MODEL, prompt="a", max_tokens=2,
+                                     extra_body={"ignore_eos": True}).usage.completion_tokens == 2
 
 
 @pytest.mark.parametrize("raw,message", [
@@ -316,8 +317,8 @@ def test_api_key_applies_to_http_and_health_stays_open():
         assert "invalid API key" in str(e.value)
         status, _, body = http(s, "POST", "/v1/completions", {"prompt": "a", "max_tokens": 1})
         assert status == 401 and "missing 'Authorization: Bearer <key>' header" in json.loads(body)["error"]["message"]
-        assert s.openai(api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=1).usage \
-            .completion_tokens == 1
+        assert s.openai(api_key="sesame").completions.create(model=MODEL, prompt="a", max_tokens=1,
+                                                             extra_body={"ignore_eos": True}).usage.completion_tokens == 1
         assert http(s, "GET", "/health")[0] == 200
         assert http(s, "GET", "/v1/models")[0] == 401
     finally:
@@ -339,7 +340,8 @@ def test_queue_full_is_429():
         limited = [r for r in results if isinstance(r, openai.RateLimitError)]
         assert limited, results
         assert all("queue" in str(r) for r in limited)
-        assert client.completions.create(model=MODEL, prompt="a", max_tokens=1).usage.completion_tokens == 1
+        assert client.completions.create(model=MODEL, prompt="a", max_tokens=1,
+                                         extra_body={"ignore_eos": True}).usage.completion_tokens == 1
     finally:
         s.close()
 

@@ -188,7 +188,7 @@ def test_invalid_requests_are_refused_precisely(server, fields, message):
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in e.value.details()
     # The server is unharmed.
-    assert len(server.stub.Complete(request(text="a", max_tokens=2)).token_ids) == 2
+    assert len(server.stub.Complete(request(text="a", max_tokens=2, ignore_eos=True)).token_ids) == 2
 
 
 def test_invalid_utf8_prompt_is_refused(server):
@@ -335,7 +335,7 @@ def test_api_key_is_required_and_health_stays_open():
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     s = Server("--api-key", "sekret", devices="cpu:1", api_key="sekret")
     try:
-        assert len(s.stub.Complete(request(text="a", max_tokens=2)).token_ids) == 2
+        assert len(s.stub.Complete(request(text="a", max_tokens=2, ignore_eos=True)).token_ids) == 2
         from kraken_client import connect
         for stub in (connect(s.target), connect(s.target, api_key="wrong")):
             with pytest.raises(grpc.RpcError) as e:

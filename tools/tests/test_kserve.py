@@ -134,3 +134,19 @@ def test_unknown_model_is_not_found(server):
     got = triton(server, {"kind": "infer", "requests": [{"id": "x", "model": "ensemble", "inputs": trtllm("a", 2)}]})
     assert got[0]["status"] == "StatusCode.NOT_FOUND"
     assert "model 'ensemble' is not served here (this server serves 'kraken-kjv-4way')" in got[0]["error"]
+
+
+def test_api_key_applies_to_inference():
+    s = Server("--api-key", "sesame", api_key="sesame", devices="cpu:1")
+    try:
+        req = [{"id": "k", "inputs": trtllm("And God said,", 3, temperature=["FP32", 0.0])}]
+        got = triton(s, {"kind": "infer", "requests": req})[0]
+        assert got["status"] == "StatusCode.UNAUTHENTICATED"
+        assert "missing 'authorization: Bearer <key>' metadata" in got["error"]
+        got = triton(s, {"kind": "infer", "headers": {"authorization": "Bearer wrong"}, "requests": req})[0]
+        assert got["status"] == "StatusCode.UNAUTHENTICATED" and "invalid API key" in got["error"]
+        got = triton(s, {"kind": "infer", "headers": {"authorization": "Bearer sesame"}, "requests": req})[0]
+        assert got["outputs"]["text_output"] == [s.stub.Complete(request(text="And God said,", max_tokens=3,
+                                                                         temperature=0.0)).text]
+    finally:
+        s.close()

@@ -4,6 +4,7 @@ HTTP, TLS and mutual TLS on the HTTP port, and --http-port -1. Short timer value
 the flags; a request is made slow not by a slow model but by queueing it behind others
 (--max-batch-seqs 1, and the request's priority under the default priority policy)."""
 import json
+import os
 import re
 import signal
 import socket
@@ -421,5 +422,44 @@ def test_http_port_minus_one_turns_the_http_api_off():
         g = s.stub.Complete(request(text="And God said,", max_tokens=3, ignore_eos=True), timeout=30)
         assert len(g.token_ids) == 3
         assert metric(s.scrape(), "kraken_request_success_total", 'finish_reason="length"') == 1
+    finally:
+        s.close()
+
+
+def test_health_is_503_while_the_workers_recover_and_200_after():
+    # A worker killed while the server is idle: /health on the HTTP port turns 503 while the
+    # workers restart (as the gRPC health status turns NOT_SERVING) and 200 once they are back;
+    # the next completion succeeds.
+    import signal
+    import threading
+    s = Server("--heartbeat-timeout", "0.5", "--stall-timeout", "0.5", devices="cpu:2")
+    try:
+        statuses = []
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                try:
+                    statuses.append(urllib.request.urlopen(s.http_url + "/health", timeout=5).status)
+                except urllib.error.HTTPError as e:
+                    statuses.append(e.code)
+                except OSError as e:  # any failure to answer at all is a finding
+                    statuses.append(repr(e))
+                time.sleep(0.005)
+        poller = threading.Thread(target=poll)
+        poller.start()
+        time.sleep(0.2)
+        os.kill(s.worker_pids()[1], signal.SIGKILL)
+        t0 = time.time()
+        while time.time() - t0 < 10 and not (503 in statuses and statuses[-1] == 200):
+            time.sleep(0.05)
+        stop.set()
+        poller.join()
+        assert statuses[0] == 200 and 503 in statuses and statuses[-1] == 200, statuses[::10]
+        first_503 = statuses.index(503)
+        assert all(st == 200 for st in statuses[:first_503])
+        r = s.openai().completions.create(model=MODEL, prompt="And God said,", max_tokens=4,
+                                          extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 4
     finally:
         s.close()

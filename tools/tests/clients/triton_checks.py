@@ -3,7 +3,8 @@ it saw as JSON, for tools/tests/test_kserve.py. Runs in .venv-clients (tritoncli
 with the main environment's).
 
 Usage: triton_checks.py HOST:PORT MODEL SCENARIO_JSON
-SCENARIO_JSON: {"kind": "metadata" | "infer" | "stream", "requests": [{"id", "inputs": {name: [datatype, value]}}]}
+SCENARIO_JSON: {"kind": "metadata" | "infer" | "stream", "headers": {...},
+                "requests": [{"id", "inputs": {name: [datatype, value]}}]}
 """
 import json
 import queue
@@ -54,10 +55,13 @@ def main():
         results = []
         for r in scenario["requests"]:
             try:
-                res = client.infer(r.get("model", model), make_inputs(r["inputs"]), request_id=r["id"])
+                res = client.infer(r.get("model", model), make_inputs(r["inputs"]), request_id=r["id"],
+                                   headers=scenario.get("headers"))
                 results.append({"id": res.get_response().id, "outputs": outputs(res)})
             except InferenceServerException as e:
                 results.append({"id": r["id"], "error": e.message(), "status": e.status()})
+            except Exception as e:  # noqa: BLE001 - reported to the test, which decides
+                results.append({"id": r["id"], "error": str(e), "status": "exception"})
         print(json.dumps(results))
         return
     # A stream carrying every request at once: the responses of each, in order, and its errors.

@@ -361,11 +361,12 @@ class Health {
 };
 
 // What serves the APIs: gRPC, the OpenAI-compatible HTTP API, and the /metrics endpoint.
+// Members are destroyed in reverse order: each server before the services and API it serves.
 struct Frontends {
-  std::unique_ptr<grpc::Server> grpc;
   std::unique_ptr<server::KrakenService> service;
   std::unique_ptr<server::KserveService> kserve;  // KServe v2 on the gRPC port
   std::unique_ptr<openai::Api> api;
+  std::unique_ptr<grpc::Server> grpc;
   std::unique_ptr<http::Server> http;          // null with --http-port -1
   std::unique_ptr<http::Server> metrics_http;  // null with --metrics-port -1
 };

@@ -49,6 +49,9 @@ void RequestHandle::Notify() {
     ++listener_calls_;
   }
   listener();  // no lock held: the listener may Take, and its owner may Detach meanwhile
+  // The copy goes before the count drops: once Detach returns, nothing of the listener (or what it
+  // captured) is left on this thread.
+  listener = nullptr;
   std::lock_guard<std::mutex> l(mu_);
   if (--listener_calls_ == 0) idle_.notify_all();
 }

@@ -103,9 +103,9 @@ struct Server::Impl {
   template <class S>
   net::awaitable<bool> Serve(S& stream, const Request& req, bool keep_alive);
   template <class S>
-  net::awaitable<bool> WriteResponse(S& stream, Response r, bool keep_alive);
+  net::awaitable<bool> WriteResponse(S& stream, Response r, bool keep_alive, bool head_only = false);
   template <class S>
-  net::awaitable<bool> WriteStream(S& stream, Stream& body, bool keep_alive);
+  net::awaitable<bool> WriteStream(S& stream, Stream& body, bool keep_alive, bool chunked);
   void Watch(tcp::socket& socket, const std::shared_ptr<Waker>& waker);
 };
 
@@ -120,7 +120,8 @@ Reply Server::Impl::Dispatch(const Request& req) {
   if (path == routes.end()) {
     return options.not_routed ? options.not_routed(404, req) : PlainText(404, "not found\n");
   }
-  auto method = path->second.find(req.method);
+  // HEAD is GET without the body (RFC 9110 9.3.2).
+  auto method = path->second.find(req.method == "HEAD" ? std::string("GET") : req.method);
   if (method == path->second.end()) {
     Response r = options.not_routed ? options.not_routed(405, req) : PlainText(405, "method not allowed\n");
     std::string allow;
@@ -154,30 +155,45 @@ void Server::Impl::Watch(tcp::socket& socket, const std::shared_ptr<Waker>& wake
 }
 
 template <class S>
-net::awaitable<bool> Server::Impl::WriteResponse(S& stream, Response r, bool keep_alive) {
+net::awaitable<bool> Server::Impl::WriteResponse(S& stream, Response r, bool keep_alive, bool head_only) {
+  error_code ec;
+  if (head_only) {  // HEAD: the GET answer's headers, Content-Length included, and no body
+    bhttp::response<bhttp::empty_body> res{static_cast<bhttp::status>(r.status), 11};
+    res.set(bhttp::field::content_type, r.content_type);
+    for (auto& [k, v] : r.headers) res.set(k, v);
+    res.keep_alive(keep_alive);
+    res.content_length(r.body.size());
+    bhttp::response_serializer<bhttp::empty_body> sr{res};
+    beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
+    co_await bhttp::async_write_header(stream, sr, net::redirect_error(kAwait, ec));
+    co_return !ec;
+  }
   bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(r.status), 11};
   res.set(bhttp::field::content_type, r.content_type);
   for (auto& [k, v] : r.headers) res.set(k, v);
   res.keep_alive(keep_alive);
   res.body() = std::move(r.body);
   res.prepare_payload();
-  error_code ec;
   beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
   co_await bhttp::async_write(stream, res, net::redirect_error(kAwait, ec));
   co_return !ec;
 }
 
+// `chunked` false (an HTTP/1.0 client, which knows no chunked encoding): the body goes out as it
+// is and the end of the response is the end of the connection.
 template <class S>
-net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool keep_alive) {
+net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool keep_alive, bool chunked) {
   auto& tcp_stream = beast::get_lowest_layer(stream);
   auto waker = std::make_shared<Waker>(tcp_stream.get_executor());
   AbortUnlessEnded guard{&body};
-  body.Start([w = std::weak_ptr<Waker>(waker), ex = tcp_stream.get_executor(), gate = gate] {
+  // The wake function holds nothing of the io_context (no executor copy): its owner may keep it,
+  // and destroy it, after the Server is gone. Under the gate the io_context still exists.
+  body.Start([w = std::weak_ptr<Waker>(waker), gate = gate] {
     std::lock_guard<std::mutex> l(gate->mu);
     if (!gate->open) return;
     if (auto live = w.lock()) {
       live->woken.store(true);
-      net::post(ex, [live] { live->timer.cancel(); });
+      net::post(live->timer.get_executor(), [live] { live->timer.cancel(); });
     }
   });
   Watch(tcp_stream.socket(), waker);
@@ -207,8 +223,8 @@ net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool kee
       bhttp::response<bhttp::empty_body> res{static_cast<bhttp::status>(head.status), 11};
       res.set(bhttp::field::content_type, head.content_type);
       for (auto& [k, v] : head.headers) res.set(k, v);
-      res.keep_alive(keep_alive);
-      res.chunked(true);
+      res.keep_alive(keep_alive && chunked);
+      res.chunked(chunked);
       bhttp::response_serializer<bhttp::empty_body> sr{res};
       tcp_stream.expires_after(options.idle_timeout);
       co_await bhttp::async_write_header(stream, sr, net::redirect_error(kAwait, ec));
@@ -217,29 +233,40 @@ net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool kee
     }
     if (!data.empty()) {
       tcp_stream.expires_after(options.idle_timeout);
-      co_await net::async_write(stream, bhttp::make_chunk(net::buffer(data)), net::redirect_error(kAwait, ec));
+      if (chunked)
+        co_await net::async_write(stream, bhttp::make_chunk(net::buffer(data)), net::redirect_error(kAwait, ec));
+      else
+        co_await net::async_write(stream, net::buffer(data), net::redirect_error(kAwait, ec));
       if (ec) break;
     }
     if (piece.end) {
       guard.ended = true;
-      tcp_stream.expires_after(options.idle_timeout);
-      co_await net::async_write(stream, bhttp::make_chunk_last(), net::redirect_error(kAwait, ec));
+      if (chunked) {
+        tcp_stream.expires_after(options.idle_timeout);
+        co_await net::async_write(stream, bhttp::make_chunk_last(), net::redirect_error(kAwait, ec));
+      }
       break;
     }
   }
   if (waker->watching) tcp_stream.socket().cancel();
-  co_return guard.ended && !ec && !waker->client_gone;
+  co_return guard.ended && !ec && !waker->client_gone && chunked;
 }
 
+// Answers one request; false when the connection must close afterwards.
 template <class S>
 net::awaitable<bool> Server::Impl::Serve(S& stream, const Request& req, bool keep_alive) {
   in_flight.fetch_add(1);
+  const bool head = req.method == "HEAD";
   Reply reply = Dispatch(req);
   bool ok;
-  if (auto* r = std::get_if<Response>(&reply))
-    ok = co_await WriteResponse(stream, std::move(*r), keep_alive);
-  else
-    ok = co_await WriteStream(stream, *std::get<std::unique_ptr<Stream>>(reply), keep_alive);
+  if (auto* r = std::get_if<Response>(&reply)) {
+    ok = co_await WriteResponse(stream, std::move(*r), keep_alive, head);
+  } else if (head) {  // a streamed GET has no headers to give ahead of its body
+    std::get<std::unique_ptr<Stream>>(reply)->Abort();
+    ok = co_await WriteResponse(stream, PlainText(405, ""), keep_alive, true);
+  } else {
+    ok = co_await WriteStream(stream, *std::get<std::unique_ptr<Stream>>(reply), keep_alive, req.version >= 11);
+  }
   in_flight.fetch_sub(1);
   co_return ok;
 }
@@ -310,6 +337,7 @@ net::awaitable<ReadResult> Server::Impl::ReadRequest(S& stream, beast::flat_buff
   if (q != std::string_view::npos) req->query = std::string(target.substr(q + 1));
   for (const auto& field : msg) req->headers.emplace_back(Lower(field.name_string()), std::string(field.value()));
   req->body = std::move(msg.body());
+  req->version = static_cast<int>(msg.version());
   *keep_alive = msg.keep_alive();
   co_return ReadResult::kRequest;
 }

@@ -41,9 +41,10 @@ namespace kraken::http {
 
 /// One HTTP request, its body read whole (at most ServerOptions::max_body_bytes).
 struct Request {
-  std::string method;                                        // "GET", "POST", ...
-  std::string path;                                          // the target up to '?'
-  std::string query;                                         // after '?', undecoded
+  std::string method;  // "GET", "POST", ...; HEAD is served by the GET route, without the body
+  int version = 11;    // HTTP version x 10 (10: HTTP/1.0, whose streamed answers are not chunked)
+  std::string path;    // the target up to '?'
+  std::string query;   // after '?', undecoded
   std::vector<std::pair<std::string, std::string>> headers;  // names lower-cased, in arrival order
   std::string body;
   /// The first header named `name` (lower-case), or "" when absent.

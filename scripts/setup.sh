@@ -15,6 +15,8 @@ debian_packages=(
   libdnnl-dev ocl-icd-opencl-dev
   nlohmann-json3-dev libcli11-dev libpcre2-dev libgtest-dev googletest libbenchmark-dev
   prometheus bible-kjv bible-kjv-text openssl curl yamllint qemu-user
+  # perf_analyzer (from the tritonclient wheel in .venv-clients) links libb64.so.0d.
+  libb64-0d
 )
 
 missing=()
@@ -50,8 +52,9 @@ clients="$root/.venv-clients"
 clients_stamp="$clients/.requirements.sha256"
 clients_want="$(sha256sum "$root/requirements-clients.txt" | cut -d' ' -f1)"
 if [ ! -x "$clients/bin/python" ] || [ "$(cat "$clients_stamp" 2>/dev/null)" != "$clients_want" ]; then
-  echo "setup: creating the clients' environment in .venv-clients"
-  python3 -m venv "$clients"
+  echo "setup: creating the clients' environment in .venv-clients (a minute or two)"
+  # --clear: a changed pin set starts from nothing (a downgrade leaves no strays).
+  python3 -m venv --clear "$clients"
   "$clients/bin/pip" install -q --upgrade pip
   "$clients/bin/pip" install -q -r "$root/requirements-clients.txt"
   echo "$clients_want" > "$clients_stamp"

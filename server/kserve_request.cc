@@ -134,15 +134,6 @@ StatusOr<Scalar> OneScalar(const Tensor& t) {
   return s;
 }
 
-StatusOr<int64_t> OneInteger(const Tensor& t) {
-  KRAKEN_ASSIGN_OR_RETURN(Scalar s, OneScalar(t));
-  if (!s.integral) return Bad(t.meta->name(), StrCat("must be an integer, got ", s.d));
-  if (s.is_unsigned)
-    return s.u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) ? std::numeric_limits<int64_t>::max()
-                                                                            : static_cast<int64_t>(s.u);
-  return s.i;
-}
-
 StatusOr<std::vector<std::string>> Strings(const Tensor& t) {
   if (t.meta->datatype() != "BYTES")
     return Bad(t.meta->name(), StrCat("must have datatype BYTES, got ", t.meta->datatype()));
@@ -287,6 +278,14 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
   return absl::OkStatus();
 }
 
+// The datatype KserveInputs declares for `name` ("" for none).
+const std::string& DeclaredType(const std::string& name) {
+  static const std::string none;
+  for (const auto& [n, type] : KserveInputs())
+    if (n == name) return type;
+  return none;
+}
+
 // TensorRT-LLM's scalar inputs and word lists.
 Status ReadTrtllm(const std::map<std::string, Tensor>& in, KserveRequest* r) {
   core::GenerationRequest& g = r->generation;
@@ -301,7 +300,15 @@ Status ReadTrtllm(const std::map<std::string, Tensor>& in, KserveRequest* r) {
       continue;
     }
     KRAKEN_ASSIGN_OR_RETURN(Scalar s, OneScalar(t));
-    KRAKEN_ASSIGN_OR_RETURN(int64_t i, s.integral ? OneInteger(t) : StatusOr<int64_t>(0));
+    // An integer input (INT32, UINT64 in KserveInputs) takes any integer datatype, never a float:
+    // 20.0 for max_tokens is refused rather than read as something else.
+    const std::string& declared = DeclaredType(name);
+    if (declared != "FP32" && !s.integral)
+      return Bad(name, StrCat("must have an integer datatype (", declared, "), got ", t.meta->datatype()));
+    const int64_t i = s.is_unsigned ? (s.u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())
+                                           ? std::numeric_limits<int64_t>::max()
+                                           : static_cast<int64_t>(s.u))
+                                    : s.i;
     if (name == "max_tokens") g.max_tokens = i;
     if (name == "top_k") g.top_k = i;
     if (name == "min_length") g.min_tokens = i;
@@ -370,6 +377,33 @@ const std::vector<std::pair<std::string, std::string>>& KserveOutputs() {
   return outputs;
 }
 
+bool KserveInputIsList(const std::string& name) {
+  return name == "stop_words" || name == "bad_words";
+}
+
+namespace {
+
+// The outputs asked for by name: each must exist; asking turns it on.
+Status ReadRequestedOutputs(const ModelInferRequest& req, KserveRequest* r) {
+  std::vector<std::string> known;
+  for (const auto& [name, type] : KserveOutputs()) known.push_back(name);
+  for (const auto& out : req.outputs()) {
+    const std::string& name = out.name();
+    if (std::find(known.begin(), known.end(), name) == known.end())
+      return InvalidArgument("output '", name, "' is not an output of this model (did you mean '", Closest(name, known),
+                             "'?)");
+    r->outputs.push_back(name);
+    if (name == "output_log_probs" || name == "cum_log_probs") r->log_probs = r->generation.logprobs = true;
+    if (name == "cumulative_logprob") r->cumulative_logprob = r->generation.logprobs = true;
+    if (name == "finish_reason") r->finish_reason = true;
+    if (name == "num_input_tokens") r->num_input_tokens = true;
+    if (name == "num_output_tokens") r->num_output_tokens = true;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 StatusOr<KserveRequest> ParseKserveRequest(const ModelInferRequest& req) {
   KRAKEN_ASSIGN_OR_RETURN(auto in, Tensors(req));
   KserveRequest r;
@@ -394,10 +428,16 @@ StatusOr<KserveRequest> ParseKserveRequest(const ModelInferRequest& req) {
     return absl::OkStatus();
   };
   KRAKEN_RETURN_IF_ERROR(flag("stream", &r.stream));
+  // text_output starts with the prompt only when asked: by default the TensorRT-LLM ensemble gives
+  // the generated text alone, and so does the vLLM backend when streaming (it refuses to prepend
+  // the prompt to a stream).
+  r.exclude_input = r.interface == KserveInterface::kTensorRtLlm || r.stream;
   KRAKEN_RETURN_IF_ERROR(flag("exclude_input_in_output", &r.exclude_input));
+  if (r.interface == KserveInterface::kVllm && r.stream && !r.exclude_input)
+    return Bad("exclude_input_in_output", "must not be false when streaming (the prompt is not streamed back)");
   if (r.interface == KserveInterface::kTensorRtLlm) {
-    r.exclude_input = true;  // the ensemble's text_output is the generated text
     KRAKEN_RETURN_IF_ERROR(ReadTrtllm(in, &r));
+    KRAKEN_RETURN_IF_ERROR(ReadRequestedOutputs(req, &r));
     return r;
   }
   KRAKEN_RETURN_IF_ERROR(flag("return_finish_reason", &r.finish_reason));
@@ -410,6 +450,7 @@ StatusOr<KserveRequest> ParseKserveRequest(const ModelInferRequest& req) {
     if (json_text.size() != 1) return Bad("sampling_parameters", "must hold one JSON object");
     KRAKEN_RETURN_IF_ERROR(ReadSamplingParameters(json_text[0], &r));
   }
+  KRAKEN_RETURN_IF_ERROR(ReadRequestedOutputs(req, &r));
   return r;
 }
 
@@ -443,26 +484,29 @@ void AddNumbers(const std::string& name, const char* type, const std::vector<T>&
 
 void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params, const core::Output& out,
                          bool first, bool last, double cumulative_logprob, inference::ModelInferResponse* resp) {
-  const bool prompt_first = first && req.interface == KserveInterface::kVllm && !req.exclude_input;
-  std::string text = prompt_first ? params.prompt_text : std::string();
-  text += out.text;
-  AddBytes("text_output", text, resp);
-  if (req.log_probs) {
+  auto wanted = [&](const char* name) {
+    return req.outputs.empty() || std::find(req.outputs.begin(), req.outputs.end(), name) != req.outputs.end();
+  };
+  if (wanted("text_output")) {
+    std::string text = first && !req.exclude_input ? params.prompt_text : std::string();
+    text += out.text;
+    AddBytes("text_output", text, resp);
+  }
+  if (req.log_probs && wanted("output_log_probs")) {
     std::vector<float> lps;
     for (const core::TokenLogprobs& lp : out.logprobs) lps.push_back(lp.logprob);
     AddNumbers("output_log_probs", "FP32", lps, resp);
   }
   if (!last) return;
-  if (req.log_probs)
-    AddNumbers("cum_log_probs", "FP32", std::vector<float>{static_cast<float>(cumulative_logprob)}, resp);
-  if (req.cumulative_logprob)
-    AddNumbers("cumulative_logprob", "FP32", std::vector<float>{static_cast<float>(cumulative_logprob)}, resp);
-  if (req.finish_reason) {
+  const std::vector<float> cumulative{static_cast<float>(cumulative_logprob)};
+  if (req.log_probs && wanted("cum_log_probs")) AddNumbers("cum_log_probs", "FP32", cumulative, resp);
+  if (req.cumulative_logprob && wanted("cumulative_logprob"))
+    AddNumbers("cumulative_logprob", "FP32", cumulative, resp);
+  if (req.finish_reason && wanted("finish_reason"))
     AddBytes("finish_reason", out.finish_reason == core::FinishReason::kStop ? "stop" : "length", resp);
-  }
-  if (req.num_input_tokens)
+  if (req.num_input_tokens && wanted("num_input_tokens"))
     AddNumbers("num_input_tokens", "UINT32", std::vector<uint32_t>{static_cast<uint32_t>(params.prompt.size())}, resp);
-  if (req.num_output_tokens)
+  if (req.num_output_tokens && wanted("num_output_tokens"))
     AddNumbers("num_output_tokens", "UINT32", std::vector<uint32_t>{out.completion_tokens}, resp);
 }
 

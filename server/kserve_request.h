@@ -41,6 +41,7 @@ struct KserveRequest {
   bool log_probs = false;      // TensorRT-LLM: output_log_probs and cum_log_probs
   bool finish_reason = false;  // vLLM: finish_reason
   bool num_input_tokens = false, num_output_tokens = false, cumulative_logprob = false;  // vLLM
+  std::vector<std::string> outputs;  // the outputs asked for by name; empty: every output this request gives
 };
 
 /// How the KServe interfaces spell the fields core::ValidateGeneration names.
@@ -49,12 +50,16 @@ extern const core::FieldNames kKserveFields;
 /// The inputs a model served here accepts, and the outputs it may give: (name, datatype).
 const std::vector<std::pair<std::string, std::string>>& KserveInputs();
 const std::vector<std::pair<std::string, std::string>>& KserveOutputs();
+/// True for the inputs that hold a list (stop_words, bad_words); every other input holds one
+/// value, declared with shape [1] (a client such as genai-perf sends no shape of its own).
+bool KserveInputIsList(const std::string& name);
 
 /// Reads the request's tensors. INVALID_ARGUMENT naming the input and the value for: an input
 /// this model does not have (with the closest one), a datatype or element count that does not fit
 /// the input, raw contents that do not match the declared shape, sampling_parameters that are not
-/// a JSON object of known keys, and what is not offered (bad_words, beam_width or
-/// num_return_sequences above 1, batches).
+/// a JSON object of known keys, an output this model does not have, and what is not offered
+/// (bad_words, beam_width or num_return_sequences above 1, batches). Asking for an output by
+/// name (`outputs`) turns it on: output_log_probs or cum_log_probs computes the logprobs.
 StatusOr<KserveRequest> ParseKserveRequest(const inference::ModelInferRequest& req);
 
 /// Adds to `resp` the outputs for `out` (what the request produced since the last response, or

@@ -110,6 +110,12 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     Entry* added = nullptr;
     {
       std::lock_guard<std::mutex> l(mu_);
+      if (cancelled_ || finish_called_) {  // the call ended while this request was being accepted
+        if (accepted.ok()) accepted->handle->Cancel();
+        reads_done_ = true;  // no more reads; finish once the requests still open have ended
+        PumpLocked();
+        return;
+      }
       if (accepted.ok()) {
         entries_.push_back(std::make_unique<Entry>(
             Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}));
@@ -123,13 +129,24 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       }
     }
     if (added != nullptr) added->handle->Listen([this] { Pump(); });
-    StartRead(&in_);
-    Pump();
+    std::lock_guard<std::mutex> l(mu_);
+    // A client that sends refused requests faster than it reads their errors is read no further
+    // until the errors are written (the stream's memory stays bounded).
+    if (errors_.size() >= kMaxPendingErrors)
+      read_paused_ = true;
+    else
+      StartRead(&in_);
+    PumpLocked();
   }
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> l(mu_);
     writing_ = false;
+    if (read_paused_ && ok && errors_.size() < kMaxPendingErrors && !finish_called_) {
+      read_paused_ = false;
+      StartRead(&in_);
+    }
     if (!ok) {  // the client is gone
+      cancelled_ = true;
       CancelAllLocked();
       if (!finish_called_) {
         finish_called_ = true;
@@ -141,6 +158,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   }
   void OnCancel() override {
     std::lock_guard<std::mutex> l(mu_);
+    cancelled_ = true;
     CancelAllLocked();
   }
   void OnDone() override {
@@ -216,8 +234,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   std::list<std::unique_ptr<Entry>> entries_;    // guarded by mu_: requests not yet ended
   std::vector<std::unique_ptr<Entry>> retired_;  // ended; detached in OnDone
   std::deque<ModelStreamInferResponse> errors_;  // refused requests' responses, not yet written
+  static constexpr size_t kMaxPendingErrors = 64;
   size_t next_ = 0;
   bool writing_ = false, reads_done_ = false, finish_called_ = false, done_ = false;
+  bool cancelled_ = false;    // the client cancelled or left: requests still arriving are cancelled
+  bool read_paused_ = false;  // too many errors wait to be written
 };
 
 }  // namespace
@@ -323,7 +344,7 @@ grpc::ServerUnaryReactor* KserveService::ModelMetadata(grpc::CallbackServerConte
     auto* t = resp->add_inputs();
     t->set_name(name);
     t->set_datatype(type);
-    t->add_shape(-1);
+    t->add_shape(KserveInputIsList(name) ? -1 : 1);
   }
   for (const auto& [name, type] : KserveOutputs()) {
     auto* t = resp->add_outputs();
@@ -357,7 +378,7 @@ grpc::ServerUnaryReactor* KserveService::ModelConfig(grpc::CallbackServerContext
     auto* in = c->add_input();
     in->set_name(name);
     in->set_data_type(type_of(type));
-    in->add_dims(-1);
+    in->add_dims(KserveInputIsList(name) ? -1 : 1);  // one value, as Triton's LLM backends declare them
     in->set_optional(name != "text_input");
   }
   for (const auto& [name, type] : KserveOutputs()) {

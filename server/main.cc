@@ -405,10 +405,13 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   engine.Stop();  // ends what is left with UNAVAILABLE
+  // Every server gets the same 2 s to flush what its clients have not read, side by side (an open
+  // KServe stream keeps the gRPC shutdown waiting its full time).
   const auto flush = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-  fe.grpc->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  std::thread grpc_stop([&] { fe.grpc->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2)); });
   if (fe.http) fe.http->Stop(flush);
   if (fe.metrics_http) fe.metrics_http->Stop(flush);
+  grpc_stop.join();
   stop_waiting = true;
   kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
   waiter.join();

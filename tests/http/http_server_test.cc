@@ -756,6 +756,64 @@ TEST(HttpServer, StreamFedFromAnotherThreadIsSentChunkedInOrder) {
   server.Stop(Clock::now());
 }
 
+// HTTP/1.0 has no chunked encoding (RFC 9112 6.1): a streamed answer goes out as it is, without
+// Transfer-Encoding, and the end of the connection ends it.
+TEST(HttpServer, StreamToAnHttp10ClientIsNotChunkedAndEndsWithTheConnection) {
+  auto feed = std::make_shared<Feed>();
+  Server server(ServerOptions{});
+  server.Route("GET", "/events", StreamHandler(feed));
+  const int port = ListenAndStart(server);
+  ASSERT_GT(port, 0);
+  Client c(port);
+  ASSERT_TRUE(c.connected()) << c.error();
+  ASSERT_TRUE(c.Send("GET /events HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+  std::jthread producer([feed] {
+    Stream::Piece first = Data("one,");
+    first.head = Response{.status = 200, .content_type = "text/event-stream", .body = "head:"};
+    feed->Push(std::move(first));
+    std::this_thread::sleep_for(20ms);
+    feed->Push(Data("two", /*end=*/true));
+  });
+  const auto r = c.Read();
+  ASSERT_TRUE(r) << c.error();
+  EXPECT_FALSE(r->chunked);
+  EXPECT_FALSE(r->Has("transfer-encoding"));
+  EXPECT_FALSE(r->Has("content-length"));
+  EXPECT_EQ(r->body, "head:one,two");
+  EXPECT_FALSE(feed->aborted.load());
+  server.Stop(Clock::now());
+}
+
+// HEAD is answered by the GET route (RFC 9110 9.3.2): the same status and headers, Content-Length
+// included, and no body; the connection goes on.
+TEST(HttpServer, HeadIsTheGetAnswerWithoutItsBody) {
+  Server server(ServerOptions{});
+  server.Route("GET", "/x", [](const Request&) -> Reply { return Text("hello"); });
+  const int port = ListenAndStart(server);
+  ASSERT_GT(port, 0);
+  Client c(port);
+  ASSERT_TRUE(c.connected()) << c.error();
+  ASSERT_TRUE(c.Send("HEAD /x HTTP/1.1\r\nHost: t\r\n\r\n" + Get("/x")));
+  std::string raw;
+  const auto deadline = Clock::now() + 5s;
+  while (raw.find("hello") == std::string::npos && Clock::now() < deadline) {
+    pollfd p{.fd = c.fd(), .events = POLLIN, .revents = 0};
+    if (::poll(&p, 1, 100) <= 0) continue;
+    char buf[4096];
+    const ssize_t n = ::recv(c.fd(), buf, sizeof buf, 0);
+    if (n <= 0) break;
+    raw.append(buf, static_cast<size_t>(n));
+  }
+  const size_t second = raw.find("HTTP/1.1 200", 1);
+  ASSERT_NE(second, std::string::npos) << raw;
+  const std::string head = raw.substr(0, second);
+  EXPECT_EQ(head.rfind("HTTP/1.1 200 OK\r\n", 0), 0u) << head;
+  EXPECT_NE(Lower(head).find("content-length: 5\r\n"), std::string::npos) << head;
+  EXPECT_EQ(head.substr(head.size() - 4), "\r\n\r\n") << "the HEAD answer carried a body: " << head;
+  EXPECT_EQ(raw.substr(raw.size() - 5), "hello");
+  server.Stop(Clock::now());
+}
+
 TEST(HttpServer, StreamWhoseFirstPieceEndsIsAPlainResponseWithContentLength) {
   auto feed = std::make_shared<Feed>();
   Server server(ServerOptions{});
@@ -1040,6 +1098,32 @@ TEST(HttpServer, StopClosesConnectionsAndAbortsStreamsBeforeItReturns) {
   server.Stop(Clock::now() + 100ms);
   EXPECT_EQ(feed->aborts.load(), 1);
   EXPECT_NE(c.WaitClosed(3s), Client::Got::kTimeout) << "the connection is still open after Stop";
+}
+
+// A Stream's owner may keep its wake function past the Server (the engine thread may hold a copy
+// while the front-end goes away): calling it then does nothing, and destroying it touches nothing
+// of the gone io_context (AddressSanitizer in CI checks the second).
+TEST(HttpServer, AWakeKeptPastTheServerIsHarmlessToCallAndToDestroy) {
+  auto feed = std::make_shared<Feed>();
+  auto server = std::make_unique<Server>(ServerOptions{});
+  server->Route("GET", "/never", StreamHandler(feed));
+  const int port = ListenAndStart(*server);
+  ASSERT_GT(port, 0);
+  Client c(port);
+  ASSERT_TRUE(c.connected()) << c.error();
+  ASSERT_TRUE(c.Send(Get("/never")));
+  ASSERT_TRUE(WaitFor([&] { return feed->started.load(); }, 5s));
+  std::function<void()> kept;
+  {
+    std::lock_guard lock(feed->mu);
+    kept = feed->wake;
+  }
+  ASSERT_TRUE(kept);
+  server->Stop(Clock::now());
+  server.reset();
+  EXPECT_EQ(feed->aborts.load(), 1);
+  kept();          // after the server: nothing happens
+  kept = nullptr;  // and its last copy goes
 }
 
 TEST(HttpServer, StopRefusesNewConnections) {

@@ -49,6 +49,9 @@ def test_metadata_and_readiness(server):
     assert got["inputs"]["text_input"] == "BYTES" and got["inputs"]["sampling_parameters"] == "BYTES"
     assert got["inputs"]["random_seed"] == "UINT64" and got["outputs"]["text_output"] == "BYTES"
     assert got["decoupled"] is True and got["max_batch_size"] == 0
+    # One value per scalar input, as Triton's LLM backends declare them (genai-perf sends no shapes).
+    assert got["input_shapes"]["max_tokens"] == [1] and got["config_dims"]["temperature"] == [1]
+    assert got["input_shapes"]["stop_words"] == [-1]
     assert got["server"] == "kraken-serve"
 
 
@@ -96,8 +99,9 @@ def test_vllm_interface(server):
     assert got[1]["outputs"]["text_output"] == [whole.text]
     assert got[1]["outputs"]["num_output_tokens"] == [10.0]
     assert got[1]["outputs"]["finish_reason"] == ["length"]
+    # Streaming leaves the prompt out without being asked, as vLLM's backend does.
     streamed = triton(server, {"kind": "stream", "requests": [
-        {"id": "v", "inputs": {**base, "stream": ["BOOL", True], "exclude_input_in_output": ["BOOL", True]}}]})["v"]
+        {"id": "v", "inputs": {**base, "stream": ["BOOL", True]}}]})["v"]
     assert "".join(x["text_output"][0] for x in streamed["responses"]) == whole.text
 
 
@@ -114,6 +118,10 @@ INVALID = [
      "field 'sampling_parameters.max_tokenz' is not a sampling parameter (did you mean 'max_tokens'?)"),
     ({"text_input": ["BYTES", "a"], "max_tokens": ["INT32", 3], "sampling_parameters": ["BYTES", "{}"]},
      "input 'max_tokens' belongs to the TensorRT-LLM interface"),
+    ({"text_input": ["BYTES", "a"], "max_tokens": ["FP32", 20.0]},
+     "input 'max_tokens' must have an integer datatype (INT32), got FP32"),
+    ({"text_input": ["BYTES", "a"], "stream": ["BOOL", True], "exclude_input_in_output": ["BOOL", False],
+      "sampling_parameters": ["BYTES", "{}"]}, "input 'exclude_input_in_output' must not be false when streaming"),
 ]
 
 
@@ -150,3 +158,16 @@ def test_api_key_applies_to_inference():
                                                                          temperature=0.0)).text]
     finally:
         s.close()
+
+
+def test_requested_outputs_are_checked_and_only_they_are_sent(server):
+    req = trtllm("And God said,", 6, temperature=["FP32", 0.0])
+    got = triton(server, {"kind": "infer", "requests": [
+        {"id": "a", "inputs": req, "outputs": ["text_output", "cum_log_probs"]},
+        {"id": "b", "inputs": req, "outputs": ["nope"]}]})
+    g = server.stub.Complete(request(text="And God said,", max_tokens=6, temperature=0.0, logprobs=True))
+    assert set(got[0]["outputs"]) == {"text_output", "cum_log_probs"}  # asking for it turns the logprobs on
+    assert got[0]["outputs"]["text_output"] == [g.text]
+    assert got[0]["outputs"]["cum_log_probs"] == pytest.approx([sum(lp.logprob for lp in g.logprobs)], rel=1e-5)
+    assert got[1]["status"] == "StatusCode.INVALID_ARGUMENT"
+    assert "output 'nope' is not an output of this model" in got[1]["error"]

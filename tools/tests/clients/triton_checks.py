@@ -14,7 +14,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-NUMPY = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32}
+NUMPY = {"BYTES": object, "BOOL": bool, "INT32": np.int32, "INT64": np.int64, "UINT64": np.uint64, "FP32": np.float32,
+         "FP64": np.float64}
 
 
 def make_inputs(spec):
@@ -47,6 +48,8 @@ def main():
             "live": client.is_server_live(), "ready": client.is_server_ready(),
             "model_ready": client.is_model_ready(model), "other_model_ready": client.is_model_ready("nope"),
             "inputs": {i.name: i.datatype for i in md.inputs}, "outputs": {o.name: o.datatype for o in md.outputs},
+            "input_shapes": {i.name: list(i.shape) for i in md.inputs},
+            "config_dims": {i.name: list(i.dims) for i in cfg.input},
             "decoupled": cfg.model_transaction_policy.decoupled, "max_batch_size": cfg.max_batch_size,
             "server": client.get_server_metadata().name,
         }))
@@ -55,8 +58,9 @@ def main():
         results = []
         for r in scenario["requests"]:
             try:
+                wanted = [grpcclient.InferRequestedOutput(n) for n in r.get("outputs", [])] or None
                 res = client.infer(r.get("model", model), make_inputs(r["inputs"]), request_id=r["id"],
-                                   headers=scenario.get("headers"))
+                                   headers=scenario.get("headers"), outputs=wanted)
                 results.append({"id": res.get_response().id, "outputs": outputs(res)})
             except InferenceServerException as e:
                 results.append({"id": r["id"], "error": e.message(), "status": e.status()})

@@ -16,19 +16,6 @@ using inference::ModelStreamInferResponse;
 
 constexpr const char* kVersion = "1";
 
-grpc::ByteBuffer Wire(const google::protobuf::MessageLite& msg) {
-  grpc::ByteBuffer out;
-  bool own = false;
-  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
-  return out;
-}
-
-grpc::ServerUnaryReactor* Done(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
-  auto* reactor = ctx->DefaultReactor();
-  reactor->Finish(s);
-  return reactor;
-}
-
 // One request in flight on a stream or a unary call: what the core produced that is not sent yet.
 struct Entry {
   std::shared_ptr<core::RequestHandle> handle;
@@ -81,7 +68,7 @@ class InferReactor final : public grpc::ServerUnaryReactor {
       Finish(ToGrpc(e_.taken.status));
       return;
     }
-    *resp_ = Wire(e_.Response(*svc_, /*last=*/true));
+    *resp_ = Serialize(e_.Response(*svc_, /*last=*/true));
     Finish(grpc::Status::OK);
   }
 
@@ -222,7 +209,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     }
   }
   void Write(const ModelStreamInferResponse& r) {
-    out_ = Wire(r);
+    out_ = Serialize(r);
     writing_ = true;
     StartWrite(&out_);
   }
@@ -247,15 +234,7 @@ KserveService::KserveService(core::Engine& engine, const tokenizer::Tokenizer& t
     : engine_(engine), tok_(tok), options_(std::move(options)) {}
 
 Status KserveService::Authorize(grpc::CallbackServerContext* ctx) const {
-  if (options_.api_key.empty()) return absl::OkStatus();
-  const auto& md = ctx->client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) return absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata");
-  std::string expected = "Bearer ";
-  expected += options_.api_key;
-  if (std::string_view(it->second.data(), it->second.size()) != expected)
-    return absl::UnauthenticatedError("invalid API key in 'authorization'");
-  return absl::OkStatus();
+  return CheckApiKey(ctx, options_.api_key);
 }
 
 Status KserveService::CheckModel(const std::string& name) const {
@@ -276,12 +255,7 @@ void KserveService::Count(bool ok, double seconds) {
 StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
                                                         std::string* id) {
   const auto arrival = core::Clock::now();
-  auto deadline = core::Clock::time_point::max();
-  const auto sys_deadline = ctx->deadline();
-  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
-    deadline =
-        arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
-  if (options_.request_timeout.count() > 0) deadline = std::min(deadline, arrival + options_.request_timeout);
+  const auto deadline = CallDeadline(ctx, arrival, options_.request_timeout);
   auto refuse = [&](const Status& s) -> Status {
     spdlog::info("request {} rejected: {}", id->empty() ? "-" : *id, s.ToString());
     if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
@@ -306,37 +280,37 @@ grpc::ServerUnaryReactor* KserveService::ServerLive(grpc::CallbackServerContext*
                                                     const inference::ServerLiveRequest*,
                                                     inference::ServerLiveResponse* resp) {
   resp->set_live(true);
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ServerReady(grpc::CallbackServerContext* ctx,
                                                      const inference::ServerReadyRequest*,
                                                      inference::ServerReadyResponse* resp) {
   resp->set_ready(!draining_ && (!options_.serving || options_.serving()));
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelReady(grpc::CallbackServerContext* ctx,
                                                     const inference::ModelReadyRequest* req,
                                                     inference::ModelReadyResponse* resp) {
   resp->set_ready(req->name() == options_.model_name && !draining_ && (!options_.serving || options_.serving()));
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ServerMetadata(grpc::CallbackServerContext* ctx,
                                                         const inference::ServerMetadataRequest*,
                                                         inference::ServerMetadataResponse* resp) {
-  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
   resp->set_name("kraken-serve");
   resp->set_version(options_.server_version);
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelMetadata(grpc::CallbackServerContext* ctx,
                                                        const inference::ModelMetadataRequest* req,
                                                        inference::ModelMetadataResponse* resp) {
-  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
-  if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
+  if (Status m = CheckModel(req->name()); !m.ok()) return FinishUnary(ctx, ToGrpc(m));
   resp->set_name(options_.model_name);
   *resp->add_versions() = std::string(kVersion);
   resp->set_platform("kraken");
@@ -352,14 +326,14 @@ grpc::ServerUnaryReactor* KserveService::ModelMetadata(grpc::CallbackServerConte
     t->set_datatype(type);
     t->add_shape(-1);
   }
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelConfig(grpc::CallbackServerContext* ctx,
                                                      const inference::ModelConfigRequest* req,
                                                      inference::ModelConfigResponse* resp) {
-  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
-  if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
+  if (Status m = CheckModel(req->name()); !m.ok()) return FinishUnary(ctx, ToGrpc(m));
   auto type_of = [](const std::string& t) {
     return t == "BYTES"    ? inference::TYPE_STRING
            : t == "BOOL"   ? inference::TYPE_BOOL
@@ -387,15 +361,15 @@ grpc::ServerUnaryReactor* KserveService::ModelConfig(grpc::CallbackServerContext
     out->set_data_type(type_of(type));
     out->add_dims(-1);
   }
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelStatistics(grpc::CallbackServerContext* ctx,
                                                          const inference::ModelStatisticsRequest* req,
                                                          inference::ModelStatisticsResponse* resp) {
-  if (Status a = Authorize(ctx); !a.ok()) return Done(ctx, ToGrpc(a));
+  if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
   if (!req->name().empty())
-    if (Status m = CheckModel(req->name()); !m.ok()) return Done(ctx, ToGrpc(m));
+    if (Status m = CheckModel(req->name()); !m.ok()) return FinishUnary(ctx, ToGrpc(m));
   auto* s = resp->add_model_stats();
   s->set_name(options_.model_name);
   s->set_version(kVersion);
@@ -406,14 +380,14 @@ grpc::ServerUnaryReactor* KserveService::ModelStatistics(grpc::CallbackServerCon
   s->mutable_inference_stats()->mutable_success()->set_ns(success_ns_.load());
   s->mutable_inference_stats()->mutable_fail()->set_count(fail_count_.load());
   s->mutable_inference_stats()->mutable_fail()->set_ns(fail_ns_.load());
-  return Done(ctx, grpc::Status::OK);
+  return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelInfer(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                     grpc::ByteBuffer* resp) {
   std::string id;
   auto accepted = Accept(ctx, *raw, &id);
-  if (!accepted.ok()) return Done(ctx, ToGrpc(accepted.status()));
+  if (!accepted.ok()) return FinishUnary(ctx, ToGrpc(accepted.status()));
   return new InferReactor(
       this, Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}, resp);
 }

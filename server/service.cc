@@ -9,14 +9,6 @@ namespace {
 
 using kraken::v1::GenerateResponse;
 
-// The wire form of a response message.
-grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
-  grpc::ByteBuffer out;
-  bool own = false;
-  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
-  return out;
-}
-
 kraken::v1::FinishReason ToProto(core::FinishReason r) {
   switch (r) {
     case core::FinishReason::kStop:
@@ -182,12 +174,6 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
   bool finish_called_ = false;
 };
 
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
-  auto* reactor = ctx->DefaultReactor();
-  reactor->Finish(s);
-  return reactor;
-}
-
 }  // namespace
 
 grpc::Status ToGrpc(const Status& s) {
@@ -195,27 +181,51 @@ grpc::Status ToGrpc(const Status& s) {
   return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
 }
 
-Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
-  if (options_.api_key.empty()) return absl::OkStatus();
+grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
+  grpc::ByteBuffer out;
+  bool own = false;
+  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
+  return out;
+}
+
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
+  auto* reactor = ctx->DefaultReactor();
+  reactor->Finish(s);
+  return reactor;
+}
+
+Status CheckApiKey(grpc::CallbackServerContext* ctx, const std::string& api_key) {
+  if (api_key.empty()) return absl::OkStatus();
   const auto& md = ctx->client_metadata();
   auto it = md.find("authorization");
   if (it == md.end()) return absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata");
-  const std::string value(it->second.data(), it->second.size());
-  if (value != "Bearer " + options_.api_key) return absl::UnauthenticatedError("invalid API key in 'authorization'");
+  std::string expected = "Bearer ";
+  expected += api_key;
+  if (std::string_view(it->second.data(), it->second.size()) != expected)
+    return absl::UnauthenticatedError("invalid API key in 'authorization'");
   return absl::OkStatus();
 }
 
-StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::CallbackServerContext* ctx,
-                                                                     const grpc::ByteBuffer& raw,
-                                                                     kraken::v1::GenerateRequest* req) {
-  // The deadline, read against both clocks at the same moment.
-  const auto arrival = core::Clock::now();
+core::Clock::time_point CallDeadline(grpc::CallbackServerContext* ctx, core::Clock::time_point arrival,
+                                     std::chrono::milliseconds request_timeout) {
   auto deadline = core::Clock::time_point::max();
   const auto sys_deadline = ctx->deadline();
   if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
     deadline =
         arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
-  if (options_.request_timeout.count() > 0) deadline = std::min(deadline, arrival + options_.request_timeout);
+  if (request_timeout.count() > 0) deadline = std::min(deadline, arrival + request_timeout);
+  return deadline;
+}
+
+Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
+  return CheckApiKey(ctx, options_.api_key);
+}
+
+StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::CallbackServerContext* ctx,
+                                                                     const grpc::ByteBuffer& raw,
+                                                                     kraken::v1::GenerateRequest* req) {
+  const auto arrival = core::Clock::now();
+  const auto deadline = CallDeadline(ctx, arrival, options_.request_timeout);
   if (draining_) return absl::UnavailableError("the server is shutting down");
   KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));

@@ -23,6 +23,18 @@ namespace kraken::server {
 /// Maps our Status to grpc::Status, keeping the code and the message.
 grpc::Status ToGrpc(const Status& s);
 
+/// The wire form of a response message (for raw callback methods).
+grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg);
+/// Ends a unary call with `s` through the call's default reactor.
+grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const grpc::Status& s);
+/// OK when `api_key` is empty or the call carries "authorization: Bearer <api_key>";
+/// UNAUTHENTICATED saying what is missing or wrong otherwise.
+Status CheckApiKey(grpc::CallbackServerContext* ctx, const std::string& api_key);
+/// When a call that arrived at `arrival` must end: its gRPC deadline (read against both clocks at
+/// the same moment), shortened to `request_timeout` when that is set; Clock::time_point::max() for none.
+core::Clock::time_point CallDeadline(grpc::CallbackServerContext* ctx, core::Clock::time_point arrival,
+                                     std::chrono::milliseconds request_timeout);
+
 struct ServiceOptions {
   core::RequestLimits limits;
   kraken::v1::ModelInfo info;

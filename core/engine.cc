@@ -410,6 +410,11 @@ void Engine::UpdateRankMetrics() {
     m->idle_host[r]->SetTotal(host_idle_s_);
     m->idle_no_work[r]->SetTotal(no_work_s_);
     m->worker_up[r]->Set(stats[r].up ? 1 : 0);
+    const runtime::WorkerMemory& mem = stats[r].memory;
+    m->memory_weights[r]->Set(static_cast<double>(mem.weight_bytes));
+    m->memory_kv_cache[r]->Set(static_cast<double>(mem.kv_bytes));
+    m->memory_activations[r]->Set(static_cast<double>(mem.activation_bytes));
+    m->memory_scratch[r]->Set(static_cast<double>(mem.scratch_bytes));
   }
   m->restarts.SetTotal(group_->restarts());
 }

@@ -1,5 +1,7 @@
 #include "core/serving_metrics.h"
 
+#include <cstdio>
+
 namespace kraken::core {
 namespace {
 
@@ -75,7 +77,8 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
       success_(reg.AddCounter("kraken_request_success_total", "Requests that finished, by finish reason.",
                               {"finish_reason"})),
       failure_(reg.AddCounter("kraken_request_failure_total",
-                              "Requests that ended with an error or were refused, by reason.", {"reason"})) {
+                              "Requests that ended with an error or were refused, by reason.", {"reason"})),
+      registry_(reg) {
   for (const char* r : {"stop", "length"}) success_.With({r});
   for (const char* r : {"invalid_argument", "resource_exhausted", "deadline_exceeded", "cancelled", "unavailable",
                         "unauthenticated", "not_found", "internal"})
@@ -94,6 +97,10 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
       reg.AddCounter("kraken_collective_exposed_seconds_total",
                      "Seconds each rank's compute waited on a collective (communication not hidden).", {"rank"});
   auto& up_f = reg.AddGauge("kraken_worker_up", "1 while the rank's worker process is running.", {"rank"});
+  auto& mem_f = reg.AddGauge("kraken_worker_memory_bytes",
+                             "Bytes each rank's worker holds on its device, by kind: weights, kv_cache, activations "
+                             "(buffers for the largest step), scratch (the backend's own).",
+                             {"rank", "kind"});
   for (int r = 0; r < world; ++r) {
     const std::string rank = std::to_string(r);
     busy.push_back(&busy_f.With({rank}));
@@ -103,6 +110,10 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
     allreduce.push_back(&coll_f.With({rank, "all_reduce"}));
     exposed.push_back(&exp_f.With({rank}));
     worker_up.push_back(&up_f.With({rank}));
+    memory_weights.push_back(&mem_f.With({rank, "weights"}));
+    memory_kv_cache.push_back(&mem_f.With({rank, "kv_cache"}));
+    memory_activations.push_back(&mem_f.With({rank, "activations"}));
+    memory_scratch.push_back(&mem_f.With({rank, "scratch"}));
   }
   reg.AddGauge("kraken_build_info", "Always 1; the labels describe the build and what it serves.",
                {"version", "model", "devices", "world_size"})
@@ -121,6 +132,17 @@ void ServingMetrics::RecordFailure(const Status& status) {
 void ServingMetrics::RecordSuccess(const std::string& finish_reason, double e2e_s) {
   success_.With({finish_reason}).Inc();
   e2e.Observe(e2e_s);
+}
+
+void ServingMetrics::PublishCacheConfig(const CacheConfig& c) {
+  char util[32];
+  std::snprintf(util, sizeof util, "%g", c.memory_utilization);
+  registry_
+      .AddGauge("kraken_cache_config_info",
+                "Always 1; the labels describe the KV cache of each worker as sized at start.",
+                {"block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_cache_bytes"})
+      .With({std::to_string(c.block_size), std::to_string(c.num_blocks), util, std::to_string(c.kv_cache_bytes)})
+      .Set(1);
 }
 
 }  // namespace kraken::core

@@ -11,6 +11,14 @@
 
 namespace kraken::core {
 
+/// The KV cache as sized at start, for kraken_cache_config_info.
+struct CacheConfig {
+  int block_size = 0;  // tokens per block
+  int num_blocks = 0;  // per worker
+  double memory_utilization = 0;
+  int64_t kv_cache_bytes = 0;  // per worker
+};
+
 class ServingMetrics {
  public:
   ServingMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
@@ -20,6 +28,9 @@ class ServingMetrics {
   void RecordFailure(const Status& status);
   /// Counts a successful request: finish_reason is "stop" or "length".
   void RecordSuccess(const std::string& finish_reason, double e2e_s);
+  /// Publishes kraken_cache_config_info (vLLM's cache_config_info): call once, after the workers
+  /// have sized the KV cache.
+  void PublishCacheConfig(const CacheConfig& c);
 
   metrics::Histogram& ttft;
   metrics::Histogram& itl;
@@ -36,10 +47,13 @@ class ServingMetrics {
   // Per rank, indexed by rank.
   std::vector<metrics::Counter*> busy, idle_collective, idle_no_work, idle_host, allreduce, exposed;
   std::vector<metrics::Gauge*> worker_up;
+  // kraken_worker_memory_bytes{rank, kind}: what each worker holds, by kind.
+  std::vector<metrics::Gauge*> memory_weights, memory_kv_cache, memory_activations, memory_scratch;
 
  private:
   metrics::Family<metrics::Counter>& success_;
   metrics::Family<metrics::Counter>& failure_;
+  metrics::Registry& registry_;
 };
 
 /// The failure reason label of a status code: invalid_argument, resource_exhausted,

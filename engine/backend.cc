@@ -23,6 +23,10 @@ Status CheckComputeFloat(const TensorInfo& t) {
 
 }  // namespace
 
+StatusOr<DeviceMemory> Backend::MemoryInfo() const {
+  return Unimplemented("the ", name(), " backend does not report its device's memory");
+}
+
 StatusOr<LinearSelection> SelectLinear(const LinearSource& src) {
   const TensorInfo& t = *src.tensor;
   if (t.shape.size() != 2) {

@@ -114,6 +114,12 @@ struct ScratchHint {
   int max_gemm_k = 0;  // widest GEMM input (columns of x)
 };
 
+/// Memory of a backend's device, in bytes.
+struct DeviceMemory {
+  int64_t total = 0;  // the device's capacity
+  int64_t free = 0;   // not allocated by any process now
+};
+
 /// Backend construction options.
 struct BackendOptions {
   Device device;    // the CPU, or a CUDA device
@@ -131,6 +137,13 @@ class Backend {
   /// order its collectives after the compute that produced their input; nullptr for the CPU.
   virtual void* native_stream() const { return nullptr; }
 
+  /// The device's memory now (CUDA: cudaMemGetInfo). UNIMPLEMENTED for the CPU, whose memory the
+  /// host's processes share: the caller decides each worker's share (runtime/memory.h).
+  virtual StatusOr<DeviceMemory> MemoryInfo() const;
+  /// Bytes this backend holds for its own ops (GEMM packing, attention tiles, staging buffers),
+  /// beyond what Allocate handed out.
+  virtual int64_t scratch_bytes() const = 0;
+
   /// Allocates `floats` zeroed floats of device memory. RESOURCE_EXHAUSTED when it cannot.
   virtual StatusOr<Buffer> Allocate(int64_t floats) = 0;
   /// Copies `n` floats host -> device / device -> host.
@@ -147,8 +160,11 @@ class Backend {
 
   // ---- Ops ---------------------------------------------------------------------------------
   /// out[t] = wte[tokens[t]] + wpe[positions[t]]; tokens/positions are host arrays of out.rows
-  /// entries, already validated; wte [V, cols], wpe [P, cols] in device memory.
-  virtual void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) = 0;
+  /// entries, already validated; wte is the prepared [V, cols] matrix (the same one the tied LM
+  /// head multiplies with, read in its stored dtype and widened exactly to F32), wpe [P, cols] in
+  /// device memory.
+  virtual void Embed(const int32_t* tokens, const int32_t* positions, const LinearWeight& wte, const float* wpe,
+                     Mat out) = 0;
   /// y = (x - mean) / sqrt(var + eps) * w (+ b) per row (biased variance). y may alias x.
   virtual void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) = 0;
   /// y = x W^T (+ bias), or y += x W^T (+ bias) when accumulate. x and y must not overlap.

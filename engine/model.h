@@ -60,8 +60,12 @@ class Model {
   virtual const ModelOptions& options() const = 0;
   /// Per-token KV-cache needs of this shard.
   virtual KvLayout kv_layout() const = 0;
-  /// Bytes of prepared weights held by this shard.
+  /// Bytes of prepared weights held by this shard: the checkpoint's bytes of the tensors it
+  /// uses, in their stored dtype, plus the F32 widening of the 1-D tensors and wpe (norms and
+  /// biases) and the zero padding of each matrix to whole 32-row panels on the CPU.
   virtual int64_t weight_bytes() const = 0;
+  /// Bytes of activation buffers sized at load for the largest step (options().max_tokens rows).
+  virtual int64_t activation_bytes() const = 0;
 
   /// Runs one step: writes the new tokens' K and V into `kv` and returns logits. Every input is
   /// validated first (INVALID_ARGUMENT naming the sequence, field, limit and value); nothing is

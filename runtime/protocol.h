@@ -23,12 +23,13 @@
 
 #include "base/status.h"
 #include "engine/sampler.h"
+#include "runtime/memory.h"
 #include "runtime/shm_store.h"
 
 namespace kraken::runtime {
 
 inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
-inline constexpr uint32_t kProtocolVersion = 3;
+inline constexpr uint32_t kProtocolVersion = 4;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
 inline constexpr int kSeqErrorBytes = 160;
@@ -52,7 +53,7 @@ struct Limits {
   int32_t max_blocks_per_seq = 0;  // KV blocks of one sequence (context / block size, rounded up)
   int32_t max_history = 0;         // penalty-history tokens per step, all sequences together
   int32_t vocab_size = 0;
-  int32_t num_kv_blocks = 0;  // blocks in each worker's KV pool
+  int32_t num_kv_blocks = 0;  // blocks in each worker's KV pool (0 until decided: Control::kv_blocks)
   int32_t block_size = 16;    // tokens per KV block
 };
 
@@ -124,7 +125,9 @@ struct RankStats {
   std::atomic<uint64_t> collectives{0};
 };
 
-enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2 };
+// kStarting -> kLoaded (weights and activations allocated, `memory` filled in up to
+// kv_capacity_blocks) -> kReady (KV cache allocated, collectives joined, warmed up), or kFailed.
+enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2, kLoaded = 3 };
 
 struct alignas(64) RankSlot {
   std::atomic<uint64_t> heartbeat_ns{0};  // monotonic time of the last sign of life (own thread)
@@ -132,6 +135,7 @@ struct alignas(64) RankSlot {
   std::atomic<uint32_t> state{0};         // RankState
   std::atomic<uint64_t> done_step{0};
   RankStats stats;
+  WorkerMemory memory;               // written before each state change (release), read after (acquire)
   char message[kMessageBytes] = {};  // why kFailed
 };
 
@@ -140,6 +144,8 @@ struct Control {
   uint32_t version = 0;
   uint32_t reserved = 0;
   Limits limits;
+  KvSizing kv_sizing;                     // the KV budget policy (runtime/memory.h)
+  std::atomic<int32_t> kv_blocks{0};      // 0 until the front-end has decided limits.num_kv_blocks
   std::atomic<uint32_t> plan_futex{0};    // bumped per published plan (workers wait on it)
   std::atomic<uint32_t> result_futex{0};  // bumped per published result (front-end waits on it)
   std::atomic<uint64_t> plan_step{0};     // the step the plan area holds

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -19,6 +20,7 @@
 #endif
 #include "engine/model.h"
 #include "engine/sampler.h"
+#include "runtime/memory.h"
 #include "runtime/protocol.h"
 #include "runtime/shm.h"
 #include "runtime/shm_store.h"
@@ -50,6 +52,10 @@ class Worker {
   }
 
  private:
+  // Fills slot_->memory up to kv_capacity_blocks and reports kLoaded.
+  Status ReportMemory();
+  // The KV cache's block count once the front-end has decided it; negative when it refused.
+  int32_t AwaitKvBlocks();
   Status RunStep(const PlanHeader& plan);
   // Rank 0: the step's status, prompt logprobs and sampled tokens into the result area.
   void PublishResult(const PlanHeader& plan, const PlanReader& reader, const Status& status,
@@ -154,10 +160,15 @@ Status Worker::Setup() {
     return FailedPrecondition("model vocabulary ", model_->config().vocab_size, " differs from the segment's ",
                               limits_.vocab_size);
   }
+  KRAKEN_RETURN_IF_ERROR(ReportMemory());
+  limits_.num_kv_blocks = AwaitKvBlocks();
+  if (limits_.num_kv_blocks <= 0) return FailedPrecondition("the front-end found no KV cache size for every rank");
   KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv, engine::KvCache::Create(*backend_, model_->kv_layout(),
                                                                       {.num_blocks = limits_.num_kv_blocks,
                                                                        .block_size = limits_.block_size}));
   kv_ = std::make_unique<engine::KvCache>(std::move(kv));
+  slot_->memory.kv_bytes = kv_->bytes();
+  slot_->memory.scratch_bytes = backend_->scratch_bytes();
 
   KRAKEN_ASSIGN_OR_RETURN(std::unique_ptr<engine::Communicator> comm, MakeCommunicator());
   comm_ = std::make_unique<TimedCommunicator>(std::move(comm), slot_);
@@ -176,6 +187,36 @@ Status Worker::Setup() {
   }
   slot_->state.store(static_cast<uint32_t>(RankState::kReady), std::memory_order_release);
   return absl::OkStatus();
+}
+
+Status Worker::ReportMemory() {
+  WorkerMemory& m = slot_->memory;
+  m = WorkerMemory{};
+  m.weight_bytes = model_->weight_bytes();
+  m.activation_bytes = model_->activation_bytes();
+  m.scratch_bytes = backend_->scratch_bytes();
+  m.kv_block_bytes = engine::KvCache::BytesPerBlock(model_->kv_layout(), limits_.block_size);
+  std::optional<engine::DeviceMemory> gpu;
+  if (a_.device.is_cuda()) {
+    KRAKEN_ASSIGN_OR_RETURN(gpu, backend_->MemoryInfo());
+    m.device_bytes = gpu->total;
+  } else {
+    m.device_bytes = control_->kv_sizing.host_share_bytes;
+  }
+  m.kv_budget_bytes = KvBudgetBytes(control_->kv_sizing, gpu, m);
+  m.kv_capacity_blocks = m.kv_block_bytes > 0 ? m.kv_budget_bytes / m.kv_block_bytes : 0;
+  slot_->state.store(static_cast<uint32_t>(RankState::kLoaded), std::memory_order_release);
+  return absl::OkStatus();
+}
+
+int32_t Worker::AwaitKvBlocks() {
+  // The front-end decides once every rank has reported (or at once, when the count is fixed);
+  // the heartbeat thread keeps reporting life meanwhile, and exits if the front-end goes.
+  int32_t n;
+  while ((n = control_->kv_blocks.load(std::memory_order_acquire)) == 0) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  return n;
 }
 
 namespace {

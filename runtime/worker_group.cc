@@ -87,7 +87,19 @@ StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
   l.max_seqs = o.max_seqs;
   l.block_size = o.block_size;
   l.max_blocks_per_seq = (context + o.block_size - 1) / o.block_size;
-  l.num_kv_blocks = o.num_kv_blocks > 0 ? o.num_kv_blocks : o.max_seqs * l.max_blocks_per_seq;
+  if (o.num_kv_blocks < 0) return InvalidArgument("num_kv_blocks must be >= 0, got ", o.num_kv_blocks);
+  if (o.num_kv_blocks > 0 && o.num_kv_blocks < l.max_blocks_per_seq) {
+    // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
+    return InvalidArgument("--num-kv-blocks ", o.num_kv_blocks, " is below one full context (", l.max_blocks_per_seq,
+                           " blocks of ", o.block_size, " tokens)");
+  }
+  if (o.kv_sizing.kv_cache_bytes < 0) {
+    return InvalidArgument("--kv-cache-memory must be >= 0 bytes, got ", o.kv_sizing.kv_cache_bytes);
+  }
+  if (!(o.kv_sizing.memory_utilization > 0 && o.kv_sizing.memory_utilization <= 1)) {
+    return InvalidArgument("--memory-utilization must be in (0, 1], got ", o.kv_sizing.memory_utilization);
+  }
+  l.num_kv_blocks = o.num_kv_blocks;  // 0: decided when the workers have loaded (DecideKvBlocks)
   l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * context;
   l.vocab_size = cfg.vocab_size;
   return l;
@@ -98,6 +110,12 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   g->options_ = o;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
   g->layout_ = ComputeLayout(g->limits_);
+  int cpu_workers = 0;
+  for (const engine::Device& d : o.devices) cpu_workers += d.is_cuda() ? 0 : 1;
+  if (cpu_workers > 0 && g->options_.kv_sizing.host_share_bytes == 0) {
+    KRAKEN_ASSIGN_OR_RETURN(const int64_t available, HostAvailableBytes());
+    g->options_.kv_sizing.host_share_bytes = available / cpu_workers;
+  }
   KRAKEN_RETURN_IF_ERROR(g->Launch());
   return g;
 }
@@ -114,6 +132,9 @@ Status WorkerGroup::LaunchOnce() {
   control_->magic = kMagic;
   control_->version = kProtocolVersion;
   control_->limits = limits_;
+  control_->kv_sizing = options_.kv_sizing;
+  // Fixed by a flag, or by the first start (a restart must keep the scheduler's block count).
+  if (limits_.num_kv_blocks > 0) control_->kv_blocks.store(limits_.num_kv_blocks, std::memory_order_release);
   for (size_t i = 0; i < layout_.store_slots; ++i)
     new (segment_->data() + layout_.store + i * sizeof(StoreSlot)) StoreSlot();
   int pipe_fds[2];
@@ -186,12 +207,13 @@ Status WorkerGroup::WaitReady() {
   const int world = world_size();
   const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
   for (;;) {
-    int ready = 0;
+    int ready = 0, loaded = 0;
     for (int r = 0; r < world; ++r) {
       RankSlot& s = control_->ranks[r];
       const auto state = static_cast<RankState>(s.state.load(std::memory_order_acquire));
-      if (state == RankState::kReady) {
-        ++ready;
+      if (state == RankState::kReady || state == RankState::kLoaded) {
+        ++loaded;
+        ready += state == RankState::kReady ? 1 : 0;
         continue;
       }
       std::string why;
@@ -204,6 +226,9 @@ Status WorkerGroup::WaitReady() {
           StrCat("worker rank ", r, " (", options_.devices[r].ToString(), ") failed to start: ", why));
     }
     if (ready == world) break;
+    if (loaded == world && control_->kv_blocks.load(std::memory_order_acquire) == 0) {
+      KRAKEN_RETURN_IF_ERROR(DecideKvBlocks());
+    }
     if (NowNs() > deadline) {
       std::string late;
       for (int r = 0; r < world; ++r) {
@@ -216,6 +241,45 @@ Status WorkerGroup::WaitReady() {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  return absl::OkStatus();
+}
+
+Status WorkerGroup::DecideKvBlocks() {
+  int limiting = 0;
+  for (int r = 1; r < world_size(); ++r) {
+    if (control_->ranks[r].memory.kv_capacity_blocks < control_->ranks[limiting].memory.kv_capacity_blocks) {
+      limiting = r;
+    }
+  }
+  const WorkerMemory& m = control_->ranks[limiting].memory;
+  const int64_t useful = static_cast<int64_t>(limits_.max_seqs) * limits_.max_blocks_per_seq;
+  const int64_t blocks = std::min(m.kv_capacity_blocks, useful);
+  if (blocks < limits_.max_blocks_per_seq) {
+    control_->kv_blocks.store(-1, std::memory_order_release);
+    const KvSizing& k = options_.kv_sizing;
+    std::string budget;
+    if (k.kv_cache_bytes > 0) {
+      budget = StrCat("--kv-cache-memory ", k.kv_cache_bytes, " bytes");
+    } else if (options_.devices[limiting].is_cuda()) {
+      budget = StrCat("--memory-utilization ", k.memory_utilization, " of ", FormatBytes(m.device_bytes),
+                      " of GPU memory, less what is in use");
+    } else {
+      budget =
+          StrCat("--memory-utilization ", k.memory_utilization, " of this worker's ", FormatBytes(m.device_bytes),
+                 " share of available host memory, less ", FormatBytes(m.weight_bytes), " of weights, ",
+                 FormatBytes(m.activation_bytes), " of activations and ", FormatBytes(m.scratch_bytes), " of scratch");
+    }
+    return ResourceExhausted("the KV cache cannot hold one full-context sequence: rank ", limiting, " (",
+                             options_.devices[limiting].ToString(), ") has ", FormatBytes(m.kv_budget_bytes),
+                             " for it (", budget, "), ", m.kv_capacity_blocks, " blocks of ", limits_.block_size,
+                             " tokens at ", FormatBytes(m.kv_block_bytes),
+                             " each, and one full-context sequence needs ", limits_.max_blocks_per_seq, " blocks (",
+                             FormatBytes(m.kv_block_bytes * limits_.max_blocks_per_seq),
+                             "): raise --kv-cache-memory or --memory-utilization");
+  }
+  limits_.num_kv_blocks = static_cast<int32_t>(blocks);
+  control_->limits.num_kv_blocks = limits_.num_kv_blocks;
+  control_->kv_blocks.store(limits_.num_kv_blocks, std::memory_order_release);
   return absl::OkStatus();
 }
 
@@ -421,6 +485,9 @@ std::vector<RankStatsSnapshot> WorkerGroup::Stats() const {
       s.exposed_comm_s = st.exposed_comm_ns.load() * 1e-9;
       s.collective_s = st.collective_ns.load() * 1e-9;
       s.idle_s = st.idle_ns.load() * 1e-9;
+      if (control_->ranks[r].state.load(std::memory_order_acquire) == static_cast<uint32_t>(RankState::kReady)) {
+        s.memory = control_->ranks[r].memory;
+      }
     }
     out.push_back(s);
   }

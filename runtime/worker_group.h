@@ -35,6 +35,7 @@
 
 #include "base/status.h"
 #include "engine/device.h"
+#include "runtime/memory.h"
 #include "runtime/protocol.h"
 #include "runtime/shm.h"
 
@@ -48,7 +49,8 @@ struct WorkerGroupOptions {
   int max_seqs = 64;                                              // sequences per step
   int max_context = 0;                                            // tokens per sequence; 0 = the model's n_positions
   int block_size = 16;
-  int num_kv_blocks = 0;  // per worker; 0 = max_seqs full contexts
+  int num_kv_blocks = 0;  // per worker; 0 = sized from kv_sizing when the workers start
+  KvSizing kv_sizing;     // the KV budget (runtime/memory.h); host_share_bytes 0 = measured at start
   int max_history = 0;    // penalty history per step; 0 = max_seqs * max_context
   std::string worker_binary = "/proc/self/exe";
   // Timers (docs/api.md "Timers"): each is the bound on one kind of silence.
@@ -74,6 +76,7 @@ struct RankStatsSnapshot {
   uint64_t steps = 0, collectives = 0;
   double busy_s = 0, exposed_comm_s = 0, collective_s = 0, idle_s = 0;
   bool up = false;
+  WorkerMemory memory;  // as the rank reported it at its last start
 };
 
 /// The --devices grammar, parsed here and nowhere else: "cpu" (one CPU worker), "cpu:N" (N CPU
@@ -139,6 +142,10 @@ class WorkerGroup {
   // Until every rank is ready: UNAVAILABLE naming a rank that failed or exited (and why),
   // DEADLINE_EXCEEDED naming the ranks not ready after start_timeout.
   Status WaitReady();
+  // Once every rank has loaded: the KV blocks per worker (the smallest capacity any rank reported,
+  // at most max_seqs full contexts) into the segment. RESOURCE_EXHAUSTED with the numbers when that
+  // is not one full context.
+  Status DecideKvBlocks();
   void KillAll();  // SIGKILL, reap, clean up
   // OK, or UNAVAILABLE naming a dead, failed, silent or stuck rank (exits are preferred: a peer's
   // death makes the others report failed collectives).

@@ -59,6 +59,8 @@ struct Flags {
   int max_batch_seqs = 64;
   int max_waiting = 256;
   int num_kv_blocks = 0;
+  int64_t kv_cache_memory = 0;
+  double memory_utilization = 0;
   int block_size = 16;
   double kv_watermark = 0.01;
   int max_message_bytes = 4 << 20;
@@ -116,7 +118,17 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
   opt("--max-waiting", f.max_waiting, "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
       ->check(CLI::Range(0, 1 << 20));
-  opt("--num-kv-blocks", f.num_kv_blocks, "KV blocks per worker; 0 = max-batch-seqs full contexts");
+  opt("--memory-utilization", f.memory_utilization,
+      "fraction of each worker's device memory it may use, weights, activations and KV cache included (GPU: the "
+      "device's memory; CPU: its even share of the host's available memory); the KV cache gets the rest; 0 = 0.9 "
+      "on GPUs, 0.1 on CPUs")
+      ->check(CLI::Range(0.0, 1.0));
+  opt("--kv-cache-memory", f.kv_cache_memory,
+      "KV cache bytes per worker (e.g. 512MiB, 4GiB, 2GB); 0 = sized by --memory-utilization")
+      ->transform(CLI::AsSizeValue(true));
+  opt("--num-kv-blocks", f.num_kv_blocks,
+      "KV blocks per worker, overriding --kv-cache-memory and --memory-utilization; 0 = sized from memory")
+      ->check(CLI::Range(0, 1 << 30));
   opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
   opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
   opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
@@ -232,6 +244,9 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   wo.max_seqs = f.max_batch_seqs;
   wo.block_size = f.block_size;
   wo.num_kv_blocks = f.num_kv_blocks;
+  wo.kv_sizing.kv_cache_bytes = f.kv_cache_memory;
+  wo.kv_sizing.memory_utilization =
+      f.memory_utilization > 0 ? f.memory_utilization : (wo.devices.front().is_cuda() ? 0.9 : 0.1);
   wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1);
   wo.max_restarts = f.max_restarts;
   auto ms = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000 + 0.5)); };
@@ -275,8 +290,15 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
                    {"nccl_shm_bytes", nccl},
                    {"shm_bytes_required", segment + nccl},
                    {"kv_cache_bytes_per_token_per_worker", per_token},
-                   {"kv_cache_blocks_per_worker", lim->num_kv_blocks},
-                   {"kv_cache_bytes_per_worker", per_token * lim->num_kv_blocks * lim->block_size}};
+                   {"memory_utilization", wo.kv_sizing.memory_utilization}};
+  // The pool is known here only when a flag fixes it; otherwise each worker sizes it from its
+  // memory when it starts (the log and GetModelInfo give the result).
+  int64_t blocks = lim->num_kv_blocks;
+  if (blocks == 0 && wo.kv_sizing.kv_cache_bytes > 0)
+    blocks = wo.kv_sizing.kv_cache_bytes / (per_token * lim->block_size);
+  j["kv_cache_blocks_per_worker"] = blocks > 0 ? nlohmann::json(blocks) : nlohmann::json(nullptr);
+  j["kv_cache_bytes_per_worker"] =
+      blocks > 0 ? nlohmann::json(per_token * blocks * lim->block_size) : nlohmann::json(nullptr);
   std::printf("%s\n", j.dump(2).c_str());
   return 0;
 }
@@ -290,7 +312,10 @@ std::string ServedModelName(const Flags& f) {
 }
 
 kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& config,
-                                    const core::RequestLimits& limits, int world) {
+                                    const core::RequestLimits& limits, const runtime::WorkerGroup& group) {
+  const int world = group.world_size();
+  const runtime::Limits rl = group.limits();
+  const runtime::WorkerMemory rank0 = group.Stats().front().memory;
   kraken::v1::ModelInfo info;
   info.set_model_name(ServedModelName(f));
   info.set_architecture(std::string(engine::ArchitectureName(config.arch)));
@@ -307,6 +332,11 @@ kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& c
   info.set_max_batch_tokens(f.max_batch_tokens);
   info.set_max_batch_sequences(f.max_batch_seqs);
   info.set_devices(f.devices);
+  info.set_kv_cache_blocks(rl.num_kv_blocks);
+  info.set_kv_cache_block_size(rl.block_size);
+  info.set_kv_cache_tokens(static_cast<uint64_t>(rl.num_kv_blocks) * rl.block_size);
+  info.set_kv_cache_bytes(rank0.kv_bytes);
+  info.set_weight_bytes(rank0.weight_bytes);
   return info;
 }
 
@@ -441,14 +471,17 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   const auto t0 = std::chrono::steady_clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
   const runtime::Limits rl = group->limits();
-  if (rl.num_kv_blocks < rl.max_blocks_per_seq) {
-    // Otherwise a sequence could outgrow the whole cache and wait for blocks forever.
-    return InvalidArgument("--num-kv-blocks ", rl.num_kv_blocks, " is below one full context (", rl.max_blocks_per_seq,
-                           " blocks of ", rl.block_size, " tokens)");
+  spdlog::info("{} worker(s) on {} ready in {:.1f} s", group->world_size(), f.devices,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  for (const runtime::RankStatsSnapshot& s : group->Stats()) {
+    const runtime::WorkerMemory& m = s.memory;
+    spdlog::info(
+        "rank {}: KV cache {} blocks of {} tokens = {} tokens, {} (budget {}); weights {}, activations {}, "
+        "scratch {}",
+        s.rank, rl.num_kv_blocks, rl.block_size, static_cast<int64_t>(rl.num_kv_blocks) * rl.block_size,
+        runtime::FormatBytes(m.kv_bytes), runtime::FormatBytes(m.kv_budget_bytes), runtime::FormatBytes(m.weight_bytes),
+        runtime::FormatBytes(m.activation_bytes), runtime::FormatBytes(m.scratch_bytes));
   }
-  spdlog::info("{} worker(s) on {} ready in {:.1f} s: {} KV blocks of {} tokens each", group->world_size(), f.devices,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), rl.num_kv_blocks,
-               rl.block_size);
   return group;
 }
 
@@ -564,17 +597,24 @@ int Run(const Flags& f, const sigset_t& sigs) {
   auto group = StartWorkers(f, *wo);
   if (!group.ok()) {
     spdlog::critical("workers failed to start: {}", group.status().ToString());
-    return group.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    // A configuration the machine cannot serve (bad flags, a KV budget below one context) is exit 2.
+    const absl::StatusCode code = group.status().code();
+    return code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kResourceExhausted ? 2 : 1;
   }
   const runtime::Limits rl = (*group)->limits();
   const int world = (*group)->world_size();
   metrics::Registry registry;
   core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices);
+  serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
+                                      .num_blocks = rl.num_kv_blocks,
+                                      .memory_utilization = wo->kv_sizing.memory_utilization,
+                                      .kv_cache_bytes = (*group)->Stats().front().memory.kv_bytes});
   Health health;
+  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group);
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
   server::ServiceOptions so{
       .limits = limits,
-      .info = MakeModelInfo(f, *config, limits, world),
+      .info = std::move(info),
       .api_key = f.api_key,
       .metrics = &serving_metrics,
       .max_message_bytes = f.max_message_bytes,

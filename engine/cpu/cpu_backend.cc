@@ -63,9 +63,11 @@ class CpuBackend final : public Backend {
     return std::unique_ptr<LinearWeight>(new CpuLinear(std::move(packed)));
   }
 
-  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) override {
+  void Embed(const int32_t* tokens, const int32_t* positions, const LinearWeight& wte, const float* wpe,
+             Mat out) override {
+    KRAKEN_CHECK(wte.in_features() == out.cols, "Embed width mismatch");
     Scoped s(threads_);
-    cpu::Embed(tokens, positions, wte, wpe, out);
+    cpu::Embed(tokens, positions, static_cast<const CpuLinear&>(wte).packed, wpe, out);
   }
   void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) override {
     KRAKEN_CHECK(x.rows == y.rows && x.cols == y.cols);
@@ -121,6 +123,11 @@ class CpuBackend final : public Backend {
     return absl::OkStatus();
   }
   Status Synchronize() override { return absl::OkStatus(); }
+  int64_t scratch_bytes() const override {
+    return static_cast<int64_t>(gemm_scratch_.packed_a.capacity() * sizeof(float) +
+                                attention_scratch_.buffers.capacity() * sizeof(float) +
+                                attention_scratch_.tiles.capacity() * sizeof(cpu::AttentionTile));
+  }
 
  private:
   // Sets the OpenMP team size for the ops of this backend (each worker process may own fewer

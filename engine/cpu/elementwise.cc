@@ -36,14 +36,28 @@ float RowSquaredDeviation(const float* x, int n, float mean) {
 
 }  // namespace
 
-void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) {
+void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out) {
   const int d = out.cols;
+  const size_t es = DTypeSize(wte.dtype());
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < out.rows; ++t) {
-    const float* e = wte + static_cast<int64_t>(tokens[t]) * d;
+    // Row n of the packed matrix: element k sits at panel n / 32, offset k * 32 + n % 32.
+    const int n = tokens[t];
+    const uint8_t* e = wte.panel(n / kPanelWidth) + static_cast<size_t>(n % kPanelWidth) * es;
+    const size_t step = static_cast<size_t>(kPanelWidth) * es;
     const float* p = wpe + static_cast<int64_t>(positions[t]) * d;
     float* o = out.Row(t);
-    for (int i = 0; i < d; ++i) o[i] = e[i] + p[i];
+    for (int i = 0; i < d; ++i, e += step) {
+      float w;
+      if (wte.dtype() == DType::kF32) {
+        std::memcpy(&w, e, sizeof w);
+      } else {
+        uint16_t bits;
+        std::memcpy(&bits, e, sizeof bits);
+        w = wte.dtype() == DType::kBF16 ? Bf16ToF32(bits) : F16ToF32(bits);
+      }
+      o[i] = w + p[i];
+    }
   }
 }
 

@@ -7,11 +7,12 @@
 #include <vector>
 
 #include "engine/backend.h"
+#include "engine/cpu/gemm.h"
 
 namespace kraken::engine::cpu {
 
-/// See Backend::Embed. wte: [V, d], wpe: [P, d] F32.
-void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out);
+/// See Backend::Embed. wte: the packed [V, d] matrix (gemm.h layout), wpe: [P, d] F32.
+void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out);
 /// See Backend::LayerNorm. Two-pass mean and biased variance, 1 / sqrt(var + eps).
 void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y);
 /// See Backend::GeluTanh.

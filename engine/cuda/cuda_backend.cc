@@ -57,6 +57,10 @@ class CudaLinear final : public LinearWeight {
   DType dtype_;
 };
 
+cuda::Storage StorageOf(DType t) {
+  return t == DType::kBF16 ? cuda::Storage::kBF16 : t == DType::kF16 ? cuda::Storage::kF16 : cuda::Storage::kF32;
+}
+
 /// A host array copied to device memory through a pinned staging buffer on a stream. The staging
 /// buffer is reused only after the previous copy out of it has finished (an event guards it).
 class StagedArray {
@@ -105,6 +109,9 @@ class StagedArray {
     }
     return device_;
   }
+
+  /// Bytes of device memory held (the pinned host copy is as large).
+  size_t capacity() const { return capacity_; }
 
  private:
   void Release() {
@@ -229,13 +236,16 @@ class CudaBackend final : public Backend {
     return std::unique_ptr<LinearWeight>(new CudaLinear(d, t.dtype, static_cast<int>(out), static_cast<int>(in)));
   }
 
-  void Embed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, Mat out) override {
+  void Embed(const int32_t* tokens, const int32_t* positions, const LinearWeight& wte, const float* wpe,
+             Mat out) override {
+    KRAKEN_CHECK(wte.in_features() == out.cols, "Embed width mismatch");
+    const auto& table = static_cast<const CudaLinear&>(wte);
     const size_t bytes = static_cast<size_t>(out.rows) * sizeof(int32_t);
     auto t = Stage(tokens_, tokens, bytes);
     auto p = Stage(positions_, positions, bytes);
     if (t == nullptr || p == nullptr) return;
-    cuda::LaunchEmbed(static_cast<const int32_t*>(t), static_cast<const int32_t*>(p), wte, wpe, out.data, out.rows,
-                      out.cols, out.stride, stream_);
+    cuda::LaunchEmbed(static_cast<const int32_t*>(t), static_cast<const int32_t*>(p), table.data(),
+                      StorageOf(table.dtype()), wpe, out.data, out.rows, out.cols, out.stride, stream_);
     RecordLaunch("Embed");
   }
   void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) override {
@@ -334,6 +344,20 @@ class CudaBackend final : public Backend {
     }
     if (!GrowHalf(static_cast<size_t>(h.max_tokens) * h.max_gemm_k)) return error_;
     return absl::OkStatus();
+  }
+  StatusOr<DeviceMemory> MemoryInfo() const override {
+    size_t free = 0, total = 0;
+    if (cudaError_t e = cudaMemGetInfo(&free, &total); e != cudaSuccess) {
+      return absl::UnavailableError(StrCat("cudaMemGetInfo on ", name(), ": ", CudaMessage(e)));
+    }
+    return DeviceMemory{.total = static_cast<int64_t>(total), .free = static_cast<int64_t>(free)};
+  }
+  int64_t scratch_bytes() const override {
+    size_t staged = 0;
+    for (const StagedArray* a : {&tokens_, &positions_, &gather_rows_, &rows_, &tables_, &tiles_, &singles_}) {
+      staged += a->capacity();
+    }
+    return static_cast<int64_t>(half_capacity_ * 2 + staged);
   }
   Status Synchronize() override {
     Record(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");

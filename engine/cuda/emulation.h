@@ -124,3 +124,12 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 inline __half __float2half_rn(float f) {
   return {static_cast<_Float16>(f)};
 }
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float __half2float(__half h) {
+  return static_cast<float>(h.value);
+}

@@ -45,13 +45,24 @@ __device__ float BlockMax(float v, float* red) {
   return m;
 }
 
-__global__ void EmbedKernel(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe,
-                            float* out, int cols, int64_t out_stride) {
+__device__ float ToFloat(float v) {
+  return v;
+}
+__device__ float ToFloat(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+__device__ float ToFloat(__half v) {
+  return __half2float(v);
+}
+
+template <typename T>
+__global__ void EmbedKernel(const int32_t* tokens, const int32_t* positions, const T* wte, const float* wpe, float* out,
+                            int cols, int64_t out_stride) {
   const int64_t t = blockIdx.x;
-  const float* e = wte + static_cast<int64_t>(tokens[t]) * cols;
+  const T* e = wte + static_cast<int64_t>(tokens[t]) * cols;
   const float* p = wpe + static_cast<int64_t>(positions[t]) * cols;
   float* o = out + t * out_stride;
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = e[c] + p[c];
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = ToFloat(e[c]) + p[c];
 }
 
 __global__ void LayerNormKernel(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
@@ -306,10 +317,23 @@ int RowThreads(int cols) {
 
 }  // namespace
 
-void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
-                 int rows, int cols, int64_t out_stride, cudaStream_t stream) {
+void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const void* wte, Storage wte_type, const float* wpe,
+                 float* out, int rows, int cols, int64_t out_stride, cudaStream_t stream) {
   if (rows == 0) return;
-  KRAKEN_LAUNCH(EmbedKernel, rows, RowThreads(cols), 0, stream, tokens, positions, wte, wpe, out, cols, out_stride);
+  switch (wte_type) {
+    case Storage::kF32:
+      KRAKEN_LAUNCH(EmbedKernel<float>, rows, RowThreads(cols), 0, stream, tokens, positions,
+                    static_cast<const float*>(wte), wpe, out, cols, out_stride);
+      break;
+    case Storage::kBF16:
+      KRAKEN_LAUNCH(EmbedKernel<__nv_bfloat16>, rows, RowThreads(cols), 0, stream, tokens, positions,
+                    static_cast<const __nv_bfloat16*>(wte), wpe, out, cols, out_stride);
+      break;
+    case Storage::kF16:
+      KRAKEN_LAUNCH(EmbedKernel<__half>, rows, RowThreads(cols), 0, stream, tokens, positions,
+                    static_cast<const __half*>(wte), wpe, out, cols, out_stride);
+      break;
+  }
 }
 
 void LaunchLayerNorm(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,

@@ -36,6 +36,9 @@ using cudaStream_t = struct CUstream_st*;  // engine/cuda/emulation.h: launches 
 
 KRAKEN_CUDA_NAMESPACE_BEGIN
 
+/// Element type of a matrix the kernels read in its stored form (a weight, or the KV cache).
+enum class Storage : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
 /// Per query row of a step, what the attention kernel needs: its sequence's block table (an
 /// offset into the flattened tables of the step) and its absolute position (it sees keys
 /// 0 .. position).
@@ -119,9 +122,10 @@ inline void BuildAttentionTiles(const std::vector<AttentionRow>& rows, std::vect
 }
 #endif
 
-/// out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]  for t < rows; wte [V, cols], wpe [P, cols].
-void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const float* wte, const float* wpe, float* out,
-                 int rows, int cols, int64_t out_stride, cudaStream_t stream);
+/// out[t, :] = wte[tokens[t], :] + wpe[positions[t], :]  for t < rows; wte [V, cols] row-major
+/// in `wte_type` (widened exactly to F32), wpe [P, cols] F32.
+void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const void* wte, Storage wte_type, const float* wpe,
+                 float* out, int rows, int cols, int64_t out_stride, cudaStream_t stream);
 
 /// y = (x - mean) / sqrt(var + eps) * w (+ b) per row, two-pass mean and biased variance (the CPU
 /// backend's definition). One thread block per row; y may alias x. b may be null.

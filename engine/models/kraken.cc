@@ -69,14 +69,14 @@ class KrakenModel final : public TransformerModel {
     KRAKEN_ASSIGN_OR_RETURN(qkv_, Workspace(3 * d));
     KRAKEN_ASSIGN_OR_RETURN(attn_, Workspace(d));
     KRAKEN_ASSIGN_OR_RETURN(hidden_, Workspace(f));
-    KRAKEN_ASSIGN_OR_RETURN(rows_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * local_ * d));
+    KRAKEN_ASSIGN_OR_RETURN(rows_, Activations(static_cast<int64_t>(options_.max_logit_rows) * local_ * d));
     KRAKEN_RETURN_IF_ERROR(
         backend_->ReserveScratch({.max_tokens = options_.max_tokens,
                                   .max_seqs = options_.max_seqs,
                                   .max_heads = c.n_head,
                                   .max_head_dim = c.head_dim(),
                                   .max_gemm_k = std::max({c.ffn_hidden, local_ * c.n_embd, c.n_embd})}));
-    KRAKEN_ASSIGN_OR_RETURN(conj_out_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * d));
+    KRAKEN_ASSIGN_OR_RETURN(conj_out_, Activations(static_cast<int64_t>(options_.max_logit_rows) * d));
     return absl::OkStatus();
   }
 

@@ -36,7 +36,7 @@ class ParallelBlockModel final : public TransformerModel {
     KRAKEN_ASSIGN_OR_RETURN(qkv_, Workspace(3 * width));
     KRAKEN_ASSIGN_OR_RETURN(attn_, Workspace(width));
     KRAKEN_ASSIGN_OR_RETURN(hidden_, Workspace(f));
-    KRAKEN_ASSIGN_OR_RETURN(rows_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * d));
+    KRAKEN_ASSIGN_OR_RETURN(rows_, Activations(static_cast<int64_t>(options_.max_logit_rows) * d));
     KRAKEN_RETURN_IF_ERROR(backend_->ReserveScratch({.max_tokens = options_.max_tokens,
                                                      .max_seqs = options_.max_seqs,
                                                      .max_heads = c.n_head / W,

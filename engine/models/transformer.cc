@@ -155,7 +155,13 @@ Status TransformerModel::LoadShardedFfn(WeightLoader& w, const std::string& p, b
 }
 
 StatusOr<Buffer> TransformerModel::Workspace(int64_t cols_per_token) {
-  return backend_->Allocate(static_cast<int64_t>(options_.max_tokens) * cols_per_token);
+  return Activations(static_cast<int64_t>(options_.max_tokens) * cols_per_token);
+}
+
+StatusOr<Buffer> TransformerModel::Activations(int64_t floats) {
+  KRAKEN_ASSIGN_OR_RETURN(Buffer b, backend_->Allocate(floats));
+  activation_bytes_ += floats * static_cast<int64_t>(sizeof(float));
+  return b;
 }
 
 Status TransformerModel::LoadEmbeddingsAndHead(WeightLoader& w, const std::string& prefix) {
@@ -175,14 +181,14 @@ Status TransformerModel::LoadEmbeddingsAndHead(WeightLoader& w, const std::strin
     return Unimplemented("tensor 'lm_head.weight' differs from '", prefix,
                          "wte.weight'; only a tied LM head is supported");
   }
-  KRAKEN_ASSIGN_OR_RETURN(wte_, Vector(wte));
+  // One copy of wte in its stored dtype serves both the embedding lookup and the LM head.
+  KRAKEN_ASSIGN_OR_RETURN(wte_, Linear({.tensor = wte}));
   KRAKEN_ASSIGN_OR_RETURN(wpe_, Vector(wpe));
   KRAKEN_ASSIGN_OR_RETURN(lnf_w_, Vector(lnf_w));
   KRAKEN_ASSIGN_OR_RETURN(lnf_b_, Vector(lnf_b));
   if (options_.compute_logits) {
-    KRAKEN_ASSIGN_OR_RETURN(lm_head_, Linear({.tensor = wte}));
-    KRAKEN_ASSIGN_OR_RETURN(logits_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * V));
-    KRAKEN_ASSIGN_OR_RETURN(final_norm_, backend_->Allocate(static_cast<int64_t>(options_.max_logit_rows) * d));
+    KRAKEN_ASSIGN_OR_RETURN(logits_, Activations(static_cast<int64_t>(options_.max_logit_rows) * V));
+    KRAKEN_ASSIGN_OR_RETURN(final_norm_, Activations(static_cast<int64_t>(options_.max_logit_rows) * d));
     if (!backend_->is_host()) host_logits_.resize(static_cast<size_t>(options_.max_logit_rows) * V);
   }
   return absl::OkStatus();
@@ -312,7 +318,7 @@ StatusOr<ForwardResult> TransformerModel::Forward(const ForwardBatch& batch, KvC
 }
 
 void TransformerModel::EmbedTokens(Mat out) {
-  backend_->Embed(tokens_.data(), positions_.data(), wte_.data(), wpe_.data(), out);
+  backend_->Embed(tokens_.data(), positions_.data(), *wte_, wpe_.data(), out);
 }
 
 void TransformerModel::SelfAttention(const AttentionWeights& w, Mat normed, const KvSlot& slot, Mat qkv, Mat attn) {
@@ -351,7 +357,7 @@ void TransformerModel::FinishLogits(Mat rows) {
   backend_->LayerNorm(rows, lnf_w_.data(), lnf_b_.data(), config_.layer_norm_epsilon, normed);
   Dump("final_norm", -1, -1, normed);
   Mat logits(logits_.data(), R, config_.vocab_size);
-  backend_->Linear(normed, *lm_head_, nullptr, logits, /*accumulate=*/false);
+  backend_->Linear(normed, *wte_, nullptr, logits, /*accumulate=*/false);
   Dump("logits", -1, -1, logits);
 }
 

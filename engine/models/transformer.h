@@ -55,6 +55,7 @@ class TransformerModel : public Model {
   const ModelOptions& options() const override { return options_; }
   KvLayout kv_layout() const override { return kv_layout_; }
   int64_t weight_bytes() const override { return weight_bytes_; }
+  int64_t activation_bytes() const override { return activation_bytes_; }
   void set_tensor_callback(TensorCallback cb) override { callback_ = std::move(cb); }
   StatusOr<ForwardResult> Forward(const ForwardBatch& batch, KvCache& kv, Communicator& comm) final;
 
@@ -83,6 +84,8 @@ class TransformerModel : public Model {
   Status LoadShardedFfn(WeightLoader& w, const std::string& p, bool in_major, FfnWeights* out);
   /// A [rows, cols] activation buffer sized for max_tokens rows.
   StatusOr<Buffer> Workspace(int64_t cols_per_token);
+  /// An activation buffer of `floats` floats (counted in activation_bytes()).
+  StatusOr<Buffer> Activations(int64_t floats);
   void set_kv_layout(KvLayout l) { kv_layout_ = l; }
 
   // ---- Step helpers ----------------------------------------------------------------------
@@ -112,14 +115,15 @@ class TransformerModel : public Model {
   ModelOptions options_;
   Backend* backend_;
   int64_t weight_bytes_ = 0;
+  int64_t activation_bytes_ = 0;
 
  private:
   Status PrepareStep(const ForwardBatch& batch, const KvCache& kv);
 
   KvLayout kv_layout_;
   TensorCallback callback_;
-  Buffer wte_, wpe_, lnf_w_, lnf_b_;
-  std::unique_ptr<LinearWeight> lm_head_;
+  std::unique_ptr<LinearWeight> wte_;  // [V, d], stored dtype: the embedding and the tied LM head
+  Buffer wpe_, lnf_w_, lnf_b_;
   Buffer logits_, final_norm_;
 
   // Step state, sized at load so a step allocates nothing.

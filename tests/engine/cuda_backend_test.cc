@@ -123,8 +123,17 @@ TEST(CudaOps, RowKernelsMatchTheCpu) {
   const int V = 50, P = 40, d = 33;
   Twin wte = MakeTwin(b, V, d, d, rng), wpe = MakeTwin(b, P, d, d, rng), out = MakeTwin(b, 5, d, d + 2, rng);
   const int32_t tokens[] = {0, 49, 7, 7, 13}, positions[] = {0, 1, 39, 2, 20};
-  b.cpu->Embed(tokens, positions, wte.c.data(), wpe.c.data(), out.C());
-  b.gpu->Embed(tokens, positions, wte.g.data(), wpe.g.data(), out.G());
+  const std::vector<float> table = Dense(wte);
+  TensorInfo info{.name = "wte",
+                  .dtype = DType::kF32,
+                  .shape = {V, d},
+                  .data = reinterpret_cast<const uint8_t*>(table.data()),
+                  .nbytes = table.size() * sizeof(float)};
+  auto cpu_table = b.cpu->PrepareLinear({.tensor = &info});
+  auto gpu_table = b.gpu->PrepareLinear({.tensor = &info});
+  ASSERT_TRUE(cpu_table.ok() && gpu_table.ok());
+  b.cpu->Embed(tokens, positions, **cpu_table, wpe.c.data(), out.C());
+  b.gpu->Embed(tokens, positions, **gpu_table, wpe.g.data(), out.G());
   EXPECT_EQ(Read(*b.gpu, out), Dense(out)) << "Embed";
   EXPECT_TRUE(b.gpu->Synchronize().ok());
 }

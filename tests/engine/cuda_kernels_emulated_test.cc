@@ -80,12 +80,48 @@ TEST(CudaKernelsEmulated, RowKernelsMatchTheCpuBackend) {
       }
     }
   }
+  // Embed reads the table in its stored dtype (the tied LM head's matrix), widened exactly.
   const int V = 20, P = 16, d = 45;
-  std::vector<float> wte = Random(V * d, rng), wpe = Random(P * d, rng), e_cpu(4 * d), e_emu(4 * d);
+  std::vector<float> wte = Random(V * d, rng), wpe = Random(P * d, rng);
   const int32_t tokens[] = {0, 19, 7, 7}, positions[] = {15, 0, 3, 4};
-  cpu->Embed(tokens, positions, wte.data(), wpe.data(), Mat(e_cpu.data(), 4, d));
-  cuda::LaunchEmbed(tokens, positions, wte.data(), wpe.data(), e_emu.data(), 4, d, d, nullptr);
-  EXPECT_EQ(e_emu, e_cpu) << "Embed";
+  std::vector<uint16_t> bf16(V * d), f16(V * d);
+  for (int i = 0; i < V * d; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &wte[i], 4);
+    bf16[i] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // nearest even
+    const _Float16 h = static_cast<_Float16>(wte[i]);
+    std::memcpy(&f16[i], &h, 2);
+  }
+  struct Table {
+    DType dtype;
+    const void* data;
+    cuda::Storage storage;
+  };
+  for (const Table& t :
+       {Table{DType::kF32, wte.data(), cuda::Storage::kF32}, Table{DType::kBF16, bf16.data(), cuda::Storage::kBF16},
+        Table{DType::kF16, f16.data(), cuda::Storage::kF16}}) {
+    SCOPED_TRACE(DTypeName(t.dtype));
+    TensorInfo info{.name = "wte",
+                    .dtype = t.dtype,
+                    .shape = {V, d},
+                    .data = static_cast<const uint8_t*>(t.data),
+                    .nbytes = V * d * DTypeSize(t.dtype)};
+    auto table = cpu->PrepareLinear({.tensor = &info});
+    ASSERT_TRUE(table.ok()) << table.status();
+    std::vector<float> e_cpu(4 * d), e_emu(4 * d), expect(4 * d);
+    cpu->Embed(tokens, positions, **table, wpe.data(), Mat(e_cpu.data(), 4, d));
+    cuda::LaunchEmbed(tokens, positions, t.data, t.storage, wpe.data(), e_emu.data(), 4, d, d, nullptr);
+    EXPECT_EQ(e_emu, e_cpu) << "Embed";
+    for (int r = 0; r < 4; ++r) {
+      for (int c = 0; c < d; ++c) {
+        const int i = tokens[r] * d + c;
+        const float w = t.dtype == DType::kF32    ? wte[i]
+                        : t.dtype == DType::kBF16 ? Bf16ToF32(bf16[i])
+                                                  : F16ToF32(f16[i]);
+        ASSERT_EQ(e_cpu[r * d + c], w + wpe[positions[r] * d + c]) << "row " << r << " col " << c;
+      }
+    }
+  }
 }
 
 struct Case {

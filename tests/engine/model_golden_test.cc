@@ -350,5 +350,48 @@ TEST(ModelSharding, ShardsSplitTheWeightsAndKvCache) {
   EXPECT_LT((*half)->weight_bytes(), (*whole)->weight_bytes());
 }
 
+// Weights are held once, in their stored dtype: the tied wte serves both the embedding and the
+// LM head. What a shard holds is the checkpoint's bytes, plus the F32 widening of the 1-D tensors
+// and wpe, plus the zero rows that pad each matrix to whole 32-row panels -- well under one more copy of wte.
+TEST(ModelMemory, WeightsAreHeldOnceInTheirStoredDtype) {
+  auto b = CreateBackend({.device = Device::Cpu(), .threads = 1});
+  ASSERT_TRUE(b.ok());
+  std::vector<std::string> dirs = {testing::SourceDir() + "/models/gpt2-kjv",
+                                   testing::SourceDir() + "/models/kraken-kjv-4way"};
+  for (const char* m : {"gpt2-f32", "gpt2-bf16", "kraken-n4-bf16", "parallel-block-f16-sharded"}) {
+    dirs.push_back(testing::TestModelDir(m));
+  }
+  for (const std::string& dir : dirs) {
+    SCOPED_TRACE(dir);
+    auto ckpt = Checkpoint::Open(dir);
+    ASSERT_TRUE(ckpt.ok()) << ckpt.status();
+    int64_t low = 0, padding = 0, wte_bytes = 0;
+    for (const std::string& name : (*ckpt)->Names()) {
+      const TensorInfo* t = (*ckpt)->Find(name);
+      if (name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")) continue;  // buffers, not weights
+      if (name == "lm_head.weight") continue;                                             // tied: wte's twin
+      const bool vector = t->shape.size() == 1 || name.ends_with("wpe.weight");
+      low += vector ? t->numel() * 4 : static_cast<int64_t>(t->nbytes);
+      if (!vector) {
+        // The output features are padded; which axis holds them depends on the tensor's layout.
+        auto pad = [](int64_t n) { return (n + 31) / 32 * 32 - n; };
+        padding += std::max(pad(t->shape[0]) * t->shape[1], pad(t->shape[1]) * t->shape[0]) *
+                   static_cast<int64_t>(DTypeSize(t->dtype));
+      }
+      if (name.ends_with("wte.weight")) wte_bytes = t->numel() * 4;
+    }
+    ASSERT_GT(wte_bytes, 0);
+    // For the bundled models the bound also tells a second (F32) copy of wte from padding.
+    if (dir.find("/models/") != std::string::npos && dir.find("/tests/") == std::string::npos) {
+      ASSERT_LT(padding, wte_bytes);
+    }
+    auto model = LoadModel(dir, b->get(), {.max_tokens = 16, .max_seqs = 2, .max_logit_rows = 16});
+    ASSERT_TRUE(model.ok()) << model.status();
+    EXPECT_GE((*model)->weight_bytes(), low);
+    EXPECT_LE((*model)->weight_bytes(), low + padding);
+    EXPECT_GT((*model)->activation_bytes(), 0);
+  }
+}
+
 }  // namespace
 }  // namespace kraken::engine

@@ -67,24 +67,18 @@ def memory_metrics(text: str) -> dict:
 
 
 def measure(binary: str, model: str, devices: str) -> dict:
-    old = serving.SERVER_BIN
-    serving.SERVER_BIN = binary
-    try:
-        s = serving.Server(model=model, devices=devices)
-    finally:
-        serving.SERVER_BIN = old
+    s = serving.Server(model=model, devices=devices, binary=binary)
     try:
         time.sleep(1.0)  # let the metrics collector run once
         info = s.stub.GetModelInfo(pb.GetModelInfoRequest())
         pids = sorted(s.worker_pids())
         mem = memory_metrics(s.scrape())
-        # Older builds report no KV size: derive it from the block count the log gives.
-        blocks = info.kv_cache_blocks
-        if not blocks:
+        # Older builds report no KV size in GetModelInfo: their log gives the blocks and block size.
+        tokens = info.kv_cache_tokens
+        if not tokens:
             m = re.search(r"(\d+) KV blocks of (\d+) tokens", s.read_log())
-            blocks = int(m.group(1)) if m else 0
-        return {"rss": [rss_bytes(p) for p in pids], "front_rss": rss_bytes(s.proc.pid), "mem": mem,
-                "kv_tokens": blocks * 16, "blocks": blocks}
+            tokens = int(m.group(1)) * int(m.group(2)) if m else 0
+        return {"rss": [rss_bytes(p) for p in pids], "mem": mem, "kv_tokens": tokens}
     finally:
         s.close()
 

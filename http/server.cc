@@ -154,28 +154,34 @@ void Server::Impl::Watch(tcp::socket& socket, const std::shared_ptr<Waker>& wake
   });
 }
 
+namespace {
+
+// The status line and headers of `r` on `res` (any body type).
+template <class Body>
+void SetHead(bhttp::response<Body>& res, const Response& r, bool keep_alive) {
+  res.result(static_cast<bhttp::status>(r.status));
+  res.version(11);
+  res.set(bhttp::field::content_type, r.content_type);
+  for (const auto& [k, v] : r.headers) res.set(k, v);
+  res.keep_alive(keep_alive);
+}
+
+}  // namespace
+
 template <class S>
 net::awaitable<bool> Server::Impl::WriteResponse(S& stream, Response r, bool keep_alive, bool head_only) {
-  error_code ec;
-  if (head_only) {  // HEAD: the GET answer's headers, Content-Length included, and no body
-    bhttp::response<bhttp::empty_body> res{static_cast<bhttp::status>(r.status), 11};
-    res.set(bhttp::field::content_type, r.content_type);
-    for (auto& [k, v] : r.headers) res.set(k, v);
-    res.keep_alive(keep_alive);
-    res.content_length(r.body.size());
-    bhttp::response_serializer<bhttp::empty_body> sr{res};
-    beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
-    co_await bhttp::async_write_header(stream, sr, net::redirect_error(kAwait, ec));
-    co_return !ec;
-  }
-  bhttp::response<bhttp::string_body> res{static_cast<bhttp::status>(r.status), 11};
-  res.set(bhttp::field::content_type, r.content_type);
-  for (auto& [k, v] : r.headers) res.set(k, v);
-  res.keep_alive(keep_alive);
+  bhttp::response<bhttp::string_body> res;
+  SetHead(res, r, keep_alive);
   res.body() = std::move(r.body);
   res.prepare_payload();
+  error_code ec;
   beast::get_lowest_layer(stream).expires_after(options.idle_timeout);
-  co_await bhttp::async_write(stream, res, net::redirect_error(kAwait, ec));
+  if (head_only) {  // HEAD: the GET answer's headers, Content-Length included, and no body
+    bhttp::response_serializer<bhttp::string_body> sr{res};
+    co_await bhttp::async_write_header(stream, sr, net::redirect_error(kAwait, ec));
+  } else {
+    co_await bhttp::async_write(stream, res, net::redirect_error(kAwait, ec));
+  }
   co_return !ec;
 }
 
@@ -220,10 +226,8 @@ net::awaitable<bool> Server::Impl::WriteStream(S& stream, Stream& body, bool kee
         head.body = std::move(data);
         co_return co_await WriteResponse(stream, std::move(head), keep_alive);
       }
-      bhttp::response<bhttp::empty_body> res{static_cast<bhttp::status>(head.status), 11};
-      res.set(bhttp::field::content_type, head.content_type);
-      for (auto& [k, v] : head.headers) res.set(k, v);
-      res.keep_alive(keep_alive && chunked);
+      bhttp::response<bhttp::empty_body> res;
+      SetHead(res, head, keep_alive && chunked);
       res.chunked(chunked);
       bhttp::response_serializer<bhttp::empty_body> sr{res};
       tcp_stream.expires_after(options.idle_timeout);

@@ -42,8 +42,10 @@ struct WorkerMemory {
   int64_t scratch_bytes = 0;     // engine::Backend::scratch_bytes() after load
   int64_t kv_budget_bytes = 0;   // KvBudgetBytes
   int64_t kv_block_bytes = 0;    // one KV block across every attention slot of this shard
-  int64_t kv_capacity_blocks = 0;
-  int64_t kv_bytes = 0;  // the KV cache allocated (after the front-end's decision)
+  int64_t kv_bytes = 0;          // the KV cache allocated (after the front-end's decision)
+
+  /// Whole blocks the budget buys.
+  int64_t kv_capacity_blocks() const { return kv_block_bytes > 0 ? kv_budget_bytes / kv_block_bytes : 0; }
 };
 
 /// The KV bytes one worker may allocate under `sizing`. `gpu` is the device's memory measured

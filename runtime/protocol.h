@@ -126,7 +126,7 @@ struct RankStats {
 };
 
 // kStarting -> kLoaded (weights and activations allocated, `memory` filled in up to
-// kv_capacity_blocks) -> kReady (KV cache allocated, collectives joined, warmed up), or kFailed.
+// kv_budget_bytes) -> kReady (KV cache allocated, collectives joined, warmed up), or kFailed.
 enum class RankState : uint32_t { kStarting = 0, kReady = 1, kFailed = 2, kLoaded = 3 };
 
 struct alignas(64) RankSlot {

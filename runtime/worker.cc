@@ -52,7 +52,7 @@ class Worker {
   }
 
  private:
-  // Fills slot_->memory up to kv_capacity_blocks and reports kLoaded.
+  // Fills slot_->memory up to the KV budget and reports kLoaded.
   Status ReportMemory();
   // The KV cache's block count once the front-end has decided it; negative when it refused.
   int32_t AwaitKvBlocks();
@@ -168,7 +168,6 @@ Status Worker::Setup() {
                                                                        .block_size = limits_.block_size}));
   kv_ = std::make_unique<engine::KvCache>(std::move(kv));
   slot_->memory.kv_bytes = kv_->bytes();
-  slot_->memory.scratch_bytes = backend_->scratch_bytes();
 
   KRAKEN_ASSIGN_OR_RETURN(std::unique_ptr<engine::Communicator> comm, MakeCommunicator());
   comm_ = std::make_unique<TimedCommunicator>(std::move(comm), slot_);
@@ -185,6 +184,7 @@ Status Worker::Setup() {
                   &slot_->stats.collective_ns, &slot_->stats.idle_ns, &slot_->stats.collectives}) {
     c->store(0);
   }
+  slot_->memory.scratch_bytes = backend_->scratch_bytes();  // the warm-up may have grown it
   slot_->state.store(static_cast<uint32_t>(RankState::kReady), std::memory_order_release);
   return absl::OkStatus();
 }
@@ -204,7 +204,6 @@ Status Worker::ReportMemory() {
     m.device_bytes = control_->kv_sizing.host_share_bytes;
   }
   m.kv_budget_bytes = KvBudgetBytes(control_->kv_sizing, gpu, m);
-  m.kv_capacity_blocks = m.kv_block_bytes > 0 ? m.kv_budget_bytes / m.kv_block_bytes : 0;
   slot_->state.store(static_cast<uint32_t>(RankState::kLoaded), std::memory_order_release);
   return absl::OkStatus();
 }

@@ -247,13 +247,13 @@ Status WorkerGroup::WaitReady() {
 Status WorkerGroup::DecideKvBlocks() {
   int limiting = 0;
   for (int r = 1; r < world_size(); ++r) {
-    if (control_->ranks[r].memory.kv_capacity_blocks < control_->ranks[limiting].memory.kv_capacity_blocks) {
+    if (control_->ranks[r].memory.kv_capacity_blocks() < control_->ranks[limiting].memory.kv_capacity_blocks()) {
       limiting = r;
     }
   }
   const WorkerMemory& m = control_->ranks[limiting].memory;
   const int64_t useful = static_cast<int64_t>(limits_.max_seqs) * limits_.max_blocks_per_seq;
-  const int64_t blocks = std::min(m.kv_capacity_blocks, useful);
+  const int64_t blocks = std::min(m.kv_capacity_blocks(), useful);
   if (blocks < limits_.max_blocks_per_seq) {
     control_->kv_blocks.store(-1, std::memory_order_release);
     const KvSizing& k = options_.kv_sizing;
@@ -271,7 +271,7 @@ Status WorkerGroup::DecideKvBlocks() {
     }
     return ResourceExhausted("the KV cache cannot hold one full-context sequence: rank ", limiting, " (",
                              options_.devices[limiting].ToString(), ") has ", FormatBytes(m.kv_budget_bytes),
-                             " for it (", budget, "), ", m.kv_capacity_blocks, " blocks of ", limits_.block_size,
+                             " for it (", budget, "), ", m.kv_capacity_blocks(), " blocks of ", limits_.block_size,
                              " tokens at ", FormatBytes(m.kv_block_bytes),
                              " each, and one full-context sequence needs ", limits_.max_blocks_per_seq, " blocks (",
                              FormatBytes(m.kv_block_bytes * limits_.max_blocks_per_seq),

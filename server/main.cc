@@ -311,11 +311,12 @@ std::string ServedModelName(const Flags& f) {
   return dir.substr(dir.find_last_of('/') + 1);
 }
 
+// `rank0`: rank 0's memory as it reported it (it also holds the logits buffers).
 kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& config,
-                                    const core::RequestLimits& limits, const runtime::WorkerGroup& group) {
+                                    const core::RequestLimits& limits, const runtime::WorkerGroup& group,
+                                    const runtime::WorkerMemory& rank0) {
   const int world = group.world_size();
   const runtime::Limits rl = group.limits();
-  const runtime::WorkerMemory rank0 = group.Stats().front().memory;
   kraken::v1::ModelInfo info;
   info.set_model_name(ServedModelName(f));
   info.set_architecture(std::string(engine::ArchitectureName(config.arch)));
@@ -605,12 +606,13 @@ int Run(const Flags& f, const sigset_t& sigs) {
   const int world = (*group)->world_size();
   metrics::Registry registry;
   core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices);
+  const runtime::WorkerMemory rank0 = (*group)->Stats().front().memory;
   serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
                                       .num_blocks = rl.num_kv_blocks,
                                       .memory_utilization = wo->kv_sizing.memory_utilization,
-                                      .kv_cache_bytes = (*group)->Stats().front().memory.kv_bytes});
+                                      .kv_cache_bytes = rank0.kv_bytes});
   Health health;
-  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group);
+  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0);
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
   server::ServiceOptions so{
       .limits = limits,

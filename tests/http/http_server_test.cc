@@ -349,6 +349,17 @@ int ListenAndStart(Server& server) {
   return *port;
 }
 
+// A server whose one route streams from `feed`, listening on a loopback port (0 when it could not).
+struct FedServer {
+  FedServer(const std::string& method, const std::string& path) {
+    server.Route(method, path, StreamHandler(feed));
+    port = ListenAndStart(server);
+  }
+  std::shared_ptr<Feed> feed = std::make_shared<Feed>();
+  Server server{ServerOptions{}};
+  int port = 0;
+};
+
 std::string Get(std::string_view path, std::string_view extra_headers = "") {
   return std::string("GET ") + std::string(path) + " HTTP/1.1\r\nHost: test\r\n" + std::string(extra_headers) + "\r\n";
 }
@@ -707,10 +718,8 @@ TEST(HttpServer, ExpectContinueGets100BeforeTheBodyIsSent) {
 // ---- 5. Stream replies ---------------------------------------------------------------------------
 
 TEST(HttpServer, StreamFedFromAnotherThreadIsSentChunkedInOrder) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/events", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/events");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
 
   Client c(port);
@@ -759,10 +768,8 @@ TEST(HttpServer, StreamFedFromAnotherThreadIsSentChunkedInOrder) {
 // HTTP/1.0 has no chunked encoding (RFC 9112 6.1): a streamed answer goes out as it is, without
 // Transfer-Encoding, and the end of the connection ends it.
 TEST(HttpServer, StreamToAnHttp10ClientIsNotChunkedAndEndsWithTheConnection) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/events", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/events");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
   Client c(port);
   ASSERT_TRUE(c.connected()) << c.error();
@@ -815,10 +822,8 @@ TEST(HttpServer, HeadIsTheGetAnswerWithoutItsBody) {
 }
 
 TEST(HttpServer, StreamWhoseFirstPieceEndsIsAPlainResponseWithContentLength) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("POST", "/complete", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("POST", "/complete");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
 
   Client c(port);
@@ -950,10 +955,8 @@ TEST(HttpServer, StreamLeftUnreadIsCutOffAfterTheIdleTimeout) {
 // ---- 7. Client disconnects -----------------------------------------------------------------------
 
 TEST(HttpServer, ClientClosingWhileAStreamIsPendingAbortsTheStream) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/never", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/never");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
 
   Client c(port);
@@ -973,10 +976,8 @@ TEST(HttpServer, ClientClosingWhileAStreamIsPendingAbortsTheStream) {
 }
 
 TEST(HttpServer, ClientClosingAfterAStreamStartedAbortsTheStream) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/events", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/events");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
 
   Client c(port);
@@ -993,10 +994,8 @@ TEST(HttpServer, ClientClosingAfterAStreamStartedAbortsTheStream) {
 }
 
 TEST(HttpServer, StreamThatEndsNormallyIsNeverAborted) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/events", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/events");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
   {
     Client c(port);
@@ -1023,10 +1022,8 @@ TEST(HttpServer, StreamThatEndsNormallyIsNeverAborted) {
 // ---- 8. Stop -------------------------------------------------------------------------------------
 
 TEST(HttpServer, StopWaitsForAStreamInFlightToEndBeforeTheDeadline) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/events", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/events");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
   EXPECT_EQ(server.in_flight(), 0);
 
@@ -1085,10 +1082,8 @@ TEST(HttpServer, StopGivesUpOnAStreamAtTheDeadline) {
 // Stop itself, not the Server's destruction, closes the connections left at the deadline and
 // aborts their streams: the engine must not go on generating for a client nobody serves.
 TEST(HttpServer, StopClosesConnectionsAndAbortsStreamsBeforeItReturns) {
-  auto feed = std::make_shared<Feed>();
-  Server server(ServerOptions{});
-  server.Route("GET", "/never", StreamHandler(feed));
-  const int port = ListenAndStart(server);
+  FedServer fed("GET", "/never");
+  auto& [feed, server, port] = fed;
   ASSERT_GT(port, 0);
 
   Client c(port);

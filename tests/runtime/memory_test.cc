@@ -104,7 +104,7 @@ TEST(KvSizing, TheCacheHoldsWhatTheBudgetBuysUpToMaxSeqsFullContexts) {
   // Rank 0 also holds the logits buffers, so it has less room than rank 1: the smaller count wins.
   const WorkerMemory r0 = (*u)->Stats()[0].memory, r1 = (*u)->Stats()[1].memory;
   EXPECT_EQ(r1.kv_budget_bytes, share / 2 - (r1.weight_bytes + r1.activation_bytes + r1.scratch_bytes));
-  EXPECT_EQ((*u)->limits().num_kv_blocks, std::min(r0.kv_capacity_blocks, r1.kv_capacity_blocks));
+  EXPECT_EQ((*u)->limits().num_kv_blocks, std::min(r0.kv_capacity_blocks(), r1.kv_capacity_blocks()));
   EXPECT_GE((*u)->limits().num_kv_blocks, l.max_blocks_per_seq);
 }
 

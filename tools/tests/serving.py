@@ -24,17 +24,19 @@ def free_port() -> int:
 class Server:
     """kraken-server on a free loopback port; `stub` talks to it."""
 
-    def __init__(self, *args, model=DEFAULT_MODEL, devices="cpu:2", env=None, api_key=None, health_creds=None):
-        """health_creds: (root CA, client key, client cert) PEM bytes when the server requires mutual TLS."""
+    def __init__(self, *args, model=DEFAULT_MODEL, devices="cpu:2", env=None, api_key=None, health_creds=None,
+                 binary=SERVER_BIN):
+        """health_creds: (root CA, client key, client cert) PEM bytes when the server requires mutual TLS;
+        binary: the kraken-server to run (another build, for a before/after benchmark)."""
         self.health_creds = health_creds
-        if not os.path.exists(SERVER_BIN):
-            raise RuntimeError(f"{SERVER_BIN} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
+        if not os.path.exists(binary):
+            raise RuntimeError(f"{binary} is missing: build first (scripts/build.sh) or set KRAKEN_BUILD_DIR")
         self.port = free_port()
         self.metrics_port = free_port()
         self.http_port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.http_url = f"http://127.0.0.1:{self.http_port}"
-        cmd = [SERVER_BIN, "--model", model, "--devices", devices, "--host", "127.0.0.1", "--port", str(self.port),
+        cmd = [binary, "--model", model, "--devices", devices, "--host", "127.0.0.1", "--port", str(self.port),
                "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), "--threads-per-worker", "1",
                *args]
         self.log_path = f"/tmp/kraken-server-test-{self.port}.log"

@@ -3,7 +3,11 @@
 // on these machines, and our packed GEMM on the same shape). Prints one JSON object; the driver
 // bench/engine_bench.py puts it beside PyTorch eager on the same weights.
 //
-//   build/bench/engine_bench --model DIR --prefill 128,512,2048 --decode-batch 1,8,32
+// Decode runs once per KV-cache dtype asked for (--kv-dtypes f32,bf16), each with its share of
+// the memory-bandwidth bound: the bytes a step must read (weights, plus every sequence's cached
+// K and V) over the step time, against the read bandwidth measured in the same run.
+//
+//   build/bench/engine_bench --model DIR --prefill 128,512,2048 --decode-batch 1,8,32 --kv-dtypes f32,bf16
 #include <dnnl.h>
 #include <omp.h>
 
@@ -123,7 +127,15 @@ struct Args {
   int decode_steps = 16;
   int repeats = 3;
   int threads = 0;
+  std::string kv_dtypes = "f32";
 };
+
+StatusOr<DType> ParseKvDType(const std::string& s) {
+  if (s == "f32") return DType::kF32;
+  if (s == "bf16") return DType::kBF16;
+  if (s == "f16") return DType::kF16;
+  return InvalidArgument("--kv-dtypes: '", s, "' is not f32, bf16 or f16");
+}
 
 Status Run(const Args& a) {
   const int threads = a.threads > 0 ? a.threads : omp_get_num_procs();
@@ -147,6 +159,12 @@ Status Run(const Args& a) {
   const int bs = 16;
   const int max_prefill = *std::max_element(prefill.begin(), prefill.end());
   const int blocks_per_seq = (std::max(max_prefill, a.context + a.decode_steps) + bs - 1) / bs;
+  std::vector<DType> kv_dtypes;
+  std::istringstream names(a.kv_dtypes);
+  for (std::string name; std::getline(names, name, ',');) {
+    KRAKEN_ASSIGN_OR_RETURN(DType t, ParseKvDType(name));
+    kv_dtypes.push_back(t);
+  }
   KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, model->kv_layout(),
                                                       {.num_blocks = blocks_per_seq * max_b, .block_size = bs}));
   out["kv_cache_bytes"] = kv.bytes();
@@ -185,48 +203,67 @@ Status Run(const Args& a) {
   out["prefill"] = pre;
 
   // Decode: B sequences with `context` tokens of history each, one new token per sequence per
-  // step, greedy (argmax) sampling included.
+  // step, greedy (argmax) sampling included; once per KV dtype.
   json dec = json::array();
   Sampler sampler(cfg.vocab_size);
-  for (int B : batches) {
-    std::vector<std::vector<int32_t>> tables(B), history(B);
-    std::vector<SequenceInput> seqs(B);
-    for (int b = 0; b < B; ++b) {
-      tables[b].resize(blocks_per_seq);
-      std::iota(tables[b].begin(), tables[b].end(), b * blocks_per_seq);
-      history[b] = random_tokens(a.context);
-      seqs[b] = {.tokens = history[b], .start_pos = 0, .block_table = tables[b]};
-    }
-    KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = seqs}, kv, comm));
-    std::vector<int32_t> next(B);
-    auto sample_all = [&](const ForwardResult& res) -> Status {
+  const KvLayout kl = model->kv_layout();
+  for (DType kv_dtype : kv_dtypes) {
+    KRAKEN_ASSIGN_OR_RETURN(
+        KvCache kvd,
+        KvCache::Create(*backend, kl, {.num_blocks = blocks_per_seq * max_b, .block_size = bs, .dtype = kv_dtype}));
+    for (int B : batches) {
+      std::vector<std::vector<int32_t>> tables(B), history(B);
+      std::vector<SequenceInput> seqs(B);
       for (int b = 0; b < B; ++b) {
-        KRAKEN_ASSIGN_OR_RETURN(
-            SampledToken t, sampler.Sample(res.logits + static_cast<int64_t>(b) * res.vocab, {.temperature = 0.f}, {}));
-        next[b] = t.token;
+        tables[b].resize(blocks_per_seq);
+        std::iota(tables[b].begin(), tables[b].end(), b * blocks_per_seq);
+        history[b] = random_tokens(a.context);
+        seqs[b] = {.tokens = history[b], .start_pos = 0, .block_table = tables[b]};
       }
-      return absl::OkStatus();
-    };
-    KRAKEN_RETURN_IF_ERROR(sample_all(r));
-    std::vector<double> step_times;
-    for (int step = 0; step < a.decode_steps; ++step) {
-      for (int b = 0; b < B; ++b) {
-        seqs[b] = {.tokens = {&next[b], 1}, .start_pos = a.context + step, .block_table = tables[b]};
-      }
-      const double t0 = Now();
-      KRAKEN_ASSIGN_OR_RETURN(r, model->Forward({.seqs = seqs}, kv, comm));
+      KRAKEN_ASSIGN_OR_RETURN(ForwardResult r, model->Forward({.seqs = seqs}, kvd, comm));
+      std::vector<int32_t> next(B);
+      auto sample_all = [&](const ForwardResult& res) -> Status {
+        for (int b = 0; b < B; ++b) {
+          KRAKEN_ASSIGN_OR_RETURN(SampledToken t, sampler.Sample(res.logits + static_cast<int64_t>(b) * res.vocab,
+                                                                 {.temperature = 0.f}, {}));
+          next[b] = t.token;
+        }
+        return absl::OkStatus();
+      };
       KRAKEN_RETURN_IF_ERROR(sample_all(r));
-      step_times.push_back(Now() - t0);
+      std::vector<double> step_times;
+      for (int step = 0; step < a.decode_steps; ++step) {
+        for (int b = 0; b < B; ++b) {
+          seqs[b] = {.tokens = {&next[b], 1}, .start_pos = a.context + step, .block_table = tables[b]};
+        }
+        const double t0 = Now();
+        KRAKEN_ASSIGN_OR_RETURN(r, model->Forward({.seqs = seqs}, kvd, comm));
+        KRAKEN_RETURN_IF_ERROR(sample_all(r));
+        step_times.push_back(Now() - t0);
+      }
+      const double sec = Median(step_times);
+      // Bytes a step cannot avoid reading: every weight once, and each sequence's K and V at the
+      // middle of the timed steps' history.
+      const double kv_read = static_cast<double>(B) * (a.context + a.decode_steps / 2.0) *
+                             static_cast<double>(KvCache::BytesPerBlock(kl, 1, kv_dtype));
+      const double step_bytes = static_cast<double>(model->weight_bytes()) + kv_read;
+      dec.push_back({{"batch", B},
+                     {"context", a.context},
+                     {"kv_dtype", std::string(DTypeName(kv_dtype))},
+                     {"step_seconds", sec},
+                     {"tokens_per_second", B / sec},
+                     {"step_bytes", step_bytes},
+                     {"read_gbps", step_bytes / sec / 1e9}});
     }
-    const double sec = Median(step_times);
-    dec.push_back({{"batch", B}, {"context", a.context}, {"step_seconds", sec}, {"tokens_per_second", B / sec}});
   }
   out["decode"] = dec;
 
   const Measure lib = OneDnnSgemm(2048, 1024, 1024, threads);
   const Measure ours = OurGemm(2048, 1024, 1024, threads);
   out["gemm_2048x1024x1024"] = {{"onednn_sgemm_gflops", lib.gflops}, {"kraken_packed_gflops", ours.gflops}};
-  out["memory_read_gbps"] = MemoryReadGBps(threads);
+  const double bandwidth = MemoryReadGBps(threads);
+  out["memory_read_gbps"] = bandwidth;
+  for (json& d : out["decode"]) d["bandwidth_share"] = d["read_gbps"].get<double>() / bandwidth;
   std::cout << out.dump() << "\n";
   return absl::OkStatus();
 }
@@ -244,6 +281,7 @@ int main(int argc, char** argv) {
   app.add_option("--decode-steps", a.decode_steps, "Decode steps timed per batch size");
   app.add_option("--repeats", a.repeats, "Timed repeats per prefill length (median reported)");
   app.add_option("--threads", a.threads, "CPU threads (0 = all cores)");
+  app.add_option("--kv-dtypes", a.kv_dtypes, "KV-cache dtypes to decode with, comma-separated (f32, bf16, f16)");
   CLI11_PARSE(app, argc, argv);
   const kraken::Status s = kraken::engine::Run(a);
   if (!s.ok()) {

@@ -9,12 +9,18 @@ checkpoint, as BF16 widened in registers (half the bytes per decode step, identi
 
     .venv/bin/python bench/engine_bench.py                 # full table (several minutes)
     .venv/bin/python bench/engine_bench.py --quick         # small prompt lengths, fewer steps
+    .venv/bin/python bench/engine_bench.py --kv-dtypes f32,bf16,f16   # decode by KV-cache dtype only
 
 Prints prefill latency (T = 128, 512, 2048) and decode tokens/s (batch 1, 8, 32 after a
 128-token context, greedy), the ratio PyTorch time / engine time, the machine's GEMM rate
 (oneDNN sgemm 2048x1024x1024 and our packed GEMM) and the prefill's achieved GFLOP/s as a share
 of the oneDNN rate. Targets (issue): decode at batch 1 >= 2x PyTorch eager; prefill >= 60% of the
 measured GEMM rate.
+
+With --kv-dtypes, only decode runs (GPT-2 124M shape, F32 and BF16 weights, a --context-token
+history per sequence), once per KV-cache dtype, and each step's share of the memory-bandwidth
+bound: the bytes it must read (every weight once, plus each sequence's cached K and V) over the
+step time, against the read bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -95,6 +101,36 @@ def torch_decode(cfg, W, B: int, context: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def kv_dtype_table(a) -> int:
+    binary = os.path.join(a.build, "bench", "engine_bench")
+    batches = [1, 8] if a.quick else [1, 8, 32]
+    steps = 8 if a.quick else 16
+    paths = ensure_models("gpt2-124m", SHAPES["gpt2-124m"], a.models or os.path.join(a.build, "bench-models"))
+    runs = {}
+    for wdt, path in paths.items():
+        runs[wdt] = json.loads(subprocess.run(
+            [binary, "--model", path, "--prefill", "16", "--decode-batch", ",".join(map(str, batches)), "--context",
+             str(a.context), "--decode-steps", str(steps), "--repeats", "1", "--threads", str(a.threads),
+             "--kv-dtypes", a.kv_dtypes], check=True, capture_output=True, text=True).stdout)
+    bw = runs["f32"]["memory_read_gbps"]
+    print(f"GPT-2 124M shape, {a.threads} threads, {a.context}-token history per sequence, greedy decode; "
+          f"memory read bandwidth {bw:.1f} GB/s (same run)")
+    print("bound = bytes a step must read (weights + every sequence's K and V) / bandwidth; share = bound time / "
+          "step time")
+    print(f"{'weights':8} {'KV':5} {'batch':>5} {'tok/s':>8} {'step ms':>8} {'MB/step':>8} {'GB/s':>6} "
+          f"{'% of bound':>10}")
+    for wdt, r in runs.items():
+        base = {}
+        for d in r["decode"]:
+            base.setdefault(d["batch"], d["tokens_per_second"])
+            print(f"{wdt.upper():8} {d['kv_dtype']:5} {d['batch']:5d} {d['tokens_per_second']:8.1f} "
+                  f"{d['step_seconds'] * 1e3:8.1f} {d['step_bytes'] / 1e6:8.0f} {d['read_gbps']:6.1f} "
+                  f"{100 * d['bandwidth_share']:9.0f}%   x{d['tokens_per_second'] / base[d['batch']]:.2f} vs first KV")
+    if a.json:
+        print(json.dumps(runs, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -102,7 +138,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--quick", action="store_true", help="T = 128, 512; batches 1, 8; 8 decode steps")
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON too")
+    ap.add_argument("--kv-dtypes", default=None, help="decode only, once per KV-cache dtype (e.g. f32,bf16,f16)")
+    ap.add_argument("--context", type=int, default=256, help="history tokens per sequence with --kv-dtypes")
     a = ap.parse_args()
+    if a.kv_dtypes:
+        return kv_dtype_table(a)
     prefill = [128, 512] if a.quick else [128, 512, 2048]
     batches = [1, 8] if a.quick else [1, 8, 32]
     steps, repeats, context = (8, 2, 128) if a.quick else (16, 3, 128)

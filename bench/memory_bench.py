@@ -66,8 +66,8 @@ def memory_metrics(text: str) -> dict:
     return out
 
 
-def measure(binary: str, model: str, devices: str) -> dict:
-    s = serving.Server(model=model, devices=devices, binary=binary)
+def measure(binary: str, model: str, devices: str, extra: tuple = ()) -> dict:
+    s = serving.Server(*extra, model=model, devices=devices, binary=binary)
     try:
         time.sleep(1.0)  # let the metrics collector run once
         info = s.stub.GetModelInfo(pb.GetModelInfoRequest())
@@ -94,17 +94,22 @@ def main() -> int:
     ap.add_argument("--skip-124m", action="store_true", help="only the bundled models")
     a = ap.parse_args()
     after = os.path.join(a.build, "server", "kraken-server")
-    cases = [("kraken-kjv-4way (bundled)", os.path.join(ROOT, "models", "kraken-kjv-4way"), "cpu:2"),
-             ("gpt2-kjv (bundled)", os.path.join(ROOT, "models", "gpt2-kjv"), "cpu:1")]
+    # (name, model, devices, extra flags): the extra flags only for this build (older ones may lack them).
+    cases = [("kraken-kjv-4way (bundled)", os.path.join(ROOT, "models", "kraken-kjv-4way"), "cpu:2", ()),
+             ("gpt2-kjv (bundled)", os.path.join(ROOT, "models", "gpt2-kjv"), "cpu:1", ())]
     if not a.skip_124m:
-        cases.append(("GPT-2-124M shape, F32, ctx 1024", ensure_gpt2_124m(os.path.join(a.build, "bench-models")),
-                      "cpu:1"))
+        gpt2 = ensure_gpt2_124m(os.path.join(a.build, "bench-models"))
+        cases.append(("GPT-2-124M shape, F32, ctx 1024", gpt2, "cpu:1", ()))
+        cases.append(("GPT-2-124M shape, F32, ctx 1024, --kv-cache-dtype bf16", gpt2, "cpu:1",
+                      ("--kv-cache-dtype", "bf16")))
     builds = [("before", a.before), ("after", after)] if a.before else [("this build", after)]
     print("| model | devices | build | worker RSS | weights | KV cache | activations | scratch | KV tokens |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, model, devices in cases:
+    for name, model, devices, extra in cases:
         for label, binary in builds:
-            r = measure(binary, model, devices)
+            if extra and binary != after:
+                continue
+            r = measure(binary, model, devices, extra)
             m0 = r["mem"].get(0, {})
             known = lambda k: fmt(m0[k]) if k in m0 else "not reported"  # noqa: E731
             rss = " / ".join(fmt(x) for x in r["rss"])

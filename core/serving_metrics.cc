@@ -140,8 +140,9 @@ void ServingMetrics::PublishCacheConfig(const CacheConfig& c) {
   registry_
       .AddGauge("kraken_cache_config_info",
                 "Always 1; the labels describe the KV cache of each worker as sized at start.",
-                {"block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_cache_bytes"})
-      .With({std::to_string(c.block_size), std::to_string(c.num_blocks), util, std::to_string(c.kv_cache_bytes)})
+                {"block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_cache_bytes", "cache_dtype"})
+      .With({std::to_string(c.block_size), std::to_string(c.num_blocks), util, std::to_string(c.kv_cache_bytes),
+             c.cache_dtype})
       .Set(1);
 }
 

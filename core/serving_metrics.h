@@ -17,6 +17,7 @@ struct CacheConfig {
   int num_blocks = 0;  // per worker
   double memory_utilization = 0;
   int64_t kv_cache_bytes = 0;  // per worker
+  std::string cache_dtype;     // "F32", "BF16" or "F16"
 };
 
 class ServingMetrics {

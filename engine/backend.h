@@ -93,15 +93,18 @@ class LinearWeight {
 
 /// One slot of the paged KV cache (one attention block: a layer, or a layer's sub-layer).
 /// Per physical block, K is stored transposed [heads][head_dim][block_size] and V as
-/// [heads][block_size][head_dim]; `block_floats` = heads * head_dim * block_size.
+/// [heads][block_size][head_dim]; `block_elems` = heads * head_dim * block_size elements of
+/// `dtype` (F32, BF16 or F16; 16-bit entries are rounded to nearest even when written and widened
+/// exactly when read, so attention still computes in F32).
 struct KvSlot {
-  float* k = nullptr;
-  float* v = nullptr;
+  void* k = nullptr;
+  void* v = nullptr;
+  DType dtype = DType::kF32;
   int heads = 0;
   int head_dim = 0;
   int block_size = 16;
   int num_blocks = 0;
-  int64_t block_floats() const { return static_cast<int64_t>(heads) * head_dim * block_size; }
+  int64_t block_elems() const { return static_cast<int64_t>(heads) * head_dim * block_size; }
 };
 
 /// Largest work a model will hand the backend in one step, so scratch space can be reserved at
@@ -178,7 +181,7 @@ class Backend {
   /// dst row i = src row rows[i] (rows: host array of dst.rows indices); dst must not overlap src.
   virtual void GatherRows(Mat src, const int32_t* rows, Mat dst) = 0;
   /// Stores k and v rows ([T, heads * head_dim], head-major columns) of every sequence into its
-  /// KV blocks at positions start_pos + i.
+  /// KV blocks at positions start_pos + i, in the slot's dtype (rounded to nearest even).
   virtual void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) = 0;
   /// Causal attention: query row i of a sequence attends to its cached keys 0 .. start_pos + i.
   /// q, out: [T, heads * head_dim]; scores are scaled by `scale` before the softmax.

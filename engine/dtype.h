@@ -103,6 +103,42 @@ inline float F16ToF32(uint16_t h) {
   return f;
 }
 
+/// float -> bfloat16 bits, rounded to nearest even; NaN stays a (quiet) NaN, values past the
+/// largest bfloat16 become infinities. The same rounding as PyTorch's .to(torch.bfloat16).
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+/// float -> IEEE binary16 bits, rounded to nearest even (IEEE 754 roundTiesToEven), including
+/// into the subnormal range; magnitudes from 65520 up become infinities; NaN stays a quiet NaN.
+inline uint16_t F32ToF16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);                        // >= 65520 (or inf): inf
+  if (a < 0x38800000u) {
+    // Below 2^-14: a multiple of 2^-24, the spacing of half subnormals. Adding 0.5 (2^-1) to
+    // |f| aligns that spacing with float's last mantissa bit, so the float addition performs
+    // the round to nearest even; the low bits then hold the subnormal (0x400 = 2^-14, normal).
+    float mag;
+    std::memcpy(&mag, &a, sizeof mag);
+    const float shifted = mag + 0.5f;
+    uint32_t s;
+    std::memcpy(&s, &shifted, sizeof s);
+    return static_cast<uint16_t>(sign | (s - 0x3f000000u));
+  }
+  // Normal: rebias the exponent (127 -> 15) and round the 23-bit mantissa to 10 bits; a carry
+  // out of the mantissa correctly bumps the exponent.
+  const uint32_t r = a - ((127u - 15u) << 23);
+  return static_cast<uint16_t>(sign | ((r + 0xfffu + ((r >> 13) & 1u)) >> 13));
+}
+
 /// Converts `n` elements of type `t` at `src` to float at `dst`. `t` must be IsComputeFloat.
 void ConvertToF32(DType t, const void* src, float* dst, size_t n);
 

@@ -1,5 +1,7 @@
 #include "engine/kv_cache.h"
 
+#include <cstddef>
+
 namespace kraken::engine {
 
 namespace {
@@ -15,8 +17,9 @@ int64_t CheckedProduct(std::initializer_list<int64_t> factors) {
 
 }  // namespace
 
-int64_t KvCache::BytesPerBlock(const KvLayout& layout, int block_size) {
-  return CheckedProduct({2, layout.slots, layout.heads, layout.head_dim, block_size, sizeof(float)});
+int64_t KvCache::BytesPerBlock(const KvLayout& layout, int block_size, DType dtype) {
+  return CheckedProduct(
+      {2, layout.slots, layout.heads, layout.head_dim, block_size, static_cast<int64_t>(DTypeSize(dtype))});
 }
 
 StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, const KvCacheOptions& options) {
@@ -27,16 +30,21 @@ StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, cons
   if (layout.slots <= 0 || layout.heads <= 0 || layout.head_dim <= 0) {
     return InvalidArgument("KV layout must have positive slots, heads and head_dim");
   }
-  const int64_t floats =
+  if (!IsComputeFloat(options.dtype)) {
+    return InvalidArgument("KV cache 'dtype' must be F32, BF16 or F16, got ", DTypeName(options.dtype));
+  }
+  const int64_t elems =
       CheckedProduct({layout.slots, options.num_blocks, layout.heads, layout.head_dim, options.block_size});
-  if (floats < 0) {
+  if (elems < 0) {
     return ResourceExhausted("KV cache of ", options.num_blocks, " blocks of ", options.block_size, " tokens for ",
                              layout.slots, " slots x ", layout.heads, " heads x ", layout.head_dim,
-                             " floats is too large to address");
+                             " elements is too large to address");
   }
   KvCache c;
   c.layout_ = layout;
   c.options_ = options;
+  // Buffers count floats: a 16-bit pool takes half as many, rounded up.
+  const int64_t floats = (elems * static_cast<int64_t>(DTypeSize(options.dtype)) + 3) / 4;
   KRAKEN_ASSIGN_OR_RETURN(c.k_, backend.Allocate(floats));
   KRAKEN_ASSIGN_OR_RETURN(c.v_, backend.Allocate(floats));
   return c;
@@ -49,9 +57,10 @@ KvSlot KvCache::slot(int i) const {
   s.head_dim = layout_.head_dim;
   s.block_size = options_.block_size;
   s.num_blocks = options_.num_blocks;
-  const int64_t per_slot = s.block_floats() * options_.num_blocks;
-  s.k = k_.data() + i * per_slot;
-  s.v = v_.data() + i * per_slot;
+  s.dtype = options_.dtype;
+  const int64_t slot_bytes = s.block_elems() * options_.num_blocks * static_cast<int64_t>(DTypeSize(s.dtype));
+  s.k = reinterpret_cast<std::byte*>(k_.data()) + i * slot_bytes;
+  s.v = reinterpret_cast<std::byte*>(v_.data()) + i * slot_bytes;
   return s;
 }
 

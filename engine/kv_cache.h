@@ -6,8 +6,8 @@
 //   KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, layout, {.num_blocks = 512}));
 //   KvSlot slot = kv.slot(3);
 //
-// Size: 2 (K and V) * slots * heads * head_dim * block_size * 4 bytes per block. For a Kraken
-// layer that is 2 * d floats per token per sub-layer (docs/kraken.md "KV cache").
+// Size: 2 (K and V) * slots * heads * head_dim * block_size * DTypeSize(dtype) bytes per block.
+// For a Kraken layer that is 2 * d elements per token per sub-layer (docs/kraken.md "KV cache").
 #pragma once
 
 #include <cstdint>
@@ -26,23 +26,25 @@ struct KvLayout {
 
 struct KvCacheOptions {
   int num_blocks = 0;
-  int block_size = 16;  // tokens per block
+  int block_size = 16;        // tokens per block
+  DType dtype = DType::kF32;  // element type: F32, BF16 or F16
 };
 
 class KvCache {
  public:
-  /// Allocates the pool (zeroed). INVALID_ARGUMENT for non-positive sizes; RESOURCE_EXHAUSTED when
-  /// the backend cannot allocate it.
+  /// Allocates the pool (zeroed). INVALID_ARGUMENT for non-positive sizes or a dtype other than
+  /// F32/BF16/F16; RESOURCE_EXHAUSTED when the backend cannot allocate it.
   static StatusOr<KvCache> Create(Backend& backend, const KvLayout& layout, const KvCacheOptions& options);
 
-  /// Bytes one block takes across all slots of `layout`.
-  static int64_t BytesPerBlock(const KvLayout& layout, int block_size);
+  /// Bytes one block takes across all slots of `layout` with `dtype` elements (-1 past 2^62).
+  static int64_t BytesPerBlock(const KvLayout& layout, int block_size, DType dtype);
 
   KvSlot slot(int i) const;
   int num_blocks() const { return options_.num_blocks; }
   int block_size() const { return options_.block_size; }
+  DType dtype() const { return options_.dtype; }
   const KvLayout& layout() const { return layout_; }
-  int64_t bytes() const { return BytesPerBlock(layout_, options_.block_size) * options_.num_blocks; }
+  int64_t bytes() const { return BytesPerBlock(layout_, options_.block_size, options_.dtype) * options_.num_blocks; }
 
  private:
   KvLayout layout_;

@@ -81,4 +81,11 @@ class Model {
 /// unexpected tensor, or a world size the architecture cannot be split into.
 StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* backend, const ModelOptions& options);
 
+/// The checkpoint's compute dtype without loading it: the stored dtype of the token embedding
+/// ("transformer.wte.weight" or "wte.weight") of `dir`, which is what a KV cache of dtype "auto"
+/// uses. A directory without weights (config only, e.g. for --print-resources) gets the dtype its
+/// config.json declares (ModelConfig::declared_dtype), or F32. Errors: those of Checkpoint::Open
+/// and LoadModelConfig; INVALID_ARGUMENT when the embedding is missing or not F32/BF16/F16.
+StatusOr<DType> WeightDType(const std::string& dir);
+
 }  // namespace kraken::engine

@@ -177,6 +177,14 @@ StatusOr<ModelConfig> ParseModelConfig(std::string_view text, std::string_view l
   }
   KRAKEN_ASSIGN_OR_RETURN(c.eos_token_ids, f.IdList("eos_token_id", c.vocab_size));
   KRAKEN_ASSIGN_OR_RETURN(c.bos_token_ids, f.IdList("bos_token_id", c.vocab_size));
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    const auto it = j.find(key);
+    if (it == j.end() || !it->is_string()) continue;
+    const std::string v = it->get<std::string>();
+    if (v == "float32") c.declared_dtype = DType::kF32;
+    if (v == "bfloat16") c.declared_dtype = DType::kBF16;
+    if (v == "float16") c.declared_dtype = DType::kF16;
+  }
   return c;
 }
 

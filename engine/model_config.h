@@ -10,11 +10,13 @@
 //   "parallel_block"  GPT-J style y = x + Attn(LN(x)) + FFN(LN(x)), learned positions.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "base/status.h"
+#include "engine/dtype.h"
 
 namespace kraken::engine {
 
@@ -36,6 +38,10 @@ struct ModelConfig {
   float layer_norm_epsilon = 1e-5f;
   std::vector<int> eos_token_ids;  // may be empty
   std::vector<int> bos_token_ids;  // may be empty
+  // The weights' dtype as the writer declared it ("torch_dtype", or "dtype" in newer Hugging Face
+  // configs: "float32", "bfloat16", "float16"); nullopt when absent or another value. Advisory:
+  // the checkpoint's own tensors are authoritative (WeightDType in model.h).
+  std::optional<DType> declared_dtype;
 
   int head_dim() const { return n_embd / n_head; }
   /// Number of (layer, sub-layer) attention blocks, i.e. L * N.

@@ -29,9 +29,10 @@ namespace kraken::runtime {
 
 /// The KV budget the front-end hands every worker (lives in the dispatch segment).
 struct KvSizing {
-  int64_t kv_cache_bytes = 0;       // per worker; 0 = from memory_utilization
-  double memory_utilization = 0.9;  // fraction of the device's memory a worker may use, all included
-  int64_t host_share_bytes = 0;     // CPU workers: this host's available memory / its CPU workers
+  int64_t kv_cache_bytes = 0;                    // per worker; 0 = from memory_utilization
+  double memory_utilization = 0.9;               // fraction of the device's memory a worker may use, all included
+  int64_t host_share_bytes = 0;                  // CPU workers: this host's available memory / its CPU workers
+  engine::DType kv_dtype = engine::DType::kF32;  // the KV cache's elements (F32, BF16 or F16; "auto" resolved)
 };
 
 /// One worker's memory, in bytes, as it reports it to the front-end (and the metrics).
@@ -59,6 +60,11 @@ int64_t KvBudgetBytes(const KvSizing& sizing, const std::optional<engine::Device
 /// memory.limit_in_bytes / memory.usage_in_bytes) when the process runs in one with a limit.
 /// `root` prefixes the paths (tests). UNAVAILABLE when /proc/meminfo cannot be read.
 StatusOr<int64_t> HostAvailableBytes(const std::string& root = "");
+
+/// The KV cache dtype a `--kv-cache-dtype` value names: "f32", "bf16", "f16", or "auto" = the
+/// weights' dtype of the model in `model_dir` (engine::WeightDType). INVALID_ARGUMENT naming the
+/// flag and the value otherwise; the errors of engine::WeightDType for "auto".
+StatusOr<engine::DType> ResolveKvCacheDType(const std::string& value, const std::string& model_dir);
 
 /// "1.5 GiB" style text for logs and messages (binary units).
 std::string FormatBytes(int64_t bytes);

@@ -165,7 +165,8 @@ Status Worker::Setup() {
   if (limits_.num_kv_blocks <= 0) return FailedPrecondition("the front-end found no KV cache size for every rank");
   KRAKEN_ASSIGN_OR_RETURN(engine::KvCache kv, engine::KvCache::Create(*backend_, model_->kv_layout(),
                                                                       {.num_blocks = limits_.num_kv_blocks,
-                                                                       .block_size = limits_.block_size}));
+                                                                       .block_size = limits_.block_size,
+                                                                       .dtype = control_->kv_sizing.kv_dtype}));
   kv_ = std::make_unique<engine::KvCache>(std::move(kv));
   slot_->memory.kv_bytes = kv_->bytes();
 
@@ -195,7 +196,8 @@ Status Worker::ReportMemory() {
   m.weight_bytes = model_->weight_bytes();
   m.activation_bytes = model_->activation_bytes();
   m.scratch_bytes = backend_->scratch_bytes();
-  m.kv_block_bytes = engine::KvCache::BytesPerBlock(model_->kv_layout(), limits_.block_size);
+  m.kv_block_bytes =
+      engine::KvCache::BytesPerBlock(model_->kv_layout(), limits_.block_size, control_->kv_sizing.kv_dtype);
   std::optional<engine::DeviceMemory> gpu;
   if (a_.device.is_cuda()) {
     KRAKEN_ASSIGN_OR_RETURN(gpu, backend_->MemoryInfo());

@@ -99,6 +99,9 @@ StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
   if (!(o.kv_sizing.memory_utilization > 0 && o.kv_sizing.memory_utilization <= 1)) {
     return InvalidArgument("--memory-utilization must be in (0, 1], got ", o.kv_sizing.memory_utilization);
   }
+  if (!engine::IsComputeFloat(o.kv_sizing.kv_dtype)) {
+    return InvalidArgument("--kv-cache-dtype must be f32, bf16 or f16, got ", engine::DTypeName(o.kv_sizing.kv_dtype));
+  }
   l.num_kv_blocks = o.num_kv_blocks;  // 0: decided when the workers have loaded (DecideKvBlocks)
   l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * context;
   l.vocab_size = cfg.vocab_size;

@@ -60,6 +60,7 @@ struct Flags {
   int max_waiting = 256;
   int num_kv_blocks = 0;
   int64_t kv_cache_memory = 0;
+  std::string kv_cache_dtype = "auto";
   double memory_utilization = 0;
   int block_size = 16;
   double kv_watermark = 0.01;
@@ -84,6 +85,28 @@ struct Flags {
 // buffers; NCCL's default buffer is 4 MiB per channel and peer). Generous on purpose: a short
 // /dev/shm makes NCCL fail at the first collective.
 constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
+
+// The KV cache's flags: its size (a budget, or a block count) and its element type.
+template <typename Opt>
+void AddKvCacheFlags(const Opt& opt, Flags& f) {
+  opt("--memory-utilization", f.memory_utilization,
+      "fraction of each worker's device memory it may use, weights, activations and KV cache included (GPU: the "
+      "device's memory; CPU: its even share of the host's available memory); the KV cache gets the rest; 0 = 0.9 "
+      "on GPUs, 0.1 on CPUs")
+      ->check(CLI::Range(0.0, 1.0));
+  opt("--kv-cache-memory", f.kv_cache_memory,
+      "KV cache bytes per worker (e.g. 512MiB, 4GiB, 2GB); 0 = sized by --memory-utilization")
+      ->transform(CLI::AsSizeValue(true));
+  opt("--kv-cache-dtype", f.kv_cache_dtype,
+      "element type of the KV cache: auto (the weights' dtype), f32, bf16 or f16; attention computes in F32 "
+      "either way")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
+  opt("--num-kv-blocks", f.num_kv_blocks,
+      "KV blocks per worker, overriding --kv-cache-memory and --memory-utilization; 0 = sized from memory")
+      ->check(CLI::Range(0, 1 << 30));
+  opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
+  opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+}
 
 void AddFlags(CLI::App& app, Flags& f) {
   app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
@@ -118,19 +141,7 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
   opt("--max-waiting", f.max_waiting, "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
       ->check(CLI::Range(0, 1 << 20));
-  opt("--memory-utilization", f.memory_utilization,
-      "fraction of each worker's device memory it may use, weights, activations and KV cache included (GPU: the "
-      "device's memory; CPU: its even share of the host's available memory); the KV cache gets the rest; 0 = 0.9 "
-      "on GPUs, 0.1 on CPUs")
-      ->check(CLI::Range(0.0, 1.0));
-  opt("--kv-cache-memory", f.kv_cache_memory,
-      "KV cache bytes per worker (e.g. 512MiB, 4GiB, 2GB); 0 = sized by --memory-utilization")
-      ->transform(CLI::AsSizeValue(true));
-  opt("--num-kv-blocks", f.num_kv_blocks,
-      "KV blocks per worker, overriding --kv-cache-memory and --memory-utilization; 0 = sized from memory")
-      ->check(CLI::Range(0, 1 << 30));
-  opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
-  opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+  AddKvCacheFlags(opt, f);
   opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(1024, 256 << 20));
   opt("--grace-period", f.grace_period_s, "seconds in-flight requests get after SIGTERM")
@@ -245,6 +256,7 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   wo.block_size = f.block_size;
   wo.num_kv_blocks = f.num_kv_blocks;
   wo.kv_sizing.kv_cache_bytes = f.kv_cache_memory;
+  KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, runtime::ResolveKvCacheDType(f.kv_cache_dtype, f.model));
   wo.kv_sizing.memory_utilization =
       f.memory_utilization > 0 ? f.memory_utilization : (wo.devices.front().is_cuda() ? 0.9 : 0.1);
   wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1);
@@ -275,9 +287,10 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
   const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
   const bool gpu = wo.devices.front().is_cuda();
   const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
-  // K and V, F32, per cached token on each worker: Kraken holds d floats per sub-layer and each
-  // worker N/W sub-layers of every layer (docs/kraken.md "KV cache"); Megatron shards hold D/W.
-  const int64_t per_token = 2ll * 4 * config.n_layer * config.n_embd * config.kraken_degree / lim->world_size;
+  // K and V per cached token on each worker: Kraken holds d elements per sub-layer and each worker
+  // N/W sub-layers of every layer (docs/kraken.md "KV cache"); Megatron shards hold D/W.
+  const int64_t per_token = 2ll * static_cast<int64_t>(engine::DTypeSize(wo.kv_sizing.kv_dtype)) * config.n_layer *
+                            config.n_embd * config.kraken_degree / lim->world_size;
   nlohmann::json j{{"model", f.model},
                    {"devices", f.devices},
                    {"world_size", lim->world_size},
@@ -290,6 +303,7 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
                    {"nccl_shm_bytes", nccl},
                    {"shm_bytes_required", segment + nccl},
                    {"kv_cache_bytes_per_token_per_worker", per_token},
+                   {"kv_cache_dtype", engine::DTypeName(wo.kv_sizing.kv_dtype)},
                    {"memory_utilization", wo.kv_sizing.memory_utilization}};
   // The pool is known here only when a flag fixes it; otherwise each worker sizes it from its
   // memory when it starts (the log and GetModelInfo give the result).
@@ -311,10 +325,11 @@ std::string ServedModelName(const Flags& f) {
   return dir.substr(dir.find_last_of('/') + 1);
 }
 
-// `rank0`: rank 0's memory as it reported it (it also holds the logits buffers).
+// `rank0`: rank 0's memory as it reported it (it also holds the logits buffers); `kv_dtype`: the
+// KV cache's element type ("auto" resolved).
 kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& config,
                                     const core::RequestLimits& limits, const runtime::WorkerGroup& group,
-                                    const runtime::WorkerMemory& rank0) {
+                                    const runtime::WorkerMemory& rank0, engine::DType kv_dtype) {
   const int world = group.world_size();
   const runtime::Limits rl = group.limits();
   kraken::v1::ModelInfo info;
@@ -338,6 +353,7 @@ kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& c
   info.set_kv_cache_tokens(static_cast<uint64_t>(rl.num_kv_blocks) * rl.block_size);
   info.set_kv_cache_bytes(rank0.kv_bytes);
   info.set_weight_bytes(rank0.weight_bytes);
+  info.set_kv_cache_dtype(std::string(engine::DTypeName(kv_dtype)));
   return info;
 }
 
@@ -477,10 +493,11 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   for (const runtime::RankStatsSnapshot& s : group->Stats()) {
     const runtime::WorkerMemory& m = s.memory;
     spdlog::info(
-        "rank {}: KV cache {} blocks of {} tokens = {} tokens, {} (budget {}); weights {}, activations {}, "
+        "rank {}: KV cache {} blocks of {} tokens = {} tokens, {} {} (budget {}); weights {}, activations {}, "
         "scratch {}",
         s.rank, rl.num_kv_blocks, rl.block_size, static_cast<int64_t>(rl.num_kv_blocks) * rl.block_size,
-        runtime::FormatBytes(m.kv_bytes), runtime::FormatBytes(m.kv_budget_bytes), runtime::FormatBytes(m.weight_bytes),
+        runtime::FormatBytes(m.kv_bytes), engine::DTypeName(wo.kv_sizing.kv_dtype),
+        runtime::FormatBytes(m.kv_budget_bytes), runtime::FormatBytes(m.weight_bytes),
         runtime::FormatBytes(m.activation_bytes), runtime::FormatBytes(m.scratch_bytes));
   }
   return group;
@@ -610,9 +627,10 @@ int Run(const Flags& f, const sigset_t& sigs) {
   serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
                                       .num_blocks = rl.num_kv_blocks,
                                       .memory_utilization = wo->kv_sizing.memory_utilization,
-                                      .kv_cache_bytes = rank0.kv_bytes});
+                                      .kv_cache_bytes = rank0.kv_bytes,
+                                      .cache_dtype = std::string(engine::DTypeName(wo->kv_sizing.kv_dtype))});
   Health health;
-  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0);
+  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0, wo->kv_sizing.kv_dtype);
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
   server::ServiceOptions so{
       .limits = limits,

@@ -1,10 +1,12 @@
 // Paged causal attention on the CPU: KV writes and the attention itself, for prefill chunks and
-// decode tokens alike, any head size (113, 209, ...), any block size.
+// decode tokens alike, any head size (113, 209, ...), any block size, with an F32, BF16 or F16
+// KV cache (16-bit entries are widened exactly on load; scores, softmax and sums stay F32).
 #include <omp.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -17,6 +19,29 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
+// How each KV dtype is read and written: loads widen exactly to F32, stores round to nearest even.
+struct KvF32 {
+  using T = float;
+  static F32x16 Load(const T* p) { return F32x16::Load(p); }
+  static F32x16 LoadPartial(const T* p, int n) { return F32x16::LoadPartial(p, n); }
+  static T From(float x) { return x; }
+};
+template <bool kBf16>
+struct Kv16 {
+  using T = uint16_t;
+  static F32x16 Load(const T* p) { return kBf16 ? F32x16::LoadBf16(p) : F32x16::LoadF16(p); }
+  /// The first `n` entries, zero (in either format) elsewhere; never reads past p + n.
+  static F32x16 LoadPartial(const T* p, int n) {
+    if (n >= kLanes) return Load(p);
+    T lanes[kLanes] = {};
+    std::memcpy(lanes, p, sizeof(T) * static_cast<size_t>(n));
+    return Load(lanes);
+  }
+  static T From(float x) { return kBf16 ? F32ToBf16(x) : F32ToF16(x); }
+};
+using KvBf16 = Kv16<true>;
+using KvF16 = Kv16<false>;
+
 // Attention for one (sequence, head, query tile). Each row keeps its own running max `m`, sum `l`
 // and output accumulator, and visits blocks 0 .. pos / bs in order; a block wholly after the
 // row's position is skipped, so the row computes exactly what it would compute alone.
@@ -24,9 +49,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // one FMA chain per (row, key) in e order. Its own function so that the accumulators live in
 // registers. With kPrefetch (block size 16: a head's K or V block is dh cache lines), each step
 // also prefetches one line of `v_pf` and of `k_pf`.
-template <int rows, bool kPrefetch>
-[[gnu::noinline]] void Scores(const float* qt, const float* k, int dh, int stride, int lanes, const float* v_pf,
-                              const float* k_pf, F32x16* out) {
+template <int rows, bool kPrefetch, typename Kv>
+[[gnu::noinline]] void Scores(const float* qt, const typename Kv::T* k, int dh, int stride, int lanes,
+                              const typename Kv::T* v_pf, const typename Kv::T* k_pf, F32x16* out) {
   F32x16 acc[rows];
   for (F32x16& a : acc) a = F32x16::Zero();
   for (int e = 0; e < dh; ++e) {
@@ -35,7 +60,7 @@ template <int rows, bool kPrefetch>
       if (k_pf != nullptr) Prefetch(k_pf + e * kLanes);
     }
     const F32x16 kv =
-        kPrefetch ? F32x16::Load(k + e * kLanes) : F32x16::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
+        kPrefetch ? Kv::Load(k + e * kLanes) : Kv::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
     const float* qe = qt + e * rows;
     for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(qe[r]), kv, acc[r]);
   }
@@ -48,12 +73,15 @@ template <int rows, bool kPrefetch>
 // `qt`: head_dim x kQueryTile scratch for the queries, transposed so that one base register
 // addresses every row's element. kBlock16 fixes the score-row stride at 16 for the default block
 // size, for the same reason.
-template <int rows, bool kBlock16>
+template <int rows, bool kBlock16, typename Kv>
 void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, Mat out, float* o, float* p, float* qt,
                 int padded_bs_runtime) {
   const int padded_bs = kBlock16 ? kLanes : padded_bs_runtime;
   const int dh = slot.head_dim, bs = slot.block_size;
-  const int64_t bf = slot.block_floats();
+  using T = typename Kv::T;
+  const int64_t bf = slot.block_elems();
+  const T* const k_pool = static_cast<const T*>(slot.k);
+  const T* const v_pool = static_cast<const T*>(slot.v);
   const AttentionSeq& s = *t.seq;
   const int col0 = t.head * dh;
   int pos[rows] = {};
@@ -69,12 +97,12 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
   const int chunks = padded_bs / kLanes;
   const int num_blocks = pos[rows - 1] / bs + 1;
 
-  const int64_t block_head_floats = static_cast<int64_t>(dh) * bs;  // one head's K (or V) in a block
-  const int64_t head_offset = static_cast<int64_t>(t.head) * block_head_floats;
+  const int64_t block_head_elems = static_cast<int64_t>(dh) * bs;  // one head's K (or V) in a block
+  const int64_t head_offset = static_cast<int64_t>(t.head) * block_head_elems;
   for (int b = 0; b < num_blocks; ++b) {
     const int64_t phys = s.block_table[b];
-    const float* kt = slot.k + phys * bf + head_offset;  // [dh][bs]
-    const float* vb = slot.v + phys * bf + head_offset;  // [bs][dh]
+    const T* kt = k_pool + phys * bf + head_offset;  // [dh][bs]
+    const T* vb = v_pool + phys * bf + head_offset;  // [bs][dh]
     const int key0 = b * bs;
     int visible[rows] = {};
     for (int r = 0; r < rows; ++r) visible[r] = std::clamp(pos[r] - key0 + 1, 0, bs);
@@ -85,11 +113,11 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
       if (kBlock16) {
         // While the scores are computed, prefetch this block's V (read next, with a stride the
         // hardware prefetcher misses) and the next block's K.
-        const float* k_next =
-            b + 1 < num_blocks ? slot.k + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset : nullptr;
-        Scores<rows, true>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc);
+        const T* k_next =
+            b + 1 < num_blocks ? k_pool + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset : nullptr;
+        Scores<rows, true, Kv>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc);
       } else {
-        Scores<rows, false>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr, nullptr, acc);
+        Scores<rows, false, Kv>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr, nullptr, acc);
       }
       for (int r = 0; r < rows; ++r) {
         const int vis = std::clamp(visible[r] - c * kLanes, 0, kLanes);
@@ -130,12 +158,12 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
       }
       if (whole_block) {
         for (int j = 0; j < bs; ++j) {
-          const F32x16 vv = F32x16::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
           for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
         }
       } else {
         for (int j = 0; j < visible[rows - 1]; ++j) {
-          const F32x16 vv = F32x16::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
           for (int r = 0; r < rows; ++r) {
             if (j < visible[r]) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
           }
@@ -155,18 +183,24 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
 
 using TileFn = void (*)(Mat, const KvSlot&, const AttentionTile&, float, Mat, float*, float*, float*, int);
 
-template <bool kBlock16, int... R>
+template <bool kBlock16, typename Kv, int... R>
 constexpr std::array<TileFn, sizeof...(R)> MakeTileTable(std::integer_sequence<int, R...>) {
-  return {&AttendTile<R + 1, kBlock16>...};
+  return {&AttendTile<R + 1, kBlock16, Kv>...};
 }
-constexpr auto kTileFns = MakeTileTable<false>(std::make_integer_sequence<int, kQueryTile>{});
-constexpr auto kTileFns16 = MakeTileTable<true>(std::make_integer_sequence<int, kQueryTile>{});
+// Per KV dtype: the tile functions for any block size, and for blocks of 16 tokens.
+template <typename Kv>
+struct TileTables {
+  static constexpr auto kAny = MakeTileTable<false, Kv>(std::make_integer_sequence<int, kQueryTile>{});
+  static constexpr auto k16 = MakeTileTable<true, Kv>(std::make_integer_sequence<int, kQueryTile>{});
+};
 
-}  // namespace
-
-void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
+template <typename Kv>
+void WriteKvAs(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
+  using T = typename Kv::T;
   const int dh = slot.head_dim, bs = slot.block_size, heads = slot.heads;
-  const int64_t bf = slot.block_floats();
+  const int64_t bf = slot.block_elems();
+  T* const k_pool = static_cast<T*>(slot.k);
+  T* const v_pool = static_cast<T*>(slot.v);
   for (const AttentionSeq& s : batch.seqs) {
 #pragma omp parallel for schedule(static)
     for (int i = 0; i < s.num_tokens; ++i) {
@@ -176,14 +210,33 @@ void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
       const float* kr = k.Row(s.token_begin + i);
       const float* vr = v.Row(s.token_begin + i);
       for (int h = 0; h < heads; ++h) {
-        float* kt = slot.k + phys * bf + static_cast<int64_t>(h) * dh * bs;
-        float* vb = slot.v + phys * bf + static_cast<int64_t>(h) * bs * dh + static_cast<int64_t>(off) * dh;
+        T* kt = k_pool + phys * bf + static_cast<int64_t>(h) * dh * bs;
+        T* vb = v_pool + phys * bf + static_cast<int64_t>(h) * bs * dh + static_cast<int64_t>(off) * dh;
         for (int e = 0; e < dh; ++e) {
-          kt[static_cast<int64_t>(e) * bs + off] = kr[h * dh + e];
-          vb[e] = vr[h * dh + e];
+          kt[static_cast<int64_t>(e) * bs + off] = Kv::From(kr[h * dh + e]);
+          vb[e] = Kv::From(vr[h * dh + e]);
         }
       }
     }
+  }
+}
+
+template <typename Kv>
+const TileFn* TileFns(int block_size) {
+  return block_size == kLanes ? TileTables<Kv>::k16.data() : TileTables<Kv>::kAny.data();
+}
+
+}  // namespace
+
+void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
+  switch (slot.dtype) {
+    case DType::kBF16:
+      return WriteKvAs<KvBf16>(k, v, slot, batch);
+    case DType::kF16:
+      return WriteKvAs<KvF16>(k, v, slot, batch);
+    default:
+      KRAKEN_CHECK(slot.dtype == DType::kF32, "KV cache dtype must be F32, BF16 or F16");
+      return WriteKvAs<KvF32>(k, v, slot, batch);
   }
 }
 
@@ -205,7 +258,9 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   const int64_t n = static_cast<int64_t>(tiles.size());
   const size_t o_size = static_cast<size_t>(kQueryTile) * slot.head_dim;
   const size_t per_thread = 2 * o_size + static_cast<size_t>(kQueryTile) * padded_bs;
-  const auto& fns = slot.block_size == kLanes ? kTileFns16 : kTileFns;
+  const TileFn* fns = slot.dtype == DType::kBF16  ? TileFns<KvBf16>(slot.block_size)
+                      : slot.dtype == DType::kF16 ? TileFns<KvF16>(slot.block_size)
+                                                  : TileFns<KvF32>(slot.block_size);
   const size_t need = per_thread * omp_get_max_threads();  // the team size the backend set
   if (scratch->buffers.size() < need) scratch->buffers.resize(need);
 #pragma omp parallel

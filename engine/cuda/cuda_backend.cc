@@ -312,7 +312,7 @@ class CudaBackend final : public Backend {
     KRAKEN_CHECK(k.cols == slot.heads * slot.head_dim && v.cols == k.cols && slot.block_size == batch.block_size);
     if (!StageAttention(batch)) return;
     KRAKEN_CHECK(meta_.max_row < k.rows && meta_.max_row < v.rows, "attention batch names rows beyond k/v");
-    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, rows_dev_,
+    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, StorageOf(slot.dtype), rows_dev_,
                         static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, stream_);
     RecordLaunch("WriteKv");
   }
@@ -323,15 +323,15 @@ class CudaBackend final : public Backend {
     KRAKEN_CHECK(meta_.max_row < q.rows && meta_.max_row < out.rows, "attention batch names rows beyond q/out");
     if (slot.head_dim <= cuda::kMaxTiledHeadDim) {
       // Prefill runs share each K/V load across up to kQueryTile rows; decode rows go one by one.
-      cuda::LaunchTiledAttention(q.data, q.stride, slot.k, slot.v, tiles_dev_, tables_dev_,
+      cuda::LaunchTiledAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), tiles_dev_, tables_dev_,
                                  static_cast<int>(meta_.tiles.size()), slot.heads, slot.head_dim, slot.block_size,
                                  scale, out.data, out.stride, stream_);
       RecordLaunch("TiledAttention");
-      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, singles_dev_, tables_dev_,
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), singles_dev_, tables_dev_,
                             static_cast<int>(meta_.singles.size()), slot.heads, slot.head_dim, slot.block_size, scale,
                             out.data, out.stride, stream_);
     } else {
-      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, rows_dev_, tables_dev_,
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), rows_dev_, tables_dev_,
                             static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, scale,
                             out.data, out.stride, stream_);
     }

@@ -129,7 +129,20 @@ __global__ void ToHalfKernel(const float* x, int64_t xs, int cols, Half* out) {
   for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = FromFloat<Half>(r[c]);
 }
 
-__global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_t vs, float* kc, float* vc,
+__device__ float FromFloatKv(float v, float*) {
+  return v;
+}
+__device__ __nv_bfloat16 FromFloatKv(float v, __nv_bfloat16*) {
+  return __float2bfloat16_rn(v);
+}
+__device__ __half FromFloatKv(float v, __half*) {
+  return __float2half_rn(v);
+}
+
+// T: the KV cache's element type (float, __nv_bfloat16 or __half); 16-bit entries are rounded to
+// nearest even here and widened exactly (ToFloat) by the attention kernels.
+template <typename T>
+__global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_t vs, T* kc, T* vc,
                               const AttentionRow* rows, int heads, int head_dim, int block_size) {
   const AttentionRow r = rows[blockIdx.x];
   const int64_t t = r.row;
@@ -139,13 +152,14 @@ __global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_
   const int64_t base = block * heads * head_dim * block_size;  // same size for K and V blocks
   for (int e = threadIdx.x; e < width; e += blockDim.x) {
     const int h = e / head_dim, d = e % head_dim;
-    kc[base + (static_cast<int64_t>(h) * head_dim + d) * block_size + off] = k[t * ks + e];
-    vc[base + (static_cast<int64_t>(h) * block_size + off) * head_dim + d] = v[t * vs + e];
+    kc[base + (static_cast<int64_t>(h) * head_dim + d) * block_size + off] = FromFloatKv(k[t * ks + e], kc);
+    vc[base + (static_cast<int64_t>(h) * block_size + off) * head_dim + d] = FromFloatKv(v[t * vs + e], vc);
   }
 }
 
 // Shared memory: q (scaled) [head_dim], acc [head_dim], p [kAttentionThreads], red [32].
-__global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc, const AttentionRow* rows,
+template <typename T>
+__global__ void AttentionKernel(const float* q, int64_t qs, const T* kc, const T* vc, const AttentionRow* rows,
                                 const int32_t* tables, int heads, int head_dim, int block_size, float scale, float* out,
                                 int64_t os) {
   KRAKEN_DYNAMIC_SHARED(float, smem);
@@ -175,10 +189,10 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
     float s = -FLT_MAX;
     if (j < keys) {
       // K block layout [heads][head_dim][block_size]: neighbouring threads read neighbouring keys.
-      const float* kp =
+      const T* kp =
           kc + table[j / block_size] * block_floats + static_cast<int64_t>(h) * head_dim * block_size + j % block_size;
       float dot = 0.f;
-      for (int d = 0; d < head_dim; ++d) dot += qsh[d] * kp[static_cast<int64_t>(d) * block_size];
+      for (int d = 0; d < head_dim; ++d) dot += qsh[d] * ToFloat(kp[static_cast<int64_t>(d) * block_size]);
       s = dot;
     }
     const float m_new = fmaxf(m, BlockMax(s, red));
@@ -192,9 +206,9 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
       float a = acc[d] * correction;
       for (int i = 0; i < n; ++i) {
         const int jj = tile + i;
-        const float* vp = vc + table[jj / block_size] * block_floats +
-                          (static_cast<int64_t>(h) * block_size + jj % block_size) * head_dim;
-        a += p[i] * vp[d];
+        const T* vp = vc + table[jj / block_size] * block_floats +
+                      (static_cast<int64_t>(h) * block_size + jj % block_size) * head_dim;
+        a += p[i] * ToFloat(vp[d]);
       }
       acc[d] = a;
     }
@@ -209,9 +223,10 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const float* kc, con
 // against keys t % 8 and t % 8 + 8 of each key tile; the 8 threads of a row (8 neighbouring
 // lanes of one warp) combine their maxima and sums with shuffles. Shared memory: see
 // TiledAttentionSharedBytes.
-__global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc, const float* vc,
-                                     const AttentionTile* tiles, const int32_t* tables, int heads, int head_dim,
-                                     int block_size, float scale, float* out, int64_t os) {
+template <typename T>
+__global__ void TiledAttentionKernel(const float* q, int64_t qs, const T* kc, const T* vc, const AttentionTile* tiles,
+                                     const int32_t* tables, int heads, int head_dim, int block_size, float scale,
+                                     float* out, int64_t os) {
   KRAKEN_DYNAMIC_SHARED(float, smem);
   const int kd = head_dim + 1;                // K row stride
   float* qsh = smem;                          // [kQueryTile][head_dim]
@@ -249,8 +264,8 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc
       float kv = 0.f;
       if (j < nk) {
         const int key = k0 + j;
-        kv = kc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * head_dim + d) * block_size +
-                key % block_size];
+        kv = ToFloat(kc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * head_dim + d) * block_size +
+                        key % block_size]);
       }
       ksh[j * kd + d] = kv;
     }
@@ -259,8 +274,8 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const float* kc
       float vv = 0.f;
       if (j < nk) {
         const int key = k0 + j;
-        vv = vc[table[key / block_size] * block_floats +
-                (static_cast<int64_t>(h) * block_size + key % block_size) * head_dim + d];
+        vv = ToFloat(vc[table[key / block_size] * block_floats +
+                        (static_cast<int64_t>(h) * block_size + key % block_size) * head_dim + d]);
       }
       vsh[i] = vv;
     }
@@ -376,28 +391,83 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
   }
 }
 
-void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
-                   const AttentionRow* rows, int n, int heads, int head_dim, int block_size, cudaStream_t stream) {
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, void* k_cache, void* v_cache,
+                   Storage kv_type, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
+                   cudaStream_t stream) {
   if (n == 0) return;
-  KRAKEN_LAUNCH(WriteKvKernel, n, RowThreads(heads * head_dim), 0, stream, k, k_stride, v, v_stride, k_cache, v_cache,
-                rows, heads, head_dim, block_size);
+  const int threads = RowThreads(heads * head_dim);
+  switch (kv_type) {
+    case Storage::kF32:
+      KRAKEN_LAUNCH(WriteKvKernel<float>, n, threads, 0, stream, k, k_stride, v, v_stride, static_cast<float*>(k_cache),
+                    static_cast<float*>(v_cache), rows, heads, head_dim, block_size);
+      break;
+    case Storage::kBF16:
+      KRAKEN_LAUNCH(WriteKvKernel<__nv_bfloat16>, n, threads, 0, stream, k, k_stride, v, v_stride,
+                    static_cast<__nv_bfloat16*>(k_cache), static_cast<__nv_bfloat16*>(v_cache), rows, heads, head_dim,
+                    block_size);
+      break;
+    case Storage::kF16:
+      KRAKEN_LAUNCH(WriteKvKernel<__half>, n, threads, 0, stream, k, k_stride, v, v_stride,
+                    static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), rows, heads, head_dim, block_size);
+      break;
+  }
 }
 
-void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+namespace {
+
+template <typename T>
+void LaunchAttentionAs(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                       const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
+                       float scale, float* out, int64_t out_stride, cudaStream_t stream) {
+  const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
+  KRAKEN_LAUNCH(AttentionKernel<T>, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride,
+                static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), rows, tables, heads, head_dim,
+                block_size, scale, out, out_stride);
+}
+
+template <typename T>
+void LaunchTiledAttentionAs(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                            const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
+                            int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream) {
+  KRAKEN_LAUNCH(TiledAttentionKernel<T>, dim3(n, heads), kQueryTile * 8, TiledAttentionSharedBytes(head_dim), stream, q,
+                q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), tiles, tables, heads,
+                head_dim, block_size, scale, out, out_stride);
+}
+
+}  // namespace
+
+void LaunchAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                      const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
-  const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
-  KRAKEN_LAUNCH(AttentionKernel, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride, k_cache, v_cache, rows,
-                tables, heads, head_dim, block_size, scale, out, out_stride);
+  switch (kv_type) {
+    case Storage::kF32:
+      return LaunchAttentionAs<float>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim, block_size,
+                                      scale, out, out_stride, stream);
+    case Storage::kBF16:
+      return LaunchAttentionAs<__nv_bfloat16>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim,
+                                              block_size, scale, out, out_stride, stream);
+    case Storage::kF16:
+      return LaunchAttentionAs<__half>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim, block_size,
+                                       scale, out, out_stride, stream);
+  }
 }
 
-void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+void LaunchTiledAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                           const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
                           int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
-  KRAKEN_LAUNCH(TiledAttentionKernel, dim3(n, heads), kQueryTile * 8, TiledAttentionSharedBytes(head_dim), stream, q,
-                q_stride, k_cache, v_cache, tiles, tables, heads, head_dim, block_size, scale, out, out_stride);
+  switch (kv_type) {
+    case Storage::kF32:
+      return LaunchTiledAttentionAs<float>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim, block_size,
+                                           scale, out, out_stride, stream);
+    case Storage::kBF16:
+      return LaunchTiledAttentionAs<__nv_bfloat16>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim,
+                                                   block_size, scale, out, out_stride, stream);
+    case Storage::kF16:
+      return LaunchTiledAttentionAs<__half>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim,
+                                            block_size, scale, out, out_stride, stream);
+  }
 }
 
 KRAKEN_CUDA_NAMESPACE_END

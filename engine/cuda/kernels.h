@@ -153,15 +153,18 @@ void LaunchToHalf(const float* x, int64_t x_stride, int rows, int cols, void* ou
 
 /// For each of the n entries: stores row rows[i].row of k and v ([*, heads * head_dim], head-major
 /// columns) at physical token slot rows[i].slot of the paged cache: K blocks are
-/// [heads][head_dim][block_size], V blocks [heads][block_size][head_dim].
-void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, float* k_cache, float* v_cache,
-                   const AttentionRow* rows, int n, int heads, int head_dim, int block_size, cudaStream_t stream);
+/// [heads][head_dim][block_size], V blocks [heads][block_size][head_dim], elements of `kv_type`
+/// (16-bit: rounded to nearest even).
+void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_stride, void* k_cache, void* v_cache,
+                   Storage kv_type, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
+                   cudaStream_t stream);
 
 /// Causal attention for tiles of query rows (prefill and chunked prefill): one thread block per
 /// (tile, head) loads kKeyTile keys and values at a time into shared memory and applies them to
 /// all of the tile's rows, with the same online softmax as LaunchAttention, so K and V are read
-/// once per tile instead of once per row. head_dim <= kMaxTiledHeadDim.
-void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+/// once per tile instead of once per row. head_dim <= kMaxTiledHeadDim. Cache entries of
+/// `kv_type` are widened exactly to F32 as they are loaded.
+void LaunchTiledAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                           const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
                           int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream);
 
@@ -170,8 +173,8 @@ void LaunchTiledAttention(const float* q, int64_t q_stride, const float* k_cache
 /// tables + rows[i].table_offset; rows no entry names are left untouched. One thread
 /// block per (row, head) walks the keys in tiles of 128 with the online-softmax rescaling of
 /// FlashAttention (Dao et al. 2022, Alg. 1), so any head size works and no [T, L] score matrix
-/// exists. q, out: [T, heads * head_dim].
-void LaunchAttention(const float* q, int64_t q_stride, const float* k_cache, const float* v_cache,
+/// exists. q, out: [T, heads * head_dim]; cache entries of `kv_type` are widened exactly to F32.
+void LaunchAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                      const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream);
 

@@ -393,4 +393,21 @@ StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* back
   return model;
 }
 
+StatusOr<DType> WeightDType(const std::string& dir) {
+  auto ckpt = Checkpoint::Open(dir);
+  if (absl::IsNotFound(ckpt.status())) {
+    // No weights (yet): what config.json declares, else Hugging Face's default, float32.
+    KRAKEN_ASSIGN_OR_RETURN(const ModelConfig config, LoadModelConfig(dir));
+    return config.declared_dtype.value_or(DType::kF32);
+  }
+  KRAKEN_RETURN_IF_ERROR(ckpt.status());
+  const TensorInfo* wte = (*ckpt)->Find("transformer.wte.weight");
+  if (wte == nullptr) wte = (*ckpt)->Find("wte.weight");
+  if (wte == nullptr) return InvalidArgument("'", dir, "' has no token embedding 'transformer.wte.weight'");
+  if (!IsComputeFloat(wte->dtype)) {
+    return InvalidArgument("'", dir, "': the token embedding is ", DTypeName(wte->dtype), ", not F32, BF16 or F16");
+  }
+  return wte->dtype;
+}
+
 }  // namespace kraken::engine

@@ -244,18 +244,30 @@ struct AttnCase {
   int heads, head_dim, block_size;
 };
 
-TEST(CudaOps, PagedWriteKvAndAttentionMatchTheCpu) {
+// The KV cache's bytes on the GPU (slot 0 starts the pool; a 16-bit pool is padded to whole floats).
+std::vector<uint8_t> CacheBytes(Backend& gpu, const void* device, size_t bytes) {
+  std::vector<float> host((bytes + 3) / 4);
+  gpu.Download(static_cast<const float*>(device), host.data(), static_cast<int64_t>(host.size()));
+  std::vector<uint8_t> out(bytes);
+  std::memcpy(out.data(), host.data(), bytes);
+  return out;
+}
+
+class CudaOpsKv : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaOpsKv, PagedWriteKvAndAttentionMatchTheCpu) {
   REQUIRE_GPU();
   MAKE_BACKENDS(b);
   std::mt19937 rng(testing::TestSeed() + 2);
+  const DType dtype = GetParam();
   for (const AttnCase ac : {AttnCase{1, 1, 1}, AttnCase{2, 3, 5}, AttnCase{3, 17, 16}, AttnCase{2, 64, 16},
                             AttnCase{1, 113, 7}, AttnCase{4, 160, 16}, AttnCase{1, 256, 32}}) {
     SCOPED_TRACE(::testing::Message() << ac.heads << " heads x " << ac.head_dim << ", block " << ac.block_size);
     const int width = ac.heads * ac.head_dim, bs = ac.block_size;
     const KvLayout layout{.slots = 1, .heads = ac.heads, .head_dim = ac.head_dim};
     const int blocks = 3 * (300 / bs + 2);
-    auto kvc = KvCache::Create(*b.cpu, layout, {.num_blocks = blocks, .block_size = bs});
-    auto kvg = KvCache::Create(*b.gpu, layout, {.num_blocks = blocks, .block_size = bs});
+    auto kvc = KvCache::Create(*b.cpu, layout, {.num_blocks = blocks, .block_size = bs, .dtype = dtype});
+    auto kvg = KvCache::Create(*b.gpu, layout, {.num_blocks = blocks, .block_size = bs, .dtype = dtype});
     ASSERT_TRUE(kvc.ok() && kvg.ok());
     // Three sequences with shuffled, disjoint block tables.
     std::vector<int32_t> ids(blocks);
@@ -287,16 +299,16 @@ TEST(CudaOps, PagedWriteKvAndAttentionMatchTheCpu) {
       b.gpu->Attention(q.G(), kvg->slot(0), batch, scale, out.G());
       testing::ExpectWithinRel(Read(*b.gpu, out), Dense(out), 2e-6, "Attention");
     }
-    // The caches hold the same bits.
-    const int64_t floats = kvc->slot(0).block_floats() * blocks;
-    std::vector<float> kg(floats), vg(floats);
-    b.gpu->Download(kvg->slot(0).k, kg.data(), floats);
-    b.gpu->Download(kvg->slot(0).v, vg.data(), floats);
-    EXPECT_EQ(0, std::memcmp(kg.data(), kvc->slot(0).k, floats * sizeof(float))) << "K cache";
-    EXPECT_EQ(0, std::memcmp(vg.data(), kvc->slot(0).v, floats * sizeof(float))) << "V cache";
+    // The caches hold the same bits (both round 16-bit entries to nearest even).
+    const size_t bytes = kvc->slot(0).block_elems() * blocks * DTypeSize(dtype);
+    EXPECT_EQ(0, std::memcmp(CacheBytes(*b.gpu, kvg->slot(0).k, bytes).data(), kvc->slot(0).k, bytes)) << "K cache";
+    EXPECT_EQ(0, std::memcmp(CacheBytes(*b.gpu, kvg->slot(0).v, bytes).data(), kvc->slot(0).v, bytes)) << "V cache";
   }
   EXPECT_TRUE(b.gpu->Synchronize().ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(KvDTypes, CudaOpsKv, ::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                         [](const auto& p) { return std::string(DTypeName(p.param)); });
 
 TEST(CudaOps, AttentionFollowsTokenBeginAndLeavesUnnamedRowsAlone) {
   REQUIRE_GPU();
@@ -324,10 +336,8 @@ TEST(CudaOps, AttentionFollowsTokenBeginAndLeavesUnnamedRowsAlone) {
   for (int r : {0, 1, 10}) {  // untouched: still the random values both twins started with
     EXPECT_EQ(0, std::memcmp(got.data() + r * width, want.data() + r * width, width * sizeof(float))) << "row " << r;
   }
-  const int64_t floats = kvc->slot(0).block_floats() * 16;
-  std::vector<float> kg(floats);
-  b.gpu->Download(kvg->slot(0).k, kg.data(), floats);
-  EXPECT_EQ(0, std::memcmp(kg.data(), kvc->slot(0).k, floats * sizeof(float))) << "K cache";
+  const size_t bytes = kvc->slot(0).block_elems() * 16 * sizeof(float);
+  EXPECT_EQ(0, std::memcmp(CacheBytes(*b.gpu, kvg->slot(0).k, bytes).data(), kvc->slot(0).k, bytes)) << "K cache";
 }
 
 // ---- Whole models ---------------------------------------------------------------------------

@@ -22,6 +22,10 @@ std::unique_ptr<Backend> Cpu() {
   return std::move(CreateBackend({.device = Device::Cpu(), .threads = 1})).value();
 }
 
+cuda::Storage StorageOf(DType t) {
+  return t == DType::kBF16 ? cuda::Storage::kBF16 : t == DType::kF16 ? cuda::Storage::kF16 : cuda::Storage::kF32;
+}
+
 std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);
   std::vector<float> v(n);
@@ -142,10 +146,11 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   std::vector<int32_t> tables;
   ASSERT_LT(cuda::BuildAttentionRows(batch, &rows, &tables), T);
   const int n = static_cast<int>(rows.size());
-  cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, rows.data(), n, emu_slot.heads,
-                      emu_slot.head_dim, emu_slot.block_size, nullptr);
+  const cuda::Storage kv_type = StorageOf(emu_slot.dtype);
+  cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, kv_type, rows.data(), n,
+                      emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, nullptr);
   std::vector<float> out_tiled = out_emu;
-  cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, rows.data(), tables.data(), n, emu_slot.heads,
+  cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, kv_type, rows.data(), tables.data(), n, emu_slot.heads,
                         emu_slot.head_dim, emu_slot.block_size, scale, out_emu.data(), width, nullptr);
   testing::ExpectWithinRel(out_emu, out_cpu, 2e-6, "Attention, every row by the per-row kernel");
   // What CudaBackend runs for head_dim <= kMaxTiledHeadDim: tiles of prefill rows + single rows.
@@ -159,25 +164,30 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
     covered += t.count;
   }
   EXPECT_EQ(covered, n);
-  cuda::LaunchTiledAttention(q.data(), width, emu_slot.k, emu_slot.v, tiles.data(), tables.data(),
+  cuda::LaunchTiledAttention(q.data(), width, emu_slot.k, emu_slot.v, kv_type, tiles.data(), tables.data(),
                              static_cast<int>(tiles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size,
                              scale, out_tiled.data(), width, nullptr);
-  cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, singles.data(), tables.data(),
+  cuda::LaunchAttention(q.data(), width, emu_slot.k, emu_slot.v, kv_type, singles.data(), tables.data(),
                         static_cast<int>(singles.size()), emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, scale,
                         out_tiled.data(), width, nullptr);
   testing::ExpectWithinRel(out_tiled, out_cpu, 2e-6, "Attention, tiled prefill rows + per-row decode rows");
 }
 
-TEST(CudaKernelsEmulated, PagedWriteKvAndAttentionMatchTheCpuBackend) {
+// With a 16-bit cache both round K and V to nearest even when writing (the caches must be
+// byte-identical) and widen them exactly when reading, so the outputs agree as closely as with F32.
+class CudaKernelsEmulatedKv : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaKernelsEmulatedKv, PagedWriteKvAndAttentionMatchTheCpuBackend) {
   auto cpu = Cpu();
   std::mt19937 rng(testing::TestSeed() + 2);
+  const DType dtype = GetParam();
   for (const Case c : {Case{1, 1, 1}, Case{2, 3, 5}, Case{3, 17, 16}, Case{1, 113, 7}, Case{2, 64, 16}}) {
     SCOPED_TRACE(::testing::Message() << c.heads << " heads x " << c.head_dim << ", block " << c.block_size);
     const int width = c.heads * c.head_dim, bs = c.block_size;
     const KvLayout layout{.slots = 1, .heads = c.heads, .head_dim = c.head_dim};
     const int blocks = 3 * (170 / bs + 2);
-    auto kv_cpu = KvCache::Create(*cpu, layout, {.num_blocks = blocks, .block_size = bs});
-    auto kv_emu = KvCache::Create(*cpu, layout, {.num_blocks = blocks, .block_size = bs});
+    auto kv_cpu = KvCache::Create(*cpu, layout, {.num_blocks = blocks, .block_size = bs, .dtype = dtype});
+    auto kv_emu = KvCache::Create(*cpu, layout, {.num_blocks = blocks, .block_size = bs, .dtype = dtype});
     ASSERT_TRUE(kv_cpu.ok() && kv_emu.ok());
     std::vector<int32_t> ids(blocks);
     std::iota(ids.begin(), ids.end(), 0);
@@ -201,11 +211,14 @@ TEST(CudaKernelsEmulated, PagedWriteKvAndAttentionMatchTheCpuBackend) {
                                               {0, add[0], hist[0], tables[0].data()},
                                               {13, add[1], hist[1], tables[1].data()}};
     Step(*cpu, kv_cpu->slot(0), kv_emu->slot(0), {second, bs}, 19, width, rng);
-    const int64_t floats = kv_cpu->slot(0).block_floats() * blocks;
-    EXPECT_EQ(0, std::memcmp(kv_cpu->slot(0).k, kv_emu->slot(0).k, floats * sizeof(float))) << "K cache";
-    EXPECT_EQ(0, std::memcmp(kv_cpu->slot(0).v, kv_emu->slot(0).v, floats * sizeof(float))) << "V cache";
+    const size_t bytes = kv_cpu->slot(0).block_elems() * blocks * DTypeSize(dtype);
+    EXPECT_EQ(0, std::memcmp(kv_cpu->slot(0).k, kv_emu->slot(0).k, bytes)) << "K cache";
+    EXPECT_EQ(0, std::memcmp(kv_cpu->slot(0).v, kv_emu->slot(0).v, bytes)) << "V cache";
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(KvDTypes, CudaKernelsEmulatedKv, ::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                         [](const auto& p) { return std::string(DTypeName(p.param)); });
 
 }  // namespace
 }  // namespace kraken::engine

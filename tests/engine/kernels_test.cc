@@ -3,8 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
+#include <tuple>
 
 #include "engine/backend.h"
 #include "engine/cpu/kernels.h"
@@ -86,6 +89,68 @@ TEST(Kernels, LayerNormAndGeluMatchDoublePrecision) {
   }
 }
 
+// The KV cache's rounding. F16: against the compiler's _Float16 conversion (IEEE round to nearest
+// even) over every 257th float bit pattern plus the boundaries; BF16: against its definition (the
+// nearest bfloat16, ties to the even mantissa).
+TEST(Kernels, F32To16BitRoundsToNearestEven) {
+  auto check_f16 = [](uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    const _Float16 h = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &h, 2);
+    const uint16_t got = F32ToF16(f);
+    if (std::isnan(f)) {
+      ASSERT_TRUE(std::isnan(F16ToF32(got))) << std::hex << u;
+    } else {
+      ASSERT_EQ(got, want) << "float bits 0x" << std::hex << u;
+    }
+  };
+  for (uint64_t u = 0; u <= 0xffffffffu; u += 257) check_f16(static_cast<uint32_t>(u));
+  // Around every binade edge and halfway point of half's range, both signs.
+  for (uint32_t e = 0x33000000u; e <= 0x47800000u; e += 0x00800000u) {
+    for (uint32_t d = 0; d < 0x4000u; ++d) {
+      for (uint32_t base : {e, e + 0x1000u, e + 0x2000u, e + 0x3000u}) {
+        check_f16(base - 0x2000u + d);
+        check_f16((base - 0x2000u + d) | 0x80000000u);
+      }
+    }
+  }
+  EXPECT_EQ(F32ToF16(65504.f), 0x7bffu);
+  EXPECT_EQ(F32ToF16(65519.99f), 0x7bffu);
+  EXPECT_EQ(F32ToF16(65520.f), 0x7c00u);  // halfway to 2^16: ties to even = infinity
+  EXPECT_EQ(F32ToF16(-1e30f), 0xfc00u);
+  EXPECT_EQ(F32ToF16(std::ldexp(1.f, -24)), 0x0001u);  // smallest subnormal
+  EXPECT_EQ(F32ToF16(std::ldexp(1.f, -25)), 0x0000u);  // halfway to it: ties to even = 0
+  EXPECT_EQ(F32ToF16(std::ldexp(1.5f, -25)), 0x0001u);
+
+  EXPECT_EQ(F32ToBf16(1.f), 0x3f80u);
+  EXPECT_EQ(F32ToBf16(Bf16ToF32(0x3f80u) + std::ldexp(1.f, -8)), 0x3f80u);   // halfway, even below
+  EXPECT_EQ(F32ToBf16(Bf16ToF32(0x3f81u) + std::ldexp(1.f, -8)), 0x3f82u);   // halfway, even above
+  EXPECT_EQ(F32ToBf16(Bf16ToF32(0x3f80u) + std::ldexp(1.1f, -8)), 0x3f81u);  // past halfway
+  EXPECT_EQ(F32ToBf16(3.4e38f), 0x7f80u);                                    // rounds past the largest: inf
+  EXPECT_TRUE(std::isnan(Bf16ToF32(F32ToBf16(std::nanf("")))));
+  std::mt19937 rng(testing::TestSeed());
+  std::uniform_int_distribution<uint32_t> bits;
+  for (int i = 0; i < 1000000; ++i) {
+    const uint32_t u = bits(rng);
+    float f;
+    std::memcpy(&f, &u, 4);
+    if (std::isnan(f)) continue;
+    const uint16_t h = F32ToBf16(f);
+    const double got = Bf16ToF32(h), x = f;
+    // No bfloat16 is nearer; on a tie the mantissa is even.
+    for (uint16_t n : {static_cast<uint16_t>(h - 1), static_cast<uint16_t>(h + 1)}) {
+      const double other = Bf16ToF32(n);
+      if (std::isnan(other) || std::isinf(got)) continue;
+      ASSERT_LE(std::fabs(got - x), std::fabs(other - x)) << std::hex << u;
+      if (std::fabs(got - x) == std::fabs(other - x)) {
+        ASSERT_EQ(h & 1u, 0u) << std::hex << u;
+      }
+    }
+  }
+}
+
 // Naive causal attention for one sequence: q, k, v [T, heads*dh] with all T positions.
 std::vector<double> NaiveAttention(const std::vector<float>& q, const std::vector<float>& k,
                                    const std::vector<float>& v, int T, int heads, int dh, float scale) {
@@ -117,12 +182,24 @@ struct AttnCase {
   int heads, dh, block_size, T;
 };
 
-class AttentionTest : public ::testing::TestWithParam<AttnCase> {};
+// x as a KV cache of `dtype` holds it: rounded to nearest even, widened back exactly.
+float StoredAs(DType dtype, float x) {
+  return dtype == DType::kBF16 ? Bf16ToF32(F32ToBf16(x)) : dtype == DType::kF16 ? F16ToF32(F32ToF16(x)) : x;
+}
 
+// A KV pool of `elems` entries of `dtype` whose every byte is 0xff: NaN in F32, BF16 and F16.
+std::vector<uint8_t> NanPool(DType dtype, int64_t elems) {
+  return std::vector<uint8_t>(static_cast<size_t>(elems) * DTypeSize(dtype), 0xff);
+}
+
+class AttentionTest : public ::testing::TestWithParam<std::tuple<AttnCase, DType>> {};
+
+// With a 16-bit cache the reference attends over K and V rounded as the cache stores them: the
+// kernel widens them exactly and computes in F32, so the tolerance is the F32 cache's.
 TEST_P(AttentionTest, PrefillChunkedAndDecodeAgreeWithNaiveAndWithEachOther) {
-  const AttnCase c = GetParam();
+  const auto [c, dtype] = GetParam();
   const uint32_t seed = testing::TestSeed();
-  SCOPED_TRACE(StrCat("seed ", seed, " heads ", c.heads, " dh ", c.dh, " bs ", c.block_size));
+  SCOPED_TRACE(StrCat("seed ", seed, " heads ", c.heads, " dh ", c.dh, " bs ", c.block_size, " ", DTypeName(dtype)));
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd;
   const int w = c.heads * c.dh, T = c.T;
@@ -136,8 +213,8 @@ TEST_P(AttentionTest, PrefillChunkedAndDecodeAgreeWithNaiveAndWithEachOther) {
   std::vector<int32_t> table(nblocks);
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), rng);
-  KvSlot slot{.heads = c.heads, .head_dim = c.dh, .block_size = c.block_size, .num_blocks = nblocks};
-  std::vector<float> kpool(slot.block_floats() * nblocks, std::nanf("")), vpool(kpool);
+  KvSlot slot{.dtype = dtype, .heads = c.heads, .head_dim = c.dh, .block_size = c.block_size, .num_blocks = nblocks};
+  std::vector<uint8_t> kpool = NanPool(dtype, slot.block_elems() * nblocks), vpool(kpool);
   slot.k = kpool.data();
   slot.v = vpool.data();
   AttentionScratch scratch;
@@ -153,17 +230,29 @@ TEST_P(AttentionTest, PrefillChunkedAndDecodeAgreeWithNaiveAndWithEachOther) {
   for (int s = 0; s < T; s += 7) run(s, std::min(7, T - s), chunked);
   for (int s = 0; s < T; ++s) run(s, 1, decode);
 
-  const std::vector<double> want = NaiveAttention(q, k, v, T, c.heads, c.dh, scale);
+  std::vector<float> k_stored(k), v_stored(v);
+  for (float& x : k_stored) x = StoredAs(dtype, x);
+  for (float& x : v_stored) x = StoredAs(dtype, x);
+  const std::vector<double> want = NaiveAttention(q, k_stored, v_stored, T, c.heads, c.dh, scale);
   for (size_t i = 0; i < want.size(); ++i) ASSERT_NEAR(full[i], want[i], 2e-5) << "element " << i;
   EXPECT_EQ(0, std::memcmp(full.data(), chunked.data(), full.size() * 4)) << "chunked prefill differs";
   EXPECT_EQ(0, std::memcmp(full.data(), decode.data(), full.size() * 4)) << "token-by-token decode differs";
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionTest,
-                         ::testing::Values(AttnCase{1, 113, 16, 53}, AttnCase{2, 209, 16, 40}, AttnCase{3, 21, 5, 33},
-                                           AttnCase{4, 16, 32, 70}, AttnCase{2, 168, 1, 20}, AttnCase{1, 7, 16, 1}));
+                         ::testing::Combine(::testing::Values(AttnCase{1, 113, 16, 53}, AttnCase{2, 209, 16, 40},
+                                                              AttnCase{3, 21, 5, 33}, AttnCase{4, 16, 32, 70},
+                                                              AttnCase{2, 168, 1, 20}, AttnCase{1, 7, 16, 1}),
+                                            ::testing::Values(DType::kF32, DType::kBF16, DType::kF16)),
+                         [](const auto& p) {
+                           const AttnCase& c = std::get<0>(p.param);
+                           return StrCat("h", c.heads, "_dh", c.dh, "_bs", c.block_size, "_T", c.T, "_",
+                                         DTypeName(std::get<1>(p.param)));
+                         });
 
-TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
+class AttentionBatchTest : public ::testing::TestWithParam<DType> {};
+
+TEST_P(AttentionBatchTest, AttentionOfABatchEqualsEachSequenceAlone) {
   std::mt19937 rng(testing::TestSeed());
   std::normal_distribution<float> nd;
   const int heads = 2, dh = 45, bs = 16, w = heads * dh;
@@ -172,8 +261,8 @@ TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
   std::vector<float> q(T * w), k(T * w), v(T * w);
   for (auto* a : {&q, &k, &v})
     for (float& x : *a) x = nd(rng);
-  KvSlot slot{.heads = heads, .head_dim = dh, .block_size = bs, .num_blocks = 16};
-  std::vector<float> kpool(slot.block_floats() * 16), vpool(kpool.size());
+  KvSlot slot{.dtype = GetParam(), .heads = heads, .head_dim = dh, .block_size = bs, .num_blocks = 16};
+  std::vector<uint8_t> kpool = NanPool(slot.dtype, slot.block_elems() * 16), vpool(kpool);
   slot.k = kpool.data();
   slot.v = vpool.data();
   std::vector<std::vector<int32_t>> tables = {{0, 1}, {2}, {3, 4, 5}, {6}};
@@ -197,6 +286,9 @@ TEST(Kernels, AttentionOfABatchEqualsEachSequenceAlone) {
   }
   EXPECT_EQ(0, std::memcmp(together.data(), alone.data(), together.size() * 4));
 }
+
+INSTANTIATE_TEST_SUITE_P(KvDTypes, AttentionBatchTest, ::testing::Values(DType::kF32, DType::kBF16, DType::kF16),
+                         [](const auto& p) { return std::string(DTypeName(p.param)); });
 
 }  // namespace
 }  // namespace kraken::engine::cpu

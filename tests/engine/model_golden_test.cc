@@ -4,10 +4,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
 #include <map>
 #include <numeric>
 #include <random>
 #include <thread>
+#include <tuple>
 
 #include "engine/model.h"
 #include "tests/engine/in_process_group.h"
@@ -31,17 +35,19 @@ struct Fixture {
   LocalCommunicator comm;
 };
 
-Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16, int threads = 0) {
+Fixture Load(const std::string& name, int max_tokens = 64, int num_blocks = 64, int block_size = 16, int threads = 0,
+             DType kv_dtype = DType::kF32) {
   Fixture f;
   auto b = CreateBackend({.device = Device::Cpu(), .threads = threads});
   EXPECT_TRUE(b.ok()) << b.status();
   f.backend = std::move(b).value();
-  auto m = LoadModel(testing::TestModelDir(name), f.backend.get(),
+  auto m = LoadModel(name.find('/') != std::string::npos ? name : testing::TestModelDir(name), f.backend.get(),
                      {.max_tokens = max_tokens, .max_seqs = 8, .max_logit_rows = max_tokens});
   EXPECT_TRUE(m.ok()) << m.status();
   if (!m.ok()) return f;
   f.model = std::move(m).value();
-  auto kv = KvCache::Create(*f.backend, f.model->kv_layout(), {.num_blocks = num_blocks, .block_size = block_size});
+  auto kv = KvCache::Create(*f.backend, f.model->kv_layout(),
+                            {.num_blocks = num_blocks, .block_size = block_size, .dtype = kv_dtype});
   EXPECT_TRUE(kv.ok()) << kv.status();
   f.kv = std::make_unique<KvCache>(std::move(kv).value());
   return f;
@@ -128,16 +134,23 @@ TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
   }
 }
 
-TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
-  const std::string name = GetParam();
+INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel, ::testing::ValuesIn(testing::kTestModels),
+                         testing::TestModelParamName);
+
+// The invariances hold exactly within each KV-cache dtype: a 16-bit entry is rounded once, when
+// written, whatever the chunking, batch or block placement.
+class GoldenModelKv : public ::testing::TestWithParam<std::tuple<std::string, DType>> {};
+
+TEST_P(GoldenModelKv, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
+  const auto [name, kv_dtype] = GetParam();
   Golden g(testing::TestModelDir(name));
   const std::vector<int32_t> tokens = g.Ints("tokens");
   const int T = static_cast<int>(tokens.size());
   const uint32_t seed = testing::TestSeed();
-  SCOPED_TRACE(StrCat("seed ", seed));
+  SCOPED_TRACE(StrCat("seed ", seed, ", KV ", DTypeName(kv_dtype)));
   std::mt19937 rng(seed);
 
-  Fixture f = Load(name);
+  Fixture f = Load(name, 64, 64, 16, 0, kv_dtype);
   ASSERT_NE(f.model, nullptr);
   const std::vector<float> full = RunChunked(f, tokens, T, Iota(4));
   const size_t bytes = full.size() * sizeof(float);
@@ -145,16 +158,16 @@ TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
   EXPECT_EQ(0, std::memcmp(full.data(), RunChunked(f, tokens, 1, Iota(4)).data(), bytes)) << "decode";
 
   // Scattered physical blocks and a different thread count: same bits.
-  Fixture scattered = Load(name, 64, 64, /*block_size=*/16, /*threads=*/1);
+  Fixture scattered = Load(name, 64, 64, /*block_size=*/16, /*threads=*/1, kv_dtype);
   std::vector<int32_t> table = Iota(64);
   std::shuffle(table.begin(), table.end(), rng);
   EXPECT_EQ(0, std::memcmp(full.data(), RunChunked(scattered, tokens, 11, table).data(), bytes))
       << "scattered blocks, one thread";
   // Another block size changes where the online softmax rescales, so only the reference
-  // tolerance applies.
-  Fixture small = Load(name, 64, 64, /*block_size=*/3);
+  // tolerance applies (against the reference itself with an F32 cache).
+  Fixture small = Load(name, 64, 64, /*block_size=*/3, 0, kv_dtype);
   const std::vector<float> small_logits = RunChunked(small, tokens, 11, table);
-  const std::vector<float> want = g.Floats("logits");
+  const std::vector<float> want = kv_dtype == DType::kF32 ? g.Floats("logits") : full;
   const auto d = Compare(small_logits.data(), want.data(), want.size());
   EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << "block size 3";
 
@@ -196,8 +209,60 @@ TEST_P(GoldenModel, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
   EXPECT_EQ(0, std::memcmp(full.data(), batched.data(), bytes)) << "batched with other sequences";
 }
 
-INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModel, ::testing::ValuesIn(testing::kTestModels),
-                         testing::TestModelParamName);
+INSTANTIATE_TEST_SUITE_P(TestModels, GoldenModelKv,
+                         ::testing::Combine(::testing::ValuesIn(testing::kTestModels),
+                                            ::testing::Values(DType::kF32, DType::kBF16, DType::kF16)),
+                         [](const auto& p) {
+                           return testing::TestModelParamName({std::get<0>(p.param), p.index}) + "_" +
+                                  std::string(DTypeName(std::get<1>(p.param)));
+                         });
+
+// log_softmax of each row of `logits` [rows, V], in double.
+std::vector<double> LogSoftmax(const std::vector<float>& logits, int V) {
+  std::vector<double> out(logits.size());
+  for (size_t r = 0; r < logits.size() / V; ++r) {
+    const float* x = logits.data() + r * V;
+    const double mx = *std::max_element(x, x + V);
+    double sum = 0;
+    for (int i = 0; i < V; ++i) sum += std::exp(x[i] - mx);
+    const double lse = mx + std::log(sum);
+    for (int i = 0; i < V; ++i) out[r * V + i] = x[i] - lse;
+  }
+  return out;
+}
+
+// Bounds on what a 16-bit KV cache changes: the largest logprob difference from an F32 cache over
+// every position and vocabulary entry of the golden prompts (docs/api.md "Memory" gives the figures).
+constexpr double kMaxLogprobDiffBf16 = 0.05, kMaxLogprobDiffF16 = 0.01;
+
+TEST_P(GoldenModel, SixteenBitKvCacheStaysNearTheF32Cache) {
+  const std::string name = GetParam();
+  Golden g(testing::TestModelDir(name));
+  const std::vector<int32_t> tokens = g.Ints("tokens");
+  const int T = static_cast<int>(tokens.size());
+  Fixture f32 = Load(name);
+  ASSERT_NE(f32.model, nullptr);
+  const int V = f32.model->config().vocab_size;
+  const std::vector<double> want = LogSoftmax(RunChunked(f32, tokens, T, Iota(4)), V);
+  for (const DType dtype : {DType::kBF16, DType::kF16}) {
+    SCOPED_TRACE(DTypeName(dtype));
+    Fixture f = Load(name, 64, 64, 16, 0, dtype);
+    const std::vector<double> got = LogSoftmax(RunChunked(f, tokens, T, Iota(4)), V);
+    ASSERT_EQ(got.size(), want.size());
+    double max_diff = 0;
+    int top1_same = 0;
+    for (size_t i = 0; i < got.size(); ++i) max_diff = std::max(max_diff, std::fabs(got[i] - want[i]));
+    for (int r = 0; r < T; ++r) {
+      const auto row = [&](const std::vector<double>& v) { return v.begin() + static_cast<int64_t>(r) * V; };
+      top1_same +=
+          std::max_element(row(got), row(got) + V) - row(got) == std::max_element(row(want), row(want) + V) - row(want);
+    }
+    std::printf("[ %s ] KV %s vs F32: max |logprob diff| %.3g over %d positions x %d tokens; top-1 same at %d/%d\n",
+                name.c_str(), std::string(DTypeName(dtype)).c_str(), max_diff, T, V, top1_same, T);
+    EXPECT_GT(max_diff, 0.0) << "a 16-bit cache that changes nothing is not rounding";
+    EXPECT_LE(max_diff, dtype == DType::kBF16 ? kMaxLogprobDiffBf16 : kMaxLogprobDiffF16);
+  }
+}
 
 struct WorldCase {
   std::string model;
@@ -391,6 +456,80 @@ TEST(ModelMemory, WeightsAreHeldOnceInTheirStoredDtype) {
     EXPECT_LE((*model)->weight_bytes(), low + padding);
     EXPECT_GT((*model)->activation_bytes(), 0);
   }
+}
+
+// Greedy decoding on the bundled (trained, BF16) models, whose "auto" KV cache is BF16: the
+// 16-bit caches follow the F32 cache's greedy choice over the whole 256-token context when fed
+// the F32 run's tokens (teacher forcing), and the free-running sequences are reported.
+TEST(KvCacheDType, GreedyDecodingOnTheBundledModelsFollowsTheF32Cache) {
+  for (const char* model : {"gpt2-kjv", "kraken-kjv-4way"}) {
+    const std::string dir = testing::SourceDir() + "/models/" + model;
+    // Greedy continuation of a fixed 8-token prompt, with the cache of `dtype`: the tokens, and
+    // for `forced` (teacher forcing) the argmax at each position of that sequence instead.
+    auto run = [&](DType dtype, const std::vector<int32_t>* forced) {
+      Fixture f = Load(dir, 256, 16, 16, 0, dtype);
+      EXPECT_NE(f.model, nullptr);
+      const int n = f.model->config().n_positions, V = f.model->config().vocab_size;
+      std::vector<int32_t> seq = {40, 120, 33, 101, 7, 64, 90, 12}, argmax;
+      const std::vector<int32_t> table = Iota(16);
+      int pos = 0;
+      std::vector<int32_t> step(seq);
+      while (pos + static_cast<int>(step.size()) <= n) {
+        SequenceInput s{.tokens = step, .start_pos = pos, .block_table = table};
+        auto r = f.model->Forward({.seqs = {&s, 1}}, *f.kv, f.comm);
+        EXPECT_TRUE(r.ok()) << r.status();
+        if (!r.ok()) break;
+        pos += static_cast<int>(step.size());
+        const int next = static_cast<int>(std::max_element(r->logits, r->logits + V) - r->logits);
+        argmax.push_back(next);
+        if (pos == n) break;
+        const int32_t fed = forced != nullptr ? (*forced)[pos] : next;
+        if (forced == nullptr) seq.push_back(next);
+        step = {fed};
+      }
+      return forced != nullptr ? argmax : seq;
+    };
+    const std::vector<int32_t> f32 = run(DType::kF32, nullptr);
+    ASSERT_EQ(f32.size(), 256u);
+    std::vector<int32_t> want_argmax(f32.begin() + 8, f32.end());
+    for (const DType dtype : {DType::kBF16, DType::kF16}) {
+      SCOPED_TRACE(StrCat(model, " KV ", DTypeName(dtype)));
+      const std::vector<int32_t> forced = run(dtype, &f32);
+      ASSERT_EQ(forced.size(), 249u);  // argmax after the prompt, then after each of 248 tokens
+      int same = 0;
+      for (size_t i = 0; i + 1 < forced.size(); ++i) same += forced[i] == want_argmax[i];
+      const std::vector<int32_t> free = run(dtype, nullptr);
+      size_t prefix = 0;
+      while (prefix < free.size() && free[prefix] == f32[prefix]) ++prefix;
+      std::printf(
+          "[ %s ] KV %s: greedy choice same as F32 at %d/248 forced positions; free run identical for "
+          "%zu/256 tokens\n",
+          model, std::string(DTypeName(dtype)).c_str(), same, prefix);
+      EXPECT_GE(same, 244) << "over 98% of greedy choices must match the F32 cache's";
+    }
+  }
+}
+
+// "auto" is the checkpoint's own dtype; a directory without weights falls back to what its
+// config.json declares, then to F32.
+TEST(KvCacheDType, WeightDTypeIsTheEmbeddingsStoredDType) {
+  auto dtype = [](const std::string& dir) {
+    auto d = WeightDType(dir);
+    EXPECT_TRUE(d.ok()) << d.status();
+    return d.ok() ? *d : DType::kU8;
+  };
+  EXPECT_EQ(dtype(testing::SourceDir() + "/models/gpt2-kjv"), DType::kBF16);
+  EXPECT_EQ(dtype(testing::TestModelDir("gpt2-f32")), DType::kF32);
+  EXPECT_EQ(dtype(testing::TestModelDir("parallel-block-f16-sharded")), DType::kF16);
+  const std::filesystem::path dir = std::filesystem::path(::testing::TempDir()) / "config-only-model";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(testing::SourceDir() + "/models/gpt2-kjv/config.json", dir / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  EXPECT_EQ(dtype(dir.string()), DType::kBF16);  // its "torch_dtype": "bfloat16"
+  std::filesystem::copy_file(testing::TestModelDir("gpt2-f32") + "/config.json", dir / "config.json",
+                             std::filesystem::copy_options::overwrite_existing);
+  EXPECT_EQ(dtype(dir.string()), DType::kF32);  // "dtype": "float32"
+  EXPECT_TRUE(absl::IsNotFound(WeightDType(dir.string() + "/absent").status()));
 }
 
 }  // namespace

@@ -109,12 +109,17 @@ def test_engine_validation_perplexity_matches_the_training_report(generate_bin, 
     out = run_generate(generate_bin, d, "--score", "--score-window", "256", "--prompt-ids-file", path)
     # Training evaluated 51,200 of the 51,431 predictions the engine scores: allow 0.5%.
     assert out["perplexity"] == pytest.approx(log["val_ppl_bf16"], rel=5e-3)
-    # And one sentence against the reference, prediction by prediction.
+    # And one sentence against the reference, prediction by prediction: exact to F32 rounding with an F32
+    # KV cache; the default (auto: the weights' BF16) rounds K and V, which moves the mean NLL by < 2e-3.
     ids = tok.encode("And the word of the LORD came unto me, saying, Son of man, set thy face toward Jerusalem.").ids
-    scored = run_generate(generate_bin, d, "--score", "--prompt-ids", ",".join(map(str, ids)))
     logp = torch.log_softmax(ref.forward(cfg, W, ids).double(), dim=-1)
     want = -sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)) / (len(ids) - 1)
+    prompt = ",".join(map(str, ids))
+    scored = run_generate(generate_bin, d, "--score", "--kv-cache-dtype", "f32", "--prompt-ids", prompt)
     assert scored["mean_nll"] == pytest.approx(want, abs=1e-4)
+    scored_bf16 = run_generate(generate_bin, d, "--score", "--prompt-ids", prompt)
+    assert scored_bf16["mean_nll"] != scored["mean_nll"]
+    assert scored_bf16["mean_nll"] == pytest.approx(want, abs=2e-3)
 
 
 def test_kraken_round_trip_through_the_authors_layout(tmp_path, generate_bin):

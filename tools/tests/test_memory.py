@@ -1,5 +1,6 @@
 """The KV cache sized from a memory budget, end to end: what kraken-server reports in GetModelInfo,
 the log and /metrics, and the budgets it refuses."""
+import json
 import os
 import re
 import subprocess
@@ -7,7 +8,7 @@ import subprocess
 import pytest
 
 from kraken_client import pb
-from serving import SERVER_BIN, DEFAULT_MODEL, Server
+from serving import SERVER_BIN, DEFAULT_MODEL, Server, request, stream
 
 
 def metric(text, name, **labels):
@@ -30,8 +31,10 @@ def test_an_explicit_budget_buys_its_blocks_and_every_report_agrees():
         assert info.kv_cache_tokens == info.kv_cache_blocks * info.kv_cache_block_size
         block_bytes = info.kv_cache_bytes // info.kv_cache_blocks
         assert block_bytes * info.kv_cache_blocks == info.kv_cache_bytes
-        # The bundled Kraken model: L = 6, d = 160, N = 4 on two workers: 2 x 4 B x L x d x N/W per token.
-        assert block_bytes == 16 * 2 * 4 * 6 * 160 * 2
+        # The bundled Kraken model: L = 6, d = 160, N = 4 on two workers, BF16 weights and so (auto) a
+        # BF16 cache: 2 x 2 B x L x d x N/W per token.
+        assert info.kv_cache_dtype == "BF16"
+        assert block_bytes == 16 * 2 * 2 * 6 * 160 * 2
         text = s.scrape()
         for rank in ("0", "1"):
             assert metric(text, "kraken_worker_memory_bytes", rank=rank, kind="kv_cache") == info.kv_cache_bytes
@@ -39,9 +42,10 @@ def test_an_explicit_budget_buys_its_blocks_and_every_report_agrees():
             assert metric(text, "kraken_worker_memory_bytes", rank=rank, kind="scratch") > 0
         assert metric(text, "kraken_worker_memory_bytes", rank="0", kind="weights") == info.weight_bytes
         assert metric(text, "kraken_cache_config_info", block_size=16, num_gpu_blocks=info.kv_cache_blocks,
-                      kv_cache_bytes=info.kv_cache_bytes) == 1
+                      kv_cache_bytes=info.kv_cache_bytes, cache_dtype="BF16") == 1
         log = s.read_log()
-        assert f"rank 1: KV cache {info.kv_cache_blocks} blocks of 16 tokens = {info.kv_cache_tokens} tokens" in log
+        assert (f"rank 1: KV cache {info.kv_cache_blocks} blocks of 16 tokens = {info.kv_cache_tokens} tokens, "
+                f"{info.kv_cache_bytes / 2**20:.1f} MiB BF16") in log
     finally:
         s.close()
 
@@ -51,6 +55,24 @@ def test_an_explicit_budget_buys_its_blocks_and_every_report_agrees():
         assert s.stub.GetModelInfo(pb.GetModelInfoRequest()).kv_cache_blocks == 20
     finally:
         s.close()
+
+
+def test_kv_cache_dtype_sets_the_bytes_per_token_and_a_budget_buys_tokens_by_it():
+    budget = 16 * 2 * 4 * 6 * 160 * 2 * 40  # 40 blocks of F32 (80 of BF16/F16)
+    seen = {}
+    for dtype, want in (("f32", "F32"), ("bf16", "BF16"), ("f16", "F16"), ("auto", "BF16")):
+        s = Server("--kv-cache-memory", str(budget), "--kv-cache-dtype", dtype, "--max-batch-seqs", "64")
+        try:
+            info = s.stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert info.kv_cache_dtype == want
+            seen[dtype] = info.kv_cache_blocks
+            assert metric(s.scrape(), "kraken_cache_config_info", cache_dtype=want) == 1
+            # Served end to end: the tokens asked for come back.
+            _, ids, _ = stream(s.stub, request(ids=[5, 6, 7], max_tokens=4, ignore_eos=True))
+            assert len(ids) == 4
+        finally:
+            s.close()
+    assert seen == {"f32": 40, "bf16": 80, "f16": 80, "auto": 80}
 
 
 def test_the_default_budget_is_a_share_of_host_memory_and_num_kv_blocks_overrides_it():
@@ -79,8 +101,9 @@ def start_fails(*args):
 @pytest.mark.parametrize("args,needle", [
     (["--kv-cache-memory", "100KiB"],
      "the KV cache cannot hold one full-context sequence: rank 0 (cpu) has 100.0 KiB for it (--kv-cache-memory "
-     "102400 bytes), 0 blocks of 16 tokens at 240.0 KiB each, and one full-context sequence needs 16 blocks "
-     "(3.8 MiB): raise --kv-cache-memory or --memory-utilization"),
+     "102400 bytes), 0 blocks of 16 tokens at 120.0 KiB each, and one full-context sequence needs 16 blocks "
+     "(1.9 MiB): raise --kv-cache-memory or --memory-utilization"),
+    (["--kv-cache-dtype", "int8"], "--kv-cache-dtype: int8 not in {auto,f32,bf16,f16}"),
     (["--memory-utilization", "0.000001"], "--memory-utilization 1e-06 of this worker's"),
     (["--num-kv-blocks", "15"], "--num-kv-blocks 15 is below one full context (16 blocks of 16 tokens)"),
     (["--memory-utilization", "1.5"], "--memory-utilization: Value 1.5 not in range"),
@@ -90,3 +113,15 @@ def test_a_budget_that_cannot_serve_is_refused_at_start_with_its_numbers(args, n
     r = start_fails(*args)
     assert r.returncode == 2, r.stderr
     assert needle in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("flag,dtype,size", [((), "BF16", 2), (("--kv-cache-dtype", "f32"), "F32", 4),
+                                             (("--kv-cache-dtype", "f16"), "F16", 2)])
+def test_print_resources_gives_the_kv_bytes_per_token_of_the_cache_dtype(flag, dtype, size):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
+    out = subprocess.run([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:2", "--print-resources", *flag],
+                         capture_output=True, text=True, timeout=60, check=True, env=env)
+    need = json.loads(out.stdout)
+    assert need["kv_cache_dtype"] == dtype
+    # The bundled Kraken model (BF16 weights): L = 6, d = 160, N = 4 over W = 2 workers.
+    assert need["kv_cache_bytes_per_token_per_worker"] == 2 * size * 6 * 160 * 4 // 2

@@ -165,8 +165,9 @@ Status Run(const Args& a) {
     KRAKEN_ASSIGN_OR_RETURN(DType t, ParseKvDType(name));
     kv_dtypes.push_back(t);
   }
-  KRAKEN_ASSIGN_OR_RETURN(KvCache kv, KvCache::Create(*backend, model->kv_layout(),
-                                                      {.num_blocks = blocks_per_seq * max_b, .block_size = bs}));
+  // Prefill runs one sequence: its cache holds one sequence's blocks (decode makes its own).
+  KRAKEN_ASSIGN_OR_RETURN(
+      KvCache kv, KvCache::Create(*backend, model->kv_layout(), {.num_blocks = blocks_per_seq, .block_size = bs}));
   out["kv_cache_bytes"] = kv.bytes();
   LocalCommunicator comm;
   std::mt19937 rng(3);

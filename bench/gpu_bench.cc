@@ -11,7 +11,8 @@
 //   - TTFT: wall time of one prompt's prefill step (embedding to last-position logits on the
 //     host), median of 5 after 2 warm-ups, for each --prefill length;
 //   - decode tokens/s for each --decode-batch: B sequences with a 128-token context each, then
-//     --decode-steps steps of one token per sequence (logits of every sequence copied back);
+//     --decode-steps steps of one token per sequence (logits of every sequence copied back), with
+//     a KV cache of --kv-cache-dtype (auto: the weights' dtype, BF16 for the synthetic model);
 //   - GEMM share: each distinct prefill GEMM shape of the model timed alone through
 //     Backend::Linear (activation rounding to BF16 included), FLOP-weighted, divided by the peak
 //     (--peak-tflops, or the datasheet's dense BF16 figure for the detected GPU: 989.4 TFLOP/s for
@@ -132,6 +133,7 @@ int Main(int argc, char** argv) {
   std::string model_dir, scratch = "/tmp/kraken-gpu-bench-model", device = "cuda:0";
   std::string prefill_s = "128,512,2048", batch_s = "1,8,32";
   int decode_steps = 64;
+  std::string kv_dtype_s = "auto";
   double peak = 0;
   Shape shape{12, 1024, 4, 8};
   app.add_option("--model", model_dir, "Model directory (default: a synthetic BF16 Kraken)");
@@ -140,6 +142,8 @@ int Main(int argc, char** argv) {
   app.add_option("--prefill", prefill_s, "Prompt lengths");
   app.add_option("--decode-batch", batch_s, "Decode batch sizes");
   app.add_option("--decode-steps", decode_steps, "Decode steps per batch size")->check(CLI::Range(1, 4096));
+  app.add_option("--kv-cache-dtype", kv_dtype_s, "KV-cache element type: auto (the weights'), f32, bf16, f16")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
   app.add_option("--peak-tflops", peak, "Dense BF16 peak of this GPU (default: datasheet by model)");
   app.add_option("--layers", shape.layers, "Synthetic model: layers")->check(CLI::Range(1, 256));
   app.add_option("--width", shape.width, "Synthetic model: sub-layer width d")->check(CLI::Range(8, 16384));
@@ -184,7 +188,17 @@ int Main(int argc, char** argv) {
   const ModelConfig& c = m.config();
   const int bs = 16;
   const int per_seq = (std::max(max_prompt, context + decode_steps) + bs - 1) / bs;
-  auto kv = KvCache::Create(**backend, m.kv_layout(), {.num_blocks = per_seq * max_batch, .block_size = bs});
+  auto weights = WeightDType(model_dir);
+  if (!weights.ok()) {
+    std::fprintf(stderr, "gpu_bench: %s\n", std::string(weights.status().message()).c_str());
+    return 1;
+  }
+  const DType kv_dtype = kv_dtype_s == "f32"    ? DType::kF32
+                         : kv_dtype_s == "bf16" ? DType::kBF16
+                         : kv_dtype_s == "f16"  ? DType::kF16
+                                                : *weights;
+  auto kv = KvCache::Create(**backend, m.kv_layout(),
+                            {.num_blocks = per_seq * max_batch, .block_size = bs, .dtype = kv_dtype});
   if (!kv.ok()) {
     std::fprintf(stderr, "gpu_bench: %s\n", std::string(kv.status().message()).c_str());
     return 1;
@@ -193,7 +207,11 @@ int Main(int argc, char** argv) {
   std::printf("device: %s (sm_%d%d), dense BF16 peak used: %.1f TFLOP/s\n", prop.name, prop.major, prop.minor, peak);
   std::printf("model: %s, %d layers x %d sub-layers, width %d, %d heads, vocab %d, weights %.2f GB\n",
               model_dir.c_str(), c.n_layer, c.kraken_degree, c.n_embd, c.n_head, c.vocab_size, m.weight_bytes() / 1e9);
-  json result = {{"device", prop.name}, {"peak_tflops", peak}, {"model", model_dir}};
+  std::printf("KV cache: %s\n", std::string(DTypeName(kv_dtype)).c_str());
+  json result = {{"device", prop.name},
+                 {"peak_tflops", peak},
+                 {"model", model_dir},
+                 {"kv_cache_dtype", std::string(DTypeName(kv_dtype))}};
 
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> tok(0, c.vocab_size - 1);

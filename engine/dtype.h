@@ -103,25 +103,27 @@ inline float F16ToF32(uint16_t h) {
   return f;
 }
 
-/// float -> bfloat16 bits, rounded to nearest even; NaN stays a (quiet) NaN, values past the
-/// largest bfloat16 become infinities. The same rounding as PyTorch's .to(torch.bfloat16).
+/// float -> bfloat16 bits, rounded to nearest even (PyTorch's .to(torch.bfloat16) for numbers);
+/// values past the largest bfloat16 become infinities; every NaN becomes 0x7fff, the NaN CUDA's
+/// __float2bfloat16_rn returns, so CPU and GPU KV caches hold the same bits.
 inline uint16_t F32ToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
 
 /// float -> IEEE binary16 bits, rounded to nearest even (IEEE 754 roundTiesToEven), including
-/// into the subnormal range; magnitudes from 65520 up become infinities; NaN stays a quiet NaN.
+/// into the subnormal range; magnitudes from 65520 up become infinities; every NaN becomes 0x7fff,
+/// the NaN CUDA's __float2half_rn returns.
 inline uint16_t F32ToF16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((a >> 13) & 0x3ffu));  // NaN
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);                        // >= 65520 (or inf): inf
+  if (a > 0x7f800000u) return 0x7fffu;                                 // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 (or inf): inf
   if (a < 0x38800000u) {
     // Below 2^-14: a multiple of 2^-24, the spacing of half subnormals. Adding 0.5 (2^-1) to
     // |f| aligns that spacing with float's last mantissa bit, so the float addition performs

@@ -33,9 +33,9 @@ StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, cons
   if (!IsComputeFloat(options.dtype)) {
     return InvalidArgument("KV cache 'dtype' must be F32, BF16 or F16, got ", DTypeName(options.dtype));
   }
-  const int64_t elems =
-      CheckedProduct({layout.slots, options.num_blocks, layout.heads, layout.head_dim, options.block_size});
-  if (elems < 0) {
+  const int64_t bytes = CheckedProduct({layout.slots, options.num_blocks, layout.heads, layout.head_dim,
+                                        options.block_size, static_cast<int64_t>(DTypeSize(options.dtype))});
+  if (bytes < 0) {
     return ResourceExhausted("KV cache of ", options.num_blocks, " blocks of ", options.block_size, " tokens for ",
                              layout.slots, " slots x ", layout.heads, " heads x ", layout.head_dim,
                              " elements is too large to address");
@@ -44,7 +44,7 @@ StatusOr<KvCache> KvCache::Create(Backend& backend, const KvLayout& layout, cons
   c.layout_ = layout;
   c.options_ = options;
   // Buffers count floats: a 16-bit pool takes half as many, rounded up.
-  const int64_t floats = (elems * static_cast<int64_t>(DTypeSize(options.dtype)) + 3) / 4;
+  const int64_t floats = (bytes + 3) / 4;
   KRAKEN_ASSIGN_OR_RETURN(c.k_, backend.Allocate(floats));
   KRAKEN_ASSIGN_OR_RETURN(c.v_, backend.Allocate(floats));
   return c;

@@ -39,9 +39,12 @@ class KvCache {
   /// Bytes one block takes across all slots of `layout` with `dtype` elements (-1 past 2^62).
   static int64_t BytesPerBlock(const KvLayout& layout, int block_size, DType dtype);
 
+  /// The pool of attention slot `i` in [0, layout().slots) (a programmer error otherwise): slot i's
+  /// K and V start i * num_blocks * block_elems elements into the pools.
   KvSlot slot(int i) const;
   int num_blocks() const { return options_.num_blocks; }
   int block_size() const { return options_.block_size; }
+  /// Element type of K and V: F32, BF16 or F16.
   DType dtype() const { return options_.dtype; }
   const KvLayout& layout() const { return layout_; }
   int64_t bytes() const { return BytesPerBlock(layout_, options_.block_size, options_.dtype) * options_.num_blocks; }

@@ -47,7 +47,8 @@ using KvF16 = Kv16<false>;
 // row's position is skipped, so the row computes exactly what it would compute alone.
 // acc[r] = sum_e qt[e][r] * k[e][0..lanes) for one block's keys (k: [dh][stride] transposed),
 // one FMA chain per (row, key) in e order. Its own function so that the accumulators live in
-// registers. With kPrefetch (block size 16: a head's K or V block is dh cache lines), each step
+// registers. With kPrefetch (block size 16: a head's K or V block is dh cache lines of F32, dh / 2
+// of a 16-bit cache, whose lines are then each prefetched twice), each step
 // also prefetches one line of `v_pf` and of `k_pf`.
 template <int rows, bool kPrefetch, typename Kv>
 [[gnu::noinline]] void Scores(const float* qt, const typename Kv::T* k, int dh, int stride, int lanes,
@@ -258,6 +259,7 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   const int64_t n = static_cast<int64_t>(tiles.size());
   const size_t o_size = static_cast<size_t>(kQueryTile) * slot.head_dim;
   const size_t per_thread = 2 * o_size + static_cast<size_t>(kQueryTile) * padded_bs;
+  KRAKEN_CHECK(IsComputeFloat(slot.dtype), "KV cache dtype must be F32, BF16 or F16");
   const TileFn* fns = slot.dtype == DType::kBF16  ? TileFns<KvBf16>(slot.block_size)
                       : slot.dtype == DType::kF16 ? TileFns<KvF16>(slot.block_size)
                                                   : TileFns<KvF32>(slot.block_size);

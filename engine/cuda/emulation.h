@@ -117,11 +117,17 @@ struct __half {
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return {static_cast<uint16_t>((u >> 16) | 0x40)};  // NaN stays NaN
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fff};  // CUDA's canonical NaN
   u += 0x7fffu + ((u >> 16) & 1u);
   return {static_cast<uint16_t>(u >> 16)};
 }
 inline __half __float2half_rn(float f) {
+  if (std::isnan(f)) {  // CUDA's canonical NaN, 0x7fff
+    const uint16_t bits = 0x7fff;
+    __half h;
+    std::memcpy(&h.value, &bits, 2);
+    return h;
+  }
   return {static_cast<_Float16>(f)};
 }
 inline float __bfloat162float(__nv_bfloat16 h) {

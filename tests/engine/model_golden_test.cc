@@ -247,6 +247,7 @@ TEST_P(GoldenModel, SixteenBitKvCacheStaysNearTheF32Cache) {
   for (const DType dtype : {DType::kBF16, DType::kF16}) {
     SCOPED_TRACE(DTypeName(dtype));
     Fixture f = Load(name, 64, 64, 16, 0, dtype);
+    ASSERT_NE(f.model, nullptr);
     const std::vector<double> got = LogSoftmax(RunChunked(f, tokens, T, Iota(4)), V);
     ASSERT_EQ(got.size(), want.size());
     double max_diff = 0;
@@ -530,6 +531,48 @@ TEST(KvCacheDType, WeightDTypeIsTheEmbeddingsStoredDType) {
                              std::filesystem::copy_options::overwrite_existing);
   EXPECT_EQ(dtype(dir.string()), DType::kF32);  // "dtype": "float32"
   EXPECT_TRUE(absl::IsNotFound(WeightDType(dir.string() + "/absent").status()));
+}
+
+// A 16-bit pool: each slot's K and V take block_elems * num_blocks 2-byte entries, back to back;
+// a write to one slot rounds into exactly its bytes and leaves the others alone.
+TEST(KvCacheDType, SlotsOfA16BitPoolAreSizedByTheDTypeAndDisjoint) {
+  auto b = CreateBackend({.device = Device::Cpu(), .threads = 1});
+  ASSERT_TRUE(b.ok());
+  const KvLayout layout{.slots = 3, .heads = 2, .head_dim = 5};
+  auto kv = KvCache::Create(**b, layout, {.num_blocks = 4, .block_size = 3, .dtype = DType::kBF16});
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  EXPECT_EQ(kv->bytes(), 2 * 3 * 2 * 5 * 3 * 4 * 2);
+  EXPECT_EQ(KvCache::BytesPerBlock(layout, 3, DType::kF16), 2 * 3 * 2 * 5 * 3 * 2);
+  EXPECT_EQ(KvCache::BytesPerBlock(layout, 3, DType::kF32), 2 * 3 * 2 * 5 * 3 * 4);
+  const int64_t slot_bytes = 2 * 5 * 3 * 4 * 2;  // heads * head_dim * block_size * blocks * 2 B
+  const auto* k0 = static_cast<const uint8_t*>(kv->slot(0).k);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(kv->slot(i).dtype, DType::kBF16);
+    EXPECT_EQ(static_cast<const uint8_t*>(kv->slot(i).k), k0 + i * slot_bytes);
+  }
+  // Token 0 of a sequence whose only block is physical block 2, written into slot 1.
+  std::vector<float> k(10), v(10);
+  for (int e = 0; e < 10; ++e) k[e] = 1.f + e / 1024.f, v[e] = -3.f - e / 512.f;
+  const int32_t table[] = {2};
+  const AttentionSeq seq{0, 1, 0, table};
+  (*b)->WriteKv(Mat(k.data(), 1, 10), Mat(v.data(), 1, 10), kv->slot(1), {{&seq, 1}, 3});
+  const auto* kb = static_cast<const uint16_t*>(kv->slot(0).k);
+  const auto* vb = static_cast<const uint16_t*>(kv->slot(0).v);
+  const int64_t per_slot = slot_bytes / 2, block = 2 * 5 * 3;
+  for (int64_t i = 0; i < 3 * per_slot; ++i) {
+    const int64_t in_slot = i % per_slot, slot = i / per_slot;
+    const bool written = slot == 1 && in_slot / block == 2;
+    uint16_t want_k = 0, want_v = 0;
+    if (written) {
+      const int64_t o = in_slot % block;  // K: [heads][head_dim][block_size], V: [heads][block_size][head_dim]
+      const int h = static_cast<int>(o / 15), kd = static_cast<int>(o % 15 / 3), kt = static_cast<int>(o % 3);
+      const int vt = static_cast<int>(o % 15 / 5), vd = static_cast<int>(o % 5);
+      want_k = kt == 0 ? F32ToBf16(k[h * 5 + kd]) : 0;
+      want_v = vt == 0 ? F32ToBf16(v[h * 5 + vd]) : 0;
+    }
+    ASSERT_EQ(kb[i], want_k) << "K entry " << i;
+    ASSERT_EQ(vb[i], want_v) << "V entry " << i;
+  }
 }
 
 }  // namespace

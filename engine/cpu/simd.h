@@ -18,6 +18,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define KRAKEN_SIMD_AVX512 1
+#elif defined(__F16C__)
+#include <immintrin.h>  // F16C half -> float conversion in the portable LoadF16
 #endif
 
 namespace kraken::engine::cpu {
@@ -149,7 +151,13 @@ struct F32x16 {
   }
   static F32x16 LoadF16(const uint16_t* p) {
     F32x16 r;
+#if defined(__F16C__)
+    // The F16C conversion is exact too (every half is a float): same values, eight at a time.
+    _mm256_storeu_ps(r.v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    _mm256_storeu_ps(r.v + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+#else
     for (int i = 0; i < kLanes; ++i) r.v[i] = F16ToF32(p[i]);
+#endif
     return r;
   }
   void Store(float* p) const { std::memcpy(p, v, sizeof v); }

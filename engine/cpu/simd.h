@@ -123,6 +123,17 @@ inline F32x16 Ldexp(F32x16 a, F32x16 n) {
   return {_mm512_mul_ps(_mm512_mul_ps(a.v, s1), s2)};
 }
 #else
+/// 16 IEEE halves at `p` widened exactly to floats at `out` (F16C eight at a time where the CPU
+/// has it: the same values, since every half is a float).
+inline void WidenF16x16(const uint16_t* p, float* out) {
+#if defined(__F16C__)
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+#else
+  for (int i = 0; i < kLanes; ++i) out[i] = F16ToF32(p[i]);
+#endif
+}
+
 struct F32x16 {
   float v[kLanes];
   static F32x16 Zero() { return Broadcast(0.f); }
@@ -151,13 +162,7 @@ struct F32x16 {
   }
   static F32x16 LoadF16(const uint16_t* p) {
     F32x16 r;
-#if defined(__F16C__)
-    // The F16C conversion is exact too (every half is a float): same values, eight at a time.
-    _mm256_storeu_ps(r.v, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-    _mm256_storeu_ps(r.v + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
-#else
-    for (int i = 0; i < kLanes; ++i) r.v[i] = F16ToF32(p[i]);
-#endif
+    WidenF16x16(p, r.v);
     return r;
   }
   void Store(float* p) const { std::memcpy(p, v, sizeof v); }

@@ -128,13 +128,6 @@ struct Args {
   std::string kv_dtypes = "f32";
 };
 
-StatusOr<DType> ParseKvDType(const std::string& s) {
-  if (s == "f32") return DType::kF32;
-  if (s == "bf16") return DType::kBF16;
-  if (s == "f16") return DType::kF16;
-  return InvalidArgument("--kv-dtypes: '", s, "' is not f32, bf16 or f16");
-}
-
 Status Run(const Args& a) {
   const int threads = a.threads > 0 ? a.threads : omp_get_num_procs();
   const std::vector<int> prefill = ParseList(a.prefill), batches = ParseList(a.batches);
@@ -160,7 +153,7 @@ Status Run(const Args& a) {
   std::vector<DType> kv_dtypes;
   std::istringstream names(a.kv_dtypes);
   for (std::string name; std::getline(names, name, ',');) {
-    KRAKEN_ASSIGN_OR_RETURN(DType t, ParseKvDType(name));
+    KRAKEN_ASSIGN_OR_RETURN(DType t, KvCacheDType(name, a.model));
     kv_dtypes.push_back(t);
   }
   // Prefill runs one sequence: its cache holds one sequence's blocks (decode makes its own).
@@ -280,7 +273,7 @@ int main(int argc, char** argv) {
   app.add_option("--decode-steps", a.decode_steps, "Decode steps timed per batch size");
   app.add_option("--repeats", a.repeats, "Timed repeats per prefill length (median reported)");
   app.add_option("--threads", a.threads, "CPU threads (0 = all cores)");
-  app.add_option("--kv-dtypes", a.kv_dtypes, "KV-cache dtypes to decode with, comma-separated (f32, bf16, f16)");
+  app.add_option("--kv-dtypes", a.kv_dtypes, "KV-cache dtypes to decode with, comma-separated (auto, f32, bf16, f16)");
   CLI11_PARSE(app, argc, argv);
   const kraken::Status s = kraken::engine::Run(a);
   if (!s.ok()) {

@@ -143,7 +143,7 @@ int Main(int argc, char** argv) {
   app.add_option("--decode-batch", batch_s, "Decode batch sizes");
   app.add_option("--decode-steps", decode_steps, "Decode steps per batch size")->check(CLI::Range(1, 4096));
   app.add_option("--kv-cache-dtype", kv_dtype_s, "KV-cache element type: auto (the weights'), f32, bf16, f16")
-      ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
+      ->check(CLI::IsMember(kKvCacheDTypeNames));
   app.add_option("--peak-tflops", peak, "Dense BF16 peak of this GPU (default: datasheet by model)");
   app.add_option("--layers", shape.layers, "Synthetic model: layers")->check(CLI::Range(1, 256));
   app.add_option("--width", shape.width, "Synthetic model: sub-layer width d")->check(CLI::Range(8, 16384));
@@ -188,15 +188,12 @@ int Main(int argc, char** argv) {
   const ModelConfig& c = m.config();
   const int bs = 16;
   const int per_seq = (std::max(max_prompt, context + decode_steps) + bs - 1) / bs;
-  auto weights = WeightDType(model_dir);
-  if (!weights.ok()) {
-    std::fprintf(stderr, "gpu_bench: %s\n", std::string(weights.status().message()).c_str());
+  auto resolved = KvCacheDType(kv_dtype_s, model_dir);
+  if (!resolved.ok()) {
+    std::fprintf(stderr, "gpu_bench: %s\n", std::string(resolved.status().message()).c_str());
     return 1;
   }
-  const DType kv_dtype = kv_dtype_s == "f32"    ? DType::kF32
-                         : kv_dtype_s == "bf16" ? DType::kBF16
-                         : kv_dtype_s == "f16"  ? DType::kF16
-                                                : *weights;
+  const DType kv_dtype = *resolved;
   auto kv = KvCache::Create(**backend, m.kv_layout(),
                             {.num_blocks = per_seq * max_batch, .block_size = bs, .dtype = kv_dtype});
   if (!kv.ok()) {

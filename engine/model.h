@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/status.h"
 #include "engine/backend.h"
@@ -87,5 +88,13 @@ StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* back
 /// config.json declares (ModelConfig::declared_dtype), or F32. Errors: those of Checkpoint::Open
 /// and LoadModelConfig; INVALID_ARGUMENT when the embedding is missing or not F32/BF16/F16.
 StatusOr<DType> WeightDType(const std::string& dir);
+
+/// The names a KV-cache dtype flag takes (`--kv-cache-dtype`), for a CLI's allowed set.
+inline const std::vector<std::string> kKvCacheDTypeNames = {"auto", "f32", "bf16", "f16"};
+
+/// The KV cache dtype `name` stands for: "f32", "bf16", "f16", or "auto" = WeightDType(model_dir).
+/// INVALID_ARGUMENT naming `--kv-cache-dtype` and the value for any other name; the errors of
+/// WeightDType for "auto".
+StatusOr<DType> KvCacheDType(const std::string& name, const std::string& model_dir);
 
 }  // namespace kraken::engine

@@ -6,8 +6,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "engine/model.h"
-
 namespace kraken::runtime {
 namespace {
 
@@ -47,14 +45,6 @@ int64_t KvBudgetBytes(const KvSizing& sizing, const std::optional<engine::Device
              m.scratch_bytes;
   }
   return std::max<int64_t>(0, budget);
-}
-
-StatusOr<engine::DType> ResolveKvCacheDType(const std::string& value, const std::string& model_dir) {
-  if (value == "auto") return engine::WeightDType(model_dir);
-  if (value == "f32") return engine::DType::kF32;
-  if (value == "bf16") return engine::DType::kBF16;
-  if (value == "f16") return engine::DType::kF16;
-  return InvalidArgument("--kv-cache-dtype must be auto, f32, bf16 or f16, got '", value, "'");
 }
 
 StatusOr<int64_t> HostAvailableBytes(const std::string& root) {

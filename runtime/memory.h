@@ -61,11 +61,6 @@ int64_t KvBudgetBytes(const KvSizing& sizing, const std::optional<engine::Device
 /// `root` prefixes the paths (tests). UNAVAILABLE when /proc/meminfo cannot be read.
 StatusOr<int64_t> HostAvailableBytes(const std::string& root = "");
 
-/// The KV cache dtype a `--kv-cache-dtype` value names: "f32", "bf16", "f16", or "auto" = the
-/// weights' dtype of the model in `model_dir` (engine::WeightDType). INVALID_ARGUMENT naming the
-/// flag and the value otherwise; the errors of engine::WeightDType for "auto".
-StatusOr<engine::DType> ResolveKvCacheDType(const std::string& value, const std::string& model_dir);
-
 /// "1.5 GiB" style text for logs and messages (binary units).
 std::string FormatBytes(int64_t bytes);
 

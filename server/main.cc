@@ -28,6 +28,7 @@
 
 #include "core/engine.h"
 #include "core/serving_metrics.h"
+#include "engine/model.h"
 #include "engine/model_config.h"
 #include "http/server.h"
 #include "openai/api.h"
@@ -100,7 +101,7 @@ void AddKvCacheFlags(const Opt& opt, Flags& f) {
   opt("--kv-cache-dtype", f.kv_cache_dtype,
       "element type of the KV cache: auto (the weights' dtype), f32, bf16 or f16; attention computes in F32 "
       "either way")
-      ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
+      ->check(CLI::IsMember(engine::kKvCacheDTypeNames));
   opt("--num-kv-blocks", f.num_kv_blocks,
       "KV blocks per worker, overriding --kv-cache-memory and --memory-utilization; 0 = sized from memory")
       ->check(CLI::Range(0, 1 << 30));
@@ -256,7 +257,7 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   wo.block_size = f.block_size;
   wo.num_kv_blocks = f.num_kv_blocks;
   wo.kv_sizing.kv_cache_bytes = f.kv_cache_memory;
-  KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, runtime::ResolveKvCacheDType(f.kv_cache_dtype, f.model));
+  KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, engine::KvCacheDType(f.kv_cache_dtype, f.model));
   wo.kv_sizing.memory_utilization =
       f.memory_utilization > 0 ? f.memory_utilization : (wo.devices.front().is_cuda() ? 0.9 : 0.1);
   wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1);

@@ -67,7 +67,7 @@ struct Options {
   int max_tokens = 32;
   int threads = 0;
   int block_size = 16;
-  std::string kv_cache_dtype = "auto";  // runtime::ResolveKvCacheDType
+  std::string kv_cache_dtype = "auto";  // engine::KvCacheDType
   int prefill_chunk = 0;                // 0 = whole prompt in one step
   bool json = false;
   bool score = false;
@@ -153,7 +153,7 @@ Status Generate(const Options& o, const std::vector<int32_t>& prompt, const toke
                                  .block_size = o.block_size,
                                  .num_kv_blocks = blocks_per_seq * B,
                                  .max_history = total * B};
-  KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, runtime::ResolveKvCacheDType(o.kv_cache_dtype, o.model_dir));
+  KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, KvCacheDType(o.kv_cache_dtype, o.model_dir));
   const auto t_load = Clock::now();
   KRAKEN_ASSIGN_OR_RETURN(auto group, runtime::WorkerGroup::Start(wo));
   const double load_s = Seconds(t_load, Clock::now());
@@ -264,7 +264,7 @@ Status Score(const Options& o, const std::vector<int32_t>& prompt, const ModelCo
       auto model, LoadModel(o.model_dir, backend.get(), {.max_tokens = chunk, .max_seqs = 1, .max_logit_rows = chunk}));
   const double load_s = Seconds(t_load, Clock::now());
   const int blocks = (window + o.block_size - 1) / o.block_size;
-  KRAKEN_ASSIGN_OR_RETURN(const DType kv_dtype, runtime::ResolveKvCacheDType(o.kv_cache_dtype, o.model_dir));
+  KRAKEN_ASSIGN_OR_RETURN(const DType kv_dtype, KvCacheDType(o.kv_cache_dtype, o.model_dir));
   KRAKEN_ASSIGN_OR_RETURN(KvCache kv,
                           KvCache::Create(*backend, model->kv_layout(),
                                           {.num_blocks = blocks, .block_size = o.block_size, .dtype = kv_dtype}));
@@ -361,7 +361,7 @@ int main(int argc, char** argv) {
   app.add_option("--block-size", o.block_size, "KV-cache block size in tokens")->check(CLI::Range(1, 1024));
   app.add_option("--kv-cache-dtype", o.kv_cache_dtype,
                  "KV-cache element type: auto (the weights' dtype), f32, bf16, f16")
-      ->check(CLI::IsMember({"auto", "f32", "bf16", "f16"}));
+      ->check(CLI::IsMember(kraken::engine::kKvCacheDTypeNames));
   app.add_option("--prefill-chunk", o.prefill_chunk, "Prefill in chunks of this many tokens (0 = all at once)");
   app.add_option("--devices", o.devices, "Generate on worker processes, one per device: cpu:N (cuda:0-7 with CUDA)")
       ->capture_default_str();

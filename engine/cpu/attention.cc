@@ -42,6 +42,20 @@ struct Kv16 {
 using KvBf16 = Kv16<true>;
 using KvF16 = Kv16<false>;
 
+// Calls f(Kv{}) with the Kv of `dtype` (F32, BF16 or F16; anything else is a programmer error).
+template <typename F>
+void WithKv(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kBF16:
+      return f(KvBf16{});
+    case DType::kF16:
+      return f(KvF16{});
+    default:
+      KRAKEN_CHECK(dtype == DType::kF32, "KV cache dtype must be F32, BF16 or F16");
+      return f(KvF32{});
+  }
+}
+
 // Attention for one (sequence, head, query tile). Each row keeps its own running max `m`, sum `l`
 // and output accumulator, and visits blocks 0 .. pos / bs in order; a block wholly after the
 // row's position is skipped, so the row computes exactly what it would compute alone.
@@ -230,15 +244,7 @@ const TileFn* TileFns(int block_size) {
 }  // namespace
 
 void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
-  switch (slot.dtype) {
-    case DType::kBF16:
-      return WriteKvAs<KvBf16>(k, v, slot, batch);
-    case DType::kF16:
-      return WriteKvAs<KvF16>(k, v, slot, batch);
-    default:
-      KRAKEN_CHECK(slot.dtype == DType::kF32, "KV cache dtype must be F32, BF16 or F16");
-      return WriteKvAs<KvF32>(k, v, slot, batch);
-  }
+  WithKv(slot.dtype, [&](auto kv) { WriteKvAs<decltype(kv)>(k, v, slot, batch); });
 }
 
 void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out,
@@ -259,10 +265,8 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   const int64_t n = static_cast<int64_t>(tiles.size());
   const size_t o_size = static_cast<size_t>(kQueryTile) * slot.head_dim;
   const size_t per_thread = 2 * o_size + static_cast<size_t>(kQueryTile) * padded_bs;
-  KRAKEN_CHECK(IsComputeFloat(slot.dtype), "KV cache dtype must be F32, BF16 or F16");
-  const TileFn* fns = slot.dtype == DType::kBF16  ? TileFns<KvBf16>(slot.block_size)
-                      : slot.dtype == DType::kF16 ? TileFns<KvF16>(slot.block_size)
-                                                  : TileFns<KvF32>(slot.block_size);
+  const TileFn* fns = nullptr;
+  WithKv(slot.dtype, [&](auto kv) { fns = TileFns<decltype(kv)>(slot.block_size); });
   const size_t need = per_thread * omp_get_max_threads();  // the team size the backend set
   if (scratch->buffers.size() < need) scratch->buffers.resize(need);
 #pragma omp parallel

@@ -57,10 +57,6 @@ class CudaLinear final : public LinearWeight {
   DType dtype_;
 };
 
-cuda::Storage StorageOf(DType t) {
-  return t == DType::kBF16 ? cuda::Storage::kBF16 : t == DType::kF16 ? cuda::Storage::kF16 : cuda::Storage::kF32;
-}
-
 /// A host array copied to device memory through a pinned staging buffer on a stream. The staging
 /// buffer is reused only after the previous copy out of it has finished (an event guards it).
 class StagedArray {
@@ -245,7 +241,7 @@ class CudaBackend final : public Backend {
     auto p = Stage(positions_, positions, bytes);
     if (t == nullptr || p == nullptr) return;
     cuda::LaunchEmbed(static_cast<const int32_t*>(t), static_cast<const int32_t*>(p), table.data(),
-                      StorageOf(table.dtype()), wpe, out.data, out.rows, out.cols, out.stride, stream_);
+                      cuda::StorageOf(table.dtype()), wpe, out.data, out.rows, out.cols, out.stride, stream_);
     RecordLaunch("Embed");
   }
   void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) override {
@@ -312,7 +308,7 @@ class CudaBackend final : public Backend {
     KRAKEN_CHECK(k.cols == slot.heads * slot.head_dim && v.cols == k.cols && slot.block_size == batch.block_size);
     if (!StageAttention(batch)) return;
     KRAKEN_CHECK(meta_.max_row < k.rows && meta_.max_row < v.rows, "attention batch names rows beyond k/v");
-    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, StorageOf(slot.dtype), rows_dev_,
+    cuda::LaunchWriteKv(k.data, k.stride, v.data, v.stride, slot.k, slot.v, cuda::StorageOf(slot.dtype), rows_dev_,
                         static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, stream_);
     RecordLaunch("WriteKv");
   }
@@ -321,17 +317,18 @@ class CudaBackend final : public Backend {
     KRAKEN_CHECK(slot.head_dim <= kMaxHeadDim, "head_dim above the CUDA attention kernel's limit");
     if (!StageAttention(batch)) return;
     KRAKEN_CHECK(meta_.max_row < q.rows && meta_.max_row < out.rows, "attention batch names rows beyond q/out");
+    const cuda::Storage kv_type = cuda::StorageOf(slot.dtype);
     if (slot.head_dim <= cuda::kMaxTiledHeadDim) {
       // Prefill runs share each K/V load across up to kQueryTile rows; decode rows go one by one.
-      cuda::LaunchTiledAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), tiles_dev_, tables_dev_,
+      cuda::LaunchTiledAttention(q.data, q.stride, slot.k, slot.v, kv_type, tiles_dev_, tables_dev_,
                                  static_cast<int>(meta_.tiles.size()), slot.heads, slot.head_dim, slot.block_size,
                                  scale, out.data, out.stride, stream_);
       RecordLaunch("TiledAttention");
-      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), singles_dev_, tables_dev_,
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, kv_type, singles_dev_, tables_dev_,
                             static_cast<int>(meta_.singles.size()), slot.heads, slot.head_dim, slot.block_size, scale,
                             out.data, out.stride, stream_);
     } else {
-      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, StorageOf(slot.dtype), rows_dev_, tables_dev_,
+      cuda::LaunchAttention(q.data, q.stride, slot.k, slot.v, kv_type, rows_dev_, tables_dev_,
                             static_cast<int>(meta_.rows.size()), slot.heads, slot.head_dim, slot.block_size, scale,
                             out.data, out.stride, stream_);
     }

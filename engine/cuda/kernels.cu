@@ -2,6 +2,7 @@
 // thread block per row so a row's result never depends on how many rows a step has (batch
 // invariance, as on the CPU backend).
 #include <cfloat>
+#include <type_traits>
 
 #ifdef KRAKEN_CUDA_EMULATION
 #include "engine/cuda/emulation.h"  // the same source on the CPU, for tests without a GPU
@@ -111,8 +112,13 @@ __global__ void BiasRowsKernel(const float* bias, float* y, int64_t ys, int cols
   for (int c = threadIdx.x; c < cols; c += blockDim.x) r[c] = accumulate ? r[c] + bias[c] : bias[c];
 }
 
-template <typename Half>
-__device__ Half FromFloat(float v);
+// float -> T, rounding to nearest even for the 16-bit types.
+template <typename T>
+__device__ T FromFloat(float v);
+template <>
+__device__ float FromFloat<float>(float v) {
+  return v;
+}
 template <>
 __device__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
@@ -129,16 +135,6 @@ __global__ void ToHalfKernel(const float* x, int64_t xs, int cols, Half* out) {
   for (int c = threadIdx.x; c < cols; c += blockDim.x) o[c] = FromFloat<Half>(r[c]);
 }
 
-__device__ float FromFloatKv(float v, float*) {
-  return v;
-}
-__device__ __nv_bfloat16 FromFloatKv(float v, __nv_bfloat16*) {
-  return __float2bfloat16_rn(v);
-}
-__device__ __half FromFloatKv(float v, __half*) {
-  return __float2half_rn(v);
-}
-
 // T: the KV cache's element type (float, __nv_bfloat16 or __half); 16-bit entries are rounded to
 // nearest even here and widened exactly (ToFloat) by the attention kernels.
 template <typename T>
@@ -152,8 +148,8 @@ __global__ void WriteKvKernel(const float* k, int64_t ks, const float* v, int64_
   const int64_t base = block * heads * head_dim * block_size;  // same size for K and V blocks
   for (int e = threadIdx.x; e < width; e += blockDim.x) {
     const int h = e / head_dim, d = e % head_dim;
-    kc[base + (static_cast<int64_t>(h) * head_dim + d) * block_size + off] = FromFloatKv(k[t * ks + e], kc);
-    vc[base + (static_cast<int64_t>(h) * block_size + off) * head_dim + d] = FromFloatKv(v[t * vs + e], vc);
+    kc[base + (static_cast<int64_t>(h) * head_dim + d) * block_size + off] = FromFloat<T>(k[t * ks + e]);
+    vc[base + (static_cast<int64_t>(h) * block_size + off) * head_dim + d] = FromFloat<T>(v[t * vs + e]);
   }
 }
 
@@ -324,6 +320,23 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const T* kc, co
   }
 }
 
+// Calls f with a null T* whose T is the element type `s` names (float, __nv_bfloat16 or __half),
+// so one launch site serves every stored dtype.
+template <typename F>
+void WithStorage(Storage s, F&& f) {
+  switch (s) {
+    case Storage::kF32:
+      return f(static_cast<float*>(nullptr));
+    case Storage::kBF16:
+      return f(static_cast<__nv_bfloat16*>(nullptr));
+    case Storage::kF16:
+      return f(static_cast<__half*>(nullptr));
+  }
+}
+
+template <typename Tag>
+using Elem = std::remove_pointer_t<Tag>;
+
 int RowThreads(int cols) {
   // Enough threads for the row, rounded up to whole warps, at most kRowThreads.
   const int t = (cols + 31) / 32 * 32;
@@ -335,20 +348,11 @@ int RowThreads(int cols) {
 void LaunchEmbed(const int32_t* tokens, const int32_t* positions, const void* wte, Storage wte_type, const float* wpe,
                  float* out, int rows, int cols, int64_t out_stride, cudaStream_t stream) {
   if (rows == 0) return;
-  switch (wte_type) {
-    case Storage::kF32:
-      KRAKEN_LAUNCH(EmbedKernel<float>, rows, RowThreads(cols), 0, stream, tokens, positions,
-                    static_cast<const float*>(wte), wpe, out, cols, out_stride);
-      break;
-    case Storage::kBF16:
-      KRAKEN_LAUNCH(EmbedKernel<__nv_bfloat16>, rows, RowThreads(cols), 0, stream, tokens, positions,
-                    static_cast<const __nv_bfloat16*>(wte), wpe, out, cols, out_stride);
-      break;
-    case Storage::kF16:
-      KRAKEN_LAUNCH(EmbedKernel<__half>, rows, RowThreads(cols), 0, stream, tokens, positions,
-                    static_cast<const __half*>(wte), wpe, out, cols, out_stride);
-      break;
-  }
+  WithStorage(wte_type, [&](auto tag) {
+    using T = Elem<decltype(tag)>;
+    KRAKEN_LAUNCH(EmbedKernel<T>, rows, RowThreads(cols), 0, stream, tokens, positions, static_cast<const T*>(wte), wpe,
+                  out, cols, out_stride);
+  });
 }
 
 void LaunchLayerNorm(const float* x, int64_t x_stride, const float* w, const float* b, float eps, float* y,
@@ -395,79 +399,36 @@ void LaunchWriteKv(const float* k, int64_t k_stride, const float* v, int64_t v_s
                    Storage kv_type, const AttentionRow* rows, int n, int heads, int head_dim, int block_size,
                    cudaStream_t stream) {
   if (n == 0) return;
-  const int threads = RowThreads(heads * head_dim);
-  switch (kv_type) {
-    case Storage::kF32:
-      KRAKEN_LAUNCH(WriteKvKernel<float>, n, threads, 0, stream, k, k_stride, v, v_stride, static_cast<float*>(k_cache),
-                    static_cast<float*>(v_cache), rows, heads, head_dim, block_size);
-      break;
-    case Storage::kBF16:
-      KRAKEN_LAUNCH(WriteKvKernel<__nv_bfloat16>, n, threads, 0, stream, k, k_stride, v, v_stride,
-                    static_cast<__nv_bfloat16*>(k_cache), static_cast<__nv_bfloat16*>(v_cache), rows, heads, head_dim,
-                    block_size);
-      break;
-    case Storage::kF16:
-      KRAKEN_LAUNCH(WriteKvKernel<__half>, n, threads, 0, stream, k, k_stride, v, v_stride,
-                    static_cast<__half*>(k_cache), static_cast<__half*>(v_cache), rows, heads, head_dim, block_size);
-      break;
-  }
+  WithStorage(kv_type, [&](auto tag) {
+    using T = Elem<decltype(tag)>;
+    KRAKEN_LAUNCH(WriteKvKernel<T>, n, RowThreads(heads * head_dim), 0, stream, k, k_stride, v, v_stride,
+                  static_cast<T*>(k_cache), static_cast<T*>(v_cache), rows, heads, head_dim, block_size);
+  });
 }
-
-namespace {
-
-template <typename T>
-void LaunchAttentionAs(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                       const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
-                       float scale, float* out, int64_t out_stride, cudaStream_t stream) {
-  const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
-  KRAKEN_LAUNCH(AttentionKernel<T>, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride,
-                static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), rows, tables, heads, head_dim,
-                block_size, scale, out, out_stride);
-}
-
-template <typename T>
-void LaunchTiledAttentionAs(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                            const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
-                            int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream) {
-  KRAKEN_LAUNCH(TiledAttentionKernel<T>, dim3(n, heads), kQueryTile * 8, TiledAttentionSharedBytes(head_dim), stream, q,
-                q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), tiles, tables, heads,
-                head_dim, block_size, scale, out, out_stride);
-}
-
-}  // namespace
 
 void LaunchAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                      const AttentionRow* rows, const int32_t* tables, int n, int heads, int head_dim, int block_size,
                      float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
-  switch (kv_type) {
-    case Storage::kF32:
-      return LaunchAttentionAs<float>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim, block_size,
-                                      scale, out, out_stride, stream);
-    case Storage::kBF16:
-      return LaunchAttentionAs<__nv_bfloat16>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim,
-                                              block_size, scale, out, out_stride, stream);
-    case Storage::kF16:
-      return LaunchAttentionAs<__half>(q, q_stride, k_cache, v_cache, rows, tables, n, heads, head_dim, block_size,
-                                       scale, out, out_stride, stream);
-  }
+  const size_t shared = (2 * static_cast<size_t>(head_dim) + kAttentionThreads + 32) * sizeof(float);
+  WithStorage(kv_type, [&](auto tag) {
+    using T = Elem<decltype(tag)>;
+    KRAKEN_LAUNCH(AttentionKernel<T>, dim3(n, heads), kAttentionThreads, shared, stream, q, q_stride,
+                  static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), rows, tables, heads, head_dim,
+                  block_size, scale, out, out_stride);
+  });
 }
 
 void LaunchTiledAttention(const float* q, int64_t q_stride, const void* k_cache, const void* v_cache, Storage kv_type,
                           const AttentionTile* tiles, const int32_t* tables, int n, int heads, int head_dim,
                           int block_size, float scale, float* out, int64_t out_stride, cudaStream_t stream) {
   if (n == 0) return;
-  switch (kv_type) {
-    case Storage::kF32:
-      return LaunchTiledAttentionAs<float>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim, block_size,
-                                           scale, out, out_stride, stream);
-    case Storage::kBF16:
-      return LaunchTiledAttentionAs<__nv_bfloat16>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim,
-                                                   block_size, scale, out, out_stride, stream);
-    case Storage::kF16:
-      return LaunchTiledAttentionAs<__half>(q, q_stride, k_cache, v_cache, tiles, tables, n, heads, head_dim,
-                                            block_size, scale, out, out_stride, stream);
-  }
+  WithStorage(kv_type, [&](auto tag) {
+    using T = Elem<decltype(tag)>;
+    KRAKEN_LAUNCH(TiledAttentionKernel<T>, dim3(n, heads), kQueryTile * 8, TiledAttentionSharedBytes(head_dim), stream,
+                  q, q_stride, static_cast<const T*>(k_cache), static_cast<const T*>(v_cache), tiles, tables, heads,
+                  head_dim, block_size, scale, out, out_stride);
+  });
 }
 
 KRAKEN_CUDA_NAMESPACE_END

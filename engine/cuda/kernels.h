@@ -18,6 +18,7 @@ using cudaStream_t = struct CUstream_st*;  // engine/cuda/emulation.h: launches 
 
 #ifndef __CUDACC__  // nvcc builds kernels.cu as C++17; engine/batch.h needs C++20 (std::span)
 #include "engine/batch.h"
+#include "engine/dtype.h"
 #endif
 
 // The emulated build (engine/cuda/emulation.h) puts the same functions in an inline namespace of
@@ -74,6 +75,11 @@ inline constexpr int kMaxTiledHeadDim = 184;
 static_assert(TiledAttentionSharedBytes(kMaxTiledHeadDim) <= 48 * 1024);
 
 #ifndef __CUDACC__
+/// The Storage of an F32, BF16 or F16 tensor (anything else reads as F32: callers pass only those).
+inline Storage StorageOf(DType t) {
+  return t == DType::kBF16 ? Storage::kBF16 : t == DType::kF16 ? Storage::kF16 : Storage::kF32;
+}
+
 /// The host arrays the KV-write and attention kernels read for `batch`: one AttentionRow per new
 /// token, in batch order, and the used part of every sequence's block table, concatenated.
 /// Returns the largest activation row named (-1 for none).

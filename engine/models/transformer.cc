@@ -393,6 +393,14 @@ StatusOr<std::unique_ptr<Model>> LoadModel(const std::string& dir, Backend* back
   return model;
 }
 
+StatusOr<DType> KvCacheDType(const std::string& name, const std::string& model_dir) {
+  if (name == "auto") return WeightDType(model_dir);
+  if (name == "f32") return DType::kF32;
+  if (name == "bf16") return DType::kBF16;
+  if (name == "f16") return DType::kF16;
+  return InvalidArgument("--kv-cache-dtype must be auto, f32, bf16 or f16, got '", name, "'");
+}
+
 StatusOr<DType> WeightDType(const std::string& dir) {
   auto ckpt = Checkpoint::Open(dir);
   if (absl::IsNotFound(ckpt.status())) {

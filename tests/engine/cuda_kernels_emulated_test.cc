@@ -22,10 +22,6 @@ std::unique_ptr<Backend> Cpu() {
   return std::move(CreateBackend({.device = Device::Cpu(), .threads = 1})).value();
 }
 
-cuda::Storage StorageOf(DType t) {
-  return t == DType::kBF16 ? cuda::Storage::kBF16 : t == DType::kF16 ? cuda::Storage::kF16 : cuda::Storage::kF32;
-}
-
 std::vector<float> Random(size_t n, std::mt19937& rng, float scale = 1.f) {
   std::normal_distribution<float> nd(0.f, scale);
   std::vector<float> v(n);
@@ -146,7 +142,7 @@ void Step(Backend& cpu, const KvSlot& cpu_slot, const KvSlot& emu_slot, const At
   std::vector<int32_t> tables;
   ASSERT_LT(cuda::BuildAttentionRows(batch, &rows, &tables), T);
   const int n = static_cast<int>(rows.size());
-  const cuda::Storage kv_type = StorageOf(emu_slot.dtype);
+  const cuda::Storage kv_type = cuda::StorageOf(emu_slot.dtype);
   cuda::LaunchWriteKv(k.data(), 3 * width, v.data(), 3 * width, emu_slot.k, emu_slot.v, kv_type, rows.data(), n,
                       emu_slot.heads, emu_slot.head_dim, emu_slot.block_size, nullptr);
   std::vector<float> out_tiled = out_emu;

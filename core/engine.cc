@@ -40,7 +40,7 @@ Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tok
   rank_base_.resize(group_->world_size());
   // The workers are idle from the start: count it as no_work until the first request.
   last_step_end_ = idle_begin_ = Clock::now();
-  stats_generation_ = group_->generation();
+  stats_generation_ = cache_generation_ = group_->generation();
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -279,9 +279,15 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
     if (!r.scheduled) {
       r.scheduled = now;
       --queued_;
+      // Usage reports the prompt tokens the first admission found cached (set before any token,
+      // read by the front-end at the end).
+      if (ss.seq->cached_tokens > 0) {
+        const auto cached = static_cast<uint32_t>(ss.seq->cached_tokens);
+        r.handle->Publish([cached](Output& out) { out.cached_tokens = cached; }, /*notify=*/false);
+      }
       if (options_.metrics != nullptr) options_.metrics->queue_time.Observe(Seconds(now - r.handle->arrival()));
     }
-    if (ss.start_pos == 0) r.kv_generation = group_->generation();
+    if (ss.admitted) r.kv_generation = group_->generation();
     // The sequence's output tokens (the scheduler's sequence owns them; see Generated).
     const std::span<const int32_t> generated = std::span<const int32_t>(ss.seq->tokens).subspan(r.params.prompt.size());
     runtime::SeqStep st{.seq_id = r.handle->id(),
@@ -305,6 +311,11 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
 }
 
 bool Engine::RunOneStep() {
+  if (group_->generation() != cache_generation_) {
+    // The workers were restarted: their KV pools, and every cached block, are gone.
+    sched_.ResetPrefixCache();
+    cache_generation_ = group_->generation();
+  }
   scheduler::StepPlan plan = sched_.Schedule();
   for (uint64_t id : plan.preempted) {
     spdlog::debug("request {} preempted (KV cache full); it will be recomputed", id);
@@ -321,6 +332,7 @@ bool Engine::RunOneStep() {
     return true;
   }
   if (options_.metrics != nullptr) options_.metrics->iteration_tokens.Observe(plan.num_tokens);
+  sched_.CacheComputed();  // before any sequence ends below: its blocks stay cached
   for (const runtime::ResultSeq& res : result->seqs) {
     auto it = active_.find(res.seq_id);
     if (it == active_.end()) continue;
@@ -378,6 +390,8 @@ void Engine::UpdateGauges() {
   const int never_scheduled_in_queue = queued_.load() - incoming;
   m->waiting.Set(queued_.load() + std::max(0, sched_.num_waiting() - never_scheduled_in_queue));
   m->kv_usage.Set(sched_.blocks().usage());
+  m->prefix_cache_queries.SetTotal(static_cast<double>(sched_.prefix_cache_queries()));
+  m->prefix_cache_hits.SetTotal(static_cast<double>(sched_.prefix_cache_hits()));
 }
 
 void Engine::UpdateRankMetrics() {

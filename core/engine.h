@@ -130,6 +130,7 @@ class Engine {
   };
   std::vector<RankBase> rank_base_;
   uint64_t stats_generation_ = 0;
+  uint64_t cache_generation_ = 0;  // the workers' generation the prefix cache's blocks belong to
   Clock::time_point last_supervised_{};
   std::thread thread_;
 };

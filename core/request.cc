@@ -11,6 +11,7 @@ bool RequestHandle::Take(Output* out) {
   pending_.text.clear();
   pending_.ids.clear();
   pending_.logprobs.clear();
+  out->cached_tokens = pending_.cached_tokens;  // known from the first schedule on
   if (pending_.finished) {
     out->finished = true;
     out->status = pending_.status;

@@ -75,6 +75,7 @@ struct Output {
   FinishReason finish_reason = FinishReason::kNone;
   std::string stop_reason;  // the stop string, or "token:<id>"
   uint32_t completion_tokens = 0;
+  uint32_t cached_tokens = 0;                 // prompt tokens whose KV came from the prefix cache (first admission)
   double queue_s = 0, ttft_s = 0, e2e_s = 0;  // from arrival: to first scheduled, first token, end
 
   bool empty() const { return text.empty() && ids.empty() && logprobs.empty(); }

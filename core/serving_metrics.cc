@@ -74,6 +74,12 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
           reg.AddGauge("kraken_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", {}).With({})),
       restarts(reg.AddCounter("kraken_worker_restarts_total", "Times all workers were restarted after a failure.", {})
                    .With({})),
+      prefix_cache_queries(reg.AddCounter("kraken_prefix_cache_queries_total",
+                                          "Tokens of admitted sequences looked up in the prefix cache.", {})
+                               .With({})),
+      prefix_cache_hits(reg.AddCounter("kraken_prefix_cache_hits_total",
+                                       "Tokens of admitted sequences whose KV came from the prefix cache.", {})
+                            .With({})),
       success_(reg.AddCounter("kraken_request_success_total", "Requests that finished, by finish reason.",
                               {"finish_reason"})),
       failure_(reg.AddCounter("kraken_request_failure_total",
@@ -140,9 +146,10 @@ void ServingMetrics::PublishCacheConfig(const CacheConfig& c) {
   registry_
       .AddGauge("kraken_cache_config_info",
                 "Always 1; the labels describe the KV cache of each worker as sized at start.",
-                {"block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_cache_bytes", "cache_dtype"})
+                {"block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_cache_bytes", "cache_dtype",
+                 "enable_prefix_caching"})
       .With({std::to_string(c.block_size), std::to_string(c.num_blocks), util, std::to_string(c.kv_cache_bytes),
-             c.cache_dtype})
+             c.cache_dtype, c.prefix_caching ? "True" : "False"})
       .Set(1);
 }
 

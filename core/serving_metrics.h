@@ -18,6 +18,7 @@ struct CacheConfig {
   double memory_utilization = 0;
   int64_t kv_cache_bytes = 0;  // per worker
   std::string cache_dtype;     // "F32", "BF16" or "F16"
+  bool prefix_caching = false;
 };
 
 class ServingMetrics {
@@ -45,6 +46,10 @@ class ServingMetrics {
   metrics::Gauge& waiting;
   metrics::Gauge& kv_usage;
   metrics::Counter& restarts;
+  // Prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits): tokens of admitted
+  // sequences looked up, and those found cached. hits / queries is the hit rate.
+  metrics::Counter& prefix_cache_queries;
+  metrics::Counter& prefix_cache_hits;
   // Per rank, indexed by rank.
   std::vector<metrics::Counter*> busy, idle_collective, idle_no_work, idle_host, allreduce, exposed;
   std::vector<metrics::Gauge*> worker_up;

@@ -36,11 +36,14 @@ struct CompletionContext {
   const tokenizer::Tokenizer* tok = nullptr;
 };
 
-json Usage(const core::RequestHandle& h, int64_t completion_tokens) {
+// OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose KV came from the
+// prefix cache.
+json Usage(const core::RequestHandle& h, int64_t completion_tokens, uint32_t cached_tokens) {
   const auto prompt = static_cast<int64_t>(h.params().prompt.size());
   return json{{"prompt_tokens", prompt},
               {"completion_tokens", completion_tokens},
-              {"total_tokens", prompt + completion_tokens}};
+              {"total_tokens", prompt + completion_tokens},
+              {"prompt_tokens_details", {{"cached_tokens", cached_tokens}}}};
 }
 
 // "stop_reason" as vLLM gives it: the stop string, the stop token id, or null.
@@ -88,7 +91,7 @@ class CompletionStream final : public http::Stream {
               {"created", c_.created},
               {"model", c_.model},
               {"choices", json::array({Choice(text, taken_.ids, taken_.logprobs, FinishReason(taken_))})},
-              {"usage", Usage(*h_, taken_.completion_tokens)}};
+              {"usage", Usage(*h_, taken_.completion_tokens, taken_.cached_tokens)}};
     body["choices"][0]["stop_reason"] = StopReason(taken_);
     piece->head = JsonResponse(200, body);
     piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
@@ -117,7 +120,7 @@ class CompletionStream final : public http::Stream {
       if (ended && c_.include_usage) {
         json usage_chunk = Base();
         usage_chunk["choices"] = json::array();
-        usage_chunk["usage"] = Usage(*h_, taken_.completion_tokens);
+        usage_chunk["usage"] = Usage(*h_, taken_.completion_tokens, taken_.cached_tokens);
         piece->data += Event(usage_chunk);
       }
     }
@@ -137,7 +140,7 @@ class CompletionStream final : public http::Stream {
   json Base() const {
     json j{{"id", c_.id}, {"object", "text_completion"}, {"created", c_.created}, {"model", c_.model}};
     if (c_.continuous_usage)  // vLLM's continuous_usage_stats: the tokens sent so far, this chunk's included
-      j["usage"] = Usage(*h_, sent_tokens_ + static_cast<int64_t>(taken_.ids.size()));
+      j["usage"] = Usage(*h_, sent_tokens_ + static_cast<int64_t>(taken_.ids.size()), taken_.cached_tokens);
     else if (c_.include_usage)
       j["usage"] = nullptr;
     return j;

@@ -5,13 +5,14 @@
 
 namespace kraken::scheduler {
 
-Scheduler::Scheduler(const SchedulerOptions& o) : options_(o), blocks_(o.num_kv_blocks, o.block_size) {
+Scheduler::Scheduler(const SchedulerOptions& o)
+    : options_(o), blocks_(o.num_kv_blocks, o.block_size, o.prefix_caching) {
   KRAKEN_CHECK(o.max_batch_tokens >= 1 && o.max_batch_seqs >= 1 && o.max_waiting >= 0,
                "scheduler budgets must be positive");
   watermark_blocks_ = static_cast<int>(std::floor(o.watermark * o.num_kv_blocks));
 }
 
-Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority) {
+Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache) {
   if (tokens.empty()) return InvalidArgument("a sequence needs at least one token");
   if (seqs_.count(id)) return InvalidArgument("duplicate sequence id ", id);
   if (num_waiting() >= options_.max_waiting)
@@ -24,6 +25,7 @@ Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority) {
   s->priority = priority;
   s->arrival = next_arrival_++;
   s->tokens = std::move(tokens);
+  s->use_prefix_cache = use_prefix_cache;
   InsertWaiting(s.get());
   seqs_.emplace(id, std::move(s));
   return absl::OkStatus();
@@ -43,6 +45,7 @@ void Scheduler::SortRunning() {
 void Scheduler::Preempt(Sequence* s) {
   blocks_.Free(&s->block_table);
   s->num_computed = 0;
+  s->chain = {};
   s->running = false;
   ++s->preemptions;
   running_.erase(std::find(running_.begin(), running_.end(), s));
@@ -101,20 +104,44 @@ StepPlan Scheduler::Schedule() {
     if (!plan.preempted.empty() &&
         std::find(plan.preempted.begin(), plan.preempted.end(), s->id) != plan.preempted.end())
       break;  // just preempted for lack of blocks: do not re-admit in the same step
-    const int n = std::min(static_cast<int>(s->tokens.size()), budget);
-    const int need = blocks_.BlocksFor(n);
-    if (blocks_.num_free() - need < watermark_blocks_ && !(running_.empty() && blocks_.num_free() >= need)) break;
+    const int len = static_cast<int>(s->tokens.size());
+    // The longest cached prefix, leaving at least the last token to compute.
+    BlockManager::Chain chain;
+    matched_.clear();
+    if (blocks_.prefix_caching() && s->use_prefix_cache)
+      chain = blocks_.MatchPrefix(s->tokens, (len - 1) / blocks_.block_size(), &matched_);
+    const int cached = chain.blocks * blocks_.block_size();
+    const int n = std::min(len - cached, budget);
+    const int need = blocks_.BlocksFor(cached + n) - chain.blocks;
+    // Matched blocks nobody holds are counted free now and stop being free once shared.
+    int unheld = 0;
+    for (int32_t b : matched_) unheld += blocks_.RefCount(b) == 0;
+    const int free_after_share = blocks_.num_free() - unheld;
+    if (free_after_share - need < watermark_blocks_ && !(running_.empty() && free_after_share >= need)) break;
     waiting_.pop_front();
+    blocks_.Share(matched_);
+    s->block_table = matched_;
     KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "checked above");
+    s->chain = chain;
+    s->cached_tokens = cached;
+    if (blocks_.prefix_caching() && s->use_prefix_cache) {
+      prefix_queries_ += static_cast<uint64_t>(len);
+      prefix_hits_ += static_cast<uint64_t>(cached);
+    }
     s->running = true;
     running_.push_back(s);
-    plan.seqs.push_back({s, 0, n, n == static_cast<int>(s->tokens.size())});
-    s->num_computed = n;
+    plan.seqs.push_back({s, cached, n, cached + n == len, /*admitted=*/true});
+    s->num_computed = cached + n;
     budget -= n;
     planned.push_back(s);
   }
   plan.num_tokens = options_.max_batch_tokens - budget;
   return plan;
+}
+
+void Scheduler::CacheComputed() {
+  if (!blocks_.prefix_caching()) return;
+  for (Sequence* s : running_) blocks_.CacheFullBlocks(s->tokens, s->num_computed, s->block_table, &s->chain);
 }
 
 void Scheduler::AppendToken(uint64_t id, int32_t token) {

@@ -17,12 +17,17 @@
 //   3. Waiting requests are admitted in order while budget, sequence slots and blocks above the
 //      watermark remain; a prompt longer than the remaining budget is admitted with a first chunk.
 //      Admission is strictly in order: a request that does not fit blocks those behind it.
+//      With prefix caching, an admitted sequence first takes the longest run of cached full blocks
+//      that holds its leading tokens (BlockManager::MatchPrefix) and is planned from the end of
+//      that run: those tokens cost neither budget nor new blocks. At least its last token is
+//      always computed, since its logits are needed to sample.
 //
 // Order everywhere is the scheduling policy's, a value in SchedulerOptions: kPriority orders by
 // (priority, arrival), lower priority values first and first come first served among equals (all
 // requests have priority 0 unless a client says otherwise); kFcfs by arrival alone.
 // Schedule() assumes the step will run: it advances each planned sequence's computed-token count.
-// After a failed step the caller aborts the sequences it had planned.
+// After a failed step the caller aborts the sequences it had planned; after a successful one it
+// calls CacheComputed(), which registers the full blocks the step completed in the prefix cache.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +55,7 @@ struct SchedulerOptions {
   int max_waiting = 256;       // waiting-queue capacity; Add beyond it is RESOURCE_EXHAUSTED
   double watermark = 0.01;     // fraction of blocks admission leaves free for running decodes
   SchedulingPolicy policy = SchedulingPolicy::kPriority;
+  bool prefix_caching = false;  // reuse cached full blocks of earlier sequences (BlockManager)
 };
 
 /// One sequence as the scheduler tracks it.
@@ -62,6 +68,9 @@ struct Sequence {
   std::vector<int32_t> block_table;  // physical blocks covering [0, num_computed)
   int preemptions = 0;
   bool running = false;
+  bool use_prefix_cache = true;  // may start from cached blocks when admitted
+  int32_t cached_tokens = 0;     // tokens taken from the prefix cache at its latest admission
+  BlockManager::Chain chain;     // how far its blocks are registered in the prefix cache
 };
 
 /// One sequence's part of a planned step: feed tokens[start_pos, start_pos + num_tokens).
@@ -69,7 +78,8 @@ struct ScheduledSeq {
   Sequence* seq = nullptr;
   int32_t start_pos = 0;
   int32_t num_tokens = 0;
-  bool sample = false;  // the chunk reaches the last known token: sample the next one
+  bool sample = false;    // the chunk reaches the last known token: sample the next one
+  bool admitted = false;  // first chunk since admission (its KV before start_pos came from the cache)
 };
 
 struct StepPlan {
@@ -86,10 +96,19 @@ class Scheduler {
 
   /// Queues a request with `tokens` (>= 1) already known. RESOURCE_EXHAUSTED when the waiting
   /// queue holds max_waiting requests; INVALID_ARGUMENT for a duplicate id, no tokens, or a
-  /// sequence whose full KV could never fit in the cache.
-  Status Add(uint64_t id, std::vector<int32_t> tokens, int priority);
+  /// sequence whose full KV could never fit in the cache. `use_prefix_cache` false: always
+  /// computed from position 0 (a request that needs every prompt position's logits).
+  Status Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache = true);
   /// Plans the next step (see the header comment).
   StepPlan Schedule();
+  /// After a step that succeeded: registers the full blocks whose K/V it completed in the prefix
+  /// cache (no-op without prefix caching).
+  void CacheComputed();
+  /// The workers' KV pools were lost: forget every cached block.
+  void ResetPrefixCache() { blocks_.ResetPrefixCache(); }
+  /// Prefix-cache totals since start, in tokens: looked up at admission, and found cached.
+  uint64_t prefix_cache_queries() const { return prefix_queries_; }
+  uint64_t prefix_cache_hits() const { return prefix_hits_; }
   /// Appends a sampled token to a running sequence.
   void AppendToken(uint64_t id, int32_t token);
   /// Forgets a sequence (finished, cancelled, failed) and frees its blocks. Unknown ids are ignored.
@@ -119,6 +138,8 @@ class Scheduler {
   std::unordered_map<uint64_t, std::unique_ptr<Sequence>> seqs_;
   std::deque<Sequence*> waiting_;  // in order
   std::vector<Sequence*> running_;
+  std::vector<int32_t> matched_;  // scratch for admission
+  uint64_t prefix_queries_ = 0, prefix_hits_ = 0;
 };
 
 }  // namespace kraken::scheduler

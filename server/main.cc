@@ -65,6 +65,7 @@ struct Flags {
   double memory_utilization = 0;
   int block_size = 16;
   double kv_watermark = 0.01;
+  bool prefix_caching = true;
   int max_message_bytes = 4 << 20;
   double grace_period_s = 30;
   int max_restarts = 3;
@@ -107,6 +108,16 @@ void AddKvCacheFlags(const Opt& opt, Flags& f) {
       ->check(CLI::Range(0, 1 << 30));
   opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
   opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
+}
+
+// --prefix-caching (default) / --no-prefix-caching; KRAKEN_PREFIX_CACHING=false turns it off too.
+void AddPrefixCachingFlag(CLI::App& app, Flags& f) {
+  app.add_flag("--prefix-caching,!--no-prefix-caching", f.prefix_caching,
+               "reuse the KV of full blocks an earlier request computed for the same leading tokens (automatic "
+               "prefix caching; exact: outputs are the same with or without a hit)")
+      ->envname(server::EnvName("--prefix-caching"))
+      ->capture_default_str()
+      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
 }
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -176,6 +187,7 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--scheduling-policy", f.scheduling_policy,
       "order of the waiting queue: priority (the request's priority, then arrival) or fcfs (arrival only)")
       ->check(CLI::IsMember({"priority", "fcfs"}));
+  AddPrefixCachingFlag(app, f);
 }
 
 // Parses the command line, the environment and the config file into `f` (server/flags.h).
@@ -479,7 +491,8 @@ core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig&
                   .max_waiting = f.max_waiting,
                   .watermark = f.kv_watermark,
                   .policy = f.scheduling_policy == "fcfs" ? scheduler::SchedulingPolicy::kFcfs
-                                                          : scheduler::SchedulingPolicy::kPriority};
+                                                          : scheduler::SchedulingPolicy::kPriority,
+                  .prefix_caching = f.prefix_caching};
   eo.on_serving = [health](bool serving) { health->Set(serving); };
   return eo;
 }
@@ -501,6 +514,7 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
         runtime::FormatBytes(m.kv_budget_bytes), runtime::FormatBytes(m.weight_bytes),
         runtime::FormatBytes(m.activation_bytes), runtime::FormatBytes(m.scratch_bytes));
   }
+  spdlog::info("prefix caching {}", f.prefix_caching ? "on (--no-prefix-caching turns it off)" : "off");
   return group;
 }
 
@@ -629,7 +643,8 @@ int Run(const Flags& f, const sigset_t& sigs) {
                                       .num_blocks = rl.num_kv_blocks,
                                       .memory_utilization = wo->kv_sizing.memory_utilization,
                                       .kv_cache_bytes = rank0.kv_bytes,
-                                      .cache_dtype = std::string(engine::DTypeName(wo->kv_sizing.kv_dtype))});
+                                      .cache_dtype = std::string(engine::DTypeName(wo->kv_sizing.kv_dtype)),
+                                      .prefix_caching = f.prefix_caching});
   Health health;
   kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0, wo->kv_sizing.kv_dtype);
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));

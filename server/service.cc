@@ -48,6 +48,7 @@ void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first,
     msg->set_stop_reason(o.stop_reason);
     msg->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(p.prompt.size()));
     msg->mutable_usage()->set_completion_tokens(o.completion_tokens);
+    msg->mutable_usage()->set_cached_prompt_tokens(o.cached_tokens);
     msg->mutable_timings()->set_queue_seconds(o.queue_s);
     msg->mutable_timings()->set_ttft_seconds(o.ttft_s);
     msg->mutable_timings()->set_e2e_seconds(o.e2e_s);

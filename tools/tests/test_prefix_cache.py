@@ -148,3 +148,17 @@ def test_a_worker_restart_empties_the_cache():
         assert run(s.stub, ids)[2] > 0, "and the cache fills again"
     finally:
         s.close()
+
+
+def test_prefix_bench_runs_at_a_small_size():
+    """bench/prefix_bench.py --small: every scenario runs; the cache hits where prompts share a
+    prefix, never where they do not, and changes no answer (the bench asserts both)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prefix_bench.py"), "--small"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert out.returncode == 0, out.stdout + out.stderr
+    shared = re.search(r"^cache +\S+ +\S+ +\S+ +\S+ +(\d+)$", out.stdout, re.M)
+    assert shared and int(shared.group(1)) >= 8 * 160, "at least half of the 16 requests hit the system prompt"
+    assert re.search(r"^ *\d+ +\d+ +\S+ +\S+ +0$", out.stdout, re.M), "the first turn finds nothing cached"
+    assert "the cache costs" in out.stdout and "TTFT p50" in out.stdout, out.stdout

@@ -25,6 +25,8 @@ BlockManager::BlockManager(int num_blocks, int block_size, bool prefix_caching)
   free_.reserve(num_blocks);
   for (int b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
   entry_of_.resize(num_blocks);
+  // Never more entries than blocks: no insertion rehashes, so the iterators in entry_of_ stay valid.
+  entries_.reserve(static_cast<size_t>(num_blocks));
 }
 
 void BlockManager::Uncache(int32_t block) {

@@ -89,9 +89,9 @@ class BlockManager {
     size_t operator()(const Key& k) const;
   };
   struct Entry {
-    uint64_t id = 0;                   // unique for the life of the manager, never 0
-    std::list<int32_t>::iterator lru;  // in evictable_ while unheld
-    std::unordered_map<Key, int32_t, KeyHash>::iterator where;
+    uint64_t id = 0;                                            // unique for the life of the manager, never 0
+    std::list<int32_t>::iterator lru;                           // in evictable_ while unheld
+    std::unordered_map<Key, int32_t, KeyHash>::iterator where;  // valid: entries_ never rehashes
   };
   void Uncache(int32_t block);
 

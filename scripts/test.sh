@@ -51,6 +51,7 @@ if [[ -x /usr/local/cuda/bin/nvcc && -f /usr/local/cuda/include/nccl.h ]]; then
   # not see CUDA compile to the objects of the build above, which ccache hands back.
   targets=(kraken-server kraken-cli kraken-generate gpu_bench ttft_bench runtime_tests engine_model_tests
            cuda_backend_test cuda_no_device_test cuda_kernels_emulated_test nccl_test nccl_no_device_test)
+  mkdir -p "$root/build-cuda"  # for the log below, before the configure creates it
   "$root/scripts/build.sh" "$root/build-cuda" -DKRAKEN_ENABLE_CUDA=ON -DKRAKEN_BUILD_BENCH=ON \
     -DCUDAToolkit_ROOT=/usr/local/cuda -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc \
     -DCMAKE_CUDA_ARCHITECTURES="80;90" -- "${targets[@]}" >"$root/build-cuda/ninja.log" 2>&1 ||

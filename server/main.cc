@@ -114,7 +114,7 @@ void AddKvCacheFlags(const Opt& opt, Flags& f) {
 void AddPrefixCachingFlag(CLI::App& app, Flags& f) {
   app.add_flag("--prefix-caching,!--no-prefix-caching", f.prefix_caching,
                "reuse the KV of full blocks an earlier request computed for the same leading tokens (automatic "
-               "prefix caching; exact: outputs are the same with or without a hit)")
+               "prefix caching; on CPU workers outputs are bit-identical with or without a hit)")
       ->envname(server::EnvName("--prefix-caching"))
       ->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);

@@ -29,6 +29,11 @@ BlockManager::BlockManager(int num_blocks, int block_size, bool prefix_caching)
   entries_.reserve(static_cast<size_t>(num_blocks));
 }
 
+void BlockManager::SetKey(uint64_t parent, std::span<const int32_t> tokens, int64_t block, Key* key) const {
+  key->parent = parent;
+  key->tokens.assign(tokens.begin() + block * block_size_, tokens.begin() + (block + 1) * block_size_);
+}
+
 void BlockManager::Uncache(int32_t block) {
   Entry& e = entry_of_[block];
   if (e.id == 0) return;
@@ -84,8 +89,7 @@ BlockManager::Chain BlockManager::MatchPrefix(std::span<const int32_t> tokens, i
   const int64_t full = static_cast<int64_t>(tokens.size()) / block_size_;
   Key key;
   for (int64_t i = 0; i < full && i < max_blocks; ++i) {
-    key.parent = chain.parent;
-    key.tokens.assign(tokens.begin() + i * block_size_, tokens.begin() + (i + 1) * block_size_);
+    SetKey(chain.parent, tokens, i, &key);
     auto it = entries_.find(key);
     if (it == entries_.end()) break;
     blocks->push_back(it->second);
@@ -107,8 +111,7 @@ void BlockManager::CacheFullBlocks(std::span<const int32_t> tokens, int64_t num_
       chain->blocks = static_cast<int32_t>(i + 1);
       continue;
     }
-    key.parent = chain->parent;
-    key.tokens.assign(tokens.begin() + i * block_size_, tokens.begin() + (i + 1) * block_size_);
+    SetKey(chain->parent, tokens, i, &key);
     auto [it, inserted] = entries_.try_emplace(key, b);
     if (inserted) {
       entry_of_[b].id = next_id_++;

@@ -94,6 +94,8 @@ class BlockManager {
     std::unordered_map<Key, int32_t, KeyHash>::iterator where;  // valid: entries_ never rehashes
   };
   void Uncache(int32_t block);
+  // The key of block `block` of `tokens` (its block_size tokens) after the entry `parent`.
+  void SetKey(uint64_t parent, std::span<const int32_t> tokens, int64_t block, Key* key) const;
 
   int block_size_;
   bool prefix_caching_;

@@ -106,10 +106,9 @@ StepPlan Scheduler::Schedule() {
       break;  // just preempted for lack of blocks: do not re-admit in the same step
     const int len = static_cast<int>(s->tokens.size());
     // The longest cached prefix, leaving at least the last token to compute.
-    BlockManager::Chain chain;
-    matched_.clear();
-    if (blocks_.prefix_caching() && s->use_prefix_cache)
-      chain = blocks_.MatchPrefix(s->tokens, (len - 1) / blocks_.block_size(), &matched_);
+    const bool lookup = blocks_.prefix_caching() && s->use_prefix_cache;
+    const BlockManager::Chain chain =
+        blocks_.MatchPrefix(s->tokens, lookup ? (len - 1) / blocks_.block_size() : 0, &matched_);
     const int cached = chain.blocks * blocks_.block_size();
     const int n = std::min(len - cached, budget);
     const int need = blocks_.BlocksFor(cached + n) - chain.blocks;
@@ -124,7 +123,7 @@ StepPlan Scheduler::Schedule() {
     KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "checked above");
     s->chain = chain;
     s->cached_tokens = cached;
-    if (blocks_.prefix_caching() && s->use_prefix_cache) {
+    if (lookup) {
       prefix_queries_ += static_cast<uint64_t>(len);
       prefix_hits_ += static_cast<uint64_t>(cached);
     }
@@ -140,7 +139,6 @@ StepPlan Scheduler::Schedule() {
 }
 
 void Scheduler::CacheComputed() {
-  if (!blocks_.prefix_caching()) return;
   for (Sequence* s : running_) blocks_.CacheFullBlocks(s->tokens, s->num_computed, s->block_table, &s->chain);
 }
 

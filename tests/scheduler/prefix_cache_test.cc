@@ -147,6 +147,15 @@ void ExpectRowsStart(const StepPlan& p, int start) {
   EXPECT_EQ(p.seqs[0].start_pos, start);
 }
 
+// Sequence `id` with `tokens` is admitted, its step succeeds, and it ends: its full blocks stay
+// cached.
+void RunToTheEnd(Scheduler& s, uint64_t id, std::vector<int32_t> tokens) {
+  ASSERT_TRUE(s.Add(id, std::move(tokens), 0).ok());
+  s.Schedule();
+  s.CacheComputed();
+  s.Remove(id);
+}
+
 SchedulerOptions CachingOptions(int blocks, int block_size) {
   return {.num_kv_blocks = blocks,
           .block_size = block_size,
@@ -191,10 +200,7 @@ TEST(PrefixCacheScheduler, AnAdmittedSequenceStartsAfterItsCachedBlocks) {
 
 TEST(PrefixCacheScheduler, TheLastTokenIsAlwaysComputed) {
   Scheduler s(CachingOptions(16, 4));
-  ASSERT_TRUE(s.Add(1, Iota(8), 0).ok());
-  s.Schedule();
-  s.CacheComputed();
-  s.Remove(1);
+  RunToTheEnd(s, 1, Iota(8));
   // The whole prompt is cached (2 full blocks), but its last position's logits are needed.
   ASSERT_TRUE(s.Add(2, Iota(8), 0).ok());
   StepPlan p = s.Schedule();
@@ -206,10 +212,7 @@ TEST(PrefixCacheScheduler, TheLastTokenIsAlwaysComputed) {
 
 TEST(PrefixCacheScheduler, SequencesThatOptOutOrCachingOffComputeEverything) {
   Scheduler on(CachingOptions(16, 4));
-  ASSERT_TRUE(on.Add(1, Iota(12), 0).ok());
-  on.Schedule();
-  on.CacheComputed();
-  on.Remove(1);
+  RunToTheEnd(on, 1, Iota(12));
   ASSERT_TRUE(on.Add(2, Iota(12), 0, /*use_prefix_cache=*/false).ok());
   ExpectRowsStart(on.Schedule(), 0);
   EXPECT_EQ(on.prefix_cache_queries(), 12u) << "an opted-out sequence is not a query";
@@ -217,10 +220,7 @@ TEST(PrefixCacheScheduler, SequencesThatOptOutOrCachingOffComputeEverything) {
   SchedulerOptions o = CachingOptions(16, 4);
   o.prefix_caching = false;
   Scheduler off(o);
-  ASSERT_TRUE(off.Add(1, Iota(12), 0).ok());
-  off.Schedule();
-  off.CacheComputed();
-  off.Remove(1);
+  RunToTheEnd(off, 1, Iota(12));
   ASSERT_TRUE(off.Add(2, Iota(12), 0).ok());
   ExpectRowsStart(off.Schedule(), 0);
   EXPECT_EQ(off.prefix_cache_queries(), 0u);
@@ -269,10 +269,7 @@ TEST(PrefixCacheScheduler, UnheldMatchedBlocksAreNotCountedFreeForTheWatermark) 
   SchedulerOptions o = CachingOptions(5, 2);
   o.watermark = 0.2;  // 1 block
   Scheduler s(o);
-  ASSERT_TRUE(s.Add(1, Iota(6), 0).ok());
-  s.Schedule();
-  s.CacheComputed();
-  s.Remove(1);
+  RunToTheEnd(s, 1, Iota(6));
   ASSERT_TRUE(s.Add(2, {50}, 0).ok());  // holds 1 block and keeps running
   s.Schedule();
   ASSERT_TRUE(s.Add(3, Iota(8), 0).ok());

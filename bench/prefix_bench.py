@@ -16,8 +16,9 @@ printed beside the figures:
     .venv/bin/python bench/prefix_bench.py --small    # the bundled GPT-2 twin, context 256 (CI)
 
 The 124M model has random F32 weights (bench/memory_bench.py writes it once under
-BUILD/bench-models); the prompts are token ids, so its tokenizer does not matter. Figures, not a
-timed test: on a shared machine compare the ratios, not the seconds.
+BUILD/bench-models); the prompts are token ids below 4096, the size of the bundled tokenizer it is
+served with (the server checks ids against it). Figures, not a timed test: on a shared machine
+compare the ratios, not the seconds.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def main() -> int:
         a.requests, a.concurrency, a.max_tokens, a.unique, a.rounds = 16, 4, 4, 8, 1
     else:
         model = ensure_gpt2_124m(os.path.join(a.build, "bench-models"))
-        a.context, a.system, a.question, a.answer, a.vocab = 1024, 768, 32, 32, 50257
+        a.context, a.system, a.question, a.answer, a.vocab = 1024, 768, 32, 32, 4096
         a.requests, a.concurrency, a.max_tokens, a.unique, a.rounds = 64, 8, 8, 16, 3
     binary = os.path.join(a.build, "server", "kraken-server")
     common = ["--max-batch-tokens", "512", "--max-batch-seqs", str(a.concurrency)]

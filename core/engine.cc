@@ -67,28 +67,52 @@ void Engine::Wake() {
 
 StatusOr<std::shared_ptr<RequestHandle>> Engine::Submit(RequestParams params, Clock::time_point arrival,
                                                         Clock::time_point deadline) {
+  if (params.n != 1) return InvalidArgument("Engine::Submit takes one sample (n = ", params.n, "); use SubmitSamples");
+  KRAKEN_ASSIGN_OR_RETURN(auto handles, SubmitSamples(std::move(params), arrival, deadline));
+  return std::move(handles[0]);
+}
+
+StatusOr<std::vector<std::shared_ptr<RequestHandle>>> Engine::SubmitSamples(RequestParams params,
+                                                                            Clock::time_point arrival,
+                                                                            Clock::time_point deadline) {
   if (tok_ == nullptr && !params.stop.empty()) {
     return InvalidArgument("field 'stop': stop strings need the model's tokenizer, and this engine has none");
   }
-  auto h = std::make_shared<RequestHandle>(next_id_++, std::move(params), arrival, deadline);
-  if (h->params().max_tokens == 0) {  // nothing to generate: answer at once
-    Finish(*h, 0, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
-    if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", Seconds(Clock::now() - arrival));
-    return h;
+  if (params.n < 1) return InvalidArgument("field 'n' must be at least 1, got ", params.n);
+  const uint32_t n = params.n;
+  std::vector<std::shared_ptr<RequestHandle>> handles;
+  handles.reserve(n);
+  const uint64_t first = next_id_.fetch_add(n);
+  for (uint32_t i = 0; i < n; ++i) {
+    RequestParams p = i + 1 < n ? params : std::move(params);
+    p.sampling.seed += i;  // wraps modulo 2^64
+    handles.push_back(std::make_shared<RequestHandle>(first + i, std::move(p), arrival, deadline, i > 0 ? first : 0));
   }
-  h->set_on_cancel([this] { Wake(); });
+  // Nothing to generate: answer at once (prompt logprobs need the prefill, which then ends it).
+  if (handles[0]->params().max_tokens == 0 && !handles[0]->params().prompt_logprobs) {
+    for (auto& h : handles) {
+      Finish(*h, 0, std::nullopt, std::nullopt, absl::OkStatus(), FinishReason::kLength, "");
+      if (options_.metrics != nullptr) options_.metrics->RecordSuccess("length", Seconds(Clock::now() - arrival));
+    }
+    return handles;
+  }
+  for (auto& h : handles) h->set_on_cancel([this] { Wake(); });
   {
     std::lock_guard<std::mutex> l(mu_);
     if (stop_ || fatal_) return absl::UnavailableError("the server is shutting down");
-    if (queued_.load() >= options_.scheduler.max_waiting)
-      return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
-                               " requests waiting); retry later");
-    incoming_.push_back(h);
-    ++active_count_;
-    ++queued_;
+    if (queued_.load() + static_cast<int>(n) > options_.scheduler.max_waiting) {
+      if (n == 1)
+        return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
+                                 " requests waiting); retry later");
+      return ResourceExhausted("field 'n': the waiting queue cannot take ", n, " more samples (", queued_.load(),
+                               " of ", options_.scheduler.max_waiting, " places taken); retry later");
+    }
+    for (auto& h : handles) incoming_.push_back(h);
+    active_count_ += static_cast<int>(n);
+    queued_ += static_cast<int>(n);
   }
   cv_.notify_all();
-  return h;
+  return handles;
 }
 
 std::span<const int32_t> Engine::Generated(const Request& r) const {
@@ -148,7 +172,9 @@ void Engine::Admit() {
   if (!batch.empty() && active_.empty() && idle_begin_ && !idle_end_) idle_end_ = Clock::now();
   for (auto& h : batch) {
     const uint64_t id = h->id();
-    Status s = sched_.Add(id, h->params().prompt, h->params().priority);
+    // Prompt logprobs need the logits of every prompt position: such a request computes them all.
+    Status s = sched_.Add(id, h->params().prompt, h->params().priority,
+                          /*use_prefix_cache=*/!h->params().prompt_logprobs, h->fork_of());
     if (!s.ok()) {
       --active_count_;
       --queued_;
@@ -298,6 +324,14 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
                         .sample = ss.sample,
                         .sampling = r.params.sampling,
                         .draw_index = static_cast<int64_t>(generated.size())};
+    const size_t prompt_len = r.params.prompt.size();
+    if (r.params.prompt_logprobs && r.handle->fork_of() == 0 && r.prompt_scored < prompt_len &&
+        static_cast<size_t>(ss.start_pos) < prompt_len) {
+      // Scores tokens[start + 1, start + n) and, unless the chunk ends the prompt, the token after it.
+      const size_t end = static_cast<size_t>(ss.start_pos + ss.num_tokens);
+      st.prompt_logprobs = true;
+      st.next_token = end < prompt_len ? r.params.prompt[end] : -1;
+    }
     if (ss.sample && engine::NeedsHistory(r.params.sampling)) {
       st.history_prompt = r.params.prompt;
       st.history_generated = generated;
@@ -333,14 +367,25 @@ bool Engine::RunOneStep() {
   }
   if (options_.metrics != nullptr) options_.metrics->iteration_tokens.Observe(plan.num_tokens);
   sched_.CacheComputed();  // before any sequence ends below: its blocks stay cached
-  for (const runtime::ResultSeq& res : result->seqs) {
+  for (size_t i = 0; i < result->seqs.size(); ++i) {
+    const runtime::ResultSeq& res = result->seqs[i];
     auto it = active_.find(res.seq_id);
     if (it == active_.end()) continue;
     if (res.error != 0) {
       End(res.seq_id, absl::InternalError(StrCat("sampling failed: ", std::string(res.status().message()))));
       continue;
     }
-    if (res.token >= 0) OnToken(*it->second, res);
+    Request& r = *it->second;
+    if (res.num_prompt_logprobs > 0)
+      OnPromptLogprobs(
+          r, steps_[i].start_pos,
+          {result->prompt_logprobs + res.prompt_logprob_offset, static_cast<size_t>(res.num_prompt_logprobs)});
+    if (res.token < 0) continue;
+    if (r.params.max_tokens == 0) {  // it ran for its prompt logprobs only
+      End(res.seq_id, absl::OkStatus(), FinishReason::kLength);
+      continue;
+    }
+    OnToken(r, res);
   }
   UpdateRankMetrics();
   UpdateGauges();
@@ -431,6 +476,24 @@ void Engine::UpdateRankMetrics() {
     m->memory_scratch[r]->Set(static_cast<double>(mem.scratch_bytes));
   }
   m->restarts.SetTotal(group_->restarts());
+}
+
+void Engine::OnPromptLogprobs(Request& r, int32_t start_pos, std::span<const runtime::PromptLogprob> scored) {
+  std::vector<TokenLogprobs> add;
+  // Entry j scores position start_pos + 1 + j; a recomputed chunk (after preemption) repeats some.
+  for (size_t j = 0; j < scored.size(); ++j) {
+    const size_t pos = static_cast<size_t>(start_pos) + 1 + j;
+    if (pos != r.prompt_scored || pos >= r.params.prompt.size()) continue;
+    const runtime::PromptLogprob& lp = scored[j];
+    add.push_back({.token = lp.token, .logprob = lp.logprob, .top = {lp.top, lp.top + lp.num_top}});
+    ++r.prompt_scored;
+  }
+  if (add.empty()) return;
+  r.handle->Publish(
+      [&](Output& out) {
+        for (TokenLogprobs& lp : add) out.prompt_logprobs.push_back(std::move(lp));
+      },
+      /*notify=*/false);  // the first token (or the end) follows and notifies
 }
 
 void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {

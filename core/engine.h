@@ -56,10 +56,20 @@ class Engine {
   /// Queues a request that arrived at `arrival` and must end by `deadline`
   /// (Clock::time_point::max() for none). RESOURCE_EXHAUSTED (naming the capacity) when the
   /// waiting queue is full, UNAVAILABLE when the engine is stopping or has failed. On success the
-  /// request ends through its handle exactly once; max_tokens 0 ends at once with kLength.
+  /// request ends through its handle exactly once; max_tokens 0 ends at once with kLength
+  /// (with prompt_logprobs, once the prompt is scored).
   /// INVALID_ARGUMENT for stop strings when the engine has no tokenizer.
+  /// `params.n` must be 1 (INVALID_ARGUMENT otherwise: SubmitSamples takes more).
   StatusOr<std::shared_ptr<RequestHandle>> Submit(RequestParams params, Clock::time_point arrival,
                                                   Clock::time_point deadline);
+  /// Queues `params.n` (>= 1) samples of one prompt as n requests, all or none (RESOURCE_EXHAUSTED
+  /// when the waiting queue cannot take all n), and returns their handles in index order. Sample i
+  /// samples with seed `params.sampling.seed + i` (mod 2^64), so sample 0 is the request with n = 1
+  /// and sample i equals an n = 1 request with that seed, token for token. Samples 1..n-1 share the
+  /// full KV blocks of sample 0's prompt once it is computed (scheduler::Scheduler::Add, fork_of)
+  /// and compute only the prompt's last partial block themselves. Each ends through its own handle.
+  StatusOr<std::vector<std::shared_ptr<RequestHandle>>> SubmitSamples(RequestParams params, Clock::time_point arrival,
+                                                                      Clock::time_point deadline);
   /// Wakes the engine thread (a request was cancelled).
   void Wake();
   /// Requests still queued or running.
@@ -79,6 +89,9 @@ class Engine {
   void BuildSteps(const scheduler::StepPlan& plan);
   void OnStepFailed(const Status& s, size_t planned);
   void OnToken(Request& r, const runtime::ResultSeq& res);
+  // Publishes the prompt logprobs a step scored for `r` (entry j: position start_pos + 1 + j) that
+  // it has not reported yet.
+  void OnPromptLogprobs(Request& r, int32_t start_pos, std::span<const runtime::PromptLogprob> scored);
   // The tokens `r` has generated. The scheduler's sequence (prompt, then output) is their one
   // owner: it needs them to recompute a preempted sequence; everything else reads them here.
   std::span<const int32_t> Generated(const Request& r) const;

@@ -8,9 +8,11 @@ bool RequestHandle::Take(Output* out) {
   out->text += pending_.text;
   out->ids.insert(out->ids.end(), pending_.ids.begin(), pending_.ids.end());
   for (TokenLogprobs& lp : pending_.logprobs) out->logprobs.push_back(std::move(lp));
+  for (TokenLogprobs& lp : pending_.prompt_logprobs) out->prompt_logprobs.push_back(std::move(lp));
   pending_.text.clear();
   pending_.ids.clear();
   pending_.logprobs.clear();
+  pending_.prompt_logprobs.clear();
   out->cached_tokens = pending_.cached_tokens;  // known from the first schedule on
   if (pending_.finished) {
     out->finished = true;

@@ -50,9 +50,11 @@ struct RequestParams {
   std::vector<std::string> stop;        // stop strings, never part of the output
   std::vector<int32_t> stop_token_ids;  // the client's, plus EOS unless it is ignored
   bool logprobs = false;                // report each token's logprob (and sampling.top_logprobs)
+  bool prompt_logprobs = false;         // score each prompt token after the first (sampling.top_logprobs alternatives)
   bool echo = false;
   bool skip_special = true;  // leave special tokens out of the text
   int priority = 0;          // lower first, under the priority scheduling policy
+  uint32_t n = 1;            // samples of the prompt (Engine::SubmitSamples); sample i uses seed + i
 };
 
 enum class FinishReason { kNone, kStop, kLength };
@@ -69,6 +71,9 @@ struct Output {
   std::string text;  // complete UTF-8, stop strings withheld
   std::vector<int32_t> ids;
   std::vector<TokenLogprobs> logprobs;  // one per id when RequestParams::logprobs
+  // RequestParams::prompt_logprobs: prompt tokens 1, 2, ... scored under the positions before them,
+  // in order, all of them before the first id (sample 0 of a request only).
+  std::vector<TokenLogprobs> prompt_logprobs;
   // Set once, when the request ends.
   bool finished = false;
   Status status;  // OK, or why it failed
@@ -78,16 +83,19 @@ struct Output {
   uint32_t cached_tokens = 0;                 // prompt tokens whose KV came from the prefix cache (first admission)
   double queue_s = 0, ttft_s = 0, e2e_s = 0;  // from arrival: to first scheduled, first token, end
 
-  bool empty() const { return text.empty() && ids.empty() && logprobs.empty(); }
+  bool empty() const { return text.empty() && ids.empty() && logprobs.empty() && prompt_logprobs.empty(); }
 };
 
 /// The front-end's side of a request: take output, cancel, and be told when there is more.
 class RequestHandle {
  public:
-  RequestHandle(uint64_t id, RequestParams params, Clock::time_point arrival, Clock::time_point deadline)
-      : id_(id), params_(std::move(params)), arrival_(arrival), deadline_(deadline) {}
+  /// `fork_of`: the id of the request's first sample when this handle is one of its other samples.
+  RequestHandle(uint64_t id, RequestParams params, Clock::time_point arrival, Clock::time_point deadline,
+                uint64_t fork_of = 0)
+      : id_(id), fork_of_(fork_of), params_(std::move(params)), arrival_(arrival), deadline_(deadline) {}
 
   uint64_t id() const { return id_; }
+  uint64_t fork_of() const { return fork_of_; }
   const RequestParams& params() const { return params_; }
   Clock::time_point arrival() const { return arrival_; }
   /// Clock::time_point::max() when the request has none.
@@ -123,6 +131,7 @@ class RequestHandle {
   void Notify();
 
   const uint64_t id_;
+  const uint64_t fork_of_;
   const RequestParams params_;
   const Clock::time_point arrival_, deadline_;
   std::atomic<bool> cancelled_{false};
@@ -150,6 +159,7 @@ struct Request {
   std::optional<Clock::time_point> scheduled, first_token;
   Clock::time_point last_token{};  // the previous token's hand-over (inter-token latency)
   uint64_t kv_generation = 0;      // the workers' generation when its KV cache was built
+  size_t prompt_scored = 1;        // prompt_logprobs: the next prompt position to report
 };
 
 }  // namespace kraken::core

@@ -143,8 +143,12 @@ StatusOr<RequestParams> ValidateGeneration(const GenerationRequest& req, const R
     return Bad("priority", StrCat("must fit in 32 bits, got ", req.priority));
   p.logprobs = req.logprobs || req.top_logprobs > 0;
   p.echo = req.echo;
+  p.prompt_logprobs = req.prompt_logprobs;
   p.skip_special = req.skip_special_tokens.value_or(true);
   p.priority = static_cast<int>(req.priority);
+  const int64_t n = req.n.value_or(1);
+  if (n < 1 || n > lim.max_n) return Bad("n", StrCat("must be in [1, ", lim.max_n, "], got ", n));
+  p.n = static_cast<uint32_t>(n);
   return p;
 }
 

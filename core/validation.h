@@ -32,6 +32,7 @@ struct RequestLimits {
   int max_top_logprobs = 20;
   int max_request_id_bytes = 128;
   int max_prompt_bytes = 1 << 20;
+  int max_n = 16;  // samples per request (at most the waiting queue's capacity)
 };
 
 /// A generation request as a client sent it, in no protocol's terms. Unset optionals take the
@@ -53,8 +54,10 @@ struct GenerationRequest {
   bool logprobs = false;     // the chosen token's logprob
   int64_t top_logprobs = 0;  // and this many alternatives (implies logprobs)
   bool echo = false;
+  bool prompt_logprobs = false;             // score the prompt's tokens (top_logprobs alternatives each)
   std::optional<bool> skip_special_tokens;  // unset: true
   int64_t priority = 0;
+  std::optional<int64_t> n;  // samples of the prompt; unset: 1
 };
 
 /// How the front-end's protocol spells the fields whose names differ between protocols; error

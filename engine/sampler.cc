@@ -102,13 +102,10 @@ int Sampler::KeepTypical(const float* w, int n, float typical_p) {
 Sampler::Sampler(int vocab)
     : vocab_(std::max(vocab, 0)), work_(vocab_), order_(vocab_), counts_(vocab_, 0), seen_(vocab_, 0) {}
 
-StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
-                                       int64_t draw_index) {
-  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
+bool Sampler::RawDistribution(const float* logits, int top_logprobs, SampledToken* out, float* log_z) {
   const int V = vocab_;
   float* w = work_.data();
-
-  // Raw distribution (for logprobs): NaN -> -inf; +inf tokens take all the mass.
+  // NaN -> -inf; +inf tokens take all the mass.
   float max_raw = kNegInf;
   int first_pos_inf = -1;
   for (int i = 0; i < V; ++i) {
@@ -117,27 +114,65 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
     if (x == std::numeric_limits<float>::infinity() && first_pos_inf < 0) first_pos_inf = i;
     max_raw = std::max(max_raw, x);
   }
-  if (max_raw == kNegInf) return InvalidArgument("logits hold no finite value (all -inf or NaN)");
-  SampledToken out;
-  if (first_pos_inf >= 0) {  // degenerate: no defined softmax; choose the first +inf token
-    out.token = first_pos_inf;
-    out.logprob = 0.f;
-    return out;
+  *out = SampledToken{};
+  if (max_raw == kNegInf) return false;
+  if (first_pos_inf >= 0) {  // degenerate: no defined softmax; the first +inf token has it all
+    out->token = first_pos_inf;
+    *log_z = std::numeric_limits<float>::infinity();
+    return true;
   }
   double sum_raw = 0.0;
   for (int i = 0; i < V; ++i) sum_raw += std::exp(static_cast<double>(w[i]) - max_raw);
-  const float log_z = static_cast<float>(max_raw + std::log(sum_raw));
-  auto raw_logprob = [&](int id) {
-    const float x = std::isnan(logits[id]) ? kNegInf : logits[id];
-    return x - log_z;
-  };
-  if (p.top_logprobs > 0) {
-    const int n = std::min(p.top_logprobs, V);
+  *log_z = static_cast<float>(max_raw + std::log(sum_raw));
+  if (top_logprobs > 0) {
+    const int n = std::min(top_logprobs, V);
     std::iota(order_.begin(), order_.end(), 0);
     std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
-    for (int i = 0; i < n; ++i) out.top[i] = {order_[i], raw_logprob(order_[i])};
-    out.num_top = n;
+    for (int i = 0; i < n; ++i) out->top[i] = {order_[i], RawLogprob(logits, order_[i], *log_z)};
+    out->num_top = n;
   }
+  return true;
+}
+
+float Sampler::RawLogprob(const float* logits, int32_t id, float log_z) {
+  const float x = std::isnan(logits[id]) ? kNegInf : logits[id];
+  return x - log_z;
+}
+
+StatusOr<SampledToken> Sampler::Score(const float* logits, int32_t token, int top_logprobs) {
+  if (token < 0 || token >= vocab_)
+    return InvalidArgument("token ", token, " is not in the vocabulary [0, ", vocab_, ")");
+  if (top_logprobs < 0 || top_logprobs > kMaxTopLogprobs)
+    return InvalidArgument("top_logprobs must be in [0, ", kMaxTopLogprobs, "], got ", top_logprobs);
+  SampledToken out;
+  float log_z = 0.f;
+  if (!RawDistribution(logits, top_logprobs, &out, &log_z))
+    return InvalidArgument("logits hold no finite value (all -inf or NaN)");
+  if (std::isinf(log_z)) {  // degenerate (+inf logits)
+    out.logprob = token == out.token ? 0.f : kNegInf;
+  } else {
+    out.logprob = RawLogprob(logits, token, log_z);
+  }
+  out.token = token;
+  return out;
+}
+
+StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
+                                       int64_t draw_index) {
+  KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
+  const int V = vocab_;
+  float* w = work_.data();
+
+  // Raw distribution (for logprobs).
+  SampledToken out;
+  float log_z = 0.f;
+  if (!RawDistribution(logits, p.top_logprobs, &out, &log_z))
+    return InvalidArgument("logits hold no finite value (all -inf or NaN)");
+  if (std::isinf(log_z)) {  // degenerate: choose the first +inf token
+    out.logprob = 0.f;
+    return out;
+  }
+  auto raw_logprob = [&](int id) { return RawLogprob(logits, id, log_z); };
 
   // Penalties on the working copy.
   const bool rep = p.repetition_penalty != 1.0f;

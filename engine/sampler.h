@@ -98,8 +98,19 @@ class Sampler {
   /// is -inf/NaN. Parameters are re-validated, so bad ones give an error, never a crash.
   StatusOr<SampledToken> Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
                                 int64_t draw_index = -1);
+  /// Scores a given `token` under `logits` [vocab] (a prompt token's logprob): its log-probability
+  /// under log_softmax(logits) and the `top_logprobs` most likely tokens, computed exactly as Sample
+  /// computes them for a drawn token, so a token scores the same bits whether it was drawn or given.
+  /// INVALID_ARGUMENT for a token outside [0, vocab), top_logprobs outside [0, 20], or logits with
+  /// no finite value.
+  StatusOr<SampledToken> Score(const float* logits, int32_t token, int top_logprobs);
 
  private:
+  // The raw distribution log_softmax(logits): its normaliser (+inf when +inf logits take all the
+  // mass; `out->token` is then the first of them) and the top `top_logprobs` tokens into `*out`.
+  // False when no logit is finite. Leaves the NaN-cleaned logits in work_.
+  bool RawDistribution(const float* logits, int top_logprobs, SampledToken* out, float* log_z);
+  static float RawLogprob(const float* logits, int32_t id, float log_z);
   // Typical-p over the n candidates order_[0, n) with weights w: reorders them, returns how many stay.
   int KeepTypical(const float* w, int n, float typical_p);
 

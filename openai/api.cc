@@ -36,8 +36,11 @@ struct CompletionContext {
   const tokenizer::Tokenizer* tok = nullptr;
 };
 
-// OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose KV came from the
-// prefix cache.
+using Handles = std::vector<std::shared_ptr<core::RequestHandle>>;
+
+// OpenAI's usage object for a request's samples: the prompt counted once, the completion tokens of
+// every sample; prompt_tokens_details.cached_tokens: prompt tokens whose KV came from the prefix
+// cache (the first sample's: the others share its prompt blocks).
 json Usage(const core::RequestHandle& h, int64_t completion_tokens, uint32_t cached_tokens) {
   const auto prompt = static_cast<int64_t>(h.params().prompt.size());
   return json{{"prompt_tokens", prompt},
@@ -65,41 +68,87 @@ json FinishReason(const core::Output& o) {
   return nullptr;
 }
 
-// One completion, JSON or SSE, pulled by its connection.
+// One completion of n samples (choices), JSON or SSE, pulled by its connection.
 class CompletionStream final : public http::Stream {
  public:
-  CompletionStream(std::shared_ptr<core::RequestHandle> h, CompletionContext c) : h_(std::move(h)), c_(std::move(c)) {}
-  ~CompletionStream() override { h_->Detach(); }
+  CompletionStream(Handles hs, CompletionContext c) : c_(std::move(c)) {
+    for (auto& h : hs) samples_.push_back(Sample{.h = std::move(h)});
+    // With echo, a completion's text (and its logprobs' offsets) start after the prompt.
+    if (params().echo)
+      for (auto& s : samples_) s.text_offset = static_cast<int64_t>(params().prompt_text.size());
+  }
+  ~CompletionStream() override {
+    for (auto& s : samples_) s.h->Detach();
+  }
 
-  void Start(std::function<void()> wake) override { h_->Listen(std::move(wake)); }
-  void Abort() override { h_->Cancel(); }
+  void Start(std::function<void()> wake) override {
+    for (auto& s : samples_) s.h->Listen(wake);
+  }
+  void Abort() override {
+    for (auto& s : samples_) s.h->Cancel();
+  }
   bool Next(Piece* piece) override { return c_.stream ? NextEvent(piece) : NextBody(piece); }
 
  private:
-  // The whole answer once the request has ended.
+  struct Sample {
+    std::shared_ptr<core::RequestHandle> h;
+    core::Output taken;
+    int64_t text_offset = 0;  // bytes of its text the logprobs have covered
+    int64_t sent_tokens = 0;  // tokens in the chunks sent so far
+    bool end_sent = false;
+  };
+
+  const core::RequestParams& params() const { return samples_[0].h->params(); }
+  // Takes what is new; the first sample that failed, if any.
+  const core::Output* TakeAll() {
+    const core::Output* failed = nullptr;
+    for (auto& s : samples_) {
+      s.h->Take(&s.taken);
+      if (failed == nullptr && s.taken.finished && !s.taken.status.ok()) failed = &s.taken;
+    }
+    return failed;
+  }
+  json TotalUsage(int64_t extra_tokens) const {
+    int64_t tokens = extra_tokens;
+    for (const auto& s : samples_) tokens += s.sent_tokens;
+    return Usage(*samples_[0].h, tokens, samples_[0].taken.cached_tokens);
+  }
+
+  // The whole answer once every sample has ended.
   bool NextBody(Piece* piece) {
-    h_->Take(&taken_);
-    if (!taken_.finished) return false;
-    piece->end = true;
-    if (!taken_.status.ok()) {
-      piece->head = ErrorResponse(taken_.status);
+    const core::Output* failed = TakeAll();
+    if (failed != nullptr) {
+      Abort();
+      piece->head = ErrorResponse(failed->status);
+      piece->end = true;
       return true;
     }
-    const std::string text = (h_->params().echo ? h_->params().prompt_text : "") + taken_.text;
+    for (const auto& s : samples_)
+      if (!s.taken.finished) return false;
+    piece->end = true;
+    json choices = json::array();
+    int64_t completion_tokens = 0;
+    for (size_t i = 0; i < samples_.size(); ++i) {
+      Sample& s = samples_[i];
+      const std::string text = (params().echo ? params().prompt_text : "") + s.taken.text;
+      choices.push_back(Choice(i, text, s.taken.logprobs, FinishReason(s.taken), StopReason(s.taken),
+                               params().prompt_logprobs ? &samples_[0].taken.prompt_logprobs : nullptr));
+      completion_tokens += s.taken.completion_tokens;
+    }
     json body{{"id", c_.id},
               {"object", "text_completion"},
               {"created", c_.created},
               {"model", c_.model},
-              {"choices", json::array({Choice(text, taken_.ids, taken_.logprobs, FinishReason(taken_))})},
-              {"usage", Usage(*h_, taken_.completion_tokens, taken_.cached_tokens)}};
-    body["choices"][0]["stop_reason"] = StopReason(taken_);
+              {"choices", std::move(choices)},
+              {"usage", Usage(*samples_[0].h, completion_tokens, samples_[0].taken.cached_tokens)}};
     piece->head = JsonResponse(200, body);
     piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
     return true;
   }
 
-  // Server-sent events: a chunk per batch of new tokens, the finish reason on the last one, the
-  // usage after it when asked, then [DONE]. An error after the start is an {"error": ...} event.
+  // Server-sent events: a chunk per sample with new tokens, each sample's finish reason on its
+  // last one, the usage after them all when asked, then [DONE]. An error after the start is an
+  // {"error": ...} event (the other samples are cancelled).
   bool NextEvent(Piece* piece) {
     if (!head_sent_) {
       head_sent_ = true;
@@ -107,28 +156,47 @@ class CompletionStream final : public http::Stream {
           .status = 200,
           .content_type = "text/event-stream",
           .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}, {"X-Request-Id", c_.id.substr(5)}}};
-      if (h_->params().echo) piece->data = Event(Chunk(h_->params().prompt_text, {}, {}, nullptr, nullptr));
     }
-    h_->Take(&taken_);
-    const bool ended = taken_.finished;
-    if (ended && !taken_.status.ok()) {
-      if (!taken_.text.empty()) piece->data += Event(Chunk(taken_.text, taken_.ids, taken_.logprobs, nullptr, nullptr));
-      piece->data += Event(ErrorObject(taken_.status, HttpStatus(taken_.status)));
-    } else if (!taken_.text.empty() || !taken_.ids.empty() || ended) {
-      piece->data += Event(Chunk(taken_.text, taken_.ids, taken_.logprobs, ended ? FinishReason(taken_) : json(nullptr),
-                                 ended ? StopReason(taken_) : json(nullptr)));
-      if (ended && c_.include_usage) {
-        json usage_chunk = Base();
-        usage_chunk["choices"] = json::array();
-        usage_chunk["usage"] = Usage(*h_, taken_.completion_tokens, taken_.cached_tokens);
-        piece->data += Event(usage_chunk);
+    const core::Output* failed = TakeAll();
+    if (params().echo && !echo_sent_) {
+      // The echoed prompt comes first in every choice; with logprobs, once the prefill has scored
+      // it (before any sample's first token).
+      const bool scored = samples_[0].taken.prompt_logprobs.size() + 1 >= params().prompt.size();
+      const bool ended = samples_[0].taken.finished || failed != nullptr;  // sample 0 alone scores the prompt
+      if (params().prompt_logprobs && !scored && !ended) return piece->head.has_value();
+      echo_sent_ = true;
+      for (size_t i = 0; i < samples_.size(); ++i)
+        piece->data += Event(Chunk(i, params().prompt_text, {}, nullptr, nullptr,
+                                   params().prompt_logprobs ? &samples_[0].taken.prompt_logprobs : nullptr,
+                                   /*chunk_tokens=*/0));
+    }
+    bool all_ended = true;
+    for (size_t i = 0; i < samples_.size(); ++i) {
+      Sample& s = samples_[i];
+      const bool ended = s.taken.finished && s.taken.status.ok();
+      if (failed != nullptr) {
+        if (!s.taken.text.empty()) piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, nullptr, nullptr));
+      } else if (!s.taken.text.empty() || !s.taken.ids.empty() || (ended && !s.end_sent)) {
+        piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, ended ? FinishReason(s.taken) : json(nullptr),
+                                   ended ? StopReason(s.taken) : json(nullptr)));
+        s.end_sent = ended;
       }
+      s.sent_tokens += static_cast<int64_t>(s.taken.ids.size());
+      s.taken.text.clear();
+      s.taken.ids.clear();
+      s.taken.logprobs.clear();
+      all_ended = all_ended && s.end_sent;
     }
-    sent_tokens_ += static_cast<int64_t>(taken_.ids.size());
-    taken_.text.clear();
-    taken_.ids.clear();
-    taken_.logprobs.clear();
-    if (ended) {
+    if (failed != nullptr) {
+      Abort();
+      piece->data += Event(ErrorObject(failed->status, HttpStatus(failed->status)));
+    } else if (all_ended && c_.include_usage) {
+      json usage_chunk = Base(0);
+      usage_chunk["choices"] = json::array();
+      usage_chunk["usage"] = TotalUsage(0);
+      piece->data += Event(usage_chunk);
+    }
+    if (failed != nullptr || all_ended) {
       piece->data += "data: [DONE]\n\n";
       piece->end = true;
     }
@@ -137,40 +205,67 @@ class CompletionStream final : public http::Stream {
 
   static std::string Event(const json& j) { return "data: " + Dump(j) + "\n\n"; }
 
-  json Base() const {
+  // What every chunk repeats; `chunk_tokens`: the tokens of the chunk being built (continuous usage).
+  json Base(int64_t chunk_tokens) const {
     json j{{"id", c_.id}, {"object", "text_completion"}, {"created", c_.created}, {"model", c_.model}};
     if (c_.continuous_usage)  // vLLM's continuous_usage_stats: the tokens sent so far, this chunk's included
-      j["usage"] = Usage(*h_, sent_tokens_ + static_cast<int64_t>(taken_.ids.size()), taken_.cached_tokens);
+      j["usage"] = TotalUsage(chunk_tokens);
     else if (c_.include_usage)
       j["usage"] = nullptr;
     return j;
   }
 
-  json Chunk(const std::string& text, const std::vector<int32_t>& ids, const std::vector<core::TokenLogprobs>& lps,
-             json finish, json stop) {
-    json j = Base();
-    j["choices"] = json::array({Choice(text, ids, lps, std::move(finish))});
-    j["choices"][0]["stop_reason"] = std::move(stop);
+  // `prompt`: the prompt's logprobs, for a choice that starts with the echoed prompt;
+  // `chunk_tokens`: the generated tokens the chunk holds (-1: the choice's taken ids).
+  json Chunk(size_t index, const std::string& text, const std::vector<core::TokenLogprobs>& lps, json finish, json stop,
+             const std::vector<core::TokenLogprobs>* prompt = nullptr, int64_t chunk_tokens = -1) {
+    json j = Base(chunk_tokens >= 0 ? chunk_tokens : static_cast<int64_t>(samples_[index].taken.ids.size()));
+    j["choices"] = json::array({Choice(index, text, lps, std::move(finish), std::move(stop), prompt)});
     return j;
   }
 
-  json Choice(const std::string& text, const std::vector<int32_t>& ids, const std::vector<core::TokenLogprobs>& lps,
-              json finish) {
-    return json{{"index", 0}, {"text", text}, {"logprobs", Logprobs(lps)}, {"finish_reason", std::move(finish)}};
+  json Choice(size_t index, const std::string& text, const std::vector<core::TokenLogprobs>& lps, json finish,
+              json stop, const std::vector<core::TokenLogprobs>* prompt = nullptr) {
+    return json{{"index", index},
+                {"text", text},
+                {"logprobs", Logprobs(samples_[index], lps, prompt)},
+                {"finish_reason", std::move(finish)},
+                {"stop_reason", std::move(stop)}};
   }
 
   // The completions API's logprobs object: each token's text, logprob, the alternatives asked
-  // for, and where its text starts (bytes into the completion).
-  json Logprobs(const std::vector<core::TokenLogprobs>& lps) {
-    if (!h_->params().logprobs) return nullptr;
+  // for, and where its text starts (bytes into the choice's text). With `prompt` (echo), the
+  // prompt's tokens come first, the first with a null logprob and alternatives (nothing precedes
+  // it), as vLLM and OpenAI give them.
+  json Logprobs(Sample& s, const std::vector<core::TokenLogprobs>& lps,
+                const std::vector<core::TokenLogprobs>* prompt) {
+    if (!params().logprobs) return nullptr;
     json tokens = json::array(), values = json::array(), offsets = json::array();
-    json tops = h_->params().sampling.top_logprobs > 0 ? json::array() : json(nullptr);
+    json tops = params().sampling.top_logprobs > 0 ? json::array() : json(nullptr);
+    if (prompt != nullptr) {
+      int64_t offset = 0;
+      const std::vector<int32_t>& ids = params().prompt;
+      for (size_t j = 0; j < ids.size(); ++j) {
+        const std::string piece = TokenText(ids[j]);
+        tokens.push_back(piece);
+        offsets.push_back(offset);
+        offset += static_cast<int64_t>(piece.size());
+        const core::TokenLogprobs* lp = j >= 1 && j - 1 < prompt->size() ? &(*prompt)[j - 1] : nullptr;
+        values.push_back(lp != nullptr ? json(lp->logprob) : json(nullptr));
+        if (tops.is_array()) {
+          json alternatives = lp != nullptr ? json::object() : json(nullptr);
+          if (lp != nullptr)
+            for (const engine::TokenLogprob& t : lp->top) alternatives[TokenText(t.token)] = t.logprob;
+          tops.push_back(std::move(alternatives));
+        }
+      }
+    }
     for (const core::TokenLogprobs& lp : lps) {
       const std::string piece = TokenText(lp.token);
       tokens.push_back(piece);
       values.push_back(lp.logprob);
-      offsets.push_back(text_offset_);
-      text_offset_ += piece.size();
+      offsets.push_back(s.text_offset);
+      s.text_offset += piece.size();
       if (tops.is_array()) {
         json alternatives = json::object();
         for (const engine::TokenLogprob& t : lp.top) alternatives[TokenText(t.token)] = t.logprob;
@@ -186,12 +281,9 @@ class CompletionStream final : public http::Stream {
     return s;
   }
 
-  std::shared_ptr<core::RequestHandle> h_;
+  std::vector<Sample> samples_;
   CompletionContext c_;
-  core::Output taken_;
-  bool head_sent_ = false;
-  int64_t text_offset_ = 0;
-  int64_t sent_tokens_ = 0;  // tokens in the chunks sent so far
+  bool head_sent_ = false, echo_sent_ = false;
 };
 
 // Parses a small JSON object body whose fields must all be in `known`.
@@ -265,8 +357,8 @@ http::Reply Api::Completions(const http::Request& req) {
   if (!params.ok()) return Refuse(request_id, params.status());
   const auto deadline =
       options_.request_timeout.count() > 0 ? arrival + options_.request_timeout : core::Clock::time_point::max();
-  auto handle = engine_.Submit(std::move(*params), arrival, deadline);
-  if (!handle.ok()) return Refuse(request_id, handle.status());
+  auto handles = engine_.SubmitSamples(std::move(*params), arrival, deadline);
+  if (!handles.ok()) return Refuse(request_id, handles.status());
   CompletionContext c{
       .id = "cmpl-" + (request_id.empty() ? RandomHex() : request_id),
       .model = options_.served_model_name,
@@ -276,7 +368,7 @@ http::Reply Api::Completions(const http::Request& req) {
       .include_usage = parsed->include_usage,
       .continuous_usage = parsed->continuous_usage,
       .tok = &tok_};
-  return std::make_unique<CompletionStream>(std::move(*handle), std::move(c));
+  return std::make_unique<CompletionStream>(std::move(*handles), std::move(c));
 }
 
 http::Reply Api::Tokenize(const http::Request& req) const {

@@ -137,18 +137,15 @@ Status ReadStops(const json& body, core::GenerationRequest* g) {
 
 // Fields this server knows but whose non-default values it does not offer.
 Status CheckUnsupported(const json& body, const core::GenerationRequest& g) {
-  for (const char* field : {"n", "best_of"}) {
-    std::optional<int64_t> v;
-    KRAKEN_RETURN_IF_ERROR(ReadInt(body, field, &v));
-    if (v && *v != 1) return InvalidArgument("field '", field, "' must be 1 (one sample per request), got ", *v);
-  }
+  std::optional<int64_t> best_of;
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "best_of", &best_of));
+  if (best_of && *best_of != g.n.value_or(1))
+    return InvalidArgument("field 'best_of' must equal n (", g.n.value_or(1),
+                           "): this server returns every sample it generates, got ", *best_of);
   if (auto it = body.find("suffix"); it != body.end() && !it->is_null() && !(it->is_string() && it->empty()))
     return InvalidArgument("field 'suffix' is not supported (the bundled models have no infilling), got ", Shown(*it));
   if (auto it = body.find("logit_bias"); it != body.end() && !it->is_null() && !(it->is_object() && it->empty()))
     return InvalidArgument("field 'logit_bias' is not supported, got ", Shown(*it));
-  if (g.echo && g.logprobs)
-    return InvalidArgument(
-        "field 'echo' with 'logprobs' asks for the prompt's logprobs, which this server does not return yet");
   return absl::OkStatus();
 }
 
@@ -215,6 +212,7 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   g.min_tokens = min_tokens.value_or(0);
   g.priority = priority.value_or(0);
   KRAKEN_RETURN_IF_ERROR(ReadSampling(body, &g));
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "n", &g.n));
   KRAKEN_RETURN_IF_ERROR(ReadStops(body, &g));
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "echo", &g.echo));
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "ignore_eos", &g.ignore_eos));
@@ -233,6 +231,7 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
     if (!r.stream) return InvalidArgument("field 'stream_options' is allowed only with 'stream': true");
   }
   KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));
+  g.prompt_logprobs = g.echo && g.logprobs;  // the echoed prompt comes with its logprobs
   return r;
 }
 

@@ -31,8 +31,9 @@ extern const core::FieldNames kCompletionFields;
 
 /// Parses a /v1/completions body. INVALID_ARGUMENT naming the field and the value for: a body
 /// that is not a JSON object; a field of the wrong type; a field this API does not have (with the
-/// closest one that exists); a feature this server does not offer yet (n or best_of other than 1,
-/// several prompts, suffix, logit_bias, echo with logprobs). `max_tokens: null` asks for as many
+/// closest one that exists); a feature this server does not offer yet (best_of other than n,
+/// several prompts, suffix, logit_bias). `echo` with `logprobs` asks for the prompt's logprobs too
+/// (GenerationRequest::prompt_logprobs). `max_tokens: null` asks for as many
 /// tokens as the context allows (`context_length`).
 StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, int context_length);
 

@@ -54,6 +54,7 @@ void PlanWriter::Write(uint64_t step, std::span<const SeqStep> seqs) {
     p.draw_index = s.draw_index;
     p.sample = s.sample ? 1 : 0;
     p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;
+    p.next_token = s.prompt_logprobs ? s.next_token : -1;
     p.sampling = s.sampling;
   }
   *At<PlanHeader>(base_, layout_.plan_header) = PlanHeader{.step = step,

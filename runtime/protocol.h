@@ -73,8 +73,10 @@ struct PlanSeq {
   int32_t history_banned = 0;     //   ... then this many ids that may not be sampled
   int64_t draw_index = 0;         // index of the token to sample (tokens generated so far)
   uint8_t sample = 0;             // 1: sample a next token from the last new token's logits
-  uint8_t prompt_logprobs = 0;    // 1: logprob of each new token after the first, given its prefix
+  uint8_t prompt_logprobs = 0;    // 1: score each new token after the first, then next_token (PromptLogprob)
   uint8_t reserved[2] = {};
+  int32_t next_token = -1;  // with prompt_logprobs: the known token after this chunk, scored by its last row; -1: none
+  int32_t reserved2 = 0;
   engine::SamplingParams sampling;  // as validated by the server
 };
 
@@ -96,8 +98,8 @@ struct ResultSeq {
   int32_t num_top = 0;
   int32_t error = 0;  // 0, or an absl::StatusCode for this sequence alone
   engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
-  int32_t prompt_logprob_offset = 0;  // into prompt_logprobs[], num_tokens - 1 entries
-  int32_t reserved = 0;
+  int32_t prompt_logprob_offset = 0;        // into prompt_logprobs[]: num_prompt_logprobs entries
+  int32_t num_prompt_logprobs = 0;          // with prompt_logprobs: num_tokens - 1, plus 1 with a next_token
   char error_message[kSeqErrorBytes] = {};  // with error: the worker's message, NUL-terminated
 
   /// OK, or this sequence's own failure with the worker's code and message.
@@ -106,6 +108,16 @@ struct ResultSeq {
     return Status(static_cast<absl::StatusCode>(error),
                   std::string(error_message, strnlen(error_message, kSeqErrorBytes)));
   }
+};
+
+/// One known token scored under the logits of the position before it (prompt logprobs): its
+/// logprob and the step's sequence's top_logprobs most likely alternatives (engine::Sampler::Score).
+struct PromptLogprob {
+  int32_t token = 0;
+  float logprob = 0.f;
+  int32_t num_top = 0;
+  int32_t reserved = 0;
+  engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
 };
 
 struct ResultHeader {
@@ -196,7 +208,7 @@ inline Layout ComputeLayout(const Limits& l) {
   o.history = take(sizeof(int32_t) * static_cast<size_t>(l.max_history));
   o.result_header = take(sizeof(ResultHeader));
   o.result_seqs = take(sizeof(ResultSeq) * static_cast<size_t>(l.max_seqs));
-  o.prompt_logprobs = take(sizeof(float) * static_cast<size_t>(l.max_tokens));
+  o.prompt_logprobs = take(sizeof(PromptLogprob) * static_cast<size_t>(l.max_tokens));
   o.total = AlignUp(at, 4096);
   return o;
 }
@@ -209,7 +221,8 @@ struct SeqStep {
   int32_t start_pos = 0;
   std::span<const int32_t> block_table;
   bool sample = true;
-  bool prompt_logprobs = false;
+  bool prompt_logprobs = false;  // score tokens[1..] and next_token (PromptLogprob)
+  int32_t next_token = -1;       // with prompt_logprobs: the known token after `tokens`, or -1
   engine::SamplingParams sampling;
   int64_t draw_index = 0;
   std::span<const int32_t> history_prompt;  // only needed when penalties are on

@@ -220,24 +220,6 @@ int32_t Worker::AwaitKvBlocks() {
   return n;
 }
 
-namespace {
-
-// Log-probability of each next token of `tokens` under the logits rows [row, row + n - 1):
-// out[j] = log p(tokens[j + 1] | tokens[..j]). Writes tokens.size() - 1 values; returns that count.
-int PromptLogprobs(const engine::ForwardResult& fr, int row, std::span<const int32_t> tokens, float* out) {
-  const int n = static_cast<int>(tokens.size());
-  for (int j = 0; j + 1 < n; ++j) {
-    const float* l = fr.logits + static_cast<int64_t>(row + j) * fr.vocab;
-    double mx = -INFINITY, sum = 0;
-    for (int v = 0; v < fr.vocab; ++v) mx = std::max<double>(mx, l[v]);
-    for (int v = 0; v < fr.vocab; ++v) sum += std::exp(l[v] - mx);
-    out[j] = static_cast<float>(l[tokens[j + 1]] - mx - std::log(sum));
-  }
-  return std::max(0, n - 1);
-}
-
-}  // namespace
-
 Status Worker::RunStep(const PlanHeader& plan) {
   const PlanReader reader(seg_->data(), layout_, limits_);
   Status status = reader.Check(plan);
@@ -269,7 +251,7 @@ void Worker::PublishResult(const PlanHeader& plan, const PlanReader& reader, con
   uint8_t* base = seg_->data();
   ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
   ResultSeq* rs = At<ResultSeq>(base, layout_.result_seqs);
-  float* prompt_lp = At<float>(base, layout_.prompt_logprobs);
+  PromptLogprob* prompt_lp = At<PromptLogprob>(base, layout_.prompt_logprobs);
   rh->step = plan.step;
   rh->status = static_cast<int32_t>(status.code());
   std::snprintf(rh->message, sizeof rh->message, "%s", std::string(status.message()).c_str());
@@ -283,8 +265,30 @@ void Worker::PublishResult(const PlanHeader& plan, const PlanReader& reader, con
     out.seq_id = s.plan->seq_id;
     const int rows = s.plan->prompt_logprobs ? static_cast<int>(s.tokens.size()) : 1;
     if (s.plan->prompt_logprobs) {
+      // Row j's logits score the token after it: tokens[j + 1], and for the last row next_token.
       out.prompt_logprob_offset = lp_at;
-      lp_at += PromptLogprobs(fr, row, s.tokens, prompt_lp + lp_at);
+      Status scored = absl::OkStatus();
+      for (int j = 0; j < rows && scored.ok(); ++j) {
+        const int32_t target = j + 1 < rows ? s.tokens[j + 1] : s.plan->next_token;
+        if (target < 0) break;
+        auto t = sampler_->Score(fr.logits + static_cast<int64_t>(row + j) * fr.vocab, target,
+                                 s.plan->sampling.top_logprobs);
+        if (!t.ok()) {
+          scored = t.status();
+          break;
+        }
+        PromptLogprob& lp = prompt_lp[lp_at++];
+        lp = PromptLogprob{.token = target, .logprob = t->logprob, .num_top = t->num_top};
+        for (int k = 0; k < t->num_top; ++k) lp.top[k] = t->top[k];
+      }
+      out.num_prompt_logprobs = lp_at - out.prompt_logprob_offset;
+      if (!scored.ok()) {
+        out.error = static_cast<int32_t>(scored.code());
+        std::snprintf(out.error_message, sizeof out.error_message, "prompt logprobs: %s",
+                      std::string(scored.message()).c_str());
+        row += rows;
+        continue;
+      }
     }
     const float* last = fr.logits + static_cast<int64_t>(row + rows - 1) * fr.vocab;
     row += rows;

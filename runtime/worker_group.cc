@@ -432,7 +432,7 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   const ResultHeader* rh = At<ResultHeader>(base, layout_.result_header);
   if (rh->status != 0) return Status(static_cast<absl::StatusCode>(rh->status), rh->message);
   return StepResultView{{At<ResultSeq>(base, layout_.result_seqs), static_cast<size_t>(rh->num_seqs)},
-                        At<float>(base, layout_.prompt_logprobs)};
+                        At<PromptLogprob>(base, layout_.prompt_logprobs)};
 }
 
 Status WorkerGroup::Supervise() {

@@ -67,7 +67,7 @@ struct WorkerGroupOptions {
 /// Rank 0's result, pointing into the segment: valid until the next RunStep.
 struct StepResultView {
   std::span<const ResultSeq> seqs;
-  const float* prompt_logprobs = nullptr;
+  const PromptLogprob* prompt_logprobs = nullptr;  // ResultSeq::prompt_logprob_offset indexes it
 };
 
 /// Timing of one rank, in seconds since the workers (re)started.

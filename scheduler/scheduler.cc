@@ -12,7 +12,7 @@ Scheduler::Scheduler(const SchedulerOptions& o)
   watermark_blocks_ = static_cast<int>(std::floor(o.watermark * o.num_kv_blocks));
 }
 
-Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache) {
+Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache, uint64_t fork_of) {
   if (tokens.empty()) return InvalidArgument("a sequence needs at least one token");
   if (seqs_.count(id)) return InvalidArgument("duplicate sequence id ", id);
   if (num_waiting() >= options_.max_waiting)
@@ -26,6 +26,7 @@ Status Scheduler::Add(uint64_t id, std::vector<int32_t> tokens, int priority, bo
   s->arrival = next_arrival_++;
   s->tokens = std::move(tokens);
   s->use_prefix_cache = use_prefix_cache;
+  s->fork_of = fork_of;
   InsertWaiting(s.get());
   seqs_.emplace(id, std::move(s));
   return absl::OkStatus();
@@ -45,6 +46,7 @@ void Scheduler::SortRunning() {
 void Scheduler::Preempt(Sequence* s) {
   blocks_.Free(&s->block_table);
   s->num_computed = 0;
+  s->num_ready = 0;
   s->chain = {};
   s->running = false;
   ++s->preemptions;
@@ -105,13 +107,22 @@ StepPlan Scheduler::Schedule() {
         std::find(plan.preempted.begin(), plan.preempted.end(), s->id) != plan.preempted.end())
       break;  // just preempted for lack of blocks: do not re-admit in the same step
     const int len = static_cast<int>(s->tokens.size());
-    // The longest cached prefix, leaving at least the last token to compute.
-    const bool lookup = blocks_.prefix_caching() && s->use_prefix_cache;
-    const BlockManager::Chain chain =
-        blocks_.MatchPrefix(s->tokens, lookup ? (len - 1) / blocks_.block_size() : 0, &matched_);
-    const int cached = chain.blocks * blocks_.block_size();
+    const int bs = blocks_.block_size();
+    // A fork shares its origin's full prompt blocks, leaving at least the last token to compute,
+    // and waits while their K/V are still being computed.
+    const int fork_blocks = ForkBlocks(*s);
+    if (fork_blocks < 0) break;
+    // Otherwise, the longest cached prefix, leaving at least the last token to compute.
+    const bool lookup = fork_blocks == 0 && blocks_.prefix_caching() && s->use_prefix_cache;
+    BlockManager::Chain chain = blocks_.MatchPrefix(s->tokens, lookup ? (len - 1) / bs : 0, &matched_);
+    if (fork_blocks > 0) {
+      const std::vector<int32_t>& from = seqs_.at(s->fork_of)->block_table;
+      matched_.assign(from.begin(), from.begin() + fork_blocks);
+      chain = {};  // registration, if any, walks its shared blocks from the start
+    }
+    const int cached = fork_blocks > 0 ? fork_blocks * bs : chain.blocks * bs;
     const int n = std::min(len - cached, budget);
-    const int need = blocks_.BlocksFor(cached + n) - chain.blocks;
+    const int need = blocks_.BlocksFor(cached + n) - static_cast<int>(matched_.size());
     // Matched blocks nobody holds are counted free now and stop being free once shared.
     int unheld = 0;
     for (int32_t b : matched_) unheld += blocks_.RefCount(b) == 0;
@@ -122,7 +133,8 @@ StepPlan Scheduler::Schedule() {
     s->block_table = matched_;
     KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "checked above");
     s->chain = chain;
-    s->cached_tokens = cached;
+    s->cached_tokens = fork_blocks > 0 ? 0 : cached;  // shared by a fork: not from the cache
+    s->fork_of = 0;
     if (lookup) {
       prefix_queries_ += static_cast<uint64_t>(len);
       prefix_hits_ += static_cast<uint64_t>(cached);
@@ -138,8 +150,25 @@ StepPlan Scheduler::Schedule() {
   return plan;
 }
 
+int Scheduler::ForkBlocks(const Sequence& s) const {
+  if (s.fork_of == 0) return 0;
+  auto it = seqs_.find(s.fork_of);
+  if (it == seqs_.end() || !it->second->running) return 0;  // ended, or waiting itself
+  const Sequence& from = *it->second;
+  const int len = static_cast<int>(s.tokens.size());
+  const int blocks = (len - 1) / blocks_.block_size();
+  const int tokens = blocks * blocks_.block_size();
+  if (blocks == 0 || static_cast<int>(from.tokens.size()) < tokens ||
+      !std::equal(s.tokens.begin(), s.tokens.begin() + tokens, from.tokens.begin()))
+    return 0;
+  return from.num_ready >= tokens ? blocks : -1;
+}
+
 void Scheduler::CacheComputed() {
-  for (Sequence* s : running_) blocks_.CacheFullBlocks(s->tokens, s->num_computed, s->block_table, &s->chain);
+  for (Sequence* s : running_) {
+    s->num_ready = s->num_computed;
+    blocks_.CacheFullBlocks(s->tokens, s->num_computed, s->block_table, &s->chain);
+  }
 }
 
 void Scheduler::AppendToken(uint64_t id, int32_t token) {

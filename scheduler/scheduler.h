@@ -21,6 +21,12 @@
 //      that holds its leading tokens (BlockManager::MatchPrefix) and is planned from the end of
 //      that run: those tokens cost neither budget nor new blocks. At least its last token is
 //      always computed, since its logits are needed to sample.
+//      A fork (one of a request's n samples, Add's `fork_of`) shares instead the full blocks that
+//      hold the prompt of the sequence it was forked from, once their K/V are computed: it waits
+//      in its place in the queue while they are being computed, then computes only the rest of
+//      the prompt (less than a block, its partial last block being its own) and samples on its
+//      own. Sharing needs no prefix cache; a fork whose origin has ended or is not running is
+//      admitted like any other sequence.
 //
 // Order everywhere is the scheduling policy's, a value in SchedulerOptions: kPriority orders by
 // (priority, arrival), lower priority values first and first come first served among equals (all
@@ -71,6 +77,8 @@ struct Sequence {
   bool use_prefix_cache = true;  // may start from cached blocks when admitted
   int32_t cached_tokens = 0;     // tokens taken from the prefix cache at its latest admission
   BlockManager::Chain chain;     // how far its blocks are registered in the prefix cache
+  int32_t num_ready = 0;         // of num_computed, the tokens whose K/V a finished step computed
+  uint64_t fork_of = 0;          // until its first admission: the sequence whose prompt blocks it shares
 };
 
 /// One sequence's part of a planned step: feed tokens[start_pos, start_pos + num_tokens).
@@ -98,11 +106,14 @@ class Scheduler {
   /// queue holds max_waiting requests; INVALID_ARGUMENT for a duplicate id, no tokens, or a
   /// sequence whose full KV could never fit in the cache. `use_prefix_cache` false: always
   /// computed from position 0 (a request that needs every prompt position's logits).
-  Status Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache = true);
+  /// `fork_of` non-zero: a sibling of that sequence with the same prompt (one of a request's n
+  /// samples), which shares its full prompt blocks when admitted (see the header comment).
+  Status Add(uint64_t id, std::vector<int32_t> tokens, int priority, bool use_prefix_cache = true,
+             uint64_t fork_of = 0);
   /// Plans the next step (see the header comment).
   StepPlan Schedule();
-  /// After a step that succeeded: registers the full blocks whose K/V it completed in the prefix
-  /// cache (no-op without prefix caching).
+  /// After a step that succeeded: the K/V it planned are computed (forks may share them), and the
+  /// full blocks it completed are registered in the prefix cache (when it is on).
   void CacheComputed();
   /// The workers' KV pools were lost: forget every cached block.
   void ResetPrefixCache() { blocks_.ResetPrefixCache(); }
@@ -130,6 +141,9 @@ class Scheduler {
     return a->arrival < b->arrival;
   }
   void InsertWaiting(Sequence* s);
+  // Full blocks a fork may share from the sequence it was forked from: 0 for none (not a fork, the
+  // origin is not running or its prompt is too short), -1 while their K/V are still being computed.
+  int ForkBlocks(const Sequence& s) const;
 
   SchedulerOptions options_;
   BlockManager blocks_;

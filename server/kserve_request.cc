@@ -263,7 +263,8 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
         g.seed = static_cast<uint64_t>(n);
       }
       if ((key == "n" || key == "best_of") && n != 1)
-        return InvalidArgument("field 'sampling_parameters.", key, "' must be 1 (one sample per request), got ", n);
+        return InvalidArgument("field 'sampling_parameters.", key,
+                               "' must be 1 on this API (kraken.v1 and /v1/completions take n > 1), got ", n);
     } else {
       KRAKEN_ASSIGN_OR_RETURN(double d, JsonNumber(v, key));
       if (key == "temperature") g.temperature = d;

@@ -357,6 +357,7 @@ kraken::v1::ModelInfo MakeModelInfo(const Flags& f, const engine::ModelConfig& c
   info.set_max_stop_strings(limits.max_stop_strings);
   info.set_max_stop_string_bytes(limits.max_stop_string_bytes);
   info.set_max_top_logprobs(limits.max_top_logprobs);
+  info.set_max_n(static_cast<uint32_t>(limits.max_n));
   info.set_max_waiting_requests(f.max_waiting);
   info.set_max_batch_tokens(f.max_batch_tokens);
   info.set_max_batch_sequences(f.max_batch_seqs);
@@ -610,7 +611,8 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::critical("cannot load model: {}", config.status().ToString());
     return 2;
   }
-  const core::RequestLimits limits = LoadLimits(f.model, *config);
+  core::RequestLimits limits = LoadLimits(f.model, *config);
+  limits.max_n = std::max(1, std::min(limits.max_n, f.max_waiting));  // n samples queue as n requests
   auto wo = WorkerOptions(f, *config, limits);
   if (!wo.ok()) {
     spdlog::critical("{}", std::string(wo.status().message()));

@@ -25,8 +25,10 @@ core::GenerationRequest FromProto(const kraken::v1::GenerateRequest& req) {
   g.logprobs = req.logprobs();
   g.top_logprobs = req.top_logprobs();
   g.echo = req.echo();
+  g.prompt_logprobs = req.prompt_logprobs();
   if (req.has_skip_special_tokens()) g.skip_special_tokens = req.skip_special_tokens();
   g.priority = req.priority();
+  if (req.has_n()) g.n = req.n();
   return g;
 }
 

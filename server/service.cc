@@ -21,15 +21,19 @@ kraken::v1::FinishReason ToProto(core::FinishReason r) {
   return kraken::v1::FINISH_REASON_UNSPECIFIED;
 }
 
+using Handles = std::vector<std::shared_ptr<core::RequestHandle>>;
+
 // Turns a chunk taken from the core into `msg`. The first message carries the seed (and the
-// echo); the last carries finish reason, usage and timings.
-void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first, bool last, GenerateResponse* msg) {
+// echo); the last carries finish reason, usage and timings. `index`: the sample (set when the
+// request has n > 1).
+void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first, bool last, GenerateResponse* msg,
+                std::optional<uint32_t> index = std::nullopt) {
   const core::RequestParams& p = h.params();
   msg->set_request_id(p.request_id);
+  if (index) msg->set_index(*index);
   msg->mutable_text()->append(o.text);
   for (int32_t id : o.ids) msg->add_token_ids(id);
-  for (const core::TokenLogprobs& lp : o.logprobs) {
-    kraken::v1::TokenLogprob* out = msg->add_logprobs();
+  auto add = [](const core::TokenLogprobs& lp, kraken::v1::TokenLogprob* out) {
     out->set_token_id(lp.token);
     out->set_logprob(lp.logprob);
     for (const engine::TokenLogprob& t : lp.top) {
@@ -37,7 +41,9 @@ void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first,
       alt->set_token_id(t.token);
       alt->set_logprob(t.logprob);
     }
-  }
+  };
+  for (const core::TokenLogprobs& lp : o.logprobs) add(lp, msg->add_logprobs());
+  for (const core::TokenLogprobs& lp : o.prompt_logprobs) add(lp, msg->add_prompt_logprobs());
   if (first || last) msg->set_seed(p.sampling.seed);
   if (first && p.echo) {
     msg->set_prompt_text(p.prompt_text);
@@ -55,14 +61,21 @@ void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first,
   }
 }
 
-// Streams one request: whenever no write is outstanding, sends what the core has produced.
-// While the client is slow, output coalesces in the handle and the engine never waits. `mu_`
-// (this reactor's only lock) serialises the engine thread's pumps with gRPC's callbacks; the
-// core calls the listener holding none of its own locks.
+void CancelAll(const Handles& hs) {
+  for (const auto& h : hs) h->Cancel();
+}
+
+// Streams one request's samples: whenever no write is outstanding, sends what the core has
+// produced for the next sample with something new (round robin, so no sample starves another).
+// While the client is slow, output coalesces in the handles and the engine never waits. `mu_`
+// (this reactor's only lock) serialises the engine thread's pumps with gRPC's callbacks; the core
+// calls the listeners holding none of its own locks. A sample that fails ends the stream with its
+// error (after what it had produced) and cancels the others.
 class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  explicit GenerateReactor(std::shared_ptr<core::RequestHandle> h) : h_(std::move(h)) {
-    h_->Listen([this] { Pump(); });
+  explicit GenerateReactor(Handles hs)
+      : hs_(std::move(hs)), taken_(hs_.size()), first_sent_(hs_.size()), last_sent_(hs_.size()) {
+    for (auto& h : hs_) h->Listen([this] { Pump(); });
     Pump();
   }
 
@@ -70,7 +83,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     std::lock_guard<std::mutex> l(mu_);
     writing_ = false;
     if (!ok) {  // the client is gone
-      h_->Cancel();
+      CancelAll(hs_);
       if (!finish_called_) {
         finish_called_ = true;
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
@@ -79,9 +92,9 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
     PumpLocked();
   }
-  void OnCancel() override { h_->Cancel(); }
+  void OnCancel() override { CancelAll(hs_); }
   void OnDone() override {
-    h_->Detach();  // the engine will not call Pump again
+    for (auto& h : hs_) h->Detach();  // the engine will not call Pump again
     delete this;
   }
 
@@ -90,64 +103,80 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     std::lock_guard<std::mutex> l(mu_);
     PumpLocked();
   }
+  bool HasTokens(size_t i) const { return !taken_[i].text.empty() || !taken_[i].ids.empty(); }
   // Start the next write, or finish.
   void PumpLocked() {
     if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
-    if (!taken_.finished) h_->Take(&taken_);
-    const bool has_tokens = !taken_.text.empty() || !taken_.ids.empty();
-    if (taken_.finished && !taken_.status.ok()) {
+    const size_t n = hs_.size();
+    for (size_t i = 0; i < n; ++i)
+      if (!taken_[i].finished) hs_[i]->Take(&taken_[i]);
+    for (size_t i = 0; i < n; ++i) {
+      if (!taken_[i].finished || taken_[i].status.ok()) continue;
       finish_called_ = true;
-      if (has_tokens) {  // deliver what was produced, then the error
-        Send(/*last=*/false, /*and_finish=*/true);
+      CancelAll(hs_);
+      if (HasTokens(i)) {  // deliver what was produced, then the error
+        Send(i, /*last=*/false, /*and_finish=*/true, ToGrpc(taken_[i].status));
       } else {
-        Finish(ToGrpc(taken_.status));
+        Finish(ToGrpc(taken_[i].status));
       }
       return;
     }
-    if (taken_.finished && !last_sent_) {
-      last_sent_ = true;
-      Send(/*last=*/true, /*and_finish=*/false);
-      return;
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (next_ + k) % n;
+      if (taken_[i].finished && !last_sent_[i]) {
+        last_sent_[i] = true;
+        next_ = i + 1;
+        Send(i, /*last=*/true, /*and_finish=*/false, grpc::Status::OK);
+        return;
+      }
+      if (!taken_[i].finished && HasTokens(i)) {
+        next_ = i + 1;
+        Send(i, /*last=*/false, /*and_finish=*/false, grpc::Status::OK);
+        return;
+      }
     }
-    if (taken_.finished) {
+    if (std::all_of(last_sent_.begin(), last_sent_.end(), [](bool b) { return b; })) {
       finish_called_ = true;
       Finish(grpc::Status::OK);
-      return;
     }
-    if (has_tokens) Send(/*last=*/false, /*and_finish=*/false);
   }
-  void Send(bool last, bool and_finish) {
+  void Send(size_t i, bool last, bool and_finish, const grpc::Status& status) {
     GenerateResponse msg;
-    ToResponse(*h_, taken_, !first_sent_, last, &msg);
-    first_sent_ = true;
-    taken_.text.clear();
-    taken_.ids.clear();
-    taken_.logprobs.clear();
+    ToResponse(*hs_[i], taken_[i], !first_sent_[i], last, &msg,
+               hs_.size() > 1 ? std::optional<uint32_t>(static_cast<uint32_t>(i)) : std::nullopt);
+    first_sent_[i] = true;
+    taken_[i].text.clear();
+    taken_[i].ids.clear();
+    taken_[i].logprobs.clear();
+    taken_[i].prompt_logprobs.clear();
     wire_ = Serialize(msg);
     writing_ = true;
     if (and_finish)
-      StartWriteAndFinish(&wire_, grpc::WriteOptions(), ToGrpc(taken_.status));
+      StartWriteAndFinish(&wire_, grpc::WriteOptions(), status);
     else
       StartWrite(&wire_);
   }
 
-  std::shared_ptr<core::RequestHandle> h_;
+  Handles hs_;
   std::mutex mu_;
-  core::Output taken_;     // taken from the handle, not yet sent
+  std::vector<core::Output> taken_;  // per sample: taken from its handle, not yet sent
+  std::vector<bool> first_sent_, last_sent_;
   grpc::ByteBuffer wire_;  // the message the write in flight sends
-  bool writing_ = false, first_sent_ = false, last_sent_ = false, finish_called_ = false;
+  size_t next_ = 0;        // the sample to look at first for the next write
+  bool writing_ = false, finish_called_ = false;
 };
 
-// Answers one request in a single message once it has ended.
+// Answers one request in a single message once every sample has ended: sample 0 in the message's
+// own fields and, with n > 1, every sample in `samples`. A failed sample fails the call.
 class CompleteReactor final : public grpc::ServerUnaryReactor {
  public:
-  CompleteReactor(std::shared_ptr<core::RequestHandle> h, grpc::ByteBuffer* resp) : h_(std::move(h)), resp_(resp) {
-    h_->Listen([this] { Pump(); });
+  CompleteReactor(Handles hs, grpc::ByteBuffer* resp) : hs_(std::move(hs)), resp_(resp), all_(hs_.size()) {
+    for (auto& h : hs_) h->Listen([this] { Pump(); });
     Pump();
   }
-  void OnCancel() override { h_->Cancel(); }
+  void OnCancel() override { CancelAll(hs_); }
   void OnDone() override {
-    h_->Detach();
+    for (auto& h : hs_) h->Detach();
     delete this;
   }
 
@@ -155,23 +184,33 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
   void Pump() {
     std::lock_guard<std::mutex> l(mu_);
     if (finish_called_) return;
-    h_->Take(&all_);
-    if (!all_.finished) return;
-    finish_called_ = true;
-    if (!all_.status.ok()) {
-      Finish(ToGrpc(all_.status));
-      return;
+    bool all_finished = true;
+    for (size_t i = 0; i < hs_.size(); ++i) {
+      hs_[i]->Take(&all_[i]);
+      if (all_[i].finished && !all_[i].status.ok()) {
+        finish_called_ = true;
+        CancelAll(hs_);
+        Finish(ToGrpc(all_[i].status));
+        return;
+      }
+      all_finished = all_finished && all_[i].finished;
     }
+    if (!all_finished) return;
+    finish_called_ = true;
     GenerateResponse msg;
-    ToResponse(*h_, all_, /*first=*/true, /*last=*/true, &msg);
+    ToResponse(*hs_[0], all_[0], /*first=*/true, /*last=*/true, &msg);
+    if (hs_.size() > 1) {
+      for (size_t i = 0; i < hs_.size(); ++i)
+        ToResponse(*hs_[i], all_[i], /*first=*/true, /*last=*/true, msg.add_samples(), static_cast<uint32_t>(i));
+    }
     *resp_ = Serialize(msg);
     Finish(grpc::Status::OK);
   }
 
-  std::shared_ptr<core::RequestHandle> h_;
+  Handles hs_;
   grpc::ByteBuffer* resp_;
   std::mutex mu_;
-  core::Output all_;  // everything taken so far
+  std::vector<core::Output> all_;  // per sample: everything taken so far
   bool finish_called_ = false;
 };
 
@@ -222,16 +261,15 @@ Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
   return CheckApiKey(ctx, options_.api_key);
 }
 
-StatusOr<std::shared_ptr<core::RequestHandle>> KrakenService::Accept(grpc::CallbackServerContext* ctx,
-                                                                     const grpc::ByteBuffer& raw,
-                                                                     kraken::v1::GenerateRequest* req) {
+StatusOr<Handles> KrakenService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
+                                        kraken::v1::GenerateRequest* req) {
   const auto arrival = core::Clock::now();
   const auto deadline = CallDeadline(ctx, arrival, options_.request_timeout);
   if (draining_) return absl::UnavailableError("the server is shutting down");
   KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
   KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
   KRAKEN_ASSIGN_OR_RETURN(core::RequestParams params, core::ValidateGeneration(FromProto(*req), options_.limits, tok_));
-  return engine_.Submit(std::move(params), arrival, deadline);
+  return engine_.SubmitSamples(std::move(params), arrival, deadline);
 }
 
 void KrakenService::Refused(const std::string& request_id, const Status& status) const {
@@ -247,7 +285,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::Callba
     void OnDone() override { delete this; }
   };
   kraken::v1::GenerateRequest req;
-  StatusOr<std::shared_ptr<core::RequestHandle>> r = Accept(ctx, *raw, &req);
+  StatusOr<Handles> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
     Refused(req.request_id(), r.status());
     return new Reject(ToGrpc(r.status()));
@@ -258,7 +296,7 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::Callba
 grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                   grpc::ByteBuffer* resp) {
   kraken::v1::GenerateRequest req;
-  StatusOr<std::shared_ptr<core::RequestHandle>> r = Accept(ctx, *raw, &req);
+  StatusOr<Handles> r = Accept(ctx, *raw, &req);
   if (!r.ok()) {
     Refused(req.request_id(), r.status());
     return FinishUnary(ctx, ToGrpc(r.status()));

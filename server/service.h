@@ -101,9 +101,10 @@ class KrakenService final : public RawKrakenService {
   // A generation request refused before it reached the engine: logged and counted once.
   void Refused(const std::string& request_id, const Status& status) const;
   Status Authorize(grpc::CallbackServerContext* ctx) const;
-  // Draining, authentication, parsing, validation, then the engine: the request's handle, or why not.
-  StatusOr<std::shared_ptr<core::RequestHandle>> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
-                                                        kraken::v1::GenerateRequest* req);
+  // Draining, authentication, parsing, validation, then the engine: its samples' handles (index order), or why not.
+  StatusOr<std::vector<std::shared_ptr<core::RequestHandle>>> Accept(grpc::CallbackServerContext* ctx,
+                                                                     const grpc::ByteBuffer& raw,
+                                                                     kraken::v1::GenerateRequest* req);
 
   core::Engine& engine_;
   const tokenizer::Tokenizer& tok_;

@@ -50,6 +50,35 @@ TEST(Sampler, GreedyPicksArgmaxLowestIdOnTiesAndReportsRawLogprobs) {
   EXPECT_NEAR(t->top[2].logprob, 1.0 - z, 1e-6);
 }
 
+TEST(Sampler, ScoringAGivenTokenGivesTheBitsSamplingIt) {
+  Sampler s(6);
+  const float logits[6] = {0.5f, 2.25f, -1.f, 2.25f, 7.f / 3.f, -kInf};
+  for (uint64_t seed = 1; seed < 40; ++seed) {
+    auto drawn = s.Sample(logits, {.temperature = 1.5f, .top_logprobs = 4, .seed = seed}, {});
+    ASSERT_TRUE(drawn.ok());
+    auto given = s.Score(logits, drawn->token, 4);
+    ASSERT_TRUE(given.ok());
+    EXPECT_EQ(given->token, drawn->token);
+    EXPECT_EQ(given->logprob, drawn->logprob) << "exactly";
+    ASSERT_EQ(given->num_top, 4);
+    for (int k = 0; k < 4; ++k) {
+      EXPECT_EQ(given->top[k].token, drawn->top[k].token);
+      EXPECT_EQ(given->top[k].logprob, drawn->top[k].logprob);
+    }
+  }
+  const double z = std::log(std::exp(0.5) + 2 * std::exp(2.25) + std::exp(-1.0) + std::exp(7.0 / 3.0));
+  auto t = s.Score(logits, 2, 0);
+  ASSERT_TRUE(t.ok());
+  EXPECT_NEAR(t->logprob, -1.0 - z, 1e-6);
+  EXPECT_EQ(t->num_top, 0);
+  EXPECT_EQ(s.Score(logits, 5, 0)->logprob, -kInf) << "a token the model rules out";
+  EXPECT_EQ(s.Score(logits, 6, 0).status().message(), "token 6 is not in the vocabulary [0, 6)");
+  EXPECT_EQ(s.Score(logits, -1, 0).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.Score(logits, 0, 21).status().message(), "top_logprobs must be in [0, 20], got 21");
+  const float none[6] = {-kInf, -kInf, -kInf, -kInf, -kInf, -kInf};
+  EXPECT_EQ(s.Score(none, 0, 0).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(Sampler, SeededDrawsAreReproducibleAndFollowTheDistribution) {
   const int V = 5;
   const float logits[V] = {0.f, std::log(2.f), std::log(3.f), std::log(4.f), -kInf};

@@ -72,8 +72,12 @@ Outcome Through(WorkerGroup& g, const std::vector<int32_t>& prompt) {
   if (!r.ok()) return out;
   EXPECT_EQ(r->seqs.size(), 1u);
   EXPECT_EQ(r->seqs[0].seq_id, 7u);
-  out.prompt_logprobs.assign(r->prompt_logprobs + r->seqs[0].prompt_logprob_offset,
-                             r->prompt_logprobs + r->seqs[0].prompt_logprob_offset + prompt.size() - 1);
+  EXPECT_EQ(r->seqs[0].num_prompt_logprobs, static_cast<int32_t>(prompt.size()) - 1);
+  for (int j = 0; j < r->seqs[0].num_prompt_logprobs; ++j) {
+    const PromptLogprob& lp = r->prompt_logprobs[r->seqs[0].prompt_logprob_offset + j];
+    EXPECT_EQ(lp.token, prompt[j + 1]);
+    out.prompt_logprobs.push_back(lp.logprob);
+  }
   int32_t next = r->seqs[0].token;
   for (int i = 0; i < 12; ++i) {
     out.greedy.push_back(next);
@@ -566,6 +570,7 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
        .block_table = a_blocks,
        .sample = true,
        .prompt_logprobs = true,
+       .next_token = 42,
        .sampling = {.temperature = 0.5f, .top_k = 3, .seed = 77},
        .draw_index = 4,
        .history_prompt = prompt,
@@ -592,6 +597,8 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
   EXPECT_EQ(a.plan->draw_index, 4);
   EXPECT_EQ(a.plan->sample, 1);
   EXPECT_EQ(a.plan->prompt_logprobs, 1);
+  EXPECT_EQ(a.plan->next_token, 42);
+  EXPECT_EQ(b.plan->next_token, -1);
   EXPECT_EQ(b.plan->start_pos, 9);
   EXPECT_TRUE(same(b.tokens, b_tokens) && same(b.block_table, b_blocks));
   EXPECT_TRUE(b.history.prompt.empty() && b.history.banned.empty());

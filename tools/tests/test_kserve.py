@@ -116,6 +116,8 @@ INVALID = [
     ({"text_input": ["BYTES", ["a", "b"]]}, "input 'text_input' holds 2 prompts; this server takes one prompt"),
     ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"max_tokenz": 3}']},
      "field 'sampling_parameters.max_tokenz' is not a sampling parameter (did you mean 'max_tokens'?)"),
+    ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"n": 2}']},
+     "field 'sampling_parameters.n' must be 1 on this API (kraken.v1 and /v1/completions take n > 1), got 2"),
     ({"text_input": ["BYTES", "a"], "max_tokens": ["INT32", 3], "sampling_parameters": ["BYTES", "{}"]},
      "input 'max_tokens' belongs to the TensorRT-LLM interface"),
     ({"text_input": ["BYTES", "a"], "max_tokens": ["FP32", 20.0]},

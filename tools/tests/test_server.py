@@ -177,6 +177,8 @@ INVALID = [
     (dict(text="a", stop_token_ids=[9999]), "field 'stop_token_ids[0]' must be in [0, 4096), got 9999"),
     (dict(text="a", max_tokens=5, min_tokens=6), "field 'min_tokens' must be <= max_tokens (5"),
     (dict(text="a", request_id="r" * 129), "field 'request_id' must be at most 128 bytes, got 129"),
+    (dict(text="a", n=0), "field 'n' must be in [1, 16], got 0"),
+    (dict(text="a", n=17), "field 'n' must be in [1, 16], got 17"),
 ]
 
 

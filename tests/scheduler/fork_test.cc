@@ -3,18 +3,11 @@
 // block; with its origin ended or not running it is admitted like any other sequence.
 #include <gtest/gtest.h>
 
-#include <numeric>
-
 #include "scheduler/scheduler.h"
+#include "tests/scheduler/token_util.h"
 
 namespace kraken::scheduler {
 namespace {
-
-std::vector<int32_t> Iota(int n, int first = 1) {
-  std::vector<int32_t> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
 
 SchedulerOptions Options(int blocks, int block_size, bool prefix_caching, int budget = 64) {
   return {.num_kv_blocks = blocks,

@@ -2,18 +2,11 @@
 // forgotten, and how admission plans a sequence that starts with cached blocks.
 #include <gtest/gtest.h>
 
-#include <numeric>
-
 #include "scheduler/scheduler.h"
+#include "tests/scheduler/token_util.h"
 
 namespace kraken::scheduler {
 namespace {
-
-std::vector<int32_t> Iota(int n, int first = 1) {
-  std::vector<int32_t> t(n);
-  std::iota(t.begin(), t.end(), first);
-  return t;
-}
 
 // Allocates blocks for `tokens`, registers its full blocks as computed, and returns the table.
 std::vector<int32_t> Computed(BlockManager& m, const std::vector<int32_t>& tokens) {

@@ -36,6 +36,16 @@ const StoreSlot* ShmStore::Find(const std::string& key) const {
   return nullptr;
 }
 
+std::vector<std::pair<std::string, std::vector<char>>> ShmStore::Entries() const {
+  std::vector<std::pair<std::string, std::vector<char>>> out;
+  for (size_t i = 0; i < count_; ++i) {
+    const StoreSlot& s = slots_[i];
+    if (s.state.load(std::memory_order_acquire) != 2) continue;
+    out.emplace_back(std::string(s.key, s.key_len), std::vector<char>(s.value, s.value + s.value_len));
+  }
+  return out;
+}
+
 std::vector<char> ShmStore::get(const std::string& key) {
   wait({key});
   const StoreSlot* s = Find(key);

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gloo/rendezvous/store.h>
@@ -39,6 +40,9 @@ class ShmStore final : public gloo::rendezvous::Store {
   std::vector<char> get(const std::string& key) override;
   void wait(const std::vector<std::string>& keys) override { wait(keys, kDefaultTimeout); }
   void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override;
+  /// Every complete (key, value) pair, in slot order (a multi-node group forwards them).
+  std::vector<std::pair<std::string, std::vector<char>>> Entries() const;
+  bool Has(const std::string& key) const { return Find(key) != nullptr; }
 
  private:
   const StoreSlot* Find(const std::string& key) const;

@@ -118,6 +118,7 @@ StatusOr<std::unique_ptr<engine::Communicator>> Worker::MakeCommunicator() {
         comm, engine::GlooCommunicator::Create({.rank = a_.rank,
                                                 .world_size = a_.world,
                                                 .store = &store,
+                                                .host = a_.collective_host,
                                                 .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
@@ -380,6 +381,8 @@ bool ParseArgs(int argc, char** argv, WorkerArgs* a) {
       a->link_preset = v;
     else if (k == "--measured-gemm-flops")
       a->measured_gemm_flops = std::stod(v);
+    else if (k == "--collective-host")
+      a->collective_host = v;
   }
   return is_worker;
 }
@@ -403,7 +406,9 @@ std::vector<std::string> WorkerCommandLine(const WorkerArgs& a) {
                                 "--parent",
                                 std::to_string(a.parent_pid),
                                 "--collective-timeout-ms",
-                                std::to_string(a.collective_timeout_ms)};
+                                std::to_string(a.collective_timeout_ms),
+                                "--collective-host",
+                                a.collective_host};
   if (!a.link_preset.empty()) {
     v.insert(v.end(), {"--link-preset", a.link_preset, "--measured-gemm-flops", std::to_string(a.measured_gemm_flops)});
   }

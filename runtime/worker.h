@@ -29,8 +29,9 @@ struct WorkerArgs {
   int threads = 1;
   int parent_pid = 0;
   int collective_timeout_ms = 30000;
-  std::string link_preset;         // benchmarks: emulate this interconnect
-  double measured_gemm_flops = 0;  // with link_preset: scale link time to this CPU (0 = raw)
+  std::string link_preset;                    // benchmarks: emulate this interconnect
+  double measured_gemm_flops = 0;             // with link_preset: scale link time to this CPU (0 = raw)
+  std::string collective_host = "127.0.0.1";  // the address Gloo binds (multi-node: this node's)
 };
 
 /// Descriptors a worker inherits: the dispatch segment, and the read end of a pipe whose write

@@ -113,14 +113,55 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   g->options_ = o;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
   g->layout_ = ComputeLayout(g->limits_);
+  if (o.first_rank < 0 || o.local_ranks < 0 || o.first_rank + g->local_count() > g->world_size()) {
+    return InvalidArgument("local ranks [", o.first_rank, ", ", o.first_rank + g->local_count(),
+                           ") are not within a world of ", g->world_size());
+  }
   int cpu_workers = 0;
-  for (const engine::Device& d : o.devices) cpu_workers += d.is_cuda() ? 0 : 1;
+  for (int r = g->local_begin(); r < g->local_end(); ++r) cpu_workers += o.devices[r].is_cuda() ? 0 : 1;
   if (cpu_workers > 0 && g->options_.kv_sizing.host_share_bytes == 0) {
     KRAKEN_ASSIGN_OR_RETURN(const int64_t available, HostAvailableBytes());
     g->options_.kv_sizing.host_share_bytes = available / cpu_workers;
   }
   KRAKEN_RETURN_IF_ERROR(g->Launch());
   return g;
+}
+
+StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::StartShare(const WorkerGroupOptions& o, const Limits& limits) {
+  std::unique_ptr<WorkerGroup> g(new WorkerGroup());
+  g->options_ = o;
+  g->options_.remote = nullptr;
+  g->share_ = true;
+  if (limits.world_size != g->world_size()) {
+    return InvalidArgument("the leader's world size ", limits.world_size, " differs from the ", g->world_size(),
+                           " devices this node was given");
+  }
+  if (o.first_rank < 0 || o.local_ranks < 1 || o.first_rank + o.local_ranks > g->world_size()) {
+    return InvalidArgument("local ranks [", o.first_rank, ", ", o.first_rank + o.local_ranks,
+                           ") are not within a world of ", g->world_size());
+  }
+  g->limits_ = limits;
+  g->layout_ = ComputeLayout(limits);
+  if (g->options_.kv_sizing.host_share_bytes == 0) {
+    KRAKEN_ASSIGN_OR_RETURN(const int64_t available, HostAvailableBytes());
+    g->options_.kv_sizing.host_share_bytes = available / o.local_ranks;
+  }
+  KRAKEN_RETURN_IF_ERROR(g->Launch());
+  return g;
+}
+
+std::string WorkerGroup::Where(int r) const {
+  if (!IsLocal(r) && options_.remote) return options_.remote->Where(r);
+  return StrCat("pid ", pids_.empty() ? -1 : pids_[r]);
+}
+
+void WorkerGroup::SetKvBlocks(int32_t blocks) {
+  if (control_ == nullptr) return;
+  if (blocks > 0) {
+    limits_.num_kv_blocks = blocks;
+    control_->limits.num_kv_blocks = blocks;
+  }
+  control_->kv_blocks.store(blocks, std::memory_order_release);
 }
 
 Status WorkerGroup::Launch() {
@@ -146,8 +187,16 @@ Status WorkerGroup::LaunchOnce() {
   lifeline_ = pipe_fds[1];
   const int lifeline_read = pipe_fds[0];
   ++generation_;
+  if (options_.remote) {
+    const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
+    Status joined = options_.remote->Start(generation_, segment_->data(), layout_, deadline);
+    if (!joined.ok()) {
+      ::close(lifeline_read);
+      return joined;
+    }
+  }
   KRAKEN_RETURN_IF_ERROR(Spawn(lifeline_read));
-  KRAKEN_RETURN_IF_ERROR(WaitReady());
+  if (!share_) KRAKEN_RETURN_IF_ERROR(WaitReady());
   step_ = 0;
   return absl::OkStatus();
 }
@@ -155,7 +204,8 @@ Status WorkerGroup::LaunchOnce() {
 Status WorkerGroup::Spawn(int lifeline_read) {
   const int world = world_size();
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
-  const int threads = options_.threads_per_worker > 0 ? options_.threads_per_worker : std::max(1, cores / world);
+  const int threads =
+      options_.threads_per_worker > 0 ? options_.threads_per_worker : std::max(1, cores / local_count());
   // Workers get the segment and the lifeline's read end at fixed descriptors, nothing else (the
   // front-end's descriptors are close-on-exec), their own process group (a Ctrl-C or a group
   // signal meant for the front-end does not reach them) and default signal handling.
@@ -176,7 +226,7 @@ Status WorkerGroup::Spawn(int lifeline_read) {
   pids_.assign(world, -1);
   exits_.assign(world, {});
   Status spawned = absl::OkStatus();
-  for (int r = 0; r < world && spawned.ok(); ++r) {
+  for (int r = local_begin(); r < local_end() && spawned.ok(); ++r) {
     WorkerArgs a{.segment_bytes = layout_.total,
                  .rank = r,
                  .world = world,
@@ -186,7 +236,8 @@ Status WorkerGroup::Spawn(int lifeline_read) {
                  .parent_pid = static_cast<int>(getpid()),
                  .collective_timeout_ms = static_cast<int>(options_.collective_timeout.count()),
                  .link_preset = options_.link_preset,
-                 .measured_gemm_flops = options_.measured_gemm_flops};
+                 .measured_gemm_flops = options_.measured_gemm_flops,
+                 .collective_host = options_.collective_host};
     std::vector<std::string> args = WorkerCommandLine(a);
     args.insert(args.begin(), options_.worker_binary);
     std::vector<char*> argv;
@@ -222,15 +273,18 @@ Status WorkerGroup::WaitReady() {
       std::string why;
       if (state == RankState::kFailed) {
         why = s.message;
-      } else if (!Reap(r, &why)) {
+      } else if (!IsLocal(r) || !Reap(r, &why)) {
         continue;
       }
       return absl::UnavailableError(
           StrCat("worker rank ", r, " (", options_.devices[r].ToString(), ") failed to start: ", why));
     }
     if (ready == world) break;
+    if (options_.remote) options_.remote->ExchangeStore();
     if (loaded == world && control_->kv_blocks.load(std::memory_order_acquire) == 0) {
-      KRAKEN_RETURN_IF_ERROR(DecideKvBlocks());
+      Status decided = DecideKvBlocks();
+      if (options_.remote) options_.remote->SetKvBlocks(control_->kv_blocks.load(std::memory_order_acquire));
+      KRAKEN_RETURN_IF_ERROR(decided);
     }
     if (NowNs() > deadline) {
       std::string late;
@@ -242,7 +296,7 @@ Status WorkerGroup::WaitReady() {
       return absl::DeadlineExceededError(
           StrCat("worker rank(s) ", late, " did not become ready within ", options_.start_timeout.count(), " ms"));
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(std::chrono::milliseconds(options_.remote ? 5 : 20));
   }
   return absl::OkStatus();
 }
@@ -287,6 +341,7 @@ Status WorkerGroup::DecideKvBlocks() {
 }
 
 bool WorkerGroup::Reap(int r, std::string* why) {
+  if (!IsLocal(r)) return false;  // a remote rank's end arrives as its node's report (kFailed)
   if (pids_[r] <= 0) {
     *why = exits_[r].why.empty() ? "is gone" : exits_[r].why;
     return true;
@@ -308,7 +363,8 @@ bool WorkerGroup::Reap(int r, std::string* why) {
 }
 
 void WorkerGroup::KillAll() {
-  if (lifeline_ >= 0) {  // end of file for every worker, whatever else happens
+  if (options_.remote) options_.remote->Stop();  // before the segment goes: no more writes into it
+  if (lifeline_ >= 0) {                          // end of file for every worker, whatever else happens
     ::close(lifeline_);
     lifeline_ = -1;
   }
@@ -333,29 +389,38 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     if (!Reap(r, &why)) continue;
     if (blamed < 0 || (exits_[blamed].peer_failure && !exits_[r].peer_failure)) blamed = r;
   }
+  // A remote rank's failure is the news when the local exits are only peers' reactions to it.
+  auto failed = [&](int r) {
+    return IsChecked(r) && control_->ranks[r].state.load() == static_cast<uint32_t>(RankState::kFailed);
+  };
+  if (blamed >= 0 && exits_[blamed].peer_failure) {
+    for (int r = 0; r < world_size(); ++r) {
+      if (!IsLocal(r) && failed(r))
+        return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", control_->ranks[r].message));
+    }
+  }
   if (blamed >= 0) return absl::UnavailableError(StrCat("worker rank ", blamed, " ", exits_[blamed].why));
   for (int r = 0; r < world_size(); ++r) {
-    RankSlot& s = control_->ranks[r];
-    if (s.state.load() == static_cast<uint32_t>(RankState::kFailed)) {
-      return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", s.message));
-    }
+    if (failed(r)) return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", control_->ranks[r].message));
   }
   const uint64_t now = NowNs();
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
   for (int r = 0; r < world_size(); ++r) {
+    if (!IsChecked(r)) continue;
     RankSlot& s = control_->ranks[r];
     const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
+    if (beat == 0) continue;  // not started yet: start_timeout bounds that
     if (now > beat && now - beat > silent) {
-      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r],
-                                           ") stopped responding: no heartbeat for ", (now - beat) / 1'000'000, " ms"));
+      return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") stopped responding: no heartbeat for ",
+                                           (now - beat) / 1'000'000, " ms"));
     }
     // A step's silence counts from its publication: the progress stamp left by the previous step
     // may be from before an idle gap of any length.
     const uint64_t progress = std::max(s.progress_ns.load(std::memory_order_relaxed), step_published_ns_);
     if (in_step && s.done_step.load() < step_ && now > progress && now - progress > stalled) {
-      return absl::UnavailableError(StrCat("worker rank ", r, " (pid ", pids_[r], ") is stuck: no progress in step ",
-                                           step_, " for ", (now - progress) / 1'000'000, " ms"));
+      return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") is stuck: no progress in step ", step_,
+                                           " for ", (now - progress) / 1'000'000, " ms"));
     }
   }
   return absl::OkStatus();
@@ -409,13 +474,15 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   control_->plan_step.store(step, std::memory_order_release);
   control_->plan_futex.fetch_add(1, std::memory_order_acq_rel);
   FutexWakeAll(&control_->plan_futex);
+  if (options_.remote) options_.remote->Publish(step);
 
   // Wait for rank 0's result and for every rank to be done with the plan, supervising meanwhile.
   for (;;) {
     const uint32_t now = control_->result_futex.load(std::memory_order_acquire);
     if (now != results_before) {
       bool all_done = true;
-      for (int r = 0; r < world_size(); ++r) {
+      // Local ranks only: each node makes sure its own are done before it writes the next plan.
+      for (int r = local_begin(); r < local_end(); ++r) {
         all_done = all_done && control_->ranks[r].done_step.load(std::memory_order_acquire) >= step;
       }
       if (all_done) break;
@@ -433,6 +500,47 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
   if (rh->status != 0) return Status(static_cast<absl::StatusCode>(rh->status), rh->message);
   return StepResultView{{At<ResultSeq>(base, layout_.result_seqs), static_cast<size_t>(rh->num_seqs)},
                         At<PromptLogprob>(base, layout_.prompt_logprobs)};
+}
+
+bool WorkerGroup::PlanAreaFree() const {
+  for (int r = local_begin(); r < local_end(); ++r) {
+    if (control_->ranks[r].done_step.load(std::memory_order_acquire) < step_) return false;
+  }
+  return true;
+}
+
+Status WorkerGroup::PublishPlan(uint64_t step, std::string_view header, std::string_view seqs, std::string_view tokens,
+                                std::string_view blocks, std::string_view history) {
+  if (control_ == nullptr) return FailedPrecondition("no workers running");
+  PlanHeader h;
+  if (header.size() != sizeof h) return InvalidArgument("plan header of ", header.size(), " bytes, not ", sizeof h);
+  std::memcpy(&h, header.data(), sizeof h);
+  auto fits = [](std::string_view part, int64_t count, size_t elem, int64_t cap, const char* what) -> Status {
+    if (count < 0 || count > cap || part.size() != static_cast<size_t>(count) * elem) {
+      return InvalidArgument("plan ", what, ": ", part.size(), " bytes for ", count, " entries (at most ", cap, ")");
+    }
+    return absl::OkStatus();
+  };
+  const Limits& l = limits_;
+  KRAKEN_RETURN_IF_ERROR(fits(seqs, h.num_seqs, sizeof(PlanSeq), l.max_seqs, "sequences"));
+  KRAKEN_RETURN_IF_ERROR(fits(tokens, h.num_tokens, sizeof(int32_t), l.max_tokens, "tokens"));
+  KRAKEN_RETURN_IF_ERROR(
+      fits(blocks, h.num_block_ids, sizeof(int32_t), int64_t{l.max_seqs} * l.max_blocks_per_seq, "block ids"));
+  KRAKEN_RETURN_IF_ERROR(fits(history, h.num_history, sizeof(int32_t), l.max_history, "history"));
+  if (!PlanAreaFree()) return FailedPrecondition("step ", step_, " is still running on this node");
+  uint8_t* base = segment_->data();
+  std::memcpy(base + layout_.plan_seqs, seqs.data(), seqs.size());
+  std::memcpy(base + layout_.tokens, tokens.data(), tokens.size());
+  std::memcpy(base + layout_.blocks, blocks.data(), blocks.size());
+  std::memcpy(base + layout_.history, history.data(), history.size());
+  h.step = step;
+  *At<PlanHeader>(base, layout_.plan_header) = h;
+  step_ = step;
+  step_published_ns_ = NowNs();
+  control_->plan_step.store(step, std::memory_order_release);
+  control_->plan_futex.fetch_add(1, std::memory_order_acq_rel);
+  FutexWakeAll(&control_->plan_futex);
+  return absl::OkStatus();
 }
 
 Status WorkerGroup::Supervise() {
@@ -479,7 +587,9 @@ std::vector<RankStatsSnapshot> WorkerGroup::Stats() const {
   for (int r = 0; r < world_size(); ++r) {
     RankStatsSnapshot s;
     s.rank = r;
-    s.up = control_ != nullptr && pids_[r] > 0;
+    s.up = control_ != nullptr && (IsLocal(r) ? pids_[r] > 0
+                                              : control_->ranks[r].state.load(std::memory_order_acquire) ==
+                                                    static_cast<uint32_t>(RankState::kReady));
     if (control_ != nullptr) {
       const RankStats& st = control_->ranks[r].stats;
       s.steps = st.steps.load();

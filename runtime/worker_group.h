@@ -37,6 +37,7 @@
 #include "engine/device.h"
 #include "runtime/memory.h"
 #include "runtime/protocol.h"
+#include "runtime/remote_nodes.h"
 #include "runtime/shm.h"
 
 namespace kraken::runtime {
@@ -62,6 +63,12 @@ struct WorkerGroupOptions {
   std::chrono::milliseconds restart_window{300000};  // failures counted over this sliding window
   std::string link_preset;                           // benchmarks only (engine/comm/link_model.h)
   double measured_gemm_flops = 0;
+  // Multi-node groups (docs/runtime.md "Nodes"): `devices` lists every rank of the group, and
+  // this process spawns ranks [first_rank, first_rank + local_ranks) (local_ranks 0: all).
+  int first_rank = 0;
+  int local_ranks = 0;
+  std::shared_ptr<RemoteNodes> remote;        // the leader: the ranks on other nodes
+  std::string collective_host = "127.0.0.1";  // the address this node's workers bind for collectives
 };
 
 /// Rank 0's result, pointing into the segment: valid until the next RunStep.
@@ -95,6 +102,33 @@ class WorkerGroup {
   /// Spawns and waits for every worker (bounded by start_timeout; the error names each rank that
   /// failed or did not report, and why).
   static StatusOr<std::unique_ptr<WorkerGroup>> Start(const WorkerGroupOptions& options);
+
+  /// A follower node's share of a multi-node group: lays out a segment by the leader's `limits`,
+  /// spawns ranks [first_rank, first_rank + local_ranks) of options.devices into it and returns
+  /// without waiting; the leader supervises readiness through the node's reports
+  /// (cluster/follower.h). Errors as Start's argument checks, or INTERNAL when a process cannot
+  /// be spawned.
+  static StatusOr<std::unique_ptr<WorkerGroup>> StartShare(const WorkerGroupOptions& options, const Limits& limits);
+  /// A share's local ranks: OK, or UNAVAILABLE naming one that exited, failed or went silent.
+  Status CheckShare() { return CheckWorkers(/*in_step=*/false); }
+  /// A share: the KV block count the leader decided (< 0: none fits).
+  void SetKvBlocks(int32_t blocks);
+  /// A share: whether every local rank is done with the last plan (the plan area may be reused).
+  bool PlanAreaFree() const;
+  /// A share: copies step `step`'s plan (the parts PlanWriter wrote on the leader) into the
+  /// segment and wakes the local ranks. FAILED_PRECONDITION unless PlanAreaFree(); INVALID_ARGUMENT
+  /// when a part is larger than its area or disagrees with the header's counts.
+  Status PublishPlan(uint64_t step, std::string_view header, std::string_view seqs, std::string_view tokens,
+                     std::string_view blocks, std::string_view history);
+  /// Kills the workers at once (no orderly shutdown: a follower told to stop, whose peers are gone).
+  void Kill() { KillAll(); }
+  /// The segment's control block and rendezvous store area (a share reports from them).
+  const Control& control() const { return *control_; }
+  StoreSlot* store_slots() const { return At<StoreSlot>(segment_->data(), layout_.store); }
+  size_t store_slot_count() const { return layout_.store_slots; }
+  /// First rank after this process's own.
+  int local_end() const { return local_begin() + local_count(); }
+  int local_begin() const { return options_.first_rank; }
   ~WorkerGroup();  // Shutdown()
 
   /// Runs one step. INVALID_ARGUMENT (nothing sent) when the step exceeds the limits; the model's
@@ -135,6 +169,13 @@ class WorkerGroup {
 
  private:
   WorkerGroup() = default;
+  int local_count() const { return options_.local_ranks > 0 ? options_.local_ranks : world_size(); }
+  bool IsLocal(int r) const { return r >= local_begin() && r < local_end(); }
+  // Ranks this process supervises: all on the leader (remote slots mirror their nodes' reports),
+  // the local ones in a share.
+  bool IsChecked(int r) const { return !share_ || IsLocal(r); }
+  // For reports: "pid 123" for a local rank, the remote node for another.
+  std::string Where(int r) const;
   Status Launch();  // segment, lifeline, processes, wait ready; cleans up on failure
   Status LaunchOnce();
   // Spawns one worker per device with the segment and the lifeline's read end (closed here).
@@ -170,6 +211,7 @@ class WorkerGroup {
     bool peer_failure = false;
   };
   std::vector<Exit> exits_;
+  bool share_ = false;  // a follower node's share: no readiness wait, no plan writer
   uint64_t generation_ = 0;
   uint64_t step_ = 0;
   uint64_t step_published_ns_ = 0;  // NowNs() when step_ was handed to the workers

@@ -9,6 +9,10 @@
 // wait for SIGTERM (drain) or for the workers to fail for good (exit 1).
 #include <signal.h>
 #include <sys/resource.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <functional>
 
 #include <chrono>
 #include <fstream>
@@ -26,6 +30,8 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "cluster/follower.h"
+#include "cluster/hub.h"
 #include "core/engine.h"
 #include "core/serving_metrics.h"
 #include "engine/model.h"
@@ -81,6 +87,12 @@ struct Flags {
   int metrics_port = 8002;
   std::string scheduling_policy = "priority";
   bool print_resources = false;
+  // Multi-node groups (docs/runtime.md "Nodes"); LeaderWorkerSet's environment fills the unset ones.
+  int nodes = 0;  // 0: LWS_GROUP_SIZE on the leader, else 1
+  int cluster_port = 8003;
+  std::string join;  // a follower: the leader's host[:port]
+  int node_rank = 0;
+  std::string node_address;
 };
 
 // Bytes of NCCL's /dev/shm use budgeted per GPU rank (its host-memory transports and proxy
@@ -118,6 +130,26 @@ void AddPrefixCachingFlag(CLI::App& app, Flags& f) {
       ->envname(server::EnvName("--prefix-caching"))
       ->capture_default_str()
       ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+}
+
+// A multi-node group's flags (docs/runtime.md "Nodes").
+template <typename Opt>
+void AddNodeFlags(const Opt& opt, Flags& f) {
+  opt("--nodes", f.nodes,
+      "nodes in this worker group, the leader's included (the leader waits for the others to --join); 0 = "
+      "LeaderWorkerSet's LWS_GROUP_SIZE when set, else 1")
+      ->check(CLI::Range(0, 64));
+  opt("--cluster-port", f.cluster_port, "the port a multi-node leader serves its followers on")
+      ->check(CLI::Range(0, 65535));
+  opt("--join", f.join,
+      "run as a follower node of the leader at HOST[:PORT] (default port: --cluster-port): start this node's "
+      "workers and serve no API; default on a LeaderWorkerSet worker pod: LWS_LEADER_ADDRESS");
+  opt("--node-rank", f.node_rank,
+      "this follower's node rank, 1 .. nodes - 1; 0 = LeaderWorkerSet's LWS_WORKER_INDEX, else the lowest free")
+      ->check(CLI::Range(0, 63));
+  opt("--node-address", f.node_address,
+      "the address this node's workers bind for collectives (Gloo); default: 127.0.0.1 on one node, this host's "
+      "name in a multi-node group");
 }
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -188,6 +220,27 @@ void AddFlags(CLI::App& app, Flags& f) {
       "order of the waiting queue: priority (the request's priority, then arrival) or fcfs (arrival only)")
       ->check(CLI::IsMember({"priority", "fcfs"}));
   AddPrefixCachingFlag(app, f);
+  AddNodeFlags(opt, f);
+}
+
+// LeaderWorkerSet's environment (https://lws.sigs.k8s.io): fills --nodes on the leader, and
+// --join and --node-rank on the other pods, where flags left them unset.
+void ApplyLeaderWorkerSet(Flags& f) {
+  auto env = [](const char* name) -> std::string {
+    const char* v = std::getenv(name);
+    return v == nullptr ? "" : v;
+  };
+  const std::string index = env("LWS_WORKER_INDEX"), size = env("LWS_GROUP_SIZE"), leader = env("LWS_LEADER_ADDRESS");
+  const int worker_index = index.empty() ? -1 : std::atoi(index.c_str());
+  if (f.join.empty() && worker_index > 0 && !leader.empty()) f.join = leader;
+  if (f.node_rank == 0 && worker_index > 0) f.node_rank = worker_index;
+  if (f.nodes == 0) f.nodes = size.empty() ? 1 : std::max(1, std::atoi(size.c_str()));
+  if (!f.join.empty() && f.join.find(':') == std::string::npos) f.join += ":" + std::to_string(f.cluster_port);
+  if (f.node_address.empty()) {
+    char host[256] = {};
+    f.node_address = f.nodes > 1 || !f.join.empty() ? (gethostname(host, sizeof host - 1) == 0 ? host : "") : "";
+    if (f.node_address.empty()) f.node_address = "127.0.0.1";
+  }
 }
 
 // Parses the command line, the environment and the config file into `f` (server/flags.h).
@@ -299,7 +352,9 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
   }
   const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
   const bool gpu = wo.devices.front().is_cuda();
-  const int64_t nccl = gpu ? kNcclShmBytesPerRank * lim->world_size : 0;
+  // This node's workers (every node of a multi-node group has as many as the leader).
+  const int local = wo.local_ranks > 0 ? wo.local_ranks : lim->world_size;
+  const int64_t nccl = gpu ? kNcclShmBytesPerRank * local : 0;
   // K and V per cached token on each worker: Kraken holds d elements per sub-layer and each worker
   // N/W sub-layers of every layer (docs/kraken.md "KV cache"); Megatron shards hold D/W.
   const int64_t per_token = 2ll * static_cast<int64_t>(engine::DTypeSize(wo.kv_sizing.kv_dtype)) * config.n_layer *
@@ -307,10 +362,12 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
   nlohmann::json j{{"model", f.model},
                    {"devices", f.devices},
                    {"world_size", lim->world_size},
-                   {"gpus", gpu ? lim->world_size : 0},
+                   {"nodes", lim->world_size / local},
+                   {"gpus", gpu ? local : 0},
                    {"grpc_port", f.port},
                    {"http_port", f.http_port},
                    {"metrics_port", f.metrics_port},
+                   {"cluster_port", f.cluster_port},
                    {"grace_period_seconds", f.grace_period_s},
                    {"dispatch_segment_bytes", segment},
                    {"nccl_shm_bytes", nccl},
@@ -604,6 +661,52 @@ void RaiseDescriptorLimit() {
   }
 }
 
+// What a multi-node group's nodes compare to be sure they loaded the same model: a hash of its
+// config.json (the weights' shapes follow from it).
+std::string ModelFingerprint(const std::string& model) {
+  try {
+    return StrCat("config.json#", std::hash<std::string>{}(server::ReadWholeFile(model + "/config.json")));
+  } catch (const std::exception&) {
+    return "no config.json";
+  }
+}
+
+// --join: this process is a follower node; it starts its workers when the leader says so.
+int RunFollowerNode(const Flags& f) {
+  auto devices = runtime::ParseDevices(f.devices);
+  if (!devices.ok()) {
+    spdlog::critical("{}", std::string(devices.status().message()));
+    return 2;
+  }
+  cluster::FollowerOptions fo{.leader = f.join, .node_rank = f.node_rank, .model = ModelFingerprint(f.model)};
+  fo.workers.model_dir = f.model;
+  fo.workers.devices = *devices;
+  fo.workers.threads_per_worker = f.threads_per_worker;
+  fo.workers.collective_host = f.node_address;
+  fo.join_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.start_timeout_s * 1000 + 0.5));
+  spdlog::info("follower node: joining the leader at {} with {} worker(s) on {}", f.join, devices->size(), f.devices);
+  return cluster::RunFollower(fo);
+}
+
+// --nodes > 1: serves the followers on --cluster-port, waits for all of them to join, and makes
+// `wo` span every node (this node's ranks first).
+Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
+  const int local = static_cast<int>(wo.devices.size());
+  KRAKEN_ASSIGN_OR_RETURN(auto hub, cluster::Hub::Create({.listen = StrCat(f.host, ":", f.cluster_port),
+                                                          .nodes = f.nodes,
+                                                          .ranks_per_node = local,
+                                                          .model = ModelFingerprint(f.model),
+                                                          .heartbeat_timeout = wo.heartbeat_timeout,
+                                                          .collective_timeout = wo.collective_timeout,
+                                                          .start_timeout = wo.start_timeout}));
+  spdlog::info("leader of {} nodes: waiting for {} follower(s) on port {}", f.nodes, f.nodes - 1, hub->port());
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<engine::Device> remote, hub->AwaitNodes(wo.start_timeout));
+  wo.devices.insert(wo.devices.end(), remote.begin(), remote.end());
+  wo.local_ranks = local;
+  wo.remote = hub;
+  return absl::OkStatus();
+}
+
 // Everything after the flags: returns the exit code.
 int Run(const Flags& f, const sigset_t& sigs) {
   auto config = engine::LoadModelConfig(f.model);
@@ -618,7 +721,13 @@ int Run(const Flags& f, const sigset_t& sigs) {
     spdlog::critical("{}", std::string(wo.status().message()));
     return 2;
   }
-  if (f.print_resources) return PrintResources(f, *wo, *config);
+  wo->collective_host = f.node_address;
+  if (f.print_resources) {
+    const std::vector<engine::Device> local = wo->devices;  // every node has as many workers as the leader
+    for (int n = 1; n < f.nodes; ++n) wo->devices.insert(wo->devices.end(), local.begin(), local.end());
+    wo->local_ranks = static_cast<int>(local.size());
+    return PrintResources(f, *wo, *config);
+  }
   auto tok = tokenizer::Tokenizer::FromModelDir(f.model);
   if (!tok.ok()) {
     spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
@@ -629,6 +738,12 @@ int Run(const Flags& f, const sigset_t& sigs) {
     return 2;
   }
   RaiseDescriptorLimit();
+  if (f.nodes > 1) {
+    if (Status joined = JoinNodes(f, *wo); !joined.ok()) {
+      spdlog::critical("{}", std::string(joined.message()));
+      return joined.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+    }
+  }
   auto group = StartWorkers(f, *wo);
   if (!group.ok()) {
     spdlog::critical("workers failed to start: {}", group.status().ToString());
@@ -680,6 +795,9 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(f.log_level));
   // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
   if (f.log_format == "json") kraken::server::UseJsonLogs();
+  ApplyLeaderWorkerSet(f);
+  if (!f.join.empty() && !f.print_resources)
+    return RunFollowerNode(f);  // default signal handling: SIGTERM ends it and its workers
   // SIGTERM and SIGINT are taken by a waiting thread; block them before any thread starts.
   sigset_t sigs;
   sigemptyset(&sigs);

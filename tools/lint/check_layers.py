@@ -1,7 +1,7 @@
 """Checks the module map of docs/architecture.md on the C++ sources:
 
   * no module includes one above it: each module's allowed includes are listed in ALLOWED;
-  * generated protobuf headers (kraken/v1/*.pb.h, inference/*.pb.h) are included only in server/ and proto/;
+  * generated protobuf headers (kraken/v1/*.pb.h, inference/*.pb.h) are included only in server/, cluster/ and proto/;
   * no function in core/, server/ or runtime/ runs past MAX_FUNCTION_LINES lines (top-level
     definitions, from the line that opens the body to the line that closes it).
 
@@ -25,11 +25,13 @@ ALLOWED = {
     "core": {"base", "engine", "tokenizer", "runtime", "scheduler", "metrics"},
     "http": {"base"},
     "openai": {"base", "engine", "tokenizer", "core", "http", "metrics"},
-    "server": {"base", "engine", "tokenizer", "runtime", "scheduler", "metrics", "core", "http", "openai", "proto"},
+    "cluster": {"base", "engine", "runtime", "proto"},
+    "server": {"base", "engine", "tokenizer", "runtime", "scheduler", "metrics", "core", "http", "openai", "proto",
+               "cluster"},
     "proto": set(),
 }
-PROTOBUF_OK = {"server", "proto"}
-LENGTH_CHECKED = {"core", "server", "runtime", "http", "openai"}
+PROTOBUF_OK = {"server", "proto", "cluster"}
+LENGTH_CHECKED = {"core", "server", "runtime", "http", "openai", "cluster"}
 MAX_FUNCTION_LINES = 80
 
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -53,7 +55,7 @@ def check_includes(path, lines, findings):
         if target.endswith(".pb.h") and module not in PROTOBUF_OK:
             findings.append(f"{path}:{n}: includes the generated protobuf header {target} outside server/ and proto/")
             continue
-        top = "proto" if target.startswith(("kraken/v1/", "inference/")) else target.split("/", 1)[0]
+        top = "proto" if target.startswith(("kraken/v1/", "kraken/cluster/", "inference/")) else target.split("/", 1)[0]
         if top in ALLOWED and top != module and top not in ALLOWED[module]:
             findings.append(f"{path}:{n}: {module}/ may not include {target} ({top}/ is not below it)")
 

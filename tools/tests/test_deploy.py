@@ -73,7 +73,8 @@ def server_config(objs, container):
     cfg = tomllib.loads(cm["data"]["server.toml"])
     for e in container.get("env", []):
         if e["name"].startswith("KRAKEN_"):
-            cfg[e["name"][len("KRAKEN_"):].lower().replace("_", "-")] = e["value"]
+            cfg[e["name"][len("KRAKEN_"):].lower().replace("_", "-")] = e.get("value", FIELD_REF.get(
+                e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")))
     return cfg
 
 
@@ -145,12 +146,12 @@ def clean_env():
     return {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
 
 
-def kraken8_model(tmp_path):
-    """A config-only Kraken 8-way model directory (what --print-resources reads)."""
-    d = tmp_path / "kraken-8way"
+def kraken8_model(tmp_path, degree=8):
+    """A config-only Kraken model directory (what --print-resources reads), 8-way unless told."""
+    d = tmp_path / f"kraken-{degree}way"
     d.mkdir(exist_ok=True)
     (d / "config.json").write_text(json.dumps({
-        "model_type": "kraken", "kraken_degree": 8, "n_layer": 24, "n_embd": 1024, "n_head_per_sublayer": 16,
+        "model_type": "kraken", "kraken_degree": degree, "n_layer": 24, "n_embd": 1024, "n_head_per_sublayer": 16,
         "ffn_expansion": 4, "n_positions": 2048, "vocab_size": 50304, "layer_norm_epsilon": 1e-5, "bias": True,
         "eos_token_id": 50256}))
     return str(d)
@@ -327,10 +328,6 @@ FIELD_REF = {"metadata.name": "kraken-serve-0", "metadata.namespace": "kraken", 
              "status.podIP": "10.0.0.2"}
 
 
-class MissingJoinFlag(AssertionError):
-    """The multi-node worker's --join, which the server does not have yet (the scale-out runtime)."""
-
-
 def workload_pods(objs):
     """{(kind, role): pod template}: a Deployment's pods, a LeaderWorkerSet's leader and worker pods."""
     pods = []
@@ -349,10 +346,7 @@ POD_CASES = [
     ("cpu-dev", "Deployment", "pod"),
     ("dgx-h100", "Deployment", "pod"),
     ("dgx-h100-multinode", "LeaderWorkerSet", "leader"),
-    pytest.param("dgx-h100-multinode", "LeaderWorkerSet", "worker", marks=pytest.mark.xfail(
-        strict=True, raises=MissingJoinFlag,
-        reason="the multi-node worker passes --join, which kraken-server does not have yet (scale-out runtime); "
-               "remove this mark when --join exists")),
+    ("dgx-h100-multinode", "LeaderWorkerSet", "worker"),
 ]
 
 
@@ -476,7 +470,8 @@ def container_command(objs, pod_kind, role, spec, c, tmp_path):
     argv = [k8s_expand(a, env) for a in command + args]
     assert argv[0] == IMAGE_BIN, f"the container runs {argv[0]}, not {IMAGE_BIN}"
     argv = argv[1:]
-    env = {k: v for k, v in env.items() if k.startswith("KRAKEN_")}
+    # What the server reads: its own variables and LeaderWorkerSet's (--nodes, --join, --node-rank).
+    env = {k: v for k, v in env.items() if k.startswith(("KRAKEN_", "LWS_"))}
     fs = ContainerFiles(objs, spec, c, image_files)
     # The config file --config (or KRAKEN_CONFIG) names: a mounted ConfigMap's or the image's.
     cfg_i, cfg_path = flag_value(argv, "--config")
@@ -507,7 +502,9 @@ def container_command(objs, pod_kind, role, spec, c, tmp_path):
                        if k.startswith("KRAKEN_") and flag_value(argv, "--" + k[7:].lower().replace("_", "-"))[0]
                        is not None})
     devices = str(effective("devices", "cpu:1"))
-    stand_in = DEFAULT_MODEL if devices.startswith("cpu") else kraken8_model(tmp_path)
+    # A LeaderWorkerSet group's world spans its pods: the model must split over all of them.
+    nodes = int(LWS_ENV["LWS_GROUP_SIZE"]) if pod_kind == "LeaderWorkerSet" else 1
+    stand_in = DEFAULT_MODEL if devices.startswith("cpu") else kraken8_model(tmp_path, 8 * nodes)
 
     def local_model(path):
         where, found = fs.find(str(path))
@@ -562,15 +559,19 @@ def test_manifest_command_runs_on_the_real_server(overlay, kind, role, tmp_path)
         what = f"{overlay} {kind} {role} container {c['name']}: {' '.join(argv)}\nwith {env}"
         assert not eff["shadowed"], f"{what}\nsettings that never take effect: {eff['shadowed']}"
         r = run_server(argv, env, tmp_path)
-        if r.returncode != 0 and "--join" in argv and "--join" in r.stderr:
-            # All but --join must work already: the same command without it.
-            i = argv.index("--join")
-            r2 = run_server(argv[:i] + argv[i + 2:], env, tmp_path)
-            assert r2.returncode == 0, f"{what}\n(without --join) exit {r2.returncode}: {r2.stderr}"
-            json.loads(r2.stdout)
-            raise MissingJoinFlag(f"{what}\nexit {r.returncode}: {r.stderr}")
         assert r.returncode == 0, f"{what}\nexit {r.returncode}: {r.stderr}"
         need = json.loads(r.stdout)
+        if kind == "LeaderWorkerSet":
+            # Every pod of the group counts the whole world; a worker pod joins the leader's cluster port.
+            assert need["nodes"] == int(LWS_ENV["LWS_GROUP_SIZE"]), (what, need)
+            assert need["world_size"] == need["nodes"] * device_count(need["devices"]), (what, need)
+            leader = workload_pods(objs)[(kind, "leader")]["spec"]["containers"][0]
+            cluster_port = {p["name"]: p["containerPort"] for p in leader["ports"]}["cluster"]
+            if role == "leader":
+                assert need["cluster_port"] == cluster_port, (what, need)
+            if role == "worker":
+                i, join = flag_value(argv, "--join")
+                assert join == f'{LWS_ENV["LWS_LEADER_ADDRESS"]}:{cluster_port}', (what, join)
         # What the server would run agrees with the pod: model, devices, GPUs, ports.
         assert need["model"] == eff["model"] and need["devices"] == eff["devices"], (what, need)
         assert need["gpus"] == int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)), (what, need)

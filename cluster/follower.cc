@@ -1,0 +1,318 @@
+#include "cluster/follower.h"
+
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include <grpcpp/grpcpp.h>
+#include <spdlog/spdlog.h>
+
+#include "cluster/hub.h"
+#include "kraken/cluster/v1/cluster.grpc.pb.h"
+#include "runtime/shm.h"
+#include "runtime/shm_store.h"
+
+namespace kraken::cluster {
+namespace {
+
+using Stream = grpc::ClientReaderWriter<v1::NodeMessage, v1::LeaderMessage>;
+
+constexpr auto kReportPeriod = std::chrono::milliseconds(100);
+constexpr auto kStartingReportPeriod = std::chrono::milliseconds(5);  // rendezvous keys travel with reports
+
+class Follower {
+ public:
+  explicit Follower(const FollowerOptions& o) : o_(o) {}
+  int Run();
+
+ private:
+  // Joins the leader, retrying with back-off: 0 when welcomed, else the exit code.
+  int Join();
+  int Serve();
+  void Handle(const v1::LeaderMessage& m);
+  void StartShare(const v1::Start& start);
+  void PublishPlan(const v1::Plan& plan);
+  void ReportLoop();
+  bool Starting();                                                  // under mu_: a share whose ranks are not all ready
+  void FillReport(v1::NodeMessage* status, v1::NodeMessage* keys);  // under mu_
+  void KillShare();                                                 // under mu_
+
+  FollowerOptions o_;
+  std::unique_ptr<grpc::ClientContext> context_;
+  std::unique_ptr<Stream> stream_;
+  v1::Welcome welcome_;
+  std::mutex write_mu_;
+  std::mutex mu_;
+  std::unique_ptr<runtime::WorkerGroup> share_;
+  uint64_t generation_ = 0;
+  std::string failure_;
+  std::set<std::string> sent_keys_;
+  std::chrono::milliseconds heartbeat_timeout_{1000};
+  std::atomic<uint64_t> heard_ns_{0};
+  std::atomic<bool> done_{false};
+  std::atomic<bool> shutdown_{false};
+  std::string lost_;  // why the leader was given up (report thread)
+};
+
+int Follower::Join() {
+  auto backoff = std::chrono::milliseconds(200);
+  const auto deadline = std::chrono::steady_clock::now() + o_.join_timeout;
+  v1::NodeMessage hello;
+  v1::Hello* h = hello.mutable_hello();
+  h->set_node_rank(o_.node_rank);
+  for (const engine::Device& d : o_.workers.devices) h->add_devices(d.ToString());
+  h->set_protocol_version(runtime::kProtocolVersion);
+  h->set_layout_sizes(LayoutSizes());
+  h->set_model(o_.model);
+  for (;;) {
+    // A fresh channel each time: its own reconnect back-off would otherwise outgrow ours.
+    auto stub = v1::Cluster::NewStub(grpc::CreateChannel(o_.leader, grpc::InsecureChannelCredentials()));
+    context_ = std::make_unique<grpc::ClientContext>();
+    stream_ = stub->Join(context_.get());
+    v1::LeaderMessage first;
+    if (stream_->Write(hello) && stream_->Read(&first) && first.has_welcome()) {
+      welcome_ = first.welcome();
+      spdlog::info("joined the leader at {} as ranks {}..{} of {}", o_.leader, welcome_.first_rank(),
+                   welcome_.first_rank() + static_cast<int>(o_.workers.devices.size()) - 1, welcome_.world_size());
+      return 0;
+    }
+    const grpc::Status st = stream_->Finish();
+    if (st.error_code() == grpc::StatusCode::INVALID_ARGUMENT ||
+        st.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
+      spdlog::critical("the leader at {} refused this node: {}", o_.leader, st.error_message());
+      return 2;
+    }
+    if (std::chrono::steady_clock::now() + backoff > deadline) {
+      spdlog::critical("could not join the leader at {} within {} s: {}", o_.leader, o_.join_timeout.count() / 1000.0,
+                       st.error_message());
+      return 1;
+    }
+    spdlog::warn("cannot join the leader at {} ({}); retrying in {:.1f} s", o_.leader, st.error_message(),
+                 backoff.count() / 1000.0);
+    std::this_thread::sleep_for(backoff);
+    backoff = std::min(2 * backoff, std::chrono::milliseconds(5000));
+  }
+}
+
+void Follower::KillShare() {
+  if (share_) share_->Kill();
+  share_.reset();
+}
+
+void Follower::StartShare(const v1::Start& start) {
+  std::lock_guard<std::mutex> lock(mu_);
+  KillShare();
+  generation_ = start.generation();
+  failure_.clear();
+  sent_keys_.clear();
+  runtime::Limits limits;
+  runtime::KvSizing kv;
+  if (start.limits().size() != sizeof limits || start.kv_sizing().size() != sizeof kv) {
+    failure_ = "the leader's Start carries limits of another size";
+    return;
+  }
+  std::memcpy(&limits, start.limits().data(), sizeof limits);
+  std::memcpy(&kv, start.kv_sizing().data(), sizeof kv);
+  kv.host_share_bytes = 0;  // this node's memory, measured here
+  runtime::WorkerGroupOptions w = o_.workers;
+  const int local = static_cast<int>(o_.workers.devices.size());
+  w.devices.assign(limits.world_size, engine::Device::Cpu());
+  for (int i = 0; i < local && welcome_.first_rank() + i < limits.world_size; ++i) {
+    w.devices[welcome_.first_rank() + i] = o_.workers.devices[i];
+  }
+  w.first_rank = welcome_.first_rank();
+  w.local_ranks = local;
+  w.kv_sizing = kv;
+  w.collective_timeout = std::chrono::milliseconds(start.collective_timeout_ms());
+  w.heartbeat_timeout = heartbeat_timeout_ = std::chrono::milliseconds(start.heartbeat_timeout_ms());
+  w.start_timeout = std::chrono::milliseconds(start.start_timeout_ms());
+  auto share = runtime::WorkerGroup::StartShare(w, limits);
+  if (!share.ok()) {
+    failure_ = std::string(share.status().message());
+    spdlog::error("cannot start this node's workers: {}", failure_);
+    return;
+  }
+  share_ = std::move(*share);
+  if (start.kv_blocks() != 0) share_->SetKvBlocks(start.kv_blocks());
+  spdlog::info("generation {}: ranks {}..{} starting", generation_, share_->local_begin(), share_->local_end() - 1);
+}
+
+void Follower::PublishPlan(const v1::Plan& p) {
+  // The previous step may still be finishing here (rank 0 on the leader is done once the last
+  // collective is); a worker that failed meanwhile is reported by the report thread.
+  for (;;) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!share_ || p.generation() != generation_ || !failure_.empty()) return;
+      if (share_->PlanAreaFree()) {
+        Status s = share_->PublishPlan(p.step(), p.header(), p.seqs(), p.tokens(), p.blocks(), p.history());
+        if (!s.ok()) failure_ = StrCat("step ", p.step(), ": ", std::string(s.message()));
+        return;
+      }
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+void Follower::Handle(const v1::LeaderMessage& m) {
+  switch (m.kind_case()) {
+    case v1::LeaderMessage::kStart:
+      StartShare(m.start());
+      break;
+    case v1::LeaderMessage::kKvBlocks: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (share_ && m.kv_blocks().generation() == generation_) share_->SetKvBlocks(m.kv_blocks().blocks());
+      break;
+    }
+    case v1::LeaderMessage::kPlan:
+      PublishPlan(m.plan());
+      break;
+    case v1::LeaderMessage::kStore: {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!share_ || m.store().generation() != generation_) break;
+      runtime::ShmStore store(share_->store_slots(), share_->store_slot_count());
+      for (const v1::StoreEntry& e : m.store().entries()) {
+        if (store.Has(e.key())) continue;
+        sent_keys_.insert(e.key());  // the leader has it: no need to send it back
+        try {
+          store.set(e.key(), std::vector<char>(e.value().begin(), e.value().end()));
+        } catch (const std::exception& ex) {
+          failure_ = StrCat("rendezvous: ", ex.what());
+        }
+      }
+      break;
+    }
+    case v1::LeaderMessage::kStop: {
+      std::lock_guard<std::mutex> lock(mu_);
+      KillShare();
+      generation_ = 0;
+      failure_.clear();
+      if (m.stop().shutdown()) shutdown_ = true;
+      break;
+    }
+    default:
+      break;  // Ping, or a Welcome again: only news that the leader is alive
+  }
+}
+
+bool Follower::Starting() {
+  if (!share_) return false;
+  for (int r = share_->local_begin(); r < share_->local_end(); ++r) {
+    if (share_->control().ranks[r].state.load(std::memory_order_acquire) !=
+        static_cast<uint32_t>(runtime::RankState::kReady)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys_message) {
+  v1::NodeStatus* status = status_message->mutable_status();
+  status->set_generation(share_ ? generation_ : 0);
+  if (share_) {
+    if (failure_.empty()) {
+      Status health = share_->CheckShare();
+      if (!health.ok()) failure_ = std::string(health.message());
+    }
+    const uint64_t now = runtime::NowNs();
+    const uint64_t silent = static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
+    for (int r = share_->local_begin(); r < share_->local_end(); ++r) {
+      const runtime::RankSlot& slot = share_->control().ranks[r];
+      v1::RankStatus* rs = status->add_ranks();
+      rs->set_rank(r);
+      rs->set_state(slot.state.load(std::memory_order_acquire));
+      rs->set_done_step(slot.done_step.load(std::memory_order_acquire));
+      const uint64_t beat = slot.heartbeat_ns.load(std::memory_order_relaxed);
+      rs->set_alive(beat > 0 && (now < beat || now - beat <= silent));
+      const uint64_t progress = slot.progress_ns.load(std::memory_order_relaxed);
+      rs->set_progress_age_ns(now > progress ? now - progress : 0);
+      rs->set_memory(std::string(reinterpret_cast<const char*>(&slot.memory), sizeof slot.memory));
+      rs->set_steps(slot.stats.steps.load());
+      rs->set_busy_ns(slot.stats.busy_ns.load());
+      rs->set_exposed_comm_ns(slot.stats.exposed_comm_ns.load());
+      rs->set_collective_ns(slot.stats.collective_ns.load());
+      rs->set_idle_ns(slot.stats.idle_ns.load());
+      rs->set_collectives(slot.stats.collectives.load());
+    }
+    runtime::ShmStore store(share_->store_slots(), share_->store_slot_count());
+    keys_message->mutable_store()->set_generation(generation_);
+    for (const auto& [key, value] : store.Entries()) {
+      if (!sent_keys_.insert(key).second) continue;
+      v1::StoreEntry* e = keys_message->mutable_store()->add_entries();
+      e->set_key(key);
+      e->set_value(std::string(value.begin(), value.end()));
+    }
+  }
+  status->set_failure(failure_);
+}
+
+void Follower::ReportLoop() {
+  const uint64_t leader_timeout = static_cast<uint64_t>(welcome_.leader_timeout_ms()) * 1'000'000;
+  auto next = std::chrono::steady_clock::now();
+  while (!done_.load()) {
+    v1::NodeMessage status, keys;
+    bool starting;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      starting = Starting();
+      FillReport(&status, &keys);
+    }
+    const uint64_t now = runtime::NowNs(), heard = heard_ns_.load();
+    if (now > heard && now - heard > leader_timeout) {
+      lost_ = StrCat("the leader has been silent for ", (now - heard) / 1'000'000, " ms");
+      context_->TryCancel();
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(write_mu_);
+      if (keys.store().entries_size() > 0 && !stream_->Write(keys)) return;
+      if (!stream_->Write(status)) return;
+    }
+    next += starting ? kStartingReportPeriod : kReportPeriod;
+    const auto now_tp = std::chrono::steady_clock::now();
+    if (next < now_tp) next = now_tp;
+    std::this_thread::sleep_until(next);
+  }
+}
+
+int Follower::Serve() {
+  heard_ns_ = runtime::NowNs();
+  std::thread reporter([this] { ReportLoop(); });
+  v1::LeaderMessage m;
+  while (!shutdown_.load() && stream_->Read(&m)) {
+    heard_ns_ = runtime::NowNs();
+    Handle(m);
+  }
+  done_ = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    KillShare();
+  }
+  context_->TryCancel();
+  reporter.join();
+  const grpc::Status st = stream_->Finish();
+  if (shutdown_.load()) {
+    spdlog::info("the leader shut the group down");
+    return 0;
+  }
+  spdlog::critical("lost the leader at {}: {}; exiting so the group is recreated", o_.leader,
+                   lost_.empty() ? StrCat("stream ended (", st.error_message(), ")") : lost_);
+  return 1;
+}
+
+int Follower::Run() {
+  if (int code = Join(); code != 0) return code;
+  return Serve();
+}
+
+}  // namespace
+
+int RunFollower(const FollowerOptions& options) {
+  Follower f(options);
+  return f.Run();
+}
+
+}  // namespace kraken::cluster

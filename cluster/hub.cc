@@ -1,0 +1,359 @@
+#include "cluster/hub.h"
+
+#include <cstring>
+#include <thread>
+
+#include "runtime/shm.h"
+#include "runtime/shm_store.h"
+
+namespace kraken::cluster {
+namespace {
+
+constexpr auto kPingPeriod = std::chrono::milliseconds(100);
+
+std::string Bytes(const void* p, size_t n) {
+  return std::string(static_cast<const char*>(p), n);
+}
+
+}  // namespace
+
+std::string LayoutSizes() {
+  return StrCat("Limits=", sizeof(runtime::Limits), " KvSizing=", sizeof(runtime::KvSizing),
+                " WorkerMemory=", sizeof(runtime::WorkerMemory), " PlanHeader=", sizeof(runtime::PlanHeader),
+                " PlanSeq=", sizeof(runtime::PlanSeq));
+}
+
+StatusOr<std::shared_ptr<Hub>> Hub::Create(const HubOptions& o) {
+  if (o.nodes < 2) return InvalidArgument("a multi-node group needs --nodes >= 2, got ", o.nodes);
+  if (o.ranks_per_node < 1 || o.nodes * o.ranks_per_node > runtime::kMaxWorld) {
+    return InvalidArgument(o.nodes, " nodes x ", o.ranks_per_node, " workers exceed the largest world size ",
+                           runtime::kMaxWorld);
+  }
+  std::shared_ptr<Hub> hub(new Hub(o));
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(o.listen, grpc::InsecureServerCredentials(), &hub->port_);
+  builder.RegisterService(static_cast<v1::Cluster::Service*>(hub.get()));
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  hub->server_ = builder.BuildAndStart();
+  if (!hub->server_ || hub->port_ == 0) return absl::UnavailableError(StrCat("cannot listen on ", o.listen));
+  return hub;
+}
+
+Hub::~Hub() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    v1::LeaderMessage m;
+    m.mutable_stop()->set_shutdown(true);
+    for (size_t n = 1; n < nodes_.size(); ++n) Send(static_cast<int>(n), m);
+  }
+  // The writers flush the shutdown within a ping period; then every stream is ended.
+  std::this_thread::sleep_for(2 * kPingPeriod);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    closing_ = true;
+    for (Node& n : nodes_) {
+      if (n.connected && n.context != nullptr) n.context->TryCancel();
+    }
+  }
+  cv_.notify_all();
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+}
+
+StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
+  if (hello.protocol_version() != runtime::kProtocolVersion || hello.layout_sizes() != LayoutSizes()) {
+    return FailedPrecondition("node at ", peer, " speaks runtime protocol ", hello.protocol_version(), " (",
+                              hello.layout_sizes(), "); the leader speaks ", runtime::kProtocolVersion, " (",
+                              LayoutSizes(), "): run the same kraken-server build on every node");
+  }
+  if (hello.model() != options_.model) {
+    return FailedPrecondition("node at ", peer, " loaded a different model (", hello.model(), ") than the leader (",
+                              options_.model, ")");
+  }
+  if (hello.devices_size() != options_.ranks_per_node) {
+    return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
+                           " workers; every node needs as many as the leader (", options_.ranks_per_node, ")");
+  }
+  int node = hello.node_rank();
+  if (node == 0) {  // the lowest rank nobody holds
+    for (node = 1; node < options_.nodes && (nodes_[node].connected || nodes_[node].joined_once); ++node) {
+    }
+    if (node == options_.nodes) {
+      for (node = 1; node < options_.nodes && nodes_[node].connected; ++node) {
+      }
+    }
+  }
+  if (node < 1 || node >= options_.nodes) {
+    return InvalidArgument("node rank ", hello.node_rank(), " from ", peer, " is not in [1, ", options_.nodes - 1,
+                           "] (--nodes ", options_.nodes, ")");
+  }
+  if (nodes_[node].connected) {
+    const uint64_t silent_ns = runtime::NowNs() - nodes_[node].heard_ns;
+    if (silent_ns < static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000) {
+      return absl::AlreadyExistsError(StrCat("node rank ", node, " is already held by ", nodes_[node].peer));
+    }
+    nodes_[node].context->TryCancel();  // a silent holder: the newcomer replaces it
+  }
+  std::vector<engine::Device> devices;
+  for (const std::string& d : hello.devices()) {
+    KRAKEN_ASSIGN_OR_RETURN(engine::Device dev, engine::Device::Parse(d));
+    devices.push_back(dev);
+  }
+  nodes_[node].devices = std::move(devices);
+  return node;
+}
+
+grpc::Status Hub::Join(grpc::ServerContext* context,
+                       grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream) {
+  v1::NodeMessage first;
+  if (!stream->Read(&first) || !first.has_hello()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a Join stream starts with Hello");
+  }
+  int node = 0;
+  uint64_t connection = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closing_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the leader is shutting down");
+    auto admitted = Admit(first.hello(), context->peer());
+    if (!admitted.ok()) {
+      return grpc::Status(static_cast<grpc::StatusCode>(admitted.status().code()),
+                          std::string(admitted.status().message()));
+    }
+    node = *admitted;
+    Node& n = nodes_[node];
+    n.connected = n.joined_once = true;
+    n.connection = connection = ++connections_;
+    n.context = context;
+    n.peer = context->peer();
+    n.heard_ns = runtime::NowNs();
+    n.outbox.clear();
+    v1::LeaderMessage welcome;
+    welcome.mutable_welcome()->set_first_rank(first_rank(node));
+    welcome.mutable_welcome()->set_world_size(options_.nodes * options_.ranks_per_node);
+    welcome.mutable_welcome()->set_leader_timeout_ms(static_cast<uint32_t>(2 * options_.heartbeat_timeout.count()));
+    n.outbox.push_back(std::move(welcome));
+  }
+  cv_.notify_all();
+  std::thread writer([&] { WriteLoop(node, connection, stream); });
+  v1::NodeMessage m;
+  while (stream->Read(&m)) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (nodes_[node].connection != connection) break;  // replaced
+    nodes_[node].heard_ns = runtime::NowNs();
+    if (m.has_status()) Apply(node, m.status());
+    if (m.has_store()) SetRemoteKeys(m.store());
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    Node& n = nodes_[node];
+    if (n.connection == connection) {
+      n.connected = false;
+      n.context = nullptr;
+      FailNode(node, StrCat("node ", node, " at ", n.peer, " disconnected"));
+    }
+  }
+  context->TryCancel();
+  cv_.notify_all();
+  writer.join();
+  return grpc::Status::OK;
+}
+
+void Hub::WriteLoop(int node, uint64_t connection,
+                    grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    Node& n = nodes_[node];
+    if (n.connection != connection || !n.connected) return;
+    std::vector<v1::LeaderMessage> batch;
+    if (!cv_.wait_for(lock, kPingPeriod,
+                      [&] { return !n.outbox.empty() || n.connection != connection || !n.connected; })) {
+      batch.emplace_back().mutable_ping();
+    }
+    batch.insert(batch.end(), std::make_move_iterator(n.outbox.begin()), std::make_move_iterator(n.outbox.end()));
+    n.outbox.clear();
+    lock.unlock();
+    bool ok = true;
+    for (const v1::LeaderMessage& m : batch) ok = ok && stream->Write(m);
+    lock.lock();
+    if (!ok) return;  // the reader sees the stream end too
+  }
+}
+
+void Hub::Send(int node, v1::LeaderMessage message) {
+  Node& n = nodes_[node];
+  if (!n.connected) return;
+  n.outbox.push_back(std::move(message));
+  cv_.notify_all();
+}
+
+void Hub::Apply(int node, const v1::NodeStatus& status) {
+  if (segment_ == nullptr || status.generation() != generation_) return;
+  auto* control = runtime::At<runtime::Control>(segment_, 0);
+  const uint64_t now = runtime::NowNs();
+  for (const v1::RankStatus& rs : status.ranks()) {
+    const int r = rs.rank();
+    if (r < first_rank(node) || r >= first_rank(node) + options_.ranks_per_node) continue;
+    runtime::RankSlot& slot = control->ranks[r];
+    if (rs.memory().size() == sizeof(runtime::WorkerMemory)) {
+      std::memcpy(&slot.memory, rs.memory().data(), sizeof(runtime::WorkerMemory));
+    }
+    slot.stats.steps.store(rs.steps(), std::memory_order_relaxed);
+    slot.stats.busy_ns.store(rs.busy_ns(), std::memory_order_relaxed);
+    slot.stats.exposed_comm_ns.store(rs.exposed_comm_ns(), std::memory_order_relaxed);
+    slot.stats.collective_ns.store(rs.collective_ns(), std::memory_order_relaxed);
+    slot.stats.idle_ns.store(rs.idle_ns(), std::memory_order_relaxed);
+    slot.stats.collectives.store(rs.collectives(), std::memory_order_relaxed);
+    slot.done_step.store(rs.done_step(), std::memory_order_release);
+    slot.progress_ns.store(now - std::min(now, rs.progress_age_ns()), std::memory_order_relaxed);
+    if (rs.alive()) slot.heartbeat_ns.store(now, std::memory_order_relaxed);
+    if (slot.state.load(std::memory_order_acquire) != static_cast<uint32_t>(runtime::RankState::kFailed)) {
+      slot.state.store(rs.state(), std::memory_order_release);
+    }
+  }
+  if (!status.failure().empty())
+    FailNode(node, StrCat("on node ", node, " at ", nodes_[node].peer, ": ", status.failure()));
+}
+
+void Hub::FailNode(int node, const std::string& why) {
+  if (segment_ == nullptr) return;
+  runtime::RankSlot& slot = runtime::At<runtime::Control>(segment_, 0)->ranks[first_rank(node)];
+  if (slot.state.load(std::memory_order_acquire) == static_cast<uint32_t>(runtime::RankState::kFailed)) return;
+  std::snprintf(slot.message, sizeof slot.message, "%s", why.c_str());
+  slot.state.store(static_cast<uint32_t>(runtime::RankState::kFailed), std::memory_order_release);
+}
+
+void Hub::SetRemoteKeys(const v1::StoreEntries& entries) {
+  if (segment_ == nullptr || entries.generation() != generation_) return;
+  runtime::ShmStore store(runtime::At<runtime::StoreSlot>(segment_, layout_.store), layout_.store_slots);
+  for (const v1::StoreEntry& e : entries.entries()) {
+    if (store.Has(e.key())) continue;
+    try {
+      store.set(e.key(), std::vector<char>(e.value().begin(), e.value().end()));
+    } catch (const std::exception&) {
+      return;  // a full store: the rendezvous times out and names the ranks
+    }
+  }
+}
+
+StatusOr<std::vector<engine::Device>> Hub::AwaitNodes(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto all = [&] {
+    for (int n = 1; n < options_.nodes; ++n) {
+      if (!nodes_[n].connected) return false;
+    }
+    return true;
+  };
+  if (!cv_.wait_for(lock, timeout, all)) {
+    std::string missing;
+    for (int n = 1; n < options_.nodes; ++n) {
+      if (!nodes_[n].connected) StrAppend(&missing, missing.empty() ? "" : ", ", n);
+    }
+    return absl::DeadlineExceededError(StrCat("node(s) ", missing, " did not join within ", timeout.count(),
+                                              " ms (followers run kraken-server --join <this host>:", port_, ")"));
+  }
+  std::vector<engine::Device> out;
+  for (int n = 1; n < options_.nodes; ++n) out.insert(out.end(), nodes_[n].devices.begin(), nodes_[n].devices.end());
+  return out;
+}
+
+Status Hub::Start(uint64_t generation, uint8_t* segment, const runtime::Layout& layout, uint64_t deadline_ns) {
+  std::unique_lock<std::mutex> lock(mu_);
+  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+  for (int n = 1; n < options_.nodes; ++n) {  // a frozen node is dropped: it must join again
+    Node& node = nodes_[n];
+    if (node.connected && runtime::NowNs() - node.heard_ns > silent) node.context->TryCancel();
+  }
+  auto all = [&] {
+    for (int n = 1; n < options_.nodes; ++n) {
+      if (!nodes_[n].connected || runtime::NowNs() - nodes_[n].heard_ns > silent) return false;
+    }
+    return true;
+  };
+  while (!all()) {
+    const uint64_t now = runtime::NowNs();
+    if (now >= deadline_ns) {
+      std::string missing;
+      for (int n = 1; n < options_.nodes; ++n) {
+        if (!nodes_[n].connected) StrAppend(&missing, missing.empty() ? "" : ", ", n);
+      }
+      return absl::DeadlineExceededError(StrCat("node(s) ", missing, " did not join in time"));
+    }
+    cv_.wait_for(lock, std::chrono::nanoseconds(std::min<uint64_t>(deadline_ns - now, 50'000'000)));
+  }
+  segment_ = segment;
+  layout_ = layout;
+  generation_ = generation;
+  const auto* control = runtime::At<runtime::Control>(segment, 0);
+  v1::LeaderMessage m;
+  v1::Start* s = m.mutable_start();
+  s->set_generation(generation);
+  s->set_limits(Bytes(&control->limits, sizeof control->limits));
+  s->set_kv_sizing(Bytes(&control->kv_sizing, sizeof control->kv_sizing));
+  s->set_kv_blocks(control->kv_blocks.load(std::memory_order_acquire));
+  s->set_collective_timeout_ms(static_cast<uint32_t>(options_.collective_timeout.count()));
+  s->set_heartbeat_timeout_ms(static_cast<uint32_t>(options_.heartbeat_timeout.count()));
+  s->set_start_timeout_ms(static_cast<uint32_t>(options_.start_timeout.count()));
+  for (int n = 1; n < options_.nodes; ++n) {
+    nodes_[n].sent_keys.clear();
+    Send(n, m);
+  }
+  return absl::OkStatus();
+}
+
+void Hub::ExchangeStore() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (segment_ == nullptr) return;
+  runtime::ShmStore store(runtime::At<runtime::StoreSlot>(segment_, layout_.store), layout_.store_slots);
+  const auto entries = store.Entries();
+  for (int n = 1; n < options_.nodes; ++n) {
+    v1::LeaderMessage m;
+    m.mutable_store()->set_generation(generation_);
+    for (const auto& [key, value] : entries) {
+      if (!nodes_[n].sent_keys.insert(key).second) continue;
+      v1::StoreEntry* e = m.mutable_store()->add_entries();
+      e->set_key(key);
+      e->set_value(std::string(value.begin(), value.end()));
+    }
+    if (m.store().entries_size() > 0) Send(n, std::move(m));
+  }
+}
+
+void Hub::SetKvBlocks(int32_t blocks) {
+  std::lock_guard<std::mutex> lock(mu_);
+  v1::LeaderMessage m;
+  m.mutable_kv_blocks()->set_generation(generation_);
+  m.mutable_kv_blocks()->set_blocks(blocks);
+  for (int n = 1; n < options_.nodes; ++n) Send(n, m);
+}
+
+void Hub::Publish(uint64_t step) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (segment_ == nullptr) return;
+  const auto* h = runtime::At<runtime::PlanHeader>(segment_, layout_.plan_header);
+  v1::LeaderMessage m;
+  v1::Plan* p = m.mutable_plan();
+  p->set_generation(generation_);
+  p->set_step(step);
+  p->set_header(Bytes(h, sizeof *h));
+  p->set_seqs(Bytes(segment_ + layout_.plan_seqs, sizeof(runtime::PlanSeq) * h->num_seqs));
+  p->set_tokens(Bytes(segment_ + layout_.tokens, sizeof(int32_t) * h->num_tokens));
+  p->set_blocks(Bytes(segment_ + layout_.blocks, sizeof(int32_t) * h->num_block_ids));
+  p->set_history(Bytes(segment_ + layout_.history, sizeof(int32_t) * h->num_history));
+  for (int n = 1; n < options_.nodes; ++n) Send(n, m);
+}
+
+void Hub::Stop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  segment_ = nullptr;
+  v1::LeaderMessage m;
+  m.mutable_stop()->set_shutdown(false);
+  for (int n = 1; n < options_.nodes; ++n) Send(n, m);
+}
+
+std::string Hub::Where(int rank) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int node = rank / options_.ranks_per_node;
+  if (node < 1 || node >= options_.nodes) return "no node";
+  return StrCat("node ", node, " at ", nodes_[node].peer.empty() ? "(not joined)" : nodes_[node].peer);
+}
+
+}  // namespace kraken::cluster

@@ -85,14 +85,16 @@ int Follower::Join() {
       spdlog::critical("the leader at {} refused this node: {}", o_.leader, st.error_message());
       return 2;
     }
-    if (std::chrono::steady_clock::now() + backoff > deadline) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) {
       spdlog::critical("could not join the leader at {} within {} s: {}", o_.leader, o_.join_timeout.count() / 1000.0,
                        st.error_message());
       return 1;
     }
+    const auto wait = std::min<std::chrono::steady_clock::duration>(backoff, deadline - now);
     spdlog::warn("cannot join the leader at {} ({}); retrying in {:.1f} s", o_.leader, st.error_message(),
-                 backoff.count() / 1000.0);
-    std::this_thread::sleep_for(backoff);
+                 std::chrono::duration<double>(wait).count());
+    std::this_thread::sleep_for(wait);
     backoff = std::min(2 * backoff, std::chrono::milliseconds(5000));
   }
 }

@@ -271,6 +271,7 @@ void Engine::Supervise() {
 void Engine::OnRecovery(bool recovering, const Status& cause) {
   if (options_.on_serving) options_.on_serving(!recovering);
   if (!recovering) return;
+  spdlog::warn("{}; restarting the workers (health NOT_SERVING until they are ready)", std::string(cause.message()));
   // Every worker is about to be replaced: none is up until the restart completes (the gauges are
   // refreshed from the new workers after it).
   if (options_.metrics != nullptr) {

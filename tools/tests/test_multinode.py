@@ -1,0 +1,263 @@
+"""A worker group over two "nodes" on one machine: the leader (kraken-server --nodes 2) and a follower
+(kraken-server --join), two process trees that share nothing but TCP, two CPU workers each (world
+size 4). The group computes exactly what one node with four workers computes; 16 concurrent
+streams through the leader equal their serial results; and each failure of a node is handled
+within its bound: a follower killed or stopped is noticed within 2 s (health NOT_SERVING,
+in-flight requests UNAVAILABLE) and the group re-forms when a follower joins again; a leader that
+dies takes its follower down at once (non-zero exit); a follower started before its leader retries
+with back-off and says why; a node the leader cannot use is refused by name."""
+import concurrent.futures
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from kraken_client import pb
+from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, stream
+
+GPT2_MODEL = os.path.join(ROOT, "models", "gpt2-kjv")
+# Node liveness well below the 2 s bound the tests hold the leader to.
+TIMERS = ("--heartbeat-timeout", "0.5")
+PROMPTS = ["In the beginning God created", "And the LORD spake unto Moses, saying,", "Blessed are the"]
+
+
+class Follower:
+    """kraken-server --join on its own session: its own process tree, its own log."""
+
+    def __init__(self, cluster_port, *args, model=DEFAULT_MODEL, devices="cpu:2"):
+        self.log_path = f"/tmp/kraken-follower-test-{cluster_port}-{time.monotonic_ns()}.log"
+        self.log = open(self.log_path, "w")
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+        self.proc = subprocess.Popen(
+            [SERVER_BIN, "--model", model, "--devices", devices, "--join", f"127.0.0.1:{cluster_port}",
+             "--node-address", "127.0.0.1", "--threads-per-worker", "1", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=inherited, start_new_session=True)
+
+    def read_log(self):
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()
+
+    def tree(self):
+        """The follower and its workers."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [self.proc.pid] + [int(p) for p in out.stdout.split()]
+
+    def signal_tree(self, sig):
+        for pid in self.tree():
+            os.kill(pid, sig)
+
+    def wait(self, timeout):
+        return self.proc.wait(timeout=timeout)
+
+    def close(self):
+        for pid in self.tree() if self.proc.poll() is None else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+        self.log.close()
+
+
+def leader(cluster_port, *args, model=DEFAULT_MODEL):
+    return Server("--nodes", "2", "--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *args,
+                  model=model, devices="cpu:2")
+
+
+def health_status(target):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        return health_pb2_grpc.HealthStub(grpc.insecure_channel(target)).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=1).status
+    except grpc.RpcError:
+        return None
+
+
+def wait_for(predicate, timeout, step=0.02):
+    """Seconds until predicate() held, or None after `timeout`."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return time.time() - t0
+        time.sleep(step)
+    return None
+
+
+def gone(pid):
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def greedy(stub, prompt, n=24):
+    """(ids, [(logprob, [(alt id, alt logprob)...])...], prompt logprobs) of a greedy completion."""
+    _, ids, msgs = stream(stub, request(text=prompt, max_tokens=n, temperature=0, top_logprobs=2,
+                                        prompt_logprobs=True))
+    lps = [(lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) for m in msgs for lp in m.logprobs]
+    prompt_lps = [(lp.token_id, lp.logprob) for m in msgs for lp in m.prompt_logprobs]
+    assert len(ids) == n and len(lps) == n and prompt_lps
+    return ids, lps, prompt_lps
+
+
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, GPT2_MODEL], ids=["kraken-4way", "gpt2"])
+def test_two_nodes_compute_exactly_what_one_node_computes(model):
+    # One node, four workers: the reference (the engine is batch-invariant: same shards, same sums).
+    one = Server(model=model, devices="cpu:4")
+    try:
+        want = [greedy(one.stub, p) for p in PROMPTS]
+    finally:
+        one.close()
+    cluster_port = free_port()
+    # The follower starts first: it retries with back-off, saying why, until the leader listens.
+    f = Follower(cluster_port, model=model)
+    try:
+        assert wait_for(lambda: "retrying in" in f.read_log(), 10) is not None, f.read_log()
+        s = leader(cluster_port, model=model)
+        try:
+            info = s.stub.GetModelInfo(pb.GetModelInfoRequest())
+            assert info.world_size == 4
+            got = [greedy(s.stub, p) for p in PROMPTS]
+            for p, g, w in zip(PROMPTS, got, want):
+                assert g == w, f"{p!r}: two nodes {g[0]} vs one node {w[0]}"
+            # 16 concurrent streams through the leader equal their serial results.
+            reqs = [request(text=PROMPTS[i % 3], max_tokens=12 + i % 5, temperature=0.8, seed=100 + i)
+                    for i in range(16)]
+            serial = [stream(s.stub, r)[1] for r in reqs]
+            with concurrent.futures.ThreadPoolExecutor(16) as ex:
+                together = list(ex.map(lambda r: stream(s.stub, r)[1], reqs))
+            assert together == serial
+            log = f.read_log()
+            assert "cannot join the leader at 127.0.0.1:" in log and "joined the leader" in log, log
+            assert "as ranks 2..3 of 4" in log, log
+        finally:
+            s.close()
+    finally:
+        f.close()
+
+
+def long_request(seed):
+    return request(text="And it came to pass", max_tokens=200, temperature=1.0, seed=seed, ignore_eos=True)
+
+
+@pytest.fixture
+def group():
+    cluster_port = free_port()
+    f = Follower(cluster_port)
+    s = leader(cluster_port)
+    state = {"follower": f, "server": s, "port": cluster_port}
+    yield state
+    s.close()
+    state["follower"].close()
+
+
+def test_a_killed_follower_is_noticed_within_2_s_and_the_group_re_forms_when_it_returns(group):
+    from grpc_health.v1 import health_pb2
+    s, f = group["server"], group["follower"]
+    before = stream(s.stub, request(text=PROMPTS[0], max_tokens=8, temperature=0))[1]
+    call = s.stub.Generate(long_request(seed=1), timeout=60)
+    next(call)
+    tree = f.tree()
+    t_kill = time.time()
+    f.signal_tree(signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "node 1" in e.value.details(), e.value.details()
+    down = wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+    assert down is not None and time.time() - t_kill < 2.0, "NOT_SERVING later than 2 s after the kill"
+    f.wait(5)
+    assert all(wait_for(lambda: gone(p), 5) is not None for p in tree)
+    # Nobody joins: the leader keeps waiting (NOT_SERVING) and refuses work, precisely.
+    time.sleep(1.0)
+    assert health_status(s.target) == health_pb2.HealthCheckResponse.NOT_SERVING
+    # The node comes back: the group re-forms and serves the same tokens.
+    group["follower"] = Follower(group["port"])
+    assert wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.SERVING, 60) is not None
+    assert stream(s.stub, request(text=PROMPTS[0], max_tokens=8, temperature=0))[1] == before
+    assert "node 1 at ipv4:127.0.0.1:" in s.read_log() and "disconnected" in s.read_log()
+
+
+def test_a_stopped_follower_is_noticed_within_2_s_and_leaves_when_it_wakes(group):
+    from grpc_health.v1 import health_pb2
+    s, f = group["server"], group["follower"]
+    t_stop = time.time()
+    f.signal_tree(signal.SIGSTOP)
+    down = wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
+    assert down is not None and time.time() - t_stop < 2.0, "NOT_SERVING later than 2 s after the stop"
+    assert "stopped responding: no heartbeat" in s.read_log()
+    # Woken, it finds its place taken back (its workers' peers are gone): it exits non-zero.
+    f.signal_tree(signal.SIGCONT)
+    assert f.wait(10) == 1
+    assert "exiting so the group is recreated" in f.read_log()
+    group["follower"] = Follower(group["port"])
+    assert wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.SERVING, 60) is not None
+    assert len(stream(s.stub, request(text=PROMPTS[1], max_tokens=6, temperature=0))[1]) == 6
+
+
+def test_a_leader_that_dies_takes_its_follower_down_at_once(group):
+    s, f = group["server"], group["follower"]
+    tree = f.tree()
+    assert len(tree) == 3
+    t_kill = time.time()
+    s.proc.kill()
+    assert f.wait(5) == 1
+    assert time.time() - t_kill < 2.0, "the follower outlived its leader by more than 2 s"
+    assert all(wait_for(lambda: gone(p), 2) is not None for p in tree), "a follower worker outlived the leader"
+    assert "lost the leader at 127.0.0.1:" in f.read_log()
+
+
+def test_a_leader_silent_longer_than_its_timeout_loses_its_follower(group):
+    """Both directions of the follower's leader timeout (2 x --heartbeat-timeout = 1 s): an idle
+    leader that still pings keeps it for 3 s; a frozen one loses it within the bound."""
+    s, f = group["server"], group["follower"]
+    time.sleep(3.0)
+    assert f.proc.poll() is None
+    assert len(stream(s.stub, request(text=PROMPTS[2], max_tokens=4, temperature=0))[1]) == 4
+    t_stop = time.time()
+    os.kill(s.proc.pid, signal.SIGSTOP)
+    try:
+        assert f.wait(5) == 1
+        assert time.time() - t_stop < 1.0 + 1.0
+        assert "the leader has been silent for" in f.read_log()
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+
+
+def test_a_node_the_leader_cannot_use_is_refused_by_name():
+    cluster_port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+    lead = subprocess.Popen([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:2", "--nodes", "2",
+                             "--cluster-port", str(cluster_port), "--port", str(free_port()), "--http-port", "-1",
+                             "--metrics-port", "-1", "--start-timeout", "30"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=inherited)
+    try:
+        f = Follower(cluster_port, devices="cpu:1")
+        try:
+            assert f.wait(20) == 2
+            assert "refused this node" in f.read_log()
+            assert "has 1 workers; every node needs as many as the leader (2)" in f.read_log()
+        finally:
+            f.close()
+        f = Follower(cluster_port, model=GPT2_MODEL)
+        try:
+            assert f.wait(20) == 2
+            assert "loaded a different model" in f.read_log()
+        finally:
+            f.close()
+    finally:
+        lead.kill()
+        lead.wait()
+
+
+def test_a_follower_without_a_leader_gives_up_after_its_start_timeout_saying_why():
+    f = Follower(free_port(), "--start-timeout", "2")
+    try:
+        t0 = time.time()
+        assert f.wait(10) == 1
+        assert 1.5 < time.time() - t0 < 8
+        log = f.read_log()
+        assert log.count("retrying in") >= 2 and "could not join the leader" in log, log
+    finally:
+        f.close()

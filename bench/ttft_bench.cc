@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <map>
 #include <numeric>
 #include <random>
@@ -22,6 +23,10 @@
 
 #include <CLI/CLI.hpp>
 
+#ifdef KRAKEN_HAVE_CLUSTER  // multi-node mode (a build with the gRPC server)
+#include "cluster/follower.h"
+#include "cluster/hub.h"
+#endif
 #include "engine/comm/link_model.h"
 #include "engine/cpu/gemm.h"
 #include "engine/model_config.h"
@@ -68,14 +73,27 @@ double MeasureGemm(int threads) {
   return 2.0 * m * n * k / best;
 }
 
+// How each cell runs: the device, timed prefills, the link model raw or scaled, and for a
+// multi-node run the other nodes (cluster::Hub) with their devices.
+struct BenchOptions {
+  std::string device = "cpu";
+  int repeats = 3;
+  bool raw_link = false;  // link time as the preset says (no scaling to this CPU)
+  std::shared_ptr<runtime::RemoteNodes> hub;
+  std::function<void(const std::string&)> set_model_dir;  // the model the other nodes load next
+  std::vector<engine::Device> remote;
+  std::string node_address = "127.0.0.1";
+};
+
 struct Cell {
   double ttft = 0;                    // seconds, median
   std::vector<double> exposed_share;  // per rank
 };
 
 StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const std::vector<int>& tokens,
-                                      const std::string& preset, double gemm_flops, int repeats,
-                                      const std::string& device) {
+                                      const std::string& preset, double gemm_flops, const BenchOptions& b) {
+  const std::string& device = b.device;
+  const int repeats = b.repeats;
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int max_t = *std::max_element(tokens.begin(), tokens.end());
   // "cuda": GPUs 0 .. W-1, one worker each, NCCL between them.
@@ -90,7 +108,16 @@ StatusOr<std::map<int, Cell>> Measure(const std::string& model, int world, const
                                 .max_history = 1};
   if (preset != "none") {
     o.link_preset = preset;
-    o.measured_gemm_flops = gemm_flops;
+    o.measured_gemm_flops = b.raw_link ? 0 : gemm_flops;
+  }
+  if (b.hub) {  // this node's ranks first, then the other nodes'
+    const int local = world - static_cast<int>(b.remote.size());
+    o.devices.resize(local);
+    o.devices.insert(o.devices.end(), b.remote.begin(), b.remote.end());
+    o.local_ranks = local;
+    o.remote = b.hub;
+    o.collective_host = b.node_address;
+    b.set_model_dir(model);
   }
   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start(o));
   std::map<int, Cell> out;
@@ -132,21 +159,65 @@ std::string Shares(const std::vector<double>& v) {
 int Main(int argc, char** argv) {
   std::string models = "build/bench-models/ttft", worlds_s = "2,4", tokens_s = "128,2048";
   std::string presets_s = "none,a100-nvswitch,h100-nvlink4,pcie4-x16,ethernet-100g";
-  int repeats = 3;
-  std::string device = "cpu";
+  std::string archs_s = "standard,parallel,kraken", listen, join, link_scale = "measured";
+  int nodes = 1, local_workers = 2;
+  BenchOptions b;
   CLI::App app{"Prefill TTFT: Kraken vs standard tensor parallelism vs parallel-block"};
-  app.add_option("--device", device, "cpu (worker processes + Gloo) or cuda (one GPU per rank + NCCL)")
+  app.add_option("--device", b.device, "cpu (worker processes + Gloo) or cuda (one GPU per rank + NCCL)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--archs", archs_s, "Architectures to time (standard, parallel, kraken)");
+  app.add_option("--link-scale", link_scale,
+                 "measured: link time x (preset GEMM rate / this CPU's); raw: the preset's own link time")
+      ->check(CLI::IsMember({"measured", "raw"}));
+  app.add_option("--nodes", nodes, "Multi-node: this is the leader of this many nodes (--cluster-listen)");
+  app.add_option("--cluster-listen", listen, "Multi-node leader: host:port the other nodes join");
+  app.add_option("--join", join, "Multi-node: run as a follower node of the leader at host:port, then exit");
+  app.add_option("--local-workers", local_workers, "Multi-node: CPU workers on each node");
+  app.add_option("--node-address", b.node_address, "Multi-node: the address this node's workers bind");
   app.add_option("--models", models, "Directory with kraken/, standard/ and parallel/ model directories");
   app.add_option("--worlds", worlds_s, "World sizes");
   app.add_option("--tokens", tokens_s, "Prompt lengths");
   app.add_option("--presets", presets_s, "none (plain Gloo) and/or link-model presets");
-  app.add_option("--repeats", repeats, "Timed prefills per cell (median reported)");
+  app.add_option("--repeats", b.repeats, "Timed prefills per cell (median reported)");
   CLI11_PARSE(app, argc, argv);
+  b.raw_link = link_scale == "raw";
+  const std::string& device = b.device;
   std::vector<int> worlds, tokens;
   for (const auto& w : Split(worlds_s)) worlds.push_back(std::stoi(w));
   for (const auto& t : Split(tokens_s)) tokens.push_back(std::stoi(t));
-  const std::vector<std::string> archs = {"standard", "parallel", "kraken"};
+  const std::vector<std::string> archs = Split(archs_s);
+#ifdef KRAKEN_HAVE_CLUSTER
+  if (!join.empty()) {  // a follower node: its workers serve whatever the leader runs, until it ends
+    cluster::FollowerOptions fo{.leader = join, .join_timeout = std::chrono::seconds(60)};
+    fo.workers.devices.assign(local_workers, engine::Device::Cpu());
+    fo.workers.threads_per_worker = 1;
+    fo.workers.collective_host = b.node_address;
+    return cluster::RunFollower(fo);
+  }
+  if (nodes > 1) {  // every world is all nodes' workers
+    auto hub = cluster::Hub::Create({.listen = listen, .nodes = nodes, .ranks_per_node = local_workers});
+    if (!hub.ok()) {
+      std::fprintf(stderr, "ttft_bench: %s\n", std::string(hub.status().message()).c_str());
+      return 1;
+    }
+    auto remote = (*hub)->AwaitNodes(std::chrono::seconds(60));
+    if (!remote.ok()) {
+      std::fprintf(stderr, "ttft_bench: %s\n", std::string(remote.status().message()).c_str());
+      return 1;
+    }
+    b.hub = *hub;
+    b.remote = *remote;
+    worlds = {nodes * local_workers};
+    b.set_model_dir = [h = *hub](const std::string& dir) { h->set_model_dir(dir); };
+    std::printf("%d nodes x %d workers; followers joined from the cluster port %s\n", nodes, local_workers,
+                listen.c_str());
+  }
+#else
+  if (!join.empty() || nodes > 1) {
+    std::fprintf(stderr, "ttft_bench: multi-node mode needs a build with the gRPC server (KRAKEN_BUILD_SERVER)\n");
+    return 1;
+  }
+#endif
 
   std::printf("models (equal parameter count):\n");
   for (const auto& a : archs) {
@@ -195,7 +266,7 @@ int Main(int argc, char** argv) {
     for (int w : worlds) {
       std::map<std::string, std::map<int, Cell>> r;
       for (const auto& a : archs) {
-        auto m = Measure(models + "/" + a, w, tokens, preset, gemm[w], repeats, device);
+        auto m = Measure(models + "/" + a, w, tokens, preset, gemm[w], b);
         if (!m.ok()) {
           std::fprintf(stderr, "ttft_bench: %s W=%d: %s\n", a.c_str(), w, std::string(m.status().message()).c_str());
           return 1;
@@ -203,18 +274,28 @@ int Main(int argc, char** argv) {
         r[a] = *m;
       }
       for (int T : tokens) {
-        const double st = r["standard"][T].ttft, pa = r["parallel"][T].ttft, kr = r["kraken"][T].ttft;
-        const double speed = st / kr - 1, speed_par = pa / kr - 1;
+        for (const auto& a : archs) {  // one machine-readable line per cell (bench/ttft_bench.py reads them)
+          std::printf("cell preset=%s W=%d T=%d arch=%s ttft_s=%.6f\n", preset.c_str(), w, T, a.c_str(), r[a][T].ttft);
+        }
+        if (!r.count("standard") || !r.count("kraken")) continue;
+        const bool par = r.count("parallel") > 0;
+        const double st = r["standard"][T].ttft, pa = par ? r["parallel"][T].ttft : 0, kr = r["kraken"][T].ttft;
         log_sum += std::log(st / kr);
-        log_sum_par += std::log(pa / kr);
+        if (par) log_sum_par += std::log(pa / kr);
         ++cells;
-        std::printf("%3d %6d %12.1f %12.1f %12.1f %9.1f%% %9.1f%%   %-16s %-16s\n", w, T, st * 1e3, pa * 1e3, kr * 1e3,
-                    100 * speed, 100 * speed_par, Shares(r["standard"][T].exposed_share).c_str(),
-                    Shares(r["kraken"][T].exposed_share).c_str());
+        std::printf("%3d %6d %12.1f %12s %12.1f %9.1f%% %10s   %-16s %-16s\n", w, T, st * 1e3,
+                    par ? StrCat(std::lround(pa * 1e4) / 10.0).c_str() : "-", kr * 1e3, 100 * (st / kr - 1),
+                    par ? StrCat(std::lround(1000 * (pa / kr - 1)) / 10.0, "%").c_str() : "-",
+                    Shares(r["standard"][T].exposed_share).c_str(), Shares(r["kraken"][T].exposed_share).c_str());
       }
     }
-    std::printf("geomean Kraken speed-up: %.1f%% over standard TP, %.1f%% over parallel-block (%d cells)\n\n",
-                100 * (std::exp(log_sum / cells) - 1), 100 * (std::exp(log_sum_par / cells) - 1), cells);
+    if (cells > 0) {
+      std::printf("geomean Kraken speed-up: %.1f%% over standard TP", 100 * (std::exp(log_sum / cells) - 1));
+      if (std::find(archs.begin(), archs.end(), "parallel") != archs.end()) {
+        std::printf(", %.1f%% over parallel-block", 100 * (std::exp(log_sum_par / cells) - 1));
+      }
+      std::printf(" (%d cells)\n\n", cells);
+    }
     std::fflush(stdout);
   }
   return 0;

@@ -20,9 +20,10 @@ namespace kraken::cluster {
 struct FollowerOptions {
   std::string leader;  // host:port of the leader's --cluster-port
   int node_rank = 0;   // 1 .. nodes - 1; 0 = the leader assigns the lowest free one
-  std::string model;   // the model's fingerprint (the leader refuses another)
-  // model_dir, devices (this node's, in rank order), threads_per_worker, collective_host,
-  // worker_binary; the limits, timeouts and ranks come from the leader.
+  std::string model;   // the model's fingerprint (the leader refuses another); empty with no model_dir
+  // model_dir (empty: the path the leader loads), devices (this node's, in rank order),
+  // threads_per_worker, collective_host, worker_binary; the limits, timeouts and ranks come from
+  // the leader.
   runtime::WorkerGroupOptions workers;
   std::chrono::milliseconds join_timeout{120000};  // give up reaching the leader after this long
 };

@@ -65,7 +65,7 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
                               hello.layout_sizes(), "); the leader speaks ", runtime::kProtocolVersion, " (",
                               LayoutSizes(), "): run the same kraken-server build on every node");
   }
-  if (hello.model() != options_.model) {
+  if (!hello.model().empty() && hello.model() != options_.model) {
     return FailedPrecondition("node at ", peer, " loaded a different model (", hello.model(), ") than the leader (",
                               options_.model, ")");
   }
@@ -281,17 +281,22 @@ Status Hub::Start(uint64_t generation, uint8_t* segment, const runtime::Layout& 
   }
   segment_ = segment;
   layout_ = layout;
-  generation_ = generation;
+  // The nodes know each start by the hub's own count: a group started anew on the same hub (a
+  // benchmark's next model) counts its generations from 1 again, and a late report from the
+  // previous one must not be taken for the new one's.
+  generation_ = ++starts_;
+  (void)generation;
   const auto* control = runtime::At<runtime::Control>(segment, 0);
   v1::LeaderMessage m;
   v1::Start* s = m.mutable_start();
-  s->set_generation(generation);
+  s->set_generation(generation_);
   s->set_limits(Bytes(&control->limits, sizeof control->limits));
   s->set_kv_sizing(Bytes(&control->kv_sizing, sizeof control->kv_sizing));
   s->set_kv_blocks(control->kv_blocks.load(std::memory_order_acquire));
   s->set_collective_timeout_ms(static_cast<uint32_t>(options_.collective_timeout.count()));
   s->set_heartbeat_timeout_ms(static_cast<uint32_t>(options_.heartbeat_timeout.count()));
   s->set_start_timeout_ms(static_cast<uint32_t>(options_.start_timeout.count()));
+  s->set_model_dir(options_.model_dir);
   for (int n = 1; n < options_.nodes; ++n) {
     nodes_[n].sent_keys.clear();
     Send(n, m);
@@ -338,6 +343,7 @@ void Hub::Publish(uint64_t step) {
   p->set_tokens(Bytes(segment_ + layout_.tokens, sizeof(int32_t) * h->num_tokens));
   p->set_blocks(Bytes(segment_ + layout_.blocks, sizeof(int32_t) * h->num_block_ids));
   p->set_history(Bytes(segment_ + layout_.history, sizeof(int32_t) * h->num_history));
+  p->set_sent_ns(runtime::NowNs());
   for (int n = 1; n < options_.nodes; ++n) Send(n, m);
 }
 

@@ -39,6 +39,7 @@ struct HubOptions {
   int nodes = 2;                                      // including the leader
   int ranks_per_node = 1;                             // the leader's workers; every node must have as many
   std::string model;                                  // the model's fingerprint; a node with another is refused
+  std::string model_dir;                              // sent to the nodes: where a node given no model finds it
   std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent this long is replaced on restart
   std::chrono::milliseconds collective_timeout{30000};
   std::chrono::milliseconds start_timeout{120000};
@@ -51,6 +52,11 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   ~Hub() override;
 
   int port() const { return port_; }
+  /// The model directory the next Start names (for nodes given none; benchmarks switch models).
+  void set_model_dir(const std::string& dir) {
+    std::lock_guard<std::mutex> lock(mu_);
+    options_.model_dir = dir;
+  }
   /// Waits until every follower node has joined; their devices in rank order. DEADLINE_EXCEEDED
   /// naming the node ranks still missing after `timeout`.
   StatusOr<std::vector<engine::Device>> AwaitNodes(std::chrono::milliseconds timeout);
@@ -100,7 +106,8 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   // The attached segment (between Start and Stop).
   uint8_t* segment_ = nullptr;
   runtime::Layout layout_{};
-  uint64_t generation_ = 0;
+  uint64_t generation_ = 0;  // of the attached start, as the nodes know it
+  uint64_t starts_ = 0;
 };
 
 }  // namespace kraken::cluster

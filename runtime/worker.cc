@@ -308,7 +308,9 @@ void Worker::PublishResult(const PlanHeader& plan, const PlanReader& reader, con
 }
 
 Status Worker::Serve() {
-  uint64_t last_step = control_->plan_step.load();
+  // The segment is new at every (re)start and no plan is published before every rank is ready:
+  // step 1 may already be there when this rank gets here, and must not be skipped.
+  uint64_t last_step = 0;
   uint64_t idle_from = NowNs();
   for (;;) {
     const uint32_t seen = control_->plan_futex.load(std::memory_order_acquire);

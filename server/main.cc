@@ -696,6 +696,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
                                                           .nodes = f.nodes,
                                                           .ranks_per_node = local,
                                                           .model = ModelFingerprint(f.model),
+                                                          .model_dir = f.model,
                                                           .heartbeat_timeout = wo.heartbeat_timeout,
                                                           .collective_timeout = wo.collective_timeout,
                                                           .start_timeout = wo.start_timeout}));

@@ -25,6 +25,9 @@ const std::vector<LinkPreset>& LinkPresets() {
        "PCI Express 4.0 x16: 16 GT/s x 16 lanes, 128b/130b = 31.5 GB/s each way; A100 PCIe 312 TFLOPS BF16"},
       {"ethernet-100g", 20e-6, 12.5e9, 312e12,
        "100 Gb/s Ethernet = 12.5 GB/s each way; ~20 us RDMA round trip; A100 312 TFLOPS BF16"},
+      // The multi-node benchmark's shaped links (bench/ttft_bench.py --multinode), used raw.
+      {"ethernet-10g", 20e-6, 1.25e9, 312e12, "10 Gb/s Ethernet = 1.25 GB/s each way; alpha as ethernet-100g"},
+      {"ethernet-1g", 20e-6, 0.125e9, 312e12, "1 Gb/s Ethernet = 125 MB/s each way; alpha as ethernet-100g"},
   };
   return presets;
 }

@@ -30,7 +30,7 @@ struct LinkPreset {
   std::string source;            // where the figures come from
 };
 
-/// a100-nvswitch, h100-nvlink4, pcie4-x16, ethernet-100g.
+/// a100-nvswitch, h100-nvlink4, pcie4-x16, ethernet-100g, ethernet-10g, ethernet-1g.
 const std::vector<LinkPreset>& LinkPresets();
 /// The preset called `name`, or nullptr.
 const LinkPreset* FindLinkPreset(const std::string& name);

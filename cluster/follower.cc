@@ -80,7 +80,9 @@ int Follower::Join() {
   h->set_model(o_.model);
   for (;;) {
     // A fresh channel each time: its own reconnect back-off would otherwise outgrow ours.
-    auto stub = v1::Cluster::NewStub(grpc::CreateChannel(o_.leader, grpc::InsecureChannelCredentials()));
+    grpc::ChannelArguments args;
+    args.SetMaxReceiveMessageSize(-1);  // a plan with long penalty histories may pass gRPC's 4 MiB default
+    auto stub = v1::Cluster::NewStub(grpc::CreateCustomChannel(o_.leader, grpc::InsecureChannelCredentials(), args));
     context_ = std::make_unique<grpc::ClientContext>();
     stream_ = stub->Join(context_.get());
     v1::LeaderMessage first;

@@ -336,6 +336,15 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   return wo;
 }
 
+// INVALID_ARGUMENT when the model's Kraken sub-layers cannot be split evenly over `world` ranks.
+Status CheckWorldSplit(const engine::ModelConfig& config, int world) {
+  if (config.arch == engine::Architecture::kKraken && config.kraken_degree % world != 0) {
+    return InvalidArgument("the model's Kraken degree N = ", config.kraken_degree,
+                           " is not a multiple of the world size ", world, ": each worker must hold whole sub-layers");
+  }
+  return absl::OkStatus();
+}
+
 // --print-resources: what this configuration needs, as JSON on stdout. Returns the exit code.
 int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const engine::ModelConfig& config) {
   auto lim = runtime::PlanLimits(wo);
@@ -343,11 +352,8 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
     spdlog::critical("{}", lim.status().ToString());
     return 2;
   }
-  if (config.arch == engine::Architecture::kKraken && config.kraken_degree % lim->world_size != 0) {
-    spdlog::critical(
-        "the model's Kraken degree N = {} is not a multiple of the world size {}: each worker must "
-        "hold whole sub-layers",
-        config.kraken_degree, lim->world_size);
+  if (Status split = CheckWorldSplit(config, lim->world_size); !split.ok()) {
+    spdlog::critical("{}", std::string(split.message()));
     return 2;
   }
   const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
@@ -740,6 +746,11 @@ int Run(const Flags& f, const sigset_t& sigs) {
   }
   RaiseDescriptorLimit();
   if (f.nodes > 1) {
+    // Before waiting for anyone: every node has as many workers as this one.
+    if (Status split = CheckWorldSplit(*config, f.nodes * static_cast<int>(wo->devices.size())); !split.ok()) {
+      spdlog::critical("{} ({} nodes x {} workers)", std::string(split.message()), f.nodes, wo->devices.size());
+      return 2;
+    }
     if (Status joined = JoinNodes(f, *wo); !joined.ok()) {
       spdlog::critical("{}", std::string(joined.message()));
       return joined.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;

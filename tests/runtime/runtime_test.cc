@@ -615,5 +615,43 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
   EXPECT_EQ(writer.Check({&wide, 1}).message(), "sequence 0: block table of 5 blocks exceeds the limit 4");
 }
 
+// ---- A follower node's share (cluster/follower.h): plans arrive as bytes from another node. ----
+
+TEST(Share, APlanWhosePartsDisagreeWithItsHeaderIsRefusedByNameAndNothingIsWritten) {
+  WorkerGroupOptions o = Options("kraken-n4-bf16", 2);
+  o.first_rank = 1;  // rank 1 of 2 here; rank 0 would be the leader's
+  o.local_ranks = 1;
+  auto limits = PlanLimits(o);
+  ASSERT_TRUE(limits.ok()) << limits.status();
+  auto share = WorkerGroup::StartShare(o, *limits);
+  ASSERT_TRUE(share.ok()) << share.status();
+  auto bytes = [](const auto& v) {
+    return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(v[0]));
+  };
+  PlanHeader h{.step = 1, .num_seqs = 1, .num_tokens = 3, .num_block_ids = 1};
+  const std::string header(reinterpret_cast<const char*>(&h), sizeof h);
+  const std::vector<PlanSeq> seqs(1);
+  const std::vector<int32_t> tokens = {1, 2, 3}, block = {0}, too_many(limits->max_tokens + 1, 0);
+  auto publish = [&](std::string_view hdr, const std::string& t) {
+    return (*share)->PublishPlan(1, hdr, bytes(seqs), t, bytes(block), "");
+  };
+  Status s = publish(header.substr(1), bytes(tokens));  // a header one byte short
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("plan header of " + std::to_string(sizeof h - 1) + " bytes"),
+            std::string::npos)
+      << s;
+  s = publish(header, bytes(std::vector<int32_t>{1, 2}));  // 2 tokens where the header says 3
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("plan tokens: 8 bytes for 3 entries (at most 64)"), std::string::npos) << s;
+  h.num_tokens = limits->max_tokens + 1;
+  s = publish(std::string(reinterpret_cast<const char*>(&h), sizeof h), bytes(too_many));
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(s.message()).find("for 65 entries (at most 64)"), std::string::npos) << s;
+  EXPECT_EQ((*share)->control().plan_step.load(), 0u);  // nothing was published
+  EXPECT_TRUE(publish(header, bytes(tokens)).ok());
+  EXPECT_EQ((*share)->control().plan_step.load(), 1u);
+  (*share)->Kill();
+}
+
 }  // namespace
 }  // namespace kraken::runtime

@@ -28,14 +28,20 @@ PROMPTS = ["In the beginning God created", "And the LORD spake unto Moses, sayin
 class Follower:
     """kraken-server --join on its own session: its own process tree, its own log."""
 
-    def __init__(self, cluster_port, *args, model=DEFAULT_MODEL, devices="cpu:2"):
+    def __init__(self, cluster_port, *args, model=DEFAULT_MODEL, devices="cpu:2", lws=False):
+        """lws: find the leader as a LeaderWorkerSet worker pod does (LWS_LEADER_ADDRESS, LWS_WORKER_INDEX),
+        not by --join."""
         self.log_path = f"/tmp/kraken-follower-test-{cluster_port}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+        where = ["--join", f"127.0.0.1:{cluster_port}"]
+        if lws:
+            env.update(LWS_LEADER_ADDRESS="127.0.0.1", LWS_GROUP_SIZE="2", LWS_WORKER_INDEX="1")
+            where = ["--cluster-port", str(cluster_port)]
         self.proc = subprocess.Popen(
-            [SERVER_BIN, "--model", model, "--devices", devices, "--join", f"127.0.0.1:{cluster_port}",
-             "--node-address", "127.0.0.1", "--threads-per-worker", "1", *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=inherited, start_new_session=True)
+            [SERVER_BIN, "--model", model, "--devices", devices, *where, "--node-address", "127.0.0.1",
+             "--threads-per-worker", "1", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def read_log(self):
         self.log.flush()
@@ -64,7 +70,11 @@ class Follower:
         self.log.close()
 
 
-def leader(cluster_port, *args, model=DEFAULT_MODEL):
+def leader(cluster_port, *args, model=DEFAULT_MODEL, lws=False):
+    """lws: the group size from LeaderWorkerSet's environment, not --nodes."""
+    if lws:
+        return Server("--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *args, model=model,
+                      devices="cpu:2", env={"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "0"})
     return Server("--nodes", "2", "--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *args,
                   model=model, devices="cpu:2")
 
@@ -144,9 +154,10 @@ def long_request(seed):
 
 @pytest.fixture
 def group():
+    """A leader and a follower that find each other through LeaderWorkerSet's environment."""
     cluster_port = free_port()
-    f = Follower(cluster_port)
-    s = leader(cluster_port)
+    f = Follower(cluster_port, lws=True)
+    s = leader(cluster_port, lws=True)
     state = {"follower": f, "server": s, "port": cluster_port}
     yield state
     s.close()
@@ -249,6 +260,15 @@ def test_a_node_the_leader_cannot_use_is_refused_by_name():
     finally:
         lead.kill()
         lead.wait()
+
+
+def test_a_world_the_model_cannot_split_is_refused_before_waiting_for_nodes():
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+    r = subprocess.run([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:3", "--nodes", "2", "--cluster-port",
+                        str(free_port()), "--port", str(free_port()), "--http-port", "-1", "--metrics-port", "-1"],
+                       capture_output=True, text=True, env=inherited, timeout=30)
+    assert r.returncode == 2
+    assert "Kraken degree N = 4 is not a multiple of the world size 6" in r.stderr and "2 nodes x 3 workers" in r.stderr
 
 
 def test_a_follower_without_a_leader_gives_up_after_its_start_timeout_saying_why():

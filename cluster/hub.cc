@@ -255,7 +255,7 @@ StatusOr<std::vector<engine::Device>> Hub::AwaitNodes(std::chrono::milliseconds 
   return out;
 }
 
-Status Hub::Start(uint64_t generation, uint8_t* segment, const runtime::Layout& layout, uint64_t deadline_ns) {
+Status Hub::Start(uint64_t /*generation*/, uint8_t* segment, const runtime::Layout& layout, uint64_t deadline_ns) {
   std::unique_lock<std::mutex> lock(mu_);
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   for (int n = 1; n < options_.nodes; ++n) {  // a frozen node is dropped: it must join again
@@ -285,7 +285,6 @@ Status Hub::Start(uint64_t generation, uint8_t* segment, const runtime::Layout& 
   // benchmark's next model) counts its generations from 1 again, and a late report from the
   // previous one must not be taken for the new one's.
   generation_ = ++starts_;
-  (void)generation;
   const auto* control = runtime::At<runtime::Control>(segment, 0);
   v1::LeaderMessage m;
   v1::Start* s = m.mutable_start();

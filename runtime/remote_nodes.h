@@ -21,7 +21,8 @@ class RemoteNodes {
   virtual int num_ranks() const = 0;
   /// Waits until every node is connected (DEADLINE_EXCEEDED naming the missing nodes once
   /// NowNs() passes `deadline_ns`), attaches `segment` (laid out by `layout`; its Control is
-  /// initialized) and tells each node to start its workers as generation `generation`. From
+  /// initialized) and tells each node to start its workers for the group's generation
+  /// `generation` (the nodes may know the start by a number of the implementation's own). From
   /// here until Stop the implementation writes the remote ranks' slots and their rendezvous keys
   /// into the segment.
   virtual Status Start(uint64_t generation, uint8_t* segment, const Layout& layout, uint64_t deadline_ns) = 0;

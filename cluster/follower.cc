@@ -23,6 +23,8 @@ using Stream = grpc::ClientReaderWriter<v1::NodeMessage, v1::LeaderMessage>;
 
 constexpr auto kReportPeriod = std::chrono::milliseconds(100);
 constexpr auto kStartingReportPeriod = std::chrono::milliseconds(5);  // rendezvous keys travel with reports
+constexpr uint64_t kJoinAttemptNs = 5'000'000'000;  // a leader that accepts but never welcomes: try again
+constexpr size_t kMaxRelaySamples = 1 << 16;        // the relay figure covers the first 65,536 plans
 
 class Follower {
  public:
@@ -37,13 +39,19 @@ class Follower {
   void StartShare(const v1::Start& start);
   void PublishPlan(const v1::Plan& plan);
   void ReportLoop();
+  // Cancels the stream when the leader has been silent past deadline_ns_ (a Read or a Write
+  // blocked on a frozen leader returns then).
+  void Watchdog();
   bool Starting();                                                  // under mu_: a share whose ranks are not all ready
   void FillReport(v1::NodeMessage* status, v1::NodeMessage* keys);  // under mu_
-  void KillShare();                                                 // under mu_
+  void Retire();  // kills the running share, outside mu_ (killing and reaping take time)
 
   FollowerOptions o_;
+  std::mutex context_mu_;  // context_ against the watchdog
   std::unique_ptr<grpc::ClientContext> context_;
   std::unique_ptr<Stream> stream_;
+  std::atomic<uint64_t> deadline_ns_{0};  // 0: none
+  std::thread watchdog_;
   v1::Welcome welcome_;
   std::mutex write_mu_;
   std::mutex mu_;
@@ -55,7 +63,8 @@ class Follower {
   std::atomic<uint64_t> heard_ns_{0};
   std::atomic<bool> done_{false};
   std::atomic<bool> shutdown_{false};
-  std::string lost_;  // why the leader was given up (report thread)
+  std::mutex lost_mu_;
+  std::string lost_;  // why the leader was given up (watchdog)
   // Leader's send to this node's publish, per plan (meaningful when both share a host's clock).
   std::vector<uint64_t> relay_ns_;
 };
@@ -83,11 +92,21 @@ int Follower::Join() {
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(-1);  // a plan with long penalty histories may pass gRPC's 4 MiB default
     auto stub = v1::Cluster::NewStub(grpc::CreateCustomChannel(o_.leader, grpc::InsecureChannelCredentials(), args));
-    context_ = std::make_unique<grpc::ClientContext>();
+    {
+      std::lock_guard<std::mutex> lock(context_mu_);
+      stream_.reset();  // before its context
+      context_ = std::make_unique<grpc::ClientContext>();
+    }
     stream_ = stub->Join(context_.get());
+    deadline_ns_ = runtime::NowNs() + kJoinAttemptNs;
     v1::LeaderMessage first;
     if (stream_->Write(hello) && stream_->Read(&first) && first.has_welcome()) {
       welcome_ = first.welcome();
+      deadline_ns_ = 0;
+      {
+        std::lock_guard<std::mutex> lock(lost_mu_);
+        lost_.clear();
+      }
       spdlog::info("joined the leader at {} as ranks {}..{} of {}", o_.leader, welcome_.first_rank(),
                    welcome_.first_rank() + static_cast<int>(o_.workers.devices.size()) - 1, welcome_.world_size());
       return 0;
@@ -112,14 +131,18 @@ int Follower::Join() {
   }
 }
 
-void Follower::KillShare() {
-  if (share_) share_->Kill();
-  share_.reset();
+void Follower::Retire() {
+  std::unique_ptr<runtime::WorkerGroup> old;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    old = std::move(share_);
+  }
+  if (old) old->Kill();
 }
 
 void Follower::StartShare(const v1::Start& start) {
+  Retire();
   std::lock_guard<std::mutex> lock(mu_);
-  KillShare();
   generation_ = start.generation();
   failure_.clear();
   sent_keys_.clear();
@@ -158,7 +181,9 @@ void Follower::StartShare(const v1::Start& start) {
 
 void Follower::PublishPlan(const v1::Plan& p) {
   // The previous step may still be finishing here (rank 0 on the leader is done once the last
-  // collective is); a worker that failed meanwhile is reported by the report thread.
+  // collective is); a worker that failed meanwhile is reported by the report thread. Bounded by
+  // the heartbeat timeout, below the leader timeout, so this thread reads the leader's next word.
+  const uint64_t give_up = runtime::NowNs() + static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -167,7 +192,12 @@ void Follower::PublishPlan(const v1::Plan& p) {
         Status s = share_->PublishPlan(p.step(), p.header(), p.seqs(), p.tokens(), p.blocks(), p.history());
         if (!s.ok()) failure_ = StrCat("step ", p.step(), ": ", std::string(s.message()));
         const uint64_t now = runtime::NowNs();
-        if (now >= p.sent_ns()) relay_ns_.push_back(now - p.sent_ns());
+        if (now >= p.sent_ns() && relay_ns_.size() < kMaxRelaySamples) relay_ns_.push_back(now - p.sent_ns());
+        return;
+      }
+      if (runtime::NowNs() > give_up) {
+        failure_ = StrCat("step ", p.step(), ": this node's workers were still in the previous step ",
+                          heartbeat_timeout_.count(), " ms after the leader's rank 0 finished it");
         return;
       }
     }
@@ -204,8 +234,8 @@ void Follower::Handle(const v1::LeaderMessage& m) {
       break;
     }
     case v1::LeaderMessage::kStop: {
+      Retire();
       std::lock_guard<std::mutex> lock(mu_);
-      KillShare();
       generation_ = 0;
       failure_.clear();
       if (m.stop().shutdown()) shutdown_ = true;
@@ -229,11 +259,20 @@ bool Follower::Starting() {
 
 void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys_message) {
   v1::NodeStatus* status = status_message->mutable_status();
-  status->set_generation(share_ ? generation_ : 0);
+  // A start that failed is reported against its generation too, so the leader hears why.
+  status->set_generation(share_ || !failure_.empty() ? generation_ : 0);
+  status->set_failed_rank(welcome_.first_rank());
   if (share_) {
     if (failure_.empty()) {
       Status health = share_->CheckShare();
       if (!health.ok()) failure_ = std::string(health.message());
+    }
+    const std::vector<pid_t> pids = share_->worker_pids();
+    for (int r = share_->local_end() - 1; r >= share_->local_begin(); --r) {  // the lowest rank gone or failed
+      if (pids[r] <= 0 ||
+          share_->control().ranks[r].state.load() == static_cast<uint32_t>(runtime::RankState::kFailed)) {
+        status->set_failed_rank(r);
+      }
     }
     const uint64_t now = runtime::NowNs();
     const uint64_t silent = static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
@@ -242,6 +281,9 @@ void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys
       v1::RankStatus* rs = status->add_ranks();
       rs->set_rank(r);
       rs->set_state(slot.state.load(std::memory_order_acquire));
+      if (rs->state() == static_cast<uint32_t>(runtime::RankState::kFailed)) {
+        rs->set_message(std::string(slot.message, strnlen(slot.message, sizeof slot.message)));
+      }
       rs->set_done_step(slot.done_step.load(std::memory_order_acquire));
       const uint64_t beat = slot.heartbeat_ns.load(std::memory_order_relaxed);
       rs->set_alive(beat > 0 && (now < beat || now - beat <= silent));
@@ -268,7 +310,6 @@ void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys
 }
 
 void Follower::ReportLoop() {
-  const uint64_t leader_timeout = static_cast<uint64_t>(welcome_.leader_timeout_ms()) * 1'000'000;
   auto next = std::chrono::steady_clock::now();
   while (!done_.load()) {
     v1::NodeMessage status, keys;
@@ -277,12 +318,6 @@ void Follower::ReportLoop() {
       std::lock_guard<std::mutex> lock(mu_);
       starting = Starting();
       FillReport(&status, &keys);
-    }
-    const uint64_t now = runtime::NowNs(), heard = heard_ns_.load();
-    if (now > heard && now - heard > leader_timeout) {
-      lost_ = StrCat("the leader has been silent for ", (now - heard) / 1'000'000, " ms");
-      context_->TryCancel();
-      return;
     }
     {
       std::lock_guard<std::mutex> lock(write_mu_);
@@ -296,20 +331,38 @@ void Follower::ReportLoop() {
   }
 }
 
+void Follower::Watchdog() {
+  while (!done_.load()) {
+    const uint64_t deadline = deadline_ns_.load(), now = runtime::NowNs();
+    if (deadline != 0 && now > deadline) {
+      {
+        std::lock_guard<std::mutex> lock(lost_mu_);
+        const uint64_t heard = heard_ns_.load();
+        lost_ = heard == 0 ? "no welcome" : StrCat("the leader has been silent for ", (now - heard) / 1'000'000, " ms");
+      }
+      std::lock_guard<std::mutex> lock(context_mu_);
+      if (context_) context_->TryCancel();
+      deadline_ns_ = 0;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
 int Follower::Serve() {
+  const uint64_t leader_timeout = static_cast<uint64_t>(welcome_.leader_timeout_ms()) * 1'000'000;
   heard_ns_ = runtime::NowNs();
+  deadline_ns_ = heard_ns_ + leader_timeout;
   std::thread reporter([this] { ReportLoop(); });
   v1::LeaderMessage m;
   while (!shutdown_.load() && stream_->Read(&m)) {
     heard_ns_ = runtime::NowNs();
+    deadline_ns_ = heard_ns_ + leader_timeout;
     Handle(m);
   }
-  done_ = true;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    KillShare();
-  }
+  deadline_ns_ = 0;
+  Retire();
   context_->TryCancel();
+  done_ = true;
   reporter.join();
   const grpc::Status st = stream_->Finish();
   // Same-host runs (tests, benchmarks): how long a plan took from the leader to this node's workers.
@@ -319,14 +372,23 @@ int Follower::Serve() {
     spdlog::info("the leader shut the group down");
     return 0;
   }
+  std::string lost;
+  {
+    std::lock_guard<std::mutex> lock(lost_mu_);
+    lost = lost_;
+  }
   spdlog::critical("lost the leader at {}: {}; exiting so the group is recreated", o_.leader,
-                   lost_.empty() ? StrCat("stream ended (", st.error_message(), ")") : lost_);
+                   lost.empty() ? StrCat("stream ended (", st.error_message(), ")") : lost);
   return 1;
 }
 
 int Follower::Run() {
-  if (int code = Join(); code != 0) return code;
-  return Serve();
+  watchdog_ = std::thread([this] { Watchdog(); });
+  int code = Join();
+  if (code == 0) code = Serve();
+  done_ = true;
+  watchdog_.join();
+  return code;
 }
 
 }  // namespace

@@ -69,17 +69,28 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
     return FailedPrecondition("node at ", peer, " loaded a different model (", hello.model(), ") than the leader (",
                               options_.model, ")");
   }
+  for (const std::string& d : hello.devices()) {
+    if (d.rfind(options_.device_kind, 0) != 0) {
+      return InvalidArgument("node at ", peer, " has a worker on ", d, "; the leader's are ", options_.device_kind,
+                             " devices, and one group speaks one collective library");
+    }
+  }
   if (hello.devices_size() != options_.ranks_per_node) {
     return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
                            " workers; every node needs as many as the leader (", options_.ranks_per_node, ")");
   }
+  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+  auto held = [&](int n) { return nodes_[n].connected && runtime::NowNs() - nodes_[n].heard_ns < silent; };
   int node = hello.node_rank();
-  if (node == 0) {  // the lowest rank nobody holds
+  if (node == 0) {  // the lowest rank nobody ever held, else one nobody holds now (or a silent node holds)
     for (node = 1; node < options_.nodes && (nodes_[node].connected || nodes_[node].joined_once); ++node) {
     }
     if (node == options_.nodes) {
-      for (node = 1; node < options_.nodes && nodes_[node].connected; ++node) {
+      for (node = 1; node < options_.nodes && held(node); ++node) {
       }
+    }
+    if (node == options_.nodes) {
+      return absl::AlreadyExistsError(StrCat("all ", options_.nodes - 1, " follower ranks are held by live nodes"));
     }
   }
   if (node < 1 || node >= options_.nodes) {
@@ -87,8 +98,7 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
                            "] (--nodes ", options_.nodes, ")");
   }
   if (nodes_[node].connected) {
-    const uint64_t silent_ns = runtime::NowNs() - nodes_[node].heard_ns;
-    if (silent_ns < static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000) {
+    if (held(node)) {
       return absl::AlreadyExistsError(StrCat("node rank ", node, " is already held by ", nodes_[node].peer));
     }
     nodes_[node].context->TryCancel();  // a silent holder: the newcomer replaces it
@@ -148,7 +158,7 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
     if (n.connection == connection) {
       n.connected = false;
       n.context = nullptr;
-      FailNode(node, StrCat("node ", node, " at ", n.peer, " disconnected"));
+      FailNode(node, StrCat("node ", node, " at ", n.peer, " disconnected"), first_rank(node));
     }
   }
   context->TryCancel();
@@ -193,8 +203,15 @@ void Hub::Apply(int node, const v1::NodeStatus& status) {
     const int r = rs.rank();
     if (r < first_rank(node) || r >= first_rank(node) + options_.ranks_per_node) continue;
     runtime::RankSlot& slot = control->ranks[r];
-    if (rs.memory().size() == sizeof(runtime::WorkerMemory)) {
+    const uint32_t state = slot.state.load(std::memory_order_acquire);
+    if (state == static_cast<uint32_t>(runtime::RankState::kFailed)) continue;  // its news is out already
+    // Memory is read by the leader once a state is seen: written only with a new state.
+    if (rs.state() != state && rs.memory().size() == sizeof(runtime::WorkerMemory)) {
       std::memcpy(&slot.memory, rs.memory().data(), sizeof(runtime::WorkerMemory));
+    }
+    if (rs.state() == static_cast<uint32_t>(runtime::RankState::kFailed)) {
+      std::snprintf(slot.message, sizeof slot.message, "%s (on node %d at %s)", rs.message().c_str(), node,
+                    nodes_[node].peer.c_str());
     }
     slot.stats.steps.store(rs.steps(), std::memory_order_relaxed);
     slot.stats.busy_ns.store(rs.busy_ns(), std::memory_order_relaxed);
@@ -205,17 +222,17 @@ void Hub::Apply(int node, const v1::NodeStatus& status) {
     slot.done_step.store(rs.done_step(), std::memory_order_release);
     slot.progress_ns.store(now - std::min(now, rs.progress_age_ns()), std::memory_order_relaxed);
     if (rs.alive()) slot.heartbeat_ns.store(now, std::memory_order_relaxed);
-    if (slot.state.load(std::memory_order_acquire) != static_cast<uint32_t>(runtime::RankState::kFailed)) {
-      slot.state.store(rs.state(), std::memory_order_release);
-    }
+    slot.state.store(rs.state(), std::memory_order_release);
   }
-  if (!status.failure().empty())
-    FailNode(node, StrCat("on node ", node, " at ", nodes_[node].peer, ": ", status.failure()));
+  if (!status.failure().empty()) {
+    FailNode(node, StrCat(status.failure(), " (on node ", node, " at ", nodes_[node].peer, ")"), status.failed_rank());
+  }
 }
 
-void Hub::FailNode(int node, const std::string& why) {
+void Hub::FailNode(int node, const std::string& why, int rank) {
   if (segment_ == nullptr) return;
-  runtime::RankSlot& slot = runtime::At<runtime::Control>(segment_, 0)->ranks[first_rank(node)];
+  if (rank < first_rank(node) || rank >= first_rank(node) + options_.ranks_per_node) rank = first_rank(node);
+  runtime::RankSlot& slot = runtime::At<runtime::Control>(segment_, 0)->ranks[rank];
   if (slot.state.load(std::memory_order_acquire) == static_cast<uint32_t>(runtime::RankState::kFailed)) return;
   std::snprintf(slot.message, sizeof slot.message, "%s", why.c_str());
   slot.state.store(static_cast<uint32_t>(runtime::RankState::kFailed), std::memory_order_release);
@@ -273,9 +290,14 @@ Status Hub::Start(uint64_t /*generation*/, uint8_t* segment, const runtime::Layo
     if (now >= deadline_ns) {
       std::string missing;
       for (int n = 1; n < options_.nodes; ++n) {
-        if (!nodes_[n].connected) StrAppend(&missing, missing.empty() ? "" : ", ", n);
+        if (!nodes_[n].connected) {
+          StrAppend(&missing, missing.empty() ? "" : ", ", n, " (not joined)");
+        } else if (now - nodes_[n].heard_ns > silent) {
+          StrAppend(&missing, missing.empty() ? "" : ", ", n, " (silent for ", (now - nodes_[n].heard_ns) / 1'000'000,
+                    " ms)");
+        }
       }
-      return absl::DeadlineExceededError(StrCat("node(s) ", missing, " did not join in time"));
+      return absl::DeadlineExceededError(StrCat("node(s) ", missing, " not ready to start in time"));
     }
     cv_.wait_for(lock, std::chrono::nanoseconds(std::min<uint64_t>(deadline_ns - now, 50'000'000)));
   }

@@ -38,6 +38,7 @@ struct HubOptions {
   std::string listen = "0.0.0.0:8003";                // host:port (port 0: any; Hub::port() tells)
   int nodes = 2;                                      // including the leader
   int ranks_per_node = 1;                             // the leader's workers; every node must have as many
+  std::string device_kind = "cpu";                    // the leader's: "cpu" or "cuda"; every node's must match
   std::string model;                                  // the model's fingerprint; a node with another is refused
   std::string model_dir;                              // sent to the nodes: where a node given no model finds it
   std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent this long is replaced on restart
@@ -91,8 +92,8 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   // Mirrors a node's report into its ranks' slots (under mu_).
   void Apply(int node, const v1::NodeStatus& status);
   void SetRemoteKeys(const v1::StoreEntries& entries);
-  void FailNode(int node, const std::string& why);  // marks its ranks failed (under mu_)
-  void Send(int node, v1::LeaderMessage message);   // under mu_
+  void FailNode(int node, const std::string& why, int rank);  // marks `rank` of `node` failed (under mu_)
+  void Send(int node, v1::LeaderMessage message);             // under mu_
   int first_rank(int node) const { return node * options_.ranks_per_node; }
 
   HubOptions options_;

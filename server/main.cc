@@ -701,6 +701,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
   KRAKEN_ASSIGN_OR_RETURN(auto hub, cluster::Hub::Create({.listen = StrCat(f.host, ":", f.cluster_port),
                                                           .nodes = f.nodes,
                                                           .ranks_per_node = local,
+                                                          .device_kind = wo.devices.front().is_cuda() ? "cuda" : "cpu",
                                                           .model = ModelFingerprint(f.model),
                                                           .model_dir = f.model,
                                                           .heartbeat_timeout = wo.heartbeat_timeout,

@@ -251,20 +251,24 @@ void Hub::SetRemoteKeys(const v1::StoreEntries& entries) {
   }
 }
 
+std::string Hub::Unready(bool fresh) const {
+  const uint64_t now = runtime::NowNs();
+  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+  std::string out;
+  for (int n = 1; n < options_.nodes; ++n) {
+    if (!nodes_[n].connected) {
+      StrAppend(&out, out.empty() ? "" : ", ", n, " (not joined)");
+    } else if (fresh && now - nodes_[n].heard_ns > silent) {
+      StrAppend(&out, out.empty() ? "" : ", ", n, " (silent for ", (now - nodes_[n].heard_ns) / 1'000'000, " ms)");
+    }
+  }
+  return out;
+}
+
 StatusOr<std::vector<engine::Device>> Hub::AwaitNodes(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  auto all = [&] {
-    for (int n = 1; n < options_.nodes; ++n) {
-      if (!nodes_[n].connected) return false;
-    }
-    return true;
-  };
-  if (!cv_.wait_for(lock, timeout, all)) {
-    std::string missing;
-    for (int n = 1; n < options_.nodes; ++n) {
-      if (!nodes_[n].connected) StrAppend(&missing, missing.empty() ? "" : ", ", n);
-    }
-    return absl::DeadlineExceededError(StrCat("node(s) ", missing, " did not join within ", timeout.count(),
+  if (!cv_.wait_for(lock, timeout, [&] { return Unready(/*fresh=*/false).empty(); })) {
+    return absl::DeadlineExceededError(StrCat("node(s) ", Unready(false), " did not join within ", timeout.count(),
                                               " ms (followers run kraken-server --join <this host>:", port_, ")"));
   }
   std::vector<engine::Device> out;
@@ -279,25 +283,10 @@ Status Hub::Start(uint64_t /*generation*/, uint8_t* segment, const runtime::Layo
     Node& node = nodes_[n];
     if (node.connected && runtime::NowNs() - node.heard_ns > silent) node.context->TryCancel();
   }
-  auto all = [&] {
-    for (int n = 1; n < options_.nodes; ++n) {
-      if (!nodes_[n].connected || runtime::NowNs() - nodes_[n].heard_ns > silent) return false;
-    }
-    return true;
-  };
-  while (!all()) {
+  for (std::string unready = Unready(true); !unready.empty(); unready = Unready(true)) {
     const uint64_t now = runtime::NowNs();
     if (now >= deadline_ns) {
-      std::string missing;
-      for (int n = 1; n < options_.nodes; ++n) {
-        if (!nodes_[n].connected) {
-          StrAppend(&missing, missing.empty() ? "" : ", ", n, " (not joined)");
-        } else if (now - nodes_[n].heard_ns > silent) {
-          StrAppend(&missing, missing.empty() ? "" : ", ", n, " (silent for ", (now - nodes_[n].heard_ns) / 1'000'000,
-                    " ms)");
-        }
-      }
-      return absl::DeadlineExceededError(StrCat("node(s) ", missing, " not ready to start in time"));
+      return absl::DeadlineExceededError(StrCat("node(s) ", unready, " not ready to start in time"));
     }
     cv_.wait_for(lock, std::chrono::nanoseconds(std::min<uint64_t>(deadline_ns - now, 50'000'000)));
   }

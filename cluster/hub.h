@@ -62,7 +62,6 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   /// naming the node ranks still missing after `timeout`.
   StatusOr<std::vector<engine::Device>> AwaitNodes(std::chrono::milliseconds timeout);
 
-  int num_ranks() const override { return (options_.nodes - 1) * options_.ranks_per_node; }
   Status Start(uint64_t generation, uint8_t* segment, const runtime::Layout& layout, uint64_t deadline_ns) override;
   void ExchangeStore() override;
   void SetKvBlocks(int32_t blocks) override;
@@ -95,6 +94,9 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   void FailNode(int node, const std::string& why, int rank);  // marks `rank` of `node` failed (under mu_)
   void Send(int node, v1::LeaderMessage message);             // under mu_
   int first_rank(int node) const { return node * options_.ranks_per_node; }
+  // The follower nodes not joined (and, with `fresh`, silent past the heartbeat timeout), as
+  // "1 (not joined), 2 (silent for 1200 ms)"; empty when every node is there (under mu_).
+  std::string Unready(bool fresh) const;
 
   HubOptions options_;
   std::unique_ptr<grpc::Server> server_;

@@ -17,8 +17,6 @@ namespace kraken::runtime {
 class RemoteNodes {
  public:
   virtual ~RemoteNodes() = default;
-  /// Ranks on other nodes, all nodes together (they follow the leader's own ranks).
-  virtual int num_ranks() const = 0;
   /// Waits until every node is connected (DEADLINE_EXCEEDED naming the missing nodes once
   /// NowNs() passes `deadline_ns`), attaches `segment` (laid out by `layout`; its Control is
   /// initialized) and tells each node to start its workers for the group's generation

@@ -236,10 +236,10 @@ void ApplyLeaderWorkerSet(Flags& f) {
   if (f.node_rank == 0 && worker_index > 0) f.node_rank = worker_index;
   if (f.nodes == 0) f.nodes = size.empty() ? 1 : std::max(1, std::atoi(size.c_str()));
   if (!f.join.empty() && f.join.find(':') == std::string::npos) f.join += ":" + std::to_string(f.cluster_port);
-  if (f.node_address.empty()) {
+  if (f.node_address.empty()) {  // one node: loopback; a group: this host's name (its pod IP in Kubernetes)
     char host[256] = {};
-    f.node_address = f.nodes > 1 || !f.join.empty() ? (gethostname(host, sizeof host - 1) == 0 ? host : "") : "";
-    if (f.node_address.empty()) f.node_address = "127.0.0.1";
+    const bool group = f.nodes > 1 || !f.join.empty();
+    f.node_address = group && gethostname(host, sizeof host - 1) == 0 && host[0] != '\0' ? host : "127.0.0.1";
   }
 }
 

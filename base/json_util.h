@@ -90,11 +90,70 @@ inline StatusOr<nlohmann::json> ParseJsonStrict(std::string_view text, std::stri
   return j;
 }
 
-/// A value for an error message: its JSON, cut to 80 characters. (Values come from
-/// ParseJsonStrict, so their nesting is bounded and dumping them is cheap.)
+/// The deepest nesting a request body may have (OpenAI bodies, KServe `sampling_parameters`):
+/// the deepest field either API defines nests 3 levels (`prompt: [[ids]]`), so 32 leaves room for
+/// any extension while a hostile body is refused before a deep value is ever built.
+inline constexpr int kMaxRequestJsonDepth = 32;
+
+/// At most `max_chars` characters (then "...") of `v`'s JSON, for an error message. Written
+/// iteratively and stopping as soon as the preview is full, so neither the value's nesting nor its
+/// size costs more than the preview; a cut never splits a UTF-8 character, and invalid UTF-8 in a
+/// string shows as U+FFFD.
+inline std::string PreviewJson(const nlohmann::json& v, size_t max_chars = 80) {
+  using nlohmann::json;
+  std::string out;
+  // A string's JSON from its first bytes only: the rest would be cut anyway.
+  auto quote = [&](const std::string& s) {
+    const std::string head = s.size() > max_chars ? s.substr(0, max_chars + 1) : s;
+    out += json(head).dump(-1, ' ', false, json::error_handler_t::replace);
+  };
+  struct Frame {
+    const json* value;
+    json::const_iterator it;
+    bool first;
+  };
+  std::vector<Frame> open;
+  auto visit = [&](const json& x) {
+    if (x.is_structured()) {
+      out += x.is_object() ? '{' : '[';
+      open.push_back({&x, x.cbegin(), true});
+    } else if (x.is_string()) {
+      quote(x.get_ref<const std::string&>());
+    } else {
+      out += x.dump(-1, ' ', false, json::error_handler_t::replace);  // a number, bool or null
+    }
+  };
+  visit(v);
+  while (!open.empty() && out.size() <= max_chars) {
+    Frame& f = open.back();
+    if (f.it == f.value->cend()) {
+      out += f.value->is_object() ? '}' : ']';
+      open.pop_back();
+      continue;
+    }
+    if (!f.first) out += ',';
+    f.first = false;
+    if (f.value->is_object()) {
+      quote(f.it.key());
+      out += ':';
+    }
+    const json& child = *f.it;
+    ++f.it;
+    visit(child);  // may grow `open`: `f` is not used after this
+  }
+  if (out.size() > max_chars) {
+    out.resize(max_chars > 3 ? max_chars - 3 : 0);
+    // Back off a partial UTF-8 character: continuation bytes, then the lead byte they follow.
+    while (!out.empty() && (static_cast<unsigned char>(out.back()) & 0xC0) == 0x80) out.pop_back();
+    if (!out.empty() && static_cast<unsigned char>(out.back()) >= 0xC0) out.pop_back();
+    out += "...";
+  }
+  return out;
+}
+
+/// A value for an error message: PreviewJson(v, 80).
 inline std::string DescribeJson(const nlohmann::json& v) {
-  std::string s = v.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-  return s.size() > 80 ? s.substr(0, 77) + "..." : s;
+  return PreviewJson(v, 80);
 }
 
 }  // namespace kraken

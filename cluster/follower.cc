@@ -87,11 +87,18 @@ int Follower::Join() {
   h->set_protocol_version(runtime::kProtocolVersion);
   h->set_layout_sizes(LayoutSizes());
   h->set_model(o_.model);
+  auto creds = ChannelCredentials(o_.tls);
+  if (!creds.ok()) {
+    spdlog::critical("{}", std::string(creds.status().message()));
+    return 2;
+  }
   for (;;) {
     // A fresh channel each time: its own reconnect back-off would otherwise outgrow ours.
     grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);  // a plan with long penalty histories may pass gRPC's 4 MiB default
-    auto stub = v1::Cluster::NewStub(grpc::CreateCustomChannel(o_.leader, grpc::InsecureChannelCredentials(), args));
+    // A plan with long penalty histories may pass gRPC's 4 MiB default; the leader proved itself
+    // with the group's certificate, so what it sends is taken whole.
+    args.SetMaxReceiveMessageSize(-1);
+    auto stub = v1::Cluster::NewStub(grpc::CreateCustomChannel(o_.leader, *creds, args));
     {
       std::lock_guard<std::mutex> lock(context_mu_);
       stream_.reset();  // before its context
@@ -275,7 +282,6 @@ void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys
       }
     }
     const uint64_t now = runtime::NowNs();
-    const uint64_t silent = static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
     for (int r = share_->local_begin(); r < share_->local_end(); ++r) {
       const runtime::RankSlot& slot = share_->control().ranks[r];
       v1::RankStatus* rs = status->add_ranks();
@@ -285,8 +291,9 @@ void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys
         rs->set_message(std::string(slot.message, strnlen(slot.message, sizeof slot.message)));
       }
       rs->set_done_step(slot.done_step.load(std::memory_order_acquire));
-      const uint64_t beat = slot.heartbeat_ns.load(std::memory_order_relaxed);
-      rs->set_alive(beat > 0 && (now < beat || now - beat <= silent));
+      // CheckShare above judged every local heartbeat by what this host let it do
+      // (runtime/liveness.h); a silence it did not excuse is in failure_.
+      rs->set_alive(slot.heartbeat_ns.load(std::memory_order_relaxed) > 0 && failure_.empty());
       const uint64_t progress = slot.progress_ns.load(std::memory_order_relaxed);
       rs->set_progress_age_ns(now > progress ? now - progress : 0);
       rs->set_memory(std::string(reinterpret_cast<const char*>(&slot.memory), sizeof slot.memory));

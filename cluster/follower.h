@@ -13,6 +13,7 @@
 #include <chrono>
 #include <string>
 
+#include "cluster/credentials.h"
 #include "runtime/worker_group.h"
 
 namespace kraken::cluster {
@@ -26,11 +27,13 @@ struct FollowerOptions {
   // the leader.
   runtime::WorkerGroupOptions workers;
   std::chrono::milliseconds join_timeout{120000};  // give up reaching the leader after this long
+  ClusterTls tls;  // mutual TLS to the leader (cluster/credentials.h), or explicitly insecure
 };
 
 /// Runs the follower until the leader ends it or is lost. Returns the process exit code: 0 after
 /// the leader's shutdown, 1 when the leader was lost or never reached, 2 when it refused this node
-/// (a different build or model, a node rank out of range, a different worker count).
+/// (a different build or model, a node rank out of range, a different worker count) or the TLS
+/// settings are incomplete or unreadable.
 int RunFollower(const FollowerOptions& options);
 
 }  // namespace kraken::cluster

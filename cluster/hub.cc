@@ -29,14 +29,40 @@ StatusOr<std::shared_ptr<Hub>> Hub::Create(const HubOptions& o) {
     return InvalidArgument(o.nodes, " nodes x ", o.ranks_per_node, " workers exceed the largest world size ",
                            runtime::kMaxWorld);
   }
+  KRAKEN_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> creds, ServerCredentials(o.tls));
   std::shared_ptr<Hub> hub(new Hub(o));
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(o.listen, grpc::InsecureServerCredentials(), &hub->port_);
+  builder.AddListeningPort(o.listen, creds, &hub->port_);
   builder.RegisterService(static_cast<v1::Cluster::Service*>(hub.get()));
-  builder.SetMaxReceiveMessageSize(64 << 20);
+  // A node sends its reports and rendezvous keys (a few KiB for 64 ranks); nothing near 1 MiB.
+  builder.SetMaxReceiveMessageSize(1 << 20);
+  // Each Join stream holds one of the server's threads for its life: the joined nodes, those
+  // waiting for their Hello (max_pending) and the server's own pollers fit; a call beyond is
+  // refused RESOURCE_EXHAUSTED by gRPC before it costs a thread.
+  grpc::ResourceQuota quota("kraken-cluster");
+  quota.SetMaxThreads(o.nodes + o.max_pending + 8);
+  builder.SetResourceQuota(quota);
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a port in use fails the start (never shared)
   hub->server_ = builder.BuildAndStart();
-  if (!hub->server_ || hub->port_ == 0) return absl::UnavailableError(StrCat("cannot listen on ", o.listen));
+  if (!hub->server_ || hub->port_ == 0)
+    return absl::UnavailableError(StrCat("cannot listen on ", o.listen,
+                                         " for the cluster (--cluster-port): is the port in use by another process?"));
+  hub->hello_watchdog_ = std::thread([raw = hub.get()] { raw->WatchHellos(); });
   return hub;
+}
+
+void Hub::WatchHellos() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!closing_) {
+    const uint64_t now = runtime::NowNs();
+    for (auto& [context, deadline] : pending_) {
+      if (deadline != 0 && now > deadline) {
+        context->TryCancel();  // its Read returns false; Join refuses it
+        deadline = 0;
+      }
+    }
+    cv_.wait_for(lock, std::chrono::milliseconds(50));
+  }
 }
 
 Hub::~Hub() {
@@ -56,7 +82,8 @@ Hub::~Hub() {
     }
   }
   cv_.notify_all();
-  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  if (hello_watchdog_.joinable()) hello_watchdog_.join();
+  if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
 StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
@@ -114,9 +141,21 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
 
 grpc::Status Hub::Join(grpc::ServerContext* context,
                        grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (static_cast<int>(pending_.size()) >= options_.max_pending)
+      return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "too many connections are joining at once");
+    pending_[context] = runtime::NowNs() + static_cast<uint64_t>(options_.hello_timeout.count()) * 1'000'000;
+  }
   v1::NodeMessage first;
-  if (!stream->Read(&first) || !first.has_hello()) {
-    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "a Join stream starts with Hello");
+  const bool read = stream->Read(&first);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.erase(context);
+  }
+  if (!read || !first.has_hello()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        StrCat("a Join stream starts with Hello, within ", options_.hello_timeout.count(), " ms"));
   }
   int node = 0;
   uint64_t connection = 0;
@@ -265,12 +304,21 @@ std::string Hub::Unready(bool fresh) const {
   return out;
 }
 
+void Hub::Cancel() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+  }
+  cv_.notify_all();
+}
+
 StatusOr<std::vector<engine::Device>> Hub::AwaitNodes(std::chrono::milliseconds timeout) {
   std::unique_lock<std::mutex> lock(mu_);
-  if (!cv_.wait_for(lock, timeout, [&] { return Unready(/*fresh=*/false).empty(); })) {
+  if (!cv_.wait_for(lock, timeout, [&] { return cancelled_ || Unready(/*fresh=*/false).empty(); })) {
     return absl::DeadlineExceededError(StrCat("node(s) ", Unready(false), " did not join within ", timeout.count(),
                                               " ms (followers run kraken-server --join <this host>:", port_, ")"));
   }
+  if (cancelled_) return absl::CancelledError("the server is stopping");
   std::vector<engine::Device> out;
   for (int n = 1; n < options_.nodes; ++n) out.insert(out.end(), nodes_[n].devices.begin(), nodes_[n].devices.end());
   return out;
@@ -285,6 +333,7 @@ Status Hub::Start(uint64_t /*generation*/, uint8_t* segment, const runtime::Layo
   }
   for (std::string unready = Unready(true); !unready.empty(); unready = Unready(true)) {
     const uint64_t now = runtime::NowNs();
+    if (cancelled_) return absl::CancelledError("the server is stopping");
     if (now >= deadline_ns) {
       return absl::DeadlineExceededError(StrCat("node(s) ", unready, " not ready to start in time"));
     }

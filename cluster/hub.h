@@ -16,15 +16,18 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <grpcpp/grpcpp.h>
 
 #include "base/status.h"
+#include "cluster/credentials.h"
 #include "engine/device.h"
 #include "kraken/cluster/v1/cluster.grpc.pb.h"
 #include "runtime/remote_nodes.h"
@@ -44,6 +47,11 @@ struct HubOptions {
   std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent this long is replaced on restart
   std::chrono::milliseconds collective_timeout{30000};
   std::chrono::milliseconds start_timeout{120000};
+  ClusterTls tls;  // mutual TLS on the port (cluster/credentials.h), or explicitly insecure
+  // What a connection that has not joined may hold: its Hello must come within hello_timeout, and
+  // at most max_pending connections may wait for theirs at once (more are refused at once).
+  std::chrono::milliseconds hello_timeout{5000};
+  int max_pending = 16;
 };
 
 class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
@@ -67,6 +75,8 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   void SetKvBlocks(int32_t blocks) override;
   void Publish(uint64_t step) override;
   void Stop() override;
+  /// Ends AwaitNodes and Start at once (CANCELLED), now and from now on: the server is stopping.
+  void Cancel() override;
   std::string Where(int rank) const override;
 
  private:
@@ -88,6 +98,8 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   StatusOr<int> Admit(const v1::Hello& hello, const std::string& peer);
   // The writer of one connection: the outbox in order, a Ping when idle for 100 ms.
   void WriteLoop(int node, uint64_t connection, grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream);
+  // Cancels the Join streams whose Hello is overdue, until the hub closes.
+  void WatchHellos();
   // Mirrors a node's report into its ranks' slots (under mu_).
   void Apply(int node, const v1::NodeStatus& status);
   void SetRemoteKeys(const v1::StoreEntries& entries);
@@ -106,6 +118,11 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   std::vector<Node> nodes_;  // index = node rank; 0 (the leader) unused
   uint64_t connections_ = 0;
   bool closing_ = false;
+  bool cancelled_ = false;  // Cancel
+  // Join streams waiting for their Hello, with the NowNs() deadline after which the watchdog
+  // cancels them.
+  std::map<grpc::ServerContext*, uint64_t> pending_;
+  std::thread hello_watchdog_;
   // The attached segment (between Start and Stop).
   uint8_t* segment_ = nullptr;
   runtime::Layout layout_{};

@@ -49,6 +49,7 @@ Engine::~Engine() {
 }
 
 void Engine::Stop() {
+  if (group_) group_->CancelRestarts();  // a restart under way must not hold the loop past the grace period
   {
     std::lock_guard<std::mutex> l(mu_);
     stop_ = true;
@@ -102,7 +103,7 @@ StatusOr<std::vector<std::shared_ptr<RequestHandle>>> Engine::SubmitSamples(Requ
     if (stop_ || fatal_) return absl::UnavailableError("the server is shutting down");
     if (queued_.load() + static_cast<int>(n) > options_.scheduler.max_waiting) {
       if (n == 1)
-        return ResourceExhausted("field 'request': the waiting queue is full (", options_.scheduler.max_waiting,
+        return ResourceExhausted("the waiting queue is full (", options_.scheduler.max_waiting,
                                  " requests waiting); retry later");
       return ResourceExhausted("field 'n': the waiting queue cannot take ", n, " more samples (", queued_.load(),
                                " of ", options_.scheduler.max_waiting, " places taken); retry later");

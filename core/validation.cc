@@ -46,7 +46,9 @@ Status ValidatePrompt(const GenerationRequest& req, const RequestLimits& lim, co
     p->prompt.assign(ids.begin(), ids.end());
     KRAKEN_ASSIGN_OR_RETURN(p->prompt_text, tok.Decode(p->prompt, /*skip_special=*/false));
   } else {
-    return Bad("prompt", StrCat("must be set: give '", names.text, "' or '", names.token_ids, "'"));
+    return names.text == names.token_ids
+               ? Bad(names.text, "must be set")
+               : Bad("prompt", StrCat("must be set: give '", names.text, "' or '", names.token_ids, "'"));
   }
   if (static_cast<int>(p->prompt.size()) >= lim.context_length)
     return Bad(names.text, StrCat("is ", p->prompt.size(), " tokens; the context length is ", lim.context_length,

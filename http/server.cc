@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cctype>
 #include <mutex>
+#include <optional>
 
 namespace kraken::http {
 namespace {
@@ -60,6 +61,44 @@ constexpr auto kLingerTime = std::chrono::seconds(2);
 
 // What reading one request came to.
 enum class ReadResult { kRequest, kClosed, kRefused };
+
+std::string_view Trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t')) s.remove_suffix(1);
+  return s;
+}
+
+// The refusal a request head earns by its framing (RFC 9112 section 6), or nothing. The body's
+// end must be unambiguous, or the bytes after it could be read as another request (request
+// smuggling): Transfer-Encoding may only be a lone "chunked" (a final coding other than chunked:
+// 400, section 6.1; chunked after a coding this server does not decode: 501), and never beside
+// Content-Length (section 6.1 lets a server refuse that; it must close the connection either way).
+template <class Fields>
+std::optional<Response> FramingRefusal(const Fields& head) {
+  std::vector<std::string> codings;
+  for (const auto& field : head) {
+    if (field.name() != bhttp::field::transfer_encoding) continue;
+    std::string_view value(field.value().data(), field.value().size());
+    while (true) {
+      const size_t comma = value.find(',');
+      codings.emplace_back(Lower(Trim(value.substr(0, comma))));
+      if (comma == std::string_view::npos) break;
+      value.remove_prefix(comma + 1);
+    }
+  }
+  if (codings.empty()) return std::nullopt;
+  std::string listed;
+  for (const std::string& c : codings) listed += (listed.empty() ? "" : ", ") + c;
+  if (head.count(bhttp::field::content_length) > 0)
+    return PlainText(400, "malformed HTTP request: Transfer-Encoding ('" + listed +
+                              "') and Content-Length together (RFC 9112 section 6.1)\n");
+  if (codings.back() != "chunked")
+    return PlainText(400, "malformed HTTP request: Transfer-Encoding '" + listed +
+                              "' does not end in chunked, so the body's length is unknown (RFC 9112 section 6.1)\n");
+  if (codings.size() > 1)
+    return PlainText(501, "Transfer-Encoding '" + listed + "' is not supported: only 'chunked' alone is\n");
+  return std::nullopt;
+}
 
 // Calls Abort on a Stream that did not reach its end when the connection lets go of it (the
 // client left, a write failed, or the server stopped).
@@ -312,6 +351,10 @@ net::awaitable<ReadResult> Server::Impl::ReadRequest(S& stream, beast::flat_buff
     co_await Refuse(stream, PlainText(400, "malformed HTTP request: " + ec.message() + "\n"));
     co_return ReadResult::kRefused;
   }
+  if (std::optional<Response> bad = FramingRefusal(parser.get())) {
+    co_await Refuse(stream, std::move(*bad));
+    co_return ReadResult::kRefused;
+  }
   auto too_large = [&](uint64_t size) {
     return options.too_large ? options.too_large(size, options.max_body_bytes)
                              : PlainText(413, "request body too large\n");
@@ -330,6 +373,13 @@ net::awaitable<ReadResult> Server::Impl::ReadRequest(S& stream, beast::flat_buff
   co_await bhttp::async_read(stream, buffer, parser, net::redirect_error(kAwait, ec));
   if (ec == bhttp::error::body_limit) {
     co_await Refuse(stream, too_large(options.max_body_bytes + 1));
+    co_return ReadResult::kRefused;
+  }
+  if (ec && ec.category() == bhttp::make_error_code(bhttp::error::bad_chunk).category() &&
+      ec != bhttp::error::end_of_stream && ec != bhttp::error::partial_message) {
+    // A malformed body (a bad chunk size or extension, a chunk that does not end where it said):
+    // its end is unknown, so nothing after it on this connection can be trusted.
+    co_await Refuse(stream, PlainText(400, "malformed HTTP request body: " + ec.message() + "\n"));
     co_return ReadResult::kRefused;
   }
   if (ec) co_return ReadResult::kClosed;

@@ -5,6 +5,7 @@
 #include <spdlog/spdlog.h>
 
 #include "base/closest.h"
+#include "base/json_util.h"
 #include "openai/protocol.h"
 #include "tokenizer/utf8.h"
 
@@ -288,9 +289,8 @@ class CompletionStream final : public http::Stream {
 
 // Parses a small JSON object body whose fields must all be in `known`.
 StatusOr<json> ParseObject(std::string_view text, const std::vector<std::string>& known, const char* what) {
-  json body = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (body.is_discarded()) return InvalidArgument("the request body is not valid JSON");
-  if (!body.is_object()) return InvalidArgument("the request body must be a JSON object");
+  KRAKEN_ASSIGN_OR_RETURN(json body, ParseJsonStrict(text, "the request body", kMaxRequestJsonDepth));
+  if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", body.type_name());
   for (const auto& [key, value] : body.items()) {
     if (std::find(known.begin(), known.end(), key) == known.end())
       return InvalidArgument("field '", key, "' is not a field of ", what, " (did you mean '", Closest(key, known),
@@ -385,7 +385,11 @@ http::Reply Api::Tokenize(const http::Request& req) const {
   auto ids = tok_.Encode(text);
   if (!ids.ok()) return ErrorResponse(ids.status());
   json token_strs = nullptr;
-  if (body->value("return_token_strs", false)) {
+  const auto want_strs = body->find("return_token_strs");
+  if (want_strs != body->end() && !want_strs->is_null() && !want_strs->is_boolean())
+    return ErrorResponse(
+        InvalidArgument("field 'return_token_strs' must be true or false, got ", PreviewJson(*want_strs, 40)));
+  if (want_strs != body->end() && want_strs->is_boolean() && want_strs->get<bool>()) {
     token_strs = json::array();
     for (int32_t id : *ids) {
       std::string s;
@@ -410,8 +414,8 @@ http::Reply Api::Detokenize(const http::Request& req) const {
   for (size_t i = 0; i < tokens->size(); ++i) {
     const json& id = (*tokens)[i];
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= tok_.vocab_size())
-      return ErrorResponse(
-          InvalidArgument("field 'tokens[", i, "]' must be in [0, ", tok_.vocab_size(), "), got ", Dump(id)));
+      return ErrorResponse(InvalidArgument("field 'tokens[", i, "]' must be in [0, ", tok_.vocab_size(), "), got ",
+                                           PreviewJson(id, 40)));
     ids.push_back(id.get<int32_t>());
   }
   auto text = tok_.Decode(ids, /*skip_special=*/false);

@@ -1,8 +1,10 @@
 #include "openai/protocol.h"
 
+#include <cmath>
 #include <limits>
 
 #include "base/closest.h"
+#include "base/json_util.h"
 
 namespace kraken::openai {
 namespace {
@@ -40,11 +42,10 @@ const std::vector<std::string> kKnownFields = {"model",
                                                "skip_special_tokens",
                                                "priority"};
 
-// A JSON value for an error message: its type and, shortened, the value itself.
+// A JSON value for an error message: its type and a short preview of the value (never a dump
+// of the whole value, which may be megabytes long).
 std::string Shown(const json& v) {
-  std::string text = Dump(v);
-  if (text.size() > 40) text = text.substr(0, 37) + "...";
-  return StrCat(v.type_name(), " ", text);
+  return StrCat(v.type_name(), " ", PreviewJson(v, 40));
 }
 
 Status WrongType(const std::string& field, const char* want, const json& v) {
@@ -63,6 +64,10 @@ int64_t ToInt64(const json& v) {
 Status ReadInt(const json& body, const std::string& field, std::optional<int64_t>* out) {
   auto it = body.find(field);
   if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (it->is_number_float() && std::fabs(it->get<double>()) >= 0x1p63 &&
+      it->get<double>() == std::floor(it->get<double>()))
+    return InvalidArgument("field '", field, "' must be an integer in [-2^63, 2^63), got ", PreviewJson(*it, 40),
+                           " (too large)");
   if (!it->is_number_integer()) return WrongType(field, "an integer", *it);
   *out = ToInt64(*it);
   return absl::OkStatus();
@@ -184,8 +189,7 @@ std::string Dump(const nlohmann::json& j) {
 }
 
 StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int context_length) {
-  json body = json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (body.is_discarded()) return InvalidArgument("the request body is not valid JSON");
+  KRAKEN_ASSIGN_OR_RETURN(json body, ParseJsonStrict(text, "the request body", kMaxRequestJsonDepth));
   if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", Shown(body));
   for (const auto& [key, value] : body.items()) {
     if (std::find(kKnownFields.begin(), kKnownFields.end(), key) == kKnownFields.end())

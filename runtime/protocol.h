@@ -29,7 +29,7 @@
 namespace kraken::runtime {
 
 inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
-inline constexpr uint32_t kProtocolVersion = 5;
+inline constexpr uint32_t kProtocolVersion = 6;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
 inline constexpr int kSeqErrorBytes = 160;
@@ -146,6 +146,7 @@ struct alignas(64) RankSlot {
   std::atomic<uint64_t> progress_ns{0};   // the serving thread's last step or collective event
   std::atomic<uint32_t> state{0};         // RankState
   std::atomic<uint64_t> done_step{0};
+  std::atomic<int32_t> heartbeat_tid{0};  // the heartbeat thread's kernel id (its /proc entry)
   RankStats stats;
   WorkerMemory memory;               // written before each state change (release), read after (acquire)
   char message[kMessageBytes] = {};  // why kFailed

@@ -35,6 +35,9 @@ class RemoteNodes {
   /// Tells every node to stop its workers and detaches the segment: no write into it after this
   /// returns.
   virtual void Stop() = 0;
+  /// Makes a Start under way, and every later one, return CANCELLED within 50 ms (the server is
+  /// stopping). Thread: any.
+  virtual void Cancel() = 0;
   /// Where remote rank `rank` runs, for reports: "node 1 at ipv4:10.0.0.2:41234".
   virtual std::string Where(int rank) const = 0;
 };

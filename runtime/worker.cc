@@ -81,6 +81,7 @@ void Worker::StartHeartbeat() {
   // The heartbeat thread also watches the lifeline: end of file means the front-end is gone
   // (crashed, killed, or exited without shutting us down), and this worker must go too.
   heartbeat_ = std::thread([this] {
+    slot_->heartbeat_tid.store(static_cast<int32_t>(gettid()), std::memory_order_relaxed);
     while (!stop_.load()) {
       slot_->heartbeat_ns.store(NowNs(), std::memory_order_relaxed);
       struct pollfd p {

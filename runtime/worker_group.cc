@@ -18,7 +18,8 @@ extern char** environ;
 namespace kraken::runtime {
 namespace {
 
-constexpr int64_t kPollNs = 50'000'000;  // 50 ms between supervision checks while waiting
+constexpr int64_t kPollNs = 50'000'000;            // 50 ms between supervision checks while waiting
+constexpr uint64_t kLivenessCheckNs = 20'000'000;  // heartbeats and progress judged at most every 20 ms
 
 std::string DescribeExit(int status) {
   if (WIFSIGNALED(status))
@@ -187,6 +188,8 @@ Status WorkerGroup::LaunchOnce() {
   lifeline_ = pipe_fds[1];
   const int lifeline_read = pipe_fds[0];
   ++generation_;
+  heartbeat_clocks_.assign(world_size(), SilenceClock(/*runnable_is_waiting=*/true));
+  progress_clocks_.assign(world_size(), SilenceClock());
   if (options_.remote) {
     const uint64_t deadline = NowNs() + static_cast<uint64_t>(options_.start_timeout.count()) * 1'000'000;
     Status joined = options_.remote->Start(generation_, segment_->data(), layout_, deadline);
@@ -286,6 +289,7 @@ Status WorkerGroup::WaitReady() {
       if (options_.remote) options_.remote->SetKvBlocks(control_->kv_blocks.load(std::memory_order_acquire));
       KRAKEN_RETURN_IF_ERROR(decided);
     }
+    if (cancelled_.load()) return absl::CancelledError("the server is stopping");
     if (NowNs() > deadline) {
       std::string late;
       for (int r = 0; r < world; ++r) {
@@ -404,23 +408,38 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     if (failed(r)) return absl::UnavailableError(StrCat("worker rank ", r, " failed: ", control_->ranks[r].message));
   }
   const uint64_t now = NowNs();
+  // The silences are judged at most every kLivenessCheckNs (each judgement reads /proc).
+  if (now - last_liveness_check_ns_ < kLivenessCheckNs) return absl::OkStatus();
+  last_liveness_check_ns_ = now;
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
+  // Whatever the host does, a silence this long by the clock is a hang.
+  const uint64_t beat_ceiling = std::max(stalled, 10 * silent), step_ceiling = 10 * stalled;
+  heartbeat_clocks_.resize(world_size(), SilenceClock(/*runnable_is_waiting=*/true));
+  progress_clocks_.resize(world_size());
   for (int r = 0; r < world_size(); ++r) {
     if (!IsChecked(r)) continue;
     RankSlot& s = control_->ranks[r];
     const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
     if (beat == 0) continue;  // not started yet: start_timeout bounds that
-    if (now > beat && now - beat > silent) {
+    // Silence is charged by what the host let the thread do (runtime/liveness.h): a local rank's
+    // by its threads' scheduling, a remote rank's (mirrored from its node's reports) by the clock.
+    const pid_t pid = IsLocal(r) ? pids_[r] : -1;
+    SilenceClock& hb = heartbeat_clocks_[r];
+    const uint64_t hb_blamed = hb.Update(beat, now, pid, s.heartbeat_tid.load(std::memory_order_relaxed));
+    if (hb_blamed > silent || hb.wall_ns(now) > beat_ceiling) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") stopped responding: no heartbeat for ",
-                                           (now - beat) / 1'000'000, " ms"));
+                                           hb_blamed / 1'000'000, " ms", hb.Explain(now)));
     }
     // A step's silence counts from its publication: the progress stamp left by the previous step
     // may be from before an idle gap of any length.
+    if (!in_step || s.done_step.load() >= step_) continue;
     const uint64_t progress = std::max(s.progress_ns.load(std::memory_order_relaxed), step_published_ns_);
-    if (in_step && s.done_step.load() < step_ && now > progress && now - progress > stalled) {
+    SilenceClock& pc = progress_clocks_[r];
+    const uint64_t pc_blamed = pc.Update(progress, now, pid, pid);  // the serving thread is the main one
+    if (pc_blamed > stalled || pc.wall_ns(now) > step_ceiling) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") is stuck: no progress in step ", step_,
-                                           " for ", (now - progress) / 1'000'000, " ms"));
+                                           " for ", pc_blamed / 1'000'000, " ms", pc.Explain(now)));
     }
   }
   return absl::OkStatus();
@@ -431,7 +450,12 @@ Status WorkerGroup::Recover(const Status& cause, bool in_step) {
   if (recovery_cb_) recovery_cb_(true, cause);
   KillAll();
   Status last = cause;
+  int failed_starts = 0;  // restarts in a row that did not come up
   for (;;) {
+    if (cancelled_.load()) {
+      dead_ = absl::UnavailableError("the server is stopping: the restart of the workers was abandoned");
+      return dead_;
+    }
     // One account for every failure, the step's and any failed restart's.
     const auto now = std::chrono::steady_clock::now();
     restart_times_.push_back(now);
@@ -444,9 +468,15 @@ Status WorkerGroup::Recover(const Status& cause, bool in_step) {
                                         options_.max_restarts, "); last: ", std::string(last.message())));
       return dead_;
     }
+    if (failed_starts > options_.max_restarts) {
+      dead_ = absl::AbortedError(StrCat("giving up: ", failed_starts, " restarts in a row failed to start (more than ",
+                                        options_.max_restarts, "); last: ", std::string(last.message())));
+      return dead_;
+    }
     ++restarts_total_;
     last = Launch();
     if (last.ok()) break;
+    ++failed_starts;
   }
   if (recovery_cb_) recovery_cb_(false, absl::OkStatus());
   return absl::UnavailableError(StrCat(std::string(cause.message()), in_step ? "; the step failed and all " : "; all ",
@@ -557,6 +587,11 @@ Status WorkerGroup::RecoverFrom(const Status& health, bool in_step, std::string_
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   Status again = CheckWorkers(in_step);
   return Recover(Annotate(again.ok() ? health : again, context), in_step);
+}
+
+void WorkerGroup::CancelRestarts() {
+  cancelled_.store(true);
+  if (options_.remote) options_.remote->Cancel();
 }
 
 void WorkerGroup::Shutdown() {

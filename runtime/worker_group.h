@@ -7,7 +7,9 @@
 // Supervision runs inside RunStep and, between steps, in Supervise(), which the caller runs
 // periodically so a worker that dies or hangs while the server is idle is noticed and replaced
 // before the next request needs it. After more than `max_restarts` failures within
-// `restart_window` the group gives up and every later call fails with ABORTED.
+// `restart_window`, or more than `max_restarts` restarts in a row that fail to start (whatever
+// the timers' ratio: a start that waits start_timeout for a node that never returns must not
+// retry forever), the group gives up and every later call fails with ABORTED.
 //
 //   KRAKEN_ASSIGN_OR_RETURN(auto devices, ParseDevices("cpu:2"));
 //   KRAKEN_ASSIGN_OR_RETURN(auto group, WorkerGroup::Start({.model_dir = dir, .devices = devices,
@@ -25,6 +27,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -35,6 +38,7 @@
 
 #include "base/status.h"
 #include "engine/device.h"
+#include "runtime/liveness.h"
 #include "runtime/memory.h"
 #include "runtime/protocol.h"
 #include "runtime/remote_nodes.h"
@@ -149,6 +153,12 @@ class WorkerGroup {
   /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
   void Shutdown();
 
+  /// Abandons any start or restart under way and every later one: a wait for workers or nodes
+  /// returns within 50 ms, and the group then fails every call with UNAVAILABLE ("the server is
+  /// stopping"). For a server that must end within its grace period whatever the workers do.
+  /// Thread: any (the RunStep thread may be inside a restart).
+  void CancelRestarts();
+
   /// Called on the calling thread of RunStep when a worker failure has been noticed (`true`, with
   /// the cause: the in-flight step will fail) and again when the workers are back (`false`). The
   /// server uses it to fail streams at once and to report NOT_SERVING while recovering.
@@ -218,6 +228,11 @@ class WorkerGroup {
   int restarts_total_ = 0;
   std::vector<std::chrono::steady_clock::time_point> restart_times_;
   Status dead_ = absl::OkStatus();
+  std::atomic<bool> cancelled_{false};  // CancelRestarts
+  // Per rank: how long its heartbeat thread and its serving thread have been silent by their own
+  // fault (CheckWorkers).
+  std::vector<SilenceClock> heartbeat_clocks_, progress_clocks_;
+  uint64_t last_liveness_check_ns_ = 0;
   std::function<void(bool, const Status&)> recovery_cb_;
   std::chrono::steady_clock::time_point failure_noticed_{};
 };

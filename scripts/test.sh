@@ -8,7 +8,8 @@
 #   5. KRAKEN_ENABLE_CUDA=ON build of the server, tools and CUDA tests for sm_80 and sm_90 (when the CUDA toolkit is
 #      installed); without a GPU only the no-device tests run, the gpu-labelled ones skip (they run
 #      on a GPU machine through tests/gpu/run_gpu_checks.sh)
-#   6. libFuzzer runs of the safetensors parser and the tokenizer over their kept corpora
+#   6. libFuzzer runs of the safetensors parser, the tokenizer and the three request readers (OpenAI
+#      bodies, KServe and kraken.v1 messages) over their kept corpora
 # ctest runs serially (-j1): each test process uses every core through OpenMP, and two of them
 # spinning on two cores slow each other down a hundredfold.
 set -euo pipefail
@@ -63,18 +64,24 @@ else
   echo "no CUDA toolkit under /usr/local/cuda: skipped"
 fi
 
-step "libFuzzer: safetensors parser, tokenizer"
+step "libFuzzer: safetensors parser, tokenizer, and the request readers a stranger reaches"
 "$root/scripts/build.sh" "$root/build-fuzz" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_C_COMPILER=clang \
   -DKRAKEN_BUILD_FUZZERS=ON -DKRAKEN_BUILD_TESTS=OFF -DKRAKEN_BUILD_BENCH=OFF -DKRAKEN_BUILD_SERVER=OFF \
-  -- safetensors_fuzzer tokenizer_fuzzer
-fuzz() {  # fuzz <binary> <kept corpus> <max_len>: new inputs go to a scratch copy
+  -- safetensors_fuzzer tokenizer_fuzzer openai_request_fuzzer kserve_request_fuzzer generate_request_fuzzer
+fuzz() {  # fuzz <binary> <kept corpus> <max_len> [dictionary]: new inputs go to a scratch copy
   local corpus
   corpus="$(mktemp -d)"
   cp "$2"/* "$corpus/"
-  "$1" -max_total_time="${KRAKEN_FUZZ_SECONDS:-30}" -max_len="$3" "$corpus" "$2" 2>&1 | tail -n 2
+  "$1" -max_total_time="${KRAKEN_FUZZ_SECONDS:-30}" -max_len="$3" ${4:+-dict="$4"} "$corpus" "$2" 2>&1 | tail -n 2
   rm -rf "$corpus"
 }
 fuzz "$root/build-fuzz/engine/safetensors_fuzzer" "$root/engine/fuzz/corpus/safetensors" 4096
 export KRAKEN_FUZZ_TOKENIZER="$root/tests/data/tokenizers/mixed-4k/tokenizer.json"
 fuzz "$root/build-fuzz/tokenizer/tokenizer_fuzzer" "$root/tokenizer/fuzz/corpus/encode" 512
+# Request bodies up to 64 KiB: room for nesting far past the depth limit.
+fuzz "$root/build-fuzz/openai/openai_request_fuzzer" "$root/openai/fuzz/corpus/completions" 65536 \
+  "$root/openai/fuzz/json.dict"
+fuzz "$root/build-fuzz/server/kserve_request_fuzzer" "$root/server/fuzz/corpus/kserve" 65536 \
+  "$root/openai/fuzz/json.dict"
+fuzz "$root/build-fuzz/server/generate_request_fuzzer" "$root/server/fuzz/corpus/generate" 4096
 step "all tests passed"

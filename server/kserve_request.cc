@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/closest.h"
+#include "base/json_util.h"
 
 namespace kraken::server {
 namespace {
@@ -170,6 +171,8 @@ StatusOr<std::map<std::string, Tensor>> Tensors(const ModelInferRequest& req) {
     if (std::find(known.begin(), known.end(), in.name()) == known.end())
       return Bad(in.name(), StrCat("is not an input of this model (did you mean '", Closest(in.name(), known), "'?)"));
     Tensor t{.meta = &in, .raw = req.raw_input_contents_size() > 0 ? &req.raw_input_contents(k) : nullptr};
+    if (t.raw != nullptr && in.has_contents() && in.contents().ByteSizeLong() > 0)
+      return Bad(in.name(), "has both raw_input_contents and typed contents; give one of them");
     t.elements = 1;
     for (int64_t d : in.shape()) {
       if (d < 0) return Bad(in.name(), StrCat("has a negative dimension in its shape ", ShapeText(t)));
@@ -189,19 +192,19 @@ StatusOr<double> JsonNumber(const json& v, const std::string& key) {
     const double d = std::strtod(s.c_str(), &end);
     if (!s.empty() && end == s.c_str() + s.size()) return d;
   }
-  return InvalidArgument("field 'sampling_parameters.", key, "' must be a number, got ", v.dump());
+  return InvalidArgument("field 'sampling_parameters.", key, "' must be a number, got ", PreviewJson(v, 40));
 }
 
 StatusOr<bool> JsonBool(const json& v, const std::string& key) {
   if (v.is_boolean()) return v.get<bool>();
   if (v.is_string() && (v == "true" || v == "True" || v == "false" || v == "False")) return v == "true" || v == "True";
-  return InvalidArgument("field 'sampling_parameters.", key, "' must be true or false, got ", v.dump());
+  return InvalidArgument("field 'sampling_parameters.", key, "' must be true or false, got ", PreviewJson(v, 40));
 }
 
 StatusOr<int64_t> JsonInteger(const json& v, const std::string& key) {
   KRAKEN_ASSIGN_OR_RETURN(double d, JsonNumber(v, key));
   if (d != std::floor(d) || std::fabs(d) > 9.2e18)
-    return InvalidArgument("field 'sampling_parameters.", key, "' must be an integer, got ", v.dump());
+    return InvalidArgument("field 'sampling_parameters.", key, "' must be an integer, got ", PreviewJson(v, 40));
   return static_cast<int64_t>(d);
 }
 
@@ -224,8 +227,10 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
                                                  "skip_special_tokens",
                                                  "n",
                                                  "best_of"};
-  const json j = json::parse(text, nullptr, false);
-  if (!j.is_object()) return InvalidArgument("input 'sampling_parameters' must be a JSON object");
+  KRAKEN_ASSIGN_OR_RETURN(const json j, ParseJsonStrict(text, "input 'sampling_parameters'", kMaxRequestJsonDepth));
+  if (!j.is_object())
+    return InvalidArgument("input 'sampling_parameters' must be a JSON object, got ", j.type_name(), " ",
+                           PreviewJson(j, 40));
   core::GenerationRequest& g = r->generation;
   for (const auto& [key, v] : j.items()) {
     if (std::find(kKeys.begin(), kKeys.end(), key) == kKeys.end())
@@ -236,7 +241,12 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
       if (v.is_string())
         g.stop.push_back(v.get<std::string>());
       else if (v.is_array())
-        for (const json& s : v) g.stop.push_back(s.is_string() ? s.get<std::string>() : s.dump());
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (!v[i].is_string())
+            return InvalidArgument("field 'sampling_parameters.stop[", i, "]' must be a string, got ", v[i].type_name(),
+                                   " ", PreviewJson(v[i], 40));
+          g.stop.push_back(v[i].get<std::string>());
+        }
       else
         return InvalidArgument("field 'sampling_parameters.stop' must be a string or a list of strings");
     } else if (key == "stop_token_ids") {
@@ -304,6 +314,8 @@ Status ReadTrtllm(const std::map<std::string, Tensor>& in, KserveRequest* r) {
     // An integer input (INT32, UINT64 in KserveInputs) takes any integer datatype, never a float:
     // 20.0 for max_tokens is refused rather than read as something else.
     const std::string& declared = DeclaredType(name);
+    if (declared != "BOOL" && t.meta->datatype() == "BOOL")
+      return Bad(name, StrCat("must have a numeric datatype (", declared, "), got BOOL"));
     if (declared != "FP32" && !s.integral)
       return Bad(name, StrCat("must have an integer datatype (", declared, "), got ", t.meta->datatype()));
     const int64_t i = s.is_unsigned ? (s.u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())

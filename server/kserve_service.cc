@@ -259,6 +259,8 @@ StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerCont
   auto refuse = [&](const Status& s) -> Status {
     spdlog::info("request {} rejected: {}", id->empty() ? "-" : *id, s.ToString());
     if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
+    Count(/*ok=*/false, std::chrono::duration<double>(core::Clock::now() - arrival)
+                            .count());  // ModelStatistics' fail counts refusals too
     return s;
   };
   if (draining_) return refuse(absl::UnavailableError("the server is shutting down"));
@@ -267,6 +269,9 @@ StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerCont
   if (Status p = ParseRequest(raw, options_.max_message_bytes, &req); !p.ok()) return refuse(p);
   *id = req.id();
   if (Status m = CheckModel(req.model_name()); !m.ok()) return refuse(m);
+  if (!req.model_version().empty() && req.model_version() != kVersion)
+    return refuse(absl::NotFoundError(StrCat("model '", req.model_name(), "' has no version '", req.model_version(),
+                                             "' (this server serves version ", kVersion, ")")));
   auto parsed = ParseKserveRequest(req);
   if (!parsed.ok()) return refuse(parsed.status());
   auto params = core::ValidateGeneration(parsed->generation, options_.limits, tok_, kKserveFields);

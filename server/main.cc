@@ -93,6 +93,8 @@ struct Flags {
   std::string join;  // a follower: the leader's host[:port]
   int node_rank = 0;
   std::string node_address;
+  std::string cluster_cert, cluster_key, cluster_ca;  // mutual TLS on the cluster port
+  bool cluster_insecure = false;
 };
 
 // Bytes of NCCL's /dev/shm use budgeted per GPU rank (its host-memory transports and proxy
@@ -150,6 +152,11 @@ void AddNodeFlags(const Opt& opt, Flags& f) {
   opt("--node-address", f.node_address,
       "the address this node's workers bind for collectives (Gloo); default: 127.0.0.1 on one node, this host's "
       "name in a multi-node group");
+  opt("--cluster-cert", f.cluster_cert,
+      "a multi-node group's mutual TLS: this node's certificate chain (PEM), signed by --cluster-ca; the leader's "
+      "must name the address its followers dial");
+  opt("--cluster-key", f.cluster_key, "the private key of --cluster-cert (PEM)");
+  opt("--cluster-ca", f.cluster_ca, "the group's CA certificate (PEM): every node must present one it signed");
 }
 
 void AddFlags(CLI::App& app, Flags& f) {
@@ -221,6 +228,10 @@ void AddFlags(CLI::App& app, Flags& f) {
       ->check(CLI::IsMember({"priority", "fcfs"}));
   AddPrefixCachingFlag(app, f);
   AddNodeFlags(opt, f);
+  app.add_flag("--cluster-insecure", f.cluster_insecure,
+               "run a multi-node group's cluster port in plaintext, without authentication (only on a network that "
+               "is itself trusted: anyone who can reach the port could join the group and read every prompt)")
+      ->envname(server::EnvName("--cluster-insecure"));
 }
 
 // LeaderWorkerSet's environment (https://lws.sigs.k8s.io): fills --nodes on the leader, and
@@ -495,26 +506,69 @@ struct Frontends {
   std::unique_ptr<http::Server> metrics_http;  // null with --metrics-port -1
 };
 
-// Waits for SIGTERM/SIGINT (blocked in `sigs`) or for the engine to fail for good, then drains:
-// health NOT_SERVING (and /health 503), new calls UNAVAILABLE (503), in-flight requests get the
-// grace period (a second signal ends it), then everything stops. Returns the exit code: 0 after a
-// signal, 1 when the workers failed beyond the restart limit.
-int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engine, Frontends& fe, Health& health) {
-  std::atomic<int> signo{0};
-  std::atomic<int> signals{0};
-  std::atomic<bool> stop_waiting{false};
-  std::thread waiter([&] {
-    while (true) {
-      int s = 0;
-      sigwait(&sigs, &s);
-      if (stop_waiting) return;
-      if (signals++ == 0)
-        signo = s;
-      else
-        spdlog::warn("second signal {}: ending the grace period now", s);
+// Takes SIGTERM and SIGINT (blocked in every thread, `sigs`) from the moment the leader starts.
+// Before the server serves (loading, waiting for nodes, starting workers) there is nothing in
+// flight to drain: the first signal ends the process at once, exit 0 (its workers follow through
+// their lifeline within 100 ms, follower nodes when their stream ends). Once Serving() has been
+// called, WaitAndDrain drains on it instead.
+class Signals {
+ public:
+  explicit Signals(const sigset_t& sigs) : sigs_(sigs) {
+    waiter_ = std::thread([this] {
+      while (true) {
+        int s = 0;
+        sigwait(&sigs_, &s);
+        std::lock_guard<std::mutex> l(mu_);
+        if (done_) return;
+        if (!serving_) {
+          spdlog::info("signal {} before the server began serving: exiting", s);
+          spdlog::default_logger()->flush();
+          std::_Exit(0);
+        }
+        if (count_++ == 0)
+          first_ = s;
+        else
+          spdlog::warn("second signal {}: ending the grace period now", s);
+      }
+    });
+  }
+  ~Signals() {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      done_ = true;
     }
-  });
-  while (signo == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
+    waiter_.join();
+  }
+  void Serving() {
+    std::lock_guard<std::mutex> l(mu_);
+    serving_ = true;
+  }
+  int first() {
+    std::lock_guard<std::mutex> l(mu_);
+    return first_;
+  }
+  int count() {
+    std::lock_guard<std::mutex> l(mu_);
+    return count_;
+  }
+
+ private:
+  sigset_t sigs_;
+  std::mutex mu_;
+  bool serving_ = false, done_ = false;
+  int first_ = 0, count_ = 0;
+  std::thread waiter_;
+};
+
+// Waits for SIGTERM/SIGINT or for the engine to fail for good, then drains: health NOT_SERVING
+// (and /health 503), new calls UNAVAILABLE (503), in-flight requests get the grace period (a
+// second signal ends it), then everything stops within a further 7 s at most (a restart under way
+// is abandoned at once, the servers get 2 s to flush, the workers 5 s to exit). Returns the exit
+// code: 0 after a signal, 1 when the workers failed beyond the restart limit.
+int WaitAndDrain(Signals& signals, double grace_period_s, core::Engine& engine, Frontends& fe, Health& health) {
+  signals.Serving();
+  while (signals.first() == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
   health.Drain();
   fe.service->StartDraining();
@@ -523,9 +577,9 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");
   } else {
-    spdlog::info("signal {}: draining (grace period {} s)", signo.load(), grace_period_s);
+    spdlog::info("signal {}: draining (grace period {} s)", signals.first(), grace_period_s);
     const auto until = std::chrono::steady_clock::now() + std::chrono::duration<double>(grace_period_s);
-    while (engine.active() > 0 && std::chrono::steady_clock::now() < until && signals < 2)
+    while (engine.active() > 0 && std::chrono::steady_clock::now() < until && signals.count() < 2 && !engine.fatal())
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   engine.Stop();  // ends what is left with UNAVAILABLE
@@ -536,11 +590,8 @@ int WaitAndDrain(const sigset_t& sigs, double grace_period_s, core::Engine& engi
   if (fe.http) fe.http->Stop(flush);
   if (fe.metrics_http) fe.metrics_http->Stop(flush);
   grpc_stop.join();
-  stop_waiting = true;
-  kill(getpid(), SIGTERM);  // release the waiter (the signal is blocked: sigwait takes it)
-  waiter.join();
   spdlog::info("stopped");
-  return fatal ? 1 : 0;
+  return fatal || engine.fatal() ? 1 : 0;
 }
 
 core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig& config, const runtime::Limits& rl,
@@ -594,10 +645,13 @@ StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool
   if (tls) ho.tls = http::TlsFiles{.cert_chain = f.tls_cert, .private_key = f.tls_key, .client_ca = f.tls_client_ca};
   auto server = std::make_unique<http::Server>(std::move(ho));
   routes(*server);
-  KRAKEN_ASSIGN_OR_RETURN(int bound, server->Listen(f.host, port));
+  auto bound = server->Listen(f.host, port);
+  if (!bound.ok())
+    return Status(bound.status().code(), StrCat(std::string(bound.status().message()), " (",
+                                                port == f.metrics_port ? "--metrics-port" : "--http-port", ")"));
   server->Start();
   spdlog::info("{} on {}://{}:{}", port == f.metrics_port ? "metrics" : "OpenAI-compatible API", tls ? "https" : "http",
-               f.host, bound);
+               f.host, *bound);
   return server;
 }
 
@@ -649,10 +703,15 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
   // The service refuses (and counts) bodies over --max-message-bytes itself; gRPC's own ceiling,
   // which refuses before the service sees a call, sits at server::kTransportLimitFactor times it.
   builder.SetMaxReceiveMessageSize(f.max_message_bytes * server::kTransportLimitFactor);
+  // gRPC sets SO_REUSEPORT by default: a second server on the same port would "start" and take
+  // half the connections. Off, a port in use fails the start.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(fe.service.get());
   builder.RegisterService(fe.kserve.get());
   fe.grpc = builder.BuildAndStart();
-  if (!fe.grpc || bound_port == 0) return absl::UnavailableError(StrCat("cannot listen on ", f.host, ":", f.port));
+  if (!fe.grpc || bound_port == 0)
+    return absl::UnavailableError(
+        StrCat("cannot listen on ", f.host, ":", f.port, " for gRPC (--port): is the port in use by another process?"));
   health.Attach(fe.grpc->GetHealthCheckService());
   return fe;
 }
@@ -677,6 +736,12 @@ std::string ModelFingerprint(const std::string& model) {
   }
 }
 
+// The cluster port's security as the flags set it (cluster/credentials.h).
+cluster::ClusterTls ClusterTlsOf(const Flags& f) {
+  return {
+      .cert_file = f.cluster_cert, .key_file = f.cluster_key, .ca_file = f.cluster_ca, .insecure = f.cluster_insecure};
+}
+
 // --join: this process is a follower node; it starts its workers when the leader says so.
 int RunFollowerNode(const Flags& f) {
   auto devices = runtime::ParseDevices(f.devices);
@@ -685,6 +750,7 @@ int RunFollowerNode(const Flags& f) {
     return 2;
   }
   cluster::FollowerOptions fo{.leader = f.join, .node_rank = f.node_rank, .model = ModelFingerprint(f.model)};
+  fo.tls = ClusterTlsOf(f);
   fo.workers.model_dir = f.model;
   fo.workers.devices = *devices;
   fo.workers.threads_per_worker = f.threads_per_worker;
@@ -706,7 +772,8 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
                                                           .model_dir = f.model,
                                                           .heartbeat_timeout = wo.heartbeat_timeout,
                                                           .collective_timeout = wo.collective_timeout,
-                                                          .start_timeout = wo.start_timeout}));
+                                                          .start_timeout = wo.start_timeout,
+                                                          .tls = ClusterTlsOf(f)}));
   spdlog::info("leader of {} nodes: waiting for {} follower(s) on port {}", f.nodes, f.nodes - 1, hub->port());
   KRAKEN_ASSIGN_OR_RETURN(std::vector<engine::Device> remote, hub->AwaitNodes(wo.start_timeout));
   wo.devices.insert(wo.devices.end(), remote.begin(), remote.end());
@@ -715,8 +782,28 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
   return absl::OkStatus();
 }
 
+// --nodes > 1: checks the world split and the cluster's TLS, then waits for the followers (exit
+// code 2 for a configuration that cannot work, 1 when the nodes did not come; 0 when formed).
+int FormGroup(const Flags& f, const engine::ModelConfig& config, runtime::WorkerGroupOptions& wo) {
+  // Before waiting for anyone: every node has as many workers as this one.
+  if (Status split = CheckWorldSplit(config, f.nodes * static_cast<int>(wo.devices.size())); !split.ok()) {
+    spdlog::critical("{} ({} nodes x {} workers)", std::string(split.message()), f.nodes, wo.devices.size());
+    return 2;
+  }
+  if (Status tls = ClusterTlsOf(f).Check(); !tls.ok()) {
+    spdlog::critical("{}", std::string(tls.message()));
+    return 2;
+  }
+  if (Status joined = JoinNodes(f, wo); !joined.ok()) {
+    spdlog::critical("{}", std::string(joined.message()));
+    return joined.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}
+
 // Everything after the flags: returns the exit code.
 int Run(const Flags& f, const sigset_t& sigs) {
+  Signals signals(sigs);
   auto config = engine::LoadModelConfig(f.model);
   if (!config.ok()) {
     spdlog::critical("cannot load model: {}", config.status().ToString());
@@ -747,15 +834,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
   }
   RaiseDescriptorLimit();
   if (f.nodes > 1) {
-    // Before waiting for anyone: every node has as many workers as this one.
-    if (Status split = CheckWorldSplit(*config, f.nodes * static_cast<int>(wo->devices.size())); !split.ok()) {
-      spdlog::critical("{} ({} nodes x {} workers)", std::string(split.message()), f.nodes, wo->devices.size());
-      return 2;
-    }
-    if (Status joined = JoinNodes(f, *wo); !joined.ok()) {
-      spdlog::critical("{}", std::string(joined.message()));
-      return joined.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-    }
+    if (int code = FormGroup(f, *config, *wo)) return code;
   }
   auto group = StartWorkers(f, *wo);
   if (!group.ok()) {
@@ -794,7 +873,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
   spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
                so.info.kraken_degree(), world, f.host, f.port, f.tls_cert.empty() ? "" : " with TLS",
                f.api_key.empty() ? "" : ", API key required");
-  return WaitAndDrain(sigs, f.grace_period_s, engine, *fe, health);
+  return WaitAndDrain(signals, f.grace_period_s, engine, *fe, health);
 }
 
 }  // namespace

@@ -618,3 +618,42 @@ def test_avx512_node_affinity_example_renders_and_validates(tmp_path):
     assert sorted((e["key"], e["operator"], e["values"]) for e in terms[0]["matchExpressions"]) == sorted(
         (f"feature.node.kubernetes.io/cpu-cpuid.AVX512{f}", "In", ["true"]) for f in ("F", "BW", "CD", "DQ", "VL"))
     assert "affinity" not in by_kind(render("cpu-dev"), "Deployment")[0]["spec"]["template"]["spec"]
+
+
+def test_the_multinode_cluster_port_is_mutual_tls_and_fenced_to_the_group():
+    """Both pods of a group find the group's certificate, key and CA in the mounted Secret (so the leader,
+    which refuses a plaintext group, starts), and a NetworkPolicy lets only the group's pods reach port 8003."""
+    objs = render("dgx-h100-multinode")
+    pods = workload_pods(objs)
+    for role in ("leader", "worker"):
+        spec = pods[("LeaderWorkerSet", role)]["spec"]
+        c = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        secret_mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for var, key in (("KRAKEN_CLUSTER_CERT", "tls.crt"), ("KRAKEN_CLUSTER_KEY", "tls.key"),
+                         ("KRAKEN_CLUSTER_CA", "ca.crt")):
+            path = env.get(var)
+            assert path is not None and path.endswith("/" + key), (role, var, path)
+            volume = volumes[secret_mounts[os.path.dirname(path)]]
+            assert volume["secret"]["secretName"] == "kraken-cluster-tls", (role, volume)
+        assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"], role  # it can read them
+    policies = by_kind(objs, "NetworkPolicy")
+    leader_labels = pods[("LeaderWorkerSet", "leader")].get("metadata", {}).get("labels", {})
+    group = "h100x2-kraken-serve"
+    guarding = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("leaderworkerset.sigs.k8s.io/name")
+                == group and p["spec"]["podSelector"]["matchLabels"].get("leaderworkerset.sigs.k8s.io/worker-index")
+                == "0"]
+    assert len(guarding) == 1, policies
+    rules = guarding[0]["spec"]["ingress"]
+    open_ports = {p["port"] for r in rules if "from" not in r for p in r.get("ports", [])}
+    assert 8003 not in open_ports and {8000, 8001, 8002} <= open_ports, rules
+    # The port is open to pods that carry the group's name (and whatever labels Kustomize adds, which
+    # both pod templates carry too).
+    worker_labels = pods[("LeaderWorkerSet", "worker")]["metadata"]["labels"]
+    fenced = [r for r in rules if "from" in r]
+    assert len(fenced) == 1 and "ports" not in fenced[0], rules
+    selector = fenced[0]["from"][0]["podSelector"]["matchLabels"]
+    assert selector.get("leaderworkerset.sigs.k8s.io/name") == group, selector
+    for labels in (leader_labels, worker_labels):
+        assert all(labels.get(k) == v for k, v in selector.items() if not k.startswith("leaderworkerset.")), labels

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from kraken_client import pb
+from cluster_certs import tls_args
 from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, stream
 
 GPT2_MODEL = os.path.join(ROOT, "models", "gpt2-kjv")
@@ -29,9 +30,9 @@ PROMPTS = ["In the beginning God created", "And the LORD spake unto Moses, sayin
 class Follower:
     """kraken-server --join on its own session: its own process tree, its own log."""
 
-    def __init__(self, cluster_port, *args, model=DEFAULT_MODEL, devices="cpu:2", lws=False):
+    def __init__(self, cluster_port, *args, model=DEFAULT_MODEL, devices="cpu:2", lws=False, tls="node"):
         """lws: find the leader as a LeaderWorkerSet worker pod does (LWS_LEADER_ADDRESS, LWS_WORKER_INDEX),
-        not by --join."""
+        not by --join. tls: the certificate it presents (cluster_certs.tls_args), or None for no flags."""
         self.log_path = f"/tmp/kraken-follower-test-{cluster_port}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "w")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
@@ -41,7 +42,7 @@ class Follower:
             where = ["--cluster-port", str(cluster_port)]
         self.proc = subprocess.Popen(
             [SERVER_BIN, "--model", model, "--devices", devices, *where, "--node-address", "127.0.0.1",
-             "--threads-per-worker", "1", *args],
+             "--threads-per-worker", "1", *(tls_args(tls) if tls else []), *args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def read_log(self):
@@ -78,10 +79,10 @@ class Follower:
 def leader(cluster_port, *args, model=DEFAULT_MODEL, lws=False):
     """lws: the group size from LeaderWorkerSet's environment, not --nodes."""
     if lws:
-        return Server("--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *args, model=model,
-                      devices="cpu:2", env={"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "0"})
-    return Server("--nodes", "2", "--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *args,
-                  model=model, devices="cpu:2")
+        return Server("--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS, *tls_args(), *args,
+                      model=model, devices="cpu:2", env={"LWS_GROUP_SIZE": "2", "LWS_WORKER_INDEX": "0"})
+    return Server("--nodes", "2", "--cluster-port", str(cluster_port), "--node-address", "127.0.0.1", *TIMERS,
+                  *tls_args(), *args, model=model, devices="cpu:2")
 
 
 def health_status(target):
@@ -263,7 +264,7 @@ def test_a_node_the_leader_cannot_use_is_refused_by_name():
     inherited = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
     lead = subprocess.Popen([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:2", "--nodes", "2",
                              "--cluster-port", str(cluster_port), "--port", str(free_port()), "--http-port", "-1",
-                             "--metrics-port", "-1", "--start-timeout", "30"],
+                             "--metrics-port", "-1", "--start-timeout", "30", *tls_args()],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=inherited)
     try:
         f = Follower(cluster_port, devices="cpu:1")

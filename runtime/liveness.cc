@@ -1,0 +1,95 @@
+#include "runtime/liveness.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+
+#include "base/status.h"
+
+namespace kraken::runtime {
+namespace {
+
+// The whole of a small /proc file, or "" when it cannot be read.
+std::string ReadSmall(const char* path) {
+  std::string out;
+  if (FILE* f = std::fopen(path, "re")) {
+    char buf[512];
+    const size_t n = std::fread(buf, 1, sizeof buf, f);
+    out.assign(buf, n);
+    std::fclose(f);
+  }
+  return out;
+}
+
+}  // namespace
+
+ThreadSched ReadThreadSched(pid_t pid, pid_t tid) {
+  ThreadSched t;
+  char path[96];
+  std::snprintf(path, sizeof path, "/proc/%d/task/%d/stat", static_cast<int>(pid), static_cast<int>(tid));
+  const std::string stat = ReadSmall(path);
+  // "tid (comm) S ...": the command may hold spaces and parentheses, so the state follows the
+  // last ')'.
+  const size_t close = stat.rfind(')');
+  if (close == std::string::npos || close + 2 >= stat.size()) return t;
+  t.state = stat[close + 2];
+  std::snprintf(path, sizeof path, "/proc/%d/task/%d/schedstat", static_cast<int>(pid), static_cast<int>(tid));
+  unsigned long long run = 0, wait = 0;
+  if (std::sscanf(ReadSmall(path).c_str(), "%llu %llu", &run, &wait) != 2) return t;
+  t.wait_ns = wait;
+  t.ok = true;
+  return t;
+}
+
+uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid) {
+  auto excused_state = [this](char state) { return state == 'D' || (runnable_is_waiting_ && state == 'R'); };
+  if (mark != mark_ || !started_) {
+    // A new silence: the kernel's account of the thread now is its baseline. The time between the
+    // mark and this first sight is charged by the clock, unless the thread is waiting on the host
+    // right now (a heartbeat thread runnable at first sight of an old mark has been kept waiting:
+    // it only stamps and sleeps).
+    mark_ = mark;
+    started_ = true;
+    sampling_ = false;
+    state_ = '?';
+    blamed_ns_ = wall_ns(now);
+    if (pid <= 0) return blamed_ns_;
+    const ThreadSched t = ReadThreadSched(pid, tid);
+    if (!t.ok) return blamed_ns_;
+    sampling_ = true;
+    start_ns_ = checked_ns_ = now;
+    initial_ns_ = blamed_ns_ = excused_state(t.state) ? 0 : wall_ns(now);
+    start_wait_ns_ = wait_ns_ = t.wait_ns;
+    excused_by_state_ns_ = 0;
+    state_ = t.state;
+    return blamed_ns_;
+  }
+  if (!sampling_) return blamed_ns_ = wall_ns(now);
+  const ThreadSched t = ReadThreadSched(pid, tid);
+  const uint64_t interval = now > checked_ns_ ? now - checked_ns_ : 0;
+  checked_ns_ = now;
+  if (t.ok) {
+    state_ = t.state;
+    wait_ns_ = std::max(wait_ns_, t.wait_ns);
+    if (excused_state(t.state)) excused_by_state_ns_ += interval;
+  }
+  const uint64_t excused = std::max(excused_by_state_ns_, wait_ns_ - start_wait_ns_);
+  const uint64_t elapsed = now > start_ns_ ? now - start_ns_ : 0;
+  blamed_ns_ = initial_ns_ + (elapsed > excused ? elapsed - excused : 0);
+  return blamed_ns_;
+}
+
+std::string SilenceClock::Explain(uint64_t now) const {
+  if (!sampling_) return "";
+  const std::string state = state_ == 'T' || state_ == 't' ? "stopped"
+                            : state_ == 'D'                ? "waiting on the host's I/O"
+                            : state_ == 'R'                ? "running"
+                            : state_ == 'S'                ? "sleeping"
+                                                           : StrCat("in state ", std::string(1, state_));
+  std::string s = StrCat(" (", wall_ns(now) / 1'000'000, " ms by the clock, of which the host kept it waiting ",
+                         (wall_ns(now) - std::min(wall_ns(now), blamed_ns_)) / 1'000'000, " ms; ");
+  if (state_ == '?') return s + "state unknown)";
+  return StrCat(s, "now ", state, ")");
+}
+
+}  // namespace kraken::runtime

@@ -1,0 +1,74 @@
+// Telling a hung worker from a starved host. A thread that has been silent because the host did
+// not run it has not hung: it was runnable but waiting for a CPU (an oversubscribed host, or a
+// container throttled by its cgroup CPU quota: the kernel counts both, per thread, as run-queue
+// wait, /proc/PID/task/TID/schedstat field 2, Documentation/scheduler/sched-stats.rst), or it was
+// waiting on the host itself in uninterruptible sleep (state 'D' in /proc/PID/task/TID/stat,
+// proc(5): a page fault on a busy disk, memory reclaim). A SilenceClock charges a thread only the
+// rest of its silence, the part the thread is to blame for; a stopped thread (SIGSTOP, state
+// 'T') is charged in full.
+//
+//   SilenceClock clock;
+//   uint64_t blamed = clock.Update(slot.heartbeat_ns, NowNs(), pid, tid);
+//   if (blamed > timeout_ns) ...   // hung: the host gave it the time and it stayed silent
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <string>
+
+namespace kraken::runtime {
+
+/// What the kernel says of one thread. ok = false when it cannot be read (the thread is gone, or
+/// no /proc): the caller then counts silence by the wall clock.
+struct ThreadSched {
+  bool ok = false;
+  char state = '?';      // proc(5): R running, S sleeping, D uninterruptible, T stopped, t traced, Z zombie
+  uint64_t wait_ns = 0;  // nanoseconds runnable but not running, since the thread began
+};
+
+/// Reads /proc/`pid`/task/`tid`/stat and .../schedstat.
+ThreadSched ReadThreadSched(pid_t pid, pid_t tid);
+
+/// How long one thread has been silent by its own fault, in nanoseconds of the monotonic clock
+/// (NowNs). Update it with the thread's latest sign of life (a stamp taken with NowNs; 0 = none
+/// yet) whenever the supervisor checks; a new stamp starts the count again. Each Update reads two
+/// small /proc files (about 10 us): call it at most every few tens of milliseconds.
+///
+/// At the first sight of a stamp the kernel's account of the thread is taken as a baseline; from
+/// then on the thread is excused the larger of two measures: the run-queue wait it accrued (the
+/// kernel adds a wait when the wait ends, so this one lags by up to a scheduling period), and the
+/// intervals between updates at whose end it was in uninterruptible sleep or, for a thread that
+/// never computes for long (`runnable_is_waiting`: a heartbeat thread stamps and sleeps),
+/// runnable. A stopped thread is excused nothing. States are sampled, so updates should come at
+/// least every 100 ms while the supervisor itself runs.
+class SilenceClock {
+ public:
+  explicit SilenceClock(bool runnable_is_waiting = false) : runnable_is_waiting_(runnable_is_waiting) {}
+
+  /// The silence charged to the thread at `now` since `mark`. Thread: one caller.
+  uint64_t Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid);
+  /// Wall-clock time since the mark (ns).
+  uint64_t wall_ns(uint64_t now) const { return now > mark_ ? now - mark_ : 0; }
+  /// The thread's state at the last read ('?' when not read).
+  char state() const { return state_; }
+  /// "; the host kept it waiting 3200 ms of 4000" and the like, for a report; "" when the
+  /// silence was charged by the wall clock alone.
+  std::string Explain(uint64_t now) const;
+
+ private:
+  bool runnable_is_waiting_;
+  bool started_ = false;
+  uint64_t mark_ = 0;
+  bool sampling_ = false;
+  uint64_t start_ns_ = 0;       // the first read of this silence (the baseline)
+  uint64_t initial_ns_ = 0;     // the silence charged by the clock before it
+  uint64_t start_wait_ns_ = 0;  // the thread's run-queue wait then
+  uint64_t wait_ns_ = 0;        // ... and at the last read
+  uint64_t checked_ns_ = 0;     // the last read
+  uint64_t excused_by_state_ns_ = 0;
+  uint64_t blamed_ns_ = 0;
+  char state_ = '?';
+};
+
+}  // namespace kraken::runtime

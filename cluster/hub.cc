@@ -40,7 +40,7 @@ StatusOr<std::shared_ptr<Hub>> Hub::Create(const HubOptions& o) {
   // waiting for their Hello (max_pending) and the server's own pollers fit; a call beyond is
   // refused RESOURCE_EXHAUSTED by gRPC before it costs a thread.
   grpc::ResourceQuota quota("kraken-cluster");
-  quota.SetMaxThreads(o.nodes + o.max_pending + 8);
+  quota.SetMaxThreads(o.nodes + o.max_pending + 8);  // docs/deploy.md "The cluster port" states it
   builder.SetResourceQuota(quota);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a port in use fails the start (never shared)
   hub->server_ = builder.BuildAndStart();

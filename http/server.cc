@@ -73,8 +73,8 @@ std::string_view Trim(std::string_view s) {
 // smuggling): Transfer-Encoding may only be a lone "chunked" (a final coding other than chunked:
 // 400, section 6.1; chunked after a coding this server does not decode: 501), and never beside
 // Content-Length (section 6.1 lets a server refuse that; it must close the connection either way).
-template <class Fields>
-std::optional<Response> FramingRefusal(const Fields& head) {
+template <class Header>
+std::optional<Response> FramingRefusal(const Header& head) {
   std::vector<std::string> codings;
   for (const auto& field : head) {
     if (field.name() != bhttp::field::transfer_encoding) continue;
@@ -87,6 +87,8 @@ std::optional<Response> FramingRefusal(const Fields& head) {
     }
   }
   if (codings.empty()) return std::nullopt;
+  if (head.version() < 11)  // HTTP/1.0 has no transfer codings: its framing is faulty (section 6.1)
+    return PlainText(400, "malformed HTTP request: Transfer-Encoding in an HTTP/1.0 request (RFC 9112 section 6.1)\n");
   std::string listed;
   for (const std::string& c : codings) listed += (listed.empty() ? "" : ", ") + c;
   if (head.count(bhttp::field::content_length) > 0)

@@ -36,6 +36,7 @@ ThreadSched ReadThreadSched(pid_t pid, pid_t tid) {
   std::snprintf(path, sizeof path, "/proc/%d/task/%d/schedstat", static_cast<int>(pid), static_cast<int>(tid));
   unsigned long long run = 0, wait = 0;
   if (std::sscanf(ReadSmall(path).c_str(), "%llu %llu", &run, &wait) != 2) return t;
+  t.run_ns = run;
   t.wait_ns = wait;
   t.ok = true;
   return t;
@@ -60,6 +61,7 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid)
     start_ns_ = checked_ns_ = now;
     initial_ns_ = blamed_ns_ = excused_state(t.state) ? 0 : wall_ns(now);
     start_wait_ns_ = wait_ns_ = t.wait_ns;
+    run_ns_ = t.run_ns;
     excused_by_state_ns_ = 0;
     state_ = t.state;
     return blamed_ns_;
@@ -71,7 +73,9 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid)
   if (t.ok) {
     state_ = t.state;
     wait_ns_ = std::max(wait_ns_, t.wait_ns);
-    if (excused_state(t.state)) excused_by_state_ns_ += interval;
+    const uint64_t ran = t.run_ns > run_ns_ ? t.run_ns - run_ns_ : 0;
+    run_ns_ = std::max(run_ns_, t.run_ns);
+    if (excused_state(t.state)) excused_by_state_ns_ += interval > ran ? interval - ran : 0;
   }
   const uint64_t excused = std::max(excused_by_state_ns_, wait_ns_ - start_wait_ns_);
   const uint64_t elapsed = now > start_ns_ ? now - start_ns_ : 0;

@@ -24,6 +24,7 @@ namespace kraken::runtime {
 struct ThreadSched {
   bool ok = false;
   char state = '?';      // proc(5): R running, S sleeping, D uninterruptible, T stopped, t traced, Z zombie
+  uint64_t run_ns = 0;   // nanoseconds on a CPU, since the thread began
   uint64_t wait_ns = 0;  // nanoseconds runnable but not running, since the thread began
 };
 
@@ -40,8 +41,10 @@ ThreadSched ReadThreadSched(pid_t pid, pid_t tid);
 /// kernel adds a wait when the wait ends, so this one lags by up to a scheduling period), and the
 /// intervals between updates at whose end it was in uninterruptible sleep or, for a thread that
 /// never computes for long (`runnable_is_waiting`: a heartbeat thread stamps and sleeps),
-/// runnable. A stopped thread is excused nothing. States are sampled, so updates should come at
-/// least every 100 ms while the supervisor itself runs.
+/// runnable, less the time it ran in them (a runnable thread that ran all along is spinning, not
+/// waiting). A stopped thread is excused nothing. States are sampled, so updates should come at
+/// least every 100 ms while the supervisor itself runs. At the first sight of an old stamp a
+/// `runnable_is_waiting` thread that is runnable is taken to have waited since the stamp.
 class SilenceClock {
  public:
   explicit SilenceClock(bool runnable_is_waiting = false) : runnable_is_waiting_(runnable_is_waiting) {}
@@ -65,6 +68,7 @@ class SilenceClock {
   uint64_t initial_ns_ = 0;     // the silence charged by the clock before it
   uint64_t start_wait_ns_ = 0;  // the thread's run-queue wait then
   uint64_t wait_ns_ = 0;        // ... and at the last read
+  uint64_t run_ns_ = 0;         // the thread's time on a CPU at the last read
   uint64_t checked_ns_ = 0;     // the last read
   uint64_t excused_by_state_ns_ = 0;
   uint64_t blamed_ns_ = 0;

@@ -372,12 +372,20 @@ void WorkerGroup::KillAll() {
     ::close(lifeline_);
     lifeline_ = -1;
   }
+  for (pid_t pid : pids_) {
+    if (pid > 0) kill(pid, SIGKILL);
+  }
+  // Reaped within 2 s; one stuck in uninterruptible sleep (a hung device driver) cannot be, and is
+  // left to init rather than hold the server.
+  const uint64_t give_up = NowNs() + 2'000'000'000ull;
   for (pid_t& pid : pids_) {
-    if (pid > 0) {
-      kill(pid, SIGKILL);
-      while (waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
+    while (pid > 0) {
+      const pid_t got = waitpid(pid, nullptr, WNOHANG);
+      if (got == pid || (got < 0 && errno != EINTR) || NowNs() > give_up) {
+        pid = -1;
+      } else {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
       }
-      pid = -1;
     }
   }
   segment_.reset();
@@ -414,7 +422,12 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
   // Whatever the host does, a silence this long by the clock is a hang.
-  const uint64_t beat_ceiling = std::max(stalled, 10 * silent), step_ceiling = 10 * stalled;
+  const uint64_t beat_ceiling = 10 * silent, step_ceiling = 3 * stalled;
+  // A step is stuck only when every rank still in it has stalled by its own fault: a healthy rank
+  // that waits in a collective for a peer the host starves is silent too, but the peer is not to
+  // blame, so neither is it.
+  int stuck = -1, in_step_ranks = 0, stalled_ranks = 0;
+  uint64_t stuck_blamed = 0;
   heartbeat_clocks_.resize(world_size(), SilenceClock(/*runnable_is_waiting=*/true));
   progress_clocks_.resize(world_size());
   for (int r = 0; r < world_size(); ++r) {
@@ -437,10 +450,16 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     const uint64_t progress = std::max(s.progress_ns.load(std::memory_order_relaxed), step_published_ns_);
     SilenceClock& pc = progress_clocks_[r];
     const uint64_t pc_blamed = pc.Update(progress, now, pid, pid);  // the serving thread is the main one
+    ++in_step_ranks;
     if (pc_blamed > stalled || pc.wall_ns(now) > step_ceiling) {
-      return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") is stuck: no progress in step ", step_,
-                                           " for ", pc_blamed / 1'000'000, " ms", pc.Explain(now)));
+      ++stalled_ranks;
+      if (stuck < 0 || pc_blamed > stuck_blamed || pc.wall_ns(now) > step_ceiling) stuck = r, stuck_blamed = pc_blamed;
     }
+  }
+  if (stuck >= 0 && (stalled_ranks == in_step_ranks || progress_clocks_[stuck].wall_ns(now) > step_ceiling)) {
+    const SilenceClock& pc = progress_clocks_[stuck];
+    return absl::UnavailableError(StrCat("worker rank ", stuck, " (", Where(stuck), ") is stuck: no progress in step ",
+                                         step_, " for ", stuck_blamed / 1'000'000, " ms", pc.Explain(now)));
   }
   return absl::OkStatus();
 }
@@ -516,6 +535,11 @@ StatusOr<StepResultView> WorkerGroup::RunStep(std::span<const SeqStep> seqs) {
         all_done = all_done && control_->ranks[r].done_step.load(std::memory_order_acquire) >= step;
       }
       if (all_done) break;
+    }
+    if (cancelled_.load()) {  // the server is stopping: a step that hangs must not hold it
+      KillAll();
+      dead_ = absl::UnavailableError("the server is stopping: the step in flight was abandoned");
+      return dead_;
     }
     Status health = CheckWorkers(/*in_step=*/true);
     if (!health.ok()) return RecoverFrom(health, /*in_step=*/true, StrCat("step ", step));

@@ -30,6 +30,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "base/json_util.h"
 #include "cluster/follower.h"
 #include "cluster/hub.h"
 #include "core/engine.h"
@@ -305,10 +306,18 @@ core::RequestLimits LoadLimits(const std::string& model, const engine::ModelConf
   limits.vocab_size = config.vocab_size;
   limits.eos_token_id = config.eos_token_ids.empty() ? -1 : config.eos_token_ids.front();
   try {
-    auto g = nlohmann::json::parse(server::ReadWholeFile(model + "/generation_config.json"));
+    auto parsed = ParseJsonStrict(server::ReadWholeFile(model + "/generation_config.json"), "generation_config.json",
+                                  /*max_depth=*/8);
+    if (!parsed.ok()) throw std::runtime_error(std::string(parsed.status().message()));
+    const nlohmann::json& g = *parsed;
     if (g.contains("temperature")) limits.default_temperature = g["temperature"].get<float>();
     if (g.contains("top_p")) limits.default_top_p = g["top_p"].get<float>();
-    if (g.contains("max_new_tokens")) limits.default_max_tokens = g["max_new_tokens"].get<uint32_t>();
+    if (g.contains("max_new_tokens")) {
+      const int64_t n = g["max_new_tokens"].get<int64_t>();
+      if (n < 1 || n > config.n_positions)
+        throw std::runtime_error(StrCat("max_new_tokens ", n, " is outside [1, ", config.n_positions, "]"));
+      limits.default_max_tokens = static_cast<uint32_t>(n);
+    }
     if (g.contains("eos_token_id")) {
       const auto& e = g["eos_token_id"];  // an id or a list of ids (the first is used)
       if (e.is_number_integer())
@@ -567,7 +576,6 @@ class Signals {
 // is abandoned at once, the servers get 2 s to flush, the workers 5 s to exit). Returns the exit
 // code: 0 after a signal, 1 when the workers failed beyond the restart limit.
 int WaitAndDrain(Signals& signals, double grace_period_s, core::Engine& engine, Frontends& fe, Health& health) {
-  signals.Serving();
   while (signals.first() == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
   health.Drain();
@@ -864,6 +872,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
       .metrics = &serving_metrics,
       .max_message_bytes = f.max_message_bytes,
       .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))};
+  signals.Serving();  // from the first accepted request on, a signal drains
   auto fe = StartFrontends(f, engine, **tok, so, registry, health);
   if (!fe.ok()) {
     spdlog::critical("{}", std::string(fe.status().message()));

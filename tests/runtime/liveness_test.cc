@@ -128,6 +128,20 @@ TEST(SilenceClock, ExcusesAnOldMarkFirstSeenWhileTheThreadWaitsForACpu) {
   EXPECT_EQ(asleep.Update(now - 900'000'000, now, sleeper.pid(), sleeper.pid()), 900'000'000u);
 }
 
+TEST(SilenceClock, ChargesASpinningThreadThatIsRunnableButRunning) {
+  // Runnable is waiting only for the part of an interval the thread did not run: a heartbeat
+  // thread that spins (it cannot by construction, but a hang could look so) is charged.
+  Child spinner([] {
+    std::atomic<uint64_t> i{0};
+    while (true) i.fetch_add(1, std::memory_order_relaxed);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  SilenceClock clock(/*runnable_is_waiting=*/true);
+  const uint64_t blamed = Watch(clock, NowNs(), spinner.pid(), 600);
+  EXPECT_GE(blamed, 300'000'000u) << clock.Explain(NowNs());  // it has a core of its own most of the time
+  EXPECT_EQ(clock.state(), 'R');
+}
+
 TEST(SilenceClock, FallsBackToTheClockForAnUnknownThread) {
   SilenceClock clock;
   const uint64_t mark = NowNs();

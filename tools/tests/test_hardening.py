@@ -389,6 +389,23 @@ def threads_of(pid):
         return int(next(line.split()[1] for line in f if line.startswith("Threads:")))
 
 
+def test_a_second_leader_on_a_cluster_port_in_use_exits_non_zero_naming_it(tmp_path):
+    from cluster_certs import tls_args
+    leader, port, log = start_leader(tmp_path, *tls_args())
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
+        r = subprocess.run([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:1", "--host", "127.0.0.1",
+                            "--port", str(free_port()), "--http-port", "-1", "--metrics-port", "-1", "--nodes", "2",
+                            "--cluster-port", str(port), *tls_args()], capture_output=True, text=True, timeout=60,
+                           env=env)
+        assert r.returncode == 1, r.stderr[-2000:]
+        assert f"cannot listen on 127.0.0.1:{port} for the cluster (--cluster-port)" in r.stderr, r.stderr[-2000:]
+        assert leader.poll() is None  # the first leader keeps waiting for its follower
+    finally:
+        leader.kill()
+        leader.wait()
+
+
 def test_a_group_without_cluster_tls_is_refused_unless_told_insecure(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KRAKEN_", "LWS_"))}
     base = [SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:1", "--port", str(free_port()), "--http-port", "-1",

@@ -134,9 +134,12 @@ def test_drain_grace_period_in_both_directions():
     try:
         # The first is short and running when the signal comes; 15 long ones wait behind it: 3600
         # tokens one sequence at a time take over 0.7 s even at 5000 tokens/s.
-        calls = [s.stub.Generate(request(ids=[1, 2, 3], max_tokens=20 if i == 0 else 240, ignore_eos=True, seed=i),
-                                 timeout=60) for i in range(16)]
+        # The short one is running before the others are sent (calls started together may reach the
+        # server in any order).
+        calls = [s.stub.Generate(request(ids=[1, 2, 3], max_tokens=20, ignore_eos=True, seed=0), timeout=60)]
         next(calls[0])
+        calls += [s.stub.Generate(request(ids=[1, 2, 3], max_tokens=240, ignore_eos=True, seed=i), timeout=60)
+                  for i in range(1, 16)]
         t0 = time.time()
         s.proc.send_signal(signal.SIGTERM)
         outcomes = []

@@ -9,19 +9,13 @@
 #include <string>
 
 #include "server/kserve_request.h"
+#include "tokenizer/fuzz/fuzz_tokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace {
 
 const kraken::tokenizer::Tokenizer& Tok() {
-  static const auto* t = [] {
-    const char* path = std::getenv("KRAKEN_FUZZ_TOKENIZER");
-    auto r = kraken::tokenizer::Tokenizer::FromFile(path != nullptr ? path
-                                                                    : "tests/data/tokenizers/mixed-4k/tokenizer.json");
-    if (!r.ok()) std::abort();
-    return r->release();
-  }();
-  return *t;
+  return kraken::tokenizer::FuzzTokenizer();
 }
 
 }  // namespace

@@ -9,19 +9,13 @@
 #include <vector>
 
 #include "tokenizer/detokenizer.h"
+#include "tokenizer/fuzz/fuzz_tokenizer.h"
 #include "tokenizer/tokenizer.h"
 
 namespace {
 
 const kraken::tokenizer::Tokenizer& Tok() {
-  static const auto* t = [] {
-    const char* dir = std::getenv("KRAKEN_FUZZ_TOKENIZER");
-    auto r =
-        kraken::tokenizer::Tokenizer::FromFile(dir != nullptr ? dir : "tests/data/tokenizers/mixed-4k/tokenizer.json");
-    if (!r.ok()) std::abort();
-    return r->release();
-  }();
-  return *t;
+  return kraken::tokenizer::FuzzTokenizer();
 }
 
 void CheckStreaming(const std::vector<int32_t>& ids, bool skip) {

@@ -5,12 +5,123 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "engine/cpu/simd.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace kraken::engine::cpu {
 namespace {
 
+#if !KRAKEN_SIMD_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KRAKEN_GEMM_AVX2 1
+#endif
+
+// A kernel computes an MR-row tile of Y against one group of whole weight panels.
+// `a` is the packed tile [K][MR]; `w` the group's first panel, `panel_bytes` apart; `n_valid` the
+// columns of Y left from the group's first column (the group may run past the matrix).
+// Every output element is a single FMA chain over k in order, then + bias, then added to Y:
+// the batch-invariance contract, and the reason every ISA path gives the same bits.
+using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int64_t, int, const float*, bool);
+
+#if KRAKEN_GEMM_AVX2
+// AVX2 + FMA: 16 ymm registers. A 6 x 16 tile keeps 12 accumulators, 2 weight vectors and one
+// broadcast live (BLIS's Haswell shape); smaller tiles widen to 32 or 64 columns so that at least
+// 8 independent FMA chains cover the FMA latency.
+constexpr int kMr = 6;
+constexpr int kTilesPerChunk = 16;  // 96 rows of packed activations stay in L2 across panels
+
+template <DType T>
+inline __m256 LoadW8(const uint8_t* p) {
+  if constexpr (T == DType::kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (T == DType::kBF16) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+inline __m256i FirstLanes8(int n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+}
+
+// MR rows x NV * 8 columns starting at column `c0` of the panel `w` (c0 = 0 or 16); the columns
+// continue into the following panels.
+template <DType T, int MR, int NV>
+inline void Block(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, int c0, float* y, int64_t ldc,
+                  int n_valid, const float* bias, bool accumulate) {
+  constexpr size_t es = DTypeSize(T);
+  constexpr size_t k_step = kPanelWidth * es;
+  const uint8_t* src[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int c = c0 + 8 * v;
+    src[v] = w + (c / kPanelWidth) * panel_bytes + (c % kPanelWidth) * es;
+  }
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int k = 0; k < k_dim; ++k) {
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = LoadW8<T>(src[v] + k * k_step);
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ak + r);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, b[v], acc[r][v]);
+    }
+  }
+  // Out of the registers once, with constant indices (a loop that may stop early would make the
+  // compiler keep the accumulators in memory through the k loop).
+  alignas(32) float tile[MR][NV * 8];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(&tile[r][8 * v], acc[r][v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int c = 8 * v;
+    const int n = std::min(8, n_valid - c);
+    if (n <= 0) break;
+    const __m256i mask = FirstLanes8(n);
+    const __m256 bv = bias != nullptr ? _mm256_maskload_ps(bias + c, mask) : _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      float* yr = y + r * ldc + c;
+      __m256 t = _mm256_load_ps(&tile[r][c]);
+      if (bias != nullptr) t = _mm256_add_ps(t, bv);
+      if (accumulate) t = _mm256_add_ps(_mm256_maskload_ps(yr, mask), t);
+      _mm256_maskstore_ps(yr, mask, t);
+    }
+  }
+}
+
+// Columns per block for an MR-row tile: 16 when 12 accumulators fill the registers, wider when
+// fewer rows leave room.
+constexpr int BlockVectors(int mr) {
+  return mr >= 4 ? 2 : (mr >= 2 ? 4 : 8);
+}
+
+// Panels a group holds for the first tile's row count (a decode step's single row takes two).
+constexpr int PanelsPerCall(int mr) {
+  return mr == 1 ? 2 : 1;
+}
+
+// MR rows x NP whole panels (NP * 32 columns, of which the first n_valid are stored).
+template <DType T, int MR, int NP>
+void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
+            const float* bias, bool accumulate) {
+  constexpr int nv = std::min(BlockVectors(MR), NP * 4);
+  const int cols = std::min(n_valid, NP * kPanelWidth);
+  // Blocks may run into the zero padding of the last panel; only valid columns are stored.
+  for (int c = 0; c < cols; c += nv * 8) {
+    Block<T, MR, nv>(k_dim, a, w, panel_bytes, c, y + c, ldc, n_valid - c, bias ? bias + c : nullptr, accumulate);
+  }
+}
+#else
 constexpr int kMr = 12;            // rows per register tile (12 x 32 outputs = 24 accumulators)
 constexpr int kTilesPerChunk = 8;  // 96 rows of packed activations stay in L2 across panels
 
@@ -61,13 +172,13 @@ void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, flo
   }
 }
 
-using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int64_t, int, const float*, bool);
-
 // Panels per kernel call for a tile of `mr` rows: small tiles take several panels so enough
 // independent FMA chains are in flight; the per-element order is the same either way.
 constexpr int PanelsPerCall(int mr) {
   return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1);
 }
+
+#endif  // KRAKEN_GEMM_AVX2
 
 template <DType T, int MR>
 constexpr KernelFn Pick(int np) {
@@ -75,44 +186,23 @@ constexpr KernelFn Pick(int np) {
   return &Kernel<T, MR, 1>;
 }
 
-template <DType T>
-KernelFn Select(int mr, int np) {
-  switch (mr) {
-    case 1:
-      return Pick<T, 1>(np);
-    case 2:
-      return Pick<T, 2>(np);
-    case 3:
-      return Pick<T, 3>(np);
-    case 4:
-      return Pick<T, 4>(np);
-    case 5:
-      return Pick<T, 5>(np);
-    case 6:
-      return Pick<T, 6>(np);
-    case 7:
-      return Pick<T, 7>(np);
-    case 8:
-      return Pick<T, 8>(np);
-    case 9:
-      return Pick<T, 9>(np);
-    case 10:
-      return Pick<T, 10>(np);
-    case 11:
-      return Pick<T, 11>(np);
-    default:
-      return Pick<T, 12>(np);
-  }
+// Kernel for an mr-row tile (1 <= mr <= kMr) and np panels (1 or PanelsPerCall(mr)).
+template <DType T, int... I>
+KernelFn SelectRows(int mr, int np, std::integer_sequence<int, I...>) {
+  KernelFn f = nullptr;
+  ((mr == I + 1 ? (f = Pick<T, I + 1>(np), true) : false) || ...);
+  return f;
 }
 
 KernelFn SelectKernel(DType t, int mr, int np) {
+  constexpr auto rows = std::make_integer_sequence<int, kMr>();
   switch (t) {
     case DType::kBF16:
-      return Select<DType::kBF16>(mr, np);
+      return SelectRows<DType::kBF16>(mr, np, rows);
     case DType::kF16:
-      return Select<DType::kF16>(mr, np);
+      return SelectRows<DType::kF16>(mr, np, rows);
     default:
-      return Select<DType::kF32>(mr, np);
+      return SelectRows<DType::kF32>(mr, np, rows);
   }
 }
 

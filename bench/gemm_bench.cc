@@ -1,0 +1,187 @@
+// gemm_bench: our packed GEMM against oneDNN's sgemm on the same cores, at the prefill and decode
+// shapes of a 124M (GPT-2 small, d = 768) and a 1.3B (d = 2048) model, for F32, BF16 and F16
+// weights. The two run interleaved, round by round, so that a change in machine load hits both;
+// each cell is the median over rounds. Prints one JSON object; docs/benchmarks.md reads it.
+//
+//   build/bench/gemm_bench --threads 2 --rows 128,512 --rounds 5
+//
+// Y[M, N] = X[M, K] · W[N, K]^T: oneDNN gets W in the same [N, K] layout (transb = 'T') and packs
+// it inside every call, while ours is packed once at load time as the engine does; the decode
+// rows (M = 1, 8, 32) also report the weight bytes streamed per second against the machine's read
+// bandwidth.
+#include <dnnl.h>
+#include <omp.h>
+
+#include <cstdio>
+#include <functional>
+#include <iostream>
+#include <numeric>
+#include <random>
+
+#include <CLI/CLI.hpp>
+#include "absl/strings/ascii.h"
+#include "absl/strings/str_split.h"
+#include <nlohmann/json.hpp>
+
+#include "bench/bench_util.h"
+#include "engine/cpu/gemm.h"
+
+namespace kraken::engine {
+namespace {
+
+using bench::Median;
+using bench::Now;
+using json = nlohmann::json;
+
+struct Shape {
+  const char* model;
+  const char* layer;
+  int n, k;  // W [n, k]
+};
+
+// The four linear layers of a block: QKV, attention output, FFN up, FFN down.
+constexpr Shape kShapes[] = {
+    {"124m", "qkv", 2304, 768},   {"124m", "attn_out", 768, 768},    {"124m", "ffn_up", 3072, 768},
+    {"124m", "ffn_down", 768, 3072}, {"1.3b", "qkv", 6144, 2048},     {"1.3b", "attn_out", 2048, 2048},
+    {"1.3b", "ffn_up", 8192, 2048},  {"1.3b", "ffn_down", 2048, 8192},
+};
+
+uint16_t ToHalfBits(float f, DType t) {
+  if (t == DType::kBF16) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+  }
+  return F32ToF16(f);
+}
+
+// Median seconds of `rounds` calls of each of `fns`, interleaved call by call.
+std::vector<double> Interleaved(const std::vector<std::function<void()>>& fns, int rounds) {
+  for (const auto& f : fns) f();  // warm-up: packing space, page faults, oneDNN's JIT
+  std::vector<std::vector<double>> t(fns.size());
+  for (int r = 0; r < rounds; ++r) {
+    for (size_t i = 0; i < fns.size(); ++i) {
+      const double t0 = Now();
+      fns[i]();
+      t[i].push_back(Now() - t0);
+    }
+  }
+  std::vector<double> med;
+  for (auto& v : t) med.push_back(Median(v));
+  return med;
+}
+
+// Read bandwidth of main memory (engine_bench's measure): all threads summing 1 GiB, best of 5.
+double MemoryReadGBps() {
+  const size_t n = (1ull << 30) / sizeof(uint64_t);
+  std::vector<uint64_t> buf(n, 1);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = Now();
+    uint64_t total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (size_t i = 0; i < n; ++i) total += buf[i];
+    const double sec = Now() - t0;
+    if (total != n) std::abort();
+    best = std::max(best, n * sizeof(uint64_t) / sec / 1e9);
+  }
+  return best;
+}
+
+struct Args {
+  int threads = 0;
+  std::string rows = "128,512";
+  std::string decode_rows = "1,8,32";
+  std::string dtypes = "f32,bf16,f16";
+  std::string models = "124m,1.3b";
+  int rounds = 5;
+};
+
+int Run(const Args& a) {
+  if (a.threads > 0) omp_set_num_threads(a.threads);
+  const int threads = omp_get_max_threads();
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1, 1);
+  json out;
+  out["threads"] = threads;
+  std::vector<DType> dtypes;
+  for (absl::string_view name : absl::StrSplit(a.dtypes, ",", absl::SkipEmpty())) {
+    const std::optional<DType> t = ParseDType(absl::AsciiStrToUpper(name));
+    if (!t.has_value() || !IsComputeFloat(*t)) {
+      std::fprintf(stderr, "gemm_bench: --dtypes: '%s' is not f32, bf16 or f16\n", std::string(name).c_str());
+      return 2;
+    }
+    dtypes.push_back(*t);
+  }
+  std::vector<int> rows = bench::ParseList(a.rows), decode_rows = bench::ParseList(a.decode_rows);
+  json cells = json::array();
+  for (const Shape& s : kShapes) {
+    if (a.models.find(s.model) == std::string::npos) continue;
+    std::vector<float> w(static_cast<size_t>(s.n) * s.k);
+    for (float& x : w) x = u(rng);
+    for (DType dt : dtypes) {
+      std::vector<uint8_t> stored(w.size() * DTypeSize(dt));
+      for (size_t i = 0; i < w.size(); ++i) {
+        if (dt == DType::kF32) {
+          std::memcpy(&stored[4 * i], &w[i], 4);
+        } else {
+          const uint16_t h = ToHalfBits(w[i], dt);
+          std::memcpy(&stored[2 * i], &h, 2);
+        }
+      }
+      cpu::MatrixSource src{.data = stored.data(), .dtype = dt, .out_stride = s.k, .in_stride = 1, .in = s.k};
+      src.rows.resize(s.n);
+      std::iota(src.rows.begin(), src.rows.end(), 0);
+      auto packed = cpu::PackedMatrix::Pack(src);
+      if (!packed.ok()) return 1;
+      std::vector<int> all = rows;
+      all.insert(all.end(), decode_rows.begin(), decode_rows.end());
+      for (int m : all) {
+        std::vector<float> x(static_cast<size_t>(m) * s.k), y(static_cast<size_t>(m) * s.n),
+            y2(static_cast<size_t>(m) * s.n);
+        for (float& v : x) v = u(rng);
+        cpu::GemmScratch scratch;
+        auto ours = [&] { cpu::Gemm(x.data(), m, s.k, *packed, nullptr, y.data(), s.n, false, &scratch); };
+        auto theirs = [&] {
+          dnnl_sgemm('N', 'T', m, s.n, s.k, 1.f, x.data(), s.k, w.data(), s.k, 0.f, y2.data(), s.n);
+        };
+        const int rounds = m <= 32 ? a.rounds * 4 : a.rounds;
+        const std::vector<double> t = Interleaved({ours, theirs}, rounds);
+        const double flops = 2.0 * m * s.n * s.k;
+        json c = {{"model", s.model},
+                  {"layer", s.layer},
+                  {"m", m},
+                  {"n", s.n},
+                  {"k", s.k},
+                  {"dtype", std::string(DTypeName(dt))},
+                  {"ours_gflops", flops / t[0] / 1e9},
+                  {"onednn_sgemm_gflops", flops / t[1] / 1e9},
+                  {"ratio", t[1] / t[0]}};
+        if (m <= 32) c["ours_weight_gbps"] = static_cast<double>(packed->bytes()) / t[0] / 1e9;
+        cells.push_back(c);
+        std::fprintf(stderr, "%-5s %-8s %-4s M=%-4d ours %6.1f GFLOP/s  oneDNN %6.1f  ratio %.2f\n", s.model, s.layer,
+                     std::string(DTypeName(dt)).c_str(), m, flops / t[0] / 1e9, flops / t[1] / 1e9, t[1] / t[0]);
+      }
+    }
+  }
+  out["cells"] = cells;
+  out["memory_read_gbps"] = MemoryReadGBps();
+  std::cout << out.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+}  // namespace kraken::engine
+
+int main(int argc, char** argv) {
+  kraken::engine::Args a;
+  CLI::App app{"Our packed GEMM against oneDNN sgemm at model shapes"};
+  app.add_option("--threads", a.threads, "CPU threads (0 = all cores)");
+  app.add_option("--rows", a.rows, "Prefill rows M, comma-separated");
+  app.add_option("--decode-rows", a.decode_rows, "Decode rows M (batch sizes), comma-separated");
+  app.add_option("--dtypes", a.dtypes, "Weight dtypes, comma-separated (f32, bf16, f16)");
+  app.add_option("--models", a.models, "Model shapes, comma-separated (124m, 1.3b)");
+  app.add_option("--rounds", a.rounds, "Interleaved rounds per prefill cell (decode cells take 4x)");
+  CLI11_PARSE(app, argc, argv);
+  return kraken::engine::Run(a);
+}

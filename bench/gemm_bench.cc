@@ -19,9 +19,9 @@
 #include <random>
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_split.h"
-#include <nlohmann/json.hpp>
 
 #include "bench/bench_util.h"
 #include "engine/cpu/gemm.h"
@@ -41,8 +41,8 @@ struct Shape {
 
 // The four linear layers of a block: QKV, attention output, FFN up, FFN down.
 constexpr Shape kShapes[] = {
-    {"124m", "qkv", 2304, 768},   {"124m", "attn_out", 768, 768},    {"124m", "ffn_up", 3072, 768},
-    {"124m", "ffn_down", 768, 3072}, {"1.3b", "qkv", 6144, 2048},     {"1.3b", "attn_out", 2048, 2048},
+    {"124m", "qkv", 2304, 768},      {"124m", "attn_out", 768, 768},   {"124m", "ffn_up", 3072, 768},
+    {"124m", "ffn_down", 768, 3072}, {"1.3b", "qkv", 6144, 2048},      {"1.3b", "attn_out", 2048, 2048},
     {"1.3b", "ffn_up", 8192, 2048},  {"1.3b", "ffn_down", 2048, 8192},
 };
 

@@ -64,22 +64,41 @@ void WithKv(DType dtype, F&& f) {
 // registers. With kPrefetch (block size 16: a head's K or V block is dh cache lines of F32, dh / 2
 // of a 16-bit cache, whose lines are then each prefetched twice), each step
 // also prefetches one line of `v_pf` and of `k_pf`.
-template <int rows, bool kPrefetch, typename Kv>
+template <int rows, int r0, int n, bool kPrefetch, typename Kv>
 [[gnu::noinline]] void Scores(const float* qt, const typename Kv::T* k, int dh, int stride, int lanes,
                               const typename Kv::T* v_pf, const typename Kv::T* k_pf, F32x16* out) {
-  F32x16 acc[rows];
+  F32x16 acc[n];
   for (F32x16& a : acc) a = F32x16::Zero();
   for (int e = 0; e < dh; ++e) {
-    if constexpr (kPrefetch) {
+    if constexpr (kPrefetch && r0 == 0) {
       Prefetch(v_pf + e * kLanes);
       if (k_pf != nullptr) Prefetch(k_pf + e * kLanes);
     }
     const F32x16 kv =
         kPrefetch ? Kv::Load(k + e * kLanes) : Kv::LoadPartial(k + static_cast<int64_t>(e) * stride, lanes);
-    const float* qe = qt + e * rows;
-    for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(qe[r]), kv, acc[r]);
+    const float* qe = qt + e * rows + r0;
+    for (int r = 0; r < n; ++r) acc[r] = Fma(F32x16::Broadcast(qe[r]), kv, acc[r]);
   }
-  for (int r = 0; r < rows; ++r) out[r] = acc[r];
+  for (int r = 0; r < n; ++r) out[r0 + r] = acc[r];
+}
+
+// Rows of a tile whose accumulators are kept in registers at once: all 16 in AVX-512's 32
+// registers; 6 (12 registers) in AVX2's 16, where more would spill to memory on every step.
+// Each row's arithmetic is the same either way.
+#if KRAKEN_SIMD_AVX2
+inline constexpr int kRowGroup = 6;
+#else
+inline constexpr int kRowGroup = kQueryTile;
+#endif
+
+// Calls f.template operator()<r0, n>() for consecutive row groups [r0, r0 + n) covering 0..rows.
+template <int rows, int r0 = 0, typename F>
+inline void ForRowGroups(F&& f) {
+  if constexpr (r0 < rows) {
+    constexpr int n = std::min(kRowGroup, rows - r0);
+    f.template operator()<r0, n>();
+    ForRowGroups<rows, r0 + n>(f);
+  }
 }
 
 // `o`: kQueryTile x head_dim scratch; `p`: kQueryTile x padded block scratch. The row count is a
@@ -130,9 +149,13 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
         // hardware prefetcher misses) and the next block's K.
         const T* k_next =
             b + 1 < num_blocks ? k_pool + static_cast<int64_t>(s.block_table[b + 1]) * bf + head_offset : nullptr;
-        Scores<rows, true, Kv>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc);
+        ForRowGroups<rows>(
+            [&]<int r0, int n>() { Scores<rows, r0, n, true, Kv>(qt, kt, dh, kLanes, kLanes, vb, k_next, acc); });
       } else {
-        Scores<rows, false, Kv>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr, nullptr, acc);
+        ForRowGroups<rows>([&]<int r0, int n>() {
+          Scores<rows, r0, n, false, Kv>(qt, kt + c * kLanes, dh, bs, std::min(kLanes, bs - c * kLanes), nullptr,
+                                         nullptr, acc);
+        });
       }
       for (int r = 0; r < rows; ++r) {
         const int vis = std::clamp(visible[r] - c * kLanes, 0, kLanes);
@@ -166,27 +189,31 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
     const bool whole_block = visible[0] == bs;
     for (int e0 = 0; e0 < dh; e0 += kLanes) {
       const int lanes = std::min(kLanes, dh - e0);
-      F32x16 acc[rows];
-      for (int r = 0; r < rows; ++r) {
-        acc[r] =
-            visible[r] == 0 ? F32x16::Zero() : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
-      }
-      if (whole_block) {
-        for (int j = 0; j < bs; ++j) {
-          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-          for (int r = 0; r < rows; ++r) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
+      ForRowGroups<rows>([&]<int r0, int n>() {
+        F32x16 acc[n];
+        for (int i = 0; i < n; ++i) {
+          const int r = r0 + i;
+          acc[i] = visible[r] == 0 ? F32x16::Zero()
+                                   : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
         }
-      } else {
-        for (int j = 0; j < visible[rows - 1]; ++j) {
-          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-          for (int r = 0; r < rows; ++r) {
-            if (j < visible[r]) acc[r] = Fma(F32x16::Broadcast(p[r * padded_bs + j]), vv, acc[r]);
+        const float* pg = p + r0 * padded_bs;
+        if (whole_block) {
+          for (int j = 0; j < bs; ++j) {
+            const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+            for (int i = 0; i < n; ++i) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
+          }
+        } else {
+          for (int j = 0; j < visible[r0 + n - 1]; ++j) {
+            const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+            for (int i = 0; i < n; ++i) {
+              if (j < visible[r0 + i]) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
+            }
           }
         }
-      }
-      for (int r = 0; r < rows; ++r) {
-        if (visible[r] != 0) acc[r].StorePartial(o + r * dh + e0, lanes);
-      }
+        for (int i = 0; i < n; ++i) {
+          if (visible[r0 + i] != 0) acc[i].StorePartial(o + (r0 + i) * dh + e0, lanes);
+        }
+      });
     }
   }
 

@@ -9,16 +9,8 @@
 
 #include "engine/cpu/simd.h"
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 namespace kraken::engine::cpu {
 namespace {
-
-#if !KRAKEN_SIMD_AVX512 && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define KRAKEN_GEMM_AVX2 1
-#endif
 
 // A kernel computes an MR-row tile of Y against one group of whole weight panels.
 // `a` is the packed tile [K][MR]; `w` the group's first panel, `panel_bytes` apart; `n_valid` the
@@ -27,7 +19,7 @@ namespace {
 // the batch-invariance contract, and the reason every ISA path gives the same bits.
 using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int64_t, int, const float*, bool);
 
-#if KRAKEN_GEMM_AVX2
+#if KRAKEN_SIMD_AVX2
 // AVX2 + FMA: 16 ymm registers. A 6 x 16 tile keeps 12 accumulators, 2 weight vectors and one
 // broadcast live (BLIS's Haswell shape); smaller tiles widen to 32 or 64 columns so that at least
 // 8 independent FMA chains cover the FMA latency.
@@ -44,11 +36,6 @@ inline __m256 LoadW8(const uint8_t* p) {
   } else {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-}
-
-inline __m256i FirstLanes8(int n) {
-  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
 }
 
 // MR rows x NV * 8 columns starting at column `c0` of the panel `w` (c0 = 0 or 16); the columns
@@ -87,7 +74,7 @@ inline void Block(int k_dim, const float* a, const uint8_t* w, size_t panel_byte
     const int c = 8 * v;
     const int n = std::min(8, n_valid - c);
     if (n <= 0) break;
-    const __m256i mask = FirstLanes8(n);
+    const __m256i mask = _mm256_castps_si256(FirstLanesMask8(n));
     const __m256 bv = bias != nullptr ? _mm256_maskload_ps(bias + c, mask) : _mm256_setzero_ps();
     for (int r = 0; r < MR; ++r) {
       float* yr = y + r * ldc + c;
@@ -178,7 +165,7 @@ constexpr int PanelsPerCall(int mr) {
   return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1);
 }
 
-#endif  // KRAKEN_GEMM_AVX2
+#endif  // KRAKEN_SIMD_AVX2
 
 template <DType T, int MR>
 constexpr KernelFn Pick(int np) {

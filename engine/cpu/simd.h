@@ -1,7 +1,8 @@
-// 16-lane float vectors for the CPU kernels: AVX-512 when the compiler targets it, otherwise a
-// portable lane loop with the same arithmetic (std::fma per lane), so every build computes the
-// same values in the same order for finite inputs — only the speed differs. (ReduceMax may
-// treat NaN and signed zeros differently between the two.)
+// 16-lane float vectors for the CPU kernels: one AVX-512 register when the compiler targets it,
+// two AVX2 registers (lanes 0-7, 8-15) on AVX2 + FMA + F16C, otherwise a portable lane loop with
+// the same arithmetic (std::fma per lane), so every build computes the same values in the same
+// order for finite inputs — only the speed differs. (ReduceMax may treat NaN and signed zeros
+// differently between them.)
 //
 //   F32x16 acc = F32x16::Zero();
 //   acc = Fma(F32x16::Broadcast(a), F32x16::Load(b), acc);
@@ -18,6 +19,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define KRAKEN_SIMD_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define KRAKEN_SIMD_AVX2 1
 #elif defined(__F16C__)
 #include <immintrin.h>  // F16C half -> float conversion in the portable LoadF16
 #endif
@@ -121,6 +125,125 @@ inline F32x16 Ldexp(F32x16 a, F32x16 n) {
   const __m512 s1 = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_add_epi32(half, bias), 23));
   const __m512 s2 = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(kAll, _mm512_add_epi32(rest, bias), 23));
   return {_mm512_mul_ps(_mm512_mul_ps(a.v, s1), s2)};
+}
+#elif KRAKEN_SIMD_AVX2
+/// Lane masks for the AVX2 halves: lanes i < n of 8.
+inline __m256 FirstLanesMask8(int n) {
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+/// The 8 lanes of `bits` (bit i -> lane i) as a blend mask.
+inline __m256 BitsToMask8(unsigned bits) {
+  const __m256i b = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), b), b));
+}
+
+struct F32x16 {
+  __m256 lo, hi;  // lanes 0-7, 8-15
+  static F32x16 Zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+  static F32x16 Broadcast(float x) {
+    const __m256 v = _mm256_set1_ps(x);
+    return {v, v};
+  }
+  static F32x16 Load(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  /// Loads the first `n` lanes, zero elsewhere (never touches memory past p + n).
+  static F32x16 LoadPartial(const float* p, int n) {
+    return {_mm256_maskload_ps(p, _mm256_castps_si256(FirstLanesMask8(n))),
+            _mm256_maskload_ps(p + 8, _mm256_castps_si256(FirstLanesMask8(n - 8)))};
+  }
+  /// 16 bfloat16 values widened exactly.
+  static F32x16 LoadBf16(const uint16_t* p) {
+    const __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
+  }
+  /// 16 IEEE half values widened exactly.
+  static F32x16 LoadF16(const uint16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+  }
+  void Store(float* p) const {
+    _mm256_storeu_ps(p, lo);
+    _mm256_storeu_ps(p + 8, hi);
+  }
+  void StorePartial(float* p, int n) const {
+    _mm256_maskstore_ps(p, _mm256_castps_si256(FirstLanesMask8(n)), lo);
+    _mm256_maskstore_ps(p + 8, _mm256_castps_si256(FirstLanesMask8(n - 8)), hi);
+  }
+  float ReduceAdd() const {
+    // Fixed tree: 16 -> 8 -> 4 -> 2 -> 1, identical to the other versions.
+    const __m256 a = _mm256_add_ps(lo, hi);
+    const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+    const __m128 d = _mm_add_ss(c, _mm_shuffle_ps(c, c, 1));
+    return _mm_cvtss_f32(d);
+  }
+  float ReduceMax() const {
+    const __m256 a = _mm256_max_ps(lo, hi);
+    const __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 c = _mm_max_ps(b, _mm_movehl_ps(b, b));
+    const __m128 d = _mm_max_ss(c, _mm_shuffle_ps(c, c, 1));
+    return _mm_cvtss_f32(d);
+  }
+};
+inline F32x16 operator+(F32x16 a, F32x16 b) {
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+}
+inline F32x16 operator-(F32x16 a, F32x16 b) {
+  return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)};
+}
+inline F32x16 operator*(F32x16 a, F32x16 b) {
+  return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)};
+}
+inline F32x16 operator/(F32x16 a, F32x16 b) {
+  return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)};
+}
+/// a * b + c with one rounding.
+inline F32x16 Fma(F32x16 a, F32x16 b, F32x16 c) {
+  return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+inline F32x16 Max(F32x16 a, F32x16 b) {
+  return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)};
+}
+inline F32x16 Min(F32x16 a, F32x16 b) {
+  return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)};
+}
+inline F32x16 Abs(F32x16 a) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  return {_mm256_andnot_ps(sign, a.lo), _mm256_andnot_ps(sign, a.hi)};
+}
+/// Lanes set in `keep` from a, others from b.
+inline F32x16 Select(uint16_t keep, F32x16 a, F32x16 b) {
+  return {_mm256_blendv_ps(b.lo, a.lo, BitsToMask8(keep & 0xffu)),
+          _mm256_blendv_ps(b.hi, a.hi, BitsToMask8(keep >> 8))};
+}
+/// Lanes where a < b.
+inline uint16_t LessThan(F32x16 a, F32x16 b) {
+  return static_cast<uint16_t>(_mm256_movemask_ps(_mm256_cmp_ps(a.lo, b.lo, _CMP_LT_OQ)) |
+                               (_mm256_movemask_ps(_mm256_cmp_ps(a.hi, b.hi, _CMP_LT_OQ)) << 8));
+}
+/// Lanes that are not NaN.
+inline uint16_t NotNan(F32x16 a) {
+  return static_cast<uint16_t>(_mm256_movemask_ps(_mm256_cmp_ps(a.lo, a.lo, _CMP_ORD_Q)) |
+                               (_mm256_movemask_ps(_mm256_cmp_ps(a.hi, a.hi, _CMP_ORD_Q)) << 8));
+}
+/// Rounds to nearest integer (ties to even), as float.
+inline F32x16 RoundNearest(F32x16 a) {
+  constexpr int kMode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return {_mm256_round_ps(a.lo, kMode), _mm256_round_ps(a.hi, kMode)};
+}
+/// Multiplies by 2^n where n holds integral floats in [-252, 254], as two exact scalings by
+/// 2^(n/2) and 2^(n - n/2) (see the AVX-512 version).
+inline __m256 Ldexp8(__m256 a, __m256 n) {
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half = _mm256_srai_epi32(ni, 1);
+  const __m256i rest = _mm256_sub_epi32(ni, half);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(rest, bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(a, s1), s2);
+}
+inline F32x16 Ldexp(F32x16 a, F32x16 n) {
+  return {Ldexp8(a.lo, n.lo), Ldexp8(a.hi, n.hi)};
 }
 #else
 /// 16 IEEE halves at `p` widened exactly to floats at `out` (F16C eight at a time where the CPU

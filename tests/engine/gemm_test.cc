@@ -133,8 +133,14 @@ TEST_P(GemmTest, EveryElementIsTheInOrderFmaChainBitForBit) {
   GemmScratch scratch;
   // Row counts around every tile height (6, 12) and column counts around every block width
   // (8, 16, 32, 64), both with and without bias and accumulation.
-  for (auto [m, n, k] : {std::tuple{1, 1, 3}, {1, 65, 40}, {2, 97, 33}, {5, 31, 64}, {7, 40, 17}, {13, 129, 70},
-                         {25, 200, 9}, {96, 72, 130}}) {
+  for (auto [m, n, k] : {std::tuple{1, 1, 3},
+                         {1, 65, 40},
+                         {2, 97, 33},
+                         {5, 31, 64},
+                         {7, 40, 17},
+                         {13, 129, 70},
+                         {25, 200, 9},
+                         {96, 72, 130}}) {
     Weights w = MakeWeights(t, n, k, rng);
     PackedMatrix p = PackAll(w, t, n, k);
     std::vector<float> x(static_cast<size_t>(m) * k), bias(n), y0(static_cast<size_t>(m) * n);

@@ -11,10 +11,10 @@
 #include <utility>
 #include <vector>
 
-#include "engine/cpu/kernels.h"
+#include "engine/cpu/isa_kernels.h"
 #include "engine/cpu/simd.h"
 
-namespace kraken::engine::cpu {
+namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -42,7 +42,8 @@ struct Kv16 {
 using KvBf16 = Kv16<true>;
 using KvF16 = Kv16<false>;
 
-// Calls f(Kv{}) with the Kv of `dtype` (F32, BF16 or F16; anything else is a programmer error).
+// Calls f(Kv{}) with the Kv of `dtype` (F32, BF16 or F16: the dispatcher in dispatch.cc has
+// checked it).
 template <typename F>
 void WithKv(DType dtype, F&& f) {
   switch (dtype) {
@@ -51,7 +52,6 @@ void WithKv(DType dtype, F&& f) {
     case DType::kF16:
       return f(KvF16{});
     default:
-      KRAKEN_CHECK(dtype == DType::kF32, "KV cache dtype must be F32, BF16 or F16");
       return f(KvF32{});
   }
 }
@@ -308,4 +308,4 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
   }
 }
 
-}  // namespace kraken::engine::cpu
+}  // namespace kraken::engine::cpu::KRAKEN_CPU_ISA

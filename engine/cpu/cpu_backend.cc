@@ -110,13 +110,13 @@ class CpuBackend final : public Backend {
     cpu::Attention(q, slot, batch, scale, out, &attention_scratch_);
   }
   Status ReserveScratch(const ScratchHint& h) override {
-    const int64_t rows = (static_cast<int64_t>(h.max_tokens) + 11) / 12 * 12;  // GEMM row tiles of 12
     const int64_t tiles = (static_cast<int64_t>(h.max_seqs) + h.max_tokens / cpu::kQueryTile + 1) * h.max_heads;
     const int64_t per_thread = 2 * static_cast<int64_t>(cpu::kQueryTile) * h.max_head_dim + cpu::kQueryTile * 16;
-    if (rows * h.max_gemm_k > (int64_t{1} << 40) || tiles > (int64_t{1} << 32)) {
+    if (static_cast<int64_t>(h.max_tokens) * h.max_gemm_k > (int64_t{1} << 40) || tiles > (int64_t{1} << 32)) {
       return ResourceExhausted("scratch for ", h.max_tokens, " tokens is too large");
     }
-    gemm_scratch_.packed_a.resize(std::max<size_t>(gemm_scratch_.packed_a.size(), rows * h.max_gemm_k));
+    gemm_scratch_.packed_a.resize(
+        std::max(gemm_scratch_.packed_a.size(), cpu::GemmScratchFloats(h.max_tokens, h.max_gemm_k)));
     attention_scratch_.tiles.reserve(tiles);
     const size_t buffers = static_cast<size_t>(per_thread) * threads_;
     attention_scratch_.buffers.resize(std::max(attention_scratch_.buffers.size(), buffers));

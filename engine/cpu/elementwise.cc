@@ -4,10 +4,10 @@
 #include <cmath>
 #include <cstring>
 
-#include "engine/cpu/kernels.h"
+#include "engine/cpu/isa_kernels.h"
 #include "engine/cpu/simd.h"
 
-namespace kraken::engine::cpu {
+namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
 namespace {
 
 // Sum of n floats: 16 lane-wise partial sums over the row in order, then the fixed tree.
@@ -118,4 +118,4 @@ void GatherRows(Mat src, const int32_t* rows, Mat dst) {
   for (int r = 0; r < dst.rows; ++r) std::memcpy(dst.Row(r), src.Row(rows[r]), sizeof(float) * dst.cols);
 }
 
-}  // namespace kraken::engine::cpu
+}  // namespace kraken::engine::cpu::KRAKEN_CPU_ISA

@@ -77,4 +77,8 @@ struct GemmScratch {
 void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
           bool accumulate, GemmScratch* scratch);
 
+/// Floats of GemmScratch::packed_a a Gemm of an [m, k] input needs on the active kernel level
+/// (row tiles of 6 on AVX2, 12 on AVX-512): what a memory budget reserves up front.
+size_t GemmScratchFloats(int m, int k);
+
 }  // namespace kraken::engine::cpu

@@ -1,10 +1,20 @@
-// CPU kernels behind CpuBackend (one family per file: elementwise.cc, attention.cc, gemm.cc).
-// Each row of every kernel is computed in a fixed order that does not depend on the other rows,
-// the batch size or the thread count, so results are bitwise reproducible and batch invariant.
-// Multi-threaded with OpenMP over rows / (sequence, head, query tile) work items.
+// CPU kernels behind CpuBackend (one family per file: elementwise.cc, attention.cc,
+// gemm_kernels.cc). Each row of every kernel is computed in a fixed order that does not depend on
+// the other rows, the batch size or the thread count, so results are bitwise reproducible and
+// batch invariant. Multi-threaded with OpenMP over rows / (sequence, head, query tile) items.
+//
+// The kernel files are built once per x86 instruction-set level (AVX2 + FMA + F16C, AVX-512
+// F/BW/DQ/VL) and one level is chosen at start from CPUID, capped by the environment variable
+// KRAKEN_CPU_ISA (avx2, avx512): one binary runs at its best on any x86-64-v3 CPU. Every level
+// computes each element with the same operations in the same order (one FMA chain per GEMM
+// output, the same exp polynomial), so results are the same bits on every level.
 #pragma once
 
+#include <cstddef>
+#include <string>
 #include <vector>
+
+#include "base/status.h"
 
 #include "engine/backend.h"
 #include "engine/cpu/gemm.h"
@@ -46,5 +56,37 @@ struct AttentionScratch {
 /// (FlashAttention's rescaling, Dao et al. 2022, Alg. 1), one query-row state per row, so a
 /// row's output is identical whether its sequence is prefilled at once, in chunks, or decoded.
 void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out, AttentionScratch* scratch);
+
+/// One instruction-set level's kernels (isa_kernels.h); the free functions above call the
+/// active level's.
+struct KernelTable {
+  const char* isa;  // "avx2", "avx512" or "generic"
+  size_t (*gemm_scratch_floats)(int m, int k);
+  void (*gemm)(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+               bool accumulate, float* packed_a);
+  void (*embed)(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out);
+  void (*layer_norm)(Mat x, const float* w, const float* b, float eps, Mat y);
+  void (*gelu_tanh)(Mat x);
+  void (*add)(Mat a, Mat b, Mat out);
+  void (*copy)(Mat src, Mat dst);
+  void (*gather_rows)(Mat src, const int32_t* rows, Mat dst);
+  void (*write_kv)(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch);
+  void (*attention)(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out,
+                    AttentionScratch* scratch);
+};
+
+/// The levels this binary holds kernels for, best first ({"avx512", "avx2"} on x86-64,
+/// {"generic"} elsewhere).
+std::vector<std::string> BuiltCpuIsas();
+
+/// The best built level that `has_feature` (a __builtin_cpu_supports name -> bool) allows, no
+/// higher than `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()).
+/// INVALID_ARGUMENT naming KRAKEN_CPU_ISA when `cap` is not a built level, or when the CPU lacks
+/// every level up to the cap (the start-up CPU check normally refuses such a CPU first).
+StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(const char* feature));
+
+/// The active level, chosen on first use from this CPU and $KRAKEN_CPU_ISA; a bad
+/// KRAKEN_CPU_ISA ends the process with a message naming the variable and the levels built.
+const KernelTable& Kernels();
 
 }  // namespace kraken::engine::cpu

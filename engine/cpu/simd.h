@@ -26,7 +26,14 @@
 #include <immintrin.h>  // F16C half -> float conversion in the portable LoadF16
 #endif
 
-namespace kraken::engine::cpu {
+// Kernel files are compiled once per instruction-set level, each copy inside its own namespace
+// (KRAKEN_CPU_ISA: avx2, avx512, generic; engine/CMakeLists.txt), so that the copies never share
+// a symbol. A file compiled once (a test) gets `native`: whatever its own -march allows.
+#ifndef KRAKEN_CPU_ISA
+#define KRAKEN_CPU_ISA native
+#endif
+
+namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
 
 inline constexpr int kLanes = 16;
 
@@ -392,4 +399,4 @@ inline F32x16 Tanh(F32x16 x) {
   return Select(LessThan(x, F32x16::Zero()), F32x16::Zero() - t, t);
 }
 
-}  // namespace kraken::engine::cpu
+}  // namespace kraken::engine::cpu::KRAKEN_CPU_ISA

@@ -1,0 +1,129 @@
+// Chooses the CPU kernels' instruction-set level once (kernels.h) and forwards the kernel calls.
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_join.h"
+#include "engine/cpu/kernels.h"
+
+namespace kraken::engine::cpu {
+
+#if KRAKEN_CPU_HAS_X86_ISAS
+namespace avx512 {
+extern const KernelTable kKernels;
+}
+namespace avx2 {
+extern const KernelTable kKernels;
+}
+#else
+namespace generic {
+extern const KernelTable kKernels;
+}
+#endif
+
+namespace {
+
+struct Level {
+  const KernelTable* table;
+  const char* const* features;  // __builtin_cpu_supports names, NULL-terminated
+};
+
+#if KRAKEN_CPU_HAS_X86_ISAS
+// What -march=x86-64-v4 and x86-64-v3 let the compiler use in the kernels.
+const char* const kAvx512Features[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd",
+                                       "avx2",    "fma",      "f16c",     nullptr};
+const char* const kAvx2Features[] = {"avx2", "fma", "f16c", "bmi2", nullptr};
+const Level kLevels[] = {{&avx512::kKernels, kAvx512Features}, {&avx2::kKernels, kAvx2Features}};
+
+bool CpuSupports(const char* f) {
+  __builtin_cpu_init();
+  if (std::strcmp(f, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
+  if (std::strcmp(f, "avx512bw") == 0) return __builtin_cpu_supports("avx512bw");
+  if (std::strcmp(f, "avx512dq") == 0) return __builtin_cpu_supports("avx512dq");
+  if (std::strcmp(f, "avx512vl") == 0) return __builtin_cpu_supports("avx512vl");
+  if (std::strcmp(f, "avx512cd") == 0) return __builtin_cpu_supports("avx512cd");
+  if (std::strcmp(f, "avx2") == 0) return __builtin_cpu_supports("avx2");
+  if (std::strcmp(f, "fma") == 0) return __builtin_cpu_supports("fma");
+  if (std::strcmp(f, "f16c") == 0) return __builtin_cpu_supports("f16c");
+  if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
+  return false;
+}
+#else
+const char* const kNoFeatures[] = {nullptr};
+const Level kLevels[] = {{&generic::kKernels, kNoFeatures}};
+bool CpuSupports(const char*) {
+  return true;
+}
+#endif
+
+}  // namespace
+
+std::vector<std::string> BuiltCpuIsas() {
+  std::vector<std::string> names;
+  for (const Level& l : kLevels) names.emplace_back(l.table->isa);
+  return names;
+}
+
+StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(const char* feature)) {
+  size_t first = 0;
+  if (cap != nullptr && cap[0] != '\0') {
+    first = std::size(kLevels);
+    for (size_t i = 0; i < std::size(kLevels); ++i) {
+      if (std::strcmp(cap, kLevels[i].table->isa) == 0) first = i;
+    }
+    if (first == std::size(kLevels)) {
+      return InvalidArgument("KRAKEN_CPU_ISA must be one of the levels this binary holds (",
+                             absl::StrJoin(BuiltCpuIsas(), ", "), "), got '", cap, "'");
+    }
+  }
+  for (size_t i = first; i < std::size(kLevels); ++i) {
+    bool ok = true;
+    for (const char* const* f = kLevels[i].features; *f != nullptr; ++f) ok = ok && has_feature(*f);
+    if (ok) return kLevels[i].table;
+  }
+  return InvalidArgument("this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='",
+                         cap != nullptr && cap[0] != '\0' ? cap : kLevels[0].table->isa, "' (built: ",
+                         absl::StrJoin(BuiltCpuIsas(), ", "), ")");
+}
+
+const KernelTable& Kernels() {
+  static const KernelTable* const active = [] {
+    StatusOr<const KernelTable*> t = SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &CpuSupports);
+    if (!t.ok()) {
+      std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
+      std::exit(2);
+    }
+    return *t;
+  }();
+  return *active;
+}
+
+void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out) {
+  Kernels().embed(tokens, positions, wte, wpe, out);
+}
+void LayerNorm(Mat x, const float* w, const float* b, float eps, Mat y) {
+  Kernels().layer_norm(x, w, b, eps, y);
+}
+void GeluTanh(Mat x) {
+  Kernels().gelu_tanh(x);
+}
+void Add(Mat a, Mat b, Mat out) {
+  Kernels().add(a, b, out);
+}
+void Copy(Mat src, Mat dst) {
+  Kernels().copy(src, dst);
+}
+void GatherRows(Mat src, const int32_t* rows, Mat dst) {
+  Kernels().gather_rows(src, rows, dst);
+}
+void WriteKv(Mat k, Mat v, const KvSlot& slot, const AttentionBatch& batch) {
+  KRAKEN_CHECK(IsComputeFloat(slot.dtype), "KV cache dtype must be F32, BF16 or F16");
+  Kernels().write_kv(k, v, slot, batch);
+}
+void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float scale, Mat out,
+               AttentionScratch* scratch) {
+  KRAKEN_CHECK(IsComputeFloat(slot.dtype), "KV cache dtype must be F32, BF16 or F16");
+  Kernels().attention(q, slot, batch, scale, out, scratch);
+}
+
+}  // namespace kraken::engine::cpu

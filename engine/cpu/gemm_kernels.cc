@@ -1,0 +1,262 @@
+// The GEMM kernels and their threaded driver, compiled once per instruction-set level
+// (KRAKEN_CPU_ISA); gemm.cc packs the weights and dispatches here.
+#include "engine/cpu/gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "engine/cpu/isa_kernels.h"
+#include "engine/cpu/simd.h"
+
+namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
+namespace {
+
+// A kernel computes an MR-row tile of Y against one group of whole weight panels.
+// `a` is the packed tile [K][MR]; `w` the group's first panel, `panel_bytes` apart; `n_valid` the
+// columns of Y left from the group's first column (the group may run past the matrix).
+// Every output element is a single FMA chain over k in order, then + bias, then added to Y:
+// the batch-invariance contract, and the reason every ISA path gives the same bits.
+using KernelFn = void (*)(int, const float*, const uint8_t*, size_t, float*, int64_t, int, const float*, bool);
+
+#if KRAKEN_SIMD_AVX2
+// AVX2 + FMA: 16 ymm registers. A 6 x 16 tile keeps 12 accumulators, 2 weight vectors and one
+// broadcast live (BLIS's Haswell shape); smaller tiles widen to 32 or 64 columns so that at least
+// 8 independent FMA chains cover the FMA latency.
+constexpr int kMr = 6;
+constexpr int kTilesPerChunk = 16;  // 96 rows of packed activations stay in L2 across panels
+
+template <DType T>
+inline __m256 LoadW8(const uint8_t* p) {
+  if constexpr (T == DType::kF32) {
+    return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (T == DType::kBF16) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// MR rows x NV * 8 columns starting at column `c0` of the panel `w` (c0 = 0 or 16); the columns
+// continue into the following panels.
+constexpr int kPrefetchAhead = 16;
+
+template <DType T, int MR, int NV>
+inline void Block(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, int c0, float* y, int64_t ldc,
+                  int n_valid, const float* bias, bool accumulate) {
+  constexpr size_t es = DTypeSize(T);
+  constexpr size_t k_step = kPanelWidth * es;
+  const uint8_t* src[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int c = c0 + 8 * v;
+    src[v] = w + (c / kPanelWidth) * panel_bytes + (c % kPanelWidth) * es;
+  }
+  __m256 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  for (int k = 0; k < k_dim; ++k) {
+    if constexpr (kPrefetchAhead > 0) {
+      // The weight rows kPrefetchAhead steps on, every line of them: a half-panel block alone
+      // would touch every other line, a stride the hardware prefetchers follow poorly.
+      for (size_t line = 0; line < k_step; line += 64) Prefetch(src[0] + (k + kPrefetchAhead) * k_step + line);
+    }
+    __m256 b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = LoadW8<T>(src[v] + k * k_step);
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ak + r);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(av, b[v], acc[r][v]);
+    }
+  }
+  // Out of the registers once, with constant indices (a loop that may stop early would make the
+  // compiler keep the accumulators in memory through the k loop).
+  alignas(32) float tile[MR][NV * 8];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(&tile[r][8 * v], acc[r][v]);
+  }
+  for (int v = 0; v < NV; ++v) {
+    const int c = 8 * v;
+    const int n = std::min(8, n_valid - c);
+    if (n <= 0) break;
+    const __m256i mask = _mm256_castps_si256(FirstLanesMask8(n));
+    const __m256 bv = bias != nullptr ? _mm256_maskload_ps(bias + c, mask) : _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      float* yr = y + r * ldc + c;
+      __m256 t = _mm256_load_ps(&tile[r][c]);
+      if (bias != nullptr) t = _mm256_add_ps(t, bv);
+      if (accumulate) t = _mm256_add_ps(_mm256_maskload_ps(yr, mask), t);
+      _mm256_maskstore_ps(yr, mask, t);
+    }
+  }
+}
+
+// Columns per block for an MR-row tile: 16 when 12 accumulators fill the registers, wider when
+// fewer rows leave room.
+constexpr int BlockVectors(int mr) {
+  return mr >= 4 ? 2 : (mr >= 2 ? 4 : 8);
+}
+
+// Panels a group holds for the first tile's row count (a decode step's single row takes two).
+constexpr int PanelsPerCall(int mr) {
+  return mr == 1 ? 2 : 1;
+}
+
+// MR rows x NP whole panels (NP * 32 columns, of which the first n_valid are stored).
+template <DType T, int MR, int NP>
+void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
+            const float* bias, bool accumulate) {
+  constexpr int nv = std::min(BlockVectors(MR), NP * 4);
+  const int cols = std::min(n_valid, NP * kPanelWidth);
+  // Blocks may run into the zero padding of the last panel; only valid columns are stored.
+  for (int c = 0; c < cols; c += nv * 8) {
+    Block<T, MR, nv>(k_dim, a, w, panel_bytes, c, y + c, ldc, n_valid - c, bias ? bias + c : nullptr, accumulate);
+  }
+}
+#else
+constexpr int kMr = 12;            // rows per register tile (12 x 32 outputs = 24 accumulators)
+constexpr int kTilesPerChunk = 8;  // 96 rows of packed activations stay in L2 across panels
+
+template <DType T>
+inline F32x16 LoadW(const uint8_t* p) {
+  if constexpr (T == DType::kF32) {
+    return F32x16::Load(reinterpret_cast<const float*>(p));
+  } else if constexpr (T == DType::kBF16) {
+    return F32x16::LoadBf16(reinterpret_cast<const uint16_t*>(p));
+  } else {
+    return F32x16::LoadF16(reinterpret_cast<const uint16_t*>(p));
+  }
+}
+
+// MR rows x NP panels. `a` is the packed tile [K][MR]; `w` the first panel, `panel_bytes` apart.
+// Every accumulator is a single FMA chain over k in order: this is the batch-invariance contract.
+template <DType T, int MR, int NP>
+void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
+            const float* bias, bool accumulate) {
+  constexpr size_t es = DTypeSize(T);
+  F32x16 acc[MR][2 * NP];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 2 * NP; ++j) acc[r][j] = F32x16::Zero();
+  for (int k = 0; k < k_dim; ++k) {
+    F32x16 b[2 * NP];
+    for (int p = 0; p < NP; ++p) {
+      const uint8_t* src = w + p * panel_bytes + static_cast<size_t>(k) * kPanelWidth * es;
+      b[2 * p] = LoadW<T>(src);
+      b[2 * p + 1] = LoadW<T>(src + 16 * es);
+    }
+    const float* ak = a + static_cast<size_t>(k) * MR;
+    for (int r = 0; r < MR; ++r) {
+      const F32x16 av = F32x16::Broadcast(ak[r]);
+      for (int j = 0; j < 2 * NP; ++j) acc[r][j] = Fma(av, b[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldc;
+    for (int j = 0; j < 2 * NP; ++j) {
+      const int c0 = j * 16;
+      const int n = std::min(16, n_valid - c0);
+      if (n <= 0) break;
+      F32x16 t = acc[r][j];
+      if (bias != nullptr) t = t + F32x16::LoadPartial(bias + c0, n);
+      if (accumulate) t = F32x16::LoadPartial(yr + c0, n) + t;
+      t.StorePartial(yr + c0, n);
+    }
+  }
+}
+
+// Panels per kernel call for a tile of `mr` rows: small tiles take several panels so enough
+// independent FMA chains are in flight; the per-element order is the same either way.
+constexpr int PanelsPerCall(int mr) {
+  return mr <= 2 ? 4 : (mr <= 4 ? 2 : 1);
+}
+
+#endif  // KRAKEN_SIMD_AVX2
+
+template <DType T, int MR>
+constexpr KernelFn Pick(int np) {
+  if (np == PanelsPerCall(MR)) return &Kernel<T, MR, PanelsPerCall(MR)>;
+  return &Kernel<T, MR, 1>;
+}
+
+// Kernel for an mr-row tile (1 <= mr <= kMr) and np panels (1 or PanelsPerCall(mr)).
+template <DType T, int... I>
+KernelFn SelectRows(int mr, int np, std::integer_sequence<int, I...>) {
+  KernelFn f = nullptr;
+  ((mr == I + 1 ? (f = Pick<T, I + 1>(np), true) : false) || ...);
+  return f;
+}
+
+KernelFn SelectKernel(DType t, int mr, int np) {
+  constexpr auto rows = std::make_integer_sequence<int, kMr>();
+  switch (t) {
+    case DType::kBF16:
+      return SelectRows<DType::kBF16>(mr, np, rows);
+    case DType::kF16:
+      return SelectRows<DType::kF16>(mr, np, rows);
+    default:
+      return SelectRows<DType::kF32>(mr, np, rows);
+  }
+}
+
+}  // namespace
+
+size_t GemmScratchFloats(int m, int k) {
+  return static_cast<size_t>((m + kMr - 1) / kMr) * kMr * k;
+}
+
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+          bool accumulate, float* packed) {
+  const int k_dim = w.in();
+  if (m <= 0 || w.out() == 0) return;
+  const int tiles = (m + kMr - 1) / kMr;
+  const int chunks = (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
+  const int np = PanelsPerCall(std::min(m, kMr));
+  const int groups = (w.panels() + np - 1) / np;
+  const int64_t items = static_cast<int64_t>(chunks) * groups;
+  const size_t panel_bytes = w.panels() > 1 ? static_cast<size_t>(w.panel(1) - w.panel(0)) : 0;
+
+#pragma omp parallel
+  {
+    // Pack activations: tile t holds rows [12t, 12t + mr) as [K][mr].
+#pragma omp for schedule(static)
+    for (int t = 0; t < tiles; ++t) {
+      const int r0 = t * kMr, mr = std::min(kMr, m - r0);
+      float* dst = packed + static_cast<size_t>(t) * kMr * k_dim;
+      for (int r = 0; r < mr; ++r) {
+        const float* src = x + (r0 + r) * lda;
+        for (int k = 0; k < k_dim; ++k) dst[static_cast<size_t>(k) * mr + r] = src[k];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      // Panel-major: a thread's share is a run of whole panel groups with every row chunk, so
+      // threads get equal work even when the last chunk is short, and each packed weight panel
+      // is read once from memory.
+      const int g = static_cast<int>(item / chunks), chunk = static_cast<int>(item % chunks);
+      const int t_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
+      for (int t = chunk * kTilesPerChunk; t < t_end; ++t) {
+        const int r0 = t * kMr, mr = std::min(kMr, m - r0);
+        const float* a = packed + static_cast<size_t>(t) * kMr * k_dim;
+        const int p0 = g * np, p_end = std::min(w.panels(), p0 + np);
+        if (p_end - p0 == np) {
+          SelectKernel(w.dtype(), mr, np)(k_dim, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth, ldc,
+                                          w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr,
+                                          accumulate);
+        } else {
+          for (int p = p0; p < p_end; ++p) {
+            SelectKernel(w.dtype(), mr, 1)(k_dim, a, w.panel(p), panel_bytes, y + r0 * ldc + p * kPanelWidth, ldc,
+                                           w.out() - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr,
+                                           accumulate);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kraken::engine::cpu::KRAKEN_CPU_ISA

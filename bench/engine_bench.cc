@@ -125,7 +125,7 @@ struct Args {
   int decode_steps = 16;
   int repeats = 3;
   int threads = 0;
-  std::string kv_dtypes = "f32";
+  std::string kv_dtypes = "auto";  // the weights' dtype, as the server does
 };
 
 Status Run(const Args& a) {

@@ -42,9 +42,10 @@ struct Shape {
 // The four linear layers of a block (QKV, attention output, FFN up, FFN down) and the LM head,
 // which alone is larger than the last-level cache (a decode step's weight stream).
 constexpr Shape kShapes[] = {
-    {"124m", "qkv", 2304, 768},      {"124m", "attn_out", 768, 768},   {"124m", "ffn_up", 3072, 768},
-    {"124m", "ffn_down", 768, 3072}, {"124m", "lm_head", 50257, 768}, {"1.3b", "qkv", 6144, 2048},      {"1.3b", "attn_out", 2048, 2048},
-    {"1.3b", "ffn_up", 8192, 2048},  {"1.3b", "ffn_down", 2048, 8192}, {"1.3b", "lm_head", 50257, 2048},
+    {"124m", "qkv", 2304, 768},       {"124m", "attn_out", 768, 768},  {"124m", "ffn_up", 3072, 768},
+    {"124m", "ffn_down", 768, 3072},  {"124m", "lm_head", 50257, 768}, {"1.3b", "qkv", 6144, 2048},
+    {"1.3b", "attn_out", 2048, 2048}, {"1.3b", "ffn_up", 8192, 2048},  {"1.3b", "ffn_down", 2048, 8192},
+    {"1.3b", "lm_head", 50257, 2048},
 };
 
 uint16_t ToHalfBits(float f, DType t) {

@@ -38,7 +38,7 @@ const char* FailureReason(const Status& s) {
 }
 
 ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::string& version, const std::string& model,
-                               const std::string& devices)
+                               const std::string& devices, const std::string& cpu_kernels)
     : ttft(reg.AddHistogram("kraken_time_to_first_token_seconds",
                             "Time from a request's arrival (queueing included) to its first token handed to the "
                             "client stream; once per request that produced a token.",
@@ -122,8 +122,8 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
     memory_scratch.push_back(&mem_f.With({rank, "scratch"}));
   }
   reg.AddGauge("kraken_build_info", "Always 1; the labels describe the build and what it serves.",
-               {"version", "model", "devices", "world_size"})
-      .With({version, model, devices, std::to_string(world)})
+               {"version", "model", "devices", "world_size", "cpu_kernels"})
+      .With({version, model, devices, std::to_string(world), cpu_kernels})
       .Set(1);
   auto& errors = reg.AddCounter("kraken_metrics_errors_total",
                                 "Observations skipped because they were invalid (negative or not finite).", {})

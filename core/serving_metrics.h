@@ -23,8 +23,10 @@ struct CacheConfig {
 
 class ServingMetrics {
  public:
+  /// Registers every serving metric in `reg`; the strings label kraken_build_info (cpu_kernels:
+  /// the CPU kernel level in use, "avx2" or "avx512", engine/cpu/kernels.h).
   ServingMetrics(metrics::Registry& reg, int world_size, const std::string& version, const std::string& model,
-                 const std::string& devices);
+                 const std::string& devices, const std::string& cpu_kernels);
 
   /// Counts a request that ended with `status` (not OK) in request_failure_total{reason}.
   void RecordFailure(const Status& status);

@@ -30,11 +30,13 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "absl/strings/str_join.h"
 #include "base/json_util.h"
 #include "cluster/follower.h"
 #include "cluster/hub.h"
 #include "core/engine.h"
 #include "core/serving_metrics.h"
+#include "engine/cpu/kernels.h"
 #include "engine/model.h"
 #include "engine/model_config.h"
 #include "http/server.h"
@@ -87,6 +89,7 @@ struct Flags {
   std::string log_format = "plain";
   int metrics_port = 8002;
   std::string scheduling_policy = "priority";
+  std::string cpu_isa = "auto";
   bool print_resources = false;
   // Multi-node groups (docs/runtime.md "Nodes"); LeaderWorkerSet's environment fills the unset ones.
   int nodes = 0;  // 0: LWS_GROUP_SIZE on the leader, else 1
@@ -221,6 +224,9 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--log-level", f.log_level, "trace, debug, info, warn, error");
   opt("--log-format", f.log_format, "plain or json (one JSON object per line)")
       ->check(CLI::IsMember({"plain", "json"}));
+  opt("--cpu-isa", f.cpu_isa,
+      "highest CPU kernel level to use: auto (the best this CPU has), avx512 or avx2; the workers inherit it")
+      ->check(CLI::IsMember({"auto", "avx512", "avx2"}));
   app.add_flag("--print-resources", f.print_resources,
                "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
   opt("--metrics-port", f.metrics_port, "Prometheus /metrics port; -1 = off")->check(CLI::Range(-1, 65535));
@@ -293,6 +299,19 @@ std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
   }
   if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
     std::fprintf(stderr, "kraken-server: --tls-client-ca needs --tls-cert and --tls-key\n");
+    return 2;
+  }
+  // The kernels read the cap from KRAKEN_CPU_ISA (engine/cpu/kernels.h), in this process and in
+  // the workers it starts; the flag, wherever it came from, is what they see.
+  if (f.cpu_isa == "auto") {
+    unsetenv("KRAKEN_CPU_ISA");
+  } else {
+    setenv("KRAKEN_CPU_ISA", f.cpu_isa.c_str(), 1);
+  }
+  const StatusOr<const engine::cpu::KernelTable*> kernels =
+      engine::cpu::SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &engine::cpu::CpuHasFeature);
+  if (!kernels.ok()) {
+    std::fprintf(stderr, "kraken-server: --cpu-isa: %s\n", std::string(kernels.status().message()).c_str());
     return 2;
   }
   return std::nullopt;
@@ -400,6 +419,7 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
                    {"shm_bytes_required", segment + nccl},
                    {"kv_cache_bytes_per_token_per_worker", per_token},
                    {"kv_cache_dtype", engine::DTypeName(wo.kv_sizing.kv_dtype)},
+                   {"cpu_kernels", engine::cpu::Kernels().isa},
                    {"memory_utilization", wo.kv_sizing.memory_utilization}};
   // The pool is known here only when a flag fixes it; otherwise each worker sizes it from its
   // memory when it starts (the log and GetModelInfo give the result).
@@ -627,6 +647,8 @@ StatusOr<std::unique_ptr<runtime::WorkerGroup>> StartWorkers(const Flags& f, con
   const runtime::Limits rl = group->limits();
   spdlog::info("{} worker(s) on {} ready in {:.1f} s", group->world_size(), f.devices,
                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  spdlog::info("CPU kernels: {} (built: {}; --cpu-isa {})", engine::cpu::Kernels().isa,
+               absl::StrJoin(engine::cpu::BuiltCpuIsas(), ", "), f.cpu_isa);
   for (const runtime::RankStatsSnapshot& s : group->Stats()) {
     const runtime::WorkerMemory& m = s.memory;
     spdlog::info(
@@ -854,7 +876,8 @@ int Run(const Flags& f, const sigset_t& sigs) {
   const runtime::Limits rl = (*group)->limits();
   const int world = (*group)->world_size();
   metrics::Registry registry;
-  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices);
+  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices,
+                                       engine::cpu::Kernels().isa);
   const runtime::WorkerMemory rank0 = (*group)->Stats().front().memory;
   serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
                                       .num_blocks = rl.num_kv_blocks,

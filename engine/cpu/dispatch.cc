@@ -34,8 +34,16 @@ const char* const kAvx512Features[] = {"avx512f", "avx512bw", "avx512dq", "avx51
                                        "avx2",    "fma",      "f16c",     nullptr};
 const char* const kAvx2Features[] = {"avx2", "fma", "f16c", "bmi2", nullptr};
 const Level kLevels[] = {{&avx512::kKernels, kAvx512Features}, {&avx2::kKernels, kAvx2Features}};
+#else
+const char* const kNoFeatures[] = {nullptr};
+const Level kLevels[] = {{&generic::kKernels, kNoFeatures}};
+#endif
 
-bool CpuSupports(const char* f) {
+}  // namespace
+
+bool CpuHasFeature(const char* f) {
+#if KRAKEN_CPU_HAS_X86_ISAS
+  // __builtin_cpu_supports takes only literals.
   __builtin_cpu_init();
   if (std::strcmp(f, "avx512f") == 0) return __builtin_cpu_supports("avx512f");
   if (std::strcmp(f, "avx512bw") == 0) return __builtin_cpu_supports("avx512bw");
@@ -47,16 +55,10 @@ bool CpuSupports(const char* f) {
   if (std::strcmp(f, "f16c") == 0) return __builtin_cpu_supports("f16c");
   if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
   return false;
-}
 #else
-const char* const kNoFeatures[] = {nullptr};
-const Level kLevels[] = {{&generic::kKernels, kNoFeatures}};
-bool CpuSupports(const char*) {
   return true;
-}
 #endif
-
-}  // namespace
+}
 
 std::vector<std::string> BuiltCpuIsas() {
   std::vector<std::string> names;
@@ -82,13 +84,13 @@ StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(
     if (ok) return kLevels[i].table;
   }
   return InvalidArgument("this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='",
-                         cap != nullptr && cap[0] != '\0' ? cap : kLevels[0].table->isa, "' (built: ",
-                         absl::StrJoin(BuiltCpuIsas(), ", "), ")");
+                         cap != nullptr && cap[0] != '\0' ? cap : kLevels[0].table->isa,
+                         "' (built: ", absl::StrJoin(BuiltCpuIsas(), ", "), ")");
 }
 
 const KernelTable& Kernels() {
   static const KernelTable* const active = [] {
-    StatusOr<const KernelTable*> t = SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &CpuSupports);
+    StatusOr<const KernelTable*> t = SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &CpuHasFeature);
     if (!t.ok()) {
       std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
       std::exit(2);

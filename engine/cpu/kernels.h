@@ -79,6 +79,10 @@ struct KernelTable {
 /// {"generic"} elsewhere).
 std::vector<std::string> BuiltCpuIsas();
 
+/// Whether this CPU has `feature` (a __builtin_cpu_supports name among those the levels need:
+/// avx512f, avx512bw, avx512dq, avx512vl, avx512cd, avx2, fma, f16c, bmi2); true off x86.
+bool CpuHasFeature(const char* feature);
+
 /// The best built level that `has_feature` (a __builtin_cpu_supports name -> bool) allows, no
 /// higher than `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()).
 /// INVALID_ARGUMENT naming KRAKEN_CPU_ISA when `cap` is not a built level, or when the CPU lacks

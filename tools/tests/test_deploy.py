@@ -232,6 +232,28 @@ def test_print_resources_refuses_a_world_the_model_cannot_split():
     assert "Kraken degree N = 4 is not a multiple of the world size 8" in r.stderr
 
 
+def cpu_kernel_level():
+    """The level kraken-server picks on this CPU: AVX-512 with F/BW/DQ/VL/CD, else AVX2."""
+    flags = set(open("/proc/cpuinfo").read().split())
+    return "avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags else "avx2"
+
+
+def test_print_resources_names_the_cpu_kernel_level_and_cpu_isa_caps_it():
+    def run(*extra, env=None):
+        return subprocess.run([SERVER_BIN, "--model", DEFAULT_MODEL, "--devices", "cpu:1", "--print-resources", *extra],
+                              capture_output=True, text=True, env={**clean_env(), **(env or {})})
+    assert json.loads(run().stdout)["cpu_kernels"] == cpu_kernel_level()
+    assert json.loads(run("--cpu-isa", "avx512").stdout)["cpu_kernels"] == cpu_kernel_level()  # a cap, never a raise
+    assert json.loads(run("--cpu-isa", "avx2").stdout)["cpu_kernels"] == "avx2"
+    assert json.loads(run(env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == "avx2"
+    # The command line wins over the environment, also when it says auto.
+    assert json.loads(run("--cpu-isa", "auto", env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == cpu_kernel_level()
+    bad = run(env={"KRAKEN_CPU_ISA": "avx512bf16"})
+    assert bad.returncode == 2
+    assert "--cpu-isa: avx512bf16 not in {auto,avx512,avx2}" in bad.stderr
+    assert "environment variable KRAKEN_CPU_ISA" in bad.stderr
+
+
 def dockerfile_stages(path):
     """[(stage name, [(instruction, args)])] with line continuations joined and comments dropped."""
     with open(path) as f:
@@ -594,19 +616,20 @@ def test_image_default_command_runs_on_the_real_server(image, tmp_path):
     assert (need["http_port"], need["grpc_port"], need["metrics_port"]) == (8000, 8001, 8002)
 
 
-def test_avx512_node_affinity_example_renders_and_validates(tmp_path):
-    """The cpu-dev overlay's commented-out AVX-512 node affinity (Node Feature Discovery labels), uncommented,
-    renders into a valid Deployment requiring exactly the x86-64-v4 features the CPU image is built for;
-    the overlay as shipped requires none (pods would stay Pending on clusters without NFD)."""
+def test_cpu_level_node_affinity_example_renders_and_validates(tmp_path):
+    """The cpu-dev overlay's commented-out node affinity (Node Feature Discovery labels), uncommented,
+    renders into a valid Deployment requiring the x86-64-v3 features the CPU image is built for that NFD
+    labels by default (AVX2, FMA3); the overlay as shipped requires none (pods would stay Pending on
+    clusters without NFD)."""
     arch = next(a for i, a in dockerfile_stages(os.path.join(DEPLOY, "docker", "Dockerfile.cpu"))[0][1]
                 if i == "ARG" and a.startswith("KRAKEN_CPU_ARCH="))
-    assert arch == "KRAKEN_CPU_ARCH=x86-64-v4", "the example's features are x86-64-v4's: update it with the arch"
+    assert arch == "KRAKEN_CPU_ARCH=x86-64-v3", "the example's features are x86-64-v3's: update it with the arch"
     k8s = tmp_path / "k8s"
     shutil.copytree(K8S, k8s)
     kust = k8s / "overlays" / "cpu-dev" / "kustomization.yaml"
     text = kust.read_text()
-    m = re.search(r"\n( *)# BEGIN avx512-node-affinity\n(.*?)\n *# END avx512-node-affinity", text, re.S)
-    assert m, "the AVX-512 node affinity example is gone from the cpu-dev overlay"
+    m = re.search(r"\n( *)# BEGIN cpu-level-node-affinity\n(.*?)\n *# END cpu-level-node-affinity", text, re.S)
+    assert m, "the node affinity example is gone from the cpu-dev overlay"
     indent, block = m.group(1), m.group(2)
     assert all(line.startswith(indent + "# ") for line in block.splitlines())
     kust.write_text(text.replace(block, "\n".join(indent + line[len(indent) + 2:] for line in block.splitlines())))
@@ -616,7 +639,7 @@ def test_avx512_node_affinity_example_renders_and_validates(tmp_path):
         "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert len(terms) == 1  # terms are ORed: one term, its expressions ANDed
     assert sorted((e["key"], e["operator"], e["values"]) for e in terms[0]["matchExpressions"]) == sorted(
-        (f"feature.node.kubernetes.io/cpu-cpuid.AVX512{f}", "In", ["true"]) for f in ("F", "BW", "CD", "DQ", "VL"))
+        (f"feature.node.kubernetes.io/cpu-cpuid.{f}", "In", ["true"]) for f in ("AVX2", "FMA3"))
     assert "affinity" not in by_kind(render("cpu-dev"), "Deployment")[0]["spec"]["template"]["spec"]
 
 

@@ -205,6 +205,12 @@ def test_scrape_passes_promtool_and_the_official_parser(loaded):
             "kraken_device_busy_seconds", "kraken_device_idle_seconds", "kraken_collective_seconds",
             "kraken_collective_exposed_seconds", "kraken_worker_up", "kraken_worker_restarts", "kraken_build_info"}
     assert want <= names, want - names
+    # The build's labels name the CPU kernel level chosen at start: AVX-512 where the CPU has
+    # F/BW/DQ/VL/CD, else AVX2 (engine/cpu/kernels.h).
+    flags = set(open("/proc/cpuinfo").read().split())
+    level = "avx512" if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= flags else "avx2"
+    info = [labels for (name, labels), v in s.items() if name == "kraken_build_info" and v == 1]
+    assert len(info) == 1 and ("cpu_kernels", level) in info[0], info
 
 
 def test_prometheus_ttft_quantile_matches_the_clients(loaded):

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The CPU engine against llama.cpp, the peer a CPU user would pick, on the same weights and cores.
+
+llama.cpp comes from the pinned llama-cpp-python sdist on PyPI (its vendored tree), built here with
+its own defaults for this CPU (GGML_NATIVE), only the tools the comparison runs. The same
+random-weight GPT-2 124M model (weights rounded to BF16 once, so F32, F16 and BF16 checkpoints hold
+the same values up to F16's rounding) is converted to GGUF with that tree's own converter. Each
+round runs ours, then theirs, for every dtype; each cell is the median over rounds, so a change in
+machine load falls on both.
+
+    .venv/bin/python bench/peer_bench.py                 # full table (builds llama.cpp: minutes)
+    .venv/bin/python bench/peer_bench.py --quick         # T = 128, 512; b = 1, 8; one dtype round
+
+Cells, ours / theirs (> 1: we are faster):
+- prefill T = 128/512/1024 tokens: our engine_bench prefill latency against llama-bench's pp<T>
+  (its KV cache in the weights' dtype, F16 for F32 weights: llama-bench offers no F32 cache);
+- decode b = 1/8/32 after a 128-token prompt per sequence: tokens/s, our engine_bench decode against
+  llama-batched-bench's S_TG (prompt not shared, KV cache in the weights' dtype on both sides); for
+  b = 1 theirs is the better of that and llama-bench's tg32 at depth 128.
+It prints the CPU model, its flags and the load average before and after. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is measured
+LLAMA_TARGETS = ["llama-bench", "llama-batched-bench"]
+DTYPES = ["f32", "f16", "bf16"]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def cpu_description() -> dict:
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "flags") and key not in info:
+                info[key] = value.strip()
+    flags = set(info.get("flags", "").split())
+    wanted = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16", "amx_tile"]
+    return {"model": info.get("model name", "?"), "flags": [f for f in wanted if f in flags],
+            "cores": os.cpu_count(), "loadavg": open("/proc/loadavg").read().split()[:3]}
+
+
+def build_llama(workdir: str) -> str:
+    """llama.cpp's tools from the pinned sdist; returns the vendored tree."""
+    src = os.path.join(workdir, f"llama_cpp_python-{LLAMA_CPP_PYTHON}")
+    tree = os.path.join(src, "vendor", "llama.cpp")
+    if not os.path.isdir(tree):
+        run([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--no-deps",
+             "--no-binary", ":all:", "-d", workdir], stdout=subprocess.DEVNULL)
+        with tarfile.open(os.path.join(workdir, f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz")) as t:
+            t.extractall(workdir, filter="data")
+    build = os.path.join(workdir, "llama-build")
+    if not all(os.path.exists(os.path.join(build, "bin", t)) for t in LLAMA_TARGETS):
+        run(["cmake", "-S", tree, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+             "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"],
+            stdout=subprocess.DEVNULL)
+        run(["ninja", "-C", build, *LLAMA_TARGETS], stdout=subprocess.DEVNULL)
+    return tree
+
+
+def make_models(workdir: str, tree: str) -> dict:
+    """{dtype: (our model dir, their gguf)} for the GPT-2 124M shape."""
+    import torch
+    from kraken_ref import reference as ref
+    from kraken_ref.checkpoint import save_model_dir
+
+    cfg = ref.Config("gpt2", n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=2048,
+                     ffn_hidden=3072, bias=True)
+    out = {}
+    W = None
+    for dt in DTYPES:
+        d = os.path.join(workdir, f"gpt2-124m-{dt}")
+        gguf = os.path.join(workdir, f"gpt2-124m-{dt}.gguf")
+        if not os.path.exists(os.path.join(d, "model.safetensors")):
+            if W is None:
+                W = ref.round_to_dtype(ref.random_weights(cfg, seed=1234, std=0.02), torch.bfloat16)
+            config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.n_layer,
+                      "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
+                      "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions, "layer_norm_epsilon": 1e-5,
+                      "bos_token_id": 0, "eos_token_id": 0}
+            save_model_dir(d, config, W, {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dt])
+            # The bundled model's byte-level BPE tokenizer: the converter needs one; ids it lacks
+            # become padding tokens in the GGUF vocabulary (the benchmark feeds token ids).
+            shutil.copy(os.path.join(ROOT, "models", "gpt2-kjv", "tokenizer.json"), d)
+            with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+                json.dump({"tokenizer_class": "GPT2TokenizerFast"}, f)
+        if not os.path.exists(gguf):
+            # The converter refuses a tokenizer whose pre-tokenizer it does not know by hash; this one
+            # splits as GPT-2's does, so it is named as such.
+            script = (f"import sys; sys.path[:0] = [{tree!r}, {os.path.join(tree, 'gguf-py')!r}]\n"
+                      "import convert_hf_to_gguf as c\n"
+                      "from conversion.base import TextModel\n"
+                      "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n"
+                      f"sys.argv = ['convert', {d!r}, '--outtype', {dt!r}, '--outfile', {gguf!r}]\n"
+                      "c.main()\n")
+            run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        out[dt] = (d, gguf)
+    return out
+
+
+def ours(build: str, model: str, prefill, batches, threads: int) -> dict:
+    r = json.loads(run([os.path.join(build, "bench", "engine_bench"), "--model", model, "--prefill",
+                        ",".join(map(str, prefill)), "--decode-batch", ",".join(map(str, batches)), "--context",
+                        "128", "--decode-steps", "16", "--repeats", "3", "--threads", str(threads)],
+                       capture_output=True).stdout)
+    cells = {f"pp{p['tokens']}": p["tokens"] / p["seconds"] for p in r["prefill"]}
+    cells.update({f"tg_b{d['batch']}": d["tokens_per_second"] for d in r["decode"]})
+    cells["memory_read_gbps"] = r["memory_read_gbps"]
+    cells["weight_bytes"] = r["weight_bytes"]
+    return cells
+
+
+def theirs(workdir: str, gguf: str, dt: str, prefill, batches, threads: int) -> dict:
+    bin_dir = os.path.join(workdir, "llama-build", "bin")
+    kv = {"f32": "f32", "f16": "f16", "bf16": "bf16"}[dt]
+    cells = {}
+    # llama-bench takes no F32 KV cache: its default F16 there (a prefill's KV traffic is small).
+    pkv = "f16" if kv == "f32" else kv
+    pb = json.loads(run([os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-p", ",".join(map(str, prefill)),
+                         "-n", "0", "-r", "3", "-t", str(threads), "-ctk", pkv, "-ctv", pkv, "-o", "json"],
+                        capture_output=True).stdout)
+    for t in pb:
+        cells[f"pp{t['n_prompt']}"] = t["avg_ts"]
+    # Batch-1 decode from llama-bench too (32 tokens after a 128-token history), and the better of
+    # the two tools is theirs: batched-bench pays per-step costs llama-bench's tg loop does not.
+    tg = json.loads(run([os.path.join(bin_dir, "llama-bench"), "-m", gguf, "-p", "0", "-n", "32", "-d", "128", "-r",
+                         "3", "-t", str(threads), "-ctk", pkv, "-ctv", pkv, "-o", "json"], capture_output=True).stdout)
+    tg_b1 = tg[0]["avg_ts"]
+    lines = run([os.path.join(bin_dir, "llama-batched-bench"), "-m", gguf, "-c", str(max(batches) * (128 + 16) + 64),
+                 "-b", "2048", "-ub", "512", "-npp", "128", "-ntg", "16", "-npl", ",".join(map(str, batches)),
+                 "-t", str(threads), "-tb", str(threads), "-ctk", kv, "-ctv", kv, "--output-format", "jsonl"],
+                capture_output=True).stdout
+    for line in lines.splitlines():
+        if line.startswith("{"):
+            j = json.loads(line)
+            cells[f"tg_b{j['pl']}"] = j["speed_tg"]
+    cells["tg_b1"] = max(cells.get("tg_b1", 0.0), tg_b1)
+    return cells
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--workdir", default=None, help="llama.cpp, its build and the models (default BUILD/peer)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="T = 128, 512; b = 1, 8; one round")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    workdir = a.workdir or os.path.join(a.build, "peer")
+    os.makedirs(workdir, exist_ok=True)
+    prefill = [128, 512] if a.quick else [128, 512, 1024]
+    batches = [1, 8] if a.quick else [1, 8, 32]
+    rounds = 1 if a.quick else a.rounds
+    tree = build_llama(workdir)
+    models = make_models(workdir, tree)
+    before = cpu_description()
+    samples = {dt: {"ours": [], "theirs": []} for dt in DTYPES}
+    for _ in range(rounds):
+        for dt in DTYPES:
+            d, gguf = models[dt]
+            samples[dt]["ours"].append(ours(a.build, d, prefill, batches, a.threads))
+            samples[dt]["theirs"].append(theirs(workdir, gguf, dt, prefill, batches, a.threads))
+    after = open("/proc/loadavg").read().split()[:3]
+    keys = [f"pp{t}" for t in prefill] + [f"tg_b{b}" for b in batches]
+    result = {"cpu": before, "loadavg_after": after, "threads": a.threads, "rounds": rounds,
+              "llama_cpp_python": LLAMA_CPP_PYTHON, "cells": {}}
+    print(f"CPU: {before['model']} ({', '.join(before['flags'])}); {a.threads} threads; load "
+          f"{' '.join(before['loadavg'])} -> {' '.join(after)}; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
+    print("tokens/s, median of rounds; ratio = ours / theirs (> 1: ours faster)\n")
+    print(f"{'dtype':5} {'cell':7} {'ours':>9} {'theirs':>9} {'ratio':>6}")
+    for dt in DTYPES:
+        for k in keys:
+            o = statistics.median(s[k] for s in samples[dt]["ours"])
+            t = statistics.median(s[k] for s in samples[dt]["theirs"])
+            result["cells"][f"{dt}/{k}"] = {"ours": o, "theirs": t, "ratio": o / t}
+            print(f"{dt:5} {k:7} {o:9.1f} {t:9.1f} {o / t:6.2f}")
+        # Batch-1 decode as a share of the read bandwidth measured in the same run.
+        o = samples[dt]["ours"][-1]
+        share = statistics.median(s["tg_b1"] for s in samples[dt]["ours"]) * o["weight_bytes"] / 1e9 / o["memory_read_gbps"]
+        print(f"{dt:5} {'b1 bw':7} {share:9.0%} (ours: weight bytes per token / measured read bandwidth)")
+        result["cells"][f"{dt}/tg_b1_bandwidth_share"] = share
+    if a.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+// The CPU kernels' instruction-set levels (engine/cpu/kernels.h): which level is chosen for a
+// CPU and a KRAKEN_CPU_ISA cap, and that every level this CPU can run gives the same bits.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <set>
+#include <string>
+
+#include "engine/cpu/kernels.h"
+#include "tests/engine/test_util.h"
+
+namespace kraken::engine::cpu {
+namespace {
+
+// A CPU with exactly the features in `g_features`.
+std::set<std::string> g_features;
+bool FakeCpu(const char* f) {
+  return g_features.count(f) > 0;
+}
+
+const std::set<std::string> kZen3 = {"avx2", "fma", "f16c", "bmi2"};
+const std::set<std::string> kSapphireRapids = {"avx2",     "fma",      "f16c",     "bmi2",    "avx512f",
+                                               "avx512bw", "avx512dq", "avx512vl", "avx512cd"};
+
+#if defined(__x86_64__)
+TEST(CpuDispatch, BuildsAvx2AndAvx512Levels) {
+  EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"avx512", "avx2"}));
+}
+
+TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
+  g_features = kSapphireRapids;
+  EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx512");
+  EXPECT_STREQ((*SelectKernels("", &FakeCpu))->isa, "avx512");
+  g_features = kZen3;
+  EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx2");
+  // AVX-512 F without BW/DQ/VL (Knights Landing) is not the AVX-512 level.
+  g_features = kZen3;
+  g_features.insert({"avx512f", "avx512cd"});
+  EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx2");
+}
+
+TEST(CpuDispatch, TheCapLowersTheLevelButNeverRaisesIt) {
+  g_features = kSapphireRapids;
+  EXPECT_STREQ((*SelectKernels("avx2", &FakeCpu))->isa, "avx2");
+  EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx512");
+  g_features = kZen3;
+  EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx2");
+}
+
+TEST(CpuDispatch, AnUnknownCapOrAnUnfitCpuIsRefusedByName) {
+  g_features = kZen3;
+  StatusOr<const KernelTable*> t = SelectKernels("avx512bf16", &FakeCpu);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().message(),
+            "KRAKEN_CPU_ISA must be one of the levels this binary holds (avx512, avx2), got 'avx512bf16'");
+  g_features = {"avx2", "f16c", "bmi2"};  // no FMA
+  t = SelectKernels(nullptr, &FakeCpu);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().message(),
+            "this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='avx512' (built: avx512, avx2)");
+}
+#endif
+
+// The suite runs once per level in scripts/test.sh (KRAKEN_CPU_ISA=...): the active level must be
+// the one asked for when this CPU has it.
+TEST(CpuDispatch, TheActiveLevelFollowsKrakenCpuIsa) {
+  const char* cap = std::getenv("KRAKEN_CPU_ISA");
+  const StatusOr<const KernelTable*> want = SelectKernels(cap, &CpuHasFeature);
+  ASSERT_TRUE(want.ok()) << want.status();
+  EXPECT_STREQ(Kernels().isa, (*want)->isa);
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0) {
+    EXPECT_STREQ(Kernels().isa, "avx2");  // every x86-64-v3 CPU has it
+  }
+}
+
+// Everything the levels compute, on one level's table: every GEMM dtype with bias and
+// accumulation, LayerNorm, GELU, the embedding, and attention over F32 and BF16 KV caches.
+std::vector<float> RunAll(const KernelTable& kt) {
+  omp_set_num_threads(2);
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> out;
+  const int m = 23, n = 77, k = 131;
+  std::vector<float> x(m * k), y(m * n), bias(n);
+  for (float& v : x) v = nd(rng);
+  for (float& v : bias) v = nd(rng);
+  for (DType t : {DType::kF32, DType::kBF16, DType::kF16}) {
+    std::vector<uint16_t> half(n * k);
+    std::vector<float> full(n * k);
+    for (int i = 0; i < n * k; ++i) {
+      full[i] = nd(rng);
+      half[i] = t == DType::kBF16 ? F32ToBf16(full[i]) : F32ToF16(full[i]);
+    }
+    MatrixSource src{.data = t == DType::kF32 ? reinterpret_cast<const uint8_t*>(full.data())
+                                              : reinterpret_cast<const uint8_t*>(half.data()),
+                     .dtype = t,
+                     .out_stride = k,
+                     .in_stride = 1,
+                     .in = k};
+    src.rows.resize(n);
+    std::iota(src.rows.begin(), src.rows.end(), 0);
+    PackedMatrix w = std::move(PackedMatrix::Pack(src)).value();
+    std::vector<float> packed_a(kt.gemm_scratch_floats(m, k));
+    std::fill(y.begin(), y.end(), 0.5f);
+    kt.gemm(x.data(), m, k, w, bias.data(), y.data(), n, /*accumulate=*/true, packed_a.data());
+    out.insert(out.end(), y.begin(), y.end());
+    // The embedding reads the same packed layout: rows of W as token vectors.
+    std::vector<int32_t> tokens = {3, 0, 76, 3}, positions = {0, 1, 2, 3};
+    std::vector<float> wpe(4 * k), e(4 * k);
+    for (float& v : wpe) v = nd(rng);
+    kt.embed(tokens.data(), positions.data(), w, wpe.data(), Mat(e.data(), 4, k));
+    out.insert(out.end(), e.begin(), e.end());
+  }
+  std::vector<float> g(m * k), b(k), ln(m * k);
+  for (float& v : g) v = nd(rng);
+  for (float& v : b) v = nd(rng);
+  kt.layer_norm(Mat(x.data(), m, k), g.data(), b.data(), 1e-5f, Mat(ln.data(), m, k));
+  out.insert(out.end(), ln.begin(), ln.end());
+  std::vector<float> gelu(x);
+  for (float& v : gelu) v *= 4.f;  // reach tanh's saturated range too
+  kt.gelu_tanh(Mat(gelu.data(), m, k));
+  out.insert(out.end(), gelu.begin(), gelu.end());
+  for (DType kv : {DType::kF32, DType::kBF16}) {
+    const int heads = 2, dh = 45, T = 37, bs = 16, w = heads * dh;
+    std::vector<float> q(T * w), kk(T * w), vv(T * w), o(T * w);
+    for (auto* a : {&q, &kk, &vv})
+      for (float& v : *a) v = nd(rng);
+    std::vector<int32_t> table = {2, 0, 1};
+    KvSlot slot{.dtype = kv, .heads = heads, .head_dim = dh, .block_size = bs, .num_blocks = 3};
+    std::vector<uint8_t> kpool(slot.block_elems() * 3 * DTypeSize(kv)), vpool(kpool.size());
+    slot.k = kpool.data();
+    slot.v = vpool.data();
+    AttentionSeq s{0, T, 0, table.data()};
+    AttentionBatch batch{{&s, 1}, bs};
+    AttentionScratch scratch;
+    kt.write_kv(Mat(kk.data(), T, w), Mat(vv.data(), T, w), slot, batch);
+    kt.attention(Mat(q.data(), T, w), slot, batch, 0.15f, Mat(o.data(), T, w), &scratch);
+    out.insert(out.end(), o.begin(), o.end());
+  }
+  return out;
+}
+
+TEST(CpuDispatch, EveryLevelThisCpuRunsGivesTheSameBits) {
+  std::vector<const KernelTable*> runnable;
+  for (const std::string& isa : BuiltCpuIsas()) {
+    StatusOr<const KernelTable*> t = SelectKernels(isa.c_str(), &CpuHasFeature);
+    if (t.ok() && isa == (*t)->isa) runnable.push_back(*t);
+  }
+  ASSERT_FALSE(runnable.empty());
+  const std::vector<float> first = RunAll(*runnable[0]);
+  for (float v : first) ASSERT_TRUE(std::isfinite(v));
+  for (size_t i = 1; i < runnable.size(); ++i) {
+    const std::vector<float> other = RunAll(*runnable[i]);
+    ASSERT_EQ(first.size(), other.size());
+    for (size_t j = 0; j < first.size(); ++j) {
+      ASSERT_EQ(std::memcmp(&first[j], &other[j], 4), 0)
+          << runnable[0]->isa << " and " << runnable[i]->isa << " differ at output " << j << ": " << first[j] << " vs "
+          << other[j];
+    }
+  }
+  if (runnable.size() < 2) GTEST_SKIP() << "only the " << runnable[0]->isa << " level runs on this CPU";
+}
+
+}  // namespace
+}  // namespace kraken::engine::cpu

@@ -42,8 +42,9 @@ ThreadSched ReadThreadSched(pid_t pid, pid_t tid) {
   return t;
 }
 
-uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid) {
+uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid, uint64_t judge_waited_ns) {
   auto excused_state = [this](char state) { return state == 'D' || (runnable_is_waiting_ && state == 'R'); };
+  auto stopped = [](char state) { return state == 'T' || state == 't'; };
   if (mark != mark_ || !started_) {
     // A new silence: the kernel's account of the thread now is its baseline. The time between the
     // mark and this first sight is charged by the clock, unless the thread is waiting on the host
@@ -59,7 +60,10 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid)
     if (!t.ok) return blamed_ns_;
     sampling_ = true;
     start_ns_ = checked_ns_ = now;
-    initial_ns_ = blamed_ns_ = excused_state(t.state) ? 0 : wall_ns(now);
+    // The part of the silence the judge itself spent waiting for a CPU is not the thread's fault.
+    const uint64_t judge = stopped(t.state) ? 0 : std::min(judge_waited_ns, wall_ns(now));
+    initial_ns_ = blamed_ns_ = excused_state(t.state) ? 0 : wall_ns(now) - judge;
+    excused_by_judge_ns_ = 0;
     start_wait_ns_ = wait_ns_ = t.wait_ns;
     run_ns_ = t.run_ns;
     excused_by_state_ns_ = 0;
@@ -76,8 +80,13 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid)
     const uint64_t ran = t.run_ns > run_ns_ ? t.run_ns - run_ns_ : 0;
     run_ns_ = std::max(run_ns_, t.run_ns);
     if (excused_state(t.state)) excused_by_state_ns_ += interval > ran ? interval - ran : 0;
+    if (stopped(t.state)) {
+      excused_by_judge_ns_ = 0;
+    } else {
+      excused_by_judge_ns_ += std::min(judge_waited_ns, interval);
+    }
   }
-  const uint64_t excused = std::max(excused_by_state_ns_, wait_ns_ - start_wait_ns_);
+  const uint64_t excused = std::max({excused_by_state_ns_, wait_ns_ - start_wait_ns_, excused_by_judge_ns_});
   const uint64_t elapsed = now > start_ns_ ? now - start_ns_ : 0;
   blamed_ns_ = initial_ns_ + (elapsed > excused ? elapsed - excused : 0);
   return blamed_ns_;

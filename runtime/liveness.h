@@ -45,12 +45,19 @@ ThreadSched ReadThreadSched(pid_t pid, pid_t tid);
 /// waiting). A stopped thread is excused nothing. States are sampled, so updates should come at
 /// least every 100 ms while the supervisor itself runs. At the first sight of an old stamp a
 /// `runnable_is_waiting` thread that is runnable is taken to have waited since the stamp.
+///
+/// A third measure covers a freeze of the whole host or container (a cgroup CPU quota throttles
+/// every thread of it at once, the supervisor's too): `judge_waited_ns` is the run-queue wait the
+/// calling thread itself accrued since its previous Update (ReadThreadSched of itself; 0 when
+/// unknown). Time the judge could not run is time it cannot blame on the thread, at first sight
+/// of a stamp as later: a heartbeat thread seen asleep just after a freeze stamped before it and
+/// slept through it. A stopped thread is not excused it either.
 class SilenceClock {
  public:
   explicit SilenceClock(bool runnable_is_waiting = false) : runnable_is_waiting_(runnable_is_waiting) {}
 
   /// The silence charged to the thread at `now` since `mark`. Thread: one caller.
-  uint64_t Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid);
+  uint64_t Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid, uint64_t judge_waited_ns = 0);
   /// Wall-clock time since the mark (ns).
   uint64_t wall_ns(uint64_t now) const { return now > mark_ ? now - mark_ : 0; }
   /// The thread's state at the last read ('?' when not read).
@@ -71,6 +78,7 @@ class SilenceClock {
   uint64_t run_ns_ = 0;         // the thread's time on a CPU at the last read
   uint64_t checked_ns_ = 0;     // the last read
   uint64_t excused_by_state_ns_ = 0;
+  uint64_t excused_by_judge_ns_ = 0;  // the judge's own run-queue wait since the baseline
   uint64_t blamed_ns_ = 0;
   char state_ = '?';
 };

@@ -419,6 +419,13 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
   // The silences are judged at most every kLivenessCheckNs (each judgement reads /proc).
   if (now - last_liveness_check_ns_ < kLivenessCheckNs) return absl::OkStatus();
   last_liveness_check_ns_ = now;
+  // How long this thread was itself kept from a CPU since the last judgement: a freeze of the
+  // whole container (its CPU quota) stops the judge and the judged alike (runtime/liveness.h).
+  uint64_t judge_waited = 0;
+  if (const ThreadSched self = ReadThreadSched(getpid(), gettid()); self.ok) {
+    if (judge_wait_ns_ != 0 && self.wait_ns > judge_wait_ns_) judge_waited = self.wait_ns - judge_wait_ns_;
+    judge_wait_ns_ = self.wait_ns;
+  }
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
   // Whatever the host does, a silence this long by the clock is a hang.
@@ -439,7 +446,7 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     // by its threads' scheduling, a remote rank's (mirrored from its node's reports) by the clock.
     const pid_t pid = IsLocal(r) ? pids_[r] : -1;
     SilenceClock& hb = heartbeat_clocks_[r];
-    const uint64_t hb_blamed = hb.Update(beat, now, pid, s.heartbeat_tid.load(std::memory_order_relaxed));
+    const uint64_t hb_blamed = hb.Update(beat, now, pid, s.heartbeat_tid.load(std::memory_order_relaxed), judge_waited);
     if (hb_blamed > silent || hb.wall_ns(now) > beat_ceiling) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") stopped responding: no heartbeat for ",
                                            hb_blamed / 1'000'000, " ms", hb.Explain(now)));
@@ -449,7 +456,7 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     if (!in_step || s.done_step.load() >= step_) continue;
     const uint64_t progress = std::max(s.progress_ns.load(std::memory_order_relaxed), step_published_ns_);
     SilenceClock& pc = progress_clocks_[r];
-    const uint64_t pc_blamed = pc.Update(progress, now, pid, pid);  // the serving thread is the main one
+    const uint64_t pc_blamed = pc.Update(progress, now, pid, pid, judge_waited);  // the serving thread is the main one
     ++in_step_ranks;
     if (pc_blamed > stalled || pc.wall_ns(now) > step_ceiling) {
       ++stalled_ranks;

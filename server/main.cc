@@ -786,7 +786,8 @@ int RunFollowerNode(const Flags& f) {
   fo.workers.threads_per_worker = f.threads_per_worker;
   fo.workers.collective_host = f.node_address;
   fo.join_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.start_timeout_s * 1000 + 0.5));
-  spdlog::info("follower node: joining the leader at {} with {} worker(s) on {}", f.join, devices->size(), f.devices);
+  spdlog::info("follower node: joining the leader at {} with {} worker(s) on {} (CPU kernels: {})", f.join,
+               devices->size(), f.devices, engine::cpu::Kernels().isa);
   return cluster::RunFollower(fo);
 }
 

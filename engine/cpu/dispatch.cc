@@ -29,9 +29,10 @@ struct Level {
 };
 
 #if KRAKEN_CPU_HAS_X86_ISAS
-// What -march=x86-64-v4 and x86-64-v3 let the compiler use in the kernels.
+// What -march=x86-64-v4 and x86-64-v3 let the compiler use in the kernels (the rest of v3 -
+// BMI1, LZCNT, MOVBE - the start-up check of the KRAKEN_CPU_ARCH=x86-64-v3 build covers).
 const char* const kAvx512Features[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd",
-                                       "avx2",    "fma",      "f16c",     nullptr};
+                                       "avx2",    "fma",      "f16c",     "bmi2",     nullptr};
 const char* const kAvx2Features[] = {"avx2", "fma", "f16c", "bmi2", nullptr};
 const Level kLevels[] = {{&avx512::kKernels, kAvx512Features}, {&avx2::kKernels, kAvx2Features}};
 #else

@@ -128,6 +128,34 @@ TEST(SilenceClock, ExcusesAnOldMarkFirstSeenWhileTheThreadWaitsForACpu) {
   EXPECT_EQ(asleep.Update(now - 900'000'000, now, sleeper.pid(), sleeper.pid()), 900'000'000u);
 }
 
+TEST(SilenceClock, ExcusesTheTimeTheJudgeItselfWasFrozen) {
+  // A quota freeze stops the supervisor too: a heartbeat thread that stamped just before it and
+  // is back asleep when the supervisor first runs again is excused what the supervisor waited.
+  Child sleeper([] { pause(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const uint64_t now = NowNs();
+  SilenceClock after_freeze(/*runnable_is_waiting=*/true);
+  EXPECT_EQ(after_freeze.Update(now - 900'000'000, now, sleeper.pid(), sleeper.pid(), 880'000'000), 20'000'000u);
+  // Never more than the silence itself.
+  SilenceClock short_silence(/*runnable_is_waiting=*/true);
+  EXPECT_EQ(short_silence.Update(now - 100'000'000, now, sleeper.pid(), sleeper.pid(), 880'000'000), 0u);
+  // Later freezes add up, each at most its interval; a judge that ran all along excuses nothing.
+  EXPECT_EQ(after_freeze.Update(now - 900'000'000, now + 500'000'000, sleeper.pid(), sleeper.pid(), 450'000'000),
+            20'000'000u + 50'000'000u);
+  EXPECT_EQ(after_freeze.Update(now - 900'000'000, now + 700'000'000, sleeper.pid(), sleeper.pid(), 900'000'000),
+            20'000'000u + 50'000'000u);
+  EXPECT_EQ(after_freeze.Update(now - 900'000'000, now + 1'700'000'000, sleeper.pid(), sleeper.pid(), 0),
+            20'000'000u + 50'000'000u + 1'000'000'000u);
+  // A stopped thread is charged in full, whatever the judge waited.
+  Child stopped([] { pause(); });
+  kill(stopped.pid(), SIGSTOP);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  SilenceClock frozen(/*runnable_is_waiting=*/true);
+  EXPECT_EQ(frozen.Update(now - 900'000'000, now, stopped.pid(), stopped.pid(), 880'000'000), 900'000'000u);
+  EXPECT_EQ(frozen.Update(now - 900'000'000, now + 500'000'000, stopped.pid(), stopped.pid(), 500'000'000),
+            1'400'000'000u);
+}
+
 TEST(SilenceClock, ChargesASpinningThreadThatIsRunnableButRunning) {
   // Runnable is waiting only for the part of an interval the thread did not run: a heartbeat
   // thread that spins (it cannot by construction, but a hang could look so) is charged.

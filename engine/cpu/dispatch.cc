@@ -1,4 +1,8 @@
 // Chooses the CPU kernels' instruction-set level once (kernels.h) and forwards the kernel calls.
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -53,7 +57,10 @@ bool CpuHasFeature(const char* f) {
   if (std::strcmp(f, "avx512cd") == 0) return __builtin_cpu_supports("avx512cd");
   if (std::strcmp(f, "avx2") == 0) return __builtin_cpu_supports("avx2");
   if (std::strcmp(f, "fma") == 0) return __builtin_cpu_supports("fma");
-  if (std::strcmp(f, "f16c") == 0) return __builtin_cpu_supports("f16c");
+  if (std::strcmp(f, "f16c") == 0) {  // clang's __builtin_cpu_supports does not know this name
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
+  }
   if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
   return false;
 #else

@@ -187,7 +187,7 @@ constexpr KernelFn Pick(int np) {
 template <DType T, int... I>
 KernelFn SelectRows(int mr, int np, std::integer_sequence<int, I...>) {
   KernelFn f = nullptr;
-  ((mr == I + 1 ? (f = Pick<T, I + 1>(np), true) : false) || ...);
+  static_cast<void>(((mr == I + 1 ? (f = Pick<T, I + 1>(np), true) : false) || ...));
   return f;
 }
 

@@ -31,6 +31,14 @@ TEST(CpuDispatch, BuildsAvx2AndAvx512Levels) {
   EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"avx512", "avx2"}));
 }
 
+TEST(CpuDispatch, ReadsThisCpusFeatures) {
+  // This binary is built for x86-64-v3 and checks that at start: the AVX2 level's features are here.
+  for (const char* f : {"avx2", "fma", "f16c", "bmi2"}) EXPECT_TRUE(CpuHasFeature(f)) << f;
+  EXPECT_FALSE(CpuHasFeature("avx512bf16"));  // a name the levels do not ask about
+  const bool avx512 = CpuHasFeature("avx512f");
+  EXPECT_EQ(avx512, __builtin_cpu_supports("avx512f") != 0);
+}
+
 TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
   g_features = kSapphireRapids;
   EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx512");

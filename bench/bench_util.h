@@ -2,8 +2,12 @@
 // FLOP counts of a model step (the numerator of every "share of peak" figure).
 #pragma once
 
+#include <omp.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdint>
+#include <cstdlib>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -45,6 +49,26 @@ inline double GemmFlopsPerToken(const engine::ModelConfig& c) {
 inline double HeadFlopsPerRow(const engine::ModelConfig& c) {
   const double d = c.n_embd, N = c.kraken_degree;
   return 2 * d * c.vocab_size + (c.arch == engine::Architecture::kKraken ? 2 * d * N * d : 0.0);
+}
+
+/// Read bandwidth of main memory in GB/s: the OpenMP team summing a 1 GiB buffer of 64-bit
+/// integers, best of 5. Integer addition is associative, so the compiler vectorizes the sum and
+/// the loop is bound by memory, not by an add chain (a float sum in order would measure the
+/// adder's latency).
+inline double MemoryReadGBps() {
+  const size_t n = (1ull << 30) / sizeof(uint64_t);
+  std::vector<uint64_t> buf(n, 1);
+  double best = 0;
+  for (int rep = 0; rep < 5; ++rep) {
+    const double t0 = Now();
+    uint64_t total = 0;
+#pragma omp parallel for reduction(+ : total) schedule(static)
+    for (size_t i = 0; i < n; ++i) total += buf[i];
+    const double sec = Now() - t0;
+    if (total != n) std::abort();
+    best = std::max(best, n * sizeof(uint64_t) / sec / 1e9);
+  }
+  return best;
 }
 
 }  // namespace kraken::bench

@@ -97,26 +97,6 @@ Measure OurGemm(int m, int n, int k, int threads) {
   return {2.0 * m * n * k / s / 1e9, s};
 }
 
-// Read bandwidth of main memory: all threads summing a 1 GiB buffer of 64-bit integers, best of
-// 5. Integer addition is associative, so the compiler vectorizes the sum and the loop is bound by
-// memory, not by an add chain (a float sum in order would measure the adder's latency).
-double MemoryReadGBps(int threads) {
-  omp_set_num_threads(threads);
-  const size_t n = (1ull << 30) / sizeof(uint64_t);
-  std::vector<uint64_t> buf(n, 1);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const double t0 = Now();
-    uint64_t total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-    for (size_t i = 0; i < n; ++i) total += buf[i];
-    const double sec = Now() - t0;
-    if (total != n) std::abort();
-    best = std::max(best, n * sizeof(uint64_t) / sec / 1e9);
-  }
-  return best;
-}
-
 struct Args {
   std::string model;
   std::string prefill = "128,512,2048";
@@ -253,7 +233,8 @@ Status Run(const Args& a) {
   const Measure lib = OneDnnSgemm(2048, 1024, 1024, threads);
   const Measure ours = OurGemm(2048, 1024, 1024, threads);
   out["gemm_2048x1024x1024"] = {{"onednn_sgemm_gflops", lib.gflops}, {"kraken_packed_gflops", ours.gflops}};
-  const double bandwidth = MemoryReadGBps(threads);
+  omp_set_num_threads(threads);
+  const double bandwidth = bench::MemoryReadGBps();
   out["memory_read_gbps"] = bandwidth;
   for (json& d : out["decode"]) d["bandwidth_share"] = d["read_gbps"].get<double>() / bandwidth;
   std::cout << out.dump() << "\n";

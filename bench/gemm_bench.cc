@@ -73,23 +73,6 @@ std::vector<double> Interleaved(const std::vector<std::function<void()>>& fns, i
   return med;
 }
 
-// Read bandwidth of main memory (engine_bench's measure): all threads summing 1 GiB, best of 5.
-double MemoryReadGBps() {
-  const size_t n = (1ull << 30) / sizeof(uint64_t);
-  std::vector<uint64_t> buf(n, 1);
-  double best = 0;
-  for (int rep = 0; rep < 5; ++rep) {
-    const double t0 = Now();
-    uint64_t total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-    for (size_t i = 0; i < n; ++i) total += buf[i];
-    const double sec = Now() - t0;
-    if (total != n) std::abort();
-    best = std::max(best, n * sizeof(uint64_t) / sec / 1e9);
-  }
-  return best;
-}
-
 struct Args {
   int threads = 0;
   std::string rows = "128,512";
@@ -167,7 +150,7 @@ int Run(const Args& a) {
     }
   }
   out["cells"] = cells;
-  out["memory_read_gbps"] = MemoryReadGBps();
+  out["memory_read_gbps"] = bench::MemoryReadGBps();
   std::cout << out.dump() << "\n";
   return 0;
 }

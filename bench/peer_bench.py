@@ -18,26 +18,34 @@ Cells, ours / theirs (> 1: we are faster):
 - decode b = 1/8/32 after a 128-token prompt per sequence: tokens/s, our engine_bench decode against
   llama-batched-bench's S_TG (prompt not shared, KV cache in the weights' dtype on both sides); for
   b = 1 theirs is the better of that and llama-bench's tg32 at depth 128.
+- serving: kraken-server and llama-server (continuous batching, one slot per client) on the same
+  weights, the same OpenAI streaming client (/v1/completions, 128- and 512-token prompts that both
+  servers count alike, 64 tokens out, ignore_eos), concurrency 1/4/16: TTFT p50/p99, ITL p50,
+  output tokens/s, and each server's peak RSS (its process tree).
 It prints the CPU model, its flags and the load average before and after. Not run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
-import shutil
+import random
+import socket
 import statistics
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp is measured
-LLAMA_TARGETS = ["llama-bench", "llama-batched-bench"]
+LLAMA_TARGETS = ["llama-bench", "llama-batched-bench", "llama-server"]
 DTYPES = ["f32", "f16", "bf16"]
 
 
@@ -165,6 +173,170 @@ def theirs(workdir: str, gguf: str, dt: str, prefill, batches, threads: int) -> 
     return cells
 
 
+# ---- Serving: llama-server against kraken-server, one OpenAI streaming client ----------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, path: str, body: dict, timeout: float = 600):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    return c
+
+
+def wait_ready(port: int, proc, seconds: float = 180) -> None:
+    end = time.time() + seconds
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("server not ready")
+
+
+def tree_peak_rss_kib(pid: int) -> int:
+    """VmHWM (peak resident set) summed over the process and its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+def prompt_texts(n_tokens: int, count: int) -> list[str]:
+    """`count` distinct texts of exactly `n_tokens` GPT-2 tokens (no shared prefix to cache)."""
+    tok = gpt2_tokenizer()
+    rng = random.Random(n_tokens)
+    words = [w for w in open(os.path.join(ROOT, "README.md")).read().split() if w.isalpha()]
+    out = []
+    for i in range(count):
+        ids = tok.encode(f"{i} " + " ".join(rng.choice(words) for _ in range(2 * n_tokens))).ids[:n_tokens]
+        text = tok.decode(ids)
+        assert len(tok.encode(text).ids) == n_tokens
+        out.append(text)
+    return out
+
+
+def stream_one(port: int, model: str, prompt: str, max_tokens: int) -> tuple[float, list[float], int]:
+    """(TTFT s, inter-token gaps s, tokens) of one streaming completion."""
+    t0 = time.perf_counter()
+    c = post(port, "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+                                        "ignore_eos": True, "temperature": 0})
+    r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    stamps = []
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[5:])
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            stamps.append(time.perf_counter())
+    c.close()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return stamps[0] - t0, gaps, len(stamps)
+
+
+def load(port: int, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
+    """Every prompt once, `concurrency` at a time (closed loop)."""
+    ttft, itl, tokens, errors = [], [], 0, []
+    lock = threading.Lock()
+    queue = list(prompts)
+
+    def worker():
+        nonlocal tokens
+        while True:
+            with lock:
+                if not queue:
+                    return
+                p = queue.pop()
+            try:
+                t, g, n = stream_one(port, model, p, max_tokens)
+                with lock:
+                    ttft.append(t)
+                    itl.extend(g)
+                    tokens += n
+            except Exception as e:  # noqa: BLE001 - counted and shown
+                with lock:
+                    errors.append(str(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    q = lambda xs, f: sorted(xs)[min(len(xs) - 1, int(f * len(xs)))] if xs else float("nan")  # noqa: E731
+    return {"ttft_p50_ms": q(ttft, 0.5) * 1e3, "ttft_p99_ms": q(ttft, 0.99) * 1e3, "itl_p50_ms": q(itl, 0.5) * 1e3,
+            "output_tokens_per_s": tokens / wall, "requests": len(ttft), "errors": errors[:3]}
+
+
+def serve(build: str, workdir: str, model_dir: str, gguf: str, dt: str, threads: int, lengths, concurrencies,
+          max_tokens: int) -> dict:
+    """Each server in turn on the same prompts: {server: {f"T{len}/c{conc}": cell, "rss_kib": peak}}."""
+    slots = max(concurrencies)
+    ctx = slots * (max(lengths) + max_tokens + 16)
+    kv = {"f32": "f32", "f16": "f16", "bf16": "bf16"}[dt]
+    prompts = {n: prompt_texts(n, 2 * slots + 2) for n in lengths}
+    results = {}
+    for name in ("kraken", "llama"):
+        port = free_port()
+        if name == "kraken":
+            cmd = [os.path.join(build, "server", "kraken-server"), "--model", model_dir, "--devices", "cpu:1",
+                   "--threads-per-worker", str(threads), "--host", "127.0.0.1", "--http-port", str(port), "--port",
+                   str(free_port()), "--metrics-port", "-1", "--max-batch-seqs", str(slots)]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
+        else:
+            cmd = [os.path.join(workdir, "llama-build", "bin", "llama-server"), "-m", gguf, "-t", str(threads), "-tb",
+                   str(threads), "-np", str(slots), "-c", str(ctx), "-ctk", kv, "-ctv", kv, "--host", "127.0.0.1",
+                   "--port", str(port), "--no-webui"]
+            env = dict(os.environ)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        try:
+            wait_ready(port, proc)
+            model = os.path.basename(model_dir) if name == "kraken" else "gpt2"
+            # Both servers must read the same prompts as the same number of tokens.
+            if name == "kraken":
+                c = post(port, "/tokenize", {"prompt": prompts[lengths[0]][0]})
+                got = json.loads(c.getresponse().read())["count"]
+            else:
+                c = post(port, "/tokenize", {"content": prompts[lengths[0]][0]})
+                got = len(json.loads(c.getresponse().read())["tokens"])
+            assert got == lengths[0], (name, got, lengths[0])
+            stream_one(port, model, prompts[lengths[0]][0], 4)  # warm-up
+            cells = {}
+            for n in lengths:
+                for conc in concurrencies:
+                    cells[f"T{n}/c{conc}"] = load(port, model, prompts[n][: max(4, 2 * conc)], conc, max_tokens)
+            cells["rss_kib"] = tree_peak_rss_kib(proc.pid)
+            results[name] = cells
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return results
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -173,6 +345,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="T = 128, 512; b = 1, 8; one round")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--serving-dtype", default="bf16", choices=DTYPES + ["none"],
+                    help="weights both servers serve (none: skip the serving comparison)")
     a = ap.parse_args()
     workdir = a.workdir or os.path.join(a.build, "peer")
     os.makedirs(workdir, exist_ok=True)
@@ -207,6 +381,26 @@ def main() -> int:
         share = statistics.median(s["tg_b1"] for s in samples[dt]["ours"]) * o["weight_bytes"] / 1e9 / o["memory_read_gbps"]
         print(f"{dt:5} {'b1 bw':7} {share:9.0%} (ours: weight bytes per token / measured read bandwidth)")
         result["cells"][f"{dt}/tg_b1_bandwidth_share"] = share
+    if a.serving_dtype != "none":
+        lengths, concs, out_tokens = ([128, 512], [1, 4] if a.quick else [1, 4, 16], 64)
+        d, gguf = models[a.serving_dtype]
+        sv = serve(a.build, workdir, d, gguf, a.serving_dtype, a.threads, lengths, concs, out_tokens)
+        result["serving"] = sv
+        print(f"\nserving, {a.serving_dtype} weights, {out_tokens} tokens out, OpenAI streaming completions; "
+              "kraken-server (1 worker) / llama-server (continuous batching)")
+        print(f"{'cell':9} {'TTFT p50 ms':>17} {'TTFT p99 ms':>17} {'ITL p50 ms':>15} {'output tok/s':>17}  ttft ratio")
+        for key in sv["kraken"]:
+            if key == "rss_kib":
+                continue
+            k, l = sv["kraken"][key], sv["llama"][key]
+            if k["errors"] or l["errors"]:
+                print(f"{key:9} errors: ours {k['errors']} theirs {l['errors']}")
+                continue
+            print(f"{key:9} {k['ttft_p50_ms']:8.0f} {l['ttft_p50_ms']:8.0f} {k['ttft_p99_ms']:8.0f} {l['ttft_p99_ms']:8.0f} "
+                  f"{k['itl_p50_ms']:7.1f} {l['itl_p50_ms']:7.1f} {k['output_tokens_per_s']:8.1f} "
+                  f"{l['output_tokens_per_s']:8.1f}  {k['ttft_p50_ms'] / l['ttft_p50_ms']:.2f}")
+        print(f"peak RSS (process tree): kraken-server {sv['kraken']['rss_kib'] / 1024:.0f} MiB, "
+              f"llama-server {sv['llama']['rss_kib'] / 1024:.0f} MiB")
     if a.json:
         print(json.dumps(result, indent=1))
     return 0

@@ -34,17 +34,17 @@ inline __m256 LoadW8(const uint8_t* p) {
   if constexpr (T == DType::kF32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (T == DType::kBF16) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+    return LoadBf16x8(reinterpret_cast<const uint16_t*>(p));
   } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return LoadF16x8(reinterpret_cast<const uint16_t*>(p));
   }
 }
 
-// MR rows x NV * 8 columns starting at column `c0` of the panel `w` (c0 = 0 or 16); the columns
-// continue into the following panels.
+// Weight rows a block prefetches ahead of the one it reads.
 constexpr int kPrefetchAhead = 16;
 
+// MR rows x NV * 8 columns starting at column `c0` of the panel `w` (c0 = 0 or 16); the columns
+// continue into the following panels.
 template <DType T, int MR, int NV>
 inline void Block(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, int c0, float* y, int64_t ldc,
                   int n_valid, const float* bias, bool accumulate) {
@@ -59,11 +59,9 @@ inline void Block(int k_dim, const float* a, const uint8_t* w, size_t panel_byte
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
   for (int k = 0; k < k_dim; ++k) {
-    if constexpr (kPrefetchAhead > 0) {
-      // The weight rows kPrefetchAhead steps on, every line of them: a half-panel block alone
-      // would touch every other line, a stride the hardware prefetchers follow poorly.
-      for (size_t line = 0; line < k_step; line += 64) Prefetch(src[0] + (k + kPrefetchAhead) * k_step + line);
-    }
+    // Every line of the weight row kPrefetchAhead steps on: a half-panel block alone would touch
+    // every other line, a stride the hardware prefetchers follow poorly.
+    for (size_t line = 0; line < k_step; line += 64) Prefetch(src[0] + (k + kPrefetchAhead) * k_step + line);
     __m256 b[NV];
     for (int v = 0; v < NV; ++v) b[v] = LoadW8<T>(src[v] + k * k_step);
     const float* ak = a + static_cast<size_t>(k) * MR;

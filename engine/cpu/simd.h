@@ -138,6 +138,15 @@ inline F32x16 Ldexp(F32x16 a, F32x16 n) {
 inline __m256 FirstLanesMask8(int n) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
 }
+/// 8 bfloat16 values widened exactly.
+inline __m256 LoadBf16x8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+/// 8 IEEE half values widened exactly.
+inline __m256 LoadF16x8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 /// The 8 lanes of `bits` (bit i -> lane i) as a blend mask.
 inline __m256 BitsToMask8(unsigned bits) {
   const __m256i b = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
@@ -158,16 +167,9 @@ struct F32x16 {
             _mm256_maskload_ps(p + 8, _mm256_castps_si256(FirstLanesMask8(n - 8)))};
   }
   /// 16 bfloat16 values widened exactly.
-  static F32x16 LoadBf16(const uint16_t* p) {
-    const __m256i a = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m256i b = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16))};
-  }
+  static F32x16 LoadBf16(const uint16_t* p) { return {LoadBf16x8(p), LoadBf16x8(p + 8)}; }
   /// 16 IEEE half values widened exactly.
-  static F32x16 LoadF16(const uint16_t* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  }
+  static F32x16 LoadF16(const uint16_t* p) { return {LoadF16x8(p), LoadF16x8(p + 8)}; }
   void Store(float* p) const {
     _mm256_storeu_ps(p, lo);
     _mm256_storeu_ps(p + 8, hi);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -13,6 +14,7 @@
 
 #include "cluster/hub.h"
 #include "kraken/cluster/v1/cluster.grpc.pb.h"
+#include "runtime/liveness.h"
 #include "runtime/shm.h"
 #include "runtime/shm_store.h"
 
@@ -39,8 +41,9 @@ class Follower {
   void StartShare(const v1::Start& start);
   void PublishPlan(const v1::Plan& plan);
   void ReportLoop();
-  // Cancels the stream when the leader has been silent past deadline_ns_ (a Read or a Write
-  // blocked on a frozen leader returns then).
+  // Cancels the stream when a join attempt passes deadline_ns_, or when the joined leader has been
+  // silent past its timeout (leader_silence_; a Read or a Write blocked on a frozen leader returns
+  // then).
   void Watchdog();
   bool Starting();                                                  // under mu_: a share whose ranks are not all ready
   void FillReport(v1::NodeMessage* status, v1::NodeMessage* keys);  // under mu_
@@ -60,11 +63,15 @@ class Follower {
   std::string failure_;
   std::set<std::string> sent_keys_;
   std::chrono::milliseconds heartbeat_timeout_{1000};
-  std::atomic<uint64_t> heard_ns_{0};
+  // The joined leader's silence (under lost_mu_): its timeout plus the freezes it reported lately
+  // (runtime/liveness.h PeerSilence). Not judged while publishing_: the reader then waits on this
+  // node's own workers (bounded, PublishPlan), not on the leader.
+  std::optional<runtime::PeerSilence> leader_silence_;
+  std::atomic<bool> publishing_{false};
   std::atomic<bool> done_{false};
   std::atomic<bool> shutdown_{false};
   std::mutex lost_mu_;
-  std::string lost_;  // why the leader was given up (watchdog)
+  std::string lost_;  // why the leader was given up (watchdog), under lost_mu_
   // Leader's send to this node's publish, per plan (meaningful when both share a host's clock).
   std::vector<uint64_t> relay_ns_;
 };
@@ -189,8 +196,25 @@ void Follower::StartShare(const v1::Start& start) {
 void Follower::PublishPlan(const v1::Plan& p) {
   // The previous step may still be finishing here (rank 0 on the leader is done once the last
   // collective is); a worker that failed meanwhile is reported by the report thread. Bounded by
-  // the heartbeat timeout, below the leader timeout, so this thread reads the leader's next word.
-  const uint64_t give_up = runtime::NowNs() + static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
+  // the heartbeat timeout, plus the time the host kept this thread or the node's workers from a
+  // CPU meanwhile (a starved node lags; one that spins without finishing does not wait), at most
+  // 10 x the heartbeat timeout. The leader's silence is not judged meanwhile.
+  const uint64_t start = runtime::NowNs();
+  const uint64_t timeout = static_cast<uint64_t>(heartbeat_timeout_.count()) * 1'000'000;
+  runtime::OwnWaitMeter meter;
+  meter.Take();
+  uint64_t own_wait = 0;
+  std::vector<uint64_t> worker_wait0;  // the local workers' run-queue wait when the wait passed `timeout`
+  publishing_ = true;
+  struct Done {
+    Follower* f;
+    uint64_t start;
+    ~Done() {
+      f->publishing_ = false;
+      std::lock_guard<std::mutex> lock(f->lost_mu_);
+      if (f->leader_silence_) f->leader_silence_->JudgeWaited(runtime::NowNs() - start);
+    }
+  } done{this, start};
   for (;;) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -202,13 +226,27 @@ void Follower::PublishPlan(const v1::Plan& p) {
         if (now >= p.sent_ns() && relay_ns_.size() < kMaxRelaySamples) relay_ns_.push_back(now - p.sent_ns());
         return;
       }
-      if (runtime::NowNs() > give_up) {
-        failure_ = StrCat("step ", p.step(), ": this node's workers were still in the previous step ",
-                          heartbeat_timeout_.count(), " ms after the leader's rank 0 finished it");
-        return;
+      const uint64_t now = runtime::NowNs(), waited = now - start;
+      if (waited > timeout) {
+        // Past the plain timeout: how long did the host keep this thread or the workers waiting?
+        own_wait += meter.Take();
+        const std::vector<pid_t> pids = share_->worker_pids();
+        uint64_t workers_wait = 0;
+        for (int r = share_->local_begin(), i = 0; r < share_->local_end(); ++r, ++i) {
+          const runtime::ThreadSched t = runtime::ReadThreadSched(pids[r], pids[r]);
+          if (static_cast<int>(worker_wait0.size()) <= i) worker_wait0.push_back(t.wait_ns);
+          if (t.ok && t.wait_ns > worker_wait0[i]) workers_wait = std::max(workers_wait, t.wait_ns - worker_wait0[i]);
+        }
+        if (waited > std::min(10 * timeout, timeout + std::max(own_wait, workers_wait))) {
+          failure_ = StrCat("step ", p.step(), ": this node's workers were still in the previous step ",
+                            waited / 1'000'000, " ms after the leader's rank 0 finished it (the host kept them waiting ",
+                            std::max(own_wait, workers_wait) / 1'000'000, " ms of it)");
+          return;
+        }
       }
     }
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
+    std::this_thread::sleep_for(std::chrono::microseconds(
+        runtime::NowNs() - start > timeout ? 1000 : 20));  // past the timeout each look reads /proc
   }
 }
 
@@ -317,6 +355,8 @@ void Follower::FillReport(v1::NodeMessage* status_message, v1::NodeMessage* keys
 }
 
 void Follower::ReportLoop() {
+  runtime::OwnWaitMeter meter;  // told to the leader with each report: a freeze here is not silence
+  meter.Take();
   auto next = std::chrono::steady_clock::now();
   while (!done_.load()) {
     v1::NodeMessage status, keys;
@@ -329,6 +369,7 @@ void Follower::ReportLoop() {
     {
       std::lock_guard<std::mutex> lock(write_mu_);
       if (keys.store().entries_size() > 0 && !stream_->Write(keys)) return;
+      status.mutable_status()->set_waited_ns(meter.Take());
       if (!stream_->Write(status)) return;
     }
     next += starting ? kStartingReportPeriod : kReportPeriod;
@@ -339,17 +380,27 @@ void Follower::ReportLoop() {
 }
 
 void Follower::Watchdog() {
+  runtime::OwnWaitMeter meter;  // a freeze of this host is not the leader's silence
   while (!done_.load()) {
-    const uint64_t deadline = deadline_ns_.load(), now = runtime::NowNs();
-    if (deadline != 0 && now > deadline) {
-      {
-        std::lock_guard<std::mutex> lock(lost_mu_);
-        const uint64_t heard = heard_ns_.load();
-        lost_ = heard == 0 ? "no welcome" : StrCat("the leader has been silent for ", (now - heard) / 1'000'000, " ms");
+    const uint64_t deadline = deadline_ns_.load(), now = runtime::NowNs(), waited = meter.Take();
+    bool cancel = false;
+    {
+      std::lock_guard<std::mutex> lock(lost_mu_);
+      if (deadline != 0 && now > deadline) {
+        lost_ = "no welcome";
+        deadline_ns_ = 0;
+        cancel = true;
+      } else if (leader_silence_ && lost_.empty()) {
+        leader_silence_->JudgeWaited(waited);
+        if (!publishing_.load() && leader_silence_->Expired(now)) {
+          lost_ = "the leader has been " + leader_silence_->Explain(now);
+          cancel = true;
+        }
       }
+    }
+    if (cancel) {
       std::lock_guard<std::mutex> lock(context_mu_);
       if (context_) context_->TryCancel();
-      deadline_ns_ = 0;
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -357,16 +408,24 @@ void Follower::Watchdog() {
 
 int Follower::Serve() {
   const uint64_t leader_timeout = static_cast<uint64_t>(welcome_.leader_timeout_ms()) * 1'000'000;
-  heard_ns_ = runtime::NowNs();
-  deadline_ns_ = heard_ns_ + leader_timeout;
+  {
+    std::lock_guard<std::mutex> lock(lost_mu_);
+    leader_silence_.emplace(leader_timeout, 5 * leader_timeout);
+    leader_silence_->Heard(runtime::NowNs(), 0);
+  }
   std::thread reporter([this] { ReportLoop(); });
   v1::LeaderMessage m;
   while (!shutdown_.load() && stream_->Read(&m)) {
-    heard_ns_ = runtime::NowNs();
-    deadline_ns_ = heard_ns_ + leader_timeout;
+    {
+      std::lock_guard<std::mutex> lock(lost_mu_);
+      leader_silence_->Heard(runtime::NowNs(), m.waited_ns());
+    }
     Handle(m);
   }
-  deadline_ns_ = 0;
+  {
+    std::lock_guard<std::mutex> lock(lost_mu_);
+    leader_silence_.reset();
+  }
   Retire();
   context_->TryCancel();
   done_ = true;

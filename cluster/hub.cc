@@ -47,21 +47,31 @@ StatusOr<std::shared_ptr<Hub>> Hub::Create(const HubOptions& o) {
   if (!hub->server_ || hub->port_ == 0)
     return absl::UnavailableError(StrCat("cannot listen on ", o.listen,
                                          " for the cluster (--cluster-port): is the port in use by another process?"));
-  hub->hello_watchdog_ = std::thread([raw = hub.get()] { raw->WatchHellos(); });
+  hub->watchdog_ = std::thread([raw = hub.get()] { raw->WatchStreams(); });
   return hub;
 }
 
-void Hub::WatchHellos() {
+void Hub::WatchStreams() {
+  runtime::OwnWaitMeter meter;  // a freeze of this host is not the nodes' silence
   std::unique_lock<std::mutex> lock(mu_);
   while (!closing_) {
-    const uint64_t now = runtime::NowNs();
+    const uint64_t now = runtime::NowNs(), waited = meter.Take();
     for (auto& [context, deadline] : pending_) {
       if (deadline != 0 && now > deadline) {
         context->TryCancel();  // its Read returns false; Join refuses it
         deadline = 0;
       }
     }
-    cv_.wait_for(lock, std::chrono::milliseconds(50));
+    for (int n = 1; n < options_.nodes; ++n) {
+      Node& node = nodes_[n];
+      if (!node.connected || !node.lost.empty()) continue;
+      node.silence.JudgeWaited(waited);
+      if (node.silence.Expired(now)) {
+        node.lost = node.silence.Explain(now);
+        node.context->TryCancel();  // its Join ends and fails the node's ranks
+      }
+    }
+    cv_.wait_for(lock, std::chrono::milliseconds(20));
   }
 }
 
@@ -82,7 +92,7 @@ Hub::~Hub() {
     }
   }
   cv_.notify_all();
-  if (hello_watchdog_.joinable()) hello_watchdog_.join();
+  if (watchdog_.joinable()) watchdog_.join();
   if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
 }
 
@@ -106,8 +116,7 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
     return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
                            " workers; every node needs as many as the leader (", options_.ranks_per_node, ")");
   }
-  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
-  auto held = [&](int n) { return nodes_[n].connected && runtime::NowNs() - nodes_[n].heard_ns < silent; };
+  auto held = [&](int n) { return nodes_[n].connected && !nodes_[n].silence.Expired(runtime::NowNs()); };
   int node = hello.node_rank();
   if (node == 0) {  // the lowest rank nobody ever held, else one nobody holds now (or a silent node holds)
     for (node = 1; node < options_.nodes && (nodes_[node].connected || nodes_[node].joined_once); ++node) {
@@ -173,7 +182,10 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
     n.connection = connection = ++connections_;
     n.context = context;
     n.peer = context->peer();
-    n.heard_ns = runtime::NowNs();
+    const uint64_t timeout = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
+    n.silence = runtime::PeerSilence(2 * timeout, 10 * timeout);
+    n.silence.Heard(runtime::NowNs(), 0);
+    n.lost.clear();
     n.outbox.clear();
     v1::LeaderMessage welcome;
     welcome.mutable_welcome()->set_first_rank(first_rank(node));
@@ -187,7 +199,7 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
   while (stream->Read(&m)) {
     std::lock_guard<std::mutex> lock(mu_);
     if (nodes_[node].connection != connection) break;  // replaced
-    nodes_[node].heard_ns = runtime::NowNs();
+    nodes_[node].silence.Heard(runtime::NowNs(), m.has_status() ? m.status().waited_ns() : 0);
     if (m.has_status()) Apply(node, m.status());
     if (m.has_store()) SetRemoteKeys(m.store());
   }
@@ -197,7 +209,8 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
     if (n.connection == connection) {
       n.connected = false;
       n.context = nullptr;
-      FailNode(node, StrCat("node ", node, " at ", n.peer, " disconnected"), first_rank(node));
+      FailNode(node, StrCat("node ", node, " at ", n.peer, n.lost.empty() ? " disconnected" : " has been " + n.lost),
+               first_rank(node));
     }
   }
   context->TryCancel();
@@ -208,6 +221,7 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
 
 void Hub::WriteLoop(int node, uint64_t connection,
                     grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream) {
+  runtime::OwnWaitMeter meter;  // told to the node with each batch: a freeze here is not silence
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
     Node& n = nodes_[node];
@@ -220,6 +234,7 @@ void Hub::WriteLoop(int node, uint64_t connection,
     batch.insert(batch.end(), std::make_move_iterator(n.outbox.begin()), std::make_move_iterator(n.outbox.end()));
     n.outbox.clear();
     lock.unlock();
+    if (!batch.empty()) batch.front().set_waited_ns(meter.Take());
     bool ok = true;
     for (const v1::LeaderMessage& m : batch) ok = ok && stream->Write(m);
     lock.lock();
@@ -292,13 +307,12 @@ void Hub::SetRemoteKeys(const v1::StoreEntries& entries) {
 
 std::string Hub::Unready(bool fresh) const {
   const uint64_t now = runtime::NowNs();
-  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   std::string out;
   for (int n = 1; n < options_.nodes; ++n) {
     if (!nodes_[n].connected) {
       StrAppend(&out, out.empty() ? "" : ", ", n, " (not joined)");
-    } else if (fresh && now - nodes_[n].heard_ns > silent) {
-      StrAppend(&out, out.empty() ? "" : ", ", n, " (silent for ", (now - nodes_[n].heard_ns) / 1'000'000, " ms)");
+    } else if (fresh && nodes_[n].silence.Expired(now)) {
+      StrAppend(&out, out.empty() ? "" : ", ", n, " (", nodes_[n].silence.Explain(now), ")");
     }
   }
   return out;
@@ -326,11 +340,8 @@ StatusOr<std::vector<engine::Device>> Hub::AwaitNodes(std::chrono::milliseconds 
 
 Status Hub::Start(uint64_t /*generation*/, uint8_t* segment, const runtime::Layout& layout, uint64_t deadline_ns) {
   std::unique_lock<std::mutex> lock(mu_);
-  const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
-  for (int n = 1; n < options_.nodes; ++n) {  // a frozen node is dropped: it must join again
-    Node& node = nodes_[n];
-    if (node.connected && runtime::NowNs() - node.heard_ns > silent) node.context->TryCancel();
-  }
+  // A node silent past its node timeout is dropped by the watchdog (it must join again); one that
+  // joined meanwhile is waited for.
   for (std::string unready = Unready(true); !unready.empty(); unready = Unready(true)) {
     const uint64_t now = runtime::NowNs();
     if (cancelled_) return absl::CancelledError("the server is stopping");

@@ -9,9 +9,11 @@
 // Node k (1 .. nodes - 1) holds ranks k * ranks_per_node .. (k + 1) * ranks_per_node - 1: every
 // node has as many workers as the leader. Each step's plan goes to every node as the bytes the
 // leader's segment holds; the node writes them into its own segment (one gRPC message per node and
-// step). Liveness: each node reports every 100 ms; its ranks' heartbeats stop when its reports do,
-// so the leader's supervision (heartbeat_timeout) notices a node that died or froze. A node whose
-// stream ends marks its ranks failed at once.
+// step). Liveness: each node reports every 100 ms (its own workers' liveness it judges itself, and
+// reports a failure at once); the hub gives up a node silent past its node timeout, 2 x
+// heartbeat_timeout plus the freezes the node reported lately (runtime/liveness.h PeerSilence; at
+// most 10 x heartbeat_timeout), cancels its stream and marks its ranks failed. A node whose stream
+// ends marks its ranks failed at once.
 #pragma once
 
 #include <chrono>
@@ -30,6 +32,7 @@
 #include "cluster/credentials.h"
 #include "engine/device.h"
 #include "kraken/cluster/v1/cluster.grpc.pb.h"
+#include "runtime/liveness.h"
 #include "runtime/remote_nodes.h"
 
 namespace kraken::cluster {
@@ -44,7 +47,7 @@ struct HubOptions {
   std::string device_kind = "cpu";                    // the leader's: "cpu" or "cuda"; every node's must match
   std::string model;                                  // the model's fingerprint; a node with another is refused
   std::string model_dir;                              // sent to the nodes: where a node given no model finds it
-  std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent this long is replaced on restart
+  std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent 2 x this long (plus its freezes) is given up
   std::chrono::milliseconds collective_timeout{30000};
   std::chrono::milliseconds start_timeout{120000};
   ClusterTls tls;  // mutual TLS on the port (cluster/credentials.h), or explicitly insecure
@@ -87,7 +90,8 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
     grpc::ServerContext* context = nullptr;
     std::string peer;
     std::vector<engine::Device> devices;
-    uint64_t heard_ns = 0;  // NowNs() of its last message
+    runtime::PeerSilence silence{0, 0};  // since its last message, judged by the node timeout
+    std::string lost;                     // why the watchdog ended its stream ("" when it did not)
     std::vector<v1::LeaderMessage> outbox;
     std::set<std::string> sent_keys;  // rendezvous keys sent in this generation
   };
@@ -98,16 +102,17 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   StatusOr<int> Admit(const v1::Hello& hello, const std::string& peer);
   // The writer of one connection: the outbox in order, a Ping when idle for 100 ms.
   void WriteLoop(int node, uint64_t connection, grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream);
-  // Cancels the Join streams whose Hello is overdue, until the hub closes.
-  void WatchHellos();
+  // Every 20 ms until the hub closes: cancels the Join streams whose Hello is overdue and those of
+  // nodes silent past their node timeout.
+  void WatchStreams();
   // Mirrors a node's report into its ranks' slots (under mu_).
   void Apply(int node, const v1::NodeStatus& status);
   void SetRemoteKeys(const v1::StoreEntries& entries);
   void FailNode(int node, const std::string& why, int rank);  // marks `rank` of `node` failed (under mu_)
   void Send(int node, v1::LeaderMessage message);             // under mu_
   int first_rank(int node) const { return node * options_.ranks_per_node; }
-  // The follower nodes not joined (and, with `fresh`, silent past the heartbeat timeout), as
-  // "1 (not joined), 2 (silent for 1200 ms)"; empty when every node is there (under mu_).
+  // The follower nodes not joined (and, with `fresh`, silent past the node timeout), as
+  // "1 (not joined), 2 (silent for 2200 ms (allowed ...))"; empty when every node is there (under mu_).
   std::string Unready(bool fresh) const;
 
   HubOptions options_;
@@ -122,7 +127,7 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   // Join streams waiting for their Hello, with the NowNs() deadline after which the watchdog
   // cancels them.
   std::map<grpc::ServerContext*, uint64_t> pending_;
-  std::thread hello_watchdog_;
+  std::thread watchdog_;
   // The attached segment (between Start and Stop).
   uint8_t* segment_ = nullptr;
   runtime::Layout layout_{};

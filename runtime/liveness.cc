@@ -105,4 +105,38 @@ std::string SilenceClock::Explain(uint64_t now) const {
   return StrCat(s, "now ", state, ")");
 }
 
+uint64_t OwnWaitMeter::Take() {
+  unsigned long long run = 0, wait = 0;
+  if (std::sscanf(ReadSmall("/proc/thread-self/schedstat").c_str(), "%llu %llu", &run, &wait) != 2) return 0;
+  const uint64_t waited = last_ns_ != 0 && wait > last_ns_ ? wait - last_ns_ : 0;
+  last_ns_ = wait;
+  return waited;
+}
+
+void PeerSilence::Heard(uint64_t now, uint64_t peer_waited_ns) {
+  if (now - window_start_ns_ > kWindowNs) {
+    previous_max_ns_ = now - window_start_ns_ > 2 * kWindowNs ? 0 : window_max_ns_;
+    window_max_ns_ = 0;
+    window_start_ns_ = now;
+  }
+  window_max_ns_ = std::max(window_max_ns_, peer_waited_ns);
+  heard_ns_ = now;
+  judge_waited_ns_ = 0;
+}
+
+uint64_t PeerSilence::evidence_ns(uint64_t now) const {
+  if (now - window_start_ns_ > 2 * kWindowNs) return 0;  // nothing reported in the last two windows
+  return std::max(window_max_ns_, now - window_start_ns_ > kWindowNs ? 0 : previous_max_ns_);
+}
+
+uint64_t PeerSilence::allowance_ns(uint64_t now) const {
+  return std::min(ceiling_ns_, std::max(base_ns_, base_ns_ + evidence_ns(now) + judge_waited_ns_));
+}
+
+std::string PeerSilence::Explain(uint64_t now) const {
+  return StrCat("silent for ", silent_ns(now) / 1'000'000, " ms (allowed ", base_ns_ / 1'000'000, " ms, + ",
+                evidence_ns(now) / 1'000'000, " ms it reported frozen lately, + ", judge_waited_ns_ / 1'000'000,
+                " ms this judge was kept waiting; at most ", ceiling_ns_ / 1'000'000, " ms)");
+}
+
 }  // namespace kraken::runtime

@@ -83,4 +83,56 @@ class SilenceClock {
   char state_ = '?';
 };
 
+/// The run-queue wait the calling thread accrued since its previous call, in nanoseconds: how long
+/// the host kept it from a CPU (an oversubscribed host, or its container's CPU quota). Reads
+/// /proc/thread-self/schedstat (field 2, Documentation/scheduler/sched-stats.rst); 0 at the first
+/// call and when it cannot be read. One object per thread.
+class OwnWaitMeter {
+ public:
+  uint64_t Take();
+
+ private:
+  uint64_t last_ns_ = 0;  // 0: not read yet
+};
+
+/// How long a peer on another host may be silent before it is given up. Its scheduler cannot be
+/// read from here, so the peer says with each message how long its sending thread was kept from a
+/// CPU since its previous message (an OwnWaitMeter there): a host or container that froze it for
+/// F ns lately may freeze it as long again. A silence is allowed
+///
+///   base + the longest freeze the peer reported in the last 30 to 60 s
+///        + the judge's own run-queue wait since the peer's last message,
+///
+/// and never more than `ceiling` by the clock, whatever the reports say (a stopped peer is caught
+/// within it). The first freeze of a peer that never reported one must fit in `base`.
+/// Thread: one caller (the owner's lock).
+class PeerSilence {
+ public:
+  PeerSilence(uint64_t base_ns, uint64_t ceiling_ns) : base_ns_(base_ns), ceiling_ns_(ceiling_ns) {}
+
+  /// A message arrived at `now` (NowNs); `peer_waited_ns` is the wait the peer reported with it.
+  void Heard(uint64_t now, uint64_t peer_waited_ns);
+  /// The judge itself was kept from a CPU for `ns` (its OwnWaitMeter) since it last looked.
+  void JudgeWaited(uint64_t ns) { judge_waited_ns_ += ns; }
+  /// Since the last message (ns); 0 before the first.
+  uint64_t silent_ns(uint64_t now) const { return heard_ns_ != 0 && now > heard_ns_ ? now - heard_ns_ : 0; }
+  /// The silence allowed now (ns), within [base, ceiling].
+  uint64_t allowance_ns(uint64_t now) const;
+  bool Expired(uint64_t now) const { return heard_ns_ != 0 && silent_ns(now) > allowance_ns(now); }
+  /// "silent for 2300 ms (allowed 2000 ms, + 900 ms it reported frozen lately, + 0 ms this
+  /// judge was kept waiting)", for a report.
+  std::string Explain(uint64_t now) const;
+
+ private:
+  static constexpr uint64_t kWindowNs = 30'000'000'000;  // evidence is kept one to two windows
+  uint64_t evidence_ns(uint64_t now) const;
+
+  uint64_t base_ns_, ceiling_ns_;
+  uint64_t heard_ns_ = 0;
+  uint64_t judge_waited_ns_ = 0;  // since heard_ns_
+  uint64_t window_start_ns_ = 0;
+  uint64_t window_max_ns_ = 0;    // the longest freeze reported in the current window
+  uint64_t previous_max_ns_ = 0;  // ... and in the one before
+};
+
 }  // namespace kraken::runtime

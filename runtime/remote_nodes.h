@@ -3,7 +3,10 @@
 // implements it over gRPC (cluster/hub.h). Every rank of the group has a RankSlot in the leader's
 // segment: the implementation keeps the remote ranks' slots up to date from their nodes' reports
 // (state, heartbeat, progress, done step, statistics, memory, failure), so the leader supervises
-// a remote rank as it does a local one.
+// a remote rank's exit, failure and progress as it does a local one's. Liveness is the nodes'
+// own business: each node judges its workers' heartbeats by its own host's scheduler, and the
+// implementation judges each node by its reports, marking the node's ranks kFailed (with the
+// reason in their slot's message) when it gives a node up.
 #pragma once
 
 #include <cstdint>

@@ -421,11 +421,7 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
   last_liveness_check_ns_ = now;
   // How long this thread was itself kept from a CPU since the last judgement: a freeze of the
   // whole container (its CPU quota) stops the judge and the judged alike (runtime/liveness.h).
-  uint64_t judge_waited = 0;
-  if (const ThreadSched self = ReadThreadSched(getpid(), gettid()); self.ok) {
-    if (judge_wait_ns_ != 0 && self.wait_ns > judge_wait_ns_) judge_waited = self.wait_ns - judge_wait_ns_;
-    judge_wait_ns_ = self.wait_ns;
-  }
+  const uint64_t judge_waited = judge_meter_.Take();
   const uint64_t silent = static_cast<uint64_t>(options_.heartbeat_timeout.count()) * 1'000'000;
   const uint64_t stalled = static_cast<uint64_t>(options_.stall_timeout.count()) * 1'000'000;
   // Whatever the host does, a silence this long by the clock is a hang.
@@ -442,12 +438,14 @@ Status WorkerGroup::CheckWorkers(bool in_step) {
     RankSlot& s = control_->ranks[r];
     const uint64_t beat = s.heartbeat_ns.load(std::memory_order_relaxed);
     if (beat == 0) continue;  // not started yet: start_timeout bounds that
-    // Silence is charged by what the host let the thread do (runtime/liveness.h): a local rank's
-    // by its threads' scheduling, a remote rank's (mirrored from its node's reports) by the clock.
+    // Silence is charged by what the host let the thread do (runtime/liveness.h). A remote rank's
+    // heartbeat its own node judges so (and reports a failure); the node itself the hub judges by
+    // its reports (RemoteNodes), so only a local rank's is judged here.
     const pid_t pid = IsLocal(r) ? pids_[r] : -1;
     SilenceClock& hb = heartbeat_clocks_[r];
-    const uint64_t hb_blamed = hb.Update(beat, now, pid, s.heartbeat_tid.load(std::memory_order_relaxed), judge_waited);
-    if (hb_blamed > silent || hb.wall_ns(now) > beat_ceiling) {
+    const uint64_t hb_blamed =
+        IsLocal(r) ? hb.Update(beat, now, pid, s.heartbeat_tid.load(std::memory_order_relaxed), judge_waited) : 0;
+    if (IsLocal(r) && (hb_blamed > silent || hb.wall_ns(now) > beat_ceiling)) {
       return absl::UnavailableError(StrCat("worker rank ", r, " (", Where(r), ") stopped responding: no heartbeat for ",
                                            hb_blamed / 1'000'000, " ms", hb.Explain(now)));
     }

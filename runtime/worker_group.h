@@ -233,7 +233,7 @@ class WorkerGroup {
   // fault (CheckWorkers).
   std::vector<SilenceClock> heartbeat_clocks_, progress_clocks_;
   uint64_t last_liveness_check_ns_ = 0;
-  uint64_t judge_wait_ns_ = 0;  // the checking thread's own run-queue wait at the last judgement
+  OwnWaitMeter judge_meter_;  // the checking thread's own run-queue wait between judgements
   std::function<void(bool, const Status&)> recovery_cb_;
   std::chrono::steady_clock::time_point failure_noticed_{};
 };

@@ -177,5 +177,84 @@ TEST(SilenceClock, FallsBackToTheClockForAnUnknownThread) {
   EXPECT_EQ(clock.Explain(mark), "");
 }
 
+TEST(OwnWaitMeter, CountsTheRunQueueWaitOfTheCallingThreadOnly) {
+  // Pinned to one core beside a spinner of the same priority, this thread waits for the CPU about
+  // half of the time it wants it; asleep, it waits for nothing.
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(sched_getcpu(), &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+  OwnWaitMeter meter;
+  EXPECT_EQ(meter.Take(), 0u);  // the first call sets the baseline
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_LT(meter.Take(), 20'000'000u);
+  {
+    Child spinner([] {
+      std::atomic<uint64_t> i{0};
+      while (true) i.fetch_add(1, std::memory_order_relaxed);
+    });
+    ASSERT_EQ(sched_setaffinity(spinner.pid(), sizeof one, &one), 0);
+    meter.Take();
+    const uint64_t until = NowNs() + 400'000'000;
+    std::atomic<uint64_t> i{0};
+    while (NowNs() < until) i.fetch_add(1, std::memory_order_relaxed);
+    EXPECT_GE(meter.Take(), 100'000'000u);
+  }
+  ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+}
+
+constexpr uint64_t kMs = 1'000'000;
+
+TEST(PeerSilence, AllowsTheBaseToAPeerThatNeverReportedAFreeze) {
+  PeerSilence p(2000 * kMs, 10000 * kMs);
+  const uint64_t t0 = 100'000 * kMs;
+  EXPECT_FALSE(p.Expired(t0));  // nothing heard yet: nothing to judge
+  p.Heard(t0, 0);
+  EXPECT_FALSE(p.Expired(t0 + 2000 * kMs));
+  EXPECT_TRUE(p.Expired(t0 + 2001 * kMs));
+  EXPECT_EQ(p.Explain(t0 + 2001 * kMs),
+            "silent for 2001 ms (allowed 2000 ms, + 0 ms it reported frozen lately, + 0 ms this judge was kept "
+            "waiting; at most 10000 ms)");
+}
+
+TEST(PeerSilence, AllowsAsMuchMoreAsThePeerReportedFrozenLatelyForOneToTwoWindows) {
+  PeerSilence p(2000 * kMs, 10000 * kMs);
+  uint64_t t = 100'000 * kMs;
+  p.Heard(t, 0);
+  p.Heard(t += 1500 * kMs, 1400 * kMs);  // it was kept from a CPU 1.4 s of that gap
+  EXPECT_EQ(p.allowance_ns(t), 3400 * kMs);
+  EXPECT_FALSE(p.Expired(t + 3400 * kMs));
+  EXPECT_TRUE(p.Expired(t + 3401 * kMs));
+  // Small reports do not lower the longest one; it is still evidence 45 s later...
+  for (int i = 0; i < 450; ++i) p.Heard(t += 100 * kMs, 5 * kMs);
+  EXPECT_EQ(p.allowance_ns(t), 3400 * kMs);
+  // ... and gone once two windows passed without another.
+  for (int i = 0; i < 300; ++i) p.Heard(t += 100 * kMs, 5 * kMs);
+  EXPECT_EQ(p.allowance_ns(t), 2005 * kMs);
+}
+
+TEST(PeerSilence, AllowsTheJudgesOwnFreezeSinceTheLastMessageOnly) {
+  PeerSilence p(2000 * kMs, 10000 * kMs);
+  const uint64_t t0 = 100'000 * kMs;
+  p.Heard(t0, 0);
+  p.JudgeWaited(900 * kMs);
+  p.JudgeWaited(600 * kMs);
+  EXPECT_FALSE(p.Expired(t0 + 3500 * kMs));
+  EXPECT_TRUE(p.Expired(t0 + 3501 * kMs));
+  p.Heard(t0 + 3500 * kMs, 0);  // a new message: the judge's wait counts from here
+  EXPECT_TRUE(p.Expired(t0 + 5501 * kMs));
+}
+
+TEST(PeerSilence, NeverAllowsMoreThanTheCeilingWhateverThePeerReports) {
+  PeerSilence p(2000 * kMs, 10000 * kMs);
+  const uint64_t t0 = 100'000 * kMs;
+  p.Heard(t0, 60'000 * kMs);
+  p.JudgeWaited(60'000 * kMs);
+  EXPECT_EQ(p.allowance_ns(t0), 10000 * kMs);
+  EXPECT_TRUE(p.Expired(t0 + 10001 * kMs));
+}
+
 }  // namespace
 }  // namespace kraken::runtime

@@ -102,9 +102,9 @@ int Follower::Join() {
   for (;;) {
     // A fresh channel each time: its own reconnect back-off would otherwise outgrow ours.
     grpc::ChannelArguments args;
-    // A plan with long penalty histories may pass gRPC's 4 MiB default; the leader proved itself
-    // with the group's certificate, so what it sends is taken whole.
-    args.SetMaxReceiveMessageSize(-1);
+    // A plan with long penalty histories may pass gRPC's 4 MiB default; the leader refuses limits
+    // whose largest plan passes kMaxNodePlanBytes (runtime/protocol.h), so nothing larger comes.
+    args.SetMaxReceiveMessageSize(static_cast<int>(runtime::kMaxNodePlanBytes + (1 << 20)));
     auto stub = v1::Cluster::NewStub(grpc::CreateCustomChannel(o_.leader, *creds, args));
     {
       std::lock_guard<std::mutex> lock(context_mu_);

@@ -192,6 +192,18 @@ inline size_t AlignUp(size_t n, size_t a = 64) {
   return (n + a - 1) / a * a;
 }
 
+/// The largest step plan a multi-node group sends to a follower node in one message (bytes): the
+/// follower's receive limit, and a bound the leader checks its Limits against (MaxPlanBytes) before
+/// it starts, so a node never takes an unbounded message even from its authenticated leader.
+inline constexpr int64_t kMaxNodePlanBytes = int64_t{256} << 20;
+
+/// The bytes of the used parts of the largest plan `l` allows (header, sequences, tokens, block
+/// ids, penalty history), before the message's own framing.
+inline int64_t MaxPlanBytes(const Limits& l) {
+  return static_cast<int64_t>(sizeof(PlanHeader)) + int64_t{l.max_seqs} * static_cast<int64_t>(sizeof(PlanSeq)) +
+         4 * (int64_t{l.max_tokens} + int64_t{l.max_seqs} * l.max_blocks_per_seq + int64_t{l.max_history});
+}
+
 inline Layout ComputeLayout(const Limits& l) {
   Layout o{};
   size_t at = AlignUp(sizeof(Control), 4096);

@@ -113,6 +113,13 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   std::unique_ptr<WorkerGroup> g(new WorkerGroup());
   g->options_ = o;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
+  if (o.remote && MaxPlanBytes(g->limits_) > kMaxNodePlanBytes) {
+    return InvalidArgument("a step plan of these limits may take ", MaxPlanBytes(g->limits_) >> 20,
+                           " MiB (", g->limits_.max_seqs, " sequences of up to ", g->limits_.max_blocks_per_seq,
+                           " KV blocks, ", g->limits_.max_history, " penalty-history tokens); a multi-node group sends ",
+                           "each plan to every node in one message of at most ", kMaxNodePlanBytes >> 20,
+                           " MiB: lower --max-batch-seqs");
+  }
   g->layout_ = ComputeLayout(g->limits_);
   if (o.first_rank < 0 || o.local_ranks < 0 || o.first_rank + g->local_count() > g->world_size()) {
     return InvalidArgument("local ranks [", o.first_rank, ", ", o.first_rank + g->local_count(),

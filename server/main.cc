@@ -207,7 +207,8 @@ void AddFlags(CLI::App& app, Flags& f) {
   opt("--restart-window", f.restart_window_s, "seconds over which worker failures are counted")
       ->check(CLI::Range(0.001, 86400.0));
   opt("--heartbeat-timeout", f.heartbeat_timeout_s,
-      "seconds without a worker heartbeat (checked idle or busy) before it is restarted")
+      "seconds a worker's heartbeat may be silent by its own fault (time its host kept it from a CPU is excused) "
+      "before it is restarted; a follower node and the leader give each other twice as long")
       ->check(CLI::Range(0.2, 3600.0));
   opt("--stall-timeout", f.stall_timeout_s,
       "seconds a step may go without progress (from when it was handed out) before its workers are restarted")

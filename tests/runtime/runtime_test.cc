@@ -308,6 +308,36 @@ TEST(Faults, AStoppedWorkerIsCaughtByTheHeartbeat) {
   EXPECT_TRUE((*group)->RunStep({&s, 1}).ok());
 }
 
+// Nodes that never answer: the refusal below comes before the group would talk to them.
+class NoNodes : public RemoteNodes {
+ public:
+  Status Start(uint64_t, uint8_t*, const Layout&, uint64_t) override { return absl::UnavailableError("no nodes"); }
+  void ExchangeStore() override {}
+  void SetKvBlocks(int32_t) override {}
+  void Publish(uint64_t) override {}
+  void Stop() override {}
+  void Cancel() override {}
+  std::string Where(int) const override { return "nowhere"; }
+};
+
+TEST(Faults, AMultiNodeGroupWhosePlansCouldPassANodesMessageLimitIsRefusedByName) {
+  Limits l;
+  l.max_seqs = 2, l.max_tokens = 10, l.max_blocks_per_seq = 3, l.max_history = 100;
+  EXPECT_EQ(MaxPlanBytes(l), static_cast<int64_t>(sizeof(PlanHeader) + 2 * sizeof(PlanSeq) + 4 * (10 + 6 + 100)));
+  WorkerGroupOptions o = Options("gpt2-f32", 2);
+  auto nodes = std::make_shared<NoNodes>();
+  o.remote = nodes;
+  o.max_seqs = 4096;
+  o.max_history = 70'000'000;  // 267 MiB of penalty history alone
+  auto group = WorkerGroup::Start(o);
+  ASSERT_FALSE(group.ok());
+  EXPECT_EQ(group.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(group.status().message()).find("in one message of at most 256 MiB: lower --max-batch-seqs"),
+            std::string::npos)
+      << group.status();
+  EXPECT_EQ(Leftovers(), 0);
+}
+
 TEST(Faults, StartUpFailuresNameTheRankAndTheReason) {
   auto bad_device = WorkerGroup::Start({.model_dir = engine::testing::TestModelDir("gpt2-f32"),
                                         .devices = {engine::Device::Cuda(0)},

@@ -89,6 +89,18 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
   for (const char* r : {"invalid_argument", "resource_exhausted", "deadline_exceeded", "cancelled", "unavailable",
                         "unauthenticated", "not_found", "internal"})
     failure_.With({r});
+  AddRankFamilies(reg, world);
+  reg.AddGauge("kraken_build_info", "Always 1; the labels describe the build and what it serves.",
+               {"version", "model", "devices", "world_size", "cpu_kernels"})
+      .With({version, model, devices, std::to_string(world), cpu_kernels})
+      .Set(1);
+  auto& errors = reg.AddCounter("kraken_metrics_errors_total",
+                                "Observations skipped because they were invalid (negative or not finite).", {})
+                     .With({});
+  reg.AddCollector([&errors] { errors.SetTotal(static_cast<double>(metrics::MetricsErrors())); });
+}
+
+void ServingMetrics::AddRankFamilies(metrics::Registry& reg, int world) {
   auto& busy_f = reg.AddCounter("kraken_device_busy_seconds_total",
                                 "Seconds each rank computed (collective waits excluded).", {"rank"});
   auto& idle_f = reg.AddCounter(
@@ -121,14 +133,6 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
     memory_activations.push_back(&mem_f.With({rank, "activations"}));
     memory_scratch.push_back(&mem_f.With({rank, "scratch"}));
   }
-  reg.AddGauge("kraken_build_info", "Always 1; the labels describe the build and what it serves.",
-               {"version", "model", "devices", "world_size", "cpu_kernels"})
-      .With({version, model, devices, std::to_string(world), cpu_kernels})
-      .Set(1);
-  auto& errors = reg.AddCounter("kraken_metrics_errors_total",
-                                "Observations skipped because they were invalid (negative or not finite).", {})
-                     .With({});
-  reg.AddCollector([&errors] { errors.SetTotal(static_cast<double>(metrics::MetricsErrors())); });
 }
 
 void ServingMetrics::RecordFailure(const Status& status) {

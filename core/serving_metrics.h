@@ -59,6 +59,9 @@ class ServingMetrics {
   std::vector<metrics::Gauge*> memory_weights, memory_kv_cache, memory_activations, memory_scratch;
 
  private:
+  // The per-rank families (busy, idle by reason, collectives, worker up, memory by kind), one
+  // series per rank of a world of `world`, their pointers in the public vectors above.
+  void AddRankFamilies(metrics::Registry& reg, int world);
   metrics::Family<metrics::Counter>& success_;
   metrics::Family<metrics::Counter>& failure_;
   metrics::Registry& registry_;

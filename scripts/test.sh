@@ -42,7 +42,10 @@ for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
 done
 
 step "Python tests"
-KRAKEN_BUILD_DIR="$root/build" "$py" -m pytest -q "$root/tools/tests"
+# The two starvation tests (one server, and a follower node, under a CPU quota) serve steady
+# traffic this long each; a run by hand may set more.
+KRAKEN_BUILD_DIR="$root/build" KRAKEN_STARVATION_SECONDS="${KRAKEN_STARVATION_SECONDS:-150}" \
+  "$py" -m pytest -q "$root/tools/tests"
 
 step "golden files and the test tokenizer regenerate identically"
 "$py" "$root/tools/make_test_models.py" --check

@@ -1,9 +1,12 @@
 """Checks the module map of docs/architecture.md on the C++ sources:
 
+  * every top-level folder with C++ sources is a module of ALLOWED or one of NOT_MODULES (a new
+    module must be placed in the map before it can be checked);
   * no module includes one above it: each module's allowed includes are listed in ALLOWED;
   * generated protobuf headers (kraken/v1/*.pb.h, inference/*.pb.h) are included only in server/, cluster/ and proto/;
-  * no function in core/, server/ or runtime/ runs past MAX_FUNCTION_LINES lines (top-level
-    definitions, from the line that opens the body to the line that closes it).
+  * no function in the modules of LENGTH_CHECKED runs past MAX_FUNCTION_LINES lines (top-level
+    definitions, from the first line of the signature, however many lines it and a constructor's
+    initializer list take, to the line that closes the body).
 
 Prints one line per finding (file:line: what) and exits 1 if there is any.
 Usage: python3 tools/lint/check_layers.py [repository root]
@@ -30,18 +33,25 @@ ALLOWED = {
                "cluster"},
     "proto": set(),
 }
+# Top-level folders that hold C++ but are not modules of the server: they may include anything.
+NOT_MODULES = {"tests", "bench", "tools"}
 PROTOBUF_OK = {"server", "proto", "cluster"}
 LENGTH_CHECKED = {"core", "server", "runtime", "http", "openai", "cluster"}
 MAX_FUNCTION_LINES = 80
 
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
-# A top-level function definition whose body opens at the end of a line starting in column 0.
-DEFINITION = re.compile(r"^[A-Za-z_].*\)\s*(const)?\s*(noexcept)?\s*(override)?\s*\{\s*$")
+# Lines in column 0 that do not begin a function definition.
+NOT_A_FUNCTION = ("namespace", "class ", "struct ", "enum ", "union ", "extern ", "using ", "typedef ", "template",
+                  "static_assert", "friend ", "#", "//", "}")
 
 
-def sources(root):
+def sources(root, findings):
     out = subprocess.run(["git", "ls-files", "*.cc", "*.h", "*.cu"], cwd=root, capture_output=True, text=True,
                          check=True).stdout.split()
+    unknown = sorted({p.split("/", 1)[0] for p in out if "/" in p} - set(ALLOWED) - NOT_MODULES)
+    for top in unknown:
+        findings.append(f"{top}/: C++ sources in a folder that is not in the module map (tools/lint/check_layers.py "
+                        "ALLOWED, and docs/architecture.md)")
     return [p for p in out if p.split("/", 1)[0] in ALLOWED]
 
 
@@ -60,24 +70,39 @@ def check_includes(path, lines, findings):
             findings.append(f"{path}:{n}: {module}/ may not include {target} ({top}/ is not below it)")
 
 
+def function_spans(lines):
+    """(first line, last line) of each top-level function definition, 1-based: from the line in
+    column 0 that begins its signature to the '}' in column 0 that closes its body."""
+    spans, start, in_body = [], None, False
+    for n, line in enumerate(lines, 1):
+        if not in_body:
+            if start is None and line[:1] and (line[0].isalpha() or line[0] in "_~") and not line.startswith(NOT_A_FUNCTION):
+                start = n
+            if start is not None:
+                code = line.split("//", 1)[0].rstrip()
+                if code.endswith("{}") or (code.endswith(";") and not code.endswith("};")):
+                    start = None  # a declaration, or an empty body
+                elif code.endswith("{"):
+                    in_body = True
+        elif line.startswith("}"):
+            spans.append((start, n))
+            start, in_body = None, False
+    return spans
+
+
 def check_lengths(path, lines, findings):
     if path.split("/", 1)[0] not in LENGTH_CHECKED:
         return
-    start = None
-    for n, line in enumerate(lines, 1):
-        if start is None and DEFINITION.match(line) and not line.startswith(("namespace", "class", "struct", "enum")):
-            start = n
-        elif start is not None and line.startswith("}"):
-            length = n - start + 1
-            if length > MAX_FUNCTION_LINES:
-                findings.append(f"{path}:{start}: function of {length} lines (at most {MAX_FUNCTION_LINES})")
-            start = None
+    for start, end in function_spans(lines):
+        length = end - start + 1
+        if length > MAX_FUNCTION_LINES:
+            findings.append(f"{path}:{start}: function of {length} lines (at most {MAX_FUNCTION_LINES})")
 
 
 def main():
     root = sys.argv[1] if len(sys.argv) > 1 else os.getcwd()
     findings = []
-    for path in sources(root):
+    for path in sources(root, findings):
         with open(os.path.join(root, path), encoding="utf-8") as f:
             lines = f.read().splitlines()
         check_includes(path, lines, findings)

@@ -59,7 +59,10 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid,
     const ThreadSched t = ReadThreadSched(pid, tid);
     if (!t.ok) return blamed_ns_;
     sampling_ = true;
-    start_ns_ = checked_ns_ = now;
+    // A stamp taken after the judge read its clock (the judge was frozen in between, as a quota
+    // freezes every thread of a container and thaws them in any order) starts the silence at the
+    // stamp, not before it.
+    start_ns_ = checked_ns_ = std::max(now, mark);
     // The part of the silence the judge itself spent waiting for a CPU is not the thread's fault.
     const uint64_t judge = stopped(t.state) ? 0 : std::min(judge_waited_ns, wall_ns(now));
     initial_ns_ = blamed_ns_ = excused_state(t.state) ? 0 : wall_ns(now) - judge;
@@ -88,7 +91,8 @@ uint64_t SilenceClock::Update(uint64_t mark, uint64_t now, pid_t pid, pid_t tid,
   }
   const uint64_t excused = std::max({excused_by_state_ns_, wait_ns_ - start_wait_ns_, excused_by_judge_ns_});
   const uint64_t elapsed = now > start_ns_ ? now - start_ns_ : 0;
-  blamed_ns_ = initial_ns_ + (elapsed > excused ? elapsed - excused : 0);
+  // Never more than the silence itself.
+  blamed_ns_ = std::min(wall_ns(now), initial_ns_ + (elapsed > excused ? elapsed - excused : 0));
   return blamed_ns_;
 }
 

@@ -170,6 +170,20 @@ TEST(SilenceClock, ChargesASpinningThreadThatIsRunnableButRunning) {
   EXPECT_EQ(clock.state(), 'R');
 }
 
+TEST(SilenceClock, AStampTakenAfterTheJudgesClockReadingStartsTheSilenceAtTheStamp) {
+  // The judge read its clock, was frozen with the whole container, and the heartbeat thread ran
+  // first when the quota thawed: the stamp is later than the judge's `now`. 950 ms on, the thread
+  // has been silent 50 ms, not 950.
+  Child sleeper([] { pause(); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  SilenceClock clock;
+  const uint64_t now = NowNs();
+  const uint64_t stamp = now + 900'000'000;
+  EXPECT_EQ(clock.Update(stamp, now, sleeper.pid(), sleeper.pid()), 0u);
+  EXPECT_EQ(clock.state(), 'S');
+  EXPECT_LE(clock.Update(stamp, now + 950'000'000, sleeper.pid(), sleeper.pid()), 50'000'000u);
+}
+
 TEST(SilenceClock, FallsBackToTheClockForAnUnknownThread) {
   SilenceClock clock;
   const uint64_t mark = NowNs();

@@ -314,19 +314,19 @@ def test_a_follower_without_a_leader_gives_up_after_its_start_timeout_saying_why
         f.close()
 
 
-def test_a_throttled_follower_node_serves_without_restarts_and_its_hangs_are_still_caught():
-    """The container case across nodes: the follower's whole pod (agent and workers) gets 100 ms of CPU
-    per 1 s period, so once its quota is spent it is frozen 0.9 s at a time, longer than the heartbeat
-    timeout (0.75 s here), and its reports to the leader stop for as long. Its workers it judges itself, by its
-    own host's scheduler. The leader cannot read another host's scheduler: it gives a node the node
-    timeout (2 x --heartbeat-timeout) plus the longest freeze the node reported lately (each report says
-    how long the reporter was kept from a CPU) plus its own freezes. Steady traffic must see no restart and no failed request. A stopped worker on that node is still caught by the
+def test_throttled_nodes_serve_without_restarts_and_their_hangs_are_still_caught():
+    """The container case across nodes: the leader's pod and the follower's pod (each with its workers)
+    get 100 ms of CPU per 1 s period each, so once a quota is spent that node is frozen 0.9 s at a time,
+    longer than the heartbeat timeout (0.75 s here), and its messages to the other node stop for as long. Its workers it judges itself, by its
+    own host's scheduler. Neither node can read the other's scheduler: each gives the other the node
+    timeout (2 x --heartbeat-timeout) plus the longest freeze the other reported lately (each message
+    says how long its sender was kept from a CPU) plus its own freezes. Steady traffic must see no restart and no failed request. A stopped worker on that node is still caught by the
     node within its heartbeat timeout plus a period, and a stopped follower by the leader within the
     node timeout plus the freezes it reported (at most 10 x the heartbeat timeout)."""
     from grpc_health.v1 import health_pb2
     from test_hardening import CpuQuota
     try:
-        quota = CpuQuota(quota_ms=100, period_ms=1000)
+        quota, leader_quota = CpuQuota(quota_ms=100, period_ms=1000), CpuQuota(quota_ms=100, period_ms=1000)
     except OSError as e:
         pytest.skip(f"no writable cgroup CPU controller here: {e}")
     if quota.path is None:
@@ -337,6 +337,8 @@ def test_a_throttled_follower_node_serves_without_restarts_and_its_hangs_are_sti
     try:
         for pid in f.tree():
             quota.add(pid)
+        for pid in [s.proc.pid, *s.worker_pids()]:
+            leader_quota.add(pid)
         outcomes = {"ok": 0}
         stop_at = time.time() + float(os.environ.get("KRAKEN_STARVATION_SECONDS", "60"))
 
@@ -357,7 +359,7 @@ def test_a_throttled_follower_node_serves_without_restarts_and_its_hangs_are_sti
         for bad in ("stopped responding", "restarting the workers", "silent for", "disconnected"):
             assert bad not in log, log[-3000:]
         assert "lost the leader" not in flog, flog[-3000:]
-        print(f"follower throttled to 100 ms per 1 s: {outcomes['ok']} requests, none failed, no restart")
+        print(f"both nodes throttled to 100 ms per 1 s: {outcomes['ok']} requests, none failed, no restart")
         # A real hang of one of the node's workers, caught by the node itself.
         agent, first, second = f.tree()
         t0 = time.time()
@@ -382,3 +384,4 @@ def test_a_throttled_follower_node_serves_without_restarts_and_its_hangs_are_sti
         s.close()
         f.close()
         quota.close()
+        leader_quota.close()

@@ -54,10 +54,87 @@ void Scheduler::Preempt(Sequence* s) {
   InsertWaiting(s);  // keeps its arrival, so it goes back ahead of later arrivals
 }
 
+bool Scheduler::TryAdmit(Sequence* s, int* budget, StepPlan* plan) {
+  const int len = static_cast<int>(s->tokens.size());
+  const int bs = blocks_.block_size();
+  // A fork shares its origin's full prompt blocks, leaving at least the last token to compute,
+  // and waits while their K/V are still being computed.
+  const int fork_blocks = ForkBlocks(*s);
+  if (fork_blocks < 0) return false;
+  // Otherwise, the longest cached prefix, leaving at least the last token to compute.
+  const bool lookup = fork_blocks == 0 && blocks_.prefix_caching() && s->use_prefix_cache;
+  BlockManager::Chain chain = blocks_.MatchPrefix(s->tokens, lookup ? (len - 1) / bs : 0, &matched_);
+  if (fork_blocks > 0) {
+    const std::vector<int32_t>& from = seqs_.at(s->fork_of)->block_table;
+    matched_.assign(from.begin(), from.begin() + fork_blocks);
+    chain = {};  // registration, if any, walks its shared blocks from the start
+  }
+  const int cached = fork_blocks > 0 ? fork_blocks * bs : chain.blocks * bs;
+  const int n = std::min(len - cached, *budget);
+  const int need = blocks_.BlocksFor(cached + n) - static_cast<int>(matched_.size());
+  // Matched blocks nobody holds are counted free now and stop being free once shared.
+  int unheld = 0;
+  for (int32_t b : matched_) unheld += blocks_.RefCount(b) == 0;
+  const int free_after_share = blocks_.num_free() - unheld;
+  if (free_after_share - need < watermark_blocks_ && !(running_.empty() && free_after_share >= need)) return false;
+  waiting_.erase(std::find(waiting_.begin(), waiting_.end(), s));
+  blocks_.Share(matched_);
+  s->block_table = matched_;
+  KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "checked above");
+  s->chain = chain;
+  s->cached_tokens = fork_blocks > 0 ? 0 : cached;  // shared by a fork: not from the cache
+  s->fork_of = 0;
+  if (lookup) {
+    prefix_queries_ += static_cast<uint64_t>(len);
+    prefix_hits_ += static_cast<uint64_t>(cached);
+  }
+  s->running = true;
+  running_.push_back(s);
+  plan->seqs.push_back({s, cached, n, cached + n == len, /*admitted=*/true});
+  s->num_computed = cached + n;
+  *budget -= n;
+  return true;
+}
+
+bool Scheduler::ScheduleSolo(StepPlan* plan) {
+  int budget = options_.max_batch_tokens;
+  auto running = std::find_if(running_.begin(), running_.end(), [](const Sequence* s) { return s->solo; });
+  if (running != running_.end()) {
+    Sequence* s = *running;
+    const int n = std::min(static_cast<int>(s->tokens.size()) - s->num_computed, budget);
+    if (n <= 0) return true;  // nothing to compute until its next token is known: an empty step
+    const int need = blocks_.BlocksFor(s->num_computed + n) - static_cast<int>(s->block_table.size());
+    while (blocks_.num_free() < need) {  // room from the back, as Schedule makes it
+      Sequence* victim = s;
+      for (auto it = running_.rbegin(); it != running_.rend(); ++it)
+        if (*it != s) {
+          victim = *it;
+          break;
+        }
+      Preempt(victim);
+      plan->preempted.push_back(victim->id);
+      if (victim == s) return true;  // an empty plan: it waits, alone at the head, for its blocks
+    }
+    if (need > 0) KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "room was made");
+    plan->seqs.push_back({s, s->num_computed, n, s->num_computed + n == static_cast<int>(s->tokens.size())});
+    s->num_computed += n;
+    plan->num_tokens = n;
+    return true;
+  }
+  for (Sequence* s : waiting_) {
+    if (!s->solo) continue;
+    if (!TryAdmit(s, &budget, plan)) return false;  // its blocks are taken: the others run and free them
+    plan->num_tokens = options_.max_batch_tokens - budget;
+    return true;
+  }
+  return false;
+}
+
 StepPlan Scheduler::Schedule() {
   StepPlan plan;
-  int budget = options_.max_batch_tokens;
   SortRunning();
+  if (ScheduleSolo(&plan)) return plan;
+  int budget = options_.max_batch_tokens;
   std::vector<Sequence*> planned;
   auto is_planned = [&](const Sequence* s) { return std::find(planned.begin(), planned.end(), s) != planned.end(); };
 
@@ -106,44 +183,7 @@ StepPlan Scheduler::Schedule() {
     if (!plan.preempted.empty() &&
         std::find(plan.preempted.begin(), plan.preempted.end(), s->id) != plan.preempted.end())
       break;  // just preempted for lack of blocks: do not re-admit in the same step
-    const int len = static_cast<int>(s->tokens.size());
-    const int bs = blocks_.block_size();
-    // A fork shares its origin's full prompt blocks, leaving at least the last token to compute,
-    // and waits while their K/V are still being computed.
-    const int fork_blocks = ForkBlocks(*s);
-    if (fork_blocks < 0) break;
-    // Otherwise, the longest cached prefix, leaving at least the last token to compute.
-    const bool lookup = fork_blocks == 0 && blocks_.prefix_caching() && s->use_prefix_cache;
-    BlockManager::Chain chain = blocks_.MatchPrefix(s->tokens, lookup ? (len - 1) / bs : 0, &matched_);
-    if (fork_blocks > 0) {
-      const std::vector<int32_t>& from = seqs_.at(s->fork_of)->block_table;
-      matched_.assign(from.begin(), from.begin() + fork_blocks);
-      chain = {};  // registration, if any, walks its shared blocks from the start
-    }
-    const int cached = fork_blocks > 0 ? fork_blocks * bs : chain.blocks * bs;
-    const int n = std::min(len - cached, budget);
-    const int need = blocks_.BlocksFor(cached + n) - static_cast<int>(matched_.size());
-    // Matched blocks nobody holds are counted free now and stop being free once shared.
-    int unheld = 0;
-    for (int32_t b : matched_) unheld += blocks_.RefCount(b) == 0;
-    const int free_after_share = blocks_.num_free() - unheld;
-    if (free_after_share - need < watermark_blocks_ && !(running_.empty() && free_after_share >= need)) break;
-    waiting_.pop_front();
-    blocks_.Share(matched_);
-    s->block_table = matched_;
-    KRAKEN_CHECK(blocks_.Allocate(need, &s->block_table).ok(), "checked above");
-    s->chain = chain;
-    s->cached_tokens = fork_blocks > 0 ? 0 : cached;  // shared by a fork: not from the cache
-    s->fork_of = 0;
-    if (lookup) {
-      prefix_queries_ += static_cast<uint64_t>(len);
-      prefix_hits_ += static_cast<uint64_t>(cached);
-    }
-    s->running = true;
-    running_.push_back(s);
-    plan.seqs.push_back({s, cached, n, cached + n == len, /*admitted=*/true});
-    s->num_computed = cached + n;
-    budget -= n;
+    if (s->solo || !TryAdmit(s, &budget, &plan)) break;  // a suspect waits for a step of its own
     planned.push_back(s);
   }
   plan.num_tokens = options_.max_batch_tokens - budget;
@@ -187,6 +227,19 @@ void Scheduler::Remove(uint64_t id) {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), s));
   }
   seqs_.erase(it);
+}
+
+void Scheduler::Requeue(uint64_t id, bool solo) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return;
+  Sequence* s = it->second.get();
+  s->solo = s->solo || solo;
+  if (s->running) Preempt(s);
+}
+
+void Scheduler::SetSolo(uint64_t id, bool solo) {
+  auto it = seqs_.find(id);
+  if (it != seqs_.end()) it->second->solo = solo;
 }
 
 const Sequence* Scheduler::Find(uint64_t id) const {

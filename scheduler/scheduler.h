@@ -27,6 +27,11 @@
 //      the prompt (less than a block, its partial last block being its own) and samples on its
 //      own. Sharing needs no prefix cache; a fork whose origin has ended or is not running is
 //      admitted like any other sequence.
+//   0. Before all of that, a suspect (Sequence::solo: a sequence that was in the batch at repeated
+//      worker failures, see Requeue) runs in steps of its own: a running suspect is the only
+//      sequence planned; otherwise the first waiting suspect is admitted alone if its blocks are
+//      free, and the running sequences skip that step (their KV stays). So when the workers fail
+//      again, the one sequence in the step is the one to blame.
 //
 // Order everywhere is the scheduling policy's, a value in SchedulerOptions: kPriority orders by
 // (priority, arrival), lower priority values first and first come first served among equals (all
@@ -79,6 +84,7 @@ struct Sequence {
   BlockManager::Chain chain;     // how far its blocks are registered in the prefix cache
   int32_t num_ready = 0;         // of num_computed, the tokens whose K/V a finished step computed
   uint64_t fork_of = 0;          // until its first admission: the sequence whose prompt blocks it shares
+  bool solo = false;             // a suspect: runs in steps of its own (Requeue)
 };
 
 /// One sequence's part of a planned step: feed tokens[start_pos, start_pos + num_tokens).
@@ -124,6 +130,13 @@ class Scheduler {
   void AppendToken(uint64_t id, int32_t token);
   /// Forgets a sequence (finished, cancelled, failed) and frees its blocks. Unknown ids are ignored.
   void Remove(uint64_t id);
+  /// The workers lost the KV caches (they were restarted): a running sequence goes back to the
+  /// waiting queue like a preempted one, in its arrival's place, to be recomputed over its prompt
+  /// and every token it generated. `solo`: from now on it runs in steps of its own (header, 0)
+  /// until SetSolo(id, false). Unknown or waiting ids are left as they are (a waiting one's solo
+  /// flag is still set).
+  void Requeue(uint64_t id, bool solo);
+  void SetSolo(uint64_t id, bool solo);
 
   const Sequence* Find(uint64_t id) const;
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
@@ -141,6 +154,12 @@ class Scheduler {
     return a->arrival < b->arrival;
   }
   void InsertWaiting(Sequence* s);
+  // Admits waiting sequence `s` with a first chunk within `*budget` if its blocks fit above the
+  // watermark (or, with nothing running, at all): removes it from waiting_, adds it to the plan.
+  // False, changing nothing, when it does not fit or is a fork whose origin is still computing.
+  bool TryAdmit(Sequence* s, int* budget, StepPlan* plan);
+  // Plans a step of a suspect alone (header, 0); false when there is none to plan.
+  bool ScheduleSolo(StepPlan* plan);
   // Full blocks a fork may share from the sequence it was forked from: 0 for none (not a fork, the
   // origin is not running or its prompt is too short), -1 while their K/V are still being computed.
   int ForkBlocks(const Sequence& s) const;

@@ -163,6 +163,46 @@ TEST(Scheduler, ASequenceWithNoVictimPreemptsItself) {
   EXPECT_EQ(s.num_waiting(), 1);
 }
 
+TEST(Scheduler, ARequeuedSequenceIsRecomputedOverEveryTokenItHadInItsArrivalsPlace) {
+  // The workers lost their KV caches: every running sequence is requeued and recomputed.
+  Scheduler s({.num_kv_blocks = 100, .block_size = 4, .max_batch_tokens = 64, .max_batch_seqs = 8, .watermark = 0});
+  ASSERT_TRUE(s.Add(1, Tokens(6), 0).ok());
+  ASSERT_TRUE(s.Add(2, Tokens(3), 0).ok());
+  ExpectRows(s.Schedule(), {{1, 0, 6, true}, {2, 0, 3, true}});
+  s.AppendToken(1, 70);
+  s.AppendToken(2, 80);
+  ASSERT_TRUE(s.Add(3, Tokens(2), 0).ok());  // arrived later, waiting
+  s.Requeue(2, /*solo=*/false);
+  s.Requeue(1, /*solo=*/false);
+  s.Requeue(3, /*solo=*/false);  // waiting already: unchanged
+  EXPECT_EQ(s.num_running(), 0);
+  EXPECT_EQ(s.blocks().num_free(), 100);
+  EXPECT_EQ(s.Find(1)->tokens, (std::vector<int32_t>{1, 2, 3, 4, 5, 6, 70}));
+  ExpectRows(s.Schedule(), {{1, 0, 7, true}, {2, 0, 4, true}, {3, 0, 2, true}});
+}
+
+TEST(Scheduler, ASuspectRunsInStepsOfItsOwnUntilCleared) {
+  Scheduler s({.num_kv_blocks = 100, .block_size = 4, .max_batch_tokens = 64, .max_batch_seqs = 8, .watermark = 0});
+  for (uint64_t id = 1; id <= 3; ++id) ASSERT_TRUE(s.Add(id, Tokens(5), 0).ok());
+  ExpectRows(s.Schedule(), {{1, 0, 5, true}, {2, 0, 5, true}, {3, 0, 5, true}});
+  for (uint64_t id = 1; id <= 3; ++id) s.AppendToken(id, 9);
+  // A failure: 2 and 3 are suspects, 1 is not.
+  s.Requeue(1, false);
+  s.Requeue(2, true);
+  s.Requeue(3, true);
+  ASSERT_TRUE(s.Add(4, Tokens(2), 0).ok());
+  ExpectRows(s.Schedule(), {{2, 0, 6, true}});  // the first suspect, alone
+  s.AppendToken(2, 10);
+  ExpectRows(s.Schedule(), {{2, 6, 1, true}});  // still alone while a suspect
+  s.SetSolo(2, false);  // it completed a step: not the culprit
+  s.AppendToken(2, 11);
+  ExpectRows(s.Schedule(), {{3, 0, 6, true}});  // the next suspect, alone; 2 skips this step
+  EXPECT_EQ(s.Find(2)->num_computed, 7) << "a sequence that skips a step keeps its KV";
+  s.SetSolo(3, false);
+  s.AppendToken(3, 12);
+  ExpectRows(s.Schedule(), {{2, 7, 1, true}, {3, 6, 1, true}, {1, 0, 6, true}, {4, 0, 2, true}});
+}
+
 TEST(Scheduler, RemoveFreesBlocksOfRunningAndWaiting) {
   Scheduler s({.num_kv_blocks = 10, .block_size = 4, .max_batch_tokens = 8, .max_batch_seqs = 8, .watermark = 0});
   ASSERT_TRUE(s.Add(1, Tokens(8), 0).ok());

@@ -140,6 +140,7 @@ void Engine::End(uint64_t id, const Status& status, FinishReason reason, std::st
   sched_.Remove(id);
   if (!r->scheduled) --queued_;
   --active_count_;
+  if (r->handle->finished()) return;  // the pause watch ended it (and counted and logged it)
   Finish(*r->handle, generated, r->scheduled, r->first_token, status, reason, std::move(stop_reason));
   const double e2e = Seconds(Clock::now() - r->handle->arrival());
   const std::string& rid = r->params.request_id;
@@ -197,9 +198,18 @@ void Engine::Reap(Clock::time_point now) {
                                                  r->scheduled ? "while generating" : "while queued", ")")));
     } else if (h.cancelled()) {
       ending.emplace_back(id, absl::CancelledError("the client cancelled the request"));
+    } else if (h.finished()) {
+      ending.emplace_back(id, absl::OkStatus());  // ended by the pause watch: End only drops it
     }
   }
   for (auto& [id, s] : ending) End(id, s);
+}
+
+void Engine::DropEnded() {
+  std::vector<uint64_t> ended;
+  for (auto& [id, r] : active_)
+    if (r->handle->finished()) ended.push_back(id);
+  for (uint64_t id : ended) End(id, absl::OkStatus());
 }
 
 bool Engine::WaitForWork() {
@@ -236,6 +246,7 @@ void Engine::Loop() {
     if (fatal_) break;
   }
   // Whatever is left ends now.
+  StopPauseWatch();
   Admit();
   EndAll(fatal_ ? absl::UnavailableError("the server's workers failed and could not be restarted")
                 : absl::UnavailableError("the server is shutting down"));
@@ -263,10 +274,12 @@ void Engine::Supervise() {
   if (s.ok()) return;
   if (s.code() == absl::StatusCode::kAborted) {
     spdlog::critical("workers failed between steps and could not be restarted: {}", s.ToString());
+    StopPauseWatch();
     fatal_ = true;
     return;
   }
   spdlog::warn("{}", std::string(s.message()));
+  // The next step finds the new generation and resumes the requests in flight (RunOneStep).
 }
 
 void Engine::OnRecovery(bool recovering, const Status& cause) {
@@ -278,15 +291,95 @@ void Engine::OnRecovery(bool recovering, const Status& cause) {
   if (options_.metrics != nullptr) {
     for (auto* up : options_.metrics->worker_up) up->Set(0);
   }
-  // Fail the streams whose KV caches are being lost now, not after the restart; the sequences
-  // leave the scheduler when the failed step returns.
-  const Status fail =
-      absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(cause.message())));
+  // The requests in flight pause until the workers are back (Resume); meanwhile the pause watch
+  // ends those whose resume timeout or deadline passes, or whose client goes.
+  StartPauseWatch(std::string(cause.message()));
+}
+
+void Engine::StartPauseWatch(const std::string& cause) {
+  StopPauseWatch();
+  const auto now = Clock::now();
+  std::lock_guard<std::mutex> l(pause_mu_);
+  paused_.clear();
+  for (auto& [id, r] : active_) {
+    const scheduler::Sequence* seq = sched_.Find(id);
+    const bool running = seq != nullptr && seq->running;
+    if (running && !r->paused_at) r->paused_at = now;
+    paused_.push_back({r->handle, running, Generated(*r).size(), r->scheduled, r->first_token});
+  }
+  pause_begin_ = now;
+  pause_cause_ = cause;
+  pause_stop_ = false;
+  pause_thread_ = std::thread([this] { PauseWatch(); });
+}
+
+void Engine::StopPauseWatch() {
+  {
+    std::lock_guard<std::mutex> l(pause_mu_);
+    pause_stop_ = true;
+  }
+  pause_cv_.notify_all();
+  if (pause_thread_.joinable()) pause_thread_.join();
+}
+
+void Engine::PauseWatch() {
+  std::unique_lock<std::mutex> l(pause_mu_);
+  while (!pause_cv_.wait_for(l, std::chrono::milliseconds(20), [&] { return pause_stop_; })) {
+    const auto now = Clock::now();
+    for (const Paused& p : paused_) {
+      RequestHandle& h = *p.handle;
+      if (h.finished()) continue;
+      Status status;
+      const char* reason = nullptr;
+      if (h.cancelled()) {
+        status = absl::CancelledError("the client cancelled the request");
+      } else if (now >= h.deadline()) {
+        status = absl::DeadlineExceededError(StrCat("deadline exceeded after ", Seconds(now - h.arrival()),
+                                                    " s (while the workers were being restarted)"));
+        reason = p.running ? "deadline" : nullptr;
+      } else if (p.running && now - pause_begin_ >= options_.resume_timeout) {
+        status = absl::UnavailableError(StrCat("the workers did not come back within --resume-timeout ",
+                                               Seconds(options_.resume_timeout), " s after: ", pause_cause_));
+        reason = "timeout";
+      } else {
+        continue;
+      }
+      Finish(h, p.generated, p.scheduled, p.first_token, status, FinishReason::kNone, "");
+      if (ServingMetrics* m = options_.metrics) {
+        m->RecordFailure(status);
+        if (reason != nullptr) m->RecordResumeFailure(reason);
+      }
+      const std::string& rid = h.params().request_id;
+      spdlog::info("request {} ({}) ended: {}", rid.empty() ? "-" : rid, h.id(), status.ToString());
+    }
+  }
+}
+
+void Engine::Resume(const Status& cause, bool in_step) {
+  DropEnded();
+  const auto now = Clock::now();
   for (uint64_t id : sched_.running_ids()) {
-    auto it = active_.find(id);
-    if (it == active_.end()) continue;
-    const Request& r = *it->second;
-    Finish(*r.handle, Generated(r).size(), r.scheduled, r.first_token, fail, FinishReason::kNone, "");
+    Request& r = *active_.at(id);
+    const bool was_in_step =
+        in_step && std::any_of(steps_.begin(), steps_.end(), [&](const runtime::SeqStep& st) { return st.seq_id == id; });
+    const std::string& rid = r.params.request_id;
+    if (was_in_step && r.solo && steps_.size() == 1) {
+      End(id, absl::UnavailableError(StrCat("request ", rid.empty() ? "-" : rid, " (", id,
+                                            ") was alone in the step when the workers failed (failed step ",
+                                            r.step_failures + 1, " in a row with it in the batch): it is not resumed, "
+                                            "as it may be what makes them fail (",
+                                            std::string(cause.message()), ")")));
+      if (options_.metrics != nullptr) options_.metrics->RecordResumeFailure("suspect");
+      continue;
+    }
+    if (was_in_step) ++r.step_failures;
+    r.solo = r.step_failures >= kSuspectAfter;
+    sched_.Requeue(id, r.solo);
+    if (!r.paused_at) r.paused_at = now;
+    if (options_.metrics != nullptr) options_.metrics->resumed.Inc();
+    spdlog::info("request {} ({}) resumes: {} prompt and {} generated tokens to recompute{}", rid.empty() ? "-" : rid,
+                 id, r.params.prompt.size(), Generated(r).size(),
+                 r.solo ? StrCat(", alone (", r.step_failures, " failed steps in a row)") : "");
   }
 }
 
@@ -348,9 +441,11 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
 
 bool Engine::RunOneStep() {
   if (group_->generation() != cache_generation_) {
-    // The workers were restarted: their KV pools, and every cached block, are gone.
+    // The workers were restarted: their KV pools, and every cached block, are gone; the requests
+    // in flight are recomputed.
     sched_.ResetPrefixCache();
     cache_generation_ = group_->generation();
+    Resume(absl::UnavailableError("the workers were restarted between steps"), /*in_step=*/false);
   }
   scheduler::StepPlan plan = sched_.Schedule();
   for (uint64_t id : plan.preempted) {
@@ -378,6 +473,11 @@ bool Engine::RunOneStep() {
       continue;
     }
     Request& r = *it->second;
+    if (res.token >= 0 && (r.step_failures > 0 || r.solo)) {  // it completed a step: not the culprit
+      r.step_failures = 0;
+      r.solo = false;
+      sched_.SetSolo(res.seq_id, false);
+    }
     if (res.num_prompt_logprobs > 0)
       OnPromptLogprobs(
           r, steps_[i].start_pos,
@@ -396,17 +496,25 @@ bool Engine::RunOneStep() {
 
 void Engine::OnStepFailed(const Status& s, size_t planned) {
   spdlog::error("step of {} sequences failed: {}", planned, s.ToString());
+  StopPauseWatch();
   if (s.code() == absl::StatusCode::kAborted) {
     fatal_ = true;
     return;
   }
-  // The workers were restarted (UNAVAILABLE) or the plan was refused: the KV caches of every
-  // running sequence are gone or suspect. Fail those; waiting requests go on.
-  const Status fail =
-      s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition
-          ? absl::UnavailableError(StrCat("a worker failed during generation: ", std::string(s.message())))
-          : absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
-  for (uint64_t id : sched_.running_ids()) End(id, fail);
+  if (s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition) {
+    // The workers were restarted (UNAVAILABLE; FAILED_PRECONDITION: a step planned on KV caches a
+    // restart lost): the requests in flight are recomputed on the new workers.
+    if (group_->generation() != cache_generation_) {
+      sched_.ResetPrefixCache();
+      cache_generation_ = group_->generation();
+    }
+    Resume(s, /*in_step=*/s.code() == absl::StatusCode::kUnavailable);
+  } else {
+    // The workers refused the plan: its sequences' KV caches are suspect. Fail those; waiting
+    // requests go on.
+    const Status fail = absl::InternalError(StrCat("the step failed: ", std::string(s.message())));
+    for (uint64_t id : sched_.running_ids()) End(id, fail);
+  }
   UpdateRankMetrics();
   UpdateGauges();
 }
@@ -539,6 +647,10 @@ void Engine::OnToken(Request& r, const runtime::ResultSeq& res) {
       m->itl.Observe(Seconds(now - r.last_token));
     }
     m->generation_tokens.Inc();
+  }
+  if (r.paused_at) {
+    if (ServingMetrics* m = options_.metrics) m->resume_pause.Observe(Seconds(now - *r.paused_at));
+    r.paused_at.reset();
   }
   r.last_token = now;
   if (!r.first_token) r.first_token = now;

@@ -5,10 +5,17 @@
 // and hands each sampled token to its request: detokenize, match stops, check lengths (CheckStop,
 // core/finish.h), publish to the request's handle. It knows no protocol: front-ends translate.
 //
-// A worker failure during a step fails the requests whose KV cache was lost with UNAVAILABLE
-// (the runtime has restarted the workers by then) and serving goes on; between steps the workers
-// are supervised every supervise_interval; if the runtime gives up, every request fails and
-// fatal() turns true (the server then exits non-zero).
+// A worker failure loses no request (docs/runtime.md "Requests across a failure"): while the
+// runtime restarts the workers the requests in flight pause (health NOT_SERVING); when the workers
+// are back each is requeued with its prompt and every token it was given, recomputes its KV cache
+// and goes on from its next sampling index, so it continues token for token as if nothing had
+// happened (the engine is batch-invariant and each sample's random stream is indexed by its
+// position). A paused request ends UNAVAILABLE when the workers are not back within
+// resume_timeout, and at its own deadline. A request that was in the batch at kSuspectAfter
+// failed steps in a row runs alone until it completes a step; if the workers fail while it runs
+// alone it is failed by name (it may be what crashes them) and the others go on. Between steps the
+// workers are supervised every supervise_interval; if the runtime gives up, every request fails
+// and fatal() turns true (the server then exits non-zero).
 //
 // Threads: Submit, Wake and Stop from any thread; everything else runs on the engine thread.
 // The engine's own mutex guards only the hand-over queue; no callback (a handle's listener,
@@ -44,7 +51,13 @@ struct EngineOptions {
   /// How often the workers are checked while no step runs (WorkerGroup::Supervise): a worker that
   /// dies or hangs while the server is idle is noticed within this plus the heartbeat timeout.
   std::chrono::milliseconds supervise_interval{100};
+  /// How long a request in flight waits for the workers to come back after a failure before it
+  /// ends UNAVAILABLE (never past its own deadline). The server's --resume-timeout.
+  std::chrono::milliseconds resume_timeout{60000};
 };
+
+/// Failed steps in a row a request may be in before it runs alone (Engine, header comment).
+inline constexpr int kSuspectAfter = 2;
 
 class Engine {
  public:
@@ -99,6 +112,17 @@ class Engine {
   // restarts the workers (health NOT_SERVING meanwhile); giving up makes the loop fatal.
   void Supervise();
   void OnRecovery(bool recovering, const Status& cause);
+  // After the workers came back from a failure (`in_step`: a step failed; otherwise it was found
+  // between steps): requeues every running request for recompute, fails a suspect that was alone
+  // in the failed step, and drops what the pause watch ended.
+  void Resume(const Status& cause, bool in_step);
+  // The pause watch: while the workers restart (the engine thread is inside the runtime), a thread
+  // of its own ends the requests whose resume timeout, deadline or cancellation falls in the pause.
+  void StartPauseWatch(const std::string& cause);
+  void StopPauseWatch();
+  void PauseWatch();
+  // Requests the pause watch ended: they leave without a second Finish.
+  void DropEnded();
   // Metrics: per-rank totals (accumulated across worker restarts), idle split, gauges.
   void UpdateRankMetrics();
   void AccountIdle(Clock::time_point step_start);
@@ -146,6 +170,21 @@ class Engine {
   uint64_t cache_generation_ = 0;  // the workers' generation the prefix cache's blocks belong to
   Clock::time_point last_supervised_{};
   std::thread thread_;
+
+  // The pause watch (StartPauseWatch .. StopPauseWatch), guarded by pause_mu_.
+  struct Paused {
+    std::shared_ptr<RequestHandle> handle;
+    bool running = false;  // in flight (resume timeout) or only waiting (deadline, cancellation)
+    size_t generated = 0;
+    std::optional<Clock::time_point> scheduled, first_token;
+  };
+  std::mutex pause_mu_;
+  std::condition_variable pause_cv_;
+  bool pause_stop_ = false;
+  std::vector<Paused> paused_;
+  Clock::time_point pause_begin_{};
+  std::string pause_cause_;
+  std::thread pause_thread_;
 };
 
 /// "stop", "length" or "none": the label a finish reason gets in metrics and logs.

@@ -160,6 +160,11 @@ struct Request {
   Clock::time_point last_token{};  // the previous token's hand-over (inter-token latency)
   uint64_t kv_generation = 0;      // the workers' generation when its KV cache was built
   size_t prompt_scored = 1;        // prompt_logprobs: the next prompt position to report
+  // Across worker failures (Engine::Resume): the failed steps it was in since its last completed
+  // one (a suspect from kSuspectAfter on: it then runs alone), and when its current pause began.
+  int step_failures = 0;
+  bool solo = false;
+  std::optional<Clock::time_point> paused_at;
 };
 
 }  // namespace kraken::core

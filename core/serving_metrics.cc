@@ -74,6 +74,13 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
           reg.AddGauge("kraken_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0 to 1).", {}).With({})),
       restarts(reg.AddCounter("kraken_worker_restarts_total", "Times all workers were restarted after a failure.", {})
                    .With({})),
+      resumed(reg.AddCounter("kraken_request_resumed_total",
+                             "Times a request in flight was carried across a worker failure and resumed.", {})
+                  .With({})),
+      resume_pause(reg.AddHistogram("kraken_request_resume_pause_seconds",
+                                    "Pause a resumed request saw: from the worker failure to its next token.", {},
+                                    kRequestBuckets)
+                       .With({})),
       prefix_cache_queries(reg.AddCounter("kraken_prefix_cache_queries_total",
                                           "Tokens of admitted sequences looked up in the prefix cache.", {})
                                .With({})),
@@ -84,7 +91,13 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
                               {"finish_reason"})),
       failure_(reg.AddCounter("kraken_request_failure_total",
                               "Requests that ended with an error or were refused, by reason.", {"reason"})),
+      resume_failure_(reg.AddCounter("kraken_request_resume_failures_total",
+                                     "Requests in flight at a worker failure that were not resumed, by reason: "
+                                     "timeout (--resume-timeout), deadline, suspect (alone in the step at a further "
+                                     "failure).",
+                                     {"reason"})),
       registry_(reg) {
+  for (const char* r : {"timeout", "deadline", "suspect"}) resume_failure_.With({r});
   for (const char* r : {"stop", "length"}) success_.With({r});
   for (const char* r : {"invalid_argument", "resource_exhausted", "deadline_exceeded", "cancelled", "unavailable",
                         "unauthenticated", "not_found", "internal"})
@@ -137,6 +150,10 @@ void ServingMetrics::AddRankFamilies(metrics::Registry& reg, int world) {
 
 void ServingMetrics::RecordFailure(const Status& status) {
   failure_.With({FailureReason(status)}).Inc();
+}
+
+void ServingMetrics::RecordResumeFailure(const char* reason) {
+  resume_failure_.With({reason}).Inc();
 }
 
 void ServingMetrics::RecordSuccess(const std::string& finish_reason, double e2e_s) {

@@ -32,6 +32,10 @@ class ServingMetrics {
   void RecordFailure(const Status& status);
   /// Counts a successful request: finish_reason is "stop" or "length".
   void RecordSuccess(const std::string& finish_reason, double e2e_s);
+  /// Counts a request that was not resumed after a worker failure, by why: "timeout" (the workers
+  /// were not back within --resume-timeout), "deadline" (its own deadline fell in the pause) or
+  /// "suspect" (it was alone in the step at a further failure). Its failure is counted too.
+  void RecordResumeFailure(const char* reason);
   /// Publishes kraken_cache_config_info (vLLM's cache_config_info): call once, after the workers
   /// have sized the KV cache.
   void PublishCacheConfig(const CacheConfig& c);
@@ -48,6 +52,10 @@ class ServingMetrics {
   metrics::Gauge& waiting;
   metrics::Gauge& kv_usage;
   metrics::Counter& restarts;
+  // Requests carried across a worker failure: each resumption, and the pause each saw (from the
+  // failure to its next token).
+  metrics::Counter& resumed;
+  metrics::Histogram& resume_pause;
   // Prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits): tokens of admitted
   // sequences looked up, and those found cached. hits / queries is the hit rate.
   metrics::Counter& prefix_cache_queries;
@@ -64,6 +72,7 @@ class ServingMetrics {
   void AddRankFamilies(metrics::Registry& reg, int world);
   metrics::Family<metrics::Counter>& success_;
   metrics::Family<metrics::Counter>& failure_;
+  metrics::Family<metrics::Counter>& resume_failure_;
   metrics::Registry& registry_;
 };
 

@@ -4,8 +4,10 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <optional>
@@ -57,6 +59,8 @@ class Worker {
   // The KV cache's block count once the front-end has decided it; negative when it refused.
   int32_t AwaitKvBlocks();
   Status RunStep(const PlanHeader& plan);
+  // The test hook of KRAKEN_TEST_CRASH_ON_TOKEN (aborts the process).
+  void CrashOnTestToken() const;
   // Rank 0: the step's status, prompt logprobs and sampled tokens into the result area.
   void PublishResult(const PlanHeader& plan, const PlanReader& reader, const Status& status,
                      const engine::ForwardResult& fr);
@@ -222,6 +226,20 @@ int32_t Worker::AwaitKvBlocks() {
   return n;
 }
 
+void Worker::CrashOnTestToken() const {
+  // A test hook (tools/tests/test_resume.py): KRAKEN_TEST_CRASH_ON_TOKEN=<id> makes the last rank
+  // abort whenever a step feeds that token, so a request holding it crashes its worker each time
+  // it runs. Read once; unset in any deployment.
+  static const int32_t crash_token = [] {
+    const char* v = std::getenv("KRAKEN_TEST_CRASH_ON_TOKEN");
+    return v != nullptr && *v != '\0' ? static_cast<int32_t>(std::strtol(v, nullptr, 10)) : -1;
+  }();
+  if (crash_token < 0 || a_.rank != a_.world - 1) return;
+  for (const engine::SequenceInput& in : inputs_) {
+    if (std::find(in.tokens.begin(), in.tokens.end(), crash_token) != in.tokens.end()) std::abort();
+  }
+}
+
 Status Worker::RunStep(const PlanHeader& plan) {
   const PlanReader reader(seg_->data(), layout_, limits_);
   Status status = reader.Check(plan);
@@ -235,6 +253,7 @@ Status Worker::RunStep(const PlanHeader& plan) {
                          .block_table = s.block_table,
                          .all_logits = s.plan->prompt_logprobs != 0});
     }
+    CrashOnTestToken();
     auto r = model_->Forward({.seqs = inputs_}, *kv_, *comm_);
     if (!r.ok()) {
       status = r.status();

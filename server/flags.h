@@ -33,8 +33,9 @@ std::vector<std::string> ArgsWithEnvironment(const CLI::App& app, int argc, cons
                                              const char* const* env);
 
 /// KRAKEN_* variables that belong to the project's other programs (kraken-cli's KRAKEN_TARGET),
-/// which a shell may set for both: the server leaves them alone.
-inline constexpr const char* kOtherProgramsVariables[] = {"KRAKEN_TARGET"};
+/// which a shell may set for both, or to its workers (KRAKEN_TEST_CRASH_ON_TOKEN, the test hook
+/// of runtime/worker.cc): the server leaves them alone.
+inline constexpr const char* kOtherProgramsVariables[] = {"KRAKEN_TARGET", "KRAKEN_TEST_CRASH_ON_TOKEN"};
 
 /// INVALID_ARGUMENT naming the first variable in `env` that starts with KRAKEN_ but is no option's
 /// environment name (nor in kOtherProgramsVariables), and the closest valid name; OK otherwise.

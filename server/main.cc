@@ -83,6 +83,7 @@ struct Flags {
   double stall_timeout_s = 60;
   double start_timeout_s = 120;
   double collective_timeout_s = 30;
+  double resume_timeout_s = 60;
   std::string tls_cert, tls_key, tls_client_ca;
   std::string api_key;
   std::string log_level = "info";
@@ -210,6 +211,10 @@ void AddFlags(CLI::App& app, Flags& f) {
       "seconds a worker's heartbeat may be silent by its own fault (time its host kept it from a CPU is excused) "
       "before it is restarted; a follower node and the leader give each other twice as long")
       ->check(CLI::Range(0.2, 3600.0));
+  opt("--resume-timeout", f.resume_timeout_s,
+      "seconds a request in flight waits for the workers to come back after a failure before it fails "
+      "UNAVAILABLE (never past its own deadline)")
+      ->check(CLI::Range(0.0, 86400.0));
   opt("--stall-timeout", f.stall_timeout_s,
       "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
       ->check(CLI::Range(0.01, 86400.0));
@@ -638,6 +643,7 @@ core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig&
                                                           : scheduler::SchedulingPolicy::kPriority,
                   .prefix_caching = f.prefix_caching};
   eo.on_serving = [health](bool serving) { health->Set(serving); };
+  eo.resume_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.resume_timeout_s * 1000 + 0.5));
   return eo;
 }
 

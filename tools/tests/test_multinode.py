@@ -3,8 +3,8 @@
 size 4). The group computes exactly what one node with four workers computes; 16 concurrent
 streams through the leader equal their serial results; and each failure of a node is handled
 within its bound: a follower killed is noticed within 2 s and a stopped one within its node timeout
-(2 x --heartbeat-timeout, plus the freezes it reported lately) (health NOT_SERVING, in-flight requests
-UNAVAILABLE) and the group re-forms when a follower joins again; a leader that
+(2 x --heartbeat-timeout, plus the freezes it reported lately) (health NOT_SERVING; the requests in
+flight pause, and resume token for token when a node joins again, or fail at --resume-timeout) and the group re-forms when a follower joins again; a leader that
 dies takes its follower down at once (non-zero exit); a follower started before its leader retries
 with back-off and says why; a node the leader cannot use is refused by name."""
 import concurrent.futures
@@ -171,30 +171,67 @@ def group():
     state["follower"].close()
 
 
-def test_a_killed_follower_is_noticed_within_2_s_and_the_group_re_forms_when_it_returns(group):
+def test_a_killed_follower_is_noticed_within_2_s_and_the_stream_in_flight_resumes_identically_when_it_returns(group):
+    """docs/runtime.md "Requests across a failure": the stream in flight pauses while the node is gone
+    and, once a node joins again and the group restarts, ends exactly as an undisturbed one."""
     from grpc_health.v1 import health_pb2
     s, f = group["server"], group["follower"]
     before = stream(s.stub, request(text=PROMPTS[0], max_tokens=8, temperature=0))[1]
-    call = s.stub.Generate(long_request(seed=1), timeout=60)
-    next(call)
+    want = stream(s.stub, long_request(seed=1))
+    call = s.stub.Generate(long_request(seed=1), timeout=120)
+    first = next(call)
     tree = f.tree()
     t_kill = time.time()
     f.signal_tree(signal.SIGKILL)
-    with pytest.raises(grpc.RpcError) as e:
-        list(call)
-    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "node 1" in e.value.details(), e.value.details()
     down = wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.NOT_SERVING, 5)
     assert down is not None and time.time() - t_kill < 2.0, "NOT_SERVING later than 2 s after the kill"
     f.wait(5)
     assert all(wait_for(lambda: gone(p), 5) is not None for p in tree)
-    # Nobody joins: the leader keeps waiting (NOT_SERVING) and refuses work, precisely.
+    # Nobody joins: the leader keeps waiting (NOT_SERVING), the stream paused.
     time.sleep(1.0)
     assert health_status(s.target) == health_pb2.HealthCheckResponse.NOT_SERVING
-    # The node comes back: the group re-forms and serves the same tokens.
+    # The node comes back: the group re-forms, the stream goes on, and it is the undisturbed one.
+    t_back = time.time()
     group["follower"] = Follower(group["port"])
+    rest = list(call)
+    msgs = [first, *rest]
+    assert "".join(m.text for m in msgs) == want[0]
+    assert [t for m in msgs for t in m.token_ids] == want[1]
+    assert msgs[-1].finish_reason == want[2][-1].finish_reason and msgs[-1].usage == want[2][-1].usage
+    print(f"the stream resumed {time.time() - t_back:.2f} s after a follower was started again "
+          f"({t_back - t_kill:.2f} s after the kill)")
     assert wait_for(lambda: health_status(s.target) == health_pb2.HealthCheckResponse.SERVING, 60) is not None
     assert stream(s.stub, request(text=PROMPTS[0], max_tokens=8, temperature=0))[1] == before
-    assert "node 1 at ipv4:127.0.0.1:" in s.read_log() and "disconnected" in s.read_log()
+    log = s.read_log()
+    assert "node 1 at ipv4:127.0.0.1:" in log and "disconnected" in log and "resumes:" in log, log[-3000:]
+
+
+def test_requests_paused_for_a_follower_that_never_returns_fail_at_the_resume_timeout_naming_the_node():
+    cluster_port = free_port()
+    f = Follower(cluster_port)
+    s = leader(cluster_port, "--resume-timeout", "3")
+    try:
+        call = s.stub.Generate(long_request(seed=2), timeout=120)
+        next(call)
+        t_kill = time.time()
+        f.signal_tree(signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        waited = time.time() - t_kill
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert e.value.details().startswith("the workers did not come back within --resume-timeout 3 s after: "), \
+            e.value.details()
+        assert "node 1 at ipv4:127.0.0.1:" in e.value.details() and "disconnected" in e.value.details()
+        assert 3.0 <= waited < 3.0 + 1.5, waited
+        assert metric_value(s, "kraken_request_resume_failures_total", 'reason="timeout"') == 1
+    finally:
+        s.close()
+        f.close()
+
+
+def metric_value(s, name, labels):
+    from test_reliability import metric
+    return metric(s.scrape(), name, labels)
 
 
 def test_a_stopped_follower_is_noticed_within_its_node_timeout_and_leaves_when_it_wakes(group):

@@ -251,7 +251,8 @@ def test_every_timer_flag_is_documented():
     with open(os.path.join(root, "docs", "api.md")) as f:
         api = f.read()
     for flag in ("--heartbeat-timeout", "--stall-timeout", "--start-timeout", "--collective-timeout",
-                 "--restart-window", "--max-restarts", "--grace-period", "--request-timeout", "--http-idle-timeout"):
+                 "--restart-window", "--max-restarts", "--grace-period", "--request-timeout", "--http-idle-timeout",
+                 "--resume-timeout"):
         assert flag in out, flag
         assert f"`{flag}" in api, f"{flag} is not in docs/api.md"
 

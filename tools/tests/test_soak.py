@@ -1,8 +1,9 @@
 """Soak: one real kraken-server (cpu:2, short supervision timers, a small waiting queue) under about
 two minutes of mixed traffic: streaming Generate and unary Complete from a few client threads,
 clients cancelling mid-stream, short deadlines, idle gaps longer than every timer, one worker
-SIGKILLed and one SIGSTOPped at random points. Afterwards every request has a defined outcome, the
-gauges are back to zero, the front-end's memory did not grow, no child is left a zombie, the
+SIGKILLed and one SIGSTOPped at random points. Afterwards every request has a defined outcome, none
+of them UNAVAILABLE (a request in flight at a worker failure pauses and resumes), the gauges are
+back to zero, the front-end's memory did not grow, no child is left a zombie, the
 restart counter equals the faults injected, and the server still serves.
 
 Marked `soak` (tools/tests/conftest.py): it runs in the normal suite; `-m "not soak"` skips it.
@@ -33,7 +34,7 @@ CALL_TIMEOUT = 30        # every call's deadline unless a short one is drawn
 WARMUP_S = 15
 PHASES, PHASE_S = 5, 16  # traffic phases after the warm-up...
 GAP_S = 3.0 + STALL_S    # ...separated by idle gaps longer than every timer
-ALLOWED = {"CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+ALLOWED = {"CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 PROMPTS = ["And God said,", "In the beginning", "The LORD is my shepherd;", "Blessed are the",
            "And it came to pass", "Verily, verily, I say unto you,"]
 FINISHED = (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
@@ -332,9 +333,10 @@ def test_soak(capsys):
         # Each path was exercised: successes, client cancels, deadlines, a full queue, failed workers.
         for k in ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"):
             assert outcomes.get(k, 0) > 0, (k, outcomes)
+        # The worker failures cost no request: the probe stream in flight at each completed.
         probes = [f["probe"] for f in faults if "probe" in f]
-        assert probes and all(p == "UNAVAILABLE" for p in probes), faults
-        assert outcomes.get("UNAVAILABLE", 0) >= len(probes)
+        assert probes and all(p == "OK" for p in probes), faults
+        assert outcomes.get("UNAVAILABLE", 0) == 0, outcomes
         # Nothing held after the traffic; one restart per fault, none spurious; both workers up.
         assert (m["kraken_num_requests_running"], m["kraken_num_requests_waiting"],
                 m["kraken_kv_cache_usage_ratio"]) == (0, 0, 0), m

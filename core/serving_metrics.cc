@@ -79,7 +79,7 @@ ServingMetrics::ServingMetrics(metrics::Registry& reg, int world, const std::str
                   .With({})),
       resume_pause(reg.AddHistogram("kraken_request_resume_pause_seconds",
                                     "Pause a resumed request saw: from the worker failure to its next token.", {},
-                                    kRequestBuckets)
+                                    kItlBuckets)
                        .With({})),
       prefix_cache_queries(reg.AddCounter("kraken_prefix_cache_queries_total",
                                           "Tokens of admitted sequences looked up in the prefix cache.", {})

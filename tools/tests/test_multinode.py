@@ -8,6 +8,7 @@ flight pause, and resume token for token when a node joins again, or fail at --r
 dies takes its follower down at once (non-zero exit); a follower started before its leader retries
 with back-off and says why; a node the leader cannot use is refused by name."""
 import concurrent.futures
+import json
 import os
 import signal
 import subprocess
@@ -224,6 +225,49 @@ def test_requests_paused_for_a_follower_that_never_returns_fail_at_the_resume_ti
         assert "node 1 at ipv4:127.0.0.1:" in e.value.details() and "disconnected" in e.value.details()
         assert 3.0 <= waited < 3.0 + 1.5, waited
         assert metric_value(s, "kraken_request_resume_failures_total", 'reason="timeout"') == 1
+    finally:
+        s.close()
+        f.close()
+
+
+def test_a_request_whose_deadline_falls_in_the_pause_fails_at_its_deadline_not_later():
+    import urllib.error
+    import urllib.request
+    cluster_port = free_port()
+    f = Follower(cluster_port)
+    s = leader(cluster_port, "--resume-timeout", "30", "--request-timeout", "3")
+    try:
+        results = {}
+
+        def grpc_call():
+            t0 = time.time()
+            try:
+                list(s.stub.Generate(long_request(seed=3), timeout=120))
+                results["grpc"] = ("OK", time.time() - t0)
+            except grpc.RpcError as e:
+                results["grpc"] = (e.code().name, time.time() - t0, e.details())
+
+        def http_call():
+            body = json.dumps({"model": "kraken-kjv-4way", "prompt": "And it came to pass", "max_tokens": 200,
+                               "ignore_eos": True, "seed": 4}).encode()
+            t0 = time.time()
+            try:
+                urllib.request.urlopen(urllib.request.Request(s.http_url + "/v1/completions", data=body, headers={
+                    "Content-Type": "application/json"}), timeout=60)
+                results["http"] = (200, time.time() - t0)
+            except urllib.error.HTTPError as e:
+                results["http"] = (e.code, time.time() - t0, e.read().decode())
+        threads = [threading.Thread(target=grpc_call), threading.Thread(target=http_call)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: metric_value(s, "kraken_generation_tokens_total", "") >= 20, 10) is not None
+        f.signal_tree(signal.SIGKILL)
+        for t in threads:
+            t.join(30)
+        assert results["grpc"][0] == "DEADLINE_EXCEEDED" and results["grpc"][1] < 3.0 + 1.0, results
+        assert "while the workers were being restarted" in results["grpc"][2], results
+        assert results["http"][0] == 408 and results["http"][1] < 3.0 + 1.0, results
+        assert metric_value(s, "kraken_request_resume_failures_total", 'reason="deadline"') == 2
     finally:
         s.close()
         f.close()

@@ -238,9 +238,10 @@ void Follower::PublishPlan(const v1::Plan& p) {
           if (t.ok && t.wait_ns > worker_wait0[i]) workers_wait = std::max(workers_wait, t.wait_ns - worker_wait0[i]);
         }
         if (waited > std::min(10 * timeout, timeout + std::max(own_wait, workers_wait))) {
-          failure_ = StrCat("step ", p.step(), ": this node's workers were still in the previous step ",
-                            waited / 1'000'000, " ms after the leader's rank 0 finished it (the host kept them waiting ",
-                            std::max(own_wait, workers_wait) / 1'000'000, " ms of it)");
+          failure_ =
+              StrCat("step ", p.step(), ": this node's workers were still in the previous step ", waited / 1'000'000,
+                     " ms after the leader's rank 0 finished it (the host kept them waiting ",
+                     std::max(own_wait, workers_wait) / 1'000'000, " ms of it)");
           return;
         }
       }

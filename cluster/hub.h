@@ -91,7 +91,7 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
     std::string peer;
     std::vector<engine::Device> devices;
     runtime::PeerSilence silence{0, 0};  // since its last message, judged by the node timeout
-    std::string lost;                     // why the watchdog ended its stream ("" when it did not)
+    std::string lost;                    // why the watchdog ended its stream ("" when it did not)
     std::vector<v1::LeaderMessage> outbox;
     std::set<std::string> sent_keys;  // rendezvous keys sent in this generation
   };

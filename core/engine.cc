@@ -320,6 +320,7 @@ void Engine::StopPauseWatch() {
   }
   pause_cv_.notify_all();
   if (pause_thread_.joinable()) pause_thread_.join();
+  paused_.clear();
 }
 
 void Engine::PauseWatch() {
@@ -360,13 +361,14 @@ void Engine::Resume(const Status& cause, bool in_step) {
   const auto now = Clock::now();
   for (uint64_t id : sched_.running_ids()) {
     Request& r = *active_.at(id);
-    const bool was_in_step =
-        in_step && std::any_of(steps_.begin(), steps_.end(), [&](const runtime::SeqStep& st) { return st.seq_id == id; });
+    const bool was_in_step = in_step && std::any_of(steps_.begin(), steps_.end(),
+                                                    [&](const runtime::SeqStep& st) { return st.seq_id == id; });
     const std::string& rid = r.params.request_id;
     if (was_in_step && r.solo && steps_.size() == 1) {
       End(id, absl::UnavailableError(StrCat("request ", rid.empty() ? "-" : rid, " (", id,
                                             ") was alone in the step when the workers failed (failed step ",
-                                            r.step_failures + 1, " in a row with it in the batch): it is not resumed, "
+                                            r.step_failures + 1,
+                                            " in a row with it in the batch): it is not resumed, "
                                             "as it may be what makes them fail (",
                                             std::string(cause.message()), ")")));
       if (options_.metrics != nullptr) options_.metrics->RecordResumeFailure("suspect");

@@ -114,9 +114,9 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
   g->options_ = o;
   KRAKEN_ASSIGN_OR_RETURN(g->limits_, PlanLimits(o));
   if (o.remote && MaxPlanBytes(g->limits_) > kMaxNodePlanBytes) {
-    return InvalidArgument("a step plan of these limits may take ", MaxPlanBytes(g->limits_) >> 20,
-                           " MiB (", g->limits_.max_seqs, " sequences of up to ", g->limits_.max_blocks_per_seq,
-                           " KV blocks, ", g->limits_.max_history, " penalty-history tokens); a multi-node group sends ",
+    return InvalidArgument("a step plan of these limits may take ", MaxPlanBytes(g->limits_) >> 20, " MiB (",
+                           g->limits_.max_seqs, " sequences of up to ", g->limits_.max_blocks_per_seq, " KV blocks, ",
+                           g->limits_.max_history, " penalty-history tokens); a multi-node group sends ",
                            "each plan to every node in one message of at most ", kMaxNodePlanBytes >> 20,
                            " MiB: lower --max-batch-seqs");
   }

@@ -164,6 +164,34 @@ void AddNodeFlags(const Opt& opt, Flags& f) {
   opt("--cluster-ca", f.cluster_ca, "the group's CA certificate (PEM): every node must present one it signed");
 }
 
+// The supervision timers and the restart budget (docs/api.md "Timers").
+template <class Opt>
+void AddTimerFlags(const Opt& opt, Flags& f) {
+  opt("--grace-period", f.grace_period_s, "seconds in-flight requests get after SIGTERM")
+      ->check(CLI::Range(0.0, 86400.0));
+  opt("--max-restarts", f.max_restarts,
+      "worker failures tolerated within --restart-window; one more and the server exits non-zero")
+      ->check(CLI::Range(0, 1000));
+  opt("--restart-window", f.restart_window_s, "seconds over which worker failures are counted")
+      ->check(CLI::Range(0.001, 86400.0));
+  opt("--heartbeat-timeout", f.heartbeat_timeout_s,
+      "seconds a worker's heartbeat may be silent by its own fault (time its host kept it from a CPU is excused) "
+      "before it is restarted; a follower node and the leader give each other twice as long")
+      ->check(CLI::Range(0.2, 3600.0));
+  opt("--resume-timeout", f.resume_timeout_s,
+      "seconds a request in flight waits for the workers to come back after a failure before it fails "
+      "UNAVAILABLE (never past its own deadline)")
+      ->check(CLI::Range(0.0, 86400.0));
+  opt("--stall-timeout", f.stall_timeout_s,
+      "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
+      ->check(CLI::Range(0.01, 86400.0));
+  opt("--start-timeout", f.start_timeout_s, "seconds the workers get to load the model and report ready")
+      ->check(CLI::Range(0.001, 86400.0));
+  opt("--collective-timeout", f.collective_timeout_s,
+      "seconds one AllReduce may take inside a worker before the worker fails")
+      ->check(CLI::Range(0.01, 86400.0));
+}
+
 void AddFlags(CLI::App& app, Flags& f) {
   app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
       ->envname(server::EnvName("--config"))
@@ -200,29 +228,7 @@ void AddFlags(CLI::App& app, Flags& f) {
   AddKvCacheFlags(opt, f);
   opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
       ->check(CLI::Range(1024, 256 << 20));
-  opt("--grace-period", f.grace_period_s, "seconds in-flight requests get after SIGTERM")
-      ->check(CLI::Range(0.0, 86400.0));
-  opt("--max-restarts", f.max_restarts,
-      "worker failures tolerated within --restart-window; one more and the server exits non-zero")
-      ->check(CLI::Range(0, 1000));
-  opt("--restart-window", f.restart_window_s, "seconds over which worker failures are counted")
-      ->check(CLI::Range(0.001, 86400.0));
-  opt("--heartbeat-timeout", f.heartbeat_timeout_s,
-      "seconds a worker's heartbeat may be silent by its own fault (time its host kept it from a CPU is excused) "
-      "before it is restarted; a follower node and the leader give each other twice as long")
-      ->check(CLI::Range(0.2, 3600.0));
-  opt("--resume-timeout", f.resume_timeout_s,
-      "seconds a request in flight waits for the workers to come back after a failure before it fails "
-      "UNAVAILABLE (never past its own deadline)")
-      ->check(CLI::Range(0.0, 86400.0));
-  opt("--stall-timeout", f.stall_timeout_s,
-      "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
-      ->check(CLI::Range(0.01, 86400.0));
-  opt("--start-timeout", f.start_timeout_s, "seconds the workers get to load the model and report ready")
-      ->check(CLI::Range(0.001, 86400.0));
-  opt("--collective-timeout", f.collective_timeout_s,
-      "seconds one AllReduce may take inside a worker before the worker fails")
-      ->check(CLI::Range(0.01, 86400.0));
+  AddTimerFlags(opt, f);
   opt("--tls-cert", f.tls_cert, "PEM certificate chain (enables TLS)");
   opt("--tls-key", f.tls_key, "PEM private key");
   opt("--tls-client-ca", f.tls_client_ca, "PEM CA: require and verify client certificates");

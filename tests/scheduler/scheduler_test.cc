@@ -194,7 +194,7 @@ TEST(Scheduler, ASuspectRunsInStepsOfItsOwnUntilCleared) {
   ExpectRows(s.Schedule(), {{2, 0, 6, true}});  // the first suspect, alone
   s.AppendToken(2, 10);
   ExpectRows(s.Schedule(), {{2, 6, 1, true}});  // still alone while a suspect
-  s.SetSolo(2, false);  // it completed a step: not the culprit
+  s.SetSolo(2, false);                          // it completed a step: not the culprit
   s.AppendToken(2, 11);
   ExpectRows(s.Schedule(), {{3, 0, 6, true}});  // the next suspect, alone; 2 skips this step
   EXPECT_EQ(s.Find(2)->num_computed, 7) << "a sequence that skips a step keeps its KV";

@@ -204,15 +204,17 @@ void Follower::PublishPlan(const v1::Plan& p) {
   runtime::OwnWaitMeter meter;
   meter.Take();
   uint64_t own_wait = 0;
-  std::vector<uint64_t> worker_wait0;  // the local workers' run-queue wait when the wait passed `timeout`
+  // The local workers' run-queue wait at the first look past `timeout` (-1: not read yet).
+  std::vector<int64_t> worker_wait0;
   publishing_ = true;
   struct Done {
     Follower* f;
     uint64_t start;
     ~Done() {
+      std::lock_guard<std::mutex> lock(f->lost_mu_);  // one step for the watchdog: excused, then judged
+      const uint64_t now = runtime::NowNs();
+      if (f->leader_silence_) f->leader_silence_->NotListened(now - start, now);
       f->publishing_ = false;
-      std::lock_guard<std::mutex> lock(f->lost_mu_);
-      if (f->leader_silence_) f->leader_silence_->JudgeWaited(runtime::NowNs() - start);
     }
   } done{this, start};
   for (;;) {
@@ -232,10 +234,14 @@ void Follower::PublishPlan(const v1::Plan& p) {
         own_wait += meter.Take();
         const std::vector<pid_t> pids = share_->worker_pids();
         uint64_t workers_wait = 0;
+        worker_wait0.resize(share_->local_end() - share_->local_begin(), -1);
         for (int r = share_->local_begin(), i = 0; r < share_->local_end(); ++r, ++i) {
           const runtime::ThreadSched t = runtime::ReadThreadSched(pids[r], pids[r]);
-          if (static_cast<int>(worker_wait0.size()) <= i) worker_wait0.push_back(t.wait_ns);
-          if (t.ok && t.wait_ns > worker_wait0[i]) workers_wait = std::max(workers_wait, t.wait_ns - worker_wait0[i]);
+          if (!t.ok) continue;
+          const auto wait = static_cast<int64_t>(t.wait_ns);
+          if (worker_wait0[i] < 0) worker_wait0[i] = wait;
+          if (wait > worker_wait0[i])
+            workers_wait = std::max(workers_wait, static_cast<uint64_t>(wait - worker_wait0[i]));
         }
         if (waited > std::min(10 * timeout, timeout + std::max(own_wait, workers_wait))) {
           failure_ =

@@ -284,7 +284,10 @@ void Engine::Supervise() {
 
 void Engine::OnRecovery(bool recovering, const Status& cause) {
   if (options_.on_serving) options_.on_serving(!recovering);
-  if (!recovering) return;
+  if (!recovering) {
+    StopPauseWatch();  // the workers are back: Resume takes over
+    return;
+  }
   spdlog::warn("{}; restarting the workers (health NOT_SERVING until they are ready)", std::string(cause.message()));
   // Every worker is about to be replaced: none is up until the restart completes (the gauges are
   // refreshed from the new workers after it).
@@ -302,10 +305,10 @@ void Engine::StartPauseWatch(const std::string& cause) {
   std::lock_guard<std::mutex> l(pause_mu_);
   paused_.clear();
   for (auto& [id, r] : active_) {
-    const scheduler::Sequence* seq = sched_.Find(id);
-    const bool running = seq != nullptr && seq->running;
-    if (running && !r->paused_at) r->paused_at = now;
-    paused_.push_back({r->handle, running, Generated(*r).size(), r->scheduled, r->first_token});
+    // In flight: scheduled at least once (running now, or preempted and waiting to be recomputed).
+    const bool in_flight = r->scheduled.has_value();
+    if (in_flight && !r->paused_at) r->paused_at = now;
+    paused_.push_back({r->handle, in_flight, Generated(*r).size(), r->scheduled, r->first_token});
   }
   pause_begin_ = now;
   pause_cause_ = cause;
@@ -324,8 +327,14 @@ void Engine::StopPauseWatch() {
 }
 
 void Engine::PauseWatch() {
-  std::unique_lock<std::mutex> l(pause_mu_);
-  while (!pause_cv_.wait_for(l, std::chrono::milliseconds(20), [&] { return pause_stop_; })) {
+  // paused_ changes only while this thread is not running (Start/StopPauseWatch), so it is read
+  // without the lock; the lock guards pause_stop_. Handles are finished holding no lock (their
+  // listeners' contract, core/request.h).
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(pause_mu_);
+      if (pause_cv_.wait_for(l, std::chrono::milliseconds(20), [&] { return pause_stop_; })) return;
+    }
     const auto now = Clock::now();
     for (const Paused& p : paused_) {
       RequestHandle& h = *p.handle;
@@ -337,8 +346,8 @@ void Engine::PauseWatch() {
       } else if (now >= h.deadline()) {
         status = absl::DeadlineExceededError(StrCat("deadline exceeded after ", Seconds(now - h.arrival()),
                                                     " s (while the workers were being restarted)"));
-        reason = p.running ? "deadline" : nullptr;
-      } else if (p.running && now - pause_begin_ >= options_.resume_timeout) {
+        reason = p.in_flight ? "deadline" : nullptr;
+      } else if (p.in_flight && now - pause_begin_ >= options_.resume_timeout) {
         status = absl::UnavailableError(StrCat("the workers did not come back within --resume-timeout ",
                                                Seconds(options_.resume_timeout), " s after: ", pause_cause_));
         reason = "timeout";
@@ -357,6 +366,7 @@ void Engine::PauseWatch() {
 }
 
 void Engine::Resume(const Status& cause, bool in_step) {
+  StopPauseWatch();
   DropEnded();
   const auto now = Clock::now();
   for (uint64_t id : sched_.running_ids()) {
@@ -502,6 +512,10 @@ void Engine::OnStepFailed(const Status& s, size_t planned) {
   if (s.code() == absl::StatusCode::kAborted) {
     fatal_ = true;
     return;
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    if (stop_) return;  // abandoned for shutdown, not failed: the loop ends every request
   }
   if (s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition) {
     // The workers were restarted (UNAVAILABLE; FAILED_PRECONDITION: a step planned on KV caches a

@@ -11,13 +11,17 @@
 // and goes on from its next sampling index, so it continues token for token as if nothing had
 // happened (the engine is batch-invariant and each sample's random stream is indexed by its
 // position). A paused request ends UNAVAILABLE when the workers are not back within
-// resume_timeout, and at its own deadline. A request that was in the batch at kSuspectAfter
-// failed steps in a row runs alone until it completes a step; if the workers fail while it runs
-// alone it is failed by name (it may be what crashes them) and the others go on. Between steps the
+// resume_timeout, and at its own deadline (a request submitted during the restart waits in the
+// hand-over queue and is judged after it). A request that was in the batch at kSuspectAfter
+// failed steps with no sampled token between runs alone until it samples one; if the workers fail
+// while it runs alone it is failed by name (it may be what crashes them) and the others go on.
+// Such a request costs kSuspectAfter + 1 restarts of the runtime's budget (max_restarts). A
+// step abandoned for shutdown is not a failure. Between steps the
 // workers are supervised every supervise_interval; if the runtime gives up, every request fails
 // and fatal() turns true (the server then exits non-zero).
 //
-// Threads: Submit, Wake and Stop from any thread; everything else runs on the engine thread.
+// Threads: Submit, Wake and Stop from any thread; everything else runs on the engine thread, but
+// for the pause watch, which finishes paused handles while the engine thread is inside a restart.
 // The engine's own mutex guards only the hand-over queue; no callback (a handle's listener,
 // on_serving) is ever called with it held.
 #pragma once
@@ -56,7 +60,8 @@ struct EngineOptions {
   std::chrono::milliseconds resume_timeout{60000};
 };
 
-/// Failed steps in a row a request may be in before it runs alone (Engine, header comment).
+/// Failed steps a request may be in, with no token sampled between, before it runs alone (Engine,
+/// header comment).
 inline constexpr int kSuspectAfter = 2;
 
 class Engine {
@@ -174,7 +179,7 @@ class Engine {
   // The pause watch (StartPauseWatch .. StopPauseWatch), guarded by pause_mu_.
   struct Paused {
     std::shared_ptr<RequestHandle> handle;
-    bool running = false;  // in flight (resume timeout) or only waiting (deadline, cancellation)
+    bool in_flight = false;  // scheduled before (resume timeout) or never (deadline, cancellation only)
     size_t generated = 0;
     std::optional<Clock::time_point> scheduled, first_token;
   };

@@ -109,7 +109,8 @@ class RequestHandle {
   void Cancel();
   bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
 
-  /// Sets the function the engine calls, on its thread and holding no lock, after output is added
+  /// Sets the function the engine calls, on its thread (or, for the end of a request paused by a
+  /// worker restart, its pause watch) and holding no lock, after output is added
   /// or the request ends. The listener may call Take. Thread: any.
   void Listen(std::function<void()> listener);
   /// Removes the listener; when it returns the listener is not running and will not be called
@@ -160,8 +161,8 @@ struct Request {
   Clock::time_point last_token{};  // the previous token's hand-over (inter-token latency)
   uint64_t kv_generation = 0;      // the workers' generation when its KV cache was built
   size_t prompt_scored = 1;        // prompt_logprobs: the next prompt position to report
-  // Across worker failures (Engine::Resume): the failed steps it was in since its last completed
-  // one (a suspect from kSuspectAfter on: it then runs alone), and when its current pause began.
+  // Across worker failures (Engine::Resume): the failed steps it was in since it last sampled a
+  // token (a suspect from kSuspectAfter on: it then runs alone), and when its current pause began.
   int step_failures = 0;
   bool solo = false;
   std::optional<Clock::time_point> paused_at;

@@ -14,6 +14,7 @@
 
 #include <sys/types.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -114,6 +115,11 @@ class PeerSilence {
   void Heard(uint64_t now, uint64_t peer_waited_ns);
   /// The judge itself was kept from a CPU for `ns` (its OwnWaitMeter) since it last looked.
   void JudgeWaited(uint64_t ns) { judge_waited_ns_ += ns; }
+  /// The judge did not listen for `ns` up to `now` (it waited on something of its own): that time
+  /// is not the peer's silence at all, and the ceiling does not count it either.
+  void NotListened(uint64_t ns, uint64_t now) {
+    if (heard_ns_ != 0) heard_ns_ = std::min(now, heard_ns_ + ns);
+  }
   /// Since the last message (ns); 0 before the first.
   uint64_t silent_ns(uint64_t now) const { return heard_ns_ != 0 && now > heard_ns_ ? now - heard_ns_ : 0; }
   /// The silence allowed now (ns), within [base, ceiling].

@@ -261,6 +261,17 @@ TEST(PeerSilence, AllowsTheJudgesOwnFreezeSinceTheLastMessageOnly) {
   EXPECT_TRUE(p.Expired(t0 + 5501 * kMs));
 }
 
+TEST(PeerSilence, TimeTheJudgeDidNotListenIsNoSilenceAndEscapesTheCeiling) {
+  PeerSilence p(2000 * kMs, 10000 * kMs);
+  const uint64_t t0 = 100'000 * kMs;
+  p.Heard(t0, 0);
+  p.NotListened(12'000 * kMs, t0 + 12'000 * kMs);  // it waited 12 s on its own workers
+  EXPECT_FALSE(p.Expired(t0 + 14'000 * kMs));
+  EXPECT_TRUE(p.Expired(t0 + 14'001 * kMs));
+  p.NotListened(60'000 * kMs, t0 + 15'000 * kMs);  // never past now
+  EXPECT_TRUE(p.Expired(t0 + 17'001 * kMs));
+}
+
 TEST(PeerSilence, NeverAllowsMoreThanTheCeilingWhateverThePeerReports) {
   PeerSilence p(2000 * kMs, 10000 * kMs);
   const uint64_t t0 = 100'000 * kMs;

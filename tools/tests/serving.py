@@ -118,3 +118,23 @@ def stream(stub, req, timeout=120):
     """Runs Generate; returns (joined text, ids, messages)."""
     msgs = list(stub.Generate(req, timeout=timeout))
     return "".join(m.text for m in msgs), [i for m in msgs for i in m.token_ids], msgs
+
+
+def steady_traffic(stub, seconds, clients=2):
+    """`clients` threads sending 8-token Complete calls back to back for `seconds`; the outcomes counted
+    by name ("ok", or the gRPC status code's name)."""
+    import concurrent.futures
+    outcomes = {"ok": 0}
+    stop_at = time.time() + seconds
+
+    def client(seed):
+        while time.time() < stop_at:
+            try:
+                r = stub.Complete(request(text="And God said", max_tokens=8, seed=seed, ignore_eos=True), timeout=60)
+                assert len(r.token_ids) == 8
+                outcomes["ok"] += 1
+            except grpc.RpcError as e:
+                outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    return outcomes

@@ -6,7 +6,6 @@ KServe leniencies are refused; a port in use refuses the start, naming it; SIGTE
 within its grace period in every state; recovery gives up after --max-restarts failed starts
 whatever the timers' ratio; and a server whose CPU quota leaves it throttled most of each second
 serves with no restart while a stopped worker is still caught within its bound."""
-import concurrent.futures
 import http.client
 import importlib
 import json
@@ -22,7 +21,7 @@ import time
 import grpc
 import pytest
 
-from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, stream
+from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, steady_traffic, stream
 from test_reliability import metric
 
 DEPTH = 100_000  # about 200 KB of brackets: far under the 4 MiB body limit, far past any stack
@@ -584,20 +583,7 @@ def test_a_server_throttled_to_a_sliver_of_a_core_serves_without_restarts_and_st
         workers = s.worker_pids()
         for pid in [s.proc.pid, *workers]:
             quota.add(pid)
-        outcomes = {"ok": 0}
-        stop_at = time.time() + float(os.environ.get("KRAKEN_STARVATION_SECONDS", "60"))
-
-        def client(seed):
-            while time.time() < stop_at:
-                try:
-                    r = s.stub.Complete(request(text="And God said", max_tokens=8, seed=seed, ignore_eos=True),
-                                        timeout=60)
-                    assert len(r.token_ids) == 8
-                    outcomes["ok"] += 1
-                except grpc.RpcError as e:
-                    outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(client, range(2)))
+        outcomes = steady_traffic(s.stub, float(os.environ.get("KRAKEN_STARVATION_SECONDS", "60")))
         log = s.read_log()
         failed = {k: v for k, v in outcomes.items() if k != "ok"}
         assert not failed and outcomes["ok"] > 0, (outcomes, log[-3000:])

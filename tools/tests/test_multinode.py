@@ -20,7 +20,7 @@ import pytest
 
 from kraken_client import pb
 from cluster_certs import tls_args
-from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, stream
+from serving import DEFAULT_MODEL, ROOT, SERVER_BIN, Server, free_port, request, steady_traffic, stream
 
 GPT2_MODEL = os.path.join(ROOT, "models", "gpt2-kjv")
 # The default node liveness (--heartbeat-timeout 1 s; leader and follower give each other 2 s), which
@@ -420,20 +420,7 @@ def test_throttled_nodes_serve_without_restarts_and_their_hangs_are_still_caught
             quota.add(pid)
         for pid in [s.proc.pid, *s.worker_pids()]:
             leader_quota.add(pid)
-        outcomes = {"ok": 0}
-        stop_at = time.time() + float(os.environ.get("KRAKEN_STARVATION_SECONDS", "60"))
-
-        def client(seed):
-            while time.time() < stop_at:
-                try:
-                    r = s.stub.Complete(request(text="And God said", max_tokens=8, seed=seed, ignore_eos=True),
-                                        timeout=60)
-                    assert len(r.token_ids) == 8
-                    outcomes["ok"] += 1
-                except grpc.RpcError as e:
-                    outcomes[e.code().name] = outcomes.get(e.code().name, 0) + 1
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(client, range(2)))
+        outcomes = steady_traffic(s.stub, float(os.environ.get("KRAKEN_STARVATION_SECONDS", "60")))
         log, flog = s.read_log(), f.read_log()
         failed = {k: v for k, v in outcomes.items() if k != "ok"}
         assert not failed and outcomes["ok"] > 0, (outcomes, log[-3000:], flog[-3000:])

@@ -1,5 +1,5 @@
-// Error handling for engine/ and scheduler/: absl::Status and absl::StatusOr<T> (absl is already a
-// gRPC dependency), plus the two propagation macros and a check for broken invariants.
+// Error handling for every module: absl::Status and absl::StatusOr<T> (absl is already a gRPC
+// dependency), plus the two propagation macros and a check for broken invariants.
 //
 //   absl::StatusOr<int> ParsePositive(int v) {
 //     if (v <= 0) return InvalidArgument("field 'n_layer' must be > 0, got ", v);

@@ -157,13 +157,148 @@ StatusOr<SampledToken> Sampler::Score(const float* logits, int32_t token, int to
   return out;
 }
 
+void Sampler::ApplyPenalties(const float* logits, const SamplingParams& p, const TokenHistory& history) {
+  const int V = vocab_;
+  float* w = work_.data();
+  const bool rep = p.repetition_penalty != 1.0f;
+  const bool freq = p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
+  if (!rep && !freq) return;
+  for (int32_t t : history.generated) {
+    if (t >= 0 && t < V) ++counts_[t];
+  }
+  if (rep) {
+    for (auto span : {history.prompt, history.generated}) {
+      for (int32_t t : span) {
+        if (t < 0 || t >= V || seen_[t]) continue;
+        seen_[t] = 1;
+        w[t] = w[t] > 0.f ? w[t] / p.repetition_penalty : w[t] * p.repetition_penalty;
+      }
+    }
+  }
+  for (int32_t t : history.generated) {
+    if (t < 0 || t >= V || counts_[t] == 0) continue;
+    if (freq) w[t] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(counts_[t]);
+    counts_[t] = 0;  // reset as we go; each distinct token is handled once
+  }
+  // A tiny repetition penalty can push a finite logit past the float range; keep it finite
+  // so the softmax below stays defined.
+  for (auto span : {history.prompt, history.generated}) {
+    for (int32_t t : span) {
+      if (t >= 0 && t < V && std::isinf(w[t]) && std::isfinite(logits[t])) {
+        w[t] = std::copysign(std::numeric_limits<float>::max(), w[t]);
+      }
+    }
+  }
+  for (auto span : {history.prompt, history.generated}) {
+    for (int32_t t : span) {
+      if (t >= 0 && t < V) seen_[t] = 0;
+    }
+  }
+}
+
+void Sampler::Ban(std::span<const int32_t> banned) {
+  const int V = vocab_;
+  float* w = work_.data();
+  if (banned.empty()) return;
+  for (int32_t t : banned)
+    if (t >= 0 && t < V) seen_[t] = 1;
+  bool other = false;
+  for (int i = 0; i < V && !other; ++i) other = !seen_[i] && w[i] != kNegInf;
+  for (int32_t t : banned) {
+    if (t < 0 || t >= V) continue;
+    if (other) w[t] = kNegInf;
+    seen_[t] = 0;
+  }
+}
+
+int Sampler::TopKCandidates(int top_k) {
+  const int V = vocab_;
+  const float* w = work_.data();
+  std::iota(order_.begin(), order_.end(), 0);
+  if (top_k <= 0 || top_k >= V) return V;
+  // The k most likely, plus every token tied with the k-th (as Hugging Face and vLLM keep all
+  // logits >= the k-th largest), in (value, id) order.
+  int n = top_k;
+  std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
+  const float kth = w[order_[n - 1]];
+  auto tail = std::partition(order_.begin() + n, order_.end(), [&](int32_t id) { return w[id] == kth; });
+  std::sort(order_.begin() + n, tail);
+  return static_cast<int>(tail - order_.begin());
+}
+
+double Sampler::Exponentiate(int n, float temperature) {
+  float* w = work_.data();
+  float m = kNegInf;
+  for (int i = 0; i < n; ++i) m = std::max(m, w[order_[i]]);
+  const double inv_t = 1.0 / temperature;
+  double total = 0.0;
+  for (int i = 0; i < n; ++i) {
+    const int id = order_[i];
+    const double e = std::exp((static_cast<double>(w[id]) - m) * inv_t);
+    w[id] = static_cast<float>(e);
+    total += e;
+  }
+  return total;
+}
+
+int Sampler::KeepTopP(int n, bool sorted_already, double total, float top_p) {
+  // Walk the candidates in (probability, id) order until their mass reaches top_p. Unless they
+  // are sorted already (top-k), order them in growing slices (64, 256, ...): partial_sort of the
+  // rest keeps the order exact, and a peaked distribution never sorts the whole vocabulary.
+  const float* w = work_.data();
+  double cum = 0.0;
+  int keep = 0;
+  int sorted = sorted_already ? n : 0;
+  bool reached = false;
+  while (!reached && keep < n) {
+    if (keep == sorted) {
+      const int next = std::min(n, std::max(64, sorted * 4));
+      std::partial_sort(order_.begin() + sorted, order_.begin() + next, order_.begin() + n, ByValueThenId{w});
+      sorted = next;
+    }
+    cum += w[order_[keep]] / total;
+    ++keep;
+    reached = cum >= top_p;
+  }
+  return keep;
+}
+
+int Sampler::KeepMinP(int n, float min_p) {
+  const float* w = work_.data();
+  float pmax = 0.f;
+  for (int i = 0; i < n; ++i) pmax = std::max(pmax, w[order_[i]]);
+  const float cut = min_p * pmax;
+  int kept = 0;
+  for (int i = 0; i < n; ++i) {
+    if (w[order_[i]] >= cut) order_[kept++] = order_[i];
+  }
+  return kept;
+}
+
+int Sampler::DrawFrom(int n, uint64_t seed, uint64_t index) const {
+  const float* w = work_.data();
+  double mass = 0.0;
+  int heaviest = order_[0];
+  for (int i = 0; i < n; ++i) {
+    mass += w[order_[i]];
+    if (w[order_[i]] > w[heaviest]) heaviest = order_[i];
+  }
+  const double target = UniformForIndex(seed, index) * mass;
+  double cum = 0.0;
+  for (int i = 0; i < n; ++i) {
+    cum += w[order_[i]];
+    if (target < cum) return order_[i];
+  }
+  return heaviest;  // only if rounding leaves target at the very top of the mass
+}
+
 StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
                                        int64_t draw_index) {
   KRAKEN_RETURN_IF_ERROR(ValidateSamplingParams(p, vocab_));
   const int V = vocab_;
-  float* w = work_.data();
+  const float* w = work_.data();
 
-  // Raw distribution (for logprobs).
+  // Raw distribution (for logprobs); it leaves the working copy of the logits in work_.
   SampledToken out;
   float log_z = 0.f;
   if (!RawDistribution(logits, p.top_logprobs, &out, &log_z))
@@ -172,55 +307,8 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
     out.logprob = 0.f;
     return out;
   }
-  auto raw_logprob = [&](int id) { return RawLogprob(logits, id, log_z); };
-
-  // Penalties on the working copy.
-  const bool rep = p.repetition_penalty != 1.0f;
-  const bool freq = p.presence_penalty != 0.f || p.frequency_penalty != 0.f;
-  if (rep || freq) {
-    for (int32_t t : history.generated) {
-      if (t >= 0 && t < V) ++counts_[t];
-    }
-    if (rep) {
-      for (auto span : {history.prompt, history.generated}) {
-        for (int32_t t : span) {
-          if (t < 0 || t >= V || seen_[t]) continue;
-          seen_[t] = 1;
-          w[t] = w[t] > 0.f ? w[t] / p.repetition_penalty : w[t] * p.repetition_penalty;
-        }
-      }
-    }
-    for (int32_t t : history.generated) {
-      if (t < 0 || t >= V || counts_[t] == 0) continue;
-      if (freq) w[t] -= p.presence_penalty + p.frequency_penalty * static_cast<float>(counts_[t]);
-      counts_[t] = 0;  // reset as we go; each distinct token is handled once
-    }
-    // A tiny repetition penalty can push a finite logit past the float range; keep it finite
-    // so the softmax below stays defined.
-    for (auto span : {history.prompt, history.generated}) {
-      for (int32_t t : span) {
-        if (t >= 0 && t < V && std::isinf(w[t]) && std::isfinite(logits[t])) {
-          w[t] = std::copysign(std::numeric_limits<float>::max(), w[t]);
-        }
-      }
-    }
-    for (auto span : {history.prompt, history.generated}) {
-      for (int32_t t : span) {
-        if (t >= 0 && t < V) seen_[t] = 0;
-      }
-    }
-  }
-  if (!history.banned.empty()) {
-    for (int32_t t : history.banned)
-      if (t >= 0 && t < V) seen_[t] = 1;
-    bool other = false;
-    for (int i = 0; i < V && !other; ++i) other = !seen_[i] && w[i] != kNegInf;
-    for (int32_t t : history.banned) {
-      if (t < 0 || t >= V) continue;
-      if (other) w[t] = kNegInf;
-      seen_[t] = 0;
-    }
-  }
+  ApplyPenalties(logits, p, history);
+  Ban(history.banned);
 
   int chosen = 0;
   if (p.temperature == 0.f) {
@@ -228,84 +316,20 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
       if (w[i] > w[chosen]) chosen = i;
     }
   } else {
-    // Candidates, most likely first where truncation needs an order.
-    int n = V;
-    const bool need_order = (p.top_k > 0 && p.top_k < V) || p.top_p < 1.f;
-    std::iota(order_.begin(), order_.end(), 0);
-    if (p.top_k > 0 && p.top_k < V) {
-      // The k most likely, plus every token tied with the k-th (as Hugging Face and vLLM keep
-      // all logits >= the k-th largest), in (value, id) order.
-      n = p.top_k;
-      std::partial_sort(order_.begin(), order_.begin() + n, order_.end(), ByValueThenId{w});
-      const float kth = w[order_[n - 1]];
-      auto tail = std::partition(order_.begin() + n, order_.end(), [&](int32_t id) { return w[id] == kth; });
-      std::sort(order_.begin() + n, tail);
-      n = static_cast<int>(tail - order_.begin());
-      if (p.top_p < 1.f) std::sort(order_.begin(), order_.begin() + n, ByValueThenId{w});
-    }
-    // top-p alone: the nucleus is found below by sorting only as many candidates as it needs.
-    const bool lazy_order = need_order && !(p.top_k > 0 && p.top_k < V);
-    float m = kNegInf;
-    for (int i = 0; i < n; ++i) m = std::max(m, w[order_[i]]);
-    const double inv_t = 1.0 / p.temperature;
-    double total = 0.0;
-    for (int i = 0; i < n; ++i) {
-      const int id = order_[i];
-      const double e = std::exp((static_cast<double>(w[id]) - m) * inv_t);
-      w[id] = static_cast<float>(e);
-      total += e;
-    }
-    if (p.top_p < 1.f) {
-      // Walk the candidates in (probability, id) order until their mass reaches top_p. With no
-      // top-k, order them in growing slices (64, 256, ...): partial_sort of the rest keeps the
-      // order exact, and a peaked distribution never sorts the whole vocabulary.
-      double cum = 0.0;
-      int keep = 0;
-      int sorted = lazy_order ? 0 : n;
-      bool reached = false;
-      while (!reached && keep < n) {
-        if (keep == sorted) {
-          const int next = std::min(n, std::max(64, sorted * 4));
-          std::partial_sort(order_.begin() + sorted, order_.begin() + next, order_.begin() + n, ByValueThenId{w});
-          sorted = next;
-        }
-        cum += w[order_[keep]] / total;
-        ++keep;
-        reached = cum >= p.top_p;
-      }
-      n = keep;
-    }
-    if (p.min_p > 0.f) {
-      float pmax = 0.f;
-      for (int i = 0; i < n; ++i) pmax = std::max(pmax, w[order_[i]]);
-      const float cut = p.min_p * pmax;
-      int kept = 0;
-      for (int i = 0; i < n; ++i) {
-        if (w[order_[i]] >= cut) order_[kept++] = order_[i];
-      }
-      n = kept;
-    }
+    // Candidates, most likely first where truncation needs an order; then the truncations in
+    // vLLM's order (top-k, top-p, min-p, typical-p), and one draw at the sample's own index.
+    const bool top_k = p.top_k > 0 && p.top_k < V;
+    int n = TopKCandidates(p.top_k);
+    if (top_k && p.top_p < 1.f) std::sort(order_.begin(), order_.begin() + n, ByValueThenId{w});
+    const double total = Exponentiate(n, p.temperature);
+    if (p.top_p < 1.f) n = KeepTopP(n, /*sorted_already=*/top_k, total, p.top_p);
+    if (p.min_p > 0.f) n = KeepMinP(n, p.min_p);
     if (p.typical_p < 1.f) n = KeepTypical(w, n, p.typical_p);
-    double mass = 0.0;
-    int heaviest = order_[0];
-    for (int i = 0; i < n; ++i) {
-      mass += w[order_[i]];
-      if (w[order_[i]] > w[heaviest]) heaviest = order_[i];
-    }
     const uint64_t index = draw_index >= 0 ? static_cast<uint64_t>(draw_index) : history.generated.size();
-    const double target = UniformForIndex(p.seed, index) * mass;
-    double cum = 0.0;
-    chosen = heaviest;  // only if rounding leaves target at the very top of the mass
-    for (int i = 0; i < n; ++i) {
-      cum += w[order_[i]];
-      if (target < cum) {
-        chosen = order_[i];
-        break;
-      }
-    }
+    chosen = DrawFrom(n, p.seed, index);
   }
   out.token = chosen;
-  out.logprob = raw_logprob(chosen);
+  out.logprob = RawLogprob(logits, chosen, log_z);
   return out;
 }
 

@@ -113,6 +113,20 @@ class Sampler {
   static float RawLogprob(const float* logits, int32_t id, float log_z);
   // Typical-p over the n candidates order_[0, n) with weights w: reorders them, returns how many stay.
   int KeepTypical(const float* w, int n, float typical_p);
+  // The stages of Sample, in order, each on the working logits work_ ([V]) and the candidate ids
+  // order_: repetition, presence and frequency penalties over the history (`logits`: the raw ones,
+  // to keep finite logits finite); banned ids to -inf unless nothing else is left; the candidates
+  // (all V, or the top_k most likely and ties with the k-th, in (value, id) order), how many; the
+  // softmax at `temperature` over the first n candidates in place, its unnormalised total; the
+  // nucleus of mass top_p, min-p's cut, how many candidates stay; the draw for `index` of the
+  // sample's stream of `seed` (SplitMix64, see UniformForIndex).
+  void ApplyPenalties(const float* logits, const SamplingParams& p, const TokenHistory& history);
+  void Ban(std::span<const int32_t> banned);
+  int TopKCandidates(int top_k);
+  double Exponentiate(int n, float temperature);
+  int KeepTopP(int n, bool sorted_already, double total, float top_p);
+  int KeepMinP(int n, float min_p);
+  int DrawFrom(int n, uint64_t seed, uint64_t index) const;
 
   int vocab_;
   std::vector<float> work_;                          // processed logits, then probabilities

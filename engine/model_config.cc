@@ -112,6 +112,29 @@ std::string_view ArchitectureName(Architecture a) {
   return "?";
 }
 
+Status ModelConfig::CheckWorldSize(int world) const {
+  if (world < 1) return InvalidArgument("the world size must be >= 1, got ", world);
+  if (arch == Architecture::kKraken) {
+    if (kraken_degree % world != 0) {
+      return InvalidArgument("the model's Kraken degree N = ", kraken_degree, " is not a multiple of the world size ",
+                             world, ": each worker must hold whole sub-layers");
+    }
+    return absl::OkStatus();
+  }
+  if (n_head % world != 0) {
+    return InvalidArgument("the model's n_head ", n_head, " is not a multiple of the world size ", world,
+                           ": each worker must hold whole heads");
+  }
+  if (ffn_hidden % world != 0) {
+    return InvalidArgument("the model's FFN width ", ffn_hidden, " is not a multiple of the world size ", world);
+  }
+  return absl::OkStatus();
+}
+
+int64_t ModelConfig::KvBytesPerToken(int world, int element_bytes) const {
+  return 2ll * element_bytes * n_layer * n_embd * kraken_degree / world;
+}
+
 int64_t ModelConfig::ParameterCount() const {
   const int64_t d = n_embd, f = ffn_hidden, N = kraken_degree;
   const int64_t b = bias ? 1 : 0;

@@ -48,6 +48,15 @@ struct ModelConfig {
   int num_blocks() const { return n_layer * kraken_degree; }
   /// Parameter count of the checkpoint (tied embedding counted once, biases included).
   int64_t ParameterCount() const;
+  /// OK when the model shards over `world` ranks (tensor parallelism); INVALID_ARGUMENT naming the
+  /// number that does not divide otherwise. Kraken: each rank holds whole sub-layers, so N must be
+  /// a multiple of `world` (docs/kraken.md); the Megatron-sharded architectures split heads and
+  /// the FFN width, so n_head and ffn_hidden must be.
+  Status CheckWorldSize(int world) const;
+  /// Bytes of K and V one cached token takes on each of `world` ranks with elements of
+  /// `element_bytes` bytes: 2 * L * d * N / world (Kraken: N / world sub-layers of width d per rank;
+  /// the other architectures have N = 1 and shard the width d). docs/kraken.md "KV cache".
+  int64_t KvBytesPerToken(int world, int element_bytes) const;
 };
 
 /// Limits that keep a hostile config from requesting absurd allocations.

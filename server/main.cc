@@ -387,15 +387,6 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   return wo;
 }
 
-// INVALID_ARGUMENT when the model's Kraken sub-layers cannot be split evenly over `world` ranks.
-Status CheckWorldSplit(const engine::ModelConfig& config, int world) {
-  if (config.arch == engine::Architecture::kKraken && config.kraken_degree % world != 0) {
-    return InvalidArgument("the model's Kraken degree N = ", config.kraken_degree,
-                           " is not a multiple of the world size ", world, ": each worker must hold whole sub-layers");
-  }
-  return absl::OkStatus();
-}
-
 // --print-resources: what this configuration needs, as JSON on stdout. Returns the exit code.
 int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const engine::ModelConfig& config) {
   auto lim = runtime::PlanLimits(wo);
@@ -403,7 +394,7 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
     spdlog::critical("{}", lim.status().ToString());
     return 2;
   }
-  if (Status split = CheckWorldSplit(config, lim->world_size); !split.ok()) {
+  if (Status split = config.CheckWorldSize(lim->world_size); !split.ok()) {
     spdlog::critical("{}", std::string(split.message()));
     return 2;
   }
@@ -412,10 +403,8 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
   // This node's workers (every node of a multi-node group has as many as the leader).
   const int local = wo.local_ranks > 0 ? wo.local_ranks : lim->world_size;
   const int64_t nccl = gpu ? kNcclShmBytesPerRank * local : 0;
-  // K and V per cached token on each worker: Kraken holds d elements per sub-layer and each worker
-  // N/W sub-layers of every layer (docs/kraken.md "KV cache"); Megatron shards hold D/W.
-  const int64_t per_token = 2ll * static_cast<int64_t>(engine::DTypeSize(wo.kv_sizing.kv_dtype)) * config.n_layer *
-                            config.n_embd * config.kraken_degree / lim->world_size;
+  const int64_t per_token =
+      config.KvBytesPerToken(lim->world_size, static_cast<int>(engine::DTypeSize(wo.kv_sizing.kv_dtype)));
   nlohmann::json j{{"model", f.model},
                    {"devices", f.devices},
                    {"world_size", lim->world_size},
@@ -830,7 +819,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
 // code 2 for a configuration that cannot work, 1 when the nodes did not come; 0 when formed).
 int FormGroup(const Flags& f, const engine::ModelConfig& config, runtime::WorkerGroupOptions& wo) {
   // Before waiting for anyone: every node has as many workers as this one.
-  if (Status split = CheckWorldSplit(config, f.nodes * static_cast<int>(wo.devices.size())); !split.ok()) {
+  if (Status split = config.CheckWorldSize(f.nodes * static_cast<int>(wo.devices.size())); !split.ok()) {
     spdlog::critical("{} ({} nodes x {} workers)", std::string(split.message()), f.nodes, wo.devices.size());
     return 2;
   }

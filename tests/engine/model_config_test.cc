@@ -56,6 +56,26 @@ TEST(ModelConfig, ParsesHuggingFaceGpt2) {
   EXPECT_EQ(g->ParameterCount(), 124439808);
 }
 
+TEST(ModelConfig, TheWorldSplitAndTheKvBytesPerTokenAreTheModels) {
+  auto k = ParseModelConfig(R"({"model_type":"kraken","n_layer":12,"n_embd":504,"kraken_degree":4,
+                               "n_head_per_sublayer":3,"vocab_size":50304,"n_positions":1024})");
+  ASSERT_TRUE(k.ok());
+  EXPECT_TRUE(k->CheckWorldSize(1).ok());
+  EXPECT_TRUE(k->CheckWorldSize(4).ok());
+  EXPECT_EQ(k->CheckWorldSize(8).message(),
+            "the model's Kraken degree N = 4 is not a multiple of the world size 8: each worker must hold whole "
+            "sub-layers");
+  // K and V, 12 layers, 4 sub-layers of width 504, BF16, over 2 ranks: 2 * 2 * 12 * 504 * 4 / 2.
+  EXPECT_EQ(k->KvBytesPerToken(2, 2), 48384);
+  auto g = ParseModelConfig(R"({"model_type":"gpt2","n_layer":12,"n_embd":768,"n_head":12,
+                               "vocab_size":50257,"n_positions":1024})");
+  ASSERT_TRUE(g.ok());
+  EXPECT_TRUE(g->CheckWorldSize(4).ok());
+  EXPECT_EQ(g->CheckWorldSize(5).message(),
+            "the model's n_head 12 is not a multiple of the world size 5: each worker must hold whole heads");
+  EXPECT_EQ(g->KvBytesPerToken(4, 4), 2 * 4 * 12 * 768 / 4);  // F32, the width sharded 4 ways
+}
+
 TEST(ModelConfig, ErrorsNameTheFieldAndValue) {
   EXPECT_EQ(Err("not json"), "config.json: not valid JSON (at byte 2)");
   EXPECT_EQ(Err("[1, 2]"), "config.json: not a JSON object");

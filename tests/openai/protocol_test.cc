@@ -1,0 +1,120 @@
+// The OpenAI completions wire format (openai/protocol.h) as a pure function: what a body becomes
+// in the core's terms, and the exact refusal for each kind of bad body; the HTTP status and the
+// error object a failure turns into.
+#include "openai/protocol.h"
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+namespace kraken::openai {
+namespace {
+
+std::string Refusal(const std::string& body) {
+  auto r = ParseCompletionRequest(body, 1024);
+  EXPECT_FALSE(r.ok()) << body;
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << body;
+  return std::string(r.status().message());
+}
+
+TEST(ParseCompletionRequest, CarriesEveryFieldIntoTheCoresTerms) {
+  auto r = ParseCompletionRequest(
+      R"({"model":"m","prompt":"In the beginning","max_tokens":7,"temperature":0.5,"top_p":0.9,"top_k":40,
+          "min_p":0.05,"seed":11,"stop":["\n","LORD"],"stop_token_ids":[3],"n":2,"logprobs":2,"echo":true,
+          "presence_penalty":0.25,"frequency_penalty":0.5,"repetition_penalty":1.1,"ignore_eos":true,
+          "min_tokens":2,"skip_special_tokens":false,"priority":-1,"user":"u","stream":true,
+          "stream_options":{"include_usage":true}})",
+      1024);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const core::GenerationRequest& g = r->generation;
+  EXPECT_EQ(r->model, "m");
+  EXPECT_TRUE(r->stream);
+  EXPECT_TRUE(r->include_usage);
+  EXPECT_FALSE(r->continuous_usage);
+  EXPECT_EQ(g.text, "In the beginning");
+  EXPECT_FALSE(g.token_ids.has_value());
+  EXPECT_EQ(g.max_tokens, 7);
+  EXPECT_EQ(g.temperature, 0.5);
+  EXPECT_EQ(g.top_p, 0.9);
+  EXPECT_EQ(g.top_k, 40);
+  EXPECT_EQ(g.min_p, 0.05);
+  EXPECT_EQ(g.seed, 11u);
+  EXPECT_EQ(g.stop, (std::vector<std::string>{"\n", "LORD"}));
+  EXPECT_EQ(g.stop_token_ids, std::vector<int64_t>{3});
+  EXPECT_EQ(g.n, 2);
+  EXPECT_TRUE(g.logprobs);
+  EXPECT_EQ(g.top_logprobs, 2);
+  EXPECT_TRUE(g.echo);
+  EXPECT_TRUE(g.prompt_logprobs) << "echo with logprobs scores the prompt too";
+  EXPECT_EQ(g.presence_penalty, 0.25);
+  EXPECT_EQ(g.frequency_penalty, 0.5);
+  EXPECT_EQ(g.repetition_penalty, 1.1);
+  EXPECT_TRUE(g.ignore_eos);
+  EXPECT_EQ(g.min_tokens, 2);
+  EXPECT_EQ(g.skip_special_tokens, false);
+  EXPECT_EQ(g.priority, -1);
+}
+
+TEST(ParseCompletionRequest, TokenIdsAndUnsetFields) {
+  auto r = ParseCompletionRequest(R"({"prompt":[1,2,3]})", 1024);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->generation.token_ids, (std::vector<int64_t>{1, 2, 3}));
+  EXPECT_FALSE(r->generation.text.has_value());
+  EXPECT_FALSE(r->generation.max_tokens.has_value());
+  EXPECT_FALSE(r->generation.temperature.has_value());
+  EXPECT_FALSE(r->generation.logprobs);
+  EXPECT_FALSE(r->stream);
+  EXPECT_FALSE(r->model.has_value());
+  // max_tokens null: as many as the context allows.
+  auto all = ParseCompletionRequest(R"({"prompt":"a","max_tokens":null})", 1024);
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->generation.max_tokens, 1024);
+}
+
+TEST(ParseCompletionRequest, RefusalsNameTheFieldAndTheValue) {
+  EXPECT_EQ(Refusal("[1]"), "the request body must be a JSON object, got array [1]");
+  EXPECT_EQ(Refusal(R"({"prompt":"a","temprature":1})"),
+            "field 'temprature' is not a field of the completions API (did you mean 'temperature'?)");
+  EXPECT_EQ(Refusal(R"({"prompt":"a","max_tokens":"7"})"), "field 'max_tokens' must be an integer, got string \"7\"");
+  EXPECT_EQ(Refusal(R"({"prompt":"a","prompt":"b"})"), "the request body: duplicate key 'prompt'");
+  EXPECT_EQ(Refusal(R"({"prompt":"a","max_tokens":18446744073709551616})"),
+            "field 'max_tokens' must be an integer in [-2^63, 2^63), got 1.8446744073709552e+19 (too large)");
+  EXPECT_EQ(Refusal(R"({"prompt":["a","b"]})"),
+            "field 'prompt' holds 2 prompts; this server takes one prompt per request (send one request each)");
+}
+
+TEST(ParseCompletionRequest, NestingPastTheLimitIsRefusedWithoutRecursion) {
+  const int depth = 200000;
+  const std::string deep = R"({"prompt":)" + std::string(depth, '[') + std::string(depth, ']') + "}";
+  const std::string why = Refusal(deep);
+  EXPECT_NE(why.find("32"), std::string::npos) << why.substr(0, 300);
+  EXPECT_LT(why.size(), 400u) << "the message quotes a short preview, not the value";
+}
+
+TEST(HttpStatus, EachCodeHasItsStatus) {
+  EXPECT_EQ(HttpStatus(absl::InvalidArgumentError("x")), 400);
+  EXPECT_EQ(HttpStatus(absl::UnauthenticatedError("x")), 401);
+  EXPECT_EQ(HttpStatus(absl::NotFoundError("x")), 404);
+  EXPECT_EQ(HttpStatus(absl::DeadlineExceededError("x")), 408);
+  EXPECT_EQ(HttpStatus(absl::ResourceExhaustedError("x")), 429);
+  EXPECT_EQ(HttpStatus(absl::CancelledError("x")), 499);
+  EXPECT_EQ(HttpStatus(absl::UnavailableError("x")), 503);
+  EXPECT_EQ(HttpStatus(absl::AbortedError("x")), 503);
+  EXPECT_EQ(HttpStatus(absl::InternalError("x")), 500);
+}
+
+TEST(ErrorObject, NamesTheParameterTheMessageNames) {
+  const nlohmann::json e = ErrorObject(absl::InvalidArgumentError("field 'top_p' must be in (0, 1], got 1.5"), 400);
+  EXPECT_EQ(e["error"]["message"], "field 'top_p' must be in (0, 1], got 1.5");
+  EXPECT_EQ(e["error"]["param"], "top_p");
+  EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+  const nlohmann::json full = ErrorObject(absl::ResourceExhaustedError("the waiting queue is full"), 429);
+  EXPECT_TRUE(full["error"]["param"].is_null());
+}
+
+TEST(Dump, HalfACharacterBecomesTheReplacementCharacter) {
+  EXPECT_EQ(Dump(nlohmann::json{{"text", std::string("a\xE2\x80")}}), "{\"text\":\"a\xEF\xBF\xBD\"}");
+}
+
+}  // namespace
+}  // namespace kraken::openai

@@ -19,12 +19,14 @@
 #include <concepts>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
 
 namespace kraken {
 
@@ -105,10 +107,53 @@ Status Internal(const Args&... parts) {
   return absl::InternalError(StrCat(parts...));
 }
 
-/// Returns `status` with `context + ": "` prepended to its message (code unchanged).
+/// Returns `status` with `context + ": "` prepended to its message (code and payloads unchanged).
 inline Status Annotate(const Status& status, std::string_view context) {
   if (status.ok()) return status;
-  return Status(status.code(), StrCat(context, ": ", std::string(status.message())));
+  Status out(status.code(), StrCat(context, ": ", std::string(status.message())));
+  status.ForEachPayload([&](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
+// A refusal that concerns one field of a request carries the field's name and what is wrong with
+// it as data (absl::Status payloads), beside the message it renders: a front-end reads the field
+// (OpenAI's error `param`) and re-renders the message in its own terms without parsing text.
+inline constexpr char kFieldPayload[] = "kraken.dev/field";
+inline constexpr char kFieldDetailPayload[] = "kraken.dev/field-detail";
+
+/// `s` (any code) marked as concerning request field `field`.
+inline Status WithField(Status s, std::string_view field) {
+  s.SetPayload(kFieldPayload, absl::Cord(std::string(field)));
+  return s;
+}
+
+/// INVALID_ARGUMENT "<scope>field '<field>' <detail>", carrying `field` and `detail` (StrCat of
+/// `parts`). `scope` names whose field it is when not the request's ("sampling ").
+template <typename... Args>
+Status ScopedFieldError(std::string_view scope, std::string_view field, const Args&... parts) {
+  const std::string detail = StrCat(parts...);
+  Status s = WithField(absl::InvalidArgumentError(StrCat(scope, "field '", field, "' ", detail)), field);
+  s.SetPayload(kFieldDetailPayload, absl::Cord(detail));
+  return s;
+}
+
+/// INVALID_ARGUMENT "field '<field>' <detail>" (ScopedFieldError without a scope).
+template <typename... Args>
+Status FieldError(std::string_view field, const Args&... parts) {
+  return ScopedFieldError("", field, parts...);
+}
+
+/// The request field `s` concerns (WithField, FieldError), or nullopt.
+inline std::optional<std::string> ErrorField(const Status& s) {
+  const auto p = s.GetPayload(kFieldPayload);  // absl::optional (not std:: in every absl)
+  if (!p) return std::nullopt;
+  return std::string(*p);
+}
+
+/// What FieldError said is wrong with the field ("must be >= 0, got -1"); "" when it is not one.
+inline std::string ErrorDetail(const Status& s) {
+  const auto p = s.GetPayload(kFieldDetailPayload);
+  return p ? std::string(*p) : std::string();
 }
 
 [[noreturn]] inline void CheckFailed(const char* cond, const char* file, int line, const char* msg) {

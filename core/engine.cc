@@ -77,9 +77,10 @@ StatusOr<std::vector<std::shared_ptr<RequestHandle>>> Engine::SubmitSamples(Requ
                                                                             Clock::time_point arrival,
                                                                             Clock::time_point deadline) {
   if (tok_ == nullptr && !params.stop.empty()) {
-    return InvalidArgument("field 'stop': stop strings need the model's tokenizer, and this engine has none");
+    return WithField(InvalidArgument("field 'stop': stop strings need the model's tokenizer, and this engine has none"),
+                     "stop");
   }
-  if (params.n < 1) return InvalidArgument("field 'n' must be at least 1, got ", params.n);
+  if (params.n < 1) return FieldError("n", "must be at least 1, got ", params.n);
   const uint32_t n = params.n;
   std::vector<std::shared_ptr<RequestHandle>> handles;
   handles.reserve(n);
@@ -105,8 +106,10 @@ StatusOr<std::vector<std::shared_ptr<RequestHandle>>> Engine::SubmitSamples(Requ
       if (n == 1)
         return ResourceExhausted("the waiting queue is full (", options_.scheduler.max_waiting,
                                  " requests waiting); retry later");
-      return ResourceExhausted("field 'n': the waiting queue cannot take ", n, " more samples (", queued_.load(),
-                               " of ", options_.scheduler.max_waiting, " places taken); retry later");
+      return WithField(
+          ResourceExhausted("field 'n': the waiting queue cannot take ", n, " more samples (", queued_.load(), " of ",
+                            options_.scheduler.max_waiting, " places taken); retry later"),
+          "n");
     }
     for (auto& h : handles) incoming_.push_back(h);
     active_count_ += static_cast<int>(n);

@@ -10,7 +10,7 @@ namespace kraken::core {
 namespace {
 
 Status Bad(const std::string& field, const std::string& what) {
-  return InvalidArgument("field '", field, "' ", what);
+  return FieldError(field, what);
 }
 
 uint64_t FreshSeed() {
@@ -95,9 +95,9 @@ Status ValidateSampling(const GenerationRequest& req, const RequestLimits& lim, 
     return Bad(names.top_logprobs, StrCat("must be in [0, ", lim.max_top_logprobs, "], got ", req.top_logprobs));
   s.top_logprobs = static_cast<int32_t>(req.top_logprobs);
   s.seed = req.seed.has_value() ? *req.seed : FreshSeed();
+  // The engine's refusal names its own field; the request's is the same name.
   if (Status v = engine::ValidateSamplingParams(s, lim.vocab_size); !v.ok())
-    return absl::InvalidArgumentError(
-        StrCat("field ", std::string(v.message()).substr(std::string("sampling field ").size())));
+    return ErrorField(v) ? FieldError(*ErrorField(v), ErrorDetail(v)) : v;
   p->sampling = s;
   return absl::OkStatus();
 }

@@ -19,7 +19,7 @@ uint64_t SplitMix64(uint64_t x) {
 }
 
 Status CheckFinite(const char* field, float v) {
-  if (!std::isfinite(v)) return InvalidArgument("sampling field '", field, "' must be finite, got ", v);
+  if (!std::isfinite(v)) return ScopedFieldError("sampling ", field, "must be finite, got ", v);
   return absl::OkStatus();
 }
 
@@ -44,26 +44,26 @@ Status ValidateSamplingParams(const SamplingParams& p, int vocab) {
   KRAKEN_RETURN_IF_ERROR(CheckFinite("repetition_penalty", p.repetition_penalty));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("presence_penalty", p.presence_penalty));
   KRAKEN_RETURN_IF_ERROR(CheckFinite("frequency_penalty", p.frequency_penalty));
-  if (p.temperature < 0.f) return InvalidArgument("sampling field 'temperature' must be >= 0, got ", p.temperature);
+  if (p.temperature < 0.f) return ScopedFieldError("sampling ", "temperature", "must be >= 0, got ", p.temperature);
   if (!(p.top_p > 0.f && p.top_p <= 1.f)) {
-    return InvalidArgument("sampling field 'top_p' must be in (0, 1], got ", p.top_p);
+    return ScopedFieldError("sampling ", "top_p", "must be in (0, 1], got ", p.top_p);
   }
-  if (p.min_p < 0.f || p.min_p > 1.f) return InvalidArgument("sampling field 'min_p' must be in [0, 1], got ", p.min_p);
+  if (p.min_p < 0.f || p.min_p > 1.f) return ScopedFieldError("sampling ", "min_p", "must be in [0, 1], got ", p.min_p);
   if (!(p.typical_p > 0.f && p.typical_p <= 1.f)) {
-    return InvalidArgument("sampling field 'typical_p' must be in (0, 1], got ", p.typical_p);
+    return ScopedFieldError("sampling ", "typical_p", "must be in (0, 1], got ", p.typical_p);
   }
   if (p.repetition_penalty <= 0.f) {
-    return InvalidArgument("sampling field 'repetition_penalty' must be > 0, got ", p.repetition_penalty);
+    return ScopedFieldError("sampling ", "repetition_penalty", "must be > 0, got ", p.repetition_penalty);
   }
   if (p.presence_penalty < -2.f || p.presence_penalty > 2.f) {
-    return InvalidArgument("sampling field 'presence_penalty' must be in [-2, 2], got ", p.presence_penalty);
+    return ScopedFieldError("sampling ", "presence_penalty", "must be in [-2, 2], got ", p.presence_penalty);
   }
   if (p.frequency_penalty < -2.f || p.frequency_penalty > 2.f) {
-    return InvalidArgument("sampling field 'frequency_penalty' must be in [-2, 2], got ", p.frequency_penalty);
+    return ScopedFieldError("sampling ", "frequency_penalty", "must be in [-2, 2], got ", p.frequency_penalty);
   }
-  if (p.top_k < -1) return InvalidArgument("sampling field 'top_k' must be >= -1 (0 or -1 = off), got ", p.top_k);
+  if (p.top_k < -1) return ScopedFieldError("sampling ", "top_k", "must be >= -1 (0 or -1 = off), got ", p.top_k);
   if (p.top_logprobs < 0 || p.top_logprobs > kMaxTopLogprobs) {
-    return InvalidArgument("sampling field 'top_logprobs' must be in [0, ", kMaxTopLogprobs, "], got ", p.top_logprobs);
+    return ScopedFieldError("sampling ", "top_logprobs", "must be in [0, ", kMaxTopLogprobs, "], got ", p.top_logprobs);
   }
   if (vocab <= 0) return InvalidArgument("vocabulary size must be > 0, got ", vocab);
   return absl::OkStatus();

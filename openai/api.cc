@@ -293,8 +293,7 @@ StatusOr<json> ParseObject(std::string_view text, const std::vector<std::string>
   if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", body.type_name());
   for (const auto& [key, value] : body.items()) {
     if (std::find(known.begin(), known.end(), key) == known.end())
-      return InvalidArgument("field '", key, "' is not a field of ", what, " (did you mean '", Closest(key, known),
-                             "'?)");
+      return FieldError(key, "is not a field of ", what, " (did you mean '", Closest(key, known), "'?)");
   }
   return body;
 }
@@ -348,9 +347,10 @@ http::Reply Api::Completions(const http::Request& req) {
   auto parsed = ParseCompletionRequest(req.body, options_.limits.context_length);
   if (!parsed.ok()) return Refuse(request_id, parsed.status());
   if (parsed->model && *parsed->model != options_.served_model_name) {
-    return Refuse(request_id, absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
-                                                         "', which this server does not serve (it serves '",
-                                                         options_.served_model_name, "')")));
+    return Refuse(request_id, WithField(absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
+                                                                   "', which this server does not serve (it serves '",
+                                                                   options_.served_model_name, "')")),
+                                        "model"));
   }
   parsed->generation.request_id = request_id;
   auto params = core::ValidateGeneration(parsed->generation, options_.limits, tok_, kCompletionFields);
@@ -376,19 +376,17 @@ http::Reply Api::Tokenize(const http::Request& req) const {
   auto body = ParseObject(req.body, {"model", "prompt", "add_special_tokens", "return_token_strs"}, "/tokenize");
   if (!body.ok()) return ErrorResponse(body.status());
   auto prompt = body->find("prompt");
-  if (prompt == body->end() || !prompt->is_string())
-    return ErrorResponse(InvalidArgument("field 'prompt' must be a string"));
+  if (prompt == body->end() || !prompt->is_string()) return ErrorResponse(FieldError("prompt", "must be a string"));
   const std::string text = prompt->get<std::string>();
   if (static_cast<int64_t>(text.size()) > options_.limits.max_prompt_bytes)
-    return ErrorResponse(InvalidArgument("field 'prompt' must be at most ", options_.limits.max_prompt_bytes,
-                                         " bytes, got ", text.size()));
+    return ErrorResponse(
+        FieldError("prompt", "must be at most ", options_.limits.max_prompt_bytes, " bytes, got ", text.size()));
   auto ids = tok_.Encode(text);
   if (!ids.ok()) return ErrorResponse(ids.status());
   json token_strs = nullptr;
   const auto want_strs = body->find("return_token_strs");
   if (want_strs != body->end() && !want_strs->is_null() && !want_strs->is_boolean())
-    return ErrorResponse(
-        InvalidArgument("field 'return_token_strs' must be true or false, got ", PreviewJson(*want_strs, 40)));
+    return ErrorResponse(FieldError("return_token_strs", "must be true or false, got ", PreviewJson(*want_strs, 40)));
   if (want_strs != body->end() && want_strs->is_boolean() && want_strs->get<bool>()) {
     token_strs = json::array();
     for (int32_t id : *ids) {
@@ -409,13 +407,13 @@ http::Reply Api::Detokenize(const http::Request& req) const {
   if (!body.ok()) return ErrorResponse(body.status());
   auto tokens = body->find("tokens");
   if (tokens == body->end() || !tokens->is_array())
-    return ErrorResponse(InvalidArgument("field 'tokens' must be an array of token ids"));
+    return ErrorResponse(FieldError("tokens", "must be an array of token ids"));
   std::vector<int32_t> ids;
   for (size_t i = 0; i < tokens->size(); ++i) {
     const json& id = (*tokens)[i];
     if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= tok_.vocab_size())
-      return ErrorResponse(InvalidArgument("field 'tokens[", i, "]' must be in [0, ", tok_.vocab_size(), "), got ",
-                                           PreviewJson(id, 40)));
+      return ErrorResponse(
+          FieldError(StrCat("tokens[", i, "]"), "must be in [0, ", tok_.vocab_size(), "), got ", PreviewJson(id, 40)));
     ids.push_back(id.get<int32_t>());
   }
   auto text = tok_.Decode(ids, /*skip_special=*/false);

@@ -49,7 +49,7 @@ std::string Shown(const json& v) {
 }
 
 Status WrongType(const std::string& field, const char* want, const json& v) {
-  return InvalidArgument("field '", field, "' must be ", want, ", got ", Shown(v));
+  return FieldError(field, "must be ", want, ", got ", Shown(v));
 }
 
 // An integer JSON value as int64; one beyond it (only unsigned values can be) as the largest
@@ -66,8 +66,7 @@ Status ReadInt(const json& body, const std::string& field, std::optional<int64_t
   if (it == body.end() || it->is_null()) return absl::OkStatus();
   if (it->is_number_float() && std::fabs(it->get<double>()) >= 0x1p63 &&
       it->get<double>() == std::floor(it->get<double>()))
-    return InvalidArgument("field '", field, "' must be an integer in [-2^63, 2^63), got ", PreviewJson(*it, 40),
-                           " (too large)");
+    return FieldError(field, "must be an integer in [-2^63, 2^63), got ", PreviewJson(*it, 40), " (too large)");
   if (!it->is_number_integer()) return WrongType(field, "an integer", *it);
   *out = ToInt64(*it);
   return absl::OkStatus();
@@ -96,8 +95,8 @@ Status ReadPrompt(const json& body, core::GenerationRequest* g) {
   const json* p = &*it;
   if (p->is_array() && !p->empty() && (p->front().is_string() || p->front().is_array())) {
     if (p->size() > 1)
-      return InvalidArgument("field 'prompt' holds ", p->size(),
-                             " prompts; this server takes one prompt per request (send one request each)");
+      return FieldError("prompt", "holds ", p->size(),
+                        " prompts; this server takes one prompt per request (send one request each)");
     p = &p->front();
   }
   if (p->is_string()) {
@@ -145,12 +144,12 @@ Status CheckUnsupported(const json& body, const core::GenerationRequest& g) {
   std::optional<int64_t> best_of;
   KRAKEN_RETURN_IF_ERROR(ReadInt(body, "best_of", &best_of));
   if (best_of && *best_of != g.n.value_or(1))
-    return InvalidArgument("field 'best_of' must equal n (", g.n.value_or(1),
-                           "): this server returns every sample it generates, got ", *best_of);
+    return FieldError("best_of", "must equal n (", g.n.value_or(1),
+                      "): this server returns every sample it generates, got ", *best_of);
   if (auto it = body.find("suffix"); it != body.end() && !it->is_null() && !(it->is_string() && it->empty()))
-    return InvalidArgument("field 'suffix' is not supported (the bundled models have no infilling), got ", Shown(*it));
+    return FieldError("suffix", "is not supported (the bundled models have no infilling), got ", Shown(*it));
   if (auto it = body.find("logit_bias"); it != body.end() && !it->is_null() && !(it->is_object() && it->empty()))
-    return InvalidArgument("field 'logit_bias' is not supported, got ", Shown(*it));
+    return FieldError("logit_bias", "is not supported, got ", Shown(*it));
   return absl::OkStatus();
 }
 
@@ -168,7 +167,7 @@ Status ReadSampling(const json& body, core::GenerationRequest* g) {
     g->seed = it->get<uint64_t>();
   } else {
     KRAKEN_RETURN_IF_ERROR(ReadInt(body, "seed", &seed));
-    if (seed && *seed < 0) return InvalidArgument("field 'seed' must be >= 0, got ", *seed);
+    if (seed && *seed < 0) return FieldError("seed", "must be >= 0, got ", *seed);
     if (seed) g->seed = static_cast<uint64_t>(*seed);
   }
   std::optional<int64_t> logprobs;
@@ -193,8 +192,8 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", Shown(body));
   for (const auto& [key, value] : body.items()) {
     if (std::find(kKnownFields.begin(), kKnownFields.end(), key) == kKnownFields.end())
-      return InvalidArgument("field '", key, "' is not a field of the completions API (did you mean '",
-                             Closest(key, kKnownFields), "'?)");
+      return FieldError(key, "is not a field of the completions API (did you mean '", Closest(key, kKnownFields),
+                        "'?)");
   }
   CompletionRequest r;
   core::GenerationRequest& g = r.generation;
@@ -228,11 +227,11 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
     if (!it->is_object()) return WrongType("stream_options", "an object", *it);
     for (const auto& [key, value] : it->items()) {
       if (key != "include_usage" && key != "continuous_usage_stats")
-        return InvalidArgument("field 'stream_options." + key + "' is not a stream option (include_usage)");
+        return FieldError("stream_options." + key, "is not a stream option (include_usage)");
     }
     KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "include_usage", &r.include_usage));
     KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "continuous_usage_stats", &r.continuous_usage));
-    if (!r.stream) return InvalidArgument("field 'stream_options' is allowed only with 'stream': true");
+    if (!r.stream) return FieldError("stream_options", "is allowed only with 'stream': true");
   }
   KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));
   g.prompt_logprobs = g.echo && g.logprobs;  // the echoed prompt comes with its logprobs
@@ -271,11 +270,8 @@ int HttpStatus(const Status& s) {
 
 nlohmann::json ErrorObject(const Status& s, int http_status) {
   const std::string message(s.message());
-  json param = nullptr;
-  if (message.rfind("field '", 0) == 0) {
-    const size_t end = message.find('\'', 7);
-    if (end != std::string::npos) param = message.substr(7, end - 7);
-  }
+  const std::optional<std::string> field = ErrorField(s);
+  const json param = field ? json(*field) : json(nullptr);
   const char* type = http_status == 401   ? "authentication_error"
                      : http_status == 403 ? "permission_error"
                      : http_status == 404 ? "not_found_error"

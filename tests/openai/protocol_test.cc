@@ -103,13 +103,16 @@ TEST(HttpStatus, EachCodeHasItsStatus) {
   EXPECT_EQ(HttpStatus(absl::InternalError("x")), 500);
 }
 
-TEST(ErrorObject, NamesTheParameterTheMessageNames) {
-  const nlohmann::json e = ErrorObject(absl::InvalidArgumentError("field 'top_p' must be in (0, 1], got 1.5"), 400);
+TEST(ErrorObject, NamesTheParameterTheStatusCarries) {
+  const nlohmann::json e = ErrorObject(FieldError("top_p", "must be in (0, 1], got ", 1.5), 400);
   EXPECT_EQ(e["error"]["message"], "field 'top_p' must be in (0, 1], got 1.5");
   EXPECT_EQ(e["error"]["param"], "top_p");
   EXPECT_EQ(e["error"]["type"], "invalid_request_error");
   const nlohmann::json full = ErrorObject(absl::ResourceExhaustedError("the waiting queue is full"), 429);
   EXPECT_TRUE(full["error"]["param"].is_null());
+  // The field is data: a message that merely starts like one names no parameter.
+  EXPECT_TRUE(ErrorObject(absl::InvalidArgumentError("field 'x' is text only"), 400)["error"]["param"].is_null());
+  EXPECT_EQ(ErrorObject(WithField(absl::NotFoundError("no such model"), "model"), 404)["error"]["param"], "model");
 }
 
 TEST(Dump, HalfACharacterBecomesTheReplacementCharacter) {

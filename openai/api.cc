@@ -37,8 +37,6 @@ struct CompletionContext {
   const tokenizer::Tokenizer* tok = nullptr;
 };
 
-using Handles = std::vector<std::shared_ptr<core::RequestHandle>>;
-
 // OpenAI's usage object for a request's samples: the prompt counted once, the completion tokens of
 // every sample; prompt_tokens_details.cached_tokens: prompt tokens whose KV came from the prefix
 // cache (the first sample's: the others share its prompt blocks).
@@ -69,71 +67,58 @@ json FinishReason(const core::Output& o) {
   return nullptr;
 }
 
-// One completion of n samples (choices), JSON or SSE, pulled by its connection.
+// One completion of n samples (choices), JSON or SSE, pulled by its connection from an output
+// pump over its samples.
 class CompletionStream final : public http::Stream {
  public:
-  CompletionStream(Handles hs, CompletionContext c) : c_(std::move(c)) {
-    for (auto& h : hs) samples_.push_back(Sample{.h = std::move(h)});
+  CompletionStream(core::Handles hs, CompletionContext c) : c_(std::move(c)) {
     // With echo, a completion's text (and its logprobs' offsets) start after the prompt.
-    if (params().echo)
-      for (auto& s : samples_) s.text_offset = static_cast<int64_t>(params().prompt_text.size());
+    const int64_t offset = hs[0]->params().echo ? static_cast<int64_t>(hs[0]->params().prompt_text.size()) : 0;
+    for (auto& h : hs)
+      pump_.Add(std::move(h), c_.stream ? core::Deltas::kTokens : core::Deltas::kEndOnly, {}, ChoiceState{offset});
   }
   ~CompletionStream() override {
-    for (auto& s : samples_) s.h->Detach();
+    for (const auto& h : pump_.handles()) h->Detach();
   }
 
   void Start(std::function<void()> wake) override {
-    for (auto& s : samples_) s.h->Listen(wake);
+    for (const auto& h : pump_.handles()) h->Listen(wake);
   }
-  void Abort() override {
-    for (auto& s : samples_) s.h->Cancel();
-  }
+  void Abort() override { pump_.CancelAll(); }
   bool Next(Piece* piece) override { return c_.stream ? NextEvent(piece) : NextBody(piece); }
 
  private:
-  struct Sample {
-    std::shared_ptr<core::RequestHandle> h;
-    core::Output taken;
+  struct ChoiceState {
     int64_t text_offset = 0;  // bytes of its text the logprobs have covered
-    int64_t sent_tokens = 0;  // tokens in the chunks sent so far
-    bool end_sent = false;
   };
+  using Pump = core::OutputPump<ChoiceState>;
+  using Sample = Pump::Slot;
 
-  const core::RequestParams& params() const { return samples_[0].h->params(); }
-  // Takes what is new; the first sample that failed, if any.
-  const core::Output* TakeAll() {
-    const core::Output* failed = nullptr;
-    for (auto& s : samples_) {
-      s.h->Take(&s.taken);
-      if (failed == nullptr && s.taken.finished && !s.taken.status.ok()) failed = &s.taken;
-    }
-    return failed;
-  }
+  const core::RequestParams& params() const { return pump_[0].handle->params(); }
   json TotalUsage(int64_t extra_tokens) const {
     int64_t tokens = extra_tokens;
-    for (const auto& s : samples_) tokens += s.sent_tokens;
-    return Usage(*samples_[0].h, tokens, samples_[0].taken.cached_tokens);
+    for (size_t i = 0; i < pump_.size(); ++i) tokens += pump_[i].sent_tokens;
+    return Usage(*pump_[0].handle, tokens, pump_[0].taken.cached_tokens);
   }
 
   // The whole answer once every sample has ended.
   bool NextBody(Piece* piece) {
-    const core::Output* failed = TakeAll();
-    if (failed != nullptr) {
-      Abort();
-      piece->head = ErrorResponse(failed->status);
+    pump_.TakeAll();
+    if (const Sample* failed = pump_.Failed()) {
+      piece->head = ErrorResponse(failed->taken.status);
       piece->end = true;
+      pump_.CancelAll();
       return true;
     }
-    for (const auto& s : samples_)
-      if (!s.taken.finished) return false;
+    if (!pump_.AllFinished()) return false;
     piece->end = true;
     json choices = json::array();
     int64_t completion_tokens = 0;
-    for (size_t i = 0; i < samples_.size(); ++i) {
-      Sample& s = samples_[i];
+    for (size_t i = 0; i < pump_.size(); ++i) {
+      Sample& s = pump_[i];
       const std::string text = (params().echo ? params().prompt_text : "") + s.taken.text;
       choices.push_back(Choice(i, text, s.taken.logprobs, FinishReason(s.taken), StopReason(s.taken),
-                               params().prompt_logprobs ? &samples_[0].taken.prompt_logprobs : nullptr));
+                               params().prompt_logprobs ? &pump_[0].taken.prompt_logprobs : nullptr));
       completion_tokens += s.taken.completion_tokens;
     }
     json body{{"id", c_.id},
@@ -141,7 +126,7 @@ class CompletionStream final : public http::Stream {
               {"created", c_.created},
               {"model", c_.model},
               {"choices", std::move(choices)},
-              {"usage", Usage(*samples_[0].h, completion_tokens, samples_[0].taken.cached_tokens)}};
+              {"usage", Usage(*pump_[0].handle, completion_tokens, pump_[0].taken.cached_tokens)}};
     piece->head = JsonResponse(200, body);
     piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
     return true;
@@ -158,46 +143,43 @@ class CompletionStream final : public http::Stream {
           .content_type = "text/event-stream",
           .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}, {"X-Request-Id", c_.id.substr(5)}}};
     }
-    const core::Output* failed = TakeAll();
+    pump_.TakeAll();
+    const Sample* failed = pump_.Failed();
     if (params().echo && !echo_sent_) {
       // The echoed prompt comes first in every choice; with logprobs, once the prefill has scored
       // it (before any sample's first token).
-      const bool scored = samples_[0].taken.prompt_logprobs.size() + 1 >= params().prompt.size();
-      const bool ended = samples_[0].taken.finished || failed != nullptr;  // sample 0 alone scores the prompt
+      const bool scored = pump_[0].taken.prompt_logprobs.size() + 1 >= params().prompt.size();
+      const bool ended = pump_[0].taken.finished || failed != nullptr;  // sample 0 alone scores the prompt
       if (params().prompt_logprobs && !scored && !ended) return piece->head.has_value();
       echo_sent_ = true;
-      for (size_t i = 0; i < samples_.size(); ++i)
+      for (size_t i = 0; i < pump_.size(); ++i)
         piece->data += Event(Chunk(i, params().prompt_text, {}, nullptr, nullptr,
-                                   params().prompt_logprobs ? &samples_[0].taken.prompt_logprobs : nullptr,
+                                   params().prompt_logprobs ? &pump_[0].taken.prompt_logprobs : nullptr,
                                    /*chunk_tokens=*/0));
     }
-    bool all_ended = true;
-    for (size_t i = 0; i < samples_.size(); ++i) {
-      Sample& s = samples_[i];
-      const bool ended = s.taken.finished && s.taken.status.ok();
-      if (failed != nullptr) {
+    const Status failure = failed != nullptr ? failed->taken.status : absl::OkStatus();
+    for (size_t i = 0; i < pump_.size(); ++i) {
+      Sample& s = pump_[i];
+      if (!failure.ok()) {
         if (!s.taken.text.empty()) piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, nullptr, nullptr));
-      } else if (!s.taken.text.empty() || !s.taken.ids.empty() || (ended && !s.end_sent)) {
-        piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, ended ? FinishReason(s.taken) : json(nullptr),
-                                   ended ? StopReason(s.taken) : json(nullptr)));
-        s.end_sent = ended;
+        continue;
       }
-      s.sent_tokens += static_cast<int64_t>(s.taken.ids.size());
-      s.taken.text.clear();
-      s.taken.ids.clear();
-      s.taken.logprobs.clear();
-      all_ended = all_ended && s.end_sent;
+      if (!s.has_news()) continue;
+      const bool ended = s.taken.finished;
+      piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, ended ? FinishReason(s.taken) : json(nullptr),
+                                 ended ? StopReason(s.taken) : json(nullptr)));
+      pump_.Sent(s);
     }
-    if (failed != nullptr) {
-      Abort();
-      piece->data += Event(ErrorObject(failed->status, HttpStatus(failed->status)));
-    } else if (all_ended && c_.include_usage) {
+    if (!failure.ok()) {
+      pump_.CancelAll();
+      piece->data += Event(ErrorObject(failure, HttpStatus(failure)));
+    } else if (pump_.AllSent() && c_.include_usage) {
       json usage_chunk = Base(0);
       usage_chunk["choices"] = json::array();
       usage_chunk["usage"] = TotalUsage(0);
       piece->data += Event(usage_chunk);
     }
-    if (failed != nullptr || all_ended) {
+    if (!failure.ok() || pump_.AllSent()) {
       piece->data += "data: [DONE]\n\n";
       piece->end = true;
     }
@@ -220,7 +202,7 @@ class CompletionStream final : public http::Stream {
   // `chunk_tokens`: the generated tokens the chunk holds (-1: the choice's taken ids).
   json Chunk(size_t index, const std::string& text, const std::vector<core::TokenLogprobs>& lps, json finish, json stop,
              const std::vector<core::TokenLogprobs>* prompt = nullptr, int64_t chunk_tokens = -1) {
-    json j = Base(chunk_tokens >= 0 ? chunk_tokens : static_cast<int64_t>(samples_[index].taken.ids.size()));
+    json j = Base(chunk_tokens >= 0 ? chunk_tokens : static_cast<int64_t>(pump_[index].taken.ids.size()));
     j["choices"] = json::array({Choice(index, text, lps, std::move(finish), std::move(stop), prompt)});
     return j;
   }
@@ -229,7 +211,7 @@ class CompletionStream final : public http::Stream {
               json stop, const std::vector<core::TokenLogprobs>* prompt = nullptr) {
     return json{{"index", index},
                 {"text", text},
-                {"logprobs", Logprobs(samples_[index], lps, prompt)},
+                {"logprobs", Logprobs(pump_[index].extra, lps, prompt)},
                 {"finish_reason", std::move(finish)},
                 {"stop_reason", std::move(stop)}};
   }
@@ -238,7 +220,7 @@ class CompletionStream final : public http::Stream {
   // for, and where its text starts (bytes into the choice's text). With `prompt` (echo), the
   // prompt's tokens come first, the first with a null logprob and alternatives (nothing precedes
   // it), as vLLM and OpenAI give them.
-  json Logprobs(Sample& s, const std::vector<core::TokenLogprobs>& lps,
+  json Logprobs(ChoiceState& s, const std::vector<core::TokenLogprobs>& lps,
                 const std::vector<core::TokenLogprobs>* prompt) {
     if (!params().logprobs) return nullptr;
     json tokens = json::array(), values = json::array(), offsets = json::array();
@@ -282,8 +264,8 @@ class CompletionStream final : public http::Stream {
     return s;
   }
 
-  std::vector<Sample> samples_;
   CompletionContext c_;
+  Pump pump_;
   bool head_sent_ = false, echo_sent_ = false;
 };
 
@@ -305,9 +287,10 @@ http::Response ErrorResponse(const Status& s) {
   return JsonResponse(status, ErrorObject(s, status));
 }
 
-Api::Api(core::Engine& engine, const tokenizer::Tokenizer& tok, ApiOptions options)
-    : engine_(engine),
-      tok_(tok),
+Api::Api(const core::Admission& door, ApiOptions options)
+    : door_(door),
+      tok_(door.tokenizer()),
+      limits_(door.limits()),
       options_(std::move(options)),
       created_(std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
                    .count()) {}
@@ -315,7 +298,7 @@ Api::Api(core::Engine& engine, const tokenizer::Tokenizer& tok, ApiOptions optio
 http::Response Api::TooLarge(uint64_t size, uint64_t limit) const {
   const Status s =
       ResourceExhausted("the request body is ", size, " bytes; the limit (--max-message-bytes) is ", limit);
-  (void)Refuse("", s);  // logged and counted as resource_exhausted, answered 413 rather than 429
+  (void)door_.Refuse("", s);  // logged and counted as resource_exhausted, answered 413 rather than 429
   return JsonResponse(413, ErrorObject(s, 413));
 }
 
@@ -326,41 +309,34 @@ http::Response Api::NotRouted(int status, const http::Request& req) {
 }
 
 Status Api::Authorize(const http::Request& req) const {
-  if (options_.api_key.empty()) return absl::OkStatus();
   const std::string_view value = req.Header("authorization");
-  if (value.empty()) return absl::UnauthenticatedError("missing 'Authorization: Bearer <key>' header");
-  if (value != "Bearer " + options_.api_key) return absl::UnauthenticatedError("invalid API key in 'Authorization'");
-  return absl::OkStatus();
-}
-
-http::Response Api::Refuse(const std::string& request_id, const Status& s) const {
-  spdlog::info("request {} rejected: {}", request_id.empty() ? "-" : request_id, s.ToString());
-  if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
-  return ErrorResponse(s);
+  return door_.Authorize(value.empty() ? std::nullopt : std::optional<std::string>(value),
+                         core::CredentialSpelling{.name = "Authorization", .carrier = "header"});
 }
 
 http::Reply Api::Completions(const http::Request& req) {
-  const auto arrival = core::Clock::now();
-  const std::string request_id(req.Header("x-request-id"));
-  if (Status a = Authorize(req); !a.ok()) return Refuse(request_id, a);
-  if (draining_) return Refuse(request_id, absl::UnavailableError("the server is shutting down"));
-  auto parsed = ParseCompletionRequest(req.body, options_.limits.context_length);
-  if (!parsed.ok()) return Refuse(request_id, parsed.status());
-  if (parsed->model && *parsed->model != options_.served_model_name) {
-    return Refuse(request_id, WithField(absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
-                                                                   "', which this server does not serve (it serves '",
-                                                                   options_.served_model_name, "')")),
-                                        "model"));
-  }
-  parsed->generation.request_id = request_id;
-  auto params = core::ValidateGeneration(parsed->generation, options_.limits, tok_, kCompletionFields);
-  if (!params.ok()) return Refuse(request_id, params.status());
-  const auto deadline =
-      options_.request_timeout.count() > 0 ? arrival + options_.request_timeout : core::Clock::time_point::max();
-  auto handles = engine_.SubmitSamples(std::move(*params), arrival, deadline);
-  if (!handles.ok()) return Refuse(request_id, handles.status());
+  const std::string_view authorization = req.Header("authorization");
+  const core::Call call{.request_id = std::string(req.Header("x-request-id")),
+                        .authorization = authorization.empty() ? std::nullopt
+                                                               : std::optional<std::string>(authorization),
+                        .spelling = {.name = "Authorization", .carrier = "header"}};
+  std::optional<CompletionRequest> parsed;
+  auto handles = door_.Accept(
+      call,
+      [&](std::string*) -> StatusOr<core::GenerationRequest> {
+        KRAKEN_ASSIGN_OR_RETURN(parsed, ParseCompletionRequest(req.body, limits_.context_length));
+        if (parsed->model && *parsed->model != options_.served_model_name) {
+          return WithField(absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
+                                                      "', which this server does not serve (it serves '",
+                                                      options_.served_model_name, "')")),
+                           "model");
+        }
+        return parsed->generation;
+      },
+      kCompletionFields);
+  if (!handles.ok()) return ErrorResponse(handles.status());
   CompletionContext c{
-      .id = "cmpl-" + (request_id.empty() ? RandomHex() : request_id),
+      .id = "cmpl-" + (call.request_id.empty() ? RandomHex() : call.request_id),
       .model = options_.served_model_name,
       .created =
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
@@ -378,9 +354,9 @@ http::Reply Api::Tokenize(const http::Request& req) const {
   auto prompt = body->find("prompt");
   if (prompt == body->end() || !prompt->is_string()) return ErrorResponse(FieldError("prompt", "must be a string"));
   const std::string text = prompt->get<std::string>();
-  if (static_cast<int64_t>(text.size()) > options_.limits.max_prompt_bytes)
+  if (static_cast<int64_t>(text.size()) > limits_.max_prompt_bytes)
     return ErrorResponse(
-        FieldError("prompt", "must be at most ", options_.limits.max_prompt_bytes, " bytes, got ", text.size()));
+        FieldError("prompt", "must be at most ", limits_.max_prompt_bytes, " bytes, got ", text.size()));
   auto ids = tok_.Encode(text);
   if (!ids.ok()) return ErrorResponse(ids.status());
   json token_strs = nullptr;
@@ -396,7 +372,7 @@ http::Reply Api::Tokenize(const http::Request& req) const {
     }
   }
   return JsonResponse(200, json{{"count", ids->size()},
-                                {"max_model_len", options_.limits.context_length},
+                                {"max_model_len", limits_.context_length},
                                 {"tokens", *ids},
                                 {"token_strs", token_strs}});
 }
@@ -428,12 +404,12 @@ http::Reply Api::Models() const {
              {"owned_by", "kraken-serve"},
              {"root", options_.served_model_name},
              {"parent", nullptr},
-             {"max_model_len", options_.limits.context_length}};
+             {"max_model_len", limits_.context_length}};
   return JsonResponse(200, json{{"object", "list"}, {"data", json::array({model})}});
 }
 
 http::Reply Api::Health() const {
-  const bool up = !draining_ && (!options_.serving || options_.serving());
+  const bool up = door_.health().ready();
   return http::Response{.status = up ? 200 : 503, .content_type = "text/plain; charset=utf-8", .body = ""};
 }
 

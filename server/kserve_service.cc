@@ -1,11 +1,9 @@
 #include "server/kserve_service.h"
 
 #include <deque>
-#include <list>
 
-#include <spdlog/spdlog.h>
-
-#include "server/service.h"
+#include "core/output_pump.h"
+#include "server/grpc_util.h"
 
 namespace kraken::server {
 namespace {
@@ -16,66 +14,70 @@ using inference::ModelStreamInferResponse;
 
 constexpr const char* kVersion = "1";
 
-// One request in flight on a stream or a unary call: what the core produced that is not sent yet.
+// What the stream keeps beside each request in flight.
 struct Entry {
-  std::shared_ptr<core::RequestHandle> handle;
   KserveRequest request;
   std::string id;
-  core::Output taken;
   double cumulative_logprob = 0;
-  bool first = true;
-
-  // The response for what was taken since the last one (`last`: with the end's outputs and the
-  // final flag), clearing it.
-  ModelInferResponse Response(const KserveService& svc, bool last) {
-    ModelInferResponse r;
-    r.set_model_name(svc.options().model_name);
-    r.set_model_version(kVersion);
-    r.set_id(id);
-    for (const core::TokenLogprobs& lp : taken.logprobs) cumulative_logprob += lp.logprob;
-    AppendKserveOutputs(request, handle->params(), taken, first, last, cumulative_logprob, &r);
-    (*r.mutable_parameters())["triton_final_response"].set_bool_param(last);
-    first = false;
-    taken.text.clear();
-    taken.ids.clear();
-    taken.logprobs.clear();
-    return r;
-  }
 };
+using Pump = core::OutputPump<Entry>;
+
+// The response for what `s` took since its last one (`last`: with the end's outputs and the final
+// flag). The caller then marks it sent (Pump::Sent).
+ModelInferResponse Response(const KserveService& svc, Pump::Slot& s, bool last) {
+  ModelInferResponse r;
+  r.set_model_name(svc.options().model_name);
+  r.set_model_version(kVersion);
+  r.set_id(s.extra.id);
+  for (const core::TokenLogprobs& lp : s.taken.logprobs) s.extra.cumulative_logprob += lp.logprob;
+  AppendKserveOutputs(s.extra.request, s.handle->params(), s.taken, !s.first_sent, last, s.extra.cumulative_logprob,
+                      &r);
+  (*r.mutable_parameters())["triton_final_response"].set_bool_param(last);
+  return r;
+}
 
 // ModelInfer: the whole answer in one response once the request has ended.
 class InferReactor final : public grpc::ServerUnaryReactor {
  public:
-  InferReactor(KserveService* svc, Entry entry, grpc::ByteBuffer* resp) : svc_(svc), e_(std::move(entry)), resp_(resp) {
-    e_.handle->Listen([this] { Pump(); });
-    Pump();
+  InferReactor(KserveService* svc, std::shared_ptr<core::RequestHandle> handle, Entry entry, grpc::ByteBuffer* resp)
+      : svc_(svc), resp_(resp) {
+    std::lock_guard<std::mutex> l(mu_);
+    pump_.Add(std::move(handle), core::Deltas::kEndOnly, [this] { Pump(); }, std::move(entry));
+    PumpLocked();
   }
-  void OnCancel() override { e_.handle->Cancel(); }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    pump_.CancelAll();
+  }
   void OnDone() override {
-    e_.handle->Detach();
+    pump_.handles()[0]->Detach();
     delete this;
   }
 
  private:
   void Pump() {
     std::lock_guard<std::mutex> l(mu_);
+    PumpLocked();
+  }
+  void PumpLocked() {
     if (finished_) return;
-    e_.handle->Take(&e_.taken);
-    if (!e_.taken.finished) return;
+    pump_.TakeAll();
+    if (!pump_.AllFinished()) return;
     finished_ = true;
-    svc_->Count(e_.taken.status.ok(), e_.taken.e2e_s);
-    if (!e_.taken.status.ok()) {
-      Finish(ToGrpc(e_.taken.status));
+    Pump::Slot& s = pump_[0];
+    svc_->Count(s.taken.status.ok(), s.taken.e2e_s);
+    if (!s.taken.status.ok()) {
+      Finish(ToGrpc(s.taken.status));
       return;
     }
-    *resp_ = Serialize(e_.Response(*svc_, /*last=*/true));
+    *resp_ = Serialize(Response(*svc_, s, /*last=*/true));
     Finish(grpc::Status::OK);
   }
 
   KserveService* svc_;
-  Entry e_;
   grpc::ByteBuffer* resp_;
   std::mutex mu_;
+  Pump pump_;  // guarded by mu_
   bool finished_ = false;
 };
 
@@ -94,29 +96,24 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     }
     std::string id;
     auto accepted = svc_->Accept(ctx_, in_, &id);
-    Entry* added = nullptr;
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (cancelled_ || finish_called_) {  // the call ended while this request was being accepted
-        if (accepted.ok()) accepted->handle->Cancel();
-        reads_done_ = true;  // no more reads; finish once the requests still open have ended
-        PumpLocked();
-        return;
-      }
-      if (accepted.ok()) {
-        entries_.push_back(std::make_unique<Entry>(
-            Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}));
-        added = entries_.back().get();
-      } else {
-        ModelStreamInferResponse r;
-        r.set_error_message(std::string(accepted.status().message()));
-        r.mutable_infer_response()->set_id(id);
-        r.mutable_infer_response()->set_model_name(svc_->options().model_name);
-        errors_.push_back(std::move(r));
-      }
-    }
-    if (added != nullptr) added->handle->Listen([this] { Pump(); });
     std::lock_guard<std::mutex> l(mu_);
+    if (cancelled_ || finish_called_) {  // the call ended while this request was being accepted
+      if (accepted.ok()) accepted->handle->Cancel();
+      reads_done_ = true;  // no more reads; finish once the requests still open have ended
+      PumpLocked();
+      return;
+    }
+    if (accepted.ok()) {
+      pump_.Add(std::move(accepted->handle), accepted->request.stream ? core::Deltas::kTextOrLogprobs
+                                                                      : core::Deltas::kEndOnly,
+                [this] { Pump(); }, Entry{.request = std::move(accepted->request), .id = id});
+    } else {
+      ModelStreamInferResponse r;
+      r.set_error_message(std::string(accepted.status().message()));
+      r.mutable_infer_response()->set_id(id);
+      r.mutable_infer_response()->set_model_name(svc_->options().model_name);
+      errors_.push_back(std::move(r));
+    }
     // A client that sends refused requests faster than it reads their errors is read no further
     // until the errors are written (the stream's memory stays bounded).
     if (errors_.size() >= kMaxPendingErrors)
@@ -134,7 +131,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     }
     if (!ok) {  // the client is gone
       cancelled_ = true;
-      CancelAllLocked();
+      pump_.CancelAll();
       if (!finish_called_) {
         finish_called_ = true;
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
@@ -146,17 +143,16 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   void OnCancel() override {
     std::lock_guard<std::mutex> l(mu_);
     cancelled_ = true;
-    CancelAllLocked();
+    pump_.CancelAll();
   }
   void OnDone() override {
-    std::vector<std::unique_ptr<Entry>> all;
+    std::vector<std::shared_ptr<core::RequestHandle>> all;
     {
       std::lock_guard<std::mutex> l(mu_);
       done_ = true;  // a listener call that waits for the lock does nothing after this
-      for (auto& e : entries_) all.push_back(std::move(e));
-      for (auto& e : retired_) all.push_back(std::move(e));
+      all = pump_.handles();
     }
-    for (auto& e : all) e->handle->Detach();  // outside the lock: Detach waits for listener calls
+    for (auto& h : all) h->Detach();  // outside the lock: Detach waits for listener calls
     delete this;
   }
 
@@ -164,9 +160,6 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   void Pump() {
     std::lock_guard<std::mutex> l(mu_);
     PumpLocked();
-  }
-  void CancelAllLocked() {
-    for (auto& e : entries_) e->handle->Cancel();
   }
   // Starts the next write: an error response first, else the next request with something new;
   // finishes the stream when the client is done sending and every request has ended.
@@ -179,31 +172,22 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       Write(r);
       return;
     }
-    for (size_t n = 0; n < entries_.size(); ++n) {
-      auto it = entries_.begin();
-      std::advance(it, (next_ + n) % entries_.size());
-      Entry& e = **it;
-      e.handle->Take(&e.taken);
-      const bool ended = e.taken.finished;
-      const bool stream = e.request.stream;
-      if (!ended && (!stream || (e.taken.text.empty() && e.taken.logprobs.empty()))) continue;
-      if (ended) svc_->Count(e.taken.status.ok(), e.taken.e2e_s);
-      if (ended && !e.taken.status.ok()) {
-        r.set_error_message(std::string(e.taken.status.message()));
-        r.mutable_infer_response()->set_id(e.id);
+    pump_.TakeAll();
+    if (Pump::Slot* s = pump_.Next()) {
+      const bool ended = s->taken.finished;
+      if (ended) svc_->Count(s->taken.status.ok(), s->taken.e2e_s);
+      if (ended && !s->taken.status.ok()) {
+        r.set_error_message(std::string(s->taken.status.message()));
+        r.mutable_infer_response()->set_id(s->extra.id);
         r.mutable_infer_response()->set_model_name(svc_->options().model_name);
       } else {
-        *r.mutable_infer_response() = e.Response(*svc_, ended);
+        *r.mutable_infer_response() = Response(*svc_, *s, ended);
       }
-      next_ = (next_ + n + 1) % entries_.size();
-      if (ended) {
-        retired_.push_back(std::move(*it));
-        entries_.erase(it);
-      }
+      pump_.Sent(*s);  // an ended request leaves the pump
       Write(r);
       return;
     }
-    if (reads_done_ && entries_.empty()) {
+    if (reads_done_ && pump_.size() == 0) {
       finish_called_ = true;
       Finish(grpc::Status::OK);
     }
@@ -218,11 +202,9 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   grpc::CallbackServerContext* ctx_;
   grpc::ByteBuffer in_, out_;
   std::mutex mu_;
-  std::list<std::unique_ptr<Entry>> entries_;    // guarded by mu_: requests not yet ended
-  std::vector<std::unique_ptr<Entry>> retired_;  // ended; detached in OnDone
+  Pump pump_{/*retire_sent=*/true};              // guarded by mu_: the requests not yet ended
   std::deque<ModelStreamInferResponse> errors_;  // refused requests' responses, not yet written
   static constexpr size_t kMaxPendingErrors = 64;
-  size_t next_ = 0;
   bool writing_ = false, reads_done_ = false, finish_called_ = false, done_ = false;
   bool cancelled_ = false;    // the client cancelled or left: requests still arriving are cancelled
   bool read_paused_ = false;  // too many errors wait to be written
@@ -230,11 +212,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
 
 }  // namespace
 
-KserveService::KserveService(core::Engine& engine, const tokenizer::Tokenizer& tok, KserveOptions options)
-    : engine_(engine), tok_(tok), options_(std::move(options)) {}
+KserveService::KserveService(const core::Admission& door, KserveOptions options)
+    : door_(door), options_(std::move(options)) {}
 
 Status KserveService::Authorize(grpc::CallbackServerContext* ctx) const {
-  return CheckApiKey(ctx, options_.api_key);
+  return door_.Authorize(Authorization(ctx));
 }
 
 Status KserveService::CheckModel(const std::string& name) const {
@@ -255,30 +237,26 @@ void KserveService::Count(bool ok, double seconds) {
 StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
                                                         std::string* id) {
   const auto arrival = core::Clock::now();
-  const auto deadline = CallDeadline(ctx, arrival, options_.request_timeout);
-  auto refuse = [&](const Status& s) -> Status {
-    spdlog::info("request {} rejected: {}", id->empty() ? "-" : *id, s.ToString());
-    if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
-    Count(/*ok=*/false, std::chrono::duration<double>(core::Clock::now() - arrival)
-                            .count());  // ModelStatistics' fail counts refusals too
-    return s;
-  };
-  if (draining_) return refuse(absl::UnavailableError("the server is shutting down"));
-  if (Status a = Authorize(ctx); !a.ok()) return refuse(a);
-  ModelInferRequest req;
-  if (Status p = ParseRequest(raw, options_.max_message_bytes, &req); !p.ok()) return refuse(p);
-  *id = req.id();
-  if (Status m = CheckModel(req.model_name()); !m.ok()) return refuse(m);
-  if (!req.model_version().empty() && req.model_version() != kVersion)
-    return refuse(absl::NotFoundError(StrCat("model '", req.model_name(), "' has no version '", req.model_version(),
-                                             "' (this server serves version ", kVersion, ")")));
-  auto parsed = ParseKserveRequest(req);
-  if (!parsed.ok()) return refuse(parsed.status());
-  auto params = core::ValidateGeneration(parsed->generation, options_.limits, tok_, kKserveFields);
-  if (!params.ok()) return refuse(params.status());
-  auto handle = engine_.Submit(std::move(*params), arrival, deadline);
-  if (!handle.ok()) return refuse(handle.status());
-  return Accepted{.handle = std::move(*handle), .request = std::move(*parsed)};
+  KserveRequest request;
+  auto handles = door_.Accept(
+      CallOf(ctx),
+      [&](std::string* request_id) -> StatusOr<core::GenerationRequest> {
+        ModelInferRequest req;
+        KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, &req));
+        *request_id = *id = req.id();
+        KRAKEN_RETURN_IF_ERROR(CheckModel(req.model_name()));
+        if (!req.model_version().empty() && req.model_version() != kVersion)
+          return absl::NotFoundError(StrCat("model '", req.model_name(), "' has no version '", req.model_version(),
+                                            "' (this server serves version ", kVersion, ")"));
+        KRAKEN_ASSIGN_OR_RETURN(request, ParseKserveRequest(req));
+        return request.generation;
+      },
+      kKserveFields);
+  if (!handles.ok()) {  // ModelStatistics' fail counts refusals too
+    Count(/*ok=*/false, std::chrono::duration<double>(core::Clock::now() - arrival).count());
+    return handles.status();
+  }
+  return Accepted{.handle = std::move(handles->front()), .request = std::move(request)};
 }
 
 grpc::ServerUnaryReactor* KserveService::ServerLive(grpc::CallbackServerContext* ctx,
@@ -291,14 +269,14 @@ grpc::ServerUnaryReactor* KserveService::ServerLive(grpc::CallbackServerContext*
 grpc::ServerUnaryReactor* KserveService::ServerReady(grpc::CallbackServerContext* ctx,
                                                      const inference::ServerReadyRequest*,
                                                      inference::ServerReadyResponse* resp) {
-  resp->set_ready(!draining_ && (!options_.serving || options_.serving()));
+  resp->set_ready(door_.health().ready());
   return FinishUnary(ctx, grpc::Status::OK);
 }
 
 grpc::ServerUnaryReactor* KserveService::ModelReady(grpc::CallbackServerContext* ctx,
                                                     const inference::ModelReadyRequest* req,
                                                     inference::ModelReadyResponse* resp) {
-  resp->set_ready(req->name() == options_.model_name && !draining_ && (!options_.serving || options_.serving()));
+  resp->set_ready(req->name() == options_.model_name && door_.health().ready());
   return FinishUnary(ctx, grpc::Status::OK);
 }
 
@@ -393,8 +371,8 @@ grpc::ServerUnaryReactor* KserveService::ModelInfer(grpc::CallbackServerContext*
   std::string id;
   auto accepted = Accept(ctx, *raw, &id);
   if (!accepted.ok()) return FinishUnary(ctx, ToGrpc(accepted.status()));
-  return new InferReactor(
-      this, Entry{.handle = std::move(accepted->handle), .request = std::move(accepted->request), .id = id}, resp);
+  return new InferReactor(this, std::move(accepted->handle), Entry{.request = std::move(accepted->request), .id = id},
+                          resp);
 }
 
 grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* KserveService::ModelStreamInfer(

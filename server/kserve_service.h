@@ -6,21 +6,19 @@
 //
 // ModelStreamInfer carries any number of requests on one stream, answered as they progress; a
 // request that fails gets a response with `error_message` and the stream goes on. Responses are
-// written one at a time, whenever the previous write is done (a slow reader makes output coalesce,
-// the engine never waits); a client that cancels the stream cancels its requests.
+// written one at a time, whenever the previous write is done, round robin over the requests with
+// something new (core/output_pump.h: a slow reader makes output coalesce, the engine never waits);
+// a client that cancels the stream cancels its requests. Admission is the front door's
+// (core/admission.h).
 #pragma once
 
 #include <atomic>
-#include <chrono>
-#include <functional>
 #include <memory>
 #include <string>
 
 #include <grpcpp/grpcpp.h>
 
-#include "core/engine.h"
-#include "core/serving_metrics.h"
-#include "core/validation.h"
+#include "core/admission.h"
 #include "inference/grpc_service.grpc.pb.h"
 #include "server/kserve_request.h"
 
@@ -29,16 +27,11 @@ namespace kraken::server {
 struct KserveOptions {
   std::string model_name;  // the one model's name; requests naming another get NOT_FOUND
   std::string server_version;
-  core::RequestLimits limits;
-  std::string api_key;                           // empty: none; ServerLive/ServerReady/ModelReady stay open
-  core::ServingMetrics* metrics = nullptr;       // optional: refusals counted
-  int max_message_bytes = 4 << 20;               // largest request message (bytes)
-  std::chrono::milliseconds request_timeout{0};  // 0: none
-  std::function<bool()> serving;                 // readiness: the workers are up
+  int max_message_bytes = 4 << 20;  // largest request message (bytes)
 };
 
 // Typed callback handlers for the metadata calls, raw (grpc::ByteBuffer) ones for the two inference
-// calls, which parse their bodies themselves (ParseRequest in server/service.h): bytes that are not
+// calls, which parse their bodies themselves (ParseRequest in server/grpc_util.h): bytes that are not
 // a message get INVALID_ARGUMENT with a message, and a body over --max-message-bytes is refused
 // and counted.
 using KserveBase = inference::GRPCInferenceService;
@@ -50,10 +43,9 @@ using RawKserveService = KserveBase::WithCallbackMethod_ServerLive<KserveBase::W
 
 class KserveService final : public RawKserveService {
  public:
-  KserveService(core::Engine& engine, const tokenizer::Tokenizer& tok, KserveOptions options);
-
-  /// After this, new inference requests get UNAVAILABLE and ServerReady answers false.
-  void StartDraining() { draining_ = true; }
+  /// `door` must outlive the service and every call it started. ServerLive, ServerReady and
+  /// ModelReady need no API key; readiness is the door's Health.
+  KserveService(const core::Admission& door, KserveOptions options);
 
   grpc::ServerUnaryReactor* ServerLive(grpc::CallbackServerContext* ctx, const inference::ServerLiveRequest* req,
                                        inference::ServerLiveResponse* resp) override;
@@ -81,8 +73,9 @@ class KserveService final : public RawKserveService {
     std::shared_ptr<core::RequestHandle> handle;
     KserveRequest request;
   };
-  /// Draining, authentication, parsing, the model's name, validation, then the engine. The
-  /// request's id (for the error response) is filled in even when it fails.
+  /// The front door (core::Admission::Accept) with this body's reader: the message, the model's
+  /// name and version, the tensors. The request's id (for the error response) is filled in even
+  /// when it fails; a refusal is logged, counted, and counted in ModelStatistics as a failure.
   StatusOr<Accepted> Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw, std::string* id);
   /// Counts a request that ended (for ModelStatistics): `ok`, and its duration from arrival.
   void Count(bool ok, double seconds);
@@ -92,10 +85,8 @@ class KserveService final : public RawKserveService {
   Status Authorize(grpc::CallbackServerContext* ctx) const;
   Status CheckModel(const std::string& name) const;
 
-  core::Engine& engine_;
-  const tokenizer::Tokenizer& tok_;
+  const core::Admission& door_;
   KserveOptions options_;
-  std::atomic<bool> draining_{false};
   std::atomic<uint64_t> success_count_{0}, success_ns_{0}, fail_count_{0}, fail_ns_{0}, last_ms_{0};
 };
 

@@ -34,6 +34,7 @@
 #include "base/json_util.h"
 #include "cluster/follower.h"
 #include "cluster/hub.h"
+#include "core/admission.h"
 #include "core/engine.h"
 #include "core/serving_metrics.h"
 #include "engine/cpu/kernels.h"
@@ -490,41 +491,6 @@ StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const Flags& f) {
   }
 }
 
-// Overall and per-service health: SERVING while the workers are up and the server is not
-// draining. Set from the engine thread (recoveries) and the main thread (start, drain).
-class Health {
- public:
-  void Attach(grpc::HealthCheckServiceInterface* service) {
-    std::lock_guard<std::mutex> l(mu_);
-    service_ = service;
-  }
-  void Set(bool serving) {
-    std::lock_guard<std::mutex> l(mu_);
-    serving_ = serving;
-    Publish();
-  }
-  void Drain() {
-    std::lock_guard<std::mutex> l(mu_);
-    draining_ = true;
-    Publish();
-  }
-  /// The workers are up and the server is not draining.
-  bool serving() {
-    std::lock_guard<std::mutex> l(mu_);
-    return serving_ && !draining_;
-  }
-
- private:
-  void Publish() {
-    if (service_ == nullptr) return;
-    service_->SetServingStatus(serving_ && !draining_);
-    service_->SetServingStatus("kraken.v1.Kraken", serving_ && !draining_);
-  }
-  std::mutex mu_;
-  grpc::HealthCheckServiceInterface* service_ = nullptr;
-  bool serving_ = false, draining_ = false;
-};
-
 // What serves the APIs: gRPC, the OpenAI-compatible HTTP API, and the /metrics endpoint.
 // Members are destroyed in reverse order: each server before the services and API it serves.
 struct Frontends {
@@ -596,13 +562,10 @@ class Signals {
 // second signal ends it), then everything stops within a further 7 s at most (a restart under way
 // is abandoned at once, the servers get 2 s to flush, the workers 5 s to exit). Returns the exit
 // code: 0 after a signal, 1 when the workers failed beyond the restart limit.
-int WaitAndDrain(Signals& signals, double grace_period_s, core::Engine& engine, Frontends& fe, Health& health) {
+int WaitAndDrain(Signals& signals, double grace_period_s, core::Engine& engine, Frontends& fe, core::Health& health) {
   while (signals.first() == 0 && !engine.fatal()) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   const bool fatal = engine.fatal();
-  health.Drain();
-  fe.service->StartDraining();
-  fe.kserve->StartDraining();
-  fe.api->StartDraining();
+  health.StartDraining();
   if (fatal) {
     spdlog::critical("workers failed beyond the restart limit; exiting");
   } else {
@@ -624,7 +587,7 @@ int WaitAndDrain(Signals& signals, double grace_period_s, core::Engine& engine, 
 }
 
 core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig& config, const runtime::Limits& rl,
-                                      core::ServingMetrics* metrics, Health* health) {
+                                      core::ServingMetrics* metrics, core::Health* health) {
   core::EngineOptions eo;
   eo.metrics = metrics;
   eo.context_length = config.n_positions;
@@ -637,7 +600,7 @@ core::EngineOptions MakeEngineOptions(const Flags& f, const engine::ModelConfig&
                   .policy = f.scheduling_policy == "fcfs" ? scheduler::SchedulingPolicy::kFcfs
                                                           : scheduler::SchedulingPolicy::kPriority,
                   .prefix_caching = f.prefix_caching};
-  eo.on_serving = [health](bool serving) { health->Set(serving); };
+  eo.on_serving = [health](bool serving) { health->SetServing(serving); };
   eo.resume_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.resume_timeout_s * 1000 + 0.5));
   return eo;
 }
@@ -689,20 +652,14 @@ StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool
 
 // Starts gRPC, the OpenAI-compatible HTTP API and /metrics over `engine`. The exit code when one
 // cannot listen.
-StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const tokenizer::Tokenizer& tok,
-                                   server::ServiceOptions so, metrics::Registry& registry, Health& health) {
+StatusOr<Frontends> StartFrontends(const Flags& f, const core::Admission& door, server::ServiceOptions so,
+                                   metrics::Registry& registry, core::Health& health) {
   Frontends fe;
   KRAKEN_ASSIGN_OR_RETURN(auto creds, Credentials(f));
   auto metrics_text = [&registry] { return registry.Serialize(); };
-  fe.api = std::make_unique<openai::Api>(engine, tok,
-                                         openai::ApiOptions{.served_model_name = so.info.model_name(),
-                                                            .limits = so.limits,
-                                                            .api_key = f.api_key,
-                                                            .metrics = so.metrics,
-                                                            .request_timeout = so.request_timeout,
-                                                            .serving = [&health] { return health.serving(); },
-                                                            .metrics_text = metrics_text,
-                                                            .version = KRAKEN_VERSION});
+  fe.api = std::make_unique<openai::Api>(door, openai::ApiOptions{.served_model_name = so.info.model_name(),
+                                                                  .metrics_text = metrics_text,
+                                                                  .version = KRAKEN_VERSION});
   if (f.metrics_port >= 0) {
     KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, *fe.api, [&](http::Server& s) {
                               s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
@@ -716,17 +673,10 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
     KRAKEN_ASSIGN_OR_RETURN(fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), *fe.api,
                                                [&](http::Server& s) { fe.api->Register(s); }));
   }
-  fe.kserve =
-      std::make_unique<server::KserveService>(engine, tok,
-                                              server::KserveOptions{.model_name = so.info.model_name(),
-                                                                    .server_version = KRAKEN_VERSION,
-                                                                    .limits = so.limits,
-                                                                    .api_key = f.api_key,
-                                                                    .metrics = so.metrics,
-                                                                    .max_message_bytes = f.max_message_bytes,
-                                                                    .request_timeout = so.request_timeout,
-                                                                    .serving = [&health] { return health.serving(); }});
-  fe.service = std::make_unique<server::KrakenService>(engine, tok, std::move(so));
+  fe.kserve = std::make_unique<server::KserveService>(door, server::KserveOptions{.model_name = so.info.model_name(),
+                                                                               .server_version = KRAKEN_VERSION,
+                                                                               .max_message_bytes = so.max_message_bytes});
+  fe.service = std::make_unique<server::KrakenService>(door, std::move(so));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
@@ -744,7 +694,11 @@ StatusOr<Frontends> StartFrontends(const Flags& f, core::Engine& engine, const t
   if (!fe.grpc || bound_port == 0)
     return absl::UnavailableError(
         StrCat("cannot listen on ", f.host, ":", f.port, " for gRPC (--port): is the port in use by another process?"));
-  health.Attach(fe.grpc->GetHealthCheckService());
+  // Overall and per-service gRPC health: SERVING while the door's Health is ready.
+  health.OnChange([service = fe.grpc->GetHealthCheckService()](bool ready) {
+    service->SetServingStatus(ready);
+    service->SetServingStatus("kraken.v1.Kraken", ready);
+  });
   return fe;
 }
 
@@ -888,27 +842,33 @@ int Run(const Flags& f, const sigset_t& sigs) {
                                       .kv_cache_bytes = rank0.kv_bytes,
                                       .cache_dtype = std::string(engine::DTypeName(wo->kv_sizing.kv_dtype)),
                                       .prefix_caching = f.prefix_caching});
-  Health health;
+  core::Health health;
   kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0, wo->kv_sizing.kv_dtype);
   core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
-  server::ServiceOptions so{
-      .limits = limits,
-      .info = std::move(info),
-      .api_key = f.api_key,
-      .metrics = &serving_metrics,
-      .max_message_bytes = f.max_message_bytes,
-      .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))};
+  const core::Admission door(
+      **tok, health,
+      [&engine](core::RequestParams p, core::Clock::time_point arrival, core::Clock::time_point deadline) {
+        return engine.SubmitSamples(std::move(p), arrival, deadline);
+      },
+      core::AdmissionOptions{
+          .limits = limits,
+          .api_key = f.api_key,
+          .metrics = &serving_metrics,
+          .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))});
+  server::ServiceOptions so{.info = std::move(info), .max_message_bytes = f.max_message_bytes};
   signals.Serving();  // from the first accepted request on, a signal drains
-  auto fe = StartFrontends(f, engine, **tok, so, registry, health);
+  auto fe = StartFrontends(f, door, so, registry, health);
   if (!fe.ok()) {
     spdlog::critical("{}", std::string(fe.status().message()));
     return fe.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
-  health.Set(true);
+  health.SetServing(true);
   spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
                so.info.kraken_degree(), world, f.host, f.port, f.tls_cert.empty() ? "" : " with TLS",
                f.api_key.empty() ? "" : ", API key required");
-  return WaitAndDrain(signals, f.grace_period_s, engine, *fe, health);
+  const int code = WaitAndDrain(signals, f.grace_period_s, engine, *fe, health);
+  health.OnChange(nullptr);  // the gRPC server, whose health service it publishes to, goes first
+  return code;
 }
 
 }  // namespace

@@ -1,7 +1,6 @@
 #include "server/service.h"
 
-#include <spdlog/spdlog.h>
-
+#include "core/output_pump.h"
 #include "tokenizer/utf8.h"
 
 namespace kraken::server {
@@ -20,8 +19,6 @@ kraken::v1::FinishReason ToProto(core::FinishReason r) {
   }
   return kraken::v1::FINISH_REASON_UNSPECIFIED;
 }
-
-using Handles = std::vector<std::shared_ptr<core::RequestHandle>>;
 
 // Turns a chunk taken from the core into `msg`. The first message carries the seed (and the
 // echo); the last carries finish reason, usage and timings. `index`: the sample (set when the
@@ -61,29 +58,26 @@ void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first,
   }
 }
 
-void CancelAll(const Handles& hs) {
-  for (const auto& h : hs) h->Cancel();
-}
+using Pump = core::OutputPump<>;
 
 // Streams one request's samples: whenever no write is outstanding, sends what the core has
-// produced for the next sample with something new (round robin, so no sample starves another).
-// While the client is slow, output coalesces in the handles and the engine never waits. `mu_`
-// (this reactor's only lock) serialises the engine thread's pumps with gRPC's callbacks; the core
-// calls the listeners holding none of its own locks. A sample that fails ends the stream with its
-// error (after what it had produced) and cancels the others.
+// produced for the next sample with something new (the pump's round robin, so no sample starves
+// another). `mu_` (this reactor's only lock) serialises the engine thread's pumps with gRPC's
+// callbacks. A sample that fails ends the stream with its error (after what it had produced) and
+// cancels the others.
 class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> {
  public:
-  explicit GenerateReactor(Handles hs)
-      : hs_(std::move(hs)), taken_(hs_.size()), first_sent_(hs_.size()), last_sent_(hs_.size()) {
-    for (auto& h : hs_) h->Listen([this] { Pump(); });
-    Pump();
+  explicit GenerateReactor(core::Handles hs) : n_(hs.size()) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& h : hs) pump_.Add(std::move(h), core::Deltas::kTokens, [this] { Pump(); });
+    PumpLocked();
   }
 
   void OnWriteDone(bool ok) override {
     std::lock_guard<std::mutex> l(mu_);
     writing_ = false;
     if (!ok) {  // the client is gone
-      CancelAll(hs_);
+      pump_.CancelAll();
       if (!finish_called_) {
         finish_called_ = true;
         Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the stream was closed by the client"));
@@ -92,9 +86,12 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
     PumpLocked();
   }
-  void OnCancel() override { CancelAll(hs_); }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    pump_.CancelAll();
+  }
   void OnDone() override {
-    for (auto& h : hs_) h->Detach();  // the engine will not call Pump again
+    for (const auto& h : pump_.handles()) h->Detach();  // the engine will not call Pump again
     delete this;
   }
 
@@ -103,66 +100,48 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     std::lock_guard<std::mutex> l(mu_);
     PumpLocked();
   }
-  bool HasTokens(size_t i) const { return !taken_[i].text.empty() || !taken_[i].ids.empty(); }
   // Start the next write, or finish.
   void PumpLocked() {
     if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
-    const size_t n = hs_.size();
-    for (size_t i = 0; i < n; ++i)
-      if (!taken_[i].finished) hs_[i]->Take(&taken_[i]);
-    for (size_t i = 0; i < n; ++i) {
-      if (!taken_[i].finished || taken_[i].status.ok()) continue;
+    pump_.TakeAll();
+    if (Pump::Slot* failed = pump_.Failed()) {
       finish_called_ = true;
-      CancelAll(hs_);
-      if (HasTokens(i)) {  // deliver what was produced, then the error
-        Send(i, /*last=*/false, /*and_finish=*/true, ToGrpc(taken_[i].status));
+      pump_.CancelAll();
+      const grpc::Status status = ToGrpc(failed->taken.status);
+      if (!failed->taken.text.empty() || !failed->taken.ids.empty()) {  // what it produced, then the error
+        Send(*failed, /*last=*/false, &status);
       } else {
-        Finish(ToGrpc(taken_[i].status));
+        Finish(status);
       }
       return;
     }
-    for (size_t k = 0; k < n; ++k) {
-      const size_t i = (next_ + k) % n;
-      if (taken_[i].finished && !last_sent_[i]) {
-        last_sent_[i] = true;
-        next_ = i + 1;
-        Send(i, /*last=*/true, /*and_finish=*/false, grpc::Status::OK);
-        return;
-      }
-      if (!taken_[i].finished && HasTokens(i)) {
-        next_ = i + 1;
-        Send(i, /*last=*/false, /*and_finish=*/false, grpc::Status::OK);
-        return;
-      }
+    if (Pump::Slot* s = pump_.Next()) {
+      Send(*s, /*last=*/s->taken.finished, nullptr);
+      return;
     }
-    if (std::all_of(last_sent_.begin(), last_sent_.end(), [](bool b) { return b; })) {
+    if (pump_.AllSent()) {
       finish_called_ = true;
       Finish(grpc::Status::OK);
     }
   }
-  void Send(size_t i, bool last, bool and_finish, const grpc::Status& status) {
+  // Writes what `s` has (the end's fields when `last`), then finishes with `finish` when set.
+  void Send(Pump::Slot& s, bool last, const grpc::Status* finish) {
     GenerateResponse msg;
-    ToResponse(*hs_[i], taken_[i], !first_sent_[i], last, &msg,
-               hs_.size() > 1 ? std::optional<uint32_t>(static_cast<uint32_t>(i)) : std::nullopt);
-    first_sent_[i] = true;
-    taken_[i].text.clear();
-    taken_[i].ids.clear();
-    taken_[i].logprobs.clear();
-    taken_[i].prompt_logprobs.clear();
+    ToResponse(*s.handle, s.taken, !s.first_sent, last, &msg,
+               n_ > 1 ? std::optional<uint32_t>(static_cast<uint32_t>(s.index)) : std::nullopt);
+    if (finish == nullptr) pump_.Sent(s);
     wire_ = Serialize(msg);
     writing_ = true;
-    if (and_finish)
-      StartWriteAndFinish(&wire_, grpc::WriteOptions(), status);
+    if (finish != nullptr)
+      StartWriteAndFinish(&wire_, grpc::WriteOptions(), *finish);
     else
       StartWrite(&wire_);
   }
 
-  Handles hs_;
+  const size_t n_;
   std::mutex mu_;
-  std::vector<core::Output> taken_;  // per sample: taken from its handle, not yet sent
-  std::vector<bool> first_sent_, last_sent_;
+  Pump pump_;              // guarded by mu_
   grpc::ByteBuffer wire_;  // the message the write in flight sends
-  size_t next_ = 0;        // the sample to look at first for the next write
   bool writing_ = false, finish_called_ = false;
 };
 
@@ -170,111 +149,66 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
 // own fields and, with n > 1, every sample in `samples`. A failed sample fails the call.
 class CompleteReactor final : public grpc::ServerUnaryReactor {
  public:
-  CompleteReactor(Handles hs, grpc::ByteBuffer* resp) : hs_(std::move(hs)), resp_(resp), all_(hs_.size()) {
-    for (auto& h : hs_) h->Listen([this] { Pump(); });
-    Pump();
+  CompleteReactor(core::Handles hs, grpc::ByteBuffer* resp) : resp_(resp) {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& h : hs) pump_.Add(std::move(h), core::Deltas::kEndOnly, [this] { Pump(); });
+    PumpLocked();
   }
-  void OnCancel() override { CancelAll(hs_); }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> l(mu_);
+    pump_.CancelAll();
+  }
   void OnDone() override {
-    for (auto& h : hs_) h->Detach();
+    for (const auto& h : pump_.handles()) h->Detach();
     delete this;
   }
 
  private:
   void Pump() {
     std::lock_guard<std::mutex> l(mu_);
+    PumpLocked();
+  }
+  void PumpLocked() {
     if (finish_called_) return;
-    bool all_finished = true;
-    for (size_t i = 0; i < hs_.size(); ++i) {
-      hs_[i]->Take(&all_[i]);
-      if (all_[i].finished && !all_[i].status.ok()) {
-        finish_called_ = true;
-        CancelAll(hs_);
-        Finish(ToGrpc(all_[i].status));
-        return;
-      }
-      all_finished = all_finished && all_[i].finished;
+    pump_.TakeAll();
+    if (Pump::Slot* failed = pump_.Failed()) {
+      finish_called_ = true;
+      pump_.CancelAll();
+      Finish(ToGrpc(failed->taken.status));
+      return;
     }
-    if (!all_finished) return;
+    if (!pump_.AllFinished()) return;
     finish_called_ = true;
     GenerateResponse msg;
-    ToResponse(*hs_[0], all_[0], /*first=*/true, /*last=*/true, &msg);
-    if (hs_.size() > 1) {
-      for (size_t i = 0; i < hs_.size(); ++i)
-        ToResponse(*hs_[i], all_[i], /*first=*/true, /*last=*/true, msg.add_samples(), static_cast<uint32_t>(i));
+    ToResponse(*pump_[0].handle, pump_[0].taken, /*first=*/true, /*last=*/true, &msg);
+    if (pump_.size() > 1) {
+      for (size_t i = 0; i < pump_.size(); ++i)
+        ToResponse(*pump_[i].handle, pump_[i].taken, /*first=*/true, /*last=*/true, msg.add_samples(),
+                   static_cast<uint32_t>(i));
     }
     *resp_ = Serialize(msg);
     Finish(grpc::Status::OK);
   }
 
-  Handles hs_;
   grpc::ByteBuffer* resp_;
   std::mutex mu_;
-  std::vector<core::Output> all_;  // per sample: everything taken so far
+  Pump pump_;  // guarded by mu_: per sample, everything taken
   bool finish_called_ = false;
 };
 
 }  // namespace
 
-grpc::Status ToGrpc(const Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
-}
-
-grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
-  grpc::ByteBuffer out;
-  bool own = false;
-  (void)grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(msg, &out, &own);
-  return out;
-}
-
-grpc::ServerUnaryReactor* FinishUnary(grpc::CallbackServerContext* ctx, const grpc::Status& s) {
-  auto* reactor = ctx->DefaultReactor();
-  reactor->Finish(s);
-  return reactor;
-}
-
-Status CheckApiKey(grpc::CallbackServerContext* ctx, const std::string& api_key) {
-  if (api_key.empty()) return absl::OkStatus();
-  const auto& md = ctx->client_metadata();
-  auto it = md.find("authorization");
-  if (it == md.end()) return absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata");
-  std::string expected = "Bearer ";
-  expected += api_key;
-  if (std::string_view(it->second.data(), it->second.size()) != expected)
-    return absl::UnauthenticatedError("invalid API key in 'authorization'");
-  return absl::OkStatus();
-}
-
-core::Clock::time_point CallDeadline(grpc::CallbackServerContext* ctx, core::Clock::time_point arrival,
-                                     std::chrono::milliseconds request_timeout) {
-  auto deadline = core::Clock::time_point::max();
-  const auto sys_deadline = ctx->deadline();
-  if (sys_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
-    deadline =
-        arrival + std::chrono::duration_cast<core::Clock::duration>(sys_deadline - std::chrono::system_clock::now());
-  if (request_timeout.count() > 0) deadline = std::min(deadline, arrival + request_timeout);
-  return deadline;
-}
-
 Status KrakenService::Authorize(grpc::CallbackServerContext* ctx) const {
-  return CheckApiKey(ctx, options_.api_key);
+  return door_.Authorize(Authorization(ctx));
 }
 
-StatusOr<Handles> KrakenService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw,
-                                        kraken::v1::GenerateRequest* req) {
-  const auto arrival = core::Clock::now();
-  const auto deadline = CallDeadline(ctx, arrival, options_.request_timeout);
-  if (draining_) return absl::UnavailableError("the server is shutting down");
-  KRAKEN_RETURN_IF_ERROR(Authorize(ctx));
-  KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, req));
-  KRAKEN_ASSIGN_OR_RETURN(core::RequestParams params, core::ValidateGeneration(FromProto(*req), options_.limits, tok_));
-  return engine_.SubmitSamples(std::move(params), arrival, deadline);
-}
-
-void KrakenService::Refused(const std::string& request_id, const Status& status) const {
-  spdlog::info("request {} rejected: {}", request_id.empty() ? "-" : request_id, status.ToString());
-  if (options_.metrics != nullptr) options_.metrics->RecordFailure(status);
+StatusOr<core::Handles> KrakenService::Accept(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer& raw) {
+  return door_.Accept(CallOf(ctx), [&](std::string* request_id) -> StatusOr<core::GenerationRequest> {
+    kraken::v1::GenerateRequest req;
+    KRAKEN_RETURN_IF_ERROR(ParseRequest(raw, options_.max_message_bytes, &req));
+    *request_id = req.request_id();
+    return FromProto(req);
+  });
 }
 
 grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::CallbackServerContext* ctx,
@@ -284,23 +218,15 @@ grpc::ServerWriteReactor<grpc::ByteBuffer>* KrakenService::Generate(grpc::Callba
     explicit Reject(const grpc::Status& s) { Finish(s); }
     void OnDone() override { delete this; }
   };
-  kraken::v1::GenerateRequest req;
-  StatusOr<Handles> r = Accept(ctx, *raw, &req);
-  if (!r.ok()) {
-    Refused(req.request_id(), r.status());
-    return new Reject(ToGrpc(r.status()));
-  }
+  StatusOr<core::Handles> r = Accept(ctx, *raw);
+  if (!r.ok()) return new Reject(ToGrpc(r.status()));
   return new GenerateReactor(std::move(*r));
 }
 
 grpc::ServerUnaryReactor* KrakenService::Complete(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* raw,
                                                   grpc::ByteBuffer* resp) {
-  kraken::v1::GenerateRequest req;
-  StatusOr<Handles> r = Accept(ctx, *raw, &req);
-  if (!r.ok()) {
-    Refused(req.request_id(), r.status());
-    return FinishUnary(ctx, ToGrpc(r.status()));
-  }
+  StatusOr<core::Handles> r = Accept(ctx, *raw);
+  if (!r.ok()) return FinishUnary(ctx, ToGrpc(r.status()));
   return new CompleteReactor(std::move(*r), resp);
 }
 
@@ -310,14 +236,14 @@ grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* c
   if (Status a = Authorize(ctx); !a.ok()) return FinishUnary(ctx, ToGrpc(a));
   kraken::v1::TokenizeRequest request;
   if (Status p = ParseRequest(*raw, options_.max_message_bytes, &request); !p.ok()) return FinishUnary(ctx, ToGrpc(p));
-  if (static_cast<int>(request.text().size()) > options_.limits.max_prompt_bytes)
-    return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' must be at most ", options_.limits.max_prompt_bytes,
+  if (static_cast<int>(request.text().size()) > door_.limits().max_prompt_bytes)
+    return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'text' must be at most ", door_.limits().max_prompt_bytes,
                                                    " bytes, got ", request.text().size())));
   size_t bad = 0;
   if (!tokenizer::IsValidUtf8(request.text(), &bad))
     return FinishUnary(
         ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ", bad, ")")));
-  auto ids = tok_.Encode(request.text(), request.add_special_tokens());
+  auto ids = door_.tokenizer().Encode(request.text(), request.add_special_tokens());
   if (!ids.ok()) return FinishUnary(ctx, ToGrpc(ids.status()));
   for (int32_t id : *ids) response.add_token_ids(id);
   *out = Serialize(response);
@@ -331,12 +257,12 @@ grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext*
   if (Status p = ParseRequest(*raw, options_.max_message_bytes, &request); !p.ok()) return FinishUnary(ctx, ToGrpc(p));
   for (int i = 0; i < request.token_ids_size(); ++i) {
     const int32_t id = request.token_ids(i);
-    if (id < 0 || id >= tok_.vocab_size())
+    if (id < 0 || id >= door_.tokenizer().vocab_size())
       return FinishUnary(
-          ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", tok_.vocab_size(), "), got ", id)));
+          ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", door_.tokenizer().vocab_size(), "), got ", id)));
   }
   std::vector<int32_t> ids(request.token_ids().begin(), request.token_ids().end());
-  auto text = tok_.Decode(ids, request.skip_special_tokens());
+  auto text = door_.tokenizer().Decode(ids, request.skip_special_tokens());
   if (!text.ok()) return FinishUnary(ctx, ToGrpc(text.status()));
   kraken::v1::DetokenizeResponse response;
   response.set_text(*text);

@@ -1,0 +1,84 @@
+#include "core/admission.h"
+
+#include <spdlog/spdlog.h>
+
+namespace kraken::core {
+
+void Health::OnChange(std::function<void(bool ready)> f) {
+  std::lock_guard<std::mutex> l(mu_);
+  on_change_ = std::move(f);
+  Publish();
+}
+
+void Health::SetServing(bool serving) {
+  std::lock_guard<std::mutex> l(mu_);
+  serving_ = serving;
+  Publish();
+}
+
+void Health::StartDraining() {
+  std::lock_guard<std::mutex> l(mu_);
+  draining_ = true;
+  Publish();
+}
+
+bool Health::draining() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return draining_;
+}
+
+bool Health::ready() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return serving_ && !draining_;
+}
+
+void Health::Publish() {
+  if (on_change_) on_change_(serving_ && !draining_);
+}
+
+Admission::Admission(const tokenizer::Tokenizer& tok, const Health& health, SubmitFn submit, AdmissionOptions options)
+    : tok_(tok), health_(health), submit_(std::move(submit)), options_(std::move(options)) {}
+
+Status Admission::Authorize(const std::optional<std::string>& authorization,
+                            const CredentialSpelling& spelling) const {
+  if (options_.api_key.empty()) return absl::OkStatus();
+  if (!authorization)
+    return absl::UnauthenticatedError(StrCat("missing '", spelling.name, ": Bearer <key>' ", spelling.carrier));
+  if (*authorization != StrCat("Bearer ", options_.api_key))
+    return absl::UnauthenticatedError(StrCat("invalid API key in '", spelling.name, "'"));
+  return absl::OkStatus();
+}
+
+Status Admission::Refuse(std::string_view request_id, const Status& s) const {
+  spdlog::info("request {} rejected: {}", request_id.empty() ? "-" : request_id, s.ToString());
+  if (options_.metrics != nullptr) options_.metrics->RecordFailure(s);
+  return s;
+}
+
+Clock::time_point Admission::Deadline(Clock::time_point arrival,
+                                      std::chrono::system_clock::time_point call_deadline) const {
+  auto deadline = Clock::time_point::max();
+  // gRPC reports "no deadline" as a far-future time point; a year out is treated as none.
+  if (call_deadline < std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365))
+    deadline = arrival + std::chrono::duration_cast<Clock::duration>(call_deadline - std::chrono::system_clock::now());
+  if (options_.request_timeout.count() > 0) deadline = std::min(deadline, arrival + options_.request_timeout);
+  return deadline;
+}
+
+StatusOr<Handles> Admission::Accept(const Call& call, const ParseFn& parse, const FieldNames& names) const {
+  const Clock::time_point arrival = Clock::now();
+  const Clock::time_point deadline = Deadline(arrival, call.deadline);
+  std::string request_id = call.request_id;
+  if (health_.draining()) return Refuse(request_id, absl::UnavailableError("the server is shutting down"));
+  if (Status a = Authorize(call.authorization, call.spelling); !a.ok()) return Refuse(request_id, a);
+  StatusOr<GenerationRequest> request = parse(&request_id);
+  if (!request.ok()) return Refuse(request_id, request.status());
+  request->request_id = request_id;
+  StatusOr<RequestParams> params = ValidateGeneration(*request, options_.limits, tok_, names);
+  if (!params.ok()) return Refuse(request_id, params.status());
+  StatusOr<Handles> handles = submit_(std::move(*params), arrival, deadline);
+  if (!handles.ok()) return Refuse(request_id, handles.status());
+  return handles;
+}
+
+}  // namespace kraken::core

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <thread>
 
+#include "engine/device.h"
 #include "runtime/shm.h"
 #include "runtime/shm_store.h"
 
@@ -107,7 +108,11 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
                               options_.model, ")");
   }
   for (const std::string& d : hello.devices()) {
-    if (d.rfind(options_.device_kind, 0) != 0) {
+    const StatusOr<engine::Device> device = engine::Device::Parse(d);
+    if (!device.ok())
+      return InvalidArgument("node at ", peer, " reports a worker on '", d,
+                             "': ", std::string(device.status().message()));
+    if (device->traits().kind != options_.device_kind) {
       return InvalidArgument("node at ", peer, " has a worker on ", d, "; the leader's are ", options_.device_kind,
                              " devices, and one group speaks one collective library");
     }

@@ -39,8 +39,7 @@ void Health::Publish() {
 Admission::Admission(const tokenizer::Tokenizer& tok, const Health& health, SubmitFn submit, AdmissionOptions options)
     : tok_(tok), health_(health), submit_(std::move(submit)), options_(std::move(options)) {}
 
-Status Admission::Authorize(const std::optional<std::string>& authorization,
-                            const CredentialSpelling& spelling) const {
+Status Admission::Authorize(const std::optional<std::string>& authorization, const CredentialSpelling& spelling) const {
   if (options_.api_key.empty()) return absl::OkStatus();
   if (!authorization)
     return absl::UnauthenticatedError(StrCat("missing '", spelling.name, ": Bearer <key>' ", spelling.carrier));

@@ -44,11 +44,11 @@ class OutputPump {
     std::shared_ptr<RequestHandle> handle;
     Deltas deltas = Deltas::kTokens;
     Extra extra{};
-    size_t index = 0;          // its place in the order of Add (0, 1, ...)
-    Output taken;              // taken from the handle, not yet sent (Sent clears the deltas)
-    int64_t sent_tokens = 0;   // token ids in the writes sent so far
-    bool first_sent = false;   // a write of this slot was sent
-    bool end_sent = false;     // the write carrying its end was sent
+    size_t index = 0;         // its place in the order of Add (0, 1, ...)
+    Output taken;             // taken from the handle, not yet sent (Sent clears the deltas)
+    int64_t sent_tokens = 0;  // token ids in the writes sent so far
+    bool first_sent = false;  // a write of this slot was sent
+    bool end_sent = false;    // the write carrying its end was sent
 
     /// Something to write now: its end is new, or it has deltas its mode sends.
     bool has_news() const {

@@ -205,8 +205,15 @@ struct LinearSelection {
 /// selected. INVALID_ARGUMENT naming the tensor otherwise.
 StatusOr<LinearSelection> SelectLinear(const LinearSource& src);
 
-/// Creates the backend named by `options.device`. "cuda:*" returns UNIMPLEMENTED ("built without
-/// CUDA") unless KRAKEN_ENABLE_CUDA was on; unknown names give INVALID_ARGUMENT.
+/// Creates the backend for `options.device`'s kind (engine/backend_factory.cc). A CUDA device
+/// returns UNIMPLEMENTED ("built without CUDA") unless KRAKEN_ENABLE_CUDA was on, and the CUDA
+/// backend's errors (no such device, out of memory) otherwise; a negative thread count gives
+/// INVALID_ARGUMENT.
 StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
+
+/// Each kind's own factory, which CreateBackend chooses from (engine/cpu/cpu_backend.cc,
+/// engine/cuda/cuda_backend.cc or its stub).
+StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options);
+StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
 
 }  // namespace kraken::engine

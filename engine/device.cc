@@ -17,6 +17,32 @@ StatusOr<Device> Device::Parse(std::string_view text) {
   return Cuda(std::stoi(std::string(digits)));
 }
 
+const DeviceTraits& Device::traits() const {
+  static constexpr DeviceTraits kCpu{.kind = "cpu",
+                                     .collective = CollectiveLibrary::kGloo,
+                                     .own_memory = false,
+                                     .memory_name = "host memory",
+                                     .default_memory_utilization = 0.1,
+                                     .link_presets = true,
+                                     .host_shm_bytes_per_rank = 0};
+  // NCCL's host-memory transports and proxy buffers: its default buffer is 4 MiB per channel and
+  // peer; 256 MiB is generous on purpose, as a short /dev/shm fails the first collective.
+  static constexpr DeviceTraits kCuda{.kind = "cuda",
+                                      .collective = CollectiveLibrary::kNccl,
+                                      .own_memory = true,
+                                      .memory_name = "GPU memory",
+                                      .default_memory_utilization = 0.9,
+                                      .link_presets = false,
+                                      .host_shm_bytes_per_rank = 256ll << 20};
+  switch (kind) {
+    case Kind::kCpu:
+      return kCpu;
+    case Kind::kCuda:
+      return kCuda;
+  }
+  return kCpu;
+}
+
 std::string Device::ToString() const {
   return is_cuda() ? StrCat("cuda:", index) : "cpu";
 }

@@ -6,6 +6,7 @@
 
 #include "base/closest.h"
 #include "base/json_util.h"
+#include "core/output_pump.h"
 #include "openai/protocol.h"
 #include "tokenizer/utf8.h"
 
@@ -316,10 +317,10 @@ Status Api::Authorize(const http::Request& req) const {
 
 http::Reply Api::Completions(const http::Request& req) {
   const std::string_view authorization = req.Header("authorization");
-  const core::Call call{.request_id = std::string(req.Header("x-request-id")),
-                        .authorization = authorization.empty() ? std::nullopt
-                                                               : std::optional<std::string>(authorization),
-                        .spelling = {.name = "Authorization", .carrier = "header"}};
+  const core::Call call{
+      .request_id = std::string(req.Header("x-request-id")),
+      .authorization = authorization.empty() ? std::nullopt : std::optional<std::string>(authorization),
+      .spelling = {.name = "Authorization", .carrier = "header"}};
   std::optional<CompletionRequest> parsed;
   auto handles = door_.Accept(
       call,

@@ -102,7 +102,7 @@ StatusOr<std::unique_ptr<engine::Communicator>> Worker::MakeCommunicator() {
   std::unique_ptr<engine::Communicator> comm;
   if (a_.world == 1) {
     comm = std::make_unique<engine::LocalCommunicator>();
-  } else if (a_.device.is_cuda()) {
+  } else if (a_.device.traits().collective == engine::CollectiveLibrary::kNccl) {
 #ifdef KRAKEN_HAVE_NCCL
     // GPU ranks: NCCL on its own stream, ordered after the backend's compute stream, so a
     // Kraken AllReduce overlaps the next layer's attention without blocking the host.
@@ -127,7 +127,8 @@ StatusOr<std::unique_ptr<engine::Communicator>> Worker::MakeCommunicator() {
                                                 .timeout = std::chrono::milliseconds(a_.collective_timeout_ms)}));
   }
   if (!a_.link_preset.empty()) {
-    if (a_.device.is_cuda()) return InvalidArgument("link presets emulate an interconnect for CPU workers only");
+    if (!a_.device.traits().link_presets)
+      return InvalidArgument("link presets emulate an interconnect for CPU workers only, not ", a_.device.ToString());
     const engine::LinkPreset* p = engine::FindLinkPreset(a_.link_preset);
     if (p == nullptr) return InvalidArgument("unknown link preset '", a_.link_preset, "'");
     comm = std::make_unique<engine::LinkModelCommunicator>(std::move(comm), *p, a_.measured_gemm_flops);
@@ -205,7 +206,7 @@ Status Worker::ReportMemory() {
   m.kv_block_bytes =
       engine::KvCache::BytesPerBlock(model_->kv_layout(), limits_.block_size, control_->kv_sizing.kv_dtype);
   std::optional<engine::DeviceMemory> gpu;
-  if (a_.device.is_cuda()) {
+  if (a_.device.traits().own_memory) {
     KRAKEN_ASSIGN_OR_RETURN(gpu, backend_->MemoryInfo());
     m.device_bytes = gpu->total;
   } else {

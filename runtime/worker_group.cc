@@ -125,8 +125,8 @@ StatusOr<std::unique_ptr<WorkerGroup>> WorkerGroup::Start(const WorkerGroupOptio
     return InvalidArgument("local ranks [", o.first_rank, ", ", o.first_rank + g->local_count(),
                            ") are not within a world of ", g->world_size());
   }
-  int cpu_workers = 0;
-  for (int r = g->local_begin(); r < g->local_end(); ++r) cpu_workers += o.devices[r].is_cuda() ? 0 : 1;
+  int cpu_workers = 0;  // the local workers that share the host's memory
+  for (int r = g->local_begin(); r < g->local_end(); ++r) cpu_workers += o.devices[r].traits().own_memory ? 0 : 1;
   if (cpu_workers > 0 && g->options_.kv_sizing.host_share_bytes == 0) {
     KRAKEN_ASSIGN_OR_RETURN(const int64_t available, HostAvailableBytes());
     g->options_.kv_sizing.host_share_bytes = available / cpu_workers;
@@ -328,9 +328,9 @@ Status WorkerGroup::DecideKvBlocks() {
     std::string budget;
     if (k.kv_cache_bytes > 0) {
       budget = StrCat("--kv-cache-memory ", k.kv_cache_bytes, " bytes");
-    } else if (options_.devices[limiting].is_cuda()) {
-      budget = StrCat("--memory-utilization ", k.memory_utilization, " of ", FormatBytes(m.device_bytes),
-                      " of GPU memory, less what is in use");
+    } else if (options_.devices[limiting].traits().own_memory) {
+      budget = StrCat("--memory-utilization ", k.memory_utilization, " of ", FormatBytes(m.device_bytes), " of ",
+                      options_.devices[limiting].traits().memory_name, ", less what is in use");
     } else {
       budget =
           StrCat("--memory-utilization ", k.memory_utilization, " of this worker's ", FormatBytes(m.device_bytes),

@@ -13,14 +13,92 @@
 //   KRAKEN_RETURN_IF_ERROR(CheckConfigKeys(app, config_path));
 #pragma once
 
+#include <chrono>
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 
 #include "base/status.h"
+#include "core/engine.h"
+#include "http/server.h"
+#include "runtime/memory.h"
+#include "runtime/worker_group.h"
+#include "scheduler/scheduler.h"
 
 namespace kraken::server {
+
+/// A duration as the seconds a flag gives it in.
+inline double Seconds(std::chrono::milliseconds d) {
+  return std::chrono::duration<double>(d).count();
+}
+
+/// Every setting of kraken-server (docs/api.md "Flags"), each declared once in AddServerFlags.
+/// A default that belongs to a module is read from that module's option struct, never restated.
+struct ServerFlags {
+  std::string model = "models/kraken-kjv-4way";
+  std::string devices = "cpu:1";
+  std::string host = "0.0.0.0";
+  int port = 8001;
+  int http_port = 8000;
+  int http_threads = http::ServerOptions{}.threads;
+  double http_idle_timeout_s = 60;
+  double request_timeout_s = 0;
+  std::string served_model_name;
+  int threads_per_worker = runtime::WorkerGroupOptions{}.threads_per_worker;
+  int max_batch_tokens = scheduler::SchedulerOptions{}.max_batch_tokens;
+  int max_batch_seqs = scheduler::SchedulerOptions{}.max_batch_seqs;
+  int max_waiting = scheduler::SchedulerOptions{}.max_waiting;
+  int num_kv_blocks = scheduler::SchedulerOptions{}.num_kv_blocks;
+  int64_t kv_cache_memory = runtime::KvSizing{}.kv_cache_bytes;
+  std::string kv_cache_dtype = "auto";
+  double memory_utilization = 0;  // 0: the device kind's default (engine::DeviceTraits)
+  int block_size = scheduler::SchedulerOptions{}.block_size;
+  double kv_watermark = scheduler::SchedulerOptions{}.watermark;
+  bool prefix_caching = true;  // the server's choice (SchedulerOptions leaves it off for the scheduler's own tests)
+  int max_message_bytes = static_cast<int>(http::ServerOptions{}.max_body_bytes);
+  double grace_period_s = 30;
+  int max_restarts = runtime::WorkerGroupOptions{}.max_restarts;
+  double restart_window_s = Seconds(runtime::WorkerGroupOptions{}.restart_window);
+  double heartbeat_timeout_s = Seconds(runtime::WorkerGroupOptions{}.heartbeat_timeout);
+  double stall_timeout_s = Seconds(runtime::WorkerGroupOptions{}.stall_timeout);
+  double start_timeout_s = Seconds(runtime::WorkerGroupOptions{}.start_timeout);
+  double collective_timeout_s = Seconds(runtime::WorkerGroupOptions{}.collective_timeout);
+  double resume_timeout_s = Seconds(core::EngineOptions{}.resume_timeout);
+  std::string tls_cert, tls_key, tls_client_ca;
+  std::string api_key;
+  std::string log_level = "info";
+  std::string log_format = "plain";
+  int metrics_port = 8002;
+  std::string scheduling_policy = "priority";
+  std::string cpu_isa = "auto";
+  bool print_resources = false;
+  // Multi-node groups (docs/runtime.md "Nodes"); LeaderWorkerSet's environment fills the unset ones.
+  int nodes = 0;  // 0: LWS_GROUP_SIZE on the leader, else 1
+  int cluster_port = 8003;
+  std::string join;  // a follower: the leader's host[:port]
+  int node_rank = 0;
+  std::string node_address;
+  std::string cluster_cert, cluster_key, cluster_ca;  // mutual TLS on the cluster port
+  bool cluster_insecure = false;
+};
+
+/// Declares every flag on `app`, bound to `f`'s fields, with its help, its check and its
+/// KRAKEN_* environment name.
+void AddServerFlags(CLI::App& app, ServerFlags& f);
+
+/// Parses the command line, the environment `env` (as environ) and the --config file into `f`,
+/// then checks what one flag cannot check alone (TLS pairs, --cpu-isa against this CPU). Returns
+/// the exit code when the program should stop here: 0 after --help, 2 for a bad setting (the
+/// message, naming the flag or variable, is on stderr).
+std::optional<int> ParseServerFlags(int argc, const char* const* argv, const char* const* env, ServerFlags& f);
+
+/// LeaderWorkerSet's environment (https://lws.sigs.k8s.io): fills --nodes on the leader, and
+/// --join and --node-rank on the other pods, where flags left them unset; --node-address from the
+/// host name in a group, loopback on one node.
+void ApplyLeaderWorkerSet(ServerFlags& f);
 
 /// "--max-waiting" -> "KRAKEN_MAX_WAITING".
 std::string EnvName(const std::string& long_flag);

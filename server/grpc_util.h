@@ -3,7 +3,9 @@
 // and deadline in the front door's terms (core/admission.h).
 #pragma once
 
+#include <google/protobuf/message_lite.h>
 #include <grpcpp/grpcpp.h>
+#include <grpcpp/impl/codegen/proto_utils.h>
 
 #include "base/status.h"
 #include "core/admission.h"

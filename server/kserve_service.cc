@@ -20,11 +20,11 @@ struct Entry {
   std::string id;
   double cumulative_logprob = 0;
 };
-using Pump = core::OutputPump<Entry>;
+using Outputs = core::OutputPump<Entry>;
 
 // The response for what `s` took since its last one (`last`: with the end's outputs and the final
-// flag). The caller then marks it sent (Pump::Sent).
-ModelInferResponse Response(const KserveService& svc, Pump::Slot& s, bool last) {
+// flag). The caller then marks it sent (Outputs::Sent).
+ModelInferResponse Response(const KserveService& svc, Outputs::Slot& s, bool last) {
   ModelInferResponse r;
   r.set_model_name(svc.options().model_name);
   r.set_model_version(kVersion);
@@ -42,7 +42,8 @@ class InferReactor final : public grpc::ServerUnaryReactor {
   InferReactor(KserveService* svc, std::shared_ptr<core::RequestHandle> handle, Entry entry, grpc::ByteBuffer* resp)
       : svc_(svc), resp_(resp) {
     std::lock_guard<std::mutex> l(mu_);
-    pump_.Add(std::move(handle), core::Deltas::kEndOnly, [this] { Pump(); }, std::move(entry));
+    pump_.Add(
+        std::move(handle), core::Deltas::kEndOnly, [this] { Pump(); }, std::move(entry));
     PumpLocked();
   }
   void OnCancel() override {
@@ -64,7 +65,7 @@ class InferReactor final : public grpc::ServerUnaryReactor {
     pump_.TakeAll();
     if (!pump_.AllFinished()) return;
     finished_ = true;
-    Pump::Slot& s = pump_[0];
+    Outputs::Slot& s = pump_[0];
     svc_->Count(s.taken.status.ok(), s.taken.e2e_s);
     if (!s.taken.status.ok()) {
       Finish(ToGrpc(s.taken.status));
@@ -77,7 +78,7 @@ class InferReactor final : public grpc::ServerUnaryReactor {
   KserveService* svc_;
   grpc::ByteBuffer* resp_;
   std::mutex mu_;
-  Pump pump_;  // guarded by mu_
+  Outputs pump_;  // guarded by mu_
   bool finished_ = false;
 };
 
@@ -104,9 +105,10 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       return;
     }
     if (accepted.ok()) {
-      pump_.Add(std::move(accepted->handle), accepted->request.stream ? core::Deltas::kTextOrLogprobs
-                                                                      : core::Deltas::kEndOnly,
-                [this] { Pump(); }, Entry{.request = std::move(accepted->request), .id = id});
+      pump_.Add(
+          std::move(accepted->handle),
+          accepted->request.stream ? core::Deltas::kTextOrLogprobs : core::Deltas::kEndOnly, [this] { Pump(); },
+          Entry{.request = std::move(accepted->request), .id = id});
     } else {
       ModelStreamInferResponse r;
       r.set_error_message(std::string(accepted.status().message()));
@@ -173,7 +175,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       return;
     }
     pump_.TakeAll();
-    if (Pump::Slot* s = pump_.Next()) {
+    if (Outputs::Slot* s = pump_.Next()) {
       const bool ended = s->taken.finished;
       if (ended) svc_->Count(s->taken.status.ok(), s->taken.e2e_s);
       if (ended && !s->taken.status.ok()) {
@@ -202,7 +204,7 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
   grpc::CallbackServerContext* ctx_;
   grpc::ByteBuffer in_, out_;
   std::mutex mu_;
-  Pump pump_{/*retire_sent=*/true};              // guarded by mu_: the requests not yet ended
+  Outputs pump_{/*retire_sent=*/true};           // guarded by mu_: the requests not yet ended
   std::deque<ModelStreamInferResponse> errors_;  // refused requests' responses, not yet written
   static constexpr size_t kMaxPendingErrors = 64;
   bool writing_ = false, reads_done_ = false, finish_called_ = false, done_ = false;

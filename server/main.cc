@@ -55,280 +55,7 @@ namespace {
 
 using namespace kraken;
 
-struct Flags {
-  std::string model = "models/kraken-kjv-4way";
-  std::string devices = "cpu:1";
-  std::string host = "0.0.0.0";
-  int port = 8001;
-  int http_port = 8000;
-  int http_threads = 2;
-  double http_idle_timeout_s = 60;
-  double request_timeout_s = 0;
-  std::string served_model_name;
-  int threads_per_worker = 0;
-  int max_batch_tokens = 512;
-  int max_batch_seqs = 64;
-  int max_waiting = 256;
-  int num_kv_blocks = 0;
-  int64_t kv_cache_memory = 0;
-  std::string kv_cache_dtype = "auto";
-  double memory_utilization = 0;
-  int block_size = 16;
-  double kv_watermark = 0.01;
-  bool prefix_caching = true;
-  int max_message_bytes = 4 << 20;
-  double grace_period_s = 30;
-  int max_restarts = 3;
-  double restart_window_s = 300;
-  double heartbeat_timeout_s = 1;
-  double stall_timeout_s = 60;
-  double start_timeout_s = 120;
-  double collective_timeout_s = 30;
-  double resume_timeout_s = 60;
-  std::string tls_cert, tls_key, tls_client_ca;
-  std::string api_key;
-  std::string log_level = "info";
-  std::string log_format = "plain";
-  int metrics_port = 8002;
-  std::string scheduling_policy = "priority";
-  std::string cpu_isa = "auto";
-  bool print_resources = false;
-  // Multi-node groups (docs/runtime.md "Nodes"); LeaderWorkerSet's environment fills the unset ones.
-  int nodes = 0;  // 0: LWS_GROUP_SIZE on the leader, else 1
-  int cluster_port = 8003;
-  std::string join;  // a follower: the leader's host[:port]
-  int node_rank = 0;
-  std::string node_address;
-  std::string cluster_cert, cluster_key, cluster_ca;  // mutual TLS on the cluster port
-  bool cluster_insecure = false;
-};
-
-// Bytes of NCCL's /dev/shm use budgeted per GPU rank (its host-memory transports and proxy
-// buffers; NCCL's default buffer is 4 MiB per channel and peer). Generous on purpose: a short
-// /dev/shm makes NCCL fail at the first collective.
-constexpr int64_t kNcclShmBytesPerRank = 256ll << 20;
-
-// The KV cache's flags: its size (a budget, or a block count) and its element type.
-template <typename Opt>
-void AddKvCacheFlags(const Opt& opt, Flags& f) {
-  opt("--memory-utilization", f.memory_utilization,
-      "fraction of each worker's device memory it may use, weights, activations and KV cache included (GPU: the "
-      "device's memory; CPU: its even share of the host's available memory); the KV cache gets the rest; 0 = 0.9 "
-      "on GPUs, 0.1 on CPUs")
-      ->check(CLI::Range(0.0, 1.0));
-  opt("--kv-cache-memory", f.kv_cache_memory,
-      "KV cache bytes per worker (e.g. 512MiB, 4GiB, 2GB); 0 = sized by --memory-utilization")
-      ->transform(CLI::AsSizeValue(true));
-  opt("--kv-cache-dtype", f.kv_cache_dtype,
-      "element type of the KV cache: auto (the weights' dtype), f32, bf16 or f16; attention computes in F32 "
-      "either way")
-      ->check(CLI::IsMember(engine::kKvCacheDTypeNames));
-  opt("--num-kv-blocks", f.num_kv_blocks,
-      "KV blocks per worker, overriding --kv-cache-memory and --memory-utilization; 0 = sized from memory")
-      ->check(CLI::Range(0, 1 << 30));
-  opt("--block-size", f.block_size, "tokens per KV block")->check(CLI::Range(1, 1024));
-  opt("--kv-watermark", f.kv_watermark, "fraction of KV blocks admission keeps free")->check(CLI::Range(0.0, 0.5));
-}
-
-// --prefix-caching (default) / --no-prefix-caching; KRAKEN_PREFIX_CACHING=false turns it off too.
-void AddPrefixCachingFlag(CLI::App& app, Flags& f) {
-  app.add_flag("--prefix-caching,!--no-prefix-caching", f.prefix_caching,
-               "reuse the KV of full blocks an earlier request computed for the same leading tokens (automatic "
-               "prefix caching; on CPU workers outputs are bit-identical with or without a hit)")
-      ->envname(server::EnvName("--prefix-caching"))
-      ->capture_default_str()
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-}
-
-// A multi-node group's flags (docs/runtime.md "Nodes").
-template <typename Opt>
-void AddNodeFlags(const Opt& opt, Flags& f) {
-  opt("--nodes", f.nodes,
-      "nodes in this worker group, the leader's included (the leader waits for the others to --join); 0 = "
-      "LeaderWorkerSet's LWS_GROUP_SIZE when set, else 1")
-      ->check(CLI::Range(0, 64));
-  opt("--cluster-port", f.cluster_port, "the port a multi-node leader serves its followers on")
-      ->check(CLI::Range(0, 65535));
-  opt("--join", f.join,
-      "run as a follower node of the leader at HOST[:PORT] (default port: --cluster-port): start this node's "
-      "workers and serve no API; default on a LeaderWorkerSet worker pod: LWS_LEADER_ADDRESS");
-  opt("--node-rank", f.node_rank,
-      "this follower's node rank, 1 .. nodes - 1; 0 = LeaderWorkerSet's LWS_WORKER_INDEX, else the lowest free")
-      ->check(CLI::Range(0, 63));
-  opt("--node-address", f.node_address,
-      "the address this node's workers bind for collectives (Gloo); default: 127.0.0.1 on one node, this host's "
-      "name in a multi-node group");
-  opt("--cluster-cert", f.cluster_cert,
-      "a multi-node group's mutual TLS: this node's certificate chain (PEM), signed by --cluster-ca; the leader's "
-      "must name the address its followers dial");
-  opt("--cluster-key", f.cluster_key, "the private key of --cluster-cert (PEM)");
-  opt("--cluster-ca", f.cluster_ca, "the group's CA certificate (PEM): every node must present one it signed");
-}
-
-// The supervision timers and the restart budget (docs/api.md "Timers").
-template <class Opt>
-void AddTimerFlags(const Opt& opt, Flags& f) {
-  opt("--grace-period", f.grace_period_s, "seconds in-flight requests get after SIGTERM")
-      ->check(CLI::Range(0.0, 86400.0));
-  opt("--max-restarts", f.max_restarts,
-      "worker failures tolerated within --restart-window; one more and the server exits non-zero")
-      ->check(CLI::Range(0, 1000));
-  opt("--restart-window", f.restart_window_s, "seconds over which worker failures are counted")
-      ->check(CLI::Range(0.001, 86400.0));
-  opt("--heartbeat-timeout", f.heartbeat_timeout_s,
-      "seconds a worker's heartbeat may be silent by its own fault (time its host kept it from a CPU is excused) "
-      "before it is restarted; a follower node and the leader give each other twice as long")
-      ->check(CLI::Range(0.2, 3600.0));
-  opt("--resume-timeout", f.resume_timeout_s,
-      "seconds a request in flight waits for the workers to come back after a failure before it fails "
-      "UNAVAILABLE (never past its own deadline)")
-      ->check(CLI::Range(0.0, 86400.0));
-  opt("--stall-timeout", f.stall_timeout_s,
-      "seconds a step may go without progress (from when it was handed out) before its workers are restarted")
-      ->check(CLI::Range(0.01, 86400.0));
-  opt("--start-timeout", f.start_timeout_s, "seconds the workers get to load the model and report ready")
-      ->check(CLI::Range(0.001, 86400.0));
-  opt("--collective-timeout", f.collective_timeout_s,
-      "seconds one AllReduce may take inside a worker before the worker fails")
-      ->check(CLI::Range(0.01, 86400.0));
-}
-
-void AddFlags(CLI::App& app, Flags& f) {
-  app.set_config("--config", "", "TOML/INI file with any of these flags as keys")
-      ->envname(server::EnvName("--config"))
-      ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  // Config keys that name no flag are refused after parsing (server::CheckConfigKeys), by name;
-  // every flag's variable is server::EnvName of it.
-  auto opt = [&](const std::string& name, auto& var, const char* help) {
-    // The last value given wins: server::ArgsWithEnvironment puts the environment's first.
-    return app.add_option(name, var, help)
-        ->envname(server::EnvName(name))
-        ->capture_default_str()
-        ->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  };
-  opt("--model", f.model, "model directory (config.json, model.safetensors, tokenizer.json)");
-  opt("--devices", f.devices, "one worker per device: cpu:N, cuda:0-7, cuda:0,2");
-  opt("--host", f.host, "address to listen on");
-  opt("--port", f.port, "gRPC port")->check(CLI::Range(0, 65535));
-  opt("--http-port", f.http_port, "OpenAI-compatible HTTP port; -1 = off")->check(CLI::Range(-1, 65535));
-  opt("--http-threads", f.http_threads, "I/O threads of the HTTP server (connections are not threads)")
-      ->check(CLI::Range(1, 64));
-  opt("--http-idle-timeout", f.http_idle_timeout_s,
-      "seconds an HTTP connection may sit idle, take to send a request, or leave a response unread")
-      ->check(CLI::Range(0.05, 86400.0));
-  opt("--request-timeout", f.request_timeout_s,
-      "seconds a generation request may take from arrival, on every API (a gRPC deadline may be shorter); 0 = none")
-      ->check(CLI::Range(0.0, 86400.0));
-  opt("--served-model-name", f.served_model_name,
-      "the model's name in the APIs (OpenAI 'model', /v1/models); default: the model folder's name");
-  opt("--threads-per-worker", f.threads_per_worker, "CPU threads per worker; 0 = cores / workers");
-  opt("--max-batch-tokens", f.max_batch_tokens, "token budget of one step")->check(CLI::Range(1, 1 << 20));
-  opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
-  opt("--max-waiting", f.max_waiting, "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
-      ->check(CLI::Range(0, 1 << 20));
-  AddKvCacheFlags(opt, f);
-  opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")
-      ->check(CLI::Range(1024, 256 << 20));
-  AddTimerFlags(opt, f);
-  opt("--tls-cert", f.tls_cert, "PEM certificate chain (enables TLS)");
-  opt("--tls-key", f.tls_key, "PEM private key");
-  opt("--tls-client-ca", f.tls_client_ca, "PEM CA: require and verify client certificates");
-  opt("--api-key", f.api_key, "require 'authorization: Bearer <key>' on API calls");
-  opt("--log-level", f.log_level, "trace, debug, info, warn, error");
-  opt("--log-format", f.log_format, "plain or json (one JSON object per line)")
-      ->check(CLI::IsMember({"plain", "json"}));
-  opt("--cpu-isa", f.cpu_isa,
-      "highest CPU kernel level to use: auto (the best this CPU has), avx512 or avx2; the workers inherit it")
-      ->check(CLI::IsMember({"auto", "avx512", "avx2"}));
-  app.add_flag("--print-resources", f.print_resources,
-               "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
-  opt("--metrics-port", f.metrics_port, "Prometheus /metrics port; -1 = off")->check(CLI::Range(-1, 65535));
-  opt("--scheduling-policy", f.scheduling_policy,
-      "order of the waiting queue: priority (the request's priority, then arrival) or fcfs (arrival only)")
-      ->check(CLI::IsMember({"priority", "fcfs"}));
-  AddPrefixCachingFlag(app, f);
-  AddNodeFlags(opt, f);
-  app.add_flag("--cluster-insecure", f.cluster_insecure,
-               "run a multi-node group's cluster port in plaintext, without authentication (only on a network that "
-               "is itself trusted: anyone who can reach the port could join the group and read every prompt)")
-      ->envname(server::EnvName("--cluster-insecure"));
-}
-
-// LeaderWorkerSet's environment (https://lws.sigs.k8s.io): fills --nodes on the leader, and
-// --join and --node-rank on the other pods, where flags left them unset.
-void ApplyLeaderWorkerSet(Flags& f) {
-  auto env = [](const char* name) -> std::string {
-    const char* v = std::getenv(name);
-    return v == nullptr ? "" : v;
-  };
-  const std::string index = env("LWS_WORKER_INDEX"), size = env("LWS_GROUP_SIZE"), leader = env("LWS_LEADER_ADDRESS");
-  const int worker_index = index.empty() ? -1 : std::atoi(index.c_str());
-  if (f.join.empty() && worker_index > 0 && !leader.empty()) f.join = leader;
-  if (f.node_rank == 0 && worker_index > 0) f.node_rank = worker_index;
-  if (f.nodes == 0) f.nodes = size.empty() ? 1 : std::max(1, std::atoi(size.c_str()));
-  if (!f.join.empty() && f.join.find(':') == std::string::npos) f.join += ":" + std::to_string(f.cluster_port);
-  if (f.node_address.empty()) {  // one node: loopback; a group: this host's name (its pod IP in Kubernetes)
-    char host[256] = {};
-    const bool group = f.nodes > 1 || !f.join.empty();
-    f.node_address = group && gethostname(host, sizeof host - 1) == 0 && host[0] != '\0' ? host : "127.0.0.1";
-  }
-}
-
-// Parses the command line, the environment and the config file into `f` (server/flags.h).
-// Returns the exit code when the program should stop here (--help, or a bad setting).
-std::optional<int> ParseFlags(int argc, char** argv, Flags& f) {
-  CLI::App app{
-      "kraken-server: streaming gRPC inference for Kraken transformers.\n"
-      "Every flag is also a KRAKEN_* environment variable and a --config key; the command line wins over "
-      "the environment, which wins over the file."};
-  AddFlags(app, f);
-  if (Status env = server::CheckEnvironment(app, environ); !env.ok()) {
-    std::fprintf(stderr, "kraken-server: %s\n", std::string(env.message()).c_str());
-    return 2;
-  }
-  {
-    std::vector<std::string> args = server::ArgsWithEnvironment(app, argc, argv, environ);
-    std::vector<const char*> cargs;
-    for (const std::string& a : args) cargs.push_back(a.c_str());
-    try {
-      app.parse(static_cast<int>(cargs.size()), cargs.data());
-    } catch (const CLI::Success& e) {
-      return app.exit(e);  // --help
-    } catch (const CLI::ParseError& e) {
-      std::fprintf(stderr, "kraken-server: %s\nRun with --help for more information.\n",
-                   server::ExplainParseError(app, e.what(), environ).c_str());
-      return 2;
-    }
-    const CLI::Option* config_opt = app.get_config_ptr();
-    const std::string config_file = config_opt->empty() ? "" : config_opt->as<std::string>();
-    if (Status keys = server::CheckConfigKeys(app, config_file); !keys.ok()) {
-      std::fprintf(stderr, "kraken-server: %s\n", std::string(keys.message()).c_str());
-      return 2;
-    }
-  }
-  if (f.tls_cert.empty() != f.tls_key.empty()) {
-    std::fprintf(stderr, "kraken-server: --tls-cert and --tls-key must be given together\n");
-    return 2;
-  }
-  if (!f.tls_client_ca.empty() && f.tls_cert.empty()) {
-    std::fprintf(stderr, "kraken-server: --tls-client-ca needs --tls-cert and --tls-key\n");
-    return 2;
-  }
-  // The kernels read the cap from KRAKEN_CPU_ISA (engine/cpu/kernels.h), in this process and in
-  // the workers it starts; the flag, wherever it came from, is what they see.
-  if (f.cpu_isa == "auto") {
-    unsetenv("KRAKEN_CPU_ISA");
-  } else {
-    setenv("KRAKEN_CPU_ISA", f.cpu_isa.c_str(), 1);
-  }
-  const StatusOr<const engine::cpu::KernelTable*> kernels =
-      engine::cpu::SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &engine::cpu::CpuHasFeature);
-  if (!kernels.ok()) {
-    std::fprintf(stderr, "kraken-server: --cpu-isa: %s\n", std::string(kernels.status().message()).c_str());
-    return 2;
-  }
-  return std::nullopt;
-}
+using Flags = server::ServerFlags;
 
 // What requests may ask for: the model's limits and its generation defaults (Hugging Face's
 // generation_config.json, when present).
@@ -376,7 +103,7 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   wo.kv_sizing.kv_cache_bytes = f.kv_cache_memory;
   KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, engine::KvCacheDType(f.kv_cache_dtype, f.model));
   wo.kv_sizing.memory_utilization =
-      f.memory_utilization > 0 ? f.memory_utilization : (wo.devices.front().is_cuda() ? 0.9 : 0.1);
+      f.memory_utilization > 0 ? f.memory_utilization : wo.devices.front().traits().default_memory_utilization;
   wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1);
   wo.max_restarts = f.max_restarts;
   auto ms = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000 + 0.5)); };
@@ -400,25 +127,25 @@ int PrintResources(const Flags& f, const runtime::WorkerGroupOptions& wo, const 
     return 2;
   }
   const int64_t segment = static_cast<int64_t>(runtime::ComputeLayout(*lim).total);
-  const bool gpu = wo.devices.front().is_cuda();
+  const engine::DeviceTraits& device = wo.devices.front().traits();
   // This node's workers (every node of a multi-node group has as many as the leader).
   const int local = wo.local_ranks > 0 ? wo.local_ranks : lim->world_size;
-  const int64_t nccl = gpu ? kNcclShmBytesPerRank * local : 0;
+  const int64_t collective_shm = device.host_shm_bytes_per_rank * local;
   const int64_t per_token =
       config.KvBytesPerToken(lim->world_size, static_cast<int>(engine::DTypeSize(wo.kv_sizing.kv_dtype)));
   nlohmann::json j{{"model", f.model},
                    {"devices", f.devices},
                    {"world_size", lim->world_size},
                    {"nodes", lim->world_size / local},
-                   {"gpus", gpu ? local : 0},
+                   {"gpus", device.own_memory ? local : 0},
                    {"grpc_port", f.port},
                    {"http_port", f.http_port},
                    {"metrics_port", f.metrics_port},
                    {"cluster_port", f.cluster_port},
                    {"grace_period_seconds", f.grace_period_s},
                    {"dispatch_segment_bytes", segment},
-                   {"nccl_shm_bytes", nccl},
-                   {"shm_bytes_required", segment + nccl},
+                   {"nccl_shm_bytes", collective_shm},
+                   {"shm_bytes_required", segment + collective_shm},
                    {"kv_cache_bytes_per_token_per_worker", per_token},
                    {"kv_cache_dtype", engine::DTypeName(wo.kv_sizing.kv_dtype)},
                    {"cpu_kernels", engine::cpu::Kernels().isa},
@@ -657,9 +384,9 @@ StatusOr<Frontends> StartFrontends(const Flags& f, const core::Admission& door, 
   Frontends fe;
   KRAKEN_ASSIGN_OR_RETURN(auto creds, Credentials(f));
   auto metrics_text = [&registry] { return registry.Serialize(); };
-  fe.api = std::make_unique<openai::Api>(door, openai::ApiOptions{.served_model_name = so.info.model_name(),
-                                                                  .metrics_text = metrics_text,
-                                                                  .version = KRAKEN_VERSION});
+  fe.api = std::make_unique<openai::Api>(
+      door, openai::ApiOptions{
+                .served_model_name = so.info.model_name(), .metrics_text = metrics_text, .version = KRAKEN_VERSION});
   if (f.metrics_port >= 0) {
     KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, *fe.api, [&](http::Server& s) {
                               s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
@@ -673,9 +400,10 @@ StatusOr<Frontends> StartFrontends(const Flags& f, const core::Admission& door, 
     KRAKEN_ASSIGN_OR_RETURN(fe.http, StartHttp(f, f.http_port, !f.tls_cert.empty(), *fe.api,
                                                [&](http::Server& s) { fe.api->Register(s); }));
   }
-  fe.kserve = std::make_unique<server::KserveService>(door, server::KserveOptions{.model_name = so.info.model_name(),
-                                                                               .server_version = KRAKEN_VERSION,
-                                                                               .max_message_bytes = so.max_message_bytes});
+  fe.kserve =
+      std::make_unique<server::KserveService>(door, server::KserveOptions{.model_name = so.info.model_name(),
+                                                                          .server_version = KRAKEN_VERSION,
+                                                                          .max_message_bytes = so.max_message_bytes});
   fe.service = std::make_unique<server::KrakenService>(door, std::move(so));
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -754,7 +482,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
   KRAKEN_ASSIGN_OR_RETURN(auto hub, cluster::Hub::Create({.listen = StrCat(f.host, ":", f.cluster_port),
                                                           .nodes = f.nodes,
                                                           .ranks_per_node = local,
-                                                          .device_kind = wo.devices.front().is_cuda() ? "cuda" : "cpu",
+                                                          .device_kind = std::string(wo.devices.front().traits().kind),
                                                           .model = ModelFingerprint(f.model),
                                                           .model_dir = f.model,
                                                           .heartbeat_timeout = wo.heartbeat_timeout,
@@ -786,6 +514,52 @@ int FormGroup(const Flags& f, const engine::ModelConfig& config, runtime::Worker
     return joined.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
   }
   return 0;
+}
+
+// The workers are up: the engine, the front door and the front-ends over them, until a signal or
+// a fatal worker failure. Returns the exit code.
+int Serve(const Flags& f, const engine::ModelConfig& config, const core::RequestLimits& limits,
+          const runtime::WorkerGroupOptions& wo, const tokenizer::Tokenizer& tok,
+          std::unique_ptr<runtime::WorkerGroup> group, Signals& signals) {
+  const runtime::Limits rl = group->limits();
+  const int world = group->world_size();
+  metrics::Registry registry;
+  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices,
+                                       engine::cpu::Kernels().isa);
+  const runtime::WorkerMemory rank0 = group->Stats().front().memory;
+  serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
+                                      .num_blocks = rl.num_kv_blocks,
+                                      .memory_utilization = wo.kv_sizing.memory_utilization,
+                                      .kv_cache_bytes = rank0.kv_bytes,
+                                      .cache_dtype = std::string(engine::DTypeName(wo.kv_sizing.kv_dtype)),
+                                      .prefix_caching = f.prefix_caching});
+  core::Health health;
+  kraken::v1::ModelInfo info = MakeModelInfo(f, config, limits, *group, rank0, wo.kv_sizing.kv_dtype);
+  core::Engine engine(std::move(group), &tok, MakeEngineOptions(f, config, rl, &serving_metrics, &health));
+  const core::Admission door(
+      tok, health,
+      [&engine](core::RequestParams p, core::Clock::time_point arrival, core::Clock::time_point deadline) {
+        return engine.SubmitSamples(std::move(p), arrival, deadline);
+      },
+      core::AdmissionOptions{
+          .limits = limits,
+          .api_key = f.api_key,
+          .metrics = &serving_metrics,
+          .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))});
+  server::ServiceOptions so{.info = std::move(info), .max_message_bytes = f.max_message_bytes};
+  signals.Serving();  // from the first accepted request on, a signal drains
+  auto fe = StartFrontends(f, door, so, registry, health);
+  if (!fe.ok()) {
+    spdlog::critical("{}", std::string(fe.status().message()));
+    return fe.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  health.SetServing(true);
+  spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
+               so.info.kraken_degree(), world, f.host, f.port, f.tls_cert.empty() ? "" : " with TLS",
+               f.api_key.empty() ? "" : ", API key required");
+  const int code = WaitAndDrain(signals, f.grace_period_s, engine, *fe, health);
+  health.OnChange(nullptr);  // the gRPC server, whose health service it publishes to, goes first
+  return code;
 }
 
 // Everything after the flags: returns the exit code.
@@ -830,45 +604,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
     const absl::StatusCode code = group.status().code();
     return code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kResourceExhausted ? 2 : 1;
   }
-  const runtime::Limits rl = (*group)->limits();
-  const int world = (*group)->world_size();
-  metrics::Registry registry;
-  core::ServingMetrics serving_metrics(registry, world, KRAKEN_VERSION, ServedModelName(f), f.devices,
-                                       engine::cpu::Kernels().isa);
-  const runtime::WorkerMemory rank0 = (*group)->Stats().front().memory;
-  serving_metrics.PublishCacheConfig({.block_size = rl.block_size,
-                                      .num_blocks = rl.num_kv_blocks,
-                                      .memory_utilization = wo->kv_sizing.memory_utilization,
-                                      .kv_cache_bytes = rank0.kv_bytes,
-                                      .cache_dtype = std::string(engine::DTypeName(wo->kv_sizing.kv_dtype)),
-                                      .prefix_caching = f.prefix_caching});
-  core::Health health;
-  kraken::v1::ModelInfo info = MakeModelInfo(f, *config, limits, **group, rank0, wo->kv_sizing.kv_dtype);
-  core::Engine engine(std::move(*group), tok->get(), MakeEngineOptions(f, *config, rl, &serving_metrics, &health));
-  const core::Admission door(
-      **tok, health,
-      [&engine](core::RequestParams p, core::Clock::time_point arrival, core::Clock::time_point deadline) {
-        return engine.SubmitSamples(std::move(p), arrival, deadline);
-      },
-      core::AdmissionOptions{
-          .limits = limits,
-          .api_key = f.api_key,
-          .metrics = &serving_metrics,
-          .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))});
-  server::ServiceOptions so{.info = std::move(info), .max_message_bytes = f.max_message_bytes};
-  signals.Serving();  // from the first accepted request on, a signal drains
-  auto fe = StartFrontends(f, door, so, registry, health);
-  if (!fe.ok()) {
-    spdlog::critical("{}", std::string(fe.status().message()));
-    return fe.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-  }
-  health.SetServing(true);
-  spdlog::info("serving {} ({}, N = {}, world size {}) on {}:{}{}{}", so.info.model_name(), so.info.architecture(),
-               so.info.kraken_degree(), world, f.host, f.port, f.tls_cert.empty() ? "" : " with TLS",
-               f.api_key.empty() ? "" : ", API key required");
-  const int code = WaitAndDrain(signals, f.grace_period_s, engine, *fe, health);
-  health.OnChange(nullptr);  // the gRPC server, whose health service it publishes to, goes first
-  return code;
+  return Serve(f, *config, limits, *wo, **tok, std::move(*group), signals);
 }
 
 }  // namespace
@@ -876,13 +612,13 @@ int Run(const Flags& f, const sigset_t& sigs) {
 int main(int argc, char** argv) {
   if (auto code = kraken::runtime::MaybeRunWorker(argc, argv)) return *code;
   Flags f;
-  if (auto code = ParseFlags(argc, argv, f)) return *code;
+  if (auto code = server::ParseServerFlags(argc, argv, environ, f)) return *code;
   // Logs go to stderr; stdout carries only data (--print-resources).
   spdlog::set_default_logger(spdlog::stderr_color_mt("kraken"));
   spdlog::set_level(spdlog::level::from_str(f.log_level));
   // One JSON object per line; messages are escaped by JsonLogSink (server/json_log.h).
   if (f.log_format == "json") kraken::server::UseJsonLogs();
-  ApplyLeaderWorkerSet(f);
+  server::ApplyLeaderWorkerSet(f);
   if (!f.join.empty() && !f.print_resources)
     return RunFollowerNode(f);  // default signal handling: SIGTERM ends it and its workers
   // SIGTERM and SIGINT are taken by a waiting thread; block them before any thread starts.

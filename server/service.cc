@@ -58,7 +58,7 @@ void ToResponse(const core::RequestHandle& h, const core::Output& o, bool first,
   }
 }
 
-using Pump = core::OutputPump<>;
+using Outputs = core::OutputPump<>;
 
 // Streams one request's samples: whenever no write is outstanding, sends what the core has
 // produced for the next sample with something new (the pump's round robin, so no sample starves
@@ -104,7 +104,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
   void PumpLocked() {
     if (writing_ || finish_called_) return;  // (after StartWriteAndFinish, OnWriteDone is not called)
     pump_.TakeAll();
-    if (Pump::Slot* failed = pump_.Failed()) {
+    if (Outputs::Slot* failed = pump_.Failed()) {
       finish_called_ = true;
       pump_.CancelAll();
       const grpc::Status status = ToGrpc(failed->taken.status);
@@ -115,7 +115,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
       }
       return;
     }
-    if (Pump::Slot* s = pump_.Next()) {
+    if (Outputs::Slot* s = pump_.Next()) {
       Send(*s, /*last=*/s->taken.finished, nullptr);
       return;
     }
@@ -125,7 +125,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
     }
   }
   // Writes what `s` has (the end's fields when `last`), then finishes with `finish` when set.
-  void Send(Pump::Slot& s, bool last, const grpc::Status* finish) {
+  void Send(Outputs::Slot& s, bool last, const grpc::Status* finish) {
     GenerateResponse msg;
     ToResponse(*s.handle, s.taken, !s.first_sent, last, &msg,
                n_ > 1 ? std::optional<uint32_t>(static_cast<uint32_t>(s.index)) : std::nullopt);
@@ -140,7 +140,7 @@ class GenerateReactor final : public grpc::ServerWriteReactor<grpc::ByteBuffer> 
 
   const size_t n_;
   std::mutex mu_;
-  Pump pump_;              // guarded by mu_
+  Outputs pump_;           // guarded by mu_
   grpc::ByteBuffer wire_;  // the message the write in flight sends
   bool writing_ = false, finish_called_ = false;
 };
@@ -171,7 +171,7 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
   void PumpLocked() {
     if (finish_called_) return;
     pump_.TakeAll();
-    if (Pump::Slot* failed = pump_.Failed()) {
+    if (Outputs::Slot* failed = pump_.Failed()) {
       finish_called_ = true;
       pump_.CancelAll();
       Finish(ToGrpc(failed->taken.status));
@@ -192,7 +192,7 @@ class CompleteReactor final : public grpc::ServerUnaryReactor {
 
   grpc::ByteBuffer* resp_;
   std::mutex mu_;
-  Pump pump_;  // guarded by mu_: per sample, everything taken
+  Outputs pump_;  // guarded by mu_: per sample, everything taken
   bool finish_called_ = false;
 };
 
@@ -258,8 +258,8 @@ grpc::ServerUnaryReactor* KrakenService::Detokenize(grpc::CallbackServerContext*
   for (int i = 0; i < request.token_ids_size(); ++i) {
     const int32_t id = request.token_ids(i);
     if (id < 0 || id >= door_.tokenizer().vocab_size())
-      return FinishUnary(
-          ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ", door_.tokenizer().vocab_size(), "), got ", id)));
+      return FinishUnary(ctx, ToGrpc(InvalidArgument("field 'token_ids[", i, "]' must be in [0, ",
+                                                     door_.tokenizer().vocab_size(), "), got ", id)));
   }
   std::vector<int32_t> ids(request.token_ids().begin(), request.token_ids().end());
   auto text = door_.tokenizer().Decode(ids, request.skip_special_tokens());

@@ -10,8 +10,6 @@
 
 namespace kraken::engine {
 
-StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const BackendOptions& options);
-
 namespace {
 
 class CpuLinear final : public LinearWeight {
@@ -143,14 +141,11 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
-  if (!options.device.is_cuda()) {
-    int threads = options.threads;
-    if (threads < 0) return InvalidArgument("backend option 'threads' must be >= 0, got ", threads);
-    if (threads == 0) threads = omp_get_num_procs();
-    return std::unique_ptr<Backend>(new CpuBackend(threads));
-  }
-  return CreateCudaBackend(options);
+StatusOr<std::unique_ptr<Backend>> CreateCpuBackend(const BackendOptions& options) {
+  int threads = options.threads;
+  if (threads < 0) return InvalidArgument("backend option 'threads' must be >= 0, got ", threads);
+  if (threads == 0) threads = omp_get_num_procs();
+  return std::unique_ptr<Backend>(new CpuBackend(threads));
 }
 
 }  // namespace kraken::engine

@@ -37,13 +37,14 @@ struct Door {
     options.limits = {.context_length = 64, .vocab_size = 4096, .eos_token_id = 0};
     options.metrics = &metrics;
     health.SetServing(true);
-    door.emplace(Tok(), health,
-                 [this](RequestParams p, Clock::time_point arrival, Clock::time_point deadline) -> StatusOr<Handles> {
-                   if (!submit_error.ok()) return submit_error;
-                   submitted.push_back({p, arrival, deadline});
-                   return Handles{std::make_shared<RequestHandle>(submitted.size(), std::move(p), arrival, deadline)};
-                 },
-                 std::move(options));
+    door.emplace(
+        Tok(), health,
+        [this](RequestParams p, Clock::time_point arrival, Clock::time_point deadline) -> StatusOr<Handles> {
+          if (!submit_error.ok()) return submit_error;
+          submitted.push_back({p, arrival, deadline});
+          return Handles{std::make_shared<RequestHandle>(submitted.size(), std::move(p), arrival, deadline)};
+        },
+        std::move(options));
   }
   // Accept with a parser that counts its calls and returns `g`.
   StatusOr<Handles> Accept(const Call& call, GenerationRequest g, const FieldNames& names = {}) {
@@ -74,7 +75,9 @@ struct Door {
   int parsed = 0;
 };
 
-GenerationRequest Valid() { return GenerationRequest{.text = "In the beginning", .max_tokens = 4}; }
+GenerationRequest Valid() {
+  return GenerationRequest{.text = "In the beginning", .max_tokens = 4};
+}
 
 TEST(Admission, AValidCallReachesTheEngineValidatedWithItsIdArrivalAndNoDeadline) {
   Door d;
@@ -135,9 +138,8 @@ TEST(Admission, TheApiKeyIsCheckedBeforeTheBodyInEachProtocolsSpelling) {
   Door d(AdmissionOptions{.api_key = "s3cret"});
   auto missing = d.Accept(Call{}, Valid());
   EXPECT_EQ(missing.status(), absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata"));
-  auto wrong = d.Accept(Call{.authorization = "Bearer nope",
-                             .spelling = {.name = "Authorization", .carrier = "header"}},
-                        Valid());
+  auto wrong = d.Accept(
+      Call{.authorization = "Bearer nope", .spelling = {.name = "Authorization", .carrier = "header"}}, Valid());
   EXPECT_EQ(wrong.status(), absl::UnauthenticatedError("invalid API key in 'Authorization'"));
   auto http_missing = d.Accept(Call{.spelling = {.name = "Authorization", .carrier = "header"}}, Valid());
   EXPECT_EQ(http_missing.status(), absl::UnauthenticatedError("missing 'Authorization: Bearer <key>' header"));
@@ -146,7 +148,8 @@ TEST(Admission, TheApiKeyIsCheckedBeforeTheBodyInEachProtocolsSpelling) {
   ASSERT_TRUE(d.Accept(Call{.authorization = "Bearer s3cret"}, Valid()).ok());
   EXPECT_EQ(d.parsed, 1);
   // The key check alone (tokenize, metadata) says the same and counts nothing.
-  EXPECT_EQ(d.door->Authorize(std::nullopt), absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata"));
+  EXPECT_EQ(d.door->Authorize(std::nullopt),
+            absl::UnauthenticatedError("missing 'authorization: Bearer <key>' metadata"));
   EXPECT_TRUE(d.door->Authorize(std::string("Bearer s3cret")).ok());
   EXPECT_EQ(d.Failures("unauthenticated"), "3");
 }

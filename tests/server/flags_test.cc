@@ -1,0 +1,69 @@
+// kraken-server's flag schema (server/flags.h) without starting a server: defaults read from the
+// modules' option structs, the precedence command line > KRAKEN_* environment > --config file >
+// default, and the refusals (an unknown variable, a bad value, half a TLS pair) with exit code 2.
+#include "server/flags.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace kraken::server {
+namespace {
+
+// Parses `args` (after the program name) with the environment `env` ("NAME=value" each).
+std::optional<int> Parse(std::vector<std::string> args, std::vector<std::string> env, ServerFlags& f) {
+  args.insert(args.begin(), "kraken-server");
+  std::vector<const char*> argv, envp;
+  for (const std::string& a : args) argv.push_back(a.c_str());
+  for (const std::string& e : env) envp.push_back(e.c_str());
+  envp.push_back(nullptr);
+  return ParseServerFlags(static_cast<int>(argv.size()), argv.data(), envp.data(), f);
+}
+
+TEST(ServerFlags, DefaultsAreTheModulesOwn) {
+  ServerFlags f;
+  ASSERT_EQ(Parse({}, {}, f), std::nullopt);
+  const scheduler::SchedulerOptions sched;
+  const runtime::WorkerGroupOptions group;
+  EXPECT_EQ(f.max_batch_tokens, sched.max_batch_tokens);
+  EXPECT_EQ(f.max_batch_seqs, sched.max_batch_seqs);
+  EXPECT_EQ(f.max_waiting, sched.max_waiting);
+  EXPECT_EQ(f.block_size, sched.block_size);
+  EXPECT_DOUBLE_EQ(f.kv_watermark, sched.watermark);
+  EXPECT_EQ(f.max_restarts, group.max_restarts);
+  EXPECT_DOUBLE_EQ(f.heartbeat_timeout_s, Seconds(group.heartbeat_timeout));
+  EXPECT_DOUBLE_EQ(f.start_timeout_s, Seconds(group.start_timeout));
+  EXPECT_DOUBLE_EQ(f.resume_timeout_s, Seconds(core::EngineOptions{}.resume_timeout));
+  EXPECT_EQ(f.http_threads, http::ServerOptions{}.threads);
+  EXPECT_EQ(f.max_message_bytes, static_cast<int>(http::ServerOptions{}.max_body_bytes));
+  EXPECT_TRUE(f.prefix_caching);
+}
+
+TEST(ServerFlags, TheCommandLineBeatsTheEnvironmentWhichBeatsTheConfigFile) {
+  const std::string config = testing::TempDir() + "/kraken_flags_test.toml";
+  {
+    std::ofstream out(config);
+    out << "max-waiting = 11\nmax-batch-seqs = 12\nblock-size = 32\n";
+  }
+  ServerFlags f;
+  ASSERT_EQ(Parse({"--config", config, "--max-waiting", "9"}, {"KRAKEN_MAX_WAITING=10", "KRAKEN_MAX_BATCH_SEQS=13"}, f),
+            std::nullopt);
+  EXPECT_EQ(f.max_waiting, 9);      // command line
+  EXPECT_EQ(f.max_batch_seqs, 13);  // environment over the file
+  EXPECT_EQ(f.block_size, 32);      // the file over the default
+  std::remove(config.c_str());
+}
+
+TEST(ServerFlags, BadSettingsExitTwo) {
+  ServerFlags a, b, c, d;
+  EXPECT_EQ(Parse({}, {"KRAKEN_MAX_WAITNG=3"}, a), 2);  // misspelt: refused, not ignored
+  EXPECT_EQ(Parse({"--max-batch-seqs", "0"}, {}, b), 2);
+  EXPECT_EQ(Parse({"--tls-cert", "c.pem"}, {}, c), 2);  // without --tls-key
+  EXPECT_EQ(Parse({"--port", "70000"}, {}, d), 2);
+}
+
+}  // namespace
+}  // namespace kraken::server

@@ -149,9 +149,15 @@ TEST(OutputPump, AStreamPumpRetiresEndedRequestsAndKeepsTheTurnOfTheNext) {
   pump.Sent(*s);  // ended: retired
   EXPECT_EQ(pump.size(), 2u);
   EXPECT_EQ(pump.handles().size(), 3u);  // still there to Detach
+  Token(*hs[0], "y", 2);                 // the first has news again, but it is not its turn
+  pump.TakeAll();
   s = pump.Next();
   ASSERT_NE(s, nullptr);
   EXPECT_EQ(s->extra, 102);  // the one after the retired request keeps its turn
+  pump.Sent(*s);
+  s = pump.Next();
+  ASSERT_NE(s, nullptr);
+  EXPECT_EQ(s->extra, 100);
   pump.Sent(*s);
   pump.Add(Handle(4), Deltas::kTokens, {}, 103);
   EXPECT_EQ(pump[2].index, 3u);

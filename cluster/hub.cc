@@ -3,6 +3,7 @@
 #include <cstring>
 #include <thread>
 
+#include "cluster/membership.h"
 #include "engine/device.h"
 #include "runtime/shm.h"
 #include "runtime/shm_store.h"
@@ -17,12 +18,6 @@ std::string Bytes(const void* p, size_t n) {
 }
 
 }  // namespace
-
-std::string LayoutSizes() {
-  return StrCat("Limits=", sizeof(runtime::Limits), " KvSizing=", sizeof(runtime::KvSizing),
-                " WorkerMemory=", sizeof(runtime::WorkerMemory), " PlanHeader=", sizeof(runtime::PlanHeader),
-                " PlanSeq=", sizeof(runtime::PlanSeq));
-}
 
 StatusOr<std::shared_ptr<Hub>> Hub::Create(const HubOptions& o) {
   if (o.nodes < 2) return InvalidArgument("a multi-node group needs --nodes >= 2, got ", o.nodes);
@@ -98,57 +93,20 @@ Hub::~Hub() {
 }
 
 StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
-  if (hello.protocol_version() != runtime::kProtocolVersion || hello.layout_sizes() != LayoutSizes()) {
-    return FailedPrecondition("node at ", peer, " speaks runtime protocol ", hello.protocol_version(), " (",
-                              hello.layout_sizes(), "); the leader speaks ", runtime::kProtocolVersion, " (",
-                              LayoutSizes(), "): run the same kraken-server build on every node");
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<engine::Device> devices, CheckHello(hello, peer,
+                                                                          {.ranks_per_node = options_.ranks_per_node,
+                                                                           .device_kind = options_.device_kind,
+                                                                           .model = options_.model}));
+  std::vector<RankHolder> ranks(nodes_.size());
+  const uint64_t now = runtime::NowNs();
+  for (size_t n = 0; n < nodes_.size(); ++n) {
+    ranks[n] = {.joined_once = nodes_[n].joined_once,
+                .connected = nodes_[n].connected,
+                .live = nodes_[n].connected && !nodes_[n].silence.Expired(now),
+                .peer = nodes_[n].peer};
   }
-  if (!hello.model().empty() && hello.model() != options_.model) {
-    return FailedPrecondition("node at ", peer, " loaded a different model (", hello.model(), ") than the leader (",
-                              options_.model, ")");
-  }
-  for (const std::string& d : hello.devices()) {
-    const StatusOr<engine::Device> device = engine::Device::Parse(d);
-    if (!device.ok())
-      return InvalidArgument("node at ", peer, " reports a worker on '", d,
-                             "': ", std::string(device.status().message()));
-    if (device->traits().kind != options_.device_kind) {
-      return InvalidArgument("node at ", peer, " has a worker on ", d, "; the leader's are ", options_.device_kind,
-                             " devices, and one group speaks one collective library");
-    }
-  }
-  if (hello.devices_size() != options_.ranks_per_node) {
-    return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
-                           " workers; every node needs as many as the leader (", options_.ranks_per_node, ")");
-  }
-  auto held = [&](int n) { return nodes_[n].connected && !nodes_[n].silence.Expired(runtime::NowNs()); };
-  int node = hello.node_rank();
-  if (node == 0) {  // the lowest rank nobody ever held, else one nobody holds now (or a silent node holds)
-    for (node = 1; node < options_.nodes && (nodes_[node].connected || nodes_[node].joined_once); ++node) {
-    }
-    if (node == options_.nodes) {
-      for (node = 1; node < options_.nodes && held(node); ++node) {
-      }
-    }
-    if (node == options_.nodes) {
-      return absl::AlreadyExistsError(StrCat("all ", options_.nodes - 1, " follower ranks are held by live nodes"));
-    }
-  }
-  if (node < 1 || node >= options_.nodes) {
-    return InvalidArgument("node rank ", hello.node_rank(), " from ", peer, " is not in [1, ", options_.nodes - 1,
-                           "] (--nodes ", options_.nodes, ")");
-  }
-  if (nodes_[node].connected) {
-    if (held(node)) {
-      return absl::AlreadyExistsError(StrCat("node rank ", node, " is already held by ", nodes_[node].peer));
-    }
-    nodes_[node].context->TryCancel();  // a silent holder: the newcomer replaces it
-  }
-  std::vector<engine::Device> devices;
-  for (const std::string& d : hello.devices()) {
-    KRAKEN_ASSIGN_OR_RETURN(engine::Device dev, engine::Device::Parse(d));
-    devices.push_back(dev);
-  }
+  KRAKEN_ASSIGN_OR_RETURN(const int node, AssignNodeRank(hello.node_rank(), ranks, peer));
+  if (nodes_[node].connected) nodes_[node].context->TryCancel();  // a silent holder: the newcomer replaces it
   nodes_[node].devices = std::move(devices);
   return node;
 }

@@ -30,15 +30,13 @@
 
 #include "base/status.h"
 #include "cluster/credentials.h"
+#include "cluster/membership.h"
 #include "engine/device.h"
 #include "kraken/cluster/v1/cluster.grpc.pb.h"
 #include "runtime/liveness.h"
 #include "runtime/remote_nodes.h"
 
 namespace kraken::cluster {
-
-/// The sizes of the runtime structures a plan carries as bytes; both ends must agree.
-std::string LayoutSizes();
 
 struct HubOptions {
   std::string listen = "0.0.0.0:8003";                // host:port (port 0: any; Hub::port() tells)
@@ -98,7 +96,7 @@ class Hub final : public runtime::RemoteNodes, private v1::Cluster::Service {
   explicit Hub(const HubOptions& options) : options_(options), nodes_(options.nodes) {}
   grpc::Status Join(grpc::ServerContext* context,
                     grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream) override;
-  // Checks a Hello; the node rank it takes (assigning the lowest free one for 0), or the refusal.
+  // Checks a Hello (cluster/membership.h); the node rank it takes, or the refusal.
   StatusOr<int> Admit(const v1::Hello& hello, const std::string& peer);
   // The writer of one connection: the outbox in order, a Ping when idle for 100 ms.
   void WriteLoop(int node, uint64_t connection, grpc::ServerReaderWriter<v1::LeaderMessage, v1::NodeMessage>* stream);

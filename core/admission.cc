@@ -23,17 +23,15 @@ void Health::StartDraining() {
 }
 
 bool Health::draining() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return draining_;
+  return draining_.load();
 }
 
 bool Health::ready() const {
-  std::lock_guard<std::mutex> l(mu_);
-  return serving_ && !draining_;
+  return serving_.load() && !draining_.load();
 }
 
 void Health::Publish() {
-  if (on_change_) on_change_(serving_ && !draining_);
+  if (on_change_) on_change_(serving_.load() && !draining_.load());
 }
 
 Admission::Admission(const tokenizer::Tokenizer& tok, const Health& health, SubmitFn submit, AdmissionOptions options)

@@ -13,10 +13,12 @@
 // at any step is logged with the request's id and counted by its gRPC code
 // (kraken_request_failure_total) exactly once, then returned for the front-end to answer.
 //
-// Health says whether the server takes requests: the workers are up (the engine's on_serving) and
-// it is not draining. Front-ends answer their readiness probes from it.
+// Health says whether the server is ready: the workers are up (the engine's on_serving) and it is
+// not draining. Front-ends answer their readiness probes from it; Accept refuses only while
+// draining (a request that arrives while the workers restart waits for them, core/engine.h).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -35,7 +37,8 @@
 namespace kraken::core {
 
 /// Readiness: the workers are up and the server is not draining. Set from the engine thread
-/// (recoveries) and the main thread (start, drain); read from any thread.
+/// (recoveries) and the main thread (start, drain); read from any thread without waiting for a
+/// change being published.
 class Health {
  public:
   /// `f` is told the readiness every time it is set. It is called holding Health's lock, so its
@@ -51,9 +54,9 @@ class Health {
  private:
   void Publish();  // holding mu_
 
-  mutable std::mutex mu_;
-  bool serving_ = false, draining_ = false;
-  std::function<void(bool)> on_change_;
+  std::mutex mu_;  // orders the changes and their publication; readers use the atomics alone
+  std::atomic<bool> serving_{false}, draining_{false};
+  std::function<void(bool)> on_change_;  // guarded by mu_
 };
 
 struct AdmissionOptions {

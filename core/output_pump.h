@@ -66,9 +66,11 @@ class OutputPump {
     }
   };
 
-  /// `retire_sent`: a slot whose end was sent leaves the pump (its handle stays in handles() for
-  /// Detach). For an open-ended stream of requests, whose memory stays bounded by those in flight;
-  /// a pump over one request's samples keeps them all (index order, a final answer of all).
+  /// `retire_sent`: a slot whose end was sent leaves the pump, with its Output and its front-end
+  /// data, so an open-ended stream of requests scans only those in flight; its handle (and the
+  /// request's params) stays in handles() until the call is done, for Detach, which may not run
+  /// under the owner's lock. A pump over one request's samples keeps them all (index order, a
+  /// final answer of all).
   explicit OutputPump(bool retire_sent = false) : retire_sent_(retire_sent) {}
 
   /// Adds a request and sets its handle's listener to `wake` (may be empty). Returns its slot,

@@ -1,7 +1,9 @@
 // One generation request inside the serving core, and the handle a front-end holds on it.
 //
-// A front-end (the gRPC service, the offline CLI) turns its protocol's request into
-// RequestParams, submits it to the Engine (core/engine.h) and gets a RequestHandle. The engine
+// A front-end's request becomes RequestParams and is submitted to the Engine (core/engine.h) —
+// through the front door (core/admission.h) for the servers' protocols, directly by the offline
+// CLI — and the front-end gets a RequestHandle (the servers' front-ends read it through an output
+// pump, core/output_pump.h). The engine
 // thread generates; the front-end takes what was produced, in plain terms (text deltas, token
 // ids, logprobs, and at the end a finish reason, usage and timings), whenever the handle's
 // listener tells it something is new:

@@ -76,6 +76,77 @@ StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Parse(std::span<cons
   return f;
 }
 
+namespace {
+
+// One tensor's header entry: its dtype, shape and data offsets, checked against each other and
+// against the data buffer (`buffer`, `buffer_size` bytes). INVALID_ARGUMENT naming the tensor and
+// the field otherwise.
+StatusOr<TensorInfo> ReadTensorEntry(const std::string& L, const std::string& name, const json& v,
+                                     const uint8_t* buffer, uint64_t buffer_size) {
+  if (!v.is_object()) return InvalidArgument(L, ": tensor '", name, "': entry is not an object");
+  for (auto f = v.begin(); f != v.end(); ++f) {
+    if (f.key() != "dtype" && f.key() != "shape" && f.key() != "data_offsets") {
+      return InvalidArgument(L, ": tensor '", name, "': unknown field '", f.key(), "'");
+    }
+  }
+  TensorInfo t;
+  t.name = name;
+  auto dt = v.find("dtype");
+  if (dt == v.end() || !dt->is_string()) {
+    return InvalidArgument(L, ": tensor '", name, "': missing string field 'dtype'");
+  }
+  const std::string dtype_name = dt->get<std::string>();
+  std::optional<DType> dtype = ParseDType(dtype_name);
+  if (!dtype) {
+    return InvalidArgument(L, ": tensor '", name, "': dtype '", dtype_name,
+                           "' is not a safetensors dtype of whole bytes");
+  }
+  t.dtype = *dtype;
+  auto sh = v.find("shape");
+  if (sh == v.end() || !sh->is_array()) {
+    return InvalidArgument(L, ": tensor '", name, "': missing array field 'shape'");
+  }
+  if (sh->size() > 8) {
+    return InvalidArgument(L, ": tensor '", name, "': shape has ", sh->size(), " dimensions (max 8)");
+  }
+  uint64_t numel = 1;
+  for (const json& d : *sh) {
+    if (!d.is_number_unsigned()) {
+      return InvalidArgument(L, ": tensor '", name, "': shape entries must be non-negative integers, got ",
+                             DescribeJson(d));
+    }
+    const uint64_t dim = d.get<uint64_t>();
+    if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) || MulOverflows(numel, dim, &numel)) {
+      return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " overflows");
+    }
+    t.shape.push_back(static_cast<int64_t>(dim));
+  }
+  auto off = v.find("data_offsets");
+  if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
+      !(*off)[1].is_number_unsigned()) {
+    return InvalidArgument(L, ": tensor '", name, "': 'data_offsets' must be two non-negative integers [begin, end]");
+  }
+  const uint64_t begin = (*off)[0].get<uint64_t>();
+  const uint64_t end = (*off)[1].get<uint64_t>();
+  if (begin > end) {
+    return InvalidArgument(L, ": tensor '", name, "': data_offsets begin ", begin, " > end ", end);
+  }
+  if (end > buffer_size) {
+    return InvalidArgument(L, ": tensor '", name, "': data_offsets end ", end, " is past the end of the data buffer (",
+                           buffer_size, " bytes)");
+  }
+  uint64_t expected = 0;
+  if (MulOverflows(numel, DTypeSize(t.dtype), &expected) || expected != end - begin) {
+    return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " of ", dtype_name, " needs ",
+                           numel * DTypeSize(t.dtype), " bytes but data_offsets span ", end - begin);
+  }
+  t.data = buffer + begin;
+  t.nbytes = end - begin;
+  return t;
+}
+
+}  // namespace
+
 Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
   const std::string& L = label_;
   if (bytes.size() < 8) {
@@ -115,66 +186,9 @@ Status SafetensorsFile::ParseBytes(std::span<const uint8_t> bytes) {
       }
       continue;
     }
-    if (!v.is_object()) return InvalidArgument(L, ": tensor '", name, "': entry is not an object");
-    for (auto f = v.begin(); f != v.end(); ++f) {
-      if (f.key() != "dtype" && f.key() != "shape" && f.key() != "data_offsets") {
-        return InvalidArgument(L, ": tensor '", name, "': unknown field '", f.key(), "'");
-      }
-    }
-    TensorInfo t;
-    t.name = name;
-    auto dt = v.find("dtype");
-    if (dt == v.end() || !dt->is_string()) {
-      return InvalidArgument(L, ": tensor '", name, "': missing string field 'dtype'");
-    }
-    const std::string dtype_name = dt->get<std::string>();
-    std::optional<DType> dtype = ParseDType(dtype_name);
-    if (!dtype) {
-      return InvalidArgument(L, ": tensor '", name, "': dtype '", dtype_name,
-                             "' is not a safetensors dtype of whole bytes");
-    }
-    t.dtype = *dtype;
-    auto sh = v.find("shape");
-    if (sh == v.end() || !sh->is_array()) {
-      return InvalidArgument(L, ": tensor '", name, "': missing array field 'shape'");
-    }
-    if (sh->size() > 8) {
-      return InvalidArgument(L, ": tensor '", name, "': shape has ", sh->size(), " dimensions (max 8)");
-    }
-    uint64_t numel = 1;
-    for (const json& d : *sh) {
-      if (!d.is_number_unsigned()) {
-        return InvalidArgument(L, ": tensor '", name, "': shape entries must be non-negative integers, got ",
-                               DescribeJson(d));
-      }
-      const uint64_t dim = d.get<uint64_t>();
-      if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) || MulOverflows(numel, dim, &numel)) {
-        return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " overflows");
-      }
-      t.shape.push_back(static_cast<int64_t>(dim));
-    }
-    auto off = v.find("data_offsets");
-    if (off == v.end() || !off->is_array() || off->size() != 2 || !(*off)[0].is_number_unsigned() ||
-        !(*off)[1].is_number_unsigned()) {
-      return InvalidArgument(L, ": tensor '", name, "': 'data_offsets' must be two non-negative integers [begin, end]");
-    }
-    const uint64_t begin = (*off)[0].get<uint64_t>();
-    const uint64_t end = (*off)[1].get<uint64_t>();
-    if (begin > end) {
-      return InvalidArgument(L, ": tensor '", name, "': data_offsets begin ", begin, " > end ", end);
-    }
-    if (end > buffer_size) {
-      return InvalidArgument(L, ": tensor '", name, "': data_offsets end ", end,
-                             " is past the end of the data buffer (", buffer_size, " bytes)");
-    }
-    uint64_t expected = 0;
-    if (MulOverflows(numel, DTypeSize(t.dtype), &expected) || expected != end - begin) {
-      return InvalidArgument(L, ": tensor '", name, "': shape ", DescribeJson(*sh), " of ", dtype_name, " needs ",
-                             numel * DTypeSize(t.dtype), " bytes but data_offsets span ", end - begin);
-    }
-    t.data = buffer + begin;
-    t.nbytes = end - begin;
-    ranges.emplace_back(begin, end);
+    KRAKEN_ASSIGN_OR_RETURN(TensorInfo t, ReadTensorEntry(L, name, v, buffer, buffer_size));
+    const uint64_t begin = static_cast<uint64_t>(t.data - buffer);
+    ranges.emplace_back(begin, begin + t.nbytes);
     tensors_.emplace(name, std::move(t));
   }
 

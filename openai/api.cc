@@ -163,6 +163,7 @@ class CompletionStream final : public http::Stream {
       Sample& s = pump_[i];
       if (!failure.ok()) {
         if (!s.taken.text.empty()) piece->data += Event(Chunk(i, s.taken.text, s.taken.logprobs, nullptr, nullptr));
+        pump_.Sent(s);  // the usage of the chunks after it counts its tokens
         continue;
       }
       if (!s.has_news()) continue;

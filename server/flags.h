@@ -44,7 +44,7 @@ struct ServerFlags {
   int port = 8001;
   int http_port = 8000;
   int http_threads = http::ServerOptions{}.threads;
-  double http_idle_timeout_s = 60;
+  double http_idle_timeout_s = Seconds(http::ServerOptions{}.idle_timeout);
   double request_timeout_s = 0;
   std::string served_model_name;
   int threads_per_worker = runtime::WorkerGroupOptions{}.threads_per_worker;
@@ -89,7 +89,9 @@ struct ServerFlags {
 /// KRAKEN_* environment name.
 void AddServerFlags(CLI::App& app, ServerFlags& f);
 
-/// Parses the command line, the environment `env` (as environ) and the --config file into `f`,
+/// Parses the command line, the environment `env` (as environ) and the --config file into `f`
+/// (CLI11 also reads each flag's KRAKEN_* variable from the process environment when neither
+/// the command line nor `env` gave it),
 /// then checks what one flag cannot check alone (TLS pairs, --cpu-isa against this CPU). Returns
 /// the exit code when the program should stop here: 0 after --help, 2 for a bad setting (the
 /// message, naming the flag or variable, is on stderr).

@@ -119,14 +119,12 @@ Status Unsupported(std::string_view label, std::string_view field, const json& v
   return Unimplemented(label, ": ", field, " is ", DescribeJson(value), "; only ", accepted, " is supported");
 }
 
-}  // namespace
-
-StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_view text, std::string_view label) {
-  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(text, label, /*max_depth=*/16));
-  if (!j.is_object()) return InvalidArgument(label, ": not a JSON object");
-  std::unique_ptr<Tokenizer> t(new Tokenizer());
+// The pipeline around the BPE model: no normalizer; a ByteLevel pre-tokenizer, or
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]; a ByteLevel decoder; no
+// post-processor or a ByteLevel one. Returns the pre-tokenizer's split pattern; INVALID_ARGUMENT
+// naming the part this tokenizer does not implement otherwise.
+StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* add_prefix_space) {
   std::string pattern = Gpt2Pattern();
-
   auto null_or_absent = [&](const char* k) { return !j.contains(k) || j[k].is_null(); };
   if (!null_or_absent("normalizer")) return Unsupported(label, "'normalizer'", j["normalizer"], "null");
 
@@ -140,7 +138,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     if (p.value("use_regex", true) != want_regex) {
       return Unsupported(label, "'pre_tokenizer.use_regex'", p["use_regex"], want_regex ? "true" : "false");
     }
-    t->add_prefix_space_ = p.value("add_prefix_space", false);
+    *add_prefix_space = p.value("add_prefix_space", false);
     return absl::OkStatus();
   };
   if (pre.is_object() && pre.value("type", "") == "Sequence") {
@@ -156,7 +154,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     }
     pattern = split["pattern"]["Regex"].get<std::string>();
     KRAKEN_RETURN_IF_ERROR(byte_level(seq[1], /*want_regex=*/false));
-    if (t->add_prefix_space_) {  // Hugging Face would add the space to every split piece
+    if (*add_prefix_space) {  // Hugging Face would add the space to every split piece
       return Unsupported(label, "'pre_tokenizer.pretokenizers[1].add_prefix_space'", true, "false after a Split");
     }
   } else {
@@ -169,6 +167,52 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
       (!j["post_processor"].is_object() || j["post_processor"].value("type", "") != "ByteLevel")) {
     return Unsupported(label, "'post_processor'", j["post_processor"], "null or ByteLevel");
   }
+  return pattern;
+}
+
+// The added tokens: each an id and a non-empty content that agrees with the vocabulary, without
+// single_word, lstrip or rstrip. INVALID_ARGUMENT naming the token otherwise.
+Status ReadAddedTokens(const json& j, std::string_view label, const absl::flat_hash_map<std::string, int32_t>& vocab,
+                       std::vector<AddedToken>* added) {
+  // Added tokens.
+  if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
+    if (!j["added_tokens"].is_array()) return InvalidArgument(label, ": 'added_tokens' must be an array");
+    for (const json& a : j["added_tokens"]) {
+      if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") ||
+          !a["content"].is_string() || a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= (1 << 24)) {
+        return InvalidArgument(label, ": added token ", DescribeJson(a),
+                               " needs an integer 'id' and a string 'content'");
+      }
+      for (const char* k : {"single_word", "lstrip", "rstrip"}) {
+        if (a.value(k, false)) {
+          return Unsupported(label,
+                             std::string("added token '") + a["content"].get<std::string>() + "' field '" + k + "'",
+                             true, "false");
+        }
+      }
+      const std::string content = a["content"].get<std::string>();
+      if (content.empty()) return InvalidArgument(label, ": added token with id ", DescribeJson(a["id"]), " is empty");
+      auto in_vocab = vocab.find(content);
+      if (in_vocab != vocab.end() && in_vocab->second != a["id"].get<int32_t>()) {
+        return InvalidArgument(label, ": added token '", content, "' has id ", DescribeJson(a["id"]),
+                               " but the vocabulary gives it id ", in_vocab->second);
+      }
+      const bool special = a.value("special", false);
+      added->push_back({a["id"].get<int32_t>(), content, special, a.value("normalized", !special)});
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_view text, std::string_view label) {
+  KRAKEN_ASSIGN_OR_RETURN(json j, ParseJsonStrict(text, label, /*max_depth=*/16));
+  if (!j.is_object()) return InvalidArgument(label, ": not a JSON object");
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  bool add_prefix_space = false;
+  KRAKEN_ASSIGN_OR_RETURN(std::string pattern, ReadPipeline(j, label, &add_prefix_space));
+  t->add_prefix_space_ = add_prefix_space;
 
   // Model.
   if (!j.contains("model") || !j["model"].is_object()) return InvalidArgument(label, ": missing object 'model'");
@@ -217,33 +261,7 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
     ++rank;
   }
 
-  // Added tokens.
-  if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
-    if (!j["added_tokens"].is_array()) return InvalidArgument(label, ": 'added_tokens' must be an array");
-    for (const json& a : j["added_tokens"]) {
-      if (!a.is_object() || !a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") ||
-          !a["content"].is_string() || a["id"].get<int64_t>() < 0 || a["id"].get<int64_t>() >= (1 << 24)) {
-        return InvalidArgument(label, ": added token ", DescribeJson(a),
-                               " needs an integer 'id' and a string 'content'");
-      }
-      for (const char* k : {"single_word", "lstrip", "rstrip"}) {
-        if (a.value(k, false)) {
-          return Unsupported(label,
-                             std::string("added token '") + a["content"].get<std::string>() + "' field '" + k + "'",
-                             true, "false");
-        }
-      }
-      const std::string content = a["content"].get<std::string>();
-      if (content.empty()) return InvalidArgument(label, ": added token with id ", DescribeJson(a["id"]), " is empty");
-      auto in_vocab = t->vocab_.find(content);
-      if (in_vocab != t->vocab_.end() && in_vocab->second != a["id"].get<int32_t>()) {
-        return InvalidArgument(label, ": added token '", content, "' has id ", DescribeJson(a["id"]),
-                               " but the vocabulary gives it id ", in_vocab->second);
-      }
-      const bool special = a.value("special", false);
-      t->added_.push_back({a["id"].get<int32_t>(), content, special, a.value("normalized", !special)});
-    }
-  }
+  KRAKEN_RETURN_IF_ERROR(ReadAddedTokens(j, label, t->vocab_, &t->added_));
   KRAKEN_ASSIGN_OR_RETURN(auto re, CompileRegex(pattern, label));
   t->regex_ = std::make_unique<Regex>();
   t->regex_->code = re.release();

@@ -101,6 +101,68 @@ inline void ForRowGroups(F&& f) {
   }
 }
 
+// Step 2 of AttendTile for one key block: each row's online softmax update (its new maximum
+// `m`, the rescale factor `corr` of what it accumulated so far, the probabilities in place of
+// the scores in `p`, the running sum `l`). A row that sees no key of the block is left alone.
+template <int rows>
+[[gnu::always_inline]] inline void SoftmaxUpdate(float* p, int padded_bs, int chunks, const int* visible, float* m,
+                                                 float* l, float* corr) {
+  for (int r = 0; r < rows; ++r) {
+    if (visible[r] == 0) continue;
+    float* pr = p + r * padded_bs;
+    F32x16 mx = F32x16::Load(pr);
+    for (int c = 1; c < chunks; ++c) mx = Max(mx, F32x16::Load(pr + c * kLanes));
+    const float m_new = std::max(m[r], mx.ReduceMax());
+    corr[r] = std::exp(m[r] - m_new);
+    const F32x16 vm = F32x16::Broadcast(m_new);
+    F32x16 sum = F32x16::Zero();
+    for (int c = 0; c < chunks; ++c) {
+      const F32x16 e = Exp(F32x16::Load(pr + c * kLanes) - vm);
+      e.Store(pr + c * kLanes);
+      sum = sum + e;
+    }
+    l[r] = l[r] * corr[r] + sum.ReduceAdd();
+    m[r] = m_new;
+  }
+}
+
+// Step 3 of AttendTile for one key block: o_r = o_r * corr_r + sum_j p_rj v_j over the keys row r
+// sees, j in order (`vb`: the block's V, [bs][dh]). Row 0 has the earliest position, so when it
+// sees the whole block every row does (the common case, without per-key masks).
+template <int rows, typename Kv>
+[[gnu::always_inline]] inline void AccumulateValues(const typename Kv::T* vb, const float* p, int padded_bs, int dh,
+                                                    int bs, const int* visible, const float* corr, float* o) {
+  const bool whole_block = visible[0] == bs;
+  for (int e0 = 0; e0 < dh; e0 += kLanes) {
+    const int lanes = std::min(kLanes, dh - e0);
+    ForRowGroups<rows>([&]<int r0, int n>() {
+      F32x16 acc[n];
+      for (int i = 0; i < n; ++i) {
+        const int r = r0 + i;
+        acc[i] =
+            visible[r] == 0 ? F32x16::Zero() : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
+      }
+      const float* pg = p + r0 * padded_bs;
+      if (whole_block) {
+        for (int j = 0; j < bs; ++j) {
+          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          for (int i = 0; i < n; ++i) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
+        }
+      } else {
+        for (int j = 0; j < visible[r0 + n - 1]; ++j) {
+          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
+          for (int i = 0; i < n; ++i) {
+            if (j < visible[r0 + i]) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
+          }
+        }
+      }
+      for (int i = 0; i < n; ++i) {
+        if (visible[r0 + i] != 0) acc[i].StorePartial(o + (r0 + i) * dh + e0, lanes);
+      }
+    });
+  }
+}
+
 // `o`: kQueryTile x head_dim scratch; `p`: kQueryTile x padded block scratch. The row count is a
 // template parameter so the per-row accumulators stay in registers; every row executes the same
 // operations whatever the count, which keeps results independent of the tiling.
@@ -166,55 +228,9 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
 
     // 2. Online softmax update per row: new max, rescale factor, probabilities, running sum.
     float corr[rows] = {};
-    for (int r = 0; r < rows; ++r) {
-      if (visible[r] == 0) continue;
-      float* pr = p + r * padded_bs;
-      F32x16 mx = F32x16::Load(pr);
-      for (int c = 1; c < chunks; ++c) mx = Max(mx, F32x16::Load(pr + c * kLanes));
-      const float m_new = std::max(m[r], mx.ReduceMax());
-      corr[r] = std::exp(m[r] - m_new);
-      const F32x16 vm = F32x16::Broadcast(m_new);
-      F32x16 sum = F32x16::Zero();
-      for (int c = 0; c < chunks; ++c) {
-        const F32x16 e = Exp(F32x16::Load(pr + c * kLanes) - vm);
-        e.Store(pr + c * kLanes);
-        sum = sum + e;
-      }
-      l[r] = l[r] * corr[r] + sum.ReduceAdd();
-      m[r] = m_new;
-    }
-
-    // 3. o_r = o_r * corr_r + sum_j p_rj v_j over the visible keys, j in order. Row 0 has the
-    // earliest position, so when it sees the whole block every row does (the common case).
-    const bool whole_block = visible[0] == bs;
-    for (int e0 = 0; e0 < dh; e0 += kLanes) {
-      const int lanes = std::min(kLanes, dh - e0);
-      ForRowGroups<rows>([&]<int r0, int n>() {
-        F32x16 acc[n];
-        for (int i = 0; i < n; ++i) {
-          const int r = r0 + i;
-          acc[i] = visible[r] == 0 ? F32x16::Zero()
-                                   : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
-        }
-        const float* pg = p + r0 * padded_bs;
-        if (whole_block) {
-          for (int j = 0; j < bs; ++j) {
-            const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-            for (int i = 0; i < n; ++i) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
-          }
-        } else {
-          for (int j = 0; j < visible[r0 + n - 1]; ++j) {
-            const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-            for (int i = 0; i < n; ++i) {
-              if (j < visible[r0 + i]) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
-            }
-          }
-        }
-        for (int i = 0; i < n; ++i) {
-          if (visible[r0 + i] != 0) acc[i].StorePartial(o + (r0 + i) * dh + e0, lanes);
-        }
-      });
-    }
+    SoftmaxUpdate<rows>(p, padded_bs, chunks, visible, m, l, corr);
+    // 3. o_r = o_r * corr_r + sum_j p_rj v_j over the visible keys, j in order.
+    AccumulateValues<rows, Kv>(vb, p, padded_bs, dh, bs, visible, corr, o);
   }
 
   for (int r = 0; r < rows; ++r) {

@@ -215,6 +215,36 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const T* kc, const T
   for (int d = tid; d < head_dim; d += blockDim.x) out[t * os + static_cast<int64_t>(h) * head_dim + d] = acc[d] * inv;
 }
 
+// TiledAttentionKernel's staging of keys k0 .. k0 + nk - 1 of head `h` into shared memory, zeros
+// past nk: K as [kKeyTile][head_dim + 1] (neighbouring threads take neighbouring keys, contiguous
+// within a KV block), V as [kKeyTile][head_dim] (neighbouring threads take neighbouring dims).
+// Every thread of the block takes part; the caller synchronises after.
+template <typename T>
+__device__ void LoadKeyTile(const T* kc, const T* vc, const int32_t* table, int h, int head_dim, int block_size,
+                            int64_t block_floats, int k0, int nk, float* ksh, float* vsh) {
+  const int kd = head_dim + 1;
+  for (int i = threadIdx.x; i < kKeyTile * head_dim; i += blockDim.x) {
+    const int j = i % kKeyTile, d = i / kKeyTile;
+    float kv = 0.f;
+    if (j < nk) {
+      const int key = k0 + j;
+      kv = ToFloat(kc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * head_dim + d) * block_size +
+                      key % block_size]);
+    }
+    ksh[j * kd + d] = kv;
+  }
+  for (int i = threadIdx.x; i < kKeyTile * head_dim; i += blockDim.x) {
+    const int j = i / head_dim, d = i % head_dim;
+    float vv = 0.f;
+    if (j < nk) {
+      const int key = k0 + j;
+      vv = ToFloat(vc[table[key / block_size] * block_floats +
+                      (static_cast<int64_t>(h) * block_size + key % block_size) * head_dim + d]);
+    }
+    vsh[i] = vv;
+  }
+}
+
 // One thread block (128 threads) per (tile, head). Thread t scores query row t / 8 of the tile
 // against keys t % 8 and t % 8 + 8 of each key tile; the 8 threads of a row (8 neighbouring
 // lanes of one warp) combine their maxima and sums with shuffles. Shared memory: see
@@ -253,28 +283,7 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const T* kc, co
 
   for (int k0 = 0; k0 < keys; k0 += kKeyTile) {
     const int nk = min(kKeyTile, keys - k0);
-    // K: neighbouring threads take neighbouring keys (contiguous within a KV block); V:
-    // neighbouring threads take neighbouring dims.
-    for (int i = tid; i < kKeyTile * head_dim; i += blockDim.x) {
-      const int j = i % kKeyTile, d = i / kKeyTile;
-      float kv = 0.f;
-      if (j < nk) {
-        const int key = k0 + j;
-        kv = ToFloat(kc[table[key / block_size] * block_floats + (static_cast<int64_t>(h) * head_dim + d) * block_size +
-                        key % block_size]);
-      }
-      ksh[j * kd + d] = kv;
-    }
-    for (int i = tid; i < kKeyTile * head_dim; i += blockDim.x) {
-      const int j = i / head_dim, d = i % head_dim;
-      float vv = 0.f;
-      if (j < nk) {
-        const int key = k0 + j;
-        vv = ToFloat(vc[table[key / block_size] * block_floats +
-                        (static_cast<int64_t>(h) * block_size + key % block_size) * head_dim + d]);
-      }
-      vsh[i] = vv;
-    }
+    LoadKeyTile(kc, vc, table, h, head_dim, block_size, block_floats, k0, nk, ksh, vsh);
     __syncthreads();
 
     float s[2];

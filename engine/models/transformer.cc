@@ -194,6 +194,82 @@ Status TransformerModel::LoadEmbeddingsAndHead(WeightLoader& w, const std::strin
   return absl::OkStatus();
 }
 
+namespace {
+
+// One sequence of a step against the model and the KV pool: tokens in the vocabulary, positions
+// within the context, a block table that covers them with blocks of the pool. INVALID_ARGUMENT
+// naming sequence `i` and what is wrong otherwise.
+Status CheckSequence(int i, const SequenceInput& s, const ModelConfig& c, const KvCache& kv) {
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  const int bs = kv.block_size();
+  if (n == 0) return InvalidArgument("sequence ", i, ": 'tokens' is empty; a step adds at least one token");
+  if (s.start_pos < 0) return InvalidArgument("sequence ", i, ": 'start_pos' must be >= 0, got ", s.start_pos);
+  if (s.start_pos + n > c.n_positions) {
+    return InvalidArgument("sequence ", i, ": positions up to ", s.start_pos + n - 1,
+                           " exceed the context length (n_positions = ", c.n_positions, ")");
+  }
+  const int64_t blocks_needed = (s.start_pos + n + bs - 1) / bs;
+  if (static_cast<int64_t>(s.block_table.size()) < blocks_needed) {
+    return InvalidArgument("sequence ", i, ": 'block_table' has ", s.block_table.size(), " blocks; ", blocks_needed,
+                           " are needed for ", s.start_pos + n, " tokens of block size ", bs);
+  }
+  for (int64_t j = 0; j < blocks_needed; ++j) {
+    if (s.block_table[j] < 0 || s.block_table[j] >= kv.num_blocks()) {
+      return InvalidArgument("sequence ", i, ": block_table[", j, "] = ", s.block_table[j], " is outside [0, ",
+                             kv.num_blocks(), ")");
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (s.tokens[j] < 0 || s.tokens[j] >= c.vocab_size) {
+      return InvalidArgument("sequence ", i, ": token ", j, " = ", s.tokens[j], " is outside the vocabulary [0, ",
+                             c.vocab_size, ")");
+    }
+  }
+  return absl::OkStatus();
+}
+
+// A block this step writes must belong to that sequence alone: otherwise one sequence would read
+// another's keys and its result would depend on its batch mates. (Blocks only read, such as a
+// shared prompt prefix, may appear in several tables.) `block_writer`: scratch of one entry per
+// block, all -1 between calls. INVALID_ARGUMENT naming the two sequences and the block otherwise.
+Status CheckBlockOwnership(const ForwardBatch& batch, const KvCache& kv, std::vector<int32_t>& block_writer) {
+  const int n_seqs = static_cast<int>(batch.seqs.size());
+  const int bs = kv.block_size();
+  if (block_writer.size() != static_cast<size_t>(kv.num_blocks())) block_writer.assign(kv.num_blocks(), -1);
+  Status conflict = absl::OkStatus();
+  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
+    const SequenceInput& s = batch.seqs[i];
+    const int64_t first = s.start_pos / bs, last = (s.start_pos + static_cast<int64_t>(s.tokens.size()) - 1) / bs;
+    for (int64_t j = first; j <= last; ++j) {
+      int32_t& w = block_writer[s.block_table[j]];
+      if (w >= 0 && w != i) {
+        conflict = InvalidArgument("sequences ", w, " and ", i, " both write KV block ", s.block_table[j]);
+        break;
+      }
+      w = i;
+    }
+  }
+  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
+    const SequenceInput& s = batch.seqs[i];
+    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
+    for (int64_t j = 0; j < used; ++j) {
+      const int32_t w = block_writer[s.block_table[j]];
+      if (w >= 0 && w != i) {
+        conflict = InvalidArgument("sequence ", i, " reads KV block ", s.block_table[j], " that sequence ", w,
+                                   " writes in the same step");
+        break;
+      }
+    }
+  }
+  for (const SequenceInput& s : batch.seqs) {  // leave the table clean for the next step
+    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
+    for (int64_t j = s.start_pos / bs; j < used; ++j) block_writer[s.block_table[j]] = -1;
+  }
+  return conflict;
+}
+
+}  // namespace
+
 Status TransformerModel::PrepareStep(const ForwardBatch& batch, const KvCache& kv) {
   const ModelConfig& c = config_;
   if (batch.seqs.empty()) return InvalidArgument("batch has no sequences");
@@ -210,66 +286,11 @@ Status TransformerModel::PrepareStep(const ForwardBatch& batch, const KvCache& k
   for (int i = 0; i < n_seqs; ++i) {
     const SequenceInput& s = batch.seqs[i];
     const int64_t n = static_cast<int64_t>(s.tokens.size());
-    if (n == 0) return InvalidArgument("sequence ", i, ": 'tokens' is empty; a step adds at least one token");
-    if (s.start_pos < 0) return InvalidArgument("sequence ", i, ": 'start_pos' must be >= 0, got ", s.start_pos);
-    if (s.start_pos + n > c.n_positions) {
-      return InvalidArgument("sequence ", i, ": positions up to ", s.start_pos + n - 1,
-                             " exceed the context length (n_positions = ", c.n_positions, ")");
-    }
-    const int64_t blocks_needed = (s.start_pos + n + bs - 1) / bs;
-    if (static_cast<int64_t>(s.block_table.size()) < blocks_needed) {
-      return InvalidArgument("sequence ", i, ": 'block_table' has ", s.block_table.size(), " blocks; ", blocks_needed,
-                             " are needed for ", s.start_pos + n, " tokens of block size ", bs);
-    }
-    for (int64_t j = 0; j < blocks_needed; ++j) {
-      if (s.block_table[j] < 0 || s.block_table[j] >= kv.num_blocks()) {
-        return InvalidArgument("sequence ", i, ": block_table[", j, "] = ", s.block_table[j], " is outside [0, ",
-                               kv.num_blocks(), ")");
-      }
-    }
-    for (int64_t j = 0; j < n; ++j) {
-      if (s.tokens[j] < 0 || s.tokens[j] >= c.vocab_size) {
-        return InvalidArgument("sequence ", i, ": token ", j, " = ", s.tokens[j], " is outside the vocabulary [0, ",
-                               c.vocab_size, ")");
-      }
-    }
+    KRAKEN_RETURN_IF_ERROR(CheckSequence(i, s, c, kv));
     total += n;
     rows += s.all_logits ? n : 1;
   }
-  // A block this step writes must belong to that sequence alone: otherwise one sequence would
-  // read another's keys and its result would depend on its batch mates. (Blocks only read, such
-  // as a shared prompt prefix, may appear in several tables.)
-  if (block_writer_.size() != static_cast<size_t>(kv.num_blocks())) block_writer_.assign(kv.num_blocks(), -1);
-  Status conflict = absl::OkStatus();
-  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
-    const SequenceInput& s = batch.seqs[i];
-    const int64_t first = s.start_pos / bs, last = (s.start_pos + static_cast<int64_t>(s.tokens.size()) - 1) / bs;
-    for (int64_t j = first; j <= last; ++j) {
-      int32_t& w = block_writer_[s.block_table[j]];
-      if (w >= 0 && w != i) {
-        conflict = InvalidArgument("sequences ", w, " and ", i, " both write KV block ", s.block_table[j]);
-        break;
-      }
-      w = i;
-    }
-  }
-  for (int i = 0; i < n_seqs && conflict.ok(); ++i) {
-    const SequenceInput& s = batch.seqs[i];
-    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
-    for (int64_t j = 0; j < used; ++j) {
-      const int32_t w = block_writer_[s.block_table[j]];
-      if (w >= 0 && w != i) {
-        conflict = InvalidArgument("sequence ", i, " reads KV block ", s.block_table[j], " that sequence ", w,
-                                   " writes in the same step");
-        break;
-      }
-    }
-  }
-  for (const SequenceInput& s : batch.seqs) {  // leave the table clean for the next step
-    const int64_t used = (s.start_pos + static_cast<int64_t>(s.tokens.size()) + bs - 1) / bs;
-    for (int64_t j = s.start_pos / bs; j < used; ++j) block_writer_[s.block_table[j]] = -1;
-  }
-  KRAKEN_RETURN_IF_ERROR(conflict);
+  KRAKEN_RETURN_IF_ERROR(CheckBlockOwnership(batch, kv, block_writer_));
   if (total > options_.max_tokens) {
     return InvalidArgument("batch has ", total, " new tokens; the limit (max_tokens) is ", options_.max_tokens);
   }

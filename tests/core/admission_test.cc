@@ -98,6 +98,14 @@ TEST(Admission, AValidCallReachesTheEngineValidatedWithItsIdArrivalAndNoDeadline
   EXPECT_EQ(d.Failures("invalid_argument"), "0");
 }
 
+TEST(Admission, AnIdTheProtocolCarriedOutsideTheBodyReachesTheEngineAndItsRefusals) {
+  Door d;
+  auto ok = d.Accept(Call{.request_id = "hdr-1"}, Valid());  // the parser leaves the id alone
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(d.submitted[0].params.request_id, "hdr-1");
+  EXPECT_EQ((*ok)[0]->params().request_id, "hdr-1");
+}
+
 TEST(Admission, TheRequestTimeoutAndTheCallsOwnDeadlineBoundTheRequestTheEarlierWins) {
   Door d(AdmissionOptions{.request_timeout = milliseconds(5000)});
   ASSERT_TRUE(d.Accept(Call{}, Valid()).ok());

@@ -117,19 +117,24 @@ TEST(OutputPump, TheFirstFailureIsFoundWhateverTheCursorAndCancelAllSparesTheEnd
   OutputPump<> pump;
   std::vector<std::shared_ptr<RequestHandle>> hs{Handle(1), Handle(2), Handle(3)};
   for (auto& h : hs) pump.Add(h, Deltas::kTokens, {});
-  End(*hs[0]);
-  End(*hs[2], absl::UnavailableError("the workers did not come back"));
-  End(*hs[1], absl::InternalError("second"));
+  Token(*hs[1], "a", 1);
+  pump.TakeAll();
+  auto* sent = pump.Next();  // the round robin now starts after sample 1
+  ASSERT_EQ(sent->index, 1u);
+  pump.Sent(*sent);
+  End(*hs[2], absl::UnavailableError("third"));
+  End(*hs[0], absl::InternalError("first"));
+  End(*hs[1]);
   pump.TakeAll();
   auto* failed = pump.Failed();
   ASSERT_NE(failed, nullptr);
-  EXPECT_EQ(failed->index, 1u);
-  EXPECT_EQ(failed->taken.status, absl::InternalError("second"));
+  EXPECT_EQ(failed->index, 0u);  // in order, not from the cursor
+  EXPECT_EQ(failed->taken.status, absl::InternalError("first"));
   auto fresh = Handle(4);
   pump.Add(fresh, Deltas::kTokens, {});
   pump.CancelAll();
   EXPECT_TRUE(fresh->cancelled());
-  EXPECT_FALSE(hs[0]->cancelled());  // ended before: nothing to cancel
+  EXPECT_FALSE(hs[1]->cancelled());  // ended before: nothing to cancel
   EXPECT_FALSE(pump.AllFinished());
 }
 

@@ -23,22 +23,28 @@ std::optional<int> Parse(std::vector<std::string> args, std::vector<std::string>
   return ParseServerFlags(static_cast<int>(argv.size()), argv.data(), envp.data(), f);
 }
 
-TEST(ServerFlags, DefaultsAreTheModulesOwn) {
+// The defaults docs/api.md documents, which the modules' option structs now hold.
+TEST(ServerFlags, DefaultsAreTheDocumentedOnes) {
   ServerFlags f;
   ASSERT_EQ(Parse({}, {}, f), std::nullopt);
-  const scheduler::SchedulerOptions sched;
-  const runtime::WorkerGroupOptions group;
-  EXPECT_EQ(f.max_batch_tokens, sched.max_batch_tokens);
-  EXPECT_EQ(f.max_batch_seqs, sched.max_batch_seqs);
-  EXPECT_EQ(f.max_waiting, sched.max_waiting);
-  EXPECT_EQ(f.block_size, sched.block_size);
-  EXPECT_DOUBLE_EQ(f.kv_watermark, sched.watermark);
-  EXPECT_EQ(f.max_restarts, group.max_restarts);
-  EXPECT_DOUBLE_EQ(f.heartbeat_timeout_s, Seconds(group.heartbeat_timeout));
-  EXPECT_DOUBLE_EQ(f.start_timeout_s, Seconds(group.start_timeout));
-  EXPECT_DOUBLE_EQ(f.resume_timeout_s, Seconds(core::EngineOptions{}.resume_timeout));
-  EXPECT_EQ(f.http_threads, http::ServerOptions{}.threads);
-  EXPECT_EQ(f.max_message_bytes, static_cast<int>(http::ServerOptions{}.max_body_bytes));
+  EXPECT_EQ(f.max_batch_tokens, 512);
+  EXPECT_EQ(f.max_batch_seqs, 64);
+  EXPECT_EQ(f.max_waiting, 256);
+  EXPECT_EQ(f.block_size, 16);
+  EXPECT_EQ(f.num_kv_blocks, 0);
+  EXPECT_EQ(f.kv_cache_memory, 0);
+  EXPECT_EQ(f.threads_per_worker, 0);
+  EXPECT_DOUBLE_EQ(f.kv_watermark, 0.01);
+  EXPECT_EQ(f.max_restarts, 3);
+  EXPECT_DOUBLE_EQ(f.restart_window_s, 300);
+  EXPECT_DOUBLE_EQ(f.heartbeat_timeout_s, 1);
+  EXPECT_DOUBLE_EQ(f.stall_timeout_s, 60);
+  EXPECT_DOUBLE_EQ(f.start_timeout_s, 120);
+  EXPECT_DOUBLE_EQ(f.collective_timeout_s, 30);
+  EXPECT_DOUBLE_EQ(f.resume_timeout_s, 60);
+  EXPECT_EQ(f.http_threads, 2);
+  EXPECT_DOUBLE_EQ(f.http_idle_timeout_s, 60);
+  EXPECT_EQ(f.max_message_bytes, 4 << 20);
   EXPECT_TRUE(f.prefix_caching);
 }
 

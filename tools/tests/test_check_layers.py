@@ -53,6 +53,13 @@ def test_a_long_function_is_measured_from_its_signature_whatever_its_shape(tmp_p
                    "runtime/a.cc:170: function of 81 lines (at most 80)"], out
 
 
+def test_every_module_is_measured_the_kernels_included_but_not_tests_or_tools(tmp_path):
+    long = "int F(int x) {\n" + body(80) + "  return x;\n}\n"  # 83 lines
+    rc, out = check(tmp_path, {f"{m}/a.cc": long for m in ("engine", "tokenizer", "scheduler", "tests", "tools")})
+    assert rc == 1
+    assert sorted(out) == [f"{m}/a.cc:1: function of 83 lines (at most 80)" for m in ("engine", "scheduler", "tokenizer")]
+
+
 def test_the_repository_passes():
     r = subprocess.run([sys.executable, CHECK, ROOT], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

@@ -5,6 +5,7 @@
 
 #include "cluster/membership.h"
 #include "engine/device.h"
+#include "proto/grpc_status.h"
 #include "runtime/shm.h"
 #include "runtime/shm_store.h"
 
@@ -135,10 +136,7 @@ grpc::Status Hub::Join(grpc::ServerContext* context,
     std::lock_guard<std::mutex> lock(mu_);
     if (closing_) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the leader is shutting down");
     auto admitted = Admit(first.hello(), context->peer());
-    if (!admitted.ok()) {
-      return grpc::Status(static_cast<grpc::StatusCode>(admitted.status().code()),
-                          std::string(admitted.status().message()));
-    }
+    if (!admitted.ok()) return ToGrpc(admitted.status());
     node = *admitted;
     Node& n = nodes_[node];
     n.connected = n.joined_once = true;

@@ -27,7 +27,7 @@ const char* FinishReasonName(FinishReason reason) {
   return "none";
 }
 
-Engine::Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer* tok,
+Engine::Engine(std::unique_ptr<runtime::StepRunner> group, const tokenizer::Tokenizer* tok,
                const EngineOptions& options)
     : group_(std::move(group)), tok_(tok), options_(options), sched_([&] {
         scheduler::SchedulerOptions s = options.scheduler;

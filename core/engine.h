@@ -39,7 +39,7 @@
 
 #include "core/request.h"
 #include "core/serving_metrics.h"
-#include "runtime/worker_group.h"
+#include "runtime/step_runner.h"
 #include "scheduler/scheduler.h"
 #include "tokenizer/tokenizer.h"
 
@@ -68,7 +68,8 @@ class Engine {
  public:
   /// Starts the engine thread. `tok` must outlive the engine; without one (nullptr) requests get
   /// token ids and logprobs but no text, and may not have stop strings.
-  Engine(std::unique_ptr<runtime::WorkerGroup> group, const tokenizer::Tokenizer* tok, const EngineOptions& options);
+  /// `group`: the workers (runtime::WorkerGroup in the server; a fake in tests).
+  Engine(std::unique_ptr<runtime::StepRunner> group, const tokenizer::Tokenizer* tok, const EngineOptions& options);
   ~Engine();  // Stop()
 
   /// Queues a request that arrived at `arrival` and must end by `deadline`
@@ -95,7 +96,7 @@ class Engine {
   bool fatal() const { return fatal_.load(); }
   /// Ends the engine thread; requests still active end with UNAVAILABLE.
   void Stop();
-  const runtime::WorkerGroup& group() const { return *group_; }
+  const runtime::StepRunner& group() const { return *group_; }
 
  private:
   void Loop();
@@ -141,7 +142,7 @@ class Engine {
                      const std::optional<Clock::time_point>& first_token, const Status& status, FinishReason reason,
                      std::string stop_reason);
 
-  std::unique_ptr<runtime::WorkerGroup> group_;
+  std::unique_ptr<runtime::StepRunner> group_;
   const tokenizer::Tokenizer* tok_;
   EngineOptions options_;
   scheduler::Scheduler sched_;

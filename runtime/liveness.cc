@@ -134,6 +134,7 @@ uint64_t PeerSilence::evidence_ns(uint64_t now) const {
 }
 
 uint64_t PeerSilence::allowance_ns(uint64_t now) const {
+  // The evidence comes from the peer: a sum that wraps past 2^64 falls back to the base.
   return std::min(ceiling_ns_, std::max(base_ns_, base_ns_ + evidence_ns(now) + judge_waited_ns_));
 }
 

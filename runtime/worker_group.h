@@ -43,6 +43,7 @@
 #include "runtime/protocol.h"
 #include "runtime/remote_nodes.h"
 #include "runtime/shm.h"
+#include "runtime/step_runner.h"
 
 namespace kraken::runtime {
 
@@ -75,21 +76,6 @@ struct WorkerGroupOptions {
   std::string collective_host = "127.0.0.1";  // the address this node's workers bind for collectives
 };
 
-/// Rank 0's result, pointing into the segment: valid until the next RunStep.
-struct StepResultView {
-  std::span<const ResultSeq> seqs;
-  const PromptLogprob* prompt_logprobs = nullptr;  // ResultSeq::prompt_logprob_offset indexes it
-};
-
-/// Timing of one rank, in seconds since the workers (re)started.
-struct RankStatsSnapshot {
-  int rank = 0;
-  uint64_t steps = 0, collectives = 0;
-  double busy_s = 0, exposed_comm_s = 0, collective_s = 0, idle_s = 0;
-  bool up = false;
-  WorkerMemory memory;  // as the rank reported it at its last start
-};
-
 /// The --devices grammar, parsed here and nowhere else: "cpu" (one CPU worker), "cpu:N" (N CPU
 /// workers), "cuda:0-7", "cuda:0,2,5" or a mix of ranges and single CUDA ordinals -> one device
 /// per worker, in rank order. INVALID_ARGUMENT naming the text otherwise (or a world size outside
@@ -101,7 +87,7 @@ StatusOr<std::vector<engine::Device>> ParseDevices(const std::string& spec);
 /// Errors as Start's argument checks.
 StatusOr<Limits> PlanLimits(const WorkerGroupOptions& options);
 
-class WorkerGroup {
+class WorkerGroup final : public StepRunner {
  public:
   /// Spawns and waits for every worker (bounded by start_timeout; the error names each rank that
   /// failed or did not report, and why).
@@ -141,14 +127,14 @@ class WorkerGroup {
   /// FAILED_PRECONDITION for a sequence that continues from a KV cache lost in a restart;
   /// ABORTED once the group has given up (after more than max_restarts failures within
   /// restart_window).
-  StatusOr<StepResultView> RunStep(std::span<const SeqStep> seqs);
+  StatusOr<StepResultView> RunStep(std::span<const SeqStep> seqs) override;
 
   /// Checks the workers between steps: reaps any that exited, and treats a reported failure or a
   /// heartbeat silent for more than heartbeat_timeout as a failure (restart, as in RunStep).
   /// OK when all are well; UNAVAILABLE (naming the rank and why) after a failure once the workers
   /// have been restarted; ABORTED once the group has given up. Cheap (a waitpid and two atomic
   /// loads per rank): call it every ~100 ms while no step runs. Thread: the RunStep thread.
-  Status Supervise();
+  Status Supervise() override;
 
   /// Asks the workers to exit, waits up to 5 s, then kills what is left. Idempotent.
   void Shutdown();
@@ -157,22 +143,22 @@ class WorkerGroup {
   /// returns within 50 ms, and the group then fails every call with UNAVAILABLE ("the server is
   /// stopping"). For a server that must end within its grace period whatever the workers do.
   /// Thread: any (the RunStep thread may be inside a restart).
-  void CancelRestarts();
+  void CancelRestarts() override;
 
   /// Called on the calling thread of RunStep when a worker failure has been noticed (`true`, with
   /// the cause: the in-flight step will fail) and again when the workers are back (`false`). The
   /// server uses it to fail streams at once and to report NOT_SERVING while recovering.
-  void set_recovery_callback(std::function<void(bool recovering, const Status& cause)> cb) {
+  void set_recovery_callback(std::function<void(bool recovering, const Status& cause)> cb) override {
     recovery_cb_ = std::move(cb);
   }
 
-  std::vector<RankStatsSnapshot> Stats() const;
-  int world_size() const { return static_cast<int>(options_.devices.size()); }
+  std::vector<RankStatsSnapshot> Stats() const override;
+  int world_size() const override { return static_cast<int>(options_.devices.size()); }
   const Limits& limits() const { return limits_; }
   /// Restarts so far.
-  int restarts() const { return restarts_total_; }
+  int restarts() const override { return restarts_total_; }
   /// Changes whenever the workers (and their KV caches) are started anew.
-  uint64_t generation() const { return generation_; }
+  uint64_t generation() const override { return generation_; }
   std::vector<pid_t> worker_pids() const { return pids_; }
   /// When the last worker failure was noticed (epoch if none).
   std::chrono::steady_clock::time_point last_failure_noticed() const { return failure_noticed_; }

@@ -2,11 +2,6 @@
 
 namespace kraken::server {
 
-grpc::Status ToGrpc(const Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(static_cast<int>(s.code())), std::string(s.message()));
-}
-
 grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg) {
   grpc::ByteBuffer out;
   bool own = false;

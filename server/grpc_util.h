@@ -1,6 +1,6 @@
 // What both gRPC services (kraken.v1 in server/service.h, KServe in server/kserve_service.h) share:
-// the status mapping, raw message parsing and serialising, unary answers, and a call's credential
-// and deadline in the front door's terms (core/admission.h).
+// raw message parsing and serialising, unary answers, and a call's credential and deadline in the
+// front door's terms (core/admission.h); the status mapping is proto/grpc_status.h's ToGrpc.
 #pragma once
 
 #include <google/protobuf/message_lite.h>
@@ -9,12 +9,9 @@
 
 #include "base/status.h"
 #include "core/admission.h"
+#include "proto/grpc_status.h"  // ToGrpc
 
 namespace kraken::server {
-
-/// Maps our Status to grpc::Status, keeping the code and the message (the codes are the same
-/// numbers: absl::StatusCode mirrors grpc::StatusCode).
-grpc::Status ToGrpc(const Status& s);
 
 /// The wire form of a response message (for raw callback methods).
 grpc::ByteBuffer Serialize(const google::protobuf::MessageLite& msg);

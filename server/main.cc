@@ -43,6 +43,7 @@
 #include "http/server.h"
 #include "openai/api.h"
 #include "runtime/worker.h"
+#include "runtime/worker_group.h"
 #include "server/flags.h"
 #include "server/json_log.h"
 #include "server/kserve_service.h"

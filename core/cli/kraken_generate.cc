@@ -80,7 +80,7 @@ struct Options {
 };
 
 // The timings and the per-rank statistics of a generation, as JSON and as text.
-void Report(const Options& o, const runtime::WorkerGroup& group, nlohmann::json out) {
+void Report(const Options& o, const runtime::StepRunner& group, nlohmann::json out) {
   nlohmann::json ranks = nlohmann::json::array();
   for (const auto& st : group.Stats()) {
     ranks.push_back({{"rank", st.rank},

@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "cluster/hub.h"
+#include "cluster/membership.h"
 #include "kraken/cluster/v1/cluster.grpc.pb.h"
 #include "runtime/liveness.h"
 #include "runtime/shm.h"

@@ -454,14 +454,17 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
   }
 }
 
+bool Engine::ForgetLostCache() {
+  if (group_->generation() == cache_generation_) return false;
+  // The workers were restarted: their KV pools, and every cached block, are gone.
+  sched_.ResetPrefixCache();
+  cache_generation_ = group_->generation();
+  return true;
+}
+
 bool Engine::RunOneStep() {
-  if (group_->generation() != cache_generation_) {
-    // The workers were restarted: their KV pools, and every cached block, are gone; the requests
-    // in flight are recomputed.
-    sched_.ResetPrefixCache();
-    cache_generation_ = group_->generation();
+  if (ForgetLostCache())  // the requests in flight are recomputed
     Resume(absl::UnavailableError("the workers were restarted between steps"), /*in_step=*/false);
-  }
   scheduler::StepPlan plan = sched_.Schedule();
   for (uint64_t id : plan.preempted) {
     spdlog::debug("request {} preempted (KV cache full); it will be recomputed", id);
@@ -523,10 +526,7 @@ void Engine::OnStepFailed(const Status& s, size_t planned) {
   if (s.code() == absl::StatusCode::kUnavailable || s.code() == absl::StatusCode::kFailedPrecondition) {
     // The workers were restarted (UNAVAILABLE; FAILED_PRECONDITION: a step planned on KV caches a
     // restart lost): the requests in flight are recomputed on the new workers.
-    if (group_->generation() != cache_generation_) {
-      sched_.ResetPrefixCache();
-      cache_generation_ = group_->generation();
-    }
+    ForgetLostCache();
     Resume(s, /*in_step=*/s.code() == absl::StatusCode::kUnavailable);
   } else {
     // The workers refused the plan: its sequences' KV caches are suspect. Fail those; waiting

@@ -104,6 +104,9 @@ class Engine {
   void Admit();
   void Reap(Clock::time_point now);
   bool RunOneStep();
+  // After the workers were restarted (their generation changed): drops the prefix cache, whose
+  // blocks were in the lost KV pools. True when it did.
+  bool ForgetLostCache();
   // Builds steps_ for `plan` (engine thread), marking first schedules.
   void BuildSteps(const scheduler::StepPlan& plan);
   void OnStepFailed(const Status& s, size_t planned);

@@ -399,15 +399,18 @@ http::Reply Api::Detokenize(const http::Request& req) const {
   return JsonResponse(200, json{{"prompt", *text}});
 }
 
+json Api::ModelObject() const {
+  return json{{"id", options_.served_model_name},
+              {"object", "model"},
+              {"created", created_},
+              {"owned_by", "kraken-serve"},
+              {"root", options_.served_model_name},
+              {"parent", nullptr},
+              {"max_model_len", limits_.context_length}};
+}
+
 http::Reply Api::Models() const {
-  json model{{"id", options_.served_model_name},
-             {"object", "model"},
-             {"created", created_},
-             {"owned_by", "kraken-serve"},
-             {"root", options_.served_model_name},
-             {"parent", nullptr},
-             {"max_model_len", limits_.context_length}};
-  return JsonResponse(200, json{{"object", "list"}, {"data", json::array({model})}});
+  return JsonResponse(200, json{{"object", "list"}, {"data", json::array({ModelObject()})}});
 }
 
 http::Reply Api::Health() const {
@@ -426,6 +429,11 @@ void Api::Register(http::Server& server) {
   server.Route("GET", "/v1/models", [this](const http::Request& r) -> http::Reply {
     if (Status a = Authorize(r); !a.ok()) return ErrorResponse(a);
     return Models();
+  });
+  // The one model by its id (exact routes: another id has no route and gets 404).
+  server.Route("GET", "/v1/models/" + options_.served_model_name, [this](const http::Request& r) -> http::Reply {
+    if (Status a = Authorize(r); !a.ok()) return ErrorResponse(a);
+    return JsonResponse(200, ModelObject());
   });
   server.Route("POST", "/tokenize", [this](const http::Request& r) { return Tokenize(r); });
   server.Route("POST", "/detokenize", [this](const http::Request& r) { return Detokenize(r); });

@@ -1,7 +1,7 @@
 // The OpenAI-compatible HTTP API over the serving core, as vLLM serves it:
 //   POST /v1/completions        text or token-id prompt; JSON, or SSE chunks ending "data: [DONE]"
 //   POST /v1/chat/completions   400: the bundled models are base models with no chat template
-//   GET  /v1/models             the one served model
+//   GET  /v1/models             the one served model; GET /v1/models/{id}: that model
 //   POST /tokenize, /detokenize vLLM's tokenizer endpoints
 //   GET  /health                200 while serving, 503 while the workers recover or the server drains
 //   GET  /version, GET /metrics (Prometheus text, the same registry as --metrics-port)
@@ -15,6 +15,8 @@
 #include <functional>
 #include <memory>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "core/admission.h"
 #include "http/server.h"
@@ -48,6 +50,8 @@ class Api {
   http::Reply Tokenize(const http::Request& req) const;
   http::Reply Detokenize(const http::Request& req) const;
   http::Reply Models() const;
+  // The served model as OpenAI's model object.
+  nlohmann::json ModelObject() const;
   http::Reply Health() const;
   // OK, or UNAUTHENTICATED naming what is missing.
   Status Authorize(const http::Request& req) const;

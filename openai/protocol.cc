@@ -171,7 +171,11 @@ Status ReadSampling(const json& body, core::GenerationRequest* g) {
     if (seed) g->seed = static_cast<uint64_t>(*seed);
   }
   std::optional<int64_t> logprobs;
-  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "logprobs", &logprobs));
+  if (auto it = body.find("logprobs"); it != body.end() && it->is_boolean()) {
+    logprobs = it->get<bool>() ? 1 : 0;  // as pydantic-based servers (vLLM) read a boolean here
+  } else {
+    KRAKEN_RETURN_IF_ERROR(ReadInt(body, "logprobs", &logprobs));
+  }
   if (logprobs) {  // the chosen token's logprob and this many alternatives
     g->logprobs = true;
     g->top_logprobs = *logprobs;

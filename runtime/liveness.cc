@@ -21,6 +21,15 @@ std::string ReadSmall(const char* path) {
   return out;
 }
 
+// A thread's schedstat: nanoseconds it ran and waited runnable for a CPU. False when unreadable.
+bool ReadSchedstat(const char* path, uint64_t* run_ns, uint64_t* wait_ns) {
+  unsigned long long run = 0, wait = 0;
+  if (std::sscanf(ReadSmall(path).c_str(), "%llu %llu", &run, &wait) != 2) return false;
+  *run_ns = run;
+  *wait_ns = wait;
+  return true;
+}
+
 }  // namespace
 
 ThreadSched ReadThreadSched(pid_t pid, pid_t tid) {
@@ -34,11 +43,7 @@ ThreadSched ReadThreadSched(pid_t pid, pid_t tid) {
   if (close == std::string::npos || close + 2 >= stat.size()) return t;
   t.state = stat[close + 2];
   std::snprintf(path, sizeof path, "/proc/%d/task/%d/schedstat", static_cast<int>(pid), static_cast<int>(tid));
-  unsigned long long run = 0, wait = 0;
-  if (std::sscanf(ReadSmall(path).c_str(), "%llu %llu", &run, &wait) != 2) return t;
-  t.run_ns = run;
-  t.wait_ns = wait;
-  t.ok = true;
+  t.ok = ReadSchedstat(path, &t.run_ns, &t.wait_ns);
   return t;
 }
 
@@ -110,8 +115,8 @@ std::string SilenceClock::Explain(uint64_t now) const {
 }
 
 uint64_t OwnWaitMeter::Take() {
-  unsigned long long run = 0, wait = 0;
-  if (std::sscanf(ReadSmall("/proc/thread-self/schedstat").c_str(), "%llu %llu", &run, &wait) != 2) return 0;
+  uint64_t run = 0, wait = 0;
+  if (!ReadSchedstat("/proc/thread-self/schedstat", &run, &wait)) return 0;
   const uint64_t waited = last_ns_ != 0 && wait > last_ns_ ? wait - last_ns_ : 0;
   last_ns_ = wait;
   return waited;
@@ -134,8 +139,8 @@ uint64_t PeerSilence::evidence_ns(uint64_t now) const {
 }
 
 uint64_t PeerSilence::allowance_ns(uint64_t now) const {
-  // The evidence comes from the peer: a sum that wraps past 2^64 falls back to the base.
-  return std::min(ceiling_ns_, std::max(base_ns_, base_ns_ + evidence_ns(now) + judge_waited_ns_));
+  // The evidence comes from the peer: bounded before the sum, which then cannot wrap.
+  return std::min(ceiling_ns_, base_ns_ + std::min(evidence_ns(now), ceiling_ns_) + judge_waited_ns_);
 }
 
 std::string PeerSilence::Explain(uint64_t now) const {

@@ -121,7 +121,7 @@ Status Unsupported(std::string_view label, std::string_view field, const json& v
 
 // The pipeline around the BPE model: no normalizer; a ByteLevel pre-tokenizer, or
 // Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]; a ByteLevel decoder; no
-// post-processor or a ByteLevel one. Returns the pre-tokenizer's split pattern; INVALID_ARGUMENT
+// post-processor or a ByteLevel one. Returns the pre-tokenizer's split pattern; UNIMPLEMENTED
 // naming the part this tokenizer does not implement otherwise.
 StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* add_prefix_space) {
   std::string pattern = Gpt2Pattern();
@@ -135,14 +135,15 @@ StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* 
     if (!p.is_object() || p.value("type", "") != "ByteLevel") {
       return Unsupported(label, "'pre_tokenizer'", p, "ByteLevel");
     }
-    if (p.value("use_regex", true) != want_regex) {
-      return Unsupported(label, "'pre_tokenizer.use_regex'", p["use_regex"], want_regex ? "true" : "false");
+    if (p.value("use_regex", true) != want_regex) {  // (a const json's [] may not read a missing key)
+      return Unsupported(label, "'pre_tokenizer.use_regex'", p.contains("use_regex") ? p["use_regex"] : json(true),
+                         want_regex ? "true" : "false");
     }
     *add_prefix_space = p.value("add_prefix_space", false);
     return absl::OkStatus();
   };
   if (pre.is_object() && pre.value("type", "") == "Sequence") {
-    const json& seq = pre["pretokenizers"];
+    const json& seq = pre.contains("pretokenizers") ? pre["pretokenizers"] : json::object();
     if (!seq.is_array() || seq.size() != 2 || !seq[0].is_object() || seq[0].value("type", "") != "Split") {
       return Unsupported(label, "'pre_tokenizer'", pre, "ByteLevel or Sequence[Split, ByteLevel]");
     }
@@ -171,10 +172,10 @@ StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* 
 }
 
 // The added tokens: each an id and a non-empty content that agrees with the vocabulary, without
-// single_word, lstrip or rstrip. INVALID_ARGUMENT naming the token otherwise.
+// single_word, lstrip or rstrip: INVALID_ARGUMENT naming a malformed token, UNIMPLEMENTED one of
+// those options.
 Status ReadAddedTokens(const json& j, std::string_view label, const absl::flat_hash_map<std::string, int32_t>& vocab,
                        std::vector<AddedToken>* added) {
-  // Added tokens.
   if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
     if (!j["added_tokens"].is_array()) return InvalidArgument(label, ": 'added_tokens' must be an array");
     for (const json& a : j["added_tokens"]) {

@@ -216,13 +216,12 @@ __global__ void AttentionKernel(const float* q, int64_t qs, const T* kc, const T
 }
 
 // TiledAttentionKernel's staging of keys k0 .. k0 + nk - 1 of head `h` into shared memory, zeros
-// past nk: K as [kKeyTile][head_dim + 1] (neighbouring threads take neighbouring keys, contiguous
+// past nk: K as [kKeyTile][kd] (kd = head_dim + 1; neighbouring threads take neighbouring keys, contiguous
 // within a KV block), V as [kKeyTile][head_dim] (neighbouring threads take neighbouring dims).
 // Every thread of the block takes part; the caller synchronises after.
 template <typename T>
 __device__ void LoadKeyTile(const T* kc, const T* vc, const int32_t* table, int h, int head_dim, int block_size,
-                            int64_t block_floats, int k0, int nk, float* ksh, float* vsh) {
-  const int kd = head_dim + 1;
+                            int64_t block_floats, int k0, int nk, int kd, float* ksh, float* vsh) {
   for (int i = threadIdx.x; i < kKeyTile * head_dim; i += blockDim.x) {
     const int j = i % kKeyTile, d = i / kKeyTile;
     float kv = 0.f;
@@ -283,7 +282,7 @@ __global__ void TiledAttentionKernel(const float* q, int64_t qs, const T* kc, co
 
   for (int k0 = 0; k0 < keys; k0 += kKeyTile) {
     const int nk = min(kKeyTile, keys - k0);
-    LoadKeyTile(kc, vc, table, h, head_dim, block_size, block_floats, k0, nk, ksh, vsh);
+    LoadKeyTile(kc, vc, table, h, head_dim, block_size, block_floats, k0, nk, kd, ksh, vsh);
     __syncthreads();
 
     float s[2];

@@ -20,9 +20,10 @@ using std::chrono::milliseconds;
 
 constexpr int kVocab = 1000;
 
-// The token the fake samples after `last` at position `pos`.
-int32_t NextToken(int32_t last, int64_t pos) {
-  return static_cast<int32_t>((last * 31 + pos * 7 + 3) % kVocab);
+// The token the fake samples after `last` at position `pos`, as the sequence's `draw`-th sample
+// (a request resumed with the wrong draw index would continue differently).
+int32_t NextToken(int32_t last, int64_t pos, int64_t draw) {
+  return static_cast<int32_t>((last * 31 + pos * 7 + draw * 13 + 3) % kVocab);
 }
 
 class FakeWorkers final : public runtime::StepRunner {
@@ -32,6 +33,7 @@ class FakeWorkers final : public runtime::StepRunner {
     std::condition_variable cv;
     int steps = 0;              // steps run (failed ones included)
     int fail_at_step = 0;       // this step fails as a worker crash would (0: none)
+    int stale_refusals = 0;     // steps refused for a sequence continuing from a lost KV cache
     bool hold = false;          // steps wait while set (a slow worker)
     bool holding = false;       // a step is waiting
     std::vector<bool> serving;  // what the recovery callback said, in order
@@ -39,6 +41,13 @@ class FakeWorkers final : public runtime::StepRunner {
   explicit FakeWorkers(std::shared_ptr<Shared> shared) : sh_(std::move(shared)) {}
 
   StatusOr<runtime::StepResultView> RunStep(std::span<const runtime::SeqStep> seqs) override {
+    for (const runtime::SeqStep& s : seqs) {  // as WorkerGroup::RunStep, before anything runs
+      if (s.start_pos > 0 && s.kv_generation != generation_) {
+        std::lock_guard<std::mutex> l(sh_->mu);
+        ++sh_->stale_refusals;
+        return FailedPrecondition("sequence ", s.seq_id, " continues from a KV cache lost in a restart");
+      }
+    }
     {
       std::unique_lock<std::mutex> l(sh_->mu);
       sh_->holding = true;
@@ -57,12 +66,10 @@ class FakeWorkers final : public runtime::StepRunner {
     }
     results_.clear();
     for (const runtime::SeqStep& s : seqs) {
-      if (s.start_pos > 0 && s.kv_generation != generation_)
-        return FailedPrecondition("sequence ", s.seq_id, " continues from a KV cache lost in a restart");
       runtime::ResultSeq r;
       r.seq_id = s.seq_id;
       if (s.sample) {
-        r.token = NextToken(s.tokens.back(), s.start_pos + static_cast<int64_t>(s.tokens.size()) - 1);
+        r.token = NextToken(s.tokens.back(), s.start_pos + static_cast<int64_t>(s.tokens.size()) - 1, s.draw_index);
         r.logprob = -0.25f;
       }
       results_.push_back(r);
@@ -124,8 +131,8 @@ struct Fixture {
     p.max_tokens = max_tokens;
     p.sampling.seed = 1;
     auto h = engine->Submit(std::move(p), Clock::now(), deadline);
-    EXPECT_TRUE(h.ok()) << h.status();
-    return h.ok() ? *h : nullptr;
+    if (!h.ok()) ADD_FAILURE() << h.status();
+    return h.ok() ? *h : std::make_shared<RequestHandle>(0, RequestParams{}, Clock::now(), Clock::time_point::max());
   }
 
   std::shared_ptr<FakeWorkers::Shared> shared;
@@ -147,7 +154,7 @@ std::vector<int32_t> Expected(std::vector<int32_t> prompt, int n) {
   std::vector<int32_t> out;
   int32_t last = prompt.back();
   for (int i = 0; i < n; ++i) {
-    last = NextToken(last, static_cast<int64_t>(prompt.size()) - 1 + i);
+    last = NextToken(last, static_cast<int64_t>(prompt.size()) - 1 + i, i);
     out.push_back(last);
   }
   return out;
@@ -179,6 +186,8 @@ TEST(Engine, AWorkerFailureMidRequestLosesNoTokenAndHealthFollowsTheRecovery) {
   std::lock_guard<std::mutex> l(f.shared->mu);
   EXPECT_EQ(f.shared->serving, (std::vector<bool>{false, true}));
   EXPECT_GT(f.shared->steps, 4);
+  // Resumed by the failure itself, never by tripping over a KV cache the restart lost.
+  EXPECT_EQ(f.shared->stale_refusals, 0);
 }
 
 TEST(Engine, ACancelledRequestEndsCancelledAndTheOthersGoOn) {
@@ -186,7 +195,7 @@ TEST(Engine, ACancelledRequestEndsCancelledAndTheOthersGoOn) {
   f.Hold();
   auto a = f.Submit({1, 2}, 50);
   auto b = f.Submit({3}, 4);
-  f.AwaitHeldStep();
+  ASSERT_NO_FATAL_FAILURE(f.AwaitHeldStep());
   a->Cancel();
   f.Release();
   const Output oa = Wait(*a), ob = Wait(*b);
@@ -196,23 +205,25 @@ TEST(Engine, ACancelledRequestEndsCancelledAndTheOthersGoOn) {
   EXPECT_EQ(ob.ids, Expected({3}, 4));
 }
 
-TEST(Engine, ARequestPastItsDeadlineEndsDeadlineExceeded) {
+TEST(Engine, ARequestPastItsDeadlineWhileGeneratingEndsDeadlineExceeded) {
   Fixture f;
   f.Hold();
-  auto h = f.Submit({1, 2}, 50, Clock::now() + milliseconds(30));
-  f.AwaitHeldStep();
-  std::this_thread::sleep_for(milliseconds(60));
+  const auto deadline = Clock::now() + milliseconds(1000);  // far enough for a slow host to schedule it
+  auto h = f.Submit({1, 2}, 50, deadline);
+  ASSERT_NO_FATAL_FAILURE(f.AwaitHeldStep());
+  std::this_thread::sleep_until(deadline + milliseconds(50));
   f.Release();
   const Output out = Wait(*h);
   EXPECT_EQ(out.status.code(), absl::StatusCode::kDeadlineExceeded) << out.status;
+  EXPECT_NE(out.status.message().find("while generating"), std::string::npos) << out.status;
 }
 
 TEST(Engine, TheWaitingQueueIsBoundedAndSaysSo) {
   Fixture f(/*max_waiting=*/1);
   f.Hold();
   auto running = f.Submit({1}, 4);
-  f.AwaitHeldStep();                // scheduled: no longer waiting
-  auto waiting = f.Submit({2}, 4);  // the one waiting place
+  ASSERT_NO_FATAL_FAILURE(f.AwaitHeldStep());  // scheduled: no longer waiting
+  auto waiting = f.Submit({2}, 4);             // the one waiting place
   RequestParams p;
   p.prompt = {3};
   p.max_tokens = 4;

@@ -71,6 +71,18 @@ TEST(ParseCompletionRequest, TokenIdsAndUnsetFields) {
   EXPECT_EQ(all->generation.max_tokens, 1024);
 }
 
+TEST(ParseCompletionRequest, ABooleanLogprobsReadsAsPydanticServersReadIt) {
+  auto yes = ParseCompletionRequest(R"({"prompt":"a","logprobs":true})", 1024);
+  ASSERT_TRUE(yes.ok()) << yes.status();
+  EXPECT_TRUE(yes->generation.logprobs);
+  EXPECT_EQ(yes->generation.top_logprobs, 1);
+  auto no = ParseCompletionRequest(R"({"prompt":"a","logprobs":false})", 1024);
+  ASSERT_TRUE(no.ok()) << no.status();
+  EXPECT_TRUE(no->generation.logprobs);  // 0: the chosen token's logprob, no alternatives
+  EXPECT_EQ(no->generation.top_logprobs, 0);
+  EXPECT_EQ(Refusal(R"({"prompt":"a","logprobs":"2"})"), "field 'logprobs' must be an integer, got string \"2\"");
+}
+
 TEST(ParseCompletionRequest, RefusalsNameTheFieldAndTheValue) {
   EXPECT_EQ(Refusal("[1]"), "the request body must be a JSON object, got array [1]");
   EXPECT_EQ(Refusal(R"({"prompt":"a","temprature":1})"),

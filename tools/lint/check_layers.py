@@ -38,6 +38,8 @@ NOT_MODULES = {"tests", "bench", "tools"}
 PROTOBUF_OK = {"server", "proto", "cluster"}
 MAX_FUNCTION_LINES = 80
 
+# A template header or attributes before a definition: `template <typename T>`, `[[gnu::cold]]`.
+DECORATION = re.compile(r"^(?:template\s*<[^;{]*?>\s*|\[\[[^\]]*\]\]\s*)+")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
 # Lines in column 0 that do not begin a function definition.
 NOT_A_FUNCTION = ("namespace", "class ", "struct ", "enum ", "union ", "extern ", "using ", "typedef ", "template",
@@ -71,12 +73,18 @@ def check_includes(path, lines, findings):
 
 def function_spans(lines):
     """(first line, last line) of each top-level function definition, 1-based: from the line in
-    column 0 that begins its signature to the '}' in column 0 that closes its body."""
-    spans, start, in_body = [], None, False
+    column 0 that begins its signature (its template header or attributes included, on that line
+    or the lines just before) to the '}' in column 0 that closes its body."""
+    spans, start, in_body, decorated = [], None, False, None
     for n, line in enumerate(lines, 1):
         if not in_body:
-            if start is None and line[:1] and (line[0].isalpha() or line[0] in "_~") and not line.startswith(NOT_A_FUNCTION):
-                start = n
+            head = DECORATION.sub("", line) if start is None else line
+            if start is None and head != line and not head.strip():
+                decorated = decorated or n  # a template header or attributes alone on their line
+                continue
+            if start is None and head[:1] and (head[0].isalpha() or head[0] in "_~") and not head.startswith(NOT_A_FUNCTION):
+                start = decorated or n
+            decorated = None
             if start is not None:
                 code = line.split("//", 1)[0].rstrip()
                 if code.endswith("{}") or (code.endswith(";") and not code.endswith("};")):

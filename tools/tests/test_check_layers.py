@@ -53,6 +53,18 @@ def test_a_long_function_is_measured_from_its_signature_whatever_its_shape(tmp_p
                    "runtime/a.cc:170: function of 81 lines (at most 80)"], out
 
 
+def test_a_template_or_attributed_function_is_measured_from_its_header(tmp_path):
+    one_line = "template <int N> int F(int x) {\n" + body(80) + "  return x;\n}\n"                      # 83 lines
+    header = "template <typename T>\n[[gnu::always_inline]] inline T G(T x) {\n" + body(79) + "  return x;\n}\n"  # 83
+    attributed = "[[nodiscard]] int H(int x) {\n" + body(79) + "  return x;\n}\n"                          # 82
+    a_class = "template <typename T>\nstruct S {\n" + body(90) + "};\n"
+    rc, out = check(tmp_path, {"engine/a.cc": one_line + "\n" + header + "\n" + attributed + "\n" + a_class})
+    assert rc == 1
+    assert out == ["engine/a.cc:1: function of 83 lines (at most 80)",
+                   "engine/a.cc:85: function of 83 lines (at most 80)",
+                   "engine/a.cc:169: function of 82 lines (at most 80)"], out
+
+
 def test_every_module_is_measured_the_kernels_included_but_not_tests_or_tools(tmp_path):
     long = "int F(int x) {\n" + body(80) + "  return x;\n}\n"  # 83 lines
     rc, out = check(tmp_path, {f"{m}/a.cc": long for m in ("engine", "tokenizer", "scheduler", "tests", "tools")})

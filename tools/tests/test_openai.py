@@ -54,6 +54,10 @@ def test_completion_equals_kraken_v1_for_the_same_seed(server):
         assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in g.logprobs], abs=0)
         assert "".join(choice.logprobs.tokens) == choice.text
         assert [len(t) for t in choice.logprobs.top_logprobs] == [2] * 24
+    # "logprobs": true, as pydantic-based servers read it: one alternative per token.
+    r = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=4, temperature=0, logprobs=True)
+    tops = r.choices[0].logprobs.top_logprobs
+    assert [len(t) for t in tops] == [1] * 4 and [next(iter(t)) for t in tops] == r.choices[0].logprobs.tokens
         assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
 
 
@@ -198,6 +202,10 @@ def test_oversized_body_is_413_and_counted(server):
 def test_models_tokenize_detokenize_health_version_chat(server):
     models = server.openai().models.list()
     assert [m.id for m in models.data] == [MODEL]
+    one = server.openai().models.retrieve(MODEL)  # GET /v1/models/{id}
+    assert one.id == MODEL and one.model_dump() == models.data[0].model_dump()
+    with pytest.raises(openai.NotFoundError):
+        server.openai().models.retrieve("gpt-4")
     text = "And God said, Let there be light: and there was light."
     status, _, body = http(server, "POST", "/tokenize", {"prompt": text})
     ids = list(server.stub.Tokenize(pb.TokenizeRequest(text=text)).token_ids)

@@ -141,6 +141,16 @@ TEST(TokenizerLoad, RefusesConfigurationsItWouldMisTokenize) {
       "tokenizer.json: 'model.byte_fallback' is true; only false is supported");
   EXPECT_NE(err(base + "}").find("lacks the byte-level symbol for byte 0"), std::string::npos);
   EXPECT_EQ(err("[1]"), "tokenizer.json: not a JSON object");
+  // Keys a Sequence pre-tokenizer leaves out are read as absent, never looked up in a const object.
+  const std::string split = R"({"type":"Split","behavior":"Isolated","pattern":{"Regex":"a"}})";
+  EXPECT_EQ(err(R"({"model":{"type":"BPE","vocab":{},"merges":[]},"decoder":{"type":"ByteLevel"},"pre_tokenizer":)"
+                R"({"type":"Sequence","pretokenizers":[)" +
+                split + R"(,{"type":"ByteLevel"}]}})"),
+            "tokenizer.json: 'pre_tokenizer.use_regex' is true; only false is supported");
+  EXPECT_EQ(err(R"({"model":{"type":"BPE","vocab":{},"merges":[]},"decoder":{"type":"ByteLevel"},)"
+                R"("pre_tokenizer":{"type":"Sequence"}})"),
+            "tokenizer.json: 'pre_tokenizer' is {\"type\":\"Sequence\"}; only ByteLevel or Sequence[Split, "
+            "ByteLevel] is supported");
   auto missing = Tokenizer::FromModelDir("/nonexistent");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
 }

@@ -54,11 +54,11 @@ def test_completion_equals_kraken_v1_for_the_same_seed(server):
         assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in g.logprobs], abs=0)
         assert "".join(choice.logprobs.tokens) == choice.text
         assert [len(t) for t in choice.logprobs.top_logprobs] == [2] * 24
+        assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
     # "logprobs": true, as pydantic-based servers read it: one alternative per token.
     r = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=4, temperature=0, logprobs=True)
     tops = r.choices[0].logprobs.top_logprobs
     assert [len(t) for t in tops] == [1] * 4 and [next(iter(t)) for t in tops] == r.choices[0].logprobs.tokens
-        assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
 
 
 def test_stream_equals_non_stream_and_is_framed_as_openai_does(server):

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "metrics/registry.h"
+#include "tests/core/test_tokenizer.h"
 
 namespace kraken::core {
 namespace {
@@ -18,13 +19,7 @@ namespace {
 using std::chrono::milliseconds;
 
 const tokenizer::Tokenizer& Tok() {
-  static const auto tok = [] {
-    const char* root = std::getenv("KRAKEN_SOURCE_DIR");
-    auto t = tokenizer::Tokenizer::FromModelDir(std::string(root ? root : ".") + "/models/kraken-kjv-4way");
-    EXPECT_TRUE(t.ok()) << t.status();
-    return std::move(*t);
-  }();
-  return *tok;
+  return KjvTokenizer();
 }
 
 // A door over a fake engine that records each submission.

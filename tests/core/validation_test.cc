@@ -8,19 +8,13 @@
 #include <cstdlib>
 #include <string>
 
-#include "tokenizer/tokenizer.h"
+#include "tests/core/test_tokenizer.h"
 
 namespace kraken::core {
 namespace {
 
 const tokenizer::Tokenizer& Tok() {
-  static const auto tok = [] {
-    const char* root = std::getenv("KRAKEN_SOURCE_DIR");
-    auto t = tokenizer::Tokenizer::FromModelDir(std::string(root ? root : ".") + "/models/kraken-kjv-4way");
-    EXPECT_TRUE(t.ok()) << t.status();
-    return std::move(*t);
-  }();
-  return *tok;
+  return KjvTokenizer();
 }
 
 RequestLimits Limits() {

@@ -282,6 +282,15 @@ StatusOr<json> ParseObject(std::string_view text, const std::vector<std::string>
   return body;
 }
 
+// The call as the front door sees it: its X-Request-Id and its Authorization header (nullopt when
+// absent or empty).
+core::Call CallOf(const http::Request& req) {
+  const std::string_view authorization = req.Header("authorization");
+  return core::Call{.request_id = std::string(req.Header("x-request-id")),
+                    .authorization = authorization.empty() ? std::nullopt : std::optional<std::string>(authorization),
+                    .spelling = {.name = "Authorization", .carrier = "header"}};
+}
+
 }  // namespace
 
 http::Response ErrorResponse(const Status& s) {
@@ -311,17 +320,12 @@ http::Response Api::NotRouted(int status, const http::Request& req) {
 }
 
 Status Api::Authorize(const http::Request& req) const {
-  const std::string_view value = req.Header("authorization");
-  return door_.Authorize(value.empty() ? std::nullopt : std::optional<std::string>(value),
-                         core::CredentialSpelling{.name = "Authorization", .carrier = "header"});
+  const core::Call call = CallOf(req);
+  return door_.Authorize(call.authorization, call.spelling);
 }
 
 http::Reply Api::Completions(const http::Request& req) {
-  const std::string_view authorization = req.Header("authorization");
-  const core::Call call{
-      .request_id = std::string(req.Header("x-request-id")),
-      .authorization = authorization.empty() ? std::nullopt : std::optional<std::string>(authorization),
-      .spelling = {.name = "Authorization", .carrier = "header"}};
+  const core::Call call = CallOf(req);
   std::optional<CompletionRequest> parsed;
   auto handles = door_.Accept(
       call,

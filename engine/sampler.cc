@@ -139,6 +139,14 @@ float Sampler::RawLogprob(const float* logits, int32_t id, float log_z) {
   return x - log_z;
 }
 
+void Sampler::ReportChosen(SampledToken* out) {
+  if (out->num_top == 0) return;
+  for (int i = 0; i < out->num_top; ++i) {
+    if (out->top[i].token == out->token) return;
+  }
+  out->top[out->num_top++] = {out->token, out->logprob};
+}
+
 StatusOr<SampledToken> Sampler::Score(const float* logits, int32_t token, int top_logprobs) {
   if (token < 0 || token >= vocab_)
     return InvalidArgument("token ", token, " is not in the vocabulary [0, ", vocab_, ")");
@@ -154,6 +162,7 @@ StatusOr<SampledToken> Sampler::Score(const float* logits, int32_t token, int to
     out.logprob = RawLogprob(logits, token, log_z);
   }
   out.token = token;
+  ReportChosen(&out);
   return out;
 }
 
@@ -330,6 +339,7 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
   }
   out.token = chosen;
   out.logprob = RawLogprob(logits, chosen, log_z);
+  ReportChosen(&out);
   return out;
 }
 

@@ -28,6 +28,10 @@ namespace kraken::engine {
 
 /// Most alternatives a caller may ask for per token.
 inline constexpr int kMaxTopLogprobs = 20;
+/// Most alternatives reported per token: the top_logprobs most likely, plus the sampled (or
+/// scored) token itself when it is not among them, as OpenAI's completions API and vLLM report
+/// them ("up to logprobs + 1 elements", OpenAI API reference, completions `logprobs`).
+inline constexpr int kMaxReportedLogprobs = kMaxTopLogprobs + 1;
 
 /// How one sequence's next token is drawn: the one sampling type of the project. The server fills
 /// and validates it, the dispatch segment carries it unchanged (runtime/protocol.h PlanSeq) and
@@ -78,8 +82,10 @@ struct TokenLogprob {
 
 struct SampledToken {
   int32_t token = 0;
-  float logprob = 0.f;                              // of `token` under log_softmax(logits)
-  std::array<TokenLogprob, kMaxTopLogprobs> top{};  // the `num_top` most likely tokens
+  float logprob = 0.f;  // of `token` under log_softmax(logits)
+  // The `top_logprobs` most likely tokens, most likely first (ties by id), then `token` itself
+  // when it is not among them; empty when top_logprobs is 0. num_top <= top_logprobs + 1.
+  std::array<TokenLogprob, kMaxReportedLogprobs> top{};
   int num_top = 0;
 };
 
@@ -99,7 +105,8 @@ class Sampler {
   StatusOr<SampledToken> Sample(const float* logits, const SamplingParams& p, const TokenHistory& history,
                                 int64_t draw_index = -1);
   /// Scores a given `token` under `logits` [vocab] (a prompt token's logprob): its log-probability
-  /// under log_softmax(logits) and the `top_logprobs` most likely tokens, computed exactly as Sample
+  /// under log_softmax(logits) and the `top_logprobs` most likely tokens (plus `token` itself when
+  /// it is not among them, as Sample adds the drawn one), computed exactly as Sample
   /// computes them for a drawn token, so a token scores the same bits whether it was drawn or given.
   /// INVALID_ARGUMENT for a token outside [0, vocab), top_logprobs outside [0, 20], or logits with
   /// no finite value.
@@ -111,6 +118,9 @@ class Sampler {
   // False when no logit is finite. Leaves the NaN-cleaned logits in work_.
   bool RawDistribution(const float* logits, int top_logprobs, SampledToken* out, float* log_z);
   static float RawLogprob(const float* logits, int32_t id, float log_z);
+  // Appends out->token with out->logprob to the reported alternatives when some were asked for
+  // and it is not among them.
+  static void ReportChosen(SampledToken* out);
   // Typical-p over the n candidates order_[0, n) with weights w: reorders them, returns how many stay.
   int KeepTypical(const float* w, int n, float typical_p);
   // The stages of Sample, in order, each on the working logits work_ ([V]) and the candidate ids

@@ -97,7 +97,7 @@ struct ResultSeq {
   float logprob = 0.f;  // of `token` under the model's raw distribution
   int32_t num_top = 0;
   int32_t error = 0;  // 0, or an absl::StatusCode for this sequence alone
-  engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
+  engine::TokenLogprob top[engine::kMaxReportedLogprobs] = {};
   int32_t prompt_logprob_offset = 0;        // into prompt_logprobs[]: num_prompt_logprobs entries
   int32_t num_prompt_logprobs = 0;          // with prompt_logprobs: num_tokens - 1, plus 1 with a next_token
   char error_message[kSeqErrorBytes] = {};  // with error: the worker's message, NUL-terminated
@@ -111,13 +111,14 @@ struct ResultSeq {
 };
 
 /// One known token scored under the logits of the position before it (prompt logprobs): its
-/// logprob and the step's sequence's top_logprobs most likely alternatives (engine::Sampler::Score).
+/// logprob and the step's sequence's top_logprobs most likely alternatives, then the token itself when it
+/// is not among them (engine::Sampler::Score).
 struct PromptLogprob {
   int32_t token = 0;
   float logprob = 0.f;
   int32_t num_top = 0;
   int32_t reserved = 0;
-  engine::TokenLogprob top[engine::kMaxTopLogprobs] = {};
+  engine::TokenLogprob top[engine::kMaxReportedLogprobs] = {};
 };
 
 struct ResultHeader {

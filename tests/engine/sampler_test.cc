@@ -50,6 +50,39 @@ TEST(Sampler, GreedyPicksArgmaxLowestIdOnTiesAndReportsRawLogprobs) {
   EXPECT_NEAR(t->top[2].logprob, 1.0 - z, 1e-6);
 }
 
+TEST(Sampler, TheChosenTokenIsAlwaysAmongTheReportedAlternatives) {
+  // OpenAI's completions API: top_logprobs holds up to logprobs + 1 entries, the sampled token
+  // among them. Token 2 is the least likely; with top_logprobs = 2 it is reported third.
+  Sampler s(4);
+  const float logits[4] = {1.f, 3.f, -1.f, 2.f};
+  const double z = std::log(std::exp(1.0) + std::exp(3.0) + std::exp(-1.0) + std::exp(2.0));
+  int outside = 0;
+  for (uint64_t seed = 1; seed < 200; ++seed) {
+    auto t = s.Sample(logits, {.temperature = 3.f, .top_logprobs = 2, .seed = seed}, {});
+    ASSERT_TRUE(t.ok());
+    ASSERT_EQ(t->top[0].token, 1);
+    ASSERT_EQ(t->top[1].token, 3);
+    if (t->token == 1 || t->token == 3) {
+      EXPECT_EQ(t->num_top, 2) << "a chosen token among the top is not repeated";
+      continue;
+    }
+    ++outside;
+    ASSERT_EQ(t->num_top, 3);
+    EXPECT_EQ(t->top[2].token, t->token);
+    EXPECT_EQ(t->top[2].logprob, t->logprob);
+    EXPECT_NEAR(t->top[2].logprob, logits[t->token] - z, 1e-6);
+  }
+  EXPECT_GT(outside, 10) << "at temperature 3 tokens 0 and 2 are drawn often";
+  auto given = s.Score(logits, 2, 1);
+  ASSERT_TRUE(given.ok());
+  ASSERT_EQ(given->num_top, 2);
+  EXPECT_EQ(given->top[0].token, 1);
+  EXPECT_EQ(given->top[1].token, 2);
+  EXPECT_NEAR(given->top[1].logprob, -1.0 - z, 1e-6);
+  EXPECT_EQ(s.Score(logits, 2, 0)->num_top, 0) << "no alternatives asked, none reported";
+  EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .top_logprobs = 1}, {})->num_top, 1);
+}
+
 TEST(Sampler, ScoringAGivenTokenGivesTheBitsSamplingIt) {
   Sampler s(6);
   const float logits[6] = {0.5f, 2.25f, -1.f, 2.25f, 7.f / 3.f, -kInf};
@@ -60,8 +93,8 @@ TEST(Sampler, ScoringAGivenTokenGivesTheBitsSamplingIt) {
     ASSERT_TRUE(given.ok());
     EXPECT_EQ(given->token, drawn->token);
     EXPECT_EQ(given->logprob, drawn->logprob) << "exactly";
-    ASSERT_EQ(given->num_top, 4);
-    for (int k = 0; k < 4; ++k) {
+    ASSERT_EQ(given->num_top, drawn->num_top);
+    for (int k = 0; k < drawn->num_top; ++k) {
       EXPECT_EQ(given->top[k].token, drawn->top[k].token);
       EXPECT_EQ(given->top[k].logprob, drawn->top[k].logprob);
     }

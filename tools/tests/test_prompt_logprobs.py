@@ -41,7 +41,9 @@ def test_a_continuation_scores_as_it_was_generated(servers):
         got = scored(r.prompt_logprobs)
         assert [t for t, _, _ in got] == full[1:], "one entry per prompt token after the first"
         assert got[len(ids) - 1:] == scored(gen.logprobs), "bit for bit, alternatives included"
-        assert all(len(top) == 3 for _, _, top in got)
+        # The three most likely, then the scored token itself when it is not among them.
+        assert all(len(top) == 3 + (t not in [a for a, _ in top[:3]]) and (t, lp) in top for t, lp, top in got)
+        assert any(len(top) == 4 for _, _, top in got), "some prompt token is not among the model's first three"
 
 
 def test_prompt_logprobs_do_not_depend_on_chunking_or_the_cache(servers):
@@ -81,7 +83,10 @@ def test_openai_echo_with_logprobs(servers):
         assert lp.token_logprobs[1:len(ids)] == [x.logprob for x in want.prompt_logprobs]
         assert lp.token_logprobs[len(ids):] == [x.logprob for x in want.logprobs]
         assert lp.text_offset[len(ids)] == len(TEXT.encode()), "the completion's offsets follow the prompt"
-        assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+        # The most likely token, then the token itself when it is another (OpenAI: up to logprobs + 1).
+        assert all(len(t) in (1, 2) and t[tok] == v
+                   for t, tok, v in zip(lp.top_logprobs[1:], lp.tokens[1:], lp.token_logprobs[1:]))
+        assert any(len(t) == 2 for t in lp.top_logprobs[1:len(ids)]), "some prompt token is not the model's first choice"
     # Scoring only, as evaluation harnesses do it: max_tokens 0.
     score = client.completions.create(**{**kw, "max_tokens": 0})
     assert score.choices[0].text == TEXT

@@ -50,7 +50,9 @@ def test_streaming_equals_unary(server):
     assert text == unary.text
     assert ids == list(unary.token_ids)
     assert [lp.token_id for lp in unary.logprobs] == ids
-    assert all(len(lp.top) == 3 for lp in unary.logprobs)
+    # The three most likely, then the sampled token when it is not among them (as OpenAI reports them).
+    assert all(len(lp.top) == 3 + (lp.token_id not in [t.token_id for t in lp.top[:3]]) for lp in unary.logprobs)
+    assert all((lp.token_id, lp.logprob) in [(t.token_id, t.logprob) for t in lp.top] for lp in unary.logprobs)
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
     last = msgs[-1]
     assert last.finish_reason == pb.FINISH_REASON_LENGTH

@@ -243,7 +243,7 @@ grpc::ServerUnaryReactor* KrakenService::Tokenize(grpc::CallbackServerContext* c
   if (!tokenizer::IsValidUtf8(request.text(), &bad))
     return FinishUnary(
         ctx, ToGrpc(InvalidArgument("field 'text' is not valid UTF-8 (first invalid byte at offset ", bad, ")")));
-  auto ids = door_.tokenizer().Encode(request.text(), request.add_special_tokens());
+  auto ids = door_.tokenizer().Encode(request.text(), request.add_special_tokens(), request.add_special_tokens());
   if (!ids.ok()) return FinishUnary(ctx, ToGrpc(ids.status()));
   for (int32_t id : *ids) response.add_token_ids(id);
   *out = Serialize(response);

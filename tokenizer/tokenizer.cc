@@ -120,8 +120,8 @@ Status Unsupported(std::string_view label, std::string_view field, const json& v
 }
 
 // The pipeline around the BPE model: no normalizer; a ByteLevel pre-tokenizer, or
-// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]; a ByteLevel decoder; no
-// post-processor or a ByteLevel one. Returns the pre-tokenizer's split pattern; UNIMPLEMENTED
+// Sequence[Split(regex, Isolated), ByteLevel(use_regex=false)]; a ByteLevel decoder (the
+// post-processor is ReadPostProcessor's). Returns the pre-tokenizer's split pattern; UNIMPLEMENTED
 // naming the part this tokenizer does not implement otherwise.
 StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* add_prefix_space) {
   std::string pattern = Gpt2Pattern();
@@ -164,11 +164,89 @@ StatusOr<std::string> ReadPipeline(const json& j, std::string_view label, bool* 
   if (null_or_absent("decoder") || !j["decoder"].is_object() || j["decoder"].value("type", "") != "ByteLevel") {
     return Unsupported(label, "'decoder'", j.value("decoder", json()), "ByteLevel");
   }
-  if (!null_or_absent("post_processor") &&
-      (!j["post_processor"].is_object() || j["post_processor"].value("type", "") != "ByteLevel")) {
-    return Unsupported(label, "'post_processor'", j["post_processor"], "null or ByteLevel");
-  }
   return pattern;
+}
+
+// The single-sequence template of one post-processor `p` (at `field`) into prefix/suffix:
+// TemplateProcessing ("single": special tokens around one Sequence "A", each special token's ids
+// from "special_tokens"), RobertaProcessing and BertProcessing (cls A sep), ByteLevel (offsets
+// only: no ids). Hugging Face `tokenizers` post_processors, applied when add_special_tokens.
+Status ReadOneProcessor(const json& p, std::string_view label, const std::string& field, std::vector<int32_t>* prefix,
+                        std::vector<int32_t>* suffix) {
+  const std::string type = p.is_object() ? p.value("type", "") : "";
+  if (type == "ByteLevel") return absl::OkStatus();
+  if (type == "RobertaProcessing" || type == "BertProcessing") {
+    auto id_of = [&](const char* k, int32_t* id) -> Status {
+      if (!p.contains(k) || !p[k].is_array() || p[k].size() != 2 || !p[k][1].is_number_integer())
+        return InvalidArgument(label, ": '", field, ".", k, "' must be [token, id], got ",
+                               p.contains(k) ? DescribeJson(p[k]) : "nothing");
+      *id = p[k][1].get<int32_t>();
+      return absl::OkStatus();
+    };
+    int32_t cls = 0, sep = 0;
+    KRAKEN_RETURN_IF_ERROR(id_of("cls", &cls));
+    KRAKEN_RETURN_IF_ERROR(id_of("sep", &sep));
+    prefix->push_back(cls);
+    suffix->push_back(sep);
+    return absl::OkStatus();
+  }
+  if (type != "TemplateProcessing") {
+    return Unsupported(label, "'" + field + "'", p, "ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing");
+  }
+  if (!p.contains("single") || !p["single"].is_array())
+    return InvalidArgument(label, ": '", field, ".single' must be an array");
+  const json& specials = p.contains("special_tokens") ? p["special_tokens"] : json::object();
+  bool seen_a = false;
+  for (const json& piece : p["single"]) {
+    if (piece.is_object() && piece.contains("Sequence") && piece["Sequence"].is_object()) {
+      if (piece["Sequence"].value("id", "") != "A" || seen_a)
+        return Unsupported(label, "'" + field + ".single'", p["single"], "one Sequence A");
+      seen_a = true;
+      continue;
+    }
+    const json* name = piece.is_object() && piece.contains("SpecialToken") && piece["SpecialToken"].is_object() &&
+                               piece["SpecialToken"].contains("id") && piece["SpecialToken"]["id"].is_string()
+                           ? &piece["SpecialToken"]["id"]
+                           : nullptr;
+    if (name == nullptr)
+      return InvalidArgument(label, ": '", field, ".single' holds ", DescribeJson(piece),
+                             ", neither a Sequence nor a SpecialToken");
+    const std::string key = name->get<std::string>();
+    if (!specials.is_object() || !specials.contains(key) || !specials[key].is_object() ||
+        !specials[key].contains("ids") || !specials[key]["ids"].is_array())
+      return InvalidArgument(label, ": '", field, ".special_tokens' has no ids for '", key, "'");
+    for (const json& id : specials[key]["ids"]) {
+      if (!id.is_number_integer())
+        return InvalidArgument(label, ": special token '", key, "' has id ", DescribeJson(id));
+      (seen_a ? suffix : prefix)->push_back(id.get<int32_t>());
+    }
+  }
+  if (!seen_a) return Unsupported(label, "'" + field + ".single'", p["single"], "one Sequence A");
+  return absl::OkStatus();
+}
+
+// The post-processor (absent, null, one of ReadOneProcessor's, or a Sequence of ByteLevels and at
+// most one of the others): the ids added before and after a single sequence's own when
+// add_special_tokens.
+Status ReadPostProcessor(const json& j, std::string_view label, std::vector<int32_t>* prefix,
+                         std::vector<int32_t>* suffix) {
+  if (!j.contains("post_processor") || j["post_processor"].is_null()) return absl::OkStatus();
+  const json& p = j["post_processor"];
+  if (!p.is_object() || p.value("type", "") != "Sequence")
+    return ReadOneProcessor(p, label, "post_processor", prefix, suffix);
+  if (!p.contains("processors") || !p["processors"].is_array())
+    return InvalidArgument(label, ": 'post_processor.processors' must be an array");
+  // At most one processor that adds tokens: `tokenizers` runs a second template over what the
+  // first returned in a way no single template describes.
+  int templates = 0;
+  for (size_t i = 0; i < p["processors"].size(); ++i) {
+    const json& one = p["processors"][i];
+    const std::string field = StrCat("post_processor.processors[", i, "]");
+    if (one.is_object() && one.value("type", "") != "ByteLevel" && ++templates > 1)
+      return Unimplemented(label, ": '", field, "' is a second template; only one template in a Sequence is supported");
+    KRAKEN_RETURN_IF_ERROR(ReadOneProcessor(one, label, field, prefix, suffix));
+  }
+  return absl::OkStatus();
 }
 
 // The added tokens: each an id and a non-empty content that agrees with the vocabulary, without
@@ -266,7 +344,14 @@ StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromTokenizerJson(std::string_vi
   KRAKEN_ASSIGN_OR_RETURN(auto re, CompileRegex(pattern, label));
   t->regex_ = std::make_unique<Regex>();
   t->regex_->code = re.release();
+  KRAKEN_RETURN_IF_ERROR(ReadPostProcessor(j, label, &t->template_prefix_, &t->template_suffix_));
   KRAKEN_RETURN_IF_ERROR(t->Finish(label));
+  for (const auto* ids : {&t->template_prefix_, &t->template_suffix_}) {
+    for (int32_t id : *ids) {
+      if (id < 0 || id >= t->vocab_size() || !t->valid_id_[id])
+        return InvalidArgument(label, ": 'post_processor' adds id ", id, ", which names no token");
+    }
+  }
   return t;
 }
 
@@ -400,7 +485,8 @@ void Tokenizer::SplitAdded(std::string_view text, bool parse_special, bool norma
   segments->swap(out);
 }
 
-StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool parse_special) const {
+StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool parse_special,
+                                                 bool add_special_tokens) const {
   size_t bad = 0;
   if (!IsValidUtf8(text, &bad)) return InvalidArgument("text is not valid UTF-8 (first bad byte at offset ", bad, ")");
   // Added tokens as Hugging Face splits them: leftmost-longest, first those matched on the raw
@@ -412,6 +498,7 @@ StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool par
   }
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 1);
+  if (add_special_tokens) out = template_prefix_;
   for (const Segment& s : segments) {
     if (s.token >= 0) {
       out.push_back(s.token);
@@ -419,6 +506,7 @@ StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool par
       KRAKEN_RETURN_IF_ERROR(EncodeText(text.substr(s.begin, s.end - s.begin), &out));
     }
   }
+  if (add_special_tokens) out.insert(out.end(), template_suffix_.begin(), template_suffix_.end());
   return out;
 }
 

@@ -13,7 +13,9 @@
 // Rust's from_utf8_lossy rule (tokenizer/utf8.h), as Hugging Face's ByteLevel decoder does.
 // Accepted: model BPE (no dropout, unk, prefixes, byte fallback), pre-tokenizer ByteLevel (or a
 // Sequence of an isolating regex Split and a regex-less ByteLevel), decoder ByteLevel, no
-// normalizer, post-processor absent or ByteLevel. Anything else is refused at load by name.
+// normalizer; post-processor absent, ByteLevel, TemplateProcessing (its single-sequence template:
+// special tokens such as a BOS around the text), RobertaProcessing, BertProcessing, or a Sequence
+// of these. Anything else is refused at load by name.
 // Thread-safe: Encode and Decode may run concurrently.
 #pragma once
 
@@ -64,7 +66,14 @@ class Tokenizer {
 
   /// Token ids of `text`. INVALID_ARGUMENT when `text` is not valid UTF-8 (naming the byte
   /// offset). With `parse_special` false, special tokens in the text are encoded as plain text.
-  StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool parse_special = true) const;
+  /// With `add_special_tokens` (Hugging Face's default) the post-processor's single-sequence
+  /// template wraps the ids (template_prefix() + ids + template_suffix()); a chat template that
+  /// writes its own BOS passes false.
+  StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool parse_special = true,
+                                        bool add_special_tokens = true) const;
+  /// The ids the post-processor puts before / after a single sequence (often a BOS / nothing).
+  const std::vector<int32_t>& template_prefix() const { return template_prefix_; }
+  const std::vector<int32_t>& template_suffix() const { return template_suffix_; }
 
   /// Appends the bytes token `id` decodes to (nothing for a special token when `skip_special`).
   /// INVALID_ARGUMENT for an id that names no token.
@@ -113,6 +122,7 @@ class Tokenizer {
   std::unique_ptr<Regex> regex_;
   bool add_prefix_space_ = false;
   bool ignore_merges_ = false;
+  std::vector<int32_t> template_prefix_, template_suffix_;  // post-processor, single sequence
 
   // Words of fewer than kCacheWordBytes bytes, up to kCacheEntries of them (as Hugging Face).
   static constexpr size_t kCacheWordBytes = 256;

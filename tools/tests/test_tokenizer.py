@@ -194,3 +194,81 @@ def test_edge_configurations_match_or_are_refused(tokenize_bin, tmp_path):
         j["added_tokens"].append({"id": 4000, "content": "a", "special": False})
     code, _, err = run(_variant(tmp_path, "clash", clash), "--encode", "x")
     assert code == 1 and "added token 'a' has id 4000 but the vocabulary gives it id" in err
+
+
+TEXTS = ["And God said, Let there be light: and there was light.", "", " leading space", "a<|endoftext|>b"]
+
+
+def _ids(tokenize_bin, path, text, *args):
+    r = subprocess.run([tokenize_bin, path, "--encode", text, *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.strip().split(",") if x]
+
+
+def test_a_tokenizer_saved_by_transformers_loads_and_encodes_as_tokenizers_does(tokenize_bin, tmp_path):
+    # transformers 5 writes GPT-2's post-processor as a TemplateProcessing that adds nothing.
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(os.path.join(ROOT, "models", "gpt2-kjv")).save_pretrained(tmp_path)
+    path = str(tmp_path / "tokenizer.json")
+    saved = json.load(open(path))
+    assert saved["post_processor"] is not None, "transformers saved a post-processor"
+    hf = Tokenizer.from_file(path)
+    for text in TEXTS:
+        assert _ids(tokenize_bin, path, text) == hf.encode(text).ids, text
+
+
+BOS = {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0], "tokens": ["<|endoftext|>"]}}
+
+
+def _template(single):
+    return {"type": "TemplateProcessing", "single": single, "pair": single, "special_tokens": BOS}
+
+
+SPECIAL = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
+SEQ_A = {"Sequence": {"id": "A", "type_id": 0}}
+POST_PROCESSORS = {
+    "bos": _template([SPECIAL, SEQ_A]),
+    "bos-eos": _template([SPECIAL, SEQ_A, SPECIAL]),
+    "eos": _template([SEQ_A, SPECIAL]),
+    "none": _template([SEQ_A]),
+    "sequence": {"type": "Sequence", "processors": [  # as Llama 3's tokenizer.json has it
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True},
+        _template([SPECIAL, SEQ_A])]},
+    "roberta": {"type": "RobertaProcessing", "sep": ["<|endoftext|>", 0], "cls": ["<|endoftext|>", 0],
+                "trim_offsets": True, "add_prefix_space": False},
+}
+
+
+@pytest.mark.parametrize("name", sorted(POST_PROCESSORS))
+def test_post_processor_templates_match_tokenizers_id_for_id(tokenize_bin, tmp_path, name):
+    def mutate(j):
+        assert j["added_tokens"][0]["id"] == 0 and j["added_tokens"][0]["content"] == "<|endoftext|>"
+        j["post_processor"] = POST_PROCESSORS[name]
+    path = _variant(tmp_path, name, mutate)
+    hf = Tokenizer.from_file(path)
+    for text in TEXTS:
+        assert _ids(tokenize_bin, path, text) == hf.encode(text).ids, text
+    if name == "bos":
+        assert _ids(tokenize_bin, path, "And")[0] == 0, "the BOS leads"
+
+
+def test_post_processors_outside_the_accepted_set_are_refused_by_name(tokenize_bin, tmp_path):
+    cases = {
+        "pair-only": (_template([{"Sequence": {"id": "B", "type_id": 1}}]), "post_processor.single"),
+        "unknown-special": ({**_template([{"SpecialToken": {"id": "<s>", "type_id": 0}}, SEQ_A])},
+                            "'post_processor.special_tokens' has no ids for '<s>'"),
+        "out-of-vocab": ({**_template([SPECIAL, SEQ_A]), "special_tokens": {
+            "<|endoftext|>": {"id": "<|endoftext|>", "ids": [99999], "tokens": ["x"]}}},
+            "'post_processor' adds id 99999, which names no token"),
+        "other-type": ({"type": "BlingFire"}, "'post_processor' is"),
+        "nested": ({"type": "Sequence", "processors": [{"type": "Sequence", "processors": []}]},
+                   "'post_processor.processors[0]' is"),
+        # tokenizers applies a second template to the first one's special tokens alone.
+        "two-templates": ({"type": "Sequence", "processors": [_template([SPECIAL, SEQ_A]), _template([SEQ_A, SPECIAL])]},
+                          "'post_processor.processors[1]' is a second template; only one"),
+    }
+    for name, (pp, message) in cases.items():
+        path = _variant(tmp_path, name, lambda j: j.__setitem__("post_processor", pp))
+        r = subprocess.run([tokenize_bin, path, "--encode", "x"], capture_output=True, text=True)
+        assert r.returncode == 1 and message in r.stderr, (name, r.stderr)

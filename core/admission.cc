@@ -63,18 +63,55 @@ Clock::time_point Admission::Deadline(Clock::time_point arrival,
 }
 
 StatusOr<Handles> Admission::Accept(const Call& call, const ParseFn& parse, const FieldNames& names) const {
+  return AcceptBatch(
+      call,
+      [&](std::string* id) -> StatusOr<std::vector<GenerationRequest>> {
+        KRAKEN_ASSIGN_OR_RETURN(GenerationRequest one, parse(id));
+        std::vector<GenerationRequest> all;
+        all.push_back(std::move(one));
+        return all;
+      },
+      names);
+}
+
+StatusOr<Handles> Admission::AcceptBatch(const Call& call, const ParseBatchFn& parse, const FieldNames& names) const {
   const Clock::time_point arrival = Clock::now();
   const Clock::time_point deadline = Deadline(arrival, call.deadline);
   std::string request_id = call.request_id;
   if (health_.draining()) return Refuse(request_id, absl::UnavailableError("the server is shutting down"));
   if (Status a = Authorize(call.authorization, call.spelling); !a.ok()) return Refuse(request_id, a);
-  StatusOr<GenerationRequest> request = parse(&request_id);
-  if (!request.ok()) return Refuse(request_id, request.status());
-  request->request_id = request_id;
-  StatusOr<RequestParams> params = ValidateGeneration(*request, options_.limits, tok_, names);
-  if (!params.ok()) return Refuse(request_id, params.status());
-  StatusOr<Handles> handles = submit_(std::move(*params), arrival, deadline);
-  if (!handles.ok()) return Refuse(request_id, handles.status());
+  StatusOr<std::vector<GenerationRequest>> requests = parse(&request_id);
+  if (!requests.ok()) return Refuse(request_id, requests.status());
+  // Every prompt is checked before any runs.
+  std::vector<RequestParams> all;
+  int64_t samples = 0;
+  for (size_t i = 0; i < requests->size(); ++i) {
+    GenerationRequest& request = (*requests)[i];
+    request.request_id = request_id;
+    FieldNames indexed = names;
+    if (requests->size() > 1) {
+      indexed.text = StrCat(names.text, "[", i, "]");
+      indexed.token_ids = StrCat(names.token_ids, "[", i, "]");
+    }
+    StatusOr<RequestParams> params = ValidateGeneration(request, options_.limits, tok_, indexed);
+    if (!params.ok()) return Refuse(request_id, params.status());
+    samples += params->n;
+    all.push_back(std::move(*params));
+  }
+  if (samples > options_.limits.max_samples)
+    return Refuse(request_id,
+                  FieldError(names.text, "holds ", all.size(), " prompts of n = ", all[0].n, " samples each, ", samples,
+                             " samples in all; the limit per request is ", options_.limits.max_samples,
+                             " (the waiting queue's capacity, --max-waiting)"));
+  Handles handles;
+  for (RequestParams& params : all) {
+    StatusOr<Handles> more = submit_(std::move(params), arrival, deadline);
+    if (!more.ok()) {
+      for (const auto& h : handles) h->Cancel();  // the prompts admitted so far run for nobody
+      return Refuse(request_id, more.status());
+    }
+    for (auto& h : *more) handles.push_back(std::move(h));
+  }
   return handles;
 }
 

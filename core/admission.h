@@ -92,6 +92,9 @@ using SubmitFn = std::function<StatusOr<Handles>(RequestParams, Clock::time_poin
 /// Reads the call's body into a GenerationRequest, or says why it cannot (the error names the
 /// field). It may set `*request_id` as soon as the id is known, so a later refusal names it.
 using ParseFn = std::function<StatusOr<GenerationRequest>(std::string* request_id)>;
+/// Reads a body that carries several prompts (OpenAI's prompt arrays) into one GenerationRequest
+/// per prompt, in the body's order; otherwise as ParseFn.
+using ParseBatchFn = std::function<StatusOr<std::vector<GenerationRequest>>(std::string* request_id)>;
 
 class Admission {
  public:
@@ -104,6 +107,14 @@ class Admission {
   /// Returns the samples' handles in index order; a refusal is logged and counted here and
   /// returned unchanged, carrying its field (ErrorField) when it concerns one.
   StatusOr<Handles> Accept(const Call& call, const ParseFn& parse, const FieldNames& names = {}) const;
+  /// Accept for a call of several prompts: all of them are validated before any is submitted (a
+  /// bad prompt i refuses the call naming `names.text`[i], or `names.token_ids`[i]), the prompts'
+  /// samples together must fit RequestLimits::max_samples (INVALID_ARGUMENT naming the prompt
+  /// field, the count and the limit), and if a submission fails the prompts already submitted are
+  /// cancelled before the refusal is returned. Returns the handles prompt by prompt, each prompt's
+  /// samples in index order; the prompts batch and share the prefix cache like separate requests.
+  /// With one prompt it is Accept exactly (field names without an index).
+  StatusOr<Handles> AcceptBatch(const Call& call, const ParseBatchFn& parse, const FieldNames& names = {}) const;
   /// The API key check alone, for calls that generate nothing (tokenize, metadata): OK when no key
   /// is set or `authorization` is "Bearer <key>"; UNAUTHENTICATED otherwise. Not counted.
   Status Authorize(const std::optional<std::string>& authorization, const CredentialSpelling& spelling = {}) const;

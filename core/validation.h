@@ -33,6 +33,9 @@ struct RequestLimits {
   int max_request_id_bytes = 128;
   int max_prompt_bytes = 1 << 20;
   int max_n = 16;  // samples per request (at most the waiting queue's capacity)
+  // Samples of all prompts of one request together (prompts x n; at most the waiting queue's
+  // capacity, which a larger request could never enter at once).
+  int max_samples = 256;
 };
 
 /// A generation request as a client sent it, in no protocol's terms. Unset optionals take the

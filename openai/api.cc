@@ -38,11 +38,10 @@ struct CompletionContext {
   const tokenizer::Tokenizer* tok = nullptr;
 };
 
-// OpenAI's usage object for a request's samples: the prompt counted once, the completion tokens of
-// every sample; prompt_tokens_details.cached_tokens: prompt tokens whose KV came from the prefix
-// cache (the first sample's: the others share its prompt blocks).
-json Usage(const core::RequestHandle& h, int64_t completion_tokens, uint32_t cached_tokens) {
-  const auto prompt = static_cast<int64_t>(h.params().prompt.size());
+// OpenAI's usage object: `prompt` tokens (each prompt counted once, however many samples it has),
+// the completion tokens of every sample; prompt_tokens_details.cached_tokens: prompt tokens whose
+// KV came from the prefix cache (each prompt's first sample's: the others share its prompt blocks).
+json Usage(int64_t prompt, int64_t completion_tokens, int64_t cached_tokens) {
   return json{{"prompt_tokens", prompt},
               {"completion_tokens", completion_tokens},
               {"total_tokens", prompt + completion_tokens},
@@ -68,15 +67,16 @@ json FinishReason(const core::Output& o) {
   return nullptr;
 }
 
-// One completion of n samples (choices), JSON or SSE, pulled by its connection from an output
-// pump over its samples.
+// One completion of P prompts x n samples (choices, prompt by prompt: choice i is sample i % n of
+// prompt i / n), JSON or SSE, pulled by its connection from an output pump over its samples.
 class CompletionStream final : public http::Stream {
  public:
-  CompletionStream(core::Handles hs, CompletionContext c) : c_(std::move(c)) {
-    // With echo, a completion's text (and its logprobs' offsets) start after the prompt.
-    const int64_t offset = hs[0]->params().echo ? static_cast<int64_t>(hs[0]->params().prompt_text.size()) : 0;
-    for (auto& h : hs)
+  CompletionStream(core::Handles hs, CompletionContext c) : c_(std::move(c)), n_(hs[0]->params().n) {
+    for (auto& h : hs) {
+      // With echo, a completion's text (and its logprobs' offsets) start after its prompt.
+      const int64_t offset = h->params().echo ? static_cast<int64_t>(h->params().prompt_text.size()) : 0;
       pump_.Add(std::move(h), c_.stream ? core::Deltas::kTokens : core::Deltas::kEndOnly, {}, ChoiceState{offset});
+    }
   }
   ~CompletionStream() override {
     for (const auto& h : pump_.handles()) h->Detach();
@@ -95,11 +95,29 @@ class CompletionStream final : public http::Stream {
   using Pump = core::OutputPump<ChoiceState>;
   using Sample = Pump::Slot;
 
+  // What every choice shares (sampling, echo, logprobs), and choice i's own request (its prompt).
   const core::RequestParams& params() const { return pump_[0].handle->params(); }
+  const core::RequestParams& params(size_t i) const { return pump_[i].handle->params(); }
+  // The choice holding sample 0 of choice i's prompt: the one that scores the prompt and reads
+  // the prefix cache for the others.
+  size_t First(size_t i) const { return i - i % n_; }
+  // The prompt logprobs choice i starts with, when echoed with logprobs.
+  const std::vector<core::TokenLogprobs>* PromptLogprobs(size_t i) const {
+    return params().prompt_logprobs ? &pump_[First(i)].taken.prompt_logprobs : nullptr;
+  }
+  // `completion_tokens` with every prompt counted once.
+  json UsageWith(int64_t completion_tokens) const {
+    int64_t prompt = 0, cached = 0;
+    for (size_t i = 0; i < pump_.size(); i += n_) {
+      prompt += static_cast<int64_t>(params(i).prompt.size());
+      cached += pump_[i].taken.cached_tokens;
+    }
+    return Usage(prompt, completion_tokens, cached);
+  }
   json TotalUsage(int64_t extra_tokens) const {
     int64_t tokens = extra_tokens;
     for (size_t i = 0; i < pump_.size(); ++i) tokens += pump_[i].sent_tokens;
-    return Usage(*pump_[0].handle, tokens, pump_[0].taken.cached_tokens);
+    return UsageWith(tokens);
   }
 
   // The whole answer once every sample has ended.
@@ -117,17 +135,13 @@ class CompletionStream final : public http::Stream {
     int64_t completion_tokens = 0;
     for (size_t i = 0; i < pump_.size(); ++i) {
       Sample& s = pump_[i];
-      const std::string text = (params().echo ? params().prompt_text : "") + s.taken.text;
-      choices.push_back(Choice(i, text, s.taken.logprobs, FinishReason(s.taken), StopReason(s.taken),
-                               params().prompt_logprobs ? &pump_[0].taken.prompt_logprobs : nullptr));
+      const std::string text = (params().echo ? params(i).prompt_text : "") + s.taken.text;
+      choices.push_back(
+          Choice(i, text, s.taken.logprobs, FinishReason(s.taken), StopReason(s.taken), PromptLogprobs(i)));
       completion_tokens += s.taken.completion_tokens;
     }
-    json body{{"id", c_.id},
-              {"object", "text_completion"},
-              {"created", c_.created},
-              {"model", c_.model},
-              {"choices", std::move(choices)},
-              {"usage", Usage(*pump_[0].handle, completion_tokens, pump_[0].taken.cached_tokens)}};
+    json body{{"id", c_.id},       {"object", "text_completion"},   {"created", c_.created},
+              {"model", c_.model}, {"choices", std::move(choices)}, {"usage", UsageWith(completion_tokens)}};
     piece->head = JsonResponse(200, body);
     piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
     return true;
@@ -147,15 +161,15 @@ class CompletionStream final : public http::Stream {
     pump_.TakeAll();
     const Sample* failed = pump_.Failed();
     if (params().echo && !echo_sent_) {
-      // The echoed prompt comes first in every choice; with logprobs, once the prefill has scored
-      // it (before any sample's first token).
-      const bool scored = pump_[0].taken.prompt_logprobs.size() + 1 >= params().prompt.size();
-      const bool ended = pump_[0].taken.finished || failed != nullptr;  // sample 0 alone scores the prompt
-      if (params().prompt_logprobs && !scored && !ended) return piece->head.has_value();
+      // The echoed prompt comes first in every choice; with logprobs, once the prefills have
+      // scored every prompt (each before its samples' first tokens).
+      for (size_t i = 0; i < pump_.size() && params().prompt_logprobs && failed == nullptr; i += n_) {
+        const bool scored = pump_[i].taken.prompt_logprobs.size() + 1 >= params(i).prompt.size();
+        if (!scored && !pump_[i].taken.finished) return piece->head.has_value();  // sample 0 alone scores it
+      }
       echo_sent_ = true;
       for (size_t i = 0; i < pump_.size(); ++i)
-        piece->data += Event(Chunk(i, params().prompt_text, {}, nullptr, nullptr,
-                                   params().prompt_logprobs ? &pump_[0].taken.prompt_logprobs : nullptr,
+        piece->data += Event(Chunk(i, params(i).prompt_text, {}, nullptr, nullptr, PromptLogprobs(i),
                                    /*chunk_tokens=*/0));
     }
     const Status failure = failed != nullptr ? failed->taken.status : absl::OkStatus();
@@ -213,7 +227,7 @@ class CompletionStream final : public http::Stream {
               json stop, const std::vector<core::TokenLogprobs>* prompt = nullptr) {
     return json{{"index", index},
                 {"text", text},
-                {"logprobs", Logprobs(pump_[index].extra, lps, prompt)},
+                {"logprobs", Logprobs(index, lps, prompt)},
                 {"finish_reason", std::move(finish)},
                 {"stop_reason", std::move(stop)}};
   }
@@ -222,14 +236,15 @@ class CompletionStream final : public http::Stream {
   // for, and where its text starts (bytes into the choice's text). With `prompt` (echo), the
   // prompt's tokens come first, the first with a null logprob and alternatives (nothing precedes
   // it), as vLLM and OpenAI give them.
-  json Logprobs(ChoiceState& s, const std::vector<core::TokenLogprobs>& lps,
+  json Logprobs(size_t index, const std::vector<core::TokenLogprobs>& lps,
                 const std::vector<core::TokenLogprobs>* prompt) {
     if (!params().logprobs) return nullptr;
+    ChoiceState& s = pump_[index].extra;
     json tokens = json::array(), values = json::array(), offsets = json::array();
     json tops = params().sampling.top_logprobs > 0 ? json::array() : json(nullptr);
     if (prompt != nullptr) {
       int64_t offset = 0;
-      const std::vector<int32_t>& ids = params().prompt;
+      const std::vector<int32_t>& ids = pump_[index].handle->params().prompt;
       for (size_t j = 0; j < ids.size(); ++j) {
         const std::string piece = TokenText(ids[j]);
         tokens.push_back(piece);
@@ -267,6 +282,7 @@ class CompletionStream final : public http::Stream {
   }
 
   CompletionContext c_;
+  const size_t n_;  // samples per prompt
   Pump pump_;
   bool head_sent_ = false, echo_sent_ = false;
 };
@@ -327,9 +343,9 @@ Status Api::Authorize(const http::Request& req) const {
 http::Reply Api::Completions(const http::Request& req) {
   const core::Call call = CallOf(req);
   std::optional<CompletionRequest> parsed;
-  auto handles = door_.Accept(
+  auto handles = door_.AcceptBatch(
       call,
-      [&](std::string*) -> StatusOr<core::GenerationRequest> {
+      [&](std::string*) -> StatusOr<std::vector<core::GenerationRequest>> {
         KRAKEN_ASSIGN_OR_RETURN(parsed, ParseCompletionRequest(req.body, limits_.context_length));
         if (parsed->model && *parsed->model != options_.served_model_name) {
           return WithField(absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
@@ -337,7 +353,7 @@ http::Reply Api::Completions(const http::Request& req) {
                                                       options_.served_model_name, "')")),
                            "model");
         }
-        return parsed->generation;
+        return parsed->generations;
       },
       kCompletionFields);
   if (!handles.ok()) return ErrorResponse(handles.status());
@@ -363,7 +379,13 @@ http::Reply Api::Tokenize(const http::Request& req) const {
   if (static_cast<int64_t>(text.size()) > limits_.max_prompt_bytes)
     return ErrorResponse(
         FieldError("prompt", "must be at most ", limits_.max_prompt_bytes, " bytes, got ", text.size()));
-  auto ids = tok_.Encode(text);
+  // vLLM's add_special_tokens (default true): the tokenizer's post-processor template (a BOS).
+  const auto add_special = body->find("add_special_tokens");
+  if (add_special != body->end() && !add_special->is_null() && !add_special->is_boolean())
+    return ErrorResponse(
+        FieldError("add_special_tokens", "must be true or false, got ", PreviewJson(*add_special, 40)));
+  const bool add = add_special == body->end() || !add_special->is_boolean() || add_special->get<bool>();
+  auto ids = tok_.Encode(text, /*parse_special=*/true, add);
   if (!ids.ok()) return ErrorResponse(ids.status());
   json token_strs = nullptr;
   const auto want_strs = body->find("return_token_strs");

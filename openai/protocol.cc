@@ -88,30 +88,45 @@ Status ReadBool(const json& body, const std::string& field, bool* out) {
   return absl::OkStatus();
 }
 
-// "prompt": a string, an array of token ids, or an array holding one of either.
-Status ReadPrompt(const json& body, core::GenerationRequest* g) {
-  auto it = body.find("prompt");
-  if (it == body.end() || it->is_null()) return absl::OkStatus();  // ValidateGeneration names it
-  const json* p = &*it;
-  if (p->is_array() && !p->empty() && (p->front().is_string() || p->front().is_array())) {
-    if (p->size() > 1)
-      return FieldError("prompt", "holds ", p->size(),
-                        " prompts; this server takes one prompt per request (send one request each)");
-    p = &p->front();
-  }
-  if (p->is_string()) {
-    g->text = p->get<std::string>();
+// One prompt: a string, or an array of token ids (`field` names it in errors).
+Status ReadOnePrompt(const json& p, const std::string& field, core::GenerationRequest* g) {
+  if (p.is_string()) {
+    g->text = p.get<std::string>();
     return absl::OkStatus();
   }
-  if (!p->is_array()) return WrongType("prompt", "a string or an array of token ids", *p);
+  if (!p.is_array()) return WrongType(field, "a string or an array of token ids", p);
   std::vector<int64_t> ids;
-  ids.reserve(p->size());
-  for (size_t i = 0; i < p->size(); ++i) {
-    const json& id = (*p)[i];
-    if (!id.is_number_integer()) return WrongType(StrCat("prompt[", i, "]"), "an integer token id", id);
+  ids.reserve(p.size());
+  for (size_t i = 0; i < p.size(); ++i) {
+    const json& id = p[i];
+    if (!id.is_number_integer()) return WrongType(StrCat(field, "[", i, "]"), "an integer token id", id);
     ids.push_back(ToInt64(id));
   }
   g->token_ids = std::move(ids);
+  return absl::OkStatus();
+}
+
+// "prompt": a string, an array of token ids, or an array of prompts (strings or token-id arrays,
+// OpenAI's batch form): the first into `g`, the others into `more`.
+Status ReadPrompt(const json& body, core::GenerationRequest* g, std::vector<core::GenerationRequest>* more) {
+  auto it = body.find("prompt");
+  if (it == body.end() || it->is_null()) return absl::OkStatus();  // ValidateGeneration names it
+  const json& p = *it;
+  if (!p.is_array() || p.empty() || !(p.front().is_string() || p.front().is_array()))
+    return ReadOnePrompt(p, "prompt", g);
+  if (p.size() == 1) return ReadOnePrompt(p.front(), "prompt", g);
+  for (size_t i = 0; i < p.size(); ++i) {
+    const std::string field = StrCat("prompt[", i, "]");
+    if (!p[i].is_string() && !p[i].is_array()) return WrongType(field, "a string or an array of token ids", p[i]);
+    core::GenerationRequest one;
+    KRAKEN_RETURN_IF_ERROR(ReadOnePrompt(p[i], field, &one));
+    if (i == 0) {
+      g->text = std::move(one.text);
+      g->token_ids = std::move(one.token_ids);
+    } else {
+      more->push_back(std::move(one));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -207,7 +222,8 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   }
   if (auto it = body.find("user"); it != body.end() && !it->is_null() && !it->is_string())
     return WrongType("user", "a string", *it);
-  KRAKEN_RETURN_IF_ERROR(ReadPrompt(body, &g));
+  std::vector<core::GenerationRequest> more_prompts;
+  KRAKEN_RETURN_IF_ERROR(ReadPrompt(body, &g, &more_prompts));
   if (auto it = body.find("max_tokens"); it != body.end() && it->is_null()) {
     g.max_tokens = context_length;  // as many as fit: ValidateGeneration fits it to the prompt
   } else {
@@ -239,6 +255,13 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   }
   KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));
   g.prompt_logprobs = g.echo && g.logprobs;  // the echoed prompt comes with its logprobs
+  r.generations.push_back(g);
+  for (core::GenerationRequest& other : more_prompts) {  // every field but the prompt as the first's
+    core::GenerationRequest copy = g;
+    copy.text = std::move(other.text);
+    copy.token_ids = std::move(other.token_ids);
+    r.generations.push_back(std::move(copy));
+  }
   return r;
 }
 

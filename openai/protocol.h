@@ -19,7 +19,10 @@ namespace kraken::openai {
 /// A /v1/completions body, parsed (not yet validated against the model: core::ValidateGeneration
 /// does that with FieldNames kCompletionFields).
 struct CompletionRequest {
-  core::GenerationRequest generation;
+  core::GenerationRequest generation;  // the first prompt's
+  // One per prompt, in the body's order: `generation`, then each further prompt of a prompt array
+  // with every other field as `generation`'s.
+  std::vector<core::GenerationRequest> generations;
   std::optional<std::string> model;
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
@@ -32,7 +35,8 @@ extern const core::FieldNames kCompletionFields;
 /// Parses a /v1/completions body. INVALID_ARGUMENT naming the field and the value for: a body
 /// that is not a JSON object; a field of the wrong type; a field this API does not have (with the
 /// closest one that exists); a feature this server does not offer yet (best_of other than n,
-/// several prompts, suffix, logit_bias). `echo` with `logprobs` asks for the prompt's logprobs too
+/// suffix, logit_bias). `prompt` may be an array of prompts (strings or token-id arrays; an error
+/// names "prompt[i]"). `echo` with `logprobs` asks for the prompt's logprobs too
 /// (GenerationRequest::prompt_logprobs). `max_tokens: null` asks for as many
 /// tokens as the context allows (`context_length`).
 StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view body, int context_length);

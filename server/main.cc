@@ -573,6 +573,7 @@ int Run(const Flags& f, const sigset_t& sigs) {
   }
   core::RequestLimits limits = LoadLimits(f.model, *config);
   limits.max_n = std::max(1, std::min(limits.max_n, f.max_waiting));  // n samples queue as n requests
+  limits.max_samples = std::max(1, f.max_waiting);                    // so do several prompts' samples
   auto wo = WorkerOptions(f, *config, limits);
   if (!wo.ok()) {
     spdlog::critical("{}", std::string(wo.status().message()));

@@ -36,8 +36,12 @@ struct Door {
         Tok(), health,
         [this](RequestParams p, Clock::time_point arrival, Clock::time_point deadline) -> StatusOr<Handles> {
           if (!submit_error.ok()) return submit_error;
+          if (static_cast<int>(submitted.size()) == fail_at)
+            return absl::ResourceExhaustedError("the waiting queue is full");
           submitted.push_back({p, arrival, deadline});
-          return Handles{std::make_shared<RequestHandle>(submitted.size(), std::move(p), arrival, deadline)};
+          auto h = std::make_shared<RequestHandle>(submitted.size(), std::move(p), arrival, deadline);
+          given.push_back(h);
+          return Handles{h};
         },
         std::move(options));
   }
@@ -51,6 +55,11 @@ struct Door {
           return g;
         },
         names);
+  }
+  // AcceptBatch with a parser that returns `gs`.
+  StatusOr<Handles> AcceptBatch(std::vector<GenerationRequest> gs, const FieldNames& names = {}) {
+    return door->AcceptBatch(
+        Call{}, [&](std::string*) -> StatusOr<std::vector<GenerationRequest>> { return gs; }, names);
   }
   // kraken_request_failure_total{reason="<reason>"}.
   std::string Failures(const std::string& reason) {
@@ -67,6 +76,8 @@ struct Door {
   std::optional<Admission> door;
   std::vector<Submitted> submitted;
   Status submit_error;
+  int fail_at = -1;  // the submission (0-based) that finds the queue full
+  std::vector<std::shared_ptr<RequestHandle>> given;
   int parsed = 0;
 };
 
@@ -217,6 +228,49 @@ TEST(Health, ReadyOnlyWhileServingAndNotDrainingAndEveryChangeIsPublishedInOrder
   h.OnChange(nullptr);
   h.SetServing(false);  // nothing to tell
   EXPECT_EQ(seen.size(), 6u);
+}
+
+TEST(Admission, APromptBatchIsValidatedWholeBeforeAnyPromptRuns) {
+  Door d;
+  auto prompt = [](const char* text) { return GenerationRequest{.text = text, .max_tokens = 4, .n = 2}; };
+  auto ok = d.AcceptBatch({prompt("In the"), prompt("beginning"), prompt("God")});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  ASSERT_EQ(ok->size(), 3u) << "the fake engine answers one handle per prompt";
+  ASSERT_EQ(d.submitted.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ((*ok)[i]->params().prompt_text, d.submitted[i].params.prompt_text);
+  EXPECT_EQ(d.submitted[1].params.prompt_text, "beginning") << "in the body's order";
+
+  // A bad prompt anywhere refuses the call, naming it, before anything is submitted.
+  d.submitted.clear();
+  auto bad = d.AcceptBatch({prompt("a"), prompt("")}, {.text = "prompt", .token_ids = "prompt"});
+  EXPECT_EQ(bad.status().message(), "field 'prompt[1]' must not be empty");
+  EXPECT_EQ(ErrorField(bad.status()), "prompt[1]");
+  EXPECT_TRUE(d.submitted.empty());
+  EXPECT_EQ(d.Failures("invalid_argument"), "1");
+
+  // One prompt keeps the field's own name.
+  EXPECT_EQ(d.AcceptBatch({prompt("")}, {.text = "prompt"}).status().message(), "field 'prompt' must not be empty");
+}
+
+TEST(Admission, APromptBatchPastTheSampleLimitIsRefusedAndAFullQueueCancelsThePromptsAdmitted) {
+  Door d;
+  std::vector<GenerationRequest> many(129, GenerationRequest{.text = "a", .max_tokens = 1, .n = 2});
+  auto big = d.AcceptBatch(many, {.text = "prompt"});
+  EXPECT_EQ(big.status().message(),
+            "field 'prompt' holds 129 prompts of n = 2 samples each, 258 samples in all; the limit per request is 256 "
+            "(the waiting queue's capacity, --max-waiting)");
+  EXPECT_TRUE(d.submitted.empty());
+  many.pop_back();
+  EXPECT_TRUE(d.AcceptBatch(many).ok()) << "256 samples fit";
+
+  d.submitted.clear();
+  d.given.clear();
+  d.fail_at = 2;
+  auto full = d.AcceptBatch(std::vector<GenerationRequest>(4, Valid()));
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_EQ(d.given.size(), 2u);
+  EXPECT_TRUE(d.given[0]->cancelled() && d.given[1]->cancelled()) << "the admitted prompts run for nobody";
+  EXPECT_EQ(d.Failures("resource_exhausted"), "1") << "one call, one refusal";
 }
 
 }  // namespace

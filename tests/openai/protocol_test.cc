@@ -91,8 +91,33 @@ TEST(ParseCompletionRequest, RefusalsNameTheFieldAndTheValue) {
   EXPECT_EQ(Refusal(R"({"prompt":"a","prompt":"b"})"), "the request body: duplicate key 'prompt'");
   EXPECT_EQ(Refusal(R"({"prompt":"a","max_tokens":18446744073709551616})"),
             "field 'max_tokens' must be an integer in [-2^63, 2^63), got 1.8446744073709552e+19 (too large)");
-  EXPECT_EQ(Refusal(R"({"prompt":["a","b"]})"),
-            "field 'prompt' holds 2 prompts; this server takes one prompt per request (send one request each)");
+  EXPECT_EQ(Refusal(R"({"prompt":["a",5]})"),
+            "field 'prompt[1]' must be a string or an array of token ids, got number 5");
+  EXPECT_EQ(Refusal(R"({"prompt":[[1],[2,"x"]]})"),
+            "field 'prompt[1][1]' must be an integer token id, got string \"x\"");
+}
+
+TEST(ParseCompletionRequest, APromptArrayIsOneGenerationPerPromptWithTheSharedFields) {
+  auto r = ParseCompletionRequest(R"({"prompt":["a","bc",[7,8]],"max_tokens":3,"n":2,"seed":5,"logprobs":1})", 64);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->generations.size(), 3u);
+  EXPECT_EQ(r->generations[0].text, "a");
+  EXPECT_EQ(r->generations[1].text, "bc");
+  EXPECT_FALSE(r->generations[2].text.has_value());
+  EXPECT_EQ(r->generations[2].token_ids, (std::vector<int64_t>{7, 8}));
+  for (const auto& g : r->generations) {
+    EXPECT_EQ(g.max_tokens, 3);
+    EXPECT_EQ(g.n, 2);
+    EXPECT_EQ(g.seed, 5u);
+    EXPECT_EQ(g.top_logprobs, 1);
+  }
+  EXPECT_EQ(r->generation.text, "a") << "the first prompt's request";
+  // One prompt, however spelt, is one generation.
+  for (const char* body : {R"({"prompt":"a"})", R"({"prompt":["a"]})", R"({"prompt":[[3]]})", R"({"prompt":[3]})"}) {
+    auto one = ParseCompletionRequest(body, 64);
+    ASSERT_TRUE(one.ok()) << body;
+    EXPECT_EQ(one->generations.size(), 1u) << body;
+  }
 }
 
 TEST(ParseCompletionRequest, NestingPastTheLimitIsRefusedWithoutRecursion) {

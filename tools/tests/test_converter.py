@@ -1,6 +1,7 @@
 """tools/convert_kraken_checkpoint.py on checkpoints saved in the authors' exact layout."""
 
 import io
+import json
 import os
 import random
 import subprocess
@@ -36,8 +37,11 @@ def test_converted_model_scores_like_the_original(tmp_path, generate_bin, bias):
 
     out_dir = tmp_path / "model"
     r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert_kraken_checkpoint.py"), str(ckpt), str(out_dir),
-                        "--dtype", "f32"], capture_output=True, text=True)
+                        "--dtype", "f32", "--eos-token-id", "7"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # The end-of-text token where the server and transformers read it.
+    assert json.load(open(out_dir / "config.json"))["eos_token_id"] == 7
+    assert json.load(open(out_dir / "generation_config.json")) == {"bos_token_id": 7, "eos_token_id": 7}
     prompt = [(11 * i + 4) % cfg.vocab_size for i in range(30)]
     out = run_generate(generate_bin, str(out_dir), "--score", "--prompt-ids", ",".join(map(str, prompt)))
     logp = torch.log_softmax(ref.forward(cfg, W, prompt).double(), dim=-1)
@@ -50,13 +54,30 @@ def test_uncompiled_checkpoint_and_bf16_output(tmp_path, generate_bin):
     W = ref.random_weights(CFG, seed=22)
     ckpt = tmp_path / "ckpt.pt"
     save_authors_ckpt(ckpt, CFG, W, compiled_prefix=False)
-    conv.convert(str(ckpt), str(tmp_path / "m"), "bf16")
+    conv.convert(str(ckpt), str(tmp_path / "m"), "bf16", eos_token_id=None)
     # An F32 KV cache, as the reference keeps: the weights' rounding alone is what is checked here.
     out = run_generate(generate_bin, str(tmp_path / "m"), "--score", "--kv-cache-dtype", "f32", "--prompt-ids",
                        "1,2,3,4,5,6")
     Wb = ref.round_to_dtype(W, torch.bfloat16)
     logp = torch.log_softmax(ref.forward(CFG, Wb, [1, 2, 3, 4, 5, 6]).double(), dim=-1)
     assert out["scores"][-1]["logprob"] == pytest.approx(logp[4, 6].item(), abs=1e-4)
+
+
+def test_the_default_end_of_text_is_gpt2s_where_the_server_and_transformers_read_it(tmp_path):
+    # The released recipe's vocabulary (50304, GPT-2's padded) with its <|endoftext|>: 50256.
+    cfg = ref.Config(**{**CFG.__dict__, "vocab_size": 50304, "n_embd": 24, "n_head": 3, "ffn_hidden": 48})
+    save_authors_ckpt(tmp_path / "ckpt.pt", cfg, ref.random_weights(cfg, seed=23))
+    conv.convert(str(tmp_path / "ckpt.pt"), str(tmp_path / "m"), "f32")
+    assert json.load(open(tmp_path / "m" / "config.json"))["eos_token_id"] == conv.GPT2_EOT == 50256
+    assert json.load(open(tmp_path / "m" / "generation_config.json")) == {"bos_token_id": 50256, "eos_token_id": 50256}
+
+    # A vocabulary without that id: the default is refused by name; None writes no end-of-text.
+    save_authors_ckpt(tmp_path / "small.pt", CFG, ref.random_weights(CFG, seed=24))
+    with pytest.raises(conv.ConversionError, match=r"--eos-token-id 50256 is outside the vocabulary \[0, 120\)"):
+        conv.convert(str(tmp_path / "small.pt"), str(tmp_path / "n"), "f32")
+    conv.convert(str(tmp_path / "small.pt"), str(tmp_path / "none"), "f32", None)
+    assert "eos_token_id" not in json.load(open(tmp_path / "none" / "config.json"))
+    assert not (tmp_path / "none" / "generation_config.json").exists()
 
 
 def test_bad_checkpoints_are_refused_by_name(tmp_path):

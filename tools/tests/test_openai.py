@@ -53,12 +53,23 @@ def test_completion_equals_kraken_v1_for_the_same_seed(server):
         assert r.usage.total_tokens == r.usage.prompt_tokens + 24
         assert choice.logprobs.token_logprobs == pytest.approx([lp.logprob for lp in g.logprobs], abs=0)
         assert "".join(choice.logprobs.tokens) == choice.text
-        assert [len(t) for t in choice.logprobs.top_logprobs] == [2] * 24
+        # The two most likely, then the sampled token when it is not among them (OpenAI: up to logprobs + 1).
+        assert [len(t) for t in choice.logprobs.top_logprobs] == [len(lp.top) for lp in g.logprobs]
+        assert all(len(lp.top) == 2 + (lp.token_id not in [a.token_id for a in lp.top[:2]]) for lp in g.logprobs)
+        for t, tok, v in zip(choice.logprobs.top_logprobs, choice.logprobs.tokens, choice.logprobs.token_logprobs):
+            assert t[tok] == v
         assert r.model == MODEL and r.object == "text_completion" and r.id.startswith("cmpl-")
     # "logprobs": true, as pydantic-based servers read it: one alternative per token.
     r = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=4, temperature=0, logprobs=True)
     tops = r.choices[0].logprobs.top_logprobs
     assert [len(t) for t in tops] == [1] * 4 and [next(iter(t)) for t in tops] == r.choices[0].logprobs.tokens
+    # A hot sample: every token is in its own top_logprobs with its own logprob, most of them after
+    # the most likely one.
+    r = client.completions.create(model=MODEL, prompt="And the LORD spake unto Moses, saying,", max_tokens=6,
+                                  temperature=1.5, top_p=1, logprobs=1, seed=3)
+    lp = r.choices[0].logprobs
+    assert all(t[tok] == v for t, tok, v in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs))
+    assert sum(len(t) == 2 for t in lp.top_logprobs) >= 3, lp.top_logprobs
 
 
 def test_stream_equals_non_stream_and_is_framed_as_openai_does(server):
@@ -95,6 +106,42 @@ def test_token_id_prompt_equals_text_prompt(server):
     b = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0)
     assert a.choices[0].text == b.choices[0].text
     assert a.usage.prompt_tokens == b.usage.prompt_tokens == len(ids)
+
+
+def test_a_prompt_array_answers_each_prompt_as_its_own_request_would(server):
+    # OpenAI and vLLM: choices prompt by prompt, then by sample; each exactly the single-prompt answer.
+    client = server.openai()
+    ids = list(server.stub.Tokenize(pb.TokenizeRequest(text="In the beginning")).token_ids)
+    prompts = ["And God said,", ids, "The LORD is my shepherd;"]
+    kw = dict(model=MODEL, max_tokens=8, temperature=0.9, seed=5, n=2, logprobs=2, echo=True,
+              extra_body={"ignore_eos": True})
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    batch = client.completions.create(prompt=prompts, **kw)
+    assert [c.index for c in batch.choices] == list(range(6))
+    for i, c in enumerate(batch.choices):
+        want = alone[i // 2].choices[i % 2]
+        assert (c.text, c.finish_reason) == (want.text, want.finish_reason)
+        assert c.logprobs.tokens == want.logprobs.tokens
+        assert c.logprobs.token_logprobs == want.logprobs.token_logprobs
+        assert c.logprobs.top_logprobs == want.logprobs.top_logprobs
+        assert c.logprobs.text_offset == want.logprobs.text_offset
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone) == 6 * 8
+    assert batch.usage.total_tokens == batch.usage.prompt_tokens + batch.usage.completion_tokens
+    # Streamed: each chunk names its choice; joined per index they are the unary texts.
+    kw.pop("logprobs")
+    texts, finishes, usage = {}, {}, None
+    for chunk in client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True}, **kw):
+        if not chunk.choices:
+            usage = chunk.usage
+            continue
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {i: c.text for i, c in enumerate(batch.choices)}
+    assert finishes == {i: "length" for i in range(6)}
+    assert usage.prompt_tokens == batch.usage.prompt_tokens and usage.completion_tokens == 48
 
 
 def test_stop_string_and_echo(server):
@@ -134,8 +181,12 @@ INVALID = [
     ({"prompt": []}, 400, "field 'prompt' must not be empty", "prompt"),
     ({"prompt": [1, 4096]}, 400, "field 'prompt[1]' must be in [0, 4096), got 4096", "prompt[1]"),
     ({"prompt": [5] * 256}, 400, "field 'prompt' has 256 tokens; the context length is 256", "prompt"),
-    ({"prompt": ["a", "b"]}, 400, "field 'prompt' holds 2 prompts; this server takes one prompt per request",
-     "prompt"),
+    ({"prompt": ["a", ""]}, 400, "field 'prompt[1]' must not be empty", "prompt[1]"),
+    ({"prompt": [[1], [1, 4096]]}, 400, "field 'prompt[1][1]' must be in [0, 4096), got 4096", "prompt[1][1]"),
+    ({"prompt": ["a", 5]}, 400, "field 'prompt[1]' must be a string or an array of token ids, got number 5",
+     "prompt[1]"),
+    ({"prompt": ["a"] * 17, "n": 16}, 400, "field 'prompt' holds 17 prompts of n = 16 samples each, 272 samples "
+     "in all; the limit per request is 256 (the waiting queue's capacity, --max-waiting)", "prompt"),
     ({"prompt": "a", "n": 0}, 400, "field 'n' must be in [1, 16], got 0", "n"),
     ({"prompt": "a", "n": 17}, 400, "field 'n' must be in [1, 16], got 17", "n"),
     ({"prompt": "a", "n": 2, "best_of": 3}, 400,

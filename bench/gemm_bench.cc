@@ -8,14 +8,20 @@
 // Y[M, N] = X[M, K] · W[N, K]^T: oneDNN gets W in the same [N, K] layout (transb = 'T') and packs
 // it inside every call, while ours is packed once at load time as the engine does; the decode
 // rows (M = 1, 8, 32) also report the weight bytes streamed per second against the machine's read
-// bandwidth.
+// bandwidth. BF16 cells also time oneDNN's BF16 matmul primitive (weights reordered once into its
+// own layout, the F32 activations rounded to BF16 inside every call, F32 output): on a CPU with
+// AVX512-BF16 or AMX-BF16 that is the fastest a BF16 GEMM gets there (ONEDNN_VERBOSE=1 names the
+// kernel), and "ratio_bf16_matmul" is ours against it.
 #include <dnnl.h>
 #include <omp.h>
+
+#include <dnnl.hpp>
 
 #include <cstdio>
 #include <functional>
 #include <iostream>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include <CLI/CLI.hpp>
@@ -56,6 +62,41 @@ uint16_t ToHalfBits(float f, DType t) {
   }
   return F32ToF16(f);
 }
+
+// oneDNN's BF16 matmul for Y[M, N] = bf16(X[M, K]) · W[N, K]^T with F32 output: W (BF16 bits,
+// [N, K]) reordered once into the layout the primitive picks, X rounded to BF16 in every call.
+class OnednnBf16Matmul {
+ public:
+  OnednnBf16Matmul(const uint16_t* w, int m, int n, int k, const float* x, float* y)
+      : engine_(dnnl::engine::kind::cpu, 0), stream_(engine_) {
+    using dt = dnnl::memory::data_type;
+    using tag = dnnl::memory::format_tag;
+    const dnnl::memory::desc src({m, k}, dt::bf16, tag::ab), weights_any({k, n}, dt::bf16, tag::any),
+        dst({m, n}, dt::f32, tag::ab);
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, weights_any, dst), engine_);
+    matmul_ = dnnl::matmul(pd);
+    dnnl::memory user_w({{k, n}, dt::bf16, tag::ba}, engine_, const_cast<uint16_t*>(w));
+    weights_ = dnnl::memory(pd.weights_desc(), engine_);
+    dnnl::reorder(user_w, weights_).execute(stream_, user_w, weights_);
+    x_f32_ = dnnl::memory({{m, k}, dt::f32, tag::ab}, engine_, const_cast<float*>(x));
+    x_bf16_ = dnnl::memory(src, engine_);
+    y_ = dnnl::memory(dst, engine_, y);
+    round_ = dnnl::reorder(x_f32_, x_bf16_);
+    stream_.wait();
+  }
+  void operator()() {
+    round_.execute(stream_, x_f32_, x_bf16_);
+    matmul_.execute(stream_, {{DNNL_ARG_SRC, x_bf16_}, {DNNL_ARG_WEIGHTS, weights_}, {DNNL_ARG_DST, y_}});
+    stream_.wait();
+  }
+
+ private:
+  dnnl::engine engine_;
+  dnnl::stream stream_;
+  dnnl::matmul matmul_;
+  dnnl::reorder round_;
+  dnnl::memory weights_, x_f32_, x_bf16_, y_;
+};
 
 // Median seconds of `rounds` calls of each of `fns`, interleaved call by call.
 std::vector<double> Interleaved(const std::vector<std::function<void()>>& fns, int rounds) {
@@ -131,7 +172,13 @@ int Run(const Args& a) {
           dnnl_sgemm('N', 'T', m, s.n, s.k, 1.f, x.data(), s.k, w.data(), s.k, 0.f, y2.data(), s.n);
         };
         const int rounds = m <= 32 ? a.rounds * 4 : a.rounds;
-        const std::vector<double> t = Interleaved({ours, theirs}, rounds);
+        std::vector<std::function<void()>> contenders = {ours, theirs};
+        std::optional<OnednnBf16Matmul> bf16_matmul;
+        if (dt == DType::kBF16) {
+          bf16_matmul.emplace(reinterpret_cast<const uint16_t*>(stored.data()), m, s.n, s.k, x.data(), y2.data());
+          contenders.push_back([&] { (*bf16_matmul)(); });
+        }
+        const std::vector<double> t = Interleaved(contenders, rounds);
         const double flops = 2.0 * m * s.n * s.k;
         json c = {{"model", s.model},
                   {"layer", s.layer},
@@ -143,9 +190,15 @@ int Run(const Args& a) {
                   {"onednn_sgemm_gflops", flops / t[1] / 1e9},
                   {"ratio", t[1] / t[0]}};
         if (m <= 32) c["ours_weight_gbps"] = static_cast<double>(packed->bytes()) / t[0] / 1e9;
+        if (t.size() > 2) {
+          c["onednn_bf16_matmul_gflops"] = flops / t[2] / 1e9;
+          c["ratio_bf16_matmul"] = t[2] / t[0];
+        }
         cells.push_back(c);
-        std::fprintf(stderr, "%-5s %-8s %-4s M=%-4d ours %6.1f GFLOP/s  oneDNN %6.1f  ratio %.2f\n", s.model, s.layer,
+        std::fprintf(stderr, "%-5s %-8s %-4s M=%-4d ours %6.1f GFLOP/s  oneDNN %6.1f  ratio %.2f", s.model, s.layer,
                      std::string(DTypeName(dt)).c_str(), m, flops / t[0] / 1e9, flops / t[1] / 1e9, t[1] / t[0]);
+        if (t.size() > 2) std::fprintf(stderr, "  oneDNN bf16 matmul %6.1f  ratio %.2f", flops / t[2] / 1e9, t[2] / t[0]);
+        std::fprintf(stderr, "\n");
       }
     }
   }

@@ -144,6 +144,22 @@ def test_a_prompt_array_answers_each_prompt_as_its_own_request_would(server):
     assert usage.prompt_tokens == batch.usage.prompt_tokens and usage.completion_tokens == 48
 
 
+def test_langchain_openai_llm_invoke_stream_and_batch(server):
+    # LangChain's completions LLM: batch() sends its prompts in one request (up to 20 each).
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model=MODEL, base_url=server.http_url + "/v1", api_key="none", max_tokens=6, temperature=0,
+                 max_retries=0, extra_body={"ignore_eos": True})
+    client = server.openai()
+    prompts = ["And God said,", "In the beginning", "The LORD is my shepherd;"]
+    want = [client.completions.create(model=MODEL, prompt=p, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True}).choices[0].text for p in prompts]
+    assert llm.invoke(prompts[0]) == want[0]
+    assert "".join(llm.stream(prompts[1])) == want[1]
+    assert llm.batch(prompts) == want
+    assert [g[0].text for g in llm.generate(prompts * 9).generations] == want * 9  # two requests of 20 and 7
+
+
 def test_stop_string_and_echo(server):
     client = server.openai()
     free = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=20, temperature=0)

@@ -48,6 +48,7 @@
 #include "server/json_log.h"
 #include "server/kserve_service.h"
 #include "server/read_file.h"
+#include "server/reflection.h"
 #include "server/service.h"
 
 extern char** environ;
@@ -224,6 +225,7 @@ StatusOr<std::shared_ptr<grpc::ServerCredentials>> Credentials(const Flags& f) {
 struct Frontends {
   std::unique_ptr<server::KrakenService> service;
   std::unique_ptr<server::KserveService> kserve;  // KServe v2 on the gRPC port
+  std::unique_ptr<server::ReflectionV1> reflection;
   std::unique_ptr<openai::Api> api;
   std::unique_ptr<grpc::Server> grpc;
   std::unique_ptr<http::Server> http;          // null with --http-port -1
@@ -419,6 +421,12 @@ StatusOr<Frontends> StartFrontends(const Flags& f, const core::Admission& door, 
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(fe.service.get());
   builder.RegisterService(fe.kserve.get());
+  // Reflection v1 lists what v1alpha lists (grpcurl asks v1 first).
+  fe.reflection = std::make_unique<server::ReflectionV1>(std::vector<std::string>{
+      kraken::v1::Kraken::service_full_name(), inference::GRPCInferenceService::service_full_name(),
+      server::HealthServiceName(), grpc::reflection::v1::ServerReflection::service_full_name(),
+      "grpc.reflection.v1alpha.ServerReflection"});
+  builder.RegisterService(fe.reflection.get());
   fe.grpc = builder.BuildAndStart();
   if (!fe.grpc || bound_port == 0)
     return absl::UnavailableError(

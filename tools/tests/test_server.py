@@ -405,12 +405,66 @@ def test_flags_from_environment_and_config_file(tmp_path):
         s.close()
 
 
-def test_server_reflection_lists_the_services(server):
-    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server.target))
-    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
-    names = {s.name for r in responses for s in r.list_services_response.service}
-    assert {"kraken.v1.Kraken", "grpc.health.v1.Health"} <= names
+def _reflection_v1_modules(tmp_path_factory):
+    """Python stubs for reflection v1 (grpcio-reflection ships v1alpha only), from grpc-proto's
+    file, generated under a module path of their own (grpcio owns the 'grpc' package)."""
+    import importlib
+    import shutil
+    import sys as _sys
+    from grpc_tools import protoc
+    out = tmp_path_factory.mktemp("reflection_v1")
+    (out / "reflection_v1").mkdir()
+    shutil.copy("/usr/share/grpc-proto/grpc/reflection/v1/reflection.proto", out / "reflection_v1" / "reflection.proto")
+    assert protoc.main(["protoc", f"-I{out}", f"--python_out={out}", f"--grpc_python_out={out}",
+                        "reflection_v1/reflection.proto"]) == 0
+    (out / "reflection_v1" / "__init__.py").write_text("")
+    _sys.path.insert(0, str(out))
+    return (importlib.import_module("reflection_v1.reflection_pb2"),
+            importlib.import_module("reflection_v1.reflection_pb2_grpc"))
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_server_reflection_describes_every_service_it_lists_and_the_health_check_runs_from_it(
+        server, version, tmp_path_factory):
+    # What grpcurl does: list the services, fetch the file of each by symbol (with its imports),
+    # build the messages from those descriptors alone, and call grpc.health.v1.Health/Check.
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    if version == "v1":
+        pb2, pb2_grpc = _reflection_v1_modules(tmp_path_factory)
+    else:
+        from grpc_reflection.v1alpha import reflection_pb2 as pb2, reflection_pb2_grpc as pb2_grpc
+    channel = grpc.insecure_channel(server.target)
+    stub = pb2_grpc.ServerReflectionStub(channel)
+
+    def ask(**kw):
+        return list(stub.ServerReflectionInfo(iter([pb2.ServerReflectionRequest(**kw)])))[0]
+
+    names = {x.name for x in ask(list_services="").list_services_response.service}
+    assert {"kraken.v1.Kraken", "inference.GRPCInferenceService", "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    pool = descriptor_pool.DescriptorPool()
+    added = set()
+    for name in sorted(names):
+        r = ask(file_containing_symbol=name)
+        assert not r.HasField("error_response"), (name, r.error_response.error_message)
+        files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                 for b in r.file_descriptor_response.file_descriptor_proto]
+        assert files, name
+        for f in reversed(files):  # imports come after the file that needs them
+            if f.name not in added:
+                pool.Add(f)
+                added.add(f.name)
+        assert pool.FindServiceByName(name).full_name == name
+    health = pool.FindServiceByName("grpc.health.v1.Health")
+    check = health.FindMethodByName("Check")
+    request_cls = message_factory.GetMessageClass(check.input_type)
+    response_cls = message_factory.GetMessageClass(check.output_type)
+    call = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=request_cls.SerializeToString,
+                               response_deserializer=response_cls.FromString)
+    assert call(request_cls(service="")).status == 1  # SERVING
+    assert call(request_cls(service="kraken.v1.Kraken")).status == 1
+    missing = ask(file_containing_symbol="no.such.Service")
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
 
 
 def test_typical_p_is_seed_reproducible_and_narrows_the_choices(server):

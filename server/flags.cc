@@ -36,6 +36,12 @@ std::vector<std::string> EnvNames(const CLI::App& app) {
 
 }  // namespace
 
+int AutoMaxWaiting(int64_t host_available_bytes, int context_length) {
+  const int64_t per_request = 4096 + 8 * static_cast<int64_t>(std::max(context_length, 1));
+  const int64_t fits = std::max<int64_t>(host_available_bytes, 0) / 32 / per_request;
+  return static_cast<int>(std::clamp<int64_t>(fits, kMinAutoWaiting, kMaxAutoWaiting));
+}
+
 std::string EnvName(const std::string& long_flag) {
   std::string name = kPrefix;
   for (char c : long_flag.substr(long_flag.find_first_not_of('-'))) {
@@ -230,7 +236,8 @@ void AddServerFlags(CLI::App& app, ServerFlags& f) {
   opt("--threads-per-worker", f.threads_per_worker, "CPU threads per worker; 0 = cores / workers");
   opt("--max-batch-tokens", f.max_batch_tokens, "token budget of one step")->check(CLI::Range(1, 1 << 20));
   opt("--max-batch-seqs", f.max_batch_seqs, "sequences per step")->check(CLI::Range(1, 4096));
-  opt("--max-waiting", f.max_waiting, "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED)")
+  opt("--max-waiting", f.max_waiting,
+      "waiting-queue capacity (beyond: RESOURCE_EXHAUSTED); 0 = from the host's memory (1024 to 16384)")
       ->check(CLI::Range(0, 1 << 20));
   AddKvCacheFlags(opt, f);
   opt("--max-message-bytes", f.max_message_bytes, "largest request message (bytes); larger ones get RESOURCE_EXHAUSTED")

@@ -50,7 +50,7 @@ struct ServerFlags {
   int threads_per_worker = runtime::WorkerGroupOptions{}.threads_per_worker;
   int max_batch_tokens = scheduler::SchedulerOptions{}.max_batch_tokens;
   int max_batch_seqs = scheduler::SchedulerOptions{}.max_batch_seqs;
-  int max_waiting = scheduler::SchedulerOptions{}.max_waiting;
+  int max_waiting = 0;  // 0: AutoMaxWaiting, from the host's memory
   int num_kv_blocks = scheduler::SchedulerOptions{}.num_kv_blocks;
   int64_t kv_cache_memory = runtime::KvSizing{}.kv_cache_bytes;
   std::string kv_cache_dtype = "auto";
@@ -101,6 +101,18 @@ std::optional<int> ParseServerFlags(int argc, const char* const* argv, const cha
 /// --join and --node-rank on the other pods, where flags left them unset; --node-address from the
 /// host name in a group, loopback on one node.
 void ApplyLeaderWorkerSet(ServerFlags& f);
+
+/// The waiting queue's capacity when --max-waiting is 0 (its default): as many requests as 1/32
+/// of the host memory this process may use (`host_available_bytes`) holds at the worst case of
+/// one waiting request, its prompt filling the context (`context_length` tokens, kept as ids by
+/// the request and by the scheduler, 8 bytes a token) plus 4 KiB of parameters and buffers;
+/// within [kMinAutoWaiting, kMaxAutoWaiting]. The floor lets a benchmark's burst (guidellm's
+/// sweep opens 512 requests at once) queue rather than be refused; the ceiling keeps a backlog
+/// short enough to drain before clients give up. Past the capacity, RESOURCE_EXHAUSTED (HTTP 429)
+/// tells a load balancer to go elsewhere.
+int AutoMaxWaiting(int64_t host_available_bytes, int context_length);
+inline constexpr int kMinAutoWaiting = 1024;
+inline constexpr int kMaxAutoWaiting = 16384;
 
 /// "--max-waiting" -> "KRAKEN_MAX_WAITING".
 std::string EnvName(const std::string& long_flag);

@@ -42,6 +42,7 @@
 #include "engine/model_config.h"
 #include "http/server.h"
 #include "openai/api.h"
+#include "runtime/memory.h"
 #include "runtime/worker.h"
 #include "runtime/worker_group.h"
 #include "server/flags.h"
@@ -572,12 +573,19 @@ int Serve(const Flags& f, const engine::ModelConfig& config, const core::Request
 }
 
 // Everything after the flags: returns the exit code.
-int Run(const Flags& f, const sigset_t& sigs) {
+int Run(const Flags& given, const sigset_t& sigs) {
   Signals signals(sigs);
-  auto config = engine::LoadModelConfig(f.model);
+  auto config = engine::LoadModelConfig(given.model);
   if (!config.ok()) {
     spdlog::critical("cannot load model: {}", config.status().ToString());
     return 2;
+  }
+  Flags f = given;
+  if (f.max_waiting == 0) {  // from the memory this process may use
+    const StatusOr<int64_t> host = runtime::HostAvailableBytes();
+    f.max_waiting = server::AutoMaxWaiting(host.ok() ? *host : 0, config->n_positions);
+    spdlog::info("waiting queue: {} requests (--max-waiting 0: from {} of host memory available)", f.max_waiting,
+                 host.ok() ? runtime::FormatBytes(*host) : "unreadable");
   }
   core::RequestLimits limits = LoadLimits(f.model, *config);
   limits.max_n = std::max(1, std::min(limits.max_n, f.max_waiting));  // n samples queue as n requests

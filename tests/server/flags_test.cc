@@ -29,7 +29,7 @@ TEST(ServerFlags, DefaultsAreTheDocumentedOnes) {
   ASSERT_EQ(Parse({}, {}, f), std::nullopt);
   EXPECT_EQ(f.max_batch_tokens, 512);
   EXPECT_EQ(f.max_batch_seqs, 64);
-  EXPECT_EQ(f.max_waiting, 256);
+  EXPECT_EQ(f.max_waiting, 0) << "from the host's memory";
   EXPECT_EQ(f.block_size, 16);
   EXPECT_EQ(f.num_kv_blocks, 0);
   EXPECT_EQ(f.kv_cache_memory, 0);
@@ -69,6 +69,18 @@ TEST(ServerFlags, BadSettingsExitTwo) {
   EXPECT_EQ(Parse({"--max-batch-seqs", "0"}, {}, b), 2);
   EXPECT_EQ(Parse({"--tls-cert", "c.pem"}, {}, c), 2);  // without --tls-key
   EXPECT_EQ(Parse({"--port", "70000"}, {}, d), 2);
+}
+
+TEST(ServerFlags, TheAutomaticQueueCapacityFollowsMemoryWithinItsBounds) {
+  constexpr int64_t kGiB = int64_t{1} << 30;
+  // 1/32 of 8 GiB over (4 KiB + 8 B x 1024 tokens) = 268435456 / 12288 = 21845: the ceiling.
+  EXPECT_EQ(AutoMaxWaiting(8 * kGiB, 1024), kMaxAutoWaiting);
+  // 1/32 of 8 GiB over (4 KiB + 8 B x 32768 tokens) = 268435456 / 266240 = 1008: the floor.
+  EXPECT_EQ(AutoMaxWaiting(8 * kGiB, 32768), kMinAutoWaiting);
+  // Between: 1/32 of 16 GiB over 266240 bytes = 2016.
+  EXPECT_EQ(AutoMaxWaiting(16 * kGiB, 32768), 2016);
+  EXPECT_EQ(AutoMaxWaiting(0, 256), kMinAutoWaiting) << "an unreadable host still queues a burst";
+  EXPECT_GE(kMinAutoWaiting, 512) << "guidellm's sweep opens 512 requests at once";
 }
 
 }  // namespace

@@ -197,7 +197,8 @@ int Run(const Args& a) {
         cells.push_back(c);
         std::fprintf(stderr, "%-5s %-8s %-4s M=%-4d ours %6.1f GFLOP/s  oneDNN %6.1f  ratio %.2f", s.model, s.layer,
                      std::string(DTypeName(dt)).c_str(), m, flops / t[0] / 1e9, flops / t[1] / 1e9, t[1] / t[0]);
-        if (t.size() > 2) std::fprintf(stderr, "  oneDNN bf16 matmul %6.1f  ratio %.2f", flops / t[2] / 1e9, t[2] / t[0]);
+        if (t.size() > 2)
+          std::fprintf(stderr, "  oneDNN bf16 matmul %6.1f  ratio %.2f", flops / t[2] / 1e9, t[2] / t[0]);
         std::fprintf(stderr, "\n");
       }
     }

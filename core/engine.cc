@@ -446,6 +446,7 @@ void Engine::BuildSteps(const scheduler::StepPlan& plan) {
       st.history_prompt = r.params.prompt;
       st.history_generated = generated;
     }
+    if (ss.sample) st.logit_bias = r.params.logit_bias;
     if (ss.sample && generated.size() < r.params.min_tokens) {
       st.banned = std::span<const int32_t>(banned_.data() + banned_at, r.params.stop_token_ids.size());
       banned_at += r.params.stop_token_ids.size();

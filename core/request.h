@@ -42,17 +42,18 @@ using Clock = std::chrono::steady_clock;
 
 /// A validated request in the core's terms (front-ends validate and fill it).
 struct RequestParams {
-  std::string request_id;               // the client's, for logs; may be empty
-  std::vector<int32_t> prompt;          // token ids, 1 <= size < context length
-  std::string prompt_text;              // the text (for echo); decoded when ids were given
-  uint32_t max_tokens = 0;              // tokens to generate, already fitted to the context
-  bool clamped = false;                 // max_tokens was reduced to fit the context
-  uint32_t min_tokens = 0;              // stop ids and strings are ignored until this many
-  engine::SamplingParams sampling;      // seed filled in (drawn if the client gave none)
-  std::vector<std::string> stop;        // stop strings, never part of the output
-  std::vector<int32_t> stop_token_ids;  // the client's, plus EOS unless it is ignored
-  bool logprobs = false;                // report each token's logprob (and sampling.top_logprobs)
-  bool prompt_logprobs = false;         // score each prompt token after the first (sampling.top_logprobs alternatives)
+  std::string request_id;                     // the client's, for logs; may be empty
+  std::vector<int32_t> prompt;                // token ids, 1 <= size < context length
+  std::string prompt_text;                    // the text (for echo); decoded when ids were given
+  uint32_t max_tokens = 0;                    // tokens to generate, already fitted to the context
+  bool clamped = false;                       // max_tokens was reduced to fit the context
+  uint32_t min_tokens = 0;                    // stop ids and strings are ignored until this many
+  engine::SamplingParams sampling;            // seed filled in (drawn if the client gave none)
+  std::vector<std::string> stop;              // stop strings, never part of the output
+  std::vector<int32_t> stop_token_ids;        // the client's, plus EOS unless it is ignored
+  std::vector<engine::TokenBias> logit_bias;  // added to the logits before sampling, by token id order
+  bool logprobs = false;                      // report each token's logprob (and sampling.top_logprobs)
+  bool prompt_logprobs = false;  // score each prompt token after the first (sampling.top_logprobs alternatives)
   bool echo = false;
   bool skip_special = true;  // leave special tokens out of the text
   int priority = 0;          // lower first, under the priority scheduling policy

@@ -1,5 +1,7 @@
 #include "core/validation.h"
 
+#include <algorithm>
+#include <cmath>
 #include <limits>
 #include <random>
 
@@ -127,6 +129,24 @@ Status ValidateStops(const GenerationRequest& req, const RequestLimits& lim, Req
   return absl::OkStatus();
 }
 
+// OpenAI's logit_bias: at most kMaxLogitBias tokens of the vocabulary, each bias in [-100, 100].
+Status ValidateLogitBias(const GenerationRequest& req, const RequestLimits& lim, RequestParams* p) {
+  if (req.logit_bias.size() > static_cast<size_t>(engine::kMaxLogitBias))
+    return Bad("logit_bias",
+               StrCat("may hold at most ", engine::kMaxLogitBias, " tokens, got ", req.logit_bias.size()));
+  for (const auto& [id, bias] : req.logit_bias) {
+    if (id < 0 || id >= lim.vocab_size)
+      return Bad("logit_bias", StrCat("holds token ", id, ", outside the vocabulary [0, ", lim.vocab_size, ")"));
+    if (!(std::fabs(bias) <= engine::kMaxLogitBiasValue))
+      return Bad("logit_bias", StrCat("gives token ", id, " the bias ", bias, "; biases must be in [-",
+                                      engine::kMaxLogitBiasValue, ", ", engine::kMaxLogitBiasValue, "]"));
+    p->logit_bias.push_back({static_cast<int32_t>(id), static_cast<float>(bias)});
+  }
+  std::sort(p->logit_bias.begin(), p->logit_bias.end(),
+            [](const engine::TokenBias& a, const engine::TokenBias& b) { return a.token < b.token; });
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 StatusOr<RequestParams> ValidateGeneration(const GenerationRequest& req, const RequestLimits& lim,
@@ -141,6 +161,7 @@ StatusOr<RequestParams> ValidateGeneration(const GenerationRequest& req, const R
   KRAKEN_RETURN_IF_ERROR(ValidateLengths(req, lim, names, &p));
   KRAKEN_RETURN_IF_ERROR(ValidateSampling(req, lim, names, &p));
   KRAKEN_RETURN_IF_ERROR(ValidateStops(req, lim, &p));
+  KRAKEN_RETURN_IF_ERROR(ValidateLogitBias(req, lim, &p));
   if (req.priority < std::numeric_limits<int32_t>::min() || req.priority > std::numeric_limits<int32_t>::max())
     return Bad("priority", StrCat("must fit in 32 bits, got ", req.priority));
   p.logprobs = req.logprobs || req.top_logprobs > 0;

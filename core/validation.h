@@ -53,6 +53,7 @@ struct GenerationRequest {
   std::optional<uint64_t> seed;  // unset: a fresh random seed (reported back)
   std::vector<std::string> stop;
   std::vector<int64_t> stop_token_ids;
+  std::vector<std::pair<int64_t, double>> logit_bias;  // (token id, bias) as OpenAI's logit_bias
   bool ignore_eos = false;
   bool logprobs = false;     // the chosen token's logprob
   int64_t top_logprobs = 0;  // and this many alternatives (implies logprobs)

@@ -166,6 +166,15 @@ StatusOr<SampledToken> Sampler::Score(const float* logits, int32_t token, int to
   return out;
 }
 
+void Sampler::ApplyBias(std::span<const TokenBias> bias) {
+  float* w = work_.data();
+  for (const TokenBias& b : bias) {
+    // A -inf (or NaN-cleaned) logit stays ruled out; a finite one stays finite.
+    if (b.token < 0 || b.token >= vocab_ || !std::isfinite(b.bias) || !std::isfinite(w[b.token])) continue;
+    w[b.token] = std::clamp(w[b.token] + b.bias, -std::numeric_limits<float>::max(), std::numeric_limits<float>::max());
+  }
+}
+
 void Sampler::ApplyPenalties(const float* logits, const SamplingParams& p, const TokenHistory& history) {
   const int V = vocab_;
   float* w = work_.data();
@@ -316,6 +325,7 @@ StatusOr<SampledToken> Sampler::Sample(const float* logits, const SamplingParams
     out.logprob = 0.f;
     return out;
   }
+  ApplyBias(history.logit_bias);
   ApplyPenalties(logits, p, history);
   Ban(history.banned);
 

@@ -66,6 +66,19 @@ inline bool NeedsHistory(const SamplingParams& p) {
 /// presence/frequency outside [-2, 2], top_k < -1, top_logprobs outside [0, 20].
 Status ValidateSamplingParams(const SamplingParams& p, int vocab);
 
+/// Most logit_bias entries one request may carry (OpenAI's limit).
+inline constexpr int kMaxLogitBias = 300;
+/// The largest |bias| (OpenAI's range: a bias of -100 bans a token in practice, +100 forces it).
+inline constexpr float kMaxLogitBiasValue = 100.f;
+
+/// A value added to one token's logit before penalties and truncation (OpenAI's logit_bias).
+/// Standard layout: the dispatch segment carries it as it is (runtime/protocol.h).
+struct TokenBias {
+  int32_t token = 0;
+  float bias = 0.f;
+};
+static_assert(std::is_standard_layout_v<TokenBias> && sizeof(TokenBias) == 8, "TokenBias crosses processes");
+
 /// The tokens a sequence has seen, for penalties.
 struct TokenHistory {
   std::span<const int32_t> prompt;
@@ -73,6 +86,9 @@ struct TokenHistory {
   /// Tokens that may not be drawn this step (EOS and stop ids while min_tokens is not reached):
   /// their weight becomes -inf after penalties. Ignored when it would leave nothing to draw.
   std::span<const int32_t> banned;
+  /// Added to the logits first, before penalties (vLLM's order: logits processors, then
+  /// penalties). Ids outside [0, vocab) and non-finite biases are ignored (the server refuses them).
+  std::span<const TokenBias> logit_bias;
 };
 
 struct TokenLogprob {
@@ -124,12 +140,12 @@ class Sampler {
   // Typical-p over the n candidates order_[0, n) with weights w: reorders them, returns how many stay.
   int KeepTypical(const float* w, int n, float typical_p);
   // The stages of Sample, in order, each on the working logits work_ ([V]) and the candidate ids
-  // order_: repetition, presence and frequency penalties over the history (`logits`: the raw ones,
-  // to keep finite logits finite); banned ids to -inf unless nothing else is left; the candidates
-  // (all V, or the top_k most likely and ties with the k-th, in (value, id) order), how many; the
-  // softmax at `temperature` over the first n candidates in place, its unnormalised total; the
-  // nucleus of mass top_p, min-p's cut, how many candidates stay; the draw for `index` of the
-  // sample's stream of `seed` (SplitMix64, see UniformForIndex).
+  // order_: the logit biases; repetition, presence and frequency penalties over the history
+  // (`logits`: the raw ones, to keep finite logits finite); banned ids to -inf unless nothing else is left; the
+  // candidates (all V, or the top_k most likely and ties with the k-th, in (value, id) order), how many; the softmax at
+  // `temperature` over the first n candidates in place, its unnormalised total; the nucleus of mass top_p, min-p's cut,
+  // how many candidates stay; the draw for `index` of the sample's stream of `seed` (SplitMix64, see UniformForIndex).
+  void ApplyBias(std::span<const TokenBias> bias);
   void ApplyPenalties(const float* logits, const SamplingParams& p, const TokenHistory& history);
   void Ban(std::span<const int32_t> banned);
   int TopKCandidates(int top_k);

@@ -1,5 +1,6 @@
 #include "openai/protocol.h"
 
+#include <charconv>
 #include <cmath>
 #include <limits>
 
@@ -163,8 +164,23 @@ Status CheckUnsupported(const json& body, const core::GenerationRequest& g) {
                       "): this server returns every sample it generates, got ", *best_of);
   if (auto it = body.find("suffix"); it != body.end() && !it->is_null() && !(it->is_string() && it->empty()))
     return FieldError("suffix", "is not supported (the bundled models have no infilling), got ", Shown(*it));
-  if (auto it = body.find("logit_bias"); it != body.end() && !it->is_null() && !(it->is_object() && it->empty()))
-    return FieldError("logit_bias", "is not supported, got ", Shown(*it));
+  return absl::OkStatus();
+}
+
+// "logit_bias": {"<token id>": bias, ...} as OpenAI spells it (the keys are strings).
+Status ReadLogitBias(const json& body, core::GenerationRequest* g) {
+  auto it = body.find("logit_bias");
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if (!it->is_object()) return WrongType("logit_bias", "an object of token ids to biases", *it);
+  for (const auto& [key, value] : it->items()) {
+    int64_t id = 0;
+    const char* end = key.data() + key.size();
+    const auto parsed = std::from_chars(key.data(), end, id);
+    if (key.empty() || parsed.ec != std::errc() || parsed.ptr != end)
+      return FieldError("logit_bias", "has the key ", PreviewJson(json(key), 40), ", which is not a token id");
+    if (!value.is_number()) return WrongType(StrCat("logit_bias[\"", key, "\"]"), "a number", value);
+    g->logit_bias.emplace_back(id, value.get<double>());
+  }
   return absl::OkStatus();
 }
 
@@ -237,6 +253,7 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   KRAKEN_RETURN_IF_ERROR(ReadSampling(body, &g));
   KRAKEN_RETURN_IF_ERROR(ReadInt(body, "n", &g.n));
   KRAKEN_RETURN_IF_ERROR(ReadStops(body, &g));
+  KRAKEN_RETURN_IF_ERROR(ReadLogitBias(body, &g));
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "echo", &g.echo));
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "ignore_eos", &g.ignore_eos));
   bool skip_special = true;

@@ -1,12 +1,17 @@
 #include "runtime/protocol.h"
 
 namespace kraken::runtime {
+namespace {
+constexpr int32_t kSlotsPerBias = sizeof(engine::TokenBias) / sizeof(int32_t);
+}  // namespace
+
 Status PlanWriter::Check(std::span<const SeqStep> seqs) const {
   int64_t tokens = 0, history = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const SeqStep& s = seqs[i];
     tokens += static_cast<int64_t>(s.tokens.size());
-    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size() + s.banned.size());
+    history += static_cast<int64_t>(s.history_prompt.size() + s.history_generated.size() + s.banned.size() +
+                                    kSlotsPerBias * s.logit_bias.size());
     if (s.tokens.empty()) return InvalidArgument("sequence ", i, ": no tokens");
     if (s.block_table.size() > static_cast<size_t>(limits_.max_blocks_per_seq)) {
       return InvalidArgument("sequence ", i, ": block table of ", s.block_table.size(), " blocks exceeds the limit ",
@@ -51,6 +56,9 @@ void PlanWriter::Write(uint64_t step, std::span<const SeqStep> seqs) {
     p.history_offset = put(hist, &h_at, s.history_prompt);
     put(hist, &h_at, s.history_generated);
     put(hist, &h_at, s.banned);
+    p.history_bias = static_cast<int32_t>(s.logit_bias.size());
+    std::memcpy(hist + h_at, s.logit_bias.data(), s.logit_bias.size_bytes());  // TokenBias objects, as they are
+    h_at += static_cast<int32_t>(kSlotsPerBias * s.logit_bias.size());
     p.draw_index = s.draw_index;
     p.sample = s.sample ? 1 : 0;
     p.prompt_logprobs = s.prompt_logprobs ? 1 : 0;
@@ -81,8 +89,10 @@ Status PlanReader::Check(const PlanHeader& p) const {
     const bool ok = s.token_offset >= 0 && s.num_tokens >= 1 && s.token_offset + s.num_tokens <= p.num_tokens &&
                     s.block_offset >= 0 && s.num_blocks >= 0 && s.block_offset + s.num_blocks <= p.num_block_ids &&
                     s.history_offset >= 0 && s.history_prompt >= 0 && s.history_generated >= 0 &&
-                    s.history_banned >= 0 &&
-                    s.history_offset + s.history_prompt + s.history_generated + s.history_banned <= p.num_history;
+                    s.history_banned >= 0 && s.history_bias >= 0 &&
+                    int64_t{s.history_offset} + s.history_prompt + s.history_generated + s.history_banned +
+                            int64_t{kSlotsPerBias} * s.history_bias <=
+                        p.num_history;
     if (!ok) return InvalidArgument("step plan sequence ", i, " points outside the plan's arrays");
   }
   return absl::OkStatus();
@@ -94,11 +104,15 @@ PlannedSeq PlanReader::seq(const PlanHeader&, int i) const {
   const int32_t* blocks = At<int32_t>(base_, layout_.blocks);
   const int32_t* h = At<int32_t>(base_, layout_.history) + s.history_offset;
   auto view = [](const int32_t* p, int32_t n) { return std::span<const int32_t>(p, static_cast<size_t>(n)); };
-  return PlannedSeq{.plan = &s,
-                    .tokens = view(tokens + s.token_offset, s.num_tokens),
-                    .block_table = view(blocks + s.block_offset, s.num_blocks),
-                    .history = {view(h, s.history_prompt), view(h + s.history_prompt, s.history_generated),
-                                view(h + s.history_prompt + s.history_generated, s.history_banned)}};
+  return PlannedSeq{
+      .plan = &s,
+      .tokens = view(tokens + s.token_offset, s.num_tokens),
+      .block_table = view(blocks + s.block_offset, s.num_blocks),
+      .history = {view(h, s.history_prompt), view(h + s.history_prompt, s.history_generated),
+                  view(h + s.history_prompt + s.history_generated, s.history_banned),
+                  std::span<const engine::TokenBias>(reinterpret_cast<const engine::TokenBias*>(
+                                                         h + s.history_prompt + s.history_generated + s.history_banned),
+                                                     static_cast<size_t>(s.history_bias))}};
 }
 
 }  // namespace kraken::runtime

@@ -75,8 +75,8 @@ struct PlanSeq {
   uint8_t sample = 0;             // 1: sample a next token from the last new token's logits
   uint8_t prompt_logprobs = 0;    // 1: score each new token after the first, then next_token (PromptLogprob)
   uint8_t reserved[2] = {};
-  int32_t next_token = -1;  // with prompt_logprobs: the known token after this chunk, scored by its last row; -1: none
-  int32_t reserved2 = 0;
+  int32_t next_token = -1;   // with prompt_logprobs: the known token after this chunk, scored by its last row; -1: none
+  int32_t history_bias = 0;  // after the banned ids: this many engine::TokenBias, two history slots each
   engine::SamplingParams sampling;  // as validated by the server
 };
 
@@ -241,7 +241,8 @@ struct SeqStep {
   int64_t draw_index = 0;
   std::span<const int32_t> history_prompt;  // only needed when penalties are on
   std::span<const int32_t> history_generated;
-  std::span<const int32_t> banned;  // may not be sampled (min_tokens)
+  std::span<const int32_t> banned;                // may not be sampled (min_tokens)
+  std::span<const engine::TokenBias> logit_bias;  // added to the logits before sampling
 };
 
 /// Encodes step plans into a segment's plan area (the front-end's side of the codec).
@@ -267,7 +268,7 @@ struct PlannedSeq {
   const PlanSeq* plan = nullptr;
   std::span<const int32_t> tokens;
   std::span<const int32_t> block_table;
-  engine::TokenHistory history;  // prompt, generated, banned
+  engine::TokenHistory history;  // prompt, generated, banned, logit biases
 };
 
 /// Decodes the plan a segment holds (the workers' side of the codec). Every view is checked

@@ -104,7 +104,10 @@ StatusOr<Limits> PlanLimits(const WorkerGroupOptions& o) {
     return InvalidArgument("--kv-cache-dtype must be f32, bf16 or f16, got ", engine::DTypeName(o.kv_sizing.kv_dtype));
   }
   l.num_kv_blocks = o.num_kv_blocks;  // 0: decided when the workers have loaded (DecideKvBlocks)
-  l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * context;
+  // Per sequence: its prompt and output (at most the context), the ids banned while min_tokens is
+  // not reached (stop ids and EOS: at most 65) and its logit biases (two slots each).
+  constexpr int kBannedSlots = 128;
+  l.max_history = o.max_history > 0 ? o.max_history : o.max_seqs * (context + kBannedSlots + 2 * engine::kMaxLogitBias);
   l.vocab_size = cfg.vocab_size;
   return l;
 }

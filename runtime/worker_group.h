@@ -57,7 +57,7 @@ struct WorkerGroupOptions {
   int block_size = 16;
   int num_kv_blocks = 0;  // per worker; 0 = sized from kv_sizing when the workers start
   KvSizing kv_sizing;     // the KV budget (runtime/memory.h); host_share_bytes 0 = measured at start
-  int max_history = 0;    // penalty history per step; 0 = max_seqs * max_context
+  int max_history = 0;    // penalty history, banned ids, logit biases per step; 0 = room for max_seqs full ones
   std::string worker_binary = "/proc/self/exe";
   // Timers (docs/api.md "Timers"): each is the bound on one kind of silence.
   std::chrono::milliseconds start_timeout{120000};      // spawn to every rank ready

@@ -226,7 +226,8 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
                                                  "logprobs",
                                                  "skip_special_tokens",
                                                  "n",
-                                                 "best_of"};
+                                                 "best_of",
+                                                 "logit_bias"};
   KRAKEN_ASSIGN_OR_RETURN(const json j, ParseJsonStrict(text, "input 'sampling_parameters'", kMaxRequestJsonDepth));
   if (!j.is_object())
     return InvalidArgument("input 'sampling_parameters' must be a JSON object, got ", j.type_name(), " ",
@@ -249,6 +250,14 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
         }
       else
         return InvalidArgument("field 'sampling_parameters.stop' must be a string or a list of strings");
+    } else if (key == "logit_bias") {  // vLLM: {"<token id>": bias}
+      if (!v.is_object())
+        return InvalidArgument("field 'sampling_parameters.logit_bias' must be an object of token ids to biases");
+      for (const auto& [id, bias] : v.items()) {
+        KRAKEN_ASSIGN_OR_RETURN(int64_t token, JsonInteger(json(id), "logit_bias"));
+        KRAKEN_ASSIGN_OR_RETURN(double b, JsonNumber(bias, "logit_bias"));
+        g.logit_bias.emplace_back(token, b);
+      }
     } else if (key == "stop_token_ids") {
       if (!v.is_array()) return InvalidArgument("field 'sampling_parameters.stop_token_ids' must be a list of ids");
       for (const json& id : v) {

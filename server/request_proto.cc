@@ -29,6 +29,7 @@ core::GenerationRequest FromProto(const kraken::v1::GenerateRequest& req) {
   if (req.has_skip_special_tokens()) g.skip_special_tokens = req.skip_special_tokens();
   g.priority = req.priority();
   if (req.has_n()) g.n = req.n();
+  for (const auto& [id, bias] : req.logit_bias()) g.logit_bias.emplace_back(id, bias);
   return g;
 }
 

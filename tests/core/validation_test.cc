@@ -84,6 +84,27 @@ TEST(ValidateGeneration, RefusalsNameTheFieldTheLimitAndTheValue) {
             "field 'min_new_tokens' must be <= max_tokens (1 after fitting the context), got 2");
   EXPECT_EQ(Refusal({.token_ids = std::vector<int64_t>{1, -3}}, {.token_ids = "prompt"}),
             "field 'prompt[1]' must be in [0, 4096), got -3");
+  EXPECT_EQ(Refusal({.text = "a", .logit_bias = {{4096, 1.0}}}),
+            "field 'logit_bias' holds token 4096, outside the vocabulary [0, 4096)");
+  EXPECT_EQ(Refusal({.text = "a", .logit_bias = {{7, -100.5}}}),
+            "field 'logit_bias' gives token 7 the bias -100.5; biases must be in [-100, 100]");
+  EXPECT_EQ(Refusal({.text = "a", .logit_bias = {{7, std::nan("")}}}),
+            "field 'logit_bias' gives token 7 the bias nan; biases must be in [-100, 100]");
+  std::vector<std::pair<int64_t, double>> many;
+  for (int i = 0; i < 301; ++i) many.emplace_back(i, 1.0);
+  EXPECT_EQ(Refusal({.text = "a", .logit_bias = many}), "field 'logit_bias' may hold at most 300 tokens, got 301");
+}
+
+TEST(ValidateGeneration, LogitBiasesReachTheParamsInTokenOrder) {
+  auto p = ValidateGeneration({.text = "a", .logit_bias = {{9, -100.0}, {2, 0.5}, {4095, 100.0}}},
+                              RequestLimits{.context_length = 64, .vocab_size = 4096}, KjvTokenizer());
+  ASSERT_TRUE(p.ok()) << p.status();
+  ASSERT_EQ(p->logit_bias.size(), 3u);
+  EXPECT_EQ(p->logit_bias[0].token, 2);
+  EXPECT_EQ(p->logit_bias[0].bias, 0.5f);
+  EXPECT_EQ(p->logit_bias[1].token, 9);
+  EXPECT_EQ(p->logit_bias[2].token, 4095);
+  EXPECT_EQ(p->logit_bias[2].bias, 100.f);
 }
 
 }  // namespace

@@ -83,6 +83,36 @@ TEST(Sampler, TheChosenTokenIsAlwaysAmongTheReportedAlternatives) {
   EXPECT_EQ(s.Sample(logits, {.temperature = 0.f, .top_logprobs = 1}, {})->num_top, 1);
 }
 
+TEST(Sampler, LogitBiasMovesTheChoiceBeforePenaltiesAndLeavesTheReportedLogprobsRaw) {
+  Sampler s(4);
+  const float logits[4] = {1.f, 3.f, 2.f, -kInf};
+  const double z = std::log(std::exp(1.0) + std::exp(3.0) + std::exp(2.0));
+  const TokenBias up[] = {{.token = 2, .bias = 1.5f}};
+  auto t = s.Sample(logits, {.temperature = 0.f, .top_logprobs = 1}, {.logit_bias = up});
+  ASSERT_TRUE(t.ok());
+  EXPECT_EQ(t->token, 2) << "2 + 1.5 beats 3";
+  EXPECT_NEAR(t->logprob, 2.0 - z, 1e-6) << "the model's own distribution";
+  // -100 rules a token out in practice, at any temperature; a -inf logit stays out whatever its bias.
+  const TokenBias ban[] = {{.token = 1, .bias = -100.f}, {.token = 3, .bias = 100.f}, {.token = 9, .bias = 5.f}};
+  for (uint64_t seed = 1; seed < 100; ++seed) {
+    auto d = s.Sample(logits, {.temperature = 2.f, .seed = seed}, {.logit_bias = ban});
+    ASSERT_TRUE(d.ok());
+    EXPECT_TRUE(d->token == 0 || d->token == 2) << d->token;
+  }
+  // Before penalties, as vLLM orders them. Token 1 (3) was generated; a repetition penalty of 2
+  // halves it: (3 + 0.75) / 2 = 1.875 loses to token 2 (2), where 3 / 2 + 0.75 = 2.25 would win;
+  // (3 + 1.25) / 2 = 2.125 wins.
+  const float three[4] = {0.f, 3.f, 2.f, -kInf};
+  const int32_t seen[] = {1};
+  const TokenBias small[] = {{.token = 1, .bias = 0.75f}}, large[] = {{.token = 1, .bias = 1.25f}};
+  EXPECT_EQ(
+      s.Sample(three, {.temperature = 0.f, .repetition_penalty = 2.f}, {.generated = seen, .logit_bias = small})->token,
+      2);
+  EXPECT_EQ(
+      s.Sample(three, {.temperature = 0.f, .repetition_penalty = 2.f}, {.generated = seen, .logit_bias = large})->token,
+      1);
+}
+
 TEST(Sampler, ScoringAGivenTokenGivesTheBitsSamplingIt) {
   Sampler s(6);
   const float logits[6] = {0.5f, 2.25f, -1.f, 2.25f, 7.f / 3.f, -kInf};

@@ -593,6 +593,7 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
   std::vector<uint8_t> segment(layout.total);
   const std::vector<int32_t> a_tokens = {5, 6, 7}, a_blocks = {0, 1}, prompt = {1, 2}, generated = {3}, banned = {9};
   const std::vector<int32_t> b_tokens = {8}, b_blocks = {2, 3, 4};
+  const std::vector<engine::TokenBias> bias = {{.token = 4, .bias = -100.f}, {.token = 60, .bias = 2.5f}};
   const SeqStep steps[] = {
       {.seq_id = 11,
        .tokens = a_tokens,
@@ -605,7 +606,8 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
        .draw_index = 4,
        .history_prompt = prompt,
        .history_generated = generated,
-       .banned = banned},
+       .banned = banned,
+       .logit_bias = bias},
       {.seq_id = 12, .tokens = b_tokens, .start_pos = 9, .block_table = b_blocks, .sample = false}};
   PlanWriter writer(segment.data(), layout, limits);
   ASSERT_TRUE(writer.Check(steps).ok());
@@ -622,6 +624,13 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
   EXPECT_EQ(a.plan->seq_id, 11u);
   EXPECT_TRUE(same(a.tokens, a_tokens) && same(a.block_table, a_blocks));
   EXPECT_TRUE(same(a.history.prompt, prompt) && same(a.history.generated, generated) && same(a.history.banned, banned));
+  ASSERT_EQ(a.history.logit_bias.size(), 2u);
+  EXPECT_EQ(a.history.logit_bias[0].token, 4);
+  EXPECT_EQ(a.history.logit_bias[0].bias, -100.f);
+  EXPECT_EQ(a.history.logit_bias[1].token, 60);
+  EXPECT_EQ(a.history.logit_bias[1].bias, 2.5f);
+  EXPECT_EQ(h.num_history, 2 + 1 + 1 + 2 * 2) << "two slots per bias";
+  EXPECT_TRUE(b.history.logit_bias.empty());
   EXPECT_EQ(a.plan->sampling.seed, 77u);
   EXPECT_EQ(a.plan->sampling.top_k, 3);
   EXPECT_EQ(a.plan->draw_index, 4);
@@ -633,6 +642,11 @@ TEST(PlanCodec, WhatTheWriterEncodesTheReaderDecodesAndCorruptionIsRefused) {
   EXPECT_TRUE(same(b.tokens, b_tokens) && same(b.block_table, b_blocks));
   EXPECT_TRUE(b.history.prompt.empty() && b.history.banned.empty());
   EXPECT_EQ(b.plan->sample, 0);
+  // Biases counted past the plan's history are refused before anything reads them.
+  reinterpret_cast<PlanSeq*>(segment.data() + layout.plan_seqs)[0].history_bias = 3;
+  EXPECT_EQ(reader.Check(h).message(), "step plan sequence 0 points outside the plan's arrays");
+  reinterpret_cast<PlanSeq*>(segment.data() + layout.plan_seqs)[0].history_bias = 2;
+  ASSERT_TRUE(reader.Check(h).ok());
   // A sequence pointing past the plan's token array is refused before anything reads it.
   reinterpret_cast<PlanSeq*>(segment.data() + layout.plan_seqs)[1].num_tokens = 50;
   EXPECT_EQ(reader.Check(h).message(), "step plan sequence 1 points outside the plan's arrays");

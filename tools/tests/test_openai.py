@@ -191,6 +191,24 @@ def test_a_prompt_array_past_the_waiting_queue_is_refused_by_name(server):
     assert err["param"] == "prompt"
 
 
+def test_logit_bias_forces_and_bans_tokens_as_kraken_v1_does(server):
+    client = server.openai()
+    lord = list(server.stub.Tokenize(pb.TokenizeRequest(text=" LORD")).token_ids)
+    assert len(lord) == 1
+    forced = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=5, temperature=1.0, seed=2,
+                                       logit_bias={str(lord[0]): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == " LORD" * 5
+    # -100 on each greedy choice in turn: the greedy text changes at the banned token and never holds it.
+    greedy = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=8, temperature=0,
+                                       logprobs=0, extra_body={"ignore_eos": True})
+    first = list(server.stub.Tokenize(pb.TokenizeRequest(text=greedy.choices[0].logprobs.tokens[0])).token_ids)
+    banned = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=8, temperature=0,
+                                       logit_bias={str(first[0]): -100}, extra_body={"ignore_eos": True})
+    g = server.stub.Complete(request(text="And God said,", max_tokens=8, temperature=0, ignore_eos=True,
+                                     logit_bias={first[0]: -100}))
+    assert first[0] not in g.token_ids and banned.choices[0].text == g.text != greedy.choices[0].text
+
+
 def test_stop_string_and_echo(server):
     client = server.openai()
     free = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=20, temperature=0)
@@ -239,6 +257,14 @@ INVALID = [
     ({"prompt": "a", "logprobs": 21}, 400, "field 'logprobs' must be in [0, 20], got 21", "logprobs"),
     ({"prompt": "a", "stop": ["x"] * 17}, 400, "field 'stop' may hold at most 16 strings, got 17", "stop"),
     ({"prompt": "a", "seed": -4}, 400, "field 'seed' must be >= 0, got -4", "seed"),
+    ({"prompt": "a", "logit_bias": {"abc": 1}}, 400,
+     "field 'logit_bias' has the key \"abc\", which is not a token id", "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": 101}}, 400,
+     "field 'logit_bias' gives token 5 the bias 101; biases must be in [-100, 100]", "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"4096": 1}}, 400,
+     "field 'logit_bias' holds token 4096, outside the vocabulary [0, 4096)", "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": "x"}}, 400, "field 'logit_bias[\"5\"]' must be a number, got string",
+     "logit_bias[\"5\"]"),
     ({"prompt": "a", "max_tokens": 3, "min_tokens": 4}, 400, "field 'min_tokens' must be <= max_tokens (3",
      "min_tokens"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, 400,

@@ -208,6 +208,34 @@ StatusOr<int64_t> JsonInteger(const json& v, const std::string& key) {
   return static_cast<int64_t>(d);
 }
 
+// sampling_parameters.stop: a string or a list of strings.
+Status ReadStopParameter(const json& v, core::GenerationRequest* g) {
+  if (v.is_string()) {
+    g->stop.push_back(v.get<std::string>());
+    return absl::OkStatus();
+  }
+  if (!v.is_array()) return InvalidArgument("field 'sampling_parameters.stop' must be a string or a list of strings");
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!v[i].is_string())
+      return InvalidArgument("field 'sampling_parameters.stop[", i, "]' must be a string, got ", v[i].type_name(), " ",
+                             PreviewJson(v[i], 40));
+    g->stop.push_back(v[i].get<std::string>());
+  }
+  return absl::OkStatus();
+}
+
+// sampling_parameters.logit_bias as vLLM takes it: {"<token id>": bias}.
+Status ReadLogitBiasParameter(const json& v, core::GenerationRequest* g) {
+  if (!v.is_object())
+    return InvalidArgument("field 'sampling_parameters.logit_bias' must be an object of token ids to biases");
+  for (const auto& [id, bias] : v.items()) {
+    KRAKEN_ASSIGN_OR_RETURN(int64_t token, JsonInteger(json(id), "logit_bias"));
+    KRAKEN_ASSIGN_OR_RETURN(double b, JsonNumber(bias, "logit_bias"));
+    g->logit_bias.emplace_back(token, b);
+  }
+  return absl::OkStatus();
+}
+
 Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
   static const std::vector<std::string> kKeys = {"max_tokens",
                                                  "temperature",
@@ -239,25 +267,9 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
                              Closest(key, kKeys), "'?)");
     if (v.is_null()) continue;
     if (key == "stop") {
-      if (v.is_string())
-        g.stop.push_back(v.get<std::string>());
-      else if (v.is_array())
-        for (size_t i = 0; i < v.size(); ++i) {
-          if (!v[i].is_string())
-            return InvalidArgument("field 'sampling_parameters.stop[", i, "]' must be a string, got ", v[i].type_name(),
-                                   " ", PreviewJson(v[i], 40));
-          g.stop.push_back(v[i].get<std::string>());
-        }
-      else
-        return InvalidArgument("field 'sampling_parameters.stop' must be a string or a list of strings");
-    } else if (key == "logit_bias") {  // vLLM: {"<token id>": bias}
-      if (!v.is_object())
-        return InvalidArgument("field 'sampling_parameters.logit_bias' must be an object of token ids to biases");
-      for (const auto& [id, bias] : v.items()) {
-        KRAKEN_ASSIGN_OR_RETURN(int64_t token, JsonInteger(json(id), "logit_bias"));
-        KRAKEN_ASSIGN_OR_RETURN(double b, JsonNumber(bias, "logit_bias"));
-        g.logit_bias.emplace_back(token, b);
-      }
+      KRAKEN_RETURN_IF_ERROR(ReadStopParameter(v, &g));
+    } else if (key == "logit_bias") {
+      KRAKEN_RETURN_IF_ERROR(ReadLogitBiasParameter(v, &g));
     } else if (key == "stop_token_ids") {
       if (!v.is_array()) return InvalidArgument("field 'sampling_parameters.stop_token_ids' must be a list of ids");
       for (const json& id : v) {

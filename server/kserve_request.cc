@@ -261,6 +261,7 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
     return InvalidArgument("input 'sampling_parameters' must be a JSON object, got ", j.type_name(), " ",
                            PreviewJson(j, 40));
   core::GenerationRequest& g = r->generation;
+  std::optional<int64_t> best_of;
   for (const auto& [key, v] : j.items()) {
     if (std::find(kKeys.begin(), kKeys.end(), key) == kKeys.end())
       return InvalidArgument("field 'sampling_parameters.", key, "' is not a sampling parameter (did you mean '",
@@ -293,9 +294,8 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
         if (n < 0) return InvalidArgument("field 'sampling_parameters.seed' must be >= 0, got ", n);
         g.seed = static_cast<uint64_t>(n);
       }
-      if ((key == "n" || key == "best_of") && n != 1)
-        return InvalidArgument("field 'sampling_parameters.", key,
-                               "' must be 1 on this API (kraken.v1 and /v1/completions take n > 1), got ", n);
+      if (key == "n") g.n = n;
+      if (key == "best_of") best_of = n;
     } else {
       KRAKEN_ASSIGN_OR_RETURN(double d, JsonNumber(v, key));
       if (key == "temperature") g.temperature = d;
@@ -307,6 +307,9 @@ Status ReadSamplingParameters(const std::string& text, KserveRequest* r) {
       if (key == "repetition_penalty") g.repetition_penalty = d;
     }
   }
+  if (best_of && *best_of != g.n.value_or(1))
+    return InvalidArgument("field 'sampling_parameters.best_of' must equal n (", g.n.value_or(1),
+                           "): this server returns every sample it draws, got ", *best_of);
   return absl::OkStatus();
 }
 
@@ -490,15 +493,18 @@ StatusOr<KserveRequest> ParseKserveRequest(const ModelInferRequest& req) {
 
 namespace {
 
-void AddBytes(const std::string& name, const std::string& value, inference::ModelInferResponse* resp) {
+// A BYTES output of shape [values.size()]: each element a 4-byte little-endian length, then its bytes.
+void AddBytes(const std::string& name, const std::vector<std::string>& values, inference::ModelInferResponse* resp) {
   auto* out = resp->add_outputs();
   out->set_name(name);
   out->set_datatype("BYTES");
-  out->add_shape(1);
-  std::string raw(4, '\0');
-  const uint32_t n = static_cast<uint32_t>(value.size());
-  std::memcpy(raw.data(), &n, 4);
-  raw += value;
+  out->add_shape(static_cast<int64_t>(values.size()));
+  std::string raw;
+  for (const std::string& value : values) {
+    const uint32_t n = static_cast<uint32_t>(value.size());
+    raw.append(reinterpret_cast<const char*>(&n), 4);
+    raw += value;
+  }
   resp->add_raw_output_contents(std::move(raw));
 }
 
@@ -516,32 +522,50 @@ void AddNumbers(const std::string& name, const char* type, const std::vector<T>&
 
 }  // namespace
 
-void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params, const core::Output& out,
-                         bool first, bool last, double cumulative_logprob, inference::ModelInferResponse* resp) {
+void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params,
+                         std::span<const KserveSample> samples, bool last, inference::ModelInferResponse* resp) {
   auto wanted = [&](const char* name) {
     return req.outputs.empty() || std::find(req.outputs.begin(), req.outputs.end(), name) != req.outputs.end();
   };
   if (wanted("text_output")) {
-    std::string text = first && !req.exclude_input ? params.prompt_text : std::string();
-    text += out.text;
-    AddBytes("text_output", text, resp);
+    std::vector<std::string> texts;
+    for (const KserveSample& s : samples)
+      texts.push_back((s.first && !req.exclude_input ? params.prompt_text : std::string()) + std::string(s.text));
+    AddBytes("text_output", texts, resp);
   }
-  if (req.log_probs && wanted("output_log_probs")) {
+  if (req.log_probs && wanted("output_log_probs")) {  // TensorRT-LLM: one sample
     std::vector<float> lps;
-    for (const core::TokenLogprobs& lp : out.logprobs) lps.push_back(lp.logprob);
+    if (samples[0].logprobs != nullptr)
+      for (const core::TokenLogprobs& lp : *samples[0].logprobs) lps.push_back(lp.logprob);
     AddNumbers("output_log_probs", "FP32", lps, resp);
   }
   if (!last) return;
-  const std::vector<float> cumulative{static_cast<float>(cumulative_logprob)};
+  std::vector<float> cumulative;
+  std::vector<std::string> reasons;
+  std::vector<uint32_t> tokens;
+  for (const KserveSample& s : samples) {
+    cumulative.push_back(static_cast<float>(s.cumulative_logprob));
+    reasons.push_back(s.finish_reason == core::FinishReason::kStop ? "stop" : "length");
+    tokens.push_back(s.completion_tokens);
+  }
   if (req.log_probs && wanted("cum_log_probs")) AddNumbers("cum_log_probs", "FP32", cumulative, resp);
   if (req.cumulative_logprob && wanted("cumulative_logprob"))
     AddNumbers("cumulative_logprob", "FP32", cumulative, resp);
-  if (req.finish_reason && wanted("finish_reason"))
-    AddBytes("finish_reason", out.finish_reason == core::FinishReason::kStop ? "stop" : "length", resp);
+  if (req.finish_reason && wanted("finish_reason")) AddBytes("finish_reason", reasons, resp);
   if (req.num_input_tokens && wanted("num_input_tokens"))
     AddNumbers("num_input_tokens", "UINT32", std::vector<uint32_t>{static_cast<uint32_t>(params.prompt.size())}, resp);
-  if (req.num_output_tokens && wanted("num_output_tokens"))
-    AddNumbers("num_output_tokens", "UINT32", std::vector<uint32_t>{out.completion_tokens}, resp);
+  if (req.num_output_tokens && wanted("num_output_tokens")) AddNumbers("num_output_tokens", "UINT32", tokens, resp);
+}
+
+void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params, const core::Output& out,
+                         bool first, bool last, double cumulative_logprob, inference::ModelInferResponse* resp) {
+  const KserveSample one{.text = out.text,
+                         .first = first,
+                         .logprobs = &out.logprobs,
+                         .finish_reason = out.finish_reason,
+                         .completion_tokens = out.completion_tokens,
+                         .cumulative_logprob = cumulative_logprob};
+  AppendKserveOutputs(req, params, std::span<const KserveSample>(&one, 1), last, resp);
 }
 
 }  // namespace kraken::server

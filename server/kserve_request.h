@@ -19,7 +19,9 @@
 // elements it needs (a batch dimension of 1 included); a batch above 1 is refused.
 #pragma once
 
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "base/status.h"
@@ -58,9 +60,26 @@ bool KserveInputIsList(const std::string& name);
 /// this model does not have (with the closest one), a datatype or element count that does not fit
 /// the input, raw contents that do not match the declared shape, sampling_parameters that are not
 /// a JSON object of known keys, an output this model does not have, and what is not offered
-/// (bad_words, beam_width or num_return_sequences above 1, batches). Asking for an output by
+/// (bad_words, beam_width or num_return_sequences above 1, best_of other than n, batches). Asking for an output by
 /// name (`outputs`) turns it on: output_log_probs or cum_log_probs computes the logprobs.
 StatusOr<KserveRequest> ParseKserveRequest(const inference::ModelInferRequest& req);
+
+/// One sample's part of a response: its new text (and, for TensorRT-LLM, new logprobs); at the
+/// end, how it ended.
+struct KserveSample {
+  std::string_view text;
+  bool first = false;  // the sample's first response: the vLLM interface leads with the prompt
+  const std::vector<core::TokenLogprobs>* logprobs = nullptr;
+  core::FinishReason finish_reason = core::FinishReason::kNone;
+  uint32_t completion_tokens = 0;
+  double cumulative_logprob = 0;  // of every token it generated (natural log)
+};
+
+/// The outputs of a response for a request of n = samples.size() samples, as Triton's vLLM
+/// backend shapes them: text_output [n] (each sample's new text, "" for a sample with none) and,
+/// with `last`, finish_reason, num_output_tokens and cumulative_logprob [n], num_input_tokens [1].
+void AppendKserveOutputs(const KserveRequest& req, const core::RequestParams& params,
+                         std::span<const KserveSample> samples, bool last, inference::ModelInferResponse* resp);
 
 /// Adds to `resp` the outputs for `out` (what the request produced since the last response, or
 /// all of it), in raw contents as Triton sends them. `first` adds the prompt to text_output when

@@ -14,36 +14,87 @@ using inference::ModelStreamInferResponse;
 
 constexpr const char* kVersion = "1";
 
-// What the stream keeps beside each request in flight.
+// The samples of one request of n > 1 (Triton's vLLM backend answers them together, as outputs of
+// shape [n]): what each ended with, and, for an answer sent only at the end, each one's text.
+struct Group {
+  explicit Group(size_t n) : ends(n), texts(n) {}
+  std::vector<KserveSample> ends;  // finish fields of the samples that ended (text unused)
+  std::vector<std::string> texts;  // end-only answers: each sample's whole text
+  size_t ended = 0;
+  bool failed = false;  // one sample failed: its error was answered, the others are cancelled
+  bool done() const { return ended == ends.size(); }
+};
+
+// What the stream keeps beside each request (each sample, for n > 1) in flight.
 struct Entry {
   KserveRequest request;
   std::string id;
   double cumulative_logprob = 0;
+  std::shared_ptr<Group> group;  // null for n = 1
+  size_t sample = 0;             // its index in the group
 };
 using Outputs = core::OutputPump<Entry>;
 
-// The response for what `s` took since its last one (`last`: with the end's outputs and the final
-// flag). The caller then marks it sent (Outputs::Sent).
-ModelInferResponse Response(const KserveService& svc, Outputs::Slot& s, bool last) {
+ModelInferResponse Base(const KserveService& svc, const std::string& id, bool last) {
   ModelInferResponse r;
   r.set_model_name(svc.options().model_name);
   r.set_model_version(kVersion);
-  r.set_id(s.extra.id);
-  for (const core::TokenLogprobs& lp : s.taken.logprobs) s.extra.cumulative_logprob += lp.logprob;
-  AppendKserveOutputs(s.extra.request, s.handle->params(), s.taken, !s.first_sent, last, s.extra.cumulative_logprob,
-                      &r);
+  r.set_id(id);
   (*r.mutable_parameters())["triton_final_response"].set_bool_param(last);
   return r;
 }
 
-// ModelInfer: the whole answer in one response once the request has ended.
+// The response for what `s` took since its last one (`last`: with the end's outputs and the final
+// flag). The caller then marks it sent (Outputs::Sent).
+ModelInferResponse Response(const KserveService& svc, Outputs::Slot& s, bool last) {
+  ModelInferResponse r = Base(svc, s.extra.id, last);
+  for (const core::TokenLogprobs& lp : s.taken.logprobs) s.extra.cumulative_logprob += lp.logprob;
+  AppendKserveOutputs(s.extra.request, s.handle->params(), s.taken, !s.first_sent, last, s.extra.cumulative_logprob,
+                      &r);
+  return r;
+}
+
+// A grouped sample's news: records its end in the group (and, for an end-only answer, its text).
+// Returns the response to write now, or nullopt when there is nothing to write yet (an end-only
+// sample whose group has not ended). The caller then marks the slot sent.
+std::optional<ModelInferResponse> GroupResponse(const KserveService& svc, Outputs::Slot& s) {
+  Group& g = *s.extra.group;
+  for (const core::TokenLogprobs& lp : s.taken.logprobs) s.extra.cumulative_logprob += lp.logprob;
+  const bool end_only = s.deltas == core::Deltas::kEndOnly;
+  if (end_only) g.texts[s.extra.sample] += s.taken.text;
+  if (s.taken.finished) {
+    g.ends[s.extra.sample] = KserveSample{.finish_reason = s.taken.finish_reason,
+                                          .completion_tokens = s.taken.completion_tokens,
+                                          .cumulative_logprob = s.extra.cumulative_logprob};
+    ++g.ended;
+  }
+  if (end_only && !g.done()) return std::nullopt;
+  std::vector<KserveSample> samples = g.done() ? g.ends : std::vector<KserveSample>(g.ends.size());
+  for (size_t i = 0; i < samples.size(); ++i) {
+    samples[i].first = end_only;
+    samples[i].text = end_only ? std::string_view(g.texts[i]) : std::string_view();
+  }
+  if (!end_only) {  // this sample's delta, the others' empty
+    samples[s.extra.sample].text = s.taken.text;
+    samples[s.extra.sample].first = !s.first_sent;
+  }
+  ModelInferResponse r = Base(svc, s.extra.id, g.done());
+  AppendKserveOutputs(s.extra.request, s.handle->params(), samples, g.done(), &r);
+  return r;
+}
+
+// ModelInfer: the whole answer in one response once the request (every sample) has ended.
 class InferReactor final : public grpc::ServerUnaryReactor {
  public:
-  InferReactor(KserveService* svc, std::shared_ptr<core::RequestHandle> handle, Entry entry, grpc::ByteBuffer* resp)
+  InferReactor(KserveService* svc, core::Handles handles, Entry entry, grpc::ByteBuffer* resp)
       : svc_(svc), resp_(resp) {
     std::lock_guard<std::mutex> l(mu_);
-    pump_.Add(
-        std::move(handle), core::Deltas::kEndOnly, [this] { Pump(); }, std::move(entry));
+    if (handles.size() > 1) entry.group = std::make_shared<Group>(handles.size());
+    for (size_t i = 0; i < handles.size(); ++i) {
+      entry.sample = i;
+      pump_.Add(
+          std::move(handles[i]), core::Deltas::kEndOnly, [this] { Pump(); }, entry);
+    }
     PumpLocked();
   }
   void OnCancel() override {
@@ -51,7 +102,7 @@ class InferReactor final : public grpc::ServerUnaryReactor {
     pump_.CancelAll();
   }
   void OnDone() override {
-    pump_.handles()[0]->Detach();
+    for (const auto& h : pump_.handles()) h->Detach();
     delete this;
   }
 
@@ -63,15 +114,24 @@ class InferReactor final : public grpc::ServerUnaryReactor {
   void PumpLocked() {
     if (finished_) return;
     pump_.TakeAll();
+    if (const Outputs::Slot* failed = pump_.Failed()) {  // one sample's failure fails the request
+      finished_ = true;
+      pump_.CancelAll();
+      svc_->Count(false, failed->taken.e2e_s);
+      Finish(ToGrpc(failed->taken.status));
+      return;
+    }
     if (!pump_.AllFinished()) return;
     finished_ = true;
     Outputs::Slot& s = pump_[0];
-    svc_->Count(s.taken.status.ok(), s.taken.e2e_s);
-    if (!s.taken.status.ok()) {
-      Finish(ToGrpc(s.taken.status));
-      return;
+    svc_->Count(true, s.taken.e2e_s);
+    if (pump_.size() == 1) {
+      *resp_ = Serialize(Response(*svc_, s, /*last=*/true));
+    } else {
+      std::optional<ModelInferResponse> r;
+      for (size_t i = 0; i < pump_.size(); ++i) r = GroupResponse(*svc_, pump_[i]);
+      *resp_ = Serialize(*r);  // the last sample's call completes the group
     }
-    *resp_ = Serialize(Response(*svc_, s, /*last=*/true));
     Finish(grpc::Status::OK);
   }
 
@@ -99,16 +159,21 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
     auto accepted = svc_->Accept(ctx_, in_, &id);
     std::lock_guard<std::mutex> l(mu_);
     if (cancelled_ || finish_called_) {  // the call ended while this request was being accepted
-      if (accepted.ok()) accepted->handle->Cancel();
+      if (accepted.ok())
+        for (const auto& h : accepted->handles) h->Cancel();
       reads_done_ = true;  // no more reads; finish once the requests still open have ended
       PumpLocked();
       return;
     }
     if (accepted.ok()) {
-      pump_.Add(
-          std::move(accepted->handle),
-          accepted->request.stream ? core::Deltas::kTextOrLogprobs : core::Deltas::kEndOnly, [this] { Pump(); },
-          Entry{.request = std::move(accepted->request), .id = id});
+      const core::Deltas deltas = accepted->request.stream ? core::Deltas::kTextOrLogprobs : core::Deltas::kEndOnly;
+      Entry entry{.request = std::move(accepted->request), .id = id};
+      if (accepted->handles.size() > 1) entry.group = std::make_shared<Group>(accepted->handles.size());
+      for (size_t i = 0; i < accepted->handles.size(); ++i) {
+        entry.sample = i;
+        pump_.Add(
+            std::move(accepted->handles[i]), deltas, [this] { Pump(); }, entry);
+      }
     } else {
       ModelStreamInferResponse r;
       r.set_error_message(std::string(accepted.status().message()));
@@ -175,14 +240,32 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       return;
     }
     pump_.TakeAll();
-    if (Outputs::Slot* s = pump_.Next()) {
+    while (Outputs::Slot* s = pump_.Next()) {
       const bool ended = s->taken.finished;
-      if (ended) svc_->Count(s->taken.status.ok(), s->taken.e2e_s);
+      Group* group = s->extra.group.get();
+      if (group != nullptr && group->failed) {  // a sample of a request already answered with an error
+        pump_.Sent(*s);
+        continue;
+      }
       if (ended && !s->taken.status.ok()) {
+        svc_->Count(false, s->taken.e2e_s);
         r.set_error_message(std::string(s->taken.status.message()));
         r.mutable_infer_response()->set_id(s->extra.id);
         r.mutable_infer_response()->set_model_name(svc_->options().model_name);
+        if (group != nullptr) {
+          group->failed = true;
+          CancelGroup(*group);
+        }
+      } else if (group != nullptr) {
+        std::optional<ModelInferResponse> grouped = GroupResponse(*svc_, *s);
+        if (group->done()) svc_->Count(true, s->taken.e2e_s);
+        if (!grouped) {  // an end-only sample whose group has not ended
+          pump_.Sent(*s);
+          continue;
+        }
+        *r.mutable_infer_response() = std::move(*grouped);
       } else {
+        if (ended) svc_->Count(true, s->taken.e2e_s);
         *r.mutable_infer_response() = Response(*svc_, *s, ended);
       }
       pump_.Sent(*s);  // an ended request leaves the pump
@@ -193,6 +276,11 @@ class StreamReactor final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grp
       finish_called_ = true;
       Finish(grpc::Status::OK);
     }
+  }
+  // Cancels the samples of `g` still in the pump (a sibling failed).
+  void CancelGroup(const Group& g) {
+    for (size_t i = 0; i < pump_.size(); ++i)
+      if (pump_[i].extra.group.get() == &g) pump_[i].handle->Cancel();
   }
   void Write(const ModelStreamInferResponse& r) {
     out_ = Serialize(r);
@@ -258,7 +346,7 @@ StatusOr<KserveService::Accepted> KserveService::Accept(grpc::CallbackServerCont
     Count(/*ok=*/false, std::chrono::duration<double>(core::Clock::now() - arrival).count());
     return handles.status();
   }
-  return Accepted{.handle = std::move(handles->front()), .request = std::move(request)};
+  return Accepted{.handles = std::move(*handles), .request = std::move(request)};
 }
 
 grpc::ServerUnaryReactor* KserveService::ServerLive(grpc::CallbackServerContext* ctx,
@@ -373,7 +461,7 @@ grpc::ServerUnaryReactor* KserveService::ModelInfer(grpc::CallbackServerContext*
   std::string id;
   auto accepted = Accept(ctx, *raw, &id);
   if (!accepted.ok()) return FinishUnary(ctx, ToGrpc(accepted.status()));
-  return new InferReactor(this, std::move(accepted->handle), Entry{.request = std::move(accepted->request), .id = id},
+  return new InferReactor(this, std::move(accepted->handles), Entry{.request = std::move(accepted->request), .id = id},
                           resp);
 }
 

@@ -68,9 +68,9 @@ class KserveService final : public RawKserveService {
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(
       grpc::CallbackServerContext* ctx) override;
 
-  /// One accepted request: its handle and what it asked for.
+  /// One accepted request: its samples' handles (n of them, in index order) and what it asked for.
   struct Accepted {
-    std::shared_ptr<core::RequestHandle> handle;
+    core::Handles handles;
     KserveRequest request;
   };
   /// The front door (core::Admission::Accept) with this body's reader: the message, the model's

@@ -105,6 +105,36 @@ def test_vllm_interface(server):
     assert "".join(x["text_output"][0] for x in streamed["responses"]) == whole.text
 
 
+def test_vllm_n_samples_are_outputs_of_shape_n_as_kraken_v1_samples_them(server):
+    # Triton's vLLM backend answers n samples as text_output (and finish_reason, num_output_tokens,
+    # cumulative_logprob) of shape [n]; a stream's responses carry every sample's delta, "" for none.
+    prompt = "And God said,"
+    params = json.dumps({"n": 3, "max_tokens": 8, "temperature": 0.9, "seed": 11, "ignore_eos": True})
+    base = {"text_input": ["BYTES", prompt], "sampling_parameters": ["BYTES", params],
+            "exclude_input_in_output": ["BOOL", True], "return_finish_reason": ["BOOL", True],
+            "return_num_output_tokens": ["BOOL", True], "return_cumulative_logprob": ["BOOL", True]}
+    want = server.stub.Complete(request(text=prompt, n=3, max_tokens=8, temperature=0.9, seed=11, ignore_eos=True,
+                                        logprobs=True))
+    texts = [x.text for x in want.samples]
+    assert len(set(texts)) > 1, "three seeds, three samples"
+    unary = triton(server, {"kind": "infer", "requests": [{"id": "u", "inputs": base}]})[0]
+    assert unary["outputs"]["text_output"] == texts
+    assert unary["outputs"]["finish_reason"] == ["length"] * 3
+    assert unary["outputs"]["num_output_tokens"] == [8.0] * 3
+    assert unary["outputs"]["cumulative_logprob"] == pytest.approx(
+        [sum(lp.logprob for lp in x.logprobs) for x in want.samples], rel=1e-5)
+    got = triton(server, {"kind": "stream", "requests": [
+        {"id": "s", "inputs": {**base, "stream": ["BOOL", True]}},
+        {"id": "w", "inputs": base},
+        {"id": "p", "inputs": {**base, "exclude_input_in_output": ["BOOL", False]}}]})
+    streamed = got["s"]["responses"]
+    assert all(len(r["text_output"]) == 3 for r in streamed)
+    assert ["".join(r["text_output"][i] for r in streamed) for i in range(3)] == texts
+    assert got["s"]["finals"] == 1 and streamed[-1]["finish_reason"] == ["length"] * 3
+    assert len(got["w"]["responses"]) == 1 and got["w"]["responses"][0]["text_output"] == texts
+    assert got["p"]["responses"][0]["text_output"] == [prompt + t for t in texts]
+
+
 # (inputs, message): refusals name the input or field, the limit and the value.
 INVALID = [
     (trtllm("a", 4, top_p=["FP32", 0.0]), "field 'top_p' must be in (0, 1], got 0"),
@@ -116,8 +146,10 @@ INVALID = [
     ({"text_input": ["BYTES", ["a", "b"]]}, "input 'text_input' holds 2 prompts; this server takes one prompt"),
     ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"max_tokenz": 3}']},
      "field 'sampling_parameters.max_tokenz' is not a sampling parameter (did you mean 'max_tokens'?)"),
-    ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"n": 2}']},
-     "field 'sampling_parameters.n' must be 1 on this API (kraken.v1 and /v1/completions take n > 1), got 2"),
+    ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"n": 2, "best_of": 3}']},
+     "field 'sampling_parameters.best_of' must equal n (2): this server returns every sample it draws, got 3"),
+    ({"text_input": ["BYTES", "a"], "sampling_parameters": ["BYTES", '{"n": 17}']},
+     "field 'n' must be in [1, 16], got 17"),
     ({"text_input": ["BYTES", "a"], "max_tokens": ["INT32", 3], "sampling_parameters": ["BYTES", "{}"]},
      "input 'max_tokens' belongs to the TensorRT-LLM interface"),
     ({"text_input": ["BYTES", "a"], "max_tokens": ["FP32", 20.0]},

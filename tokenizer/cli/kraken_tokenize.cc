@@ -7,6 +7,8 @@
 //   kraken-tokenize DIR --jsonl-decode ids.jsonl    # {"ids": [...], "chunks": [2, 1, ...]} per line ->
 //                                                   # {"text": ..., "deltas": [...]} (streamed in those chunks)
 //   kraken-tokenize DIR --bench corpus.txt          # encode every line, one thread: MB/s as JSON
+//   kraken-tokenize --jsonl-chat renders.jsonl      # {"template": ..., "context": {...}} per line ->
+//                                                   # {"text": ...} or {"error": ...} (chat templates)
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -16,6 +18,7 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
+#include "tokenizer/chat_template.h"
 #include "tokenizer/detokenizer.h"
 #include "tokenizer/tokenizer.h"
 
@@ -27,7 +30,7 @@ using json = nlohmann::json;
 struct Args {
   std::string model;
   std::string vocab, merges;
-  std::string encode, decode, jsonl_encode, jsonl_decode, bench;
+  std::string encode, decode, jsonl_encode, jsonl_decode, bench, jsonl_chat;
   bool skip_special = false;
   bool no_special = false;
 };
@@ -107,7 +110,25 @@ Status Bench(const Tokenizer& t, const Args& a) {
   return absl::OkStatus();
 }
 
+// Renders each line's chat template with its context (no tokenizer needed).
+Status JsonlChat(const Args& a) {
+  std::ifstream in(a.jsonl_chat);
+  if (!in) return NotFound("cannot read '", a.jsonl_chat, "'");
+  std::string line;
+  while (std::getline(in, line)) {
+    nlohmann::ordered_json j = nlohmann::ordered_json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("template") || !j.contains("context"))
+      return InvalidArgument("bad input line: ", line.substr(0, 80));
+    const StatusOr<ChatTemplate> parsed = ChatTemplate::Parse(j["template"].get<std::string>());
+    const StatusOr<std::string> text = parsed.ok() ? parsed->Render(j["context"]) : parsed.status();
+    std::cout << Dump(text.ok() ? json{{"text", *text}} : json{{"error", std::string(text.status().message())}})
+              << "\n";
+  }
+  return absl::OkStatus();
+}
+
 Status Run(const Args& a) {
+  if (!a.jsonl_chat.empty()) return JsonlChat(a);
   std::unique_ptr<Tokenizer> t;
   if (!a.vocab.empty()) {
     KRAKEN_ASSIGN_OR_RETURN(t, Tokenizer::FromVocabMerges(a.vocab, a.merges, {"<|endoftext|>"}));
@@ -147,6 +168,7 @@ int main(int argc, char** argv) {
   group->add_option("--encode", a.encode, "Text to encode");
   group->add_option("--decode", a.decode, "Comma-separated ids to decode");
   group->add_option("--jsonl-encode", a.jsonl_encode, "Encode each {\"text\"} line of a file");
+  group->add_option("--jsonl-chat", a.jsonl_chat, "Render each {\"template\", \"context\"} line of a file");
   group->add_option("--jsonl-decode", a.jsonl_decode,
                     "Decode each {\"ids\", \"chunks\"} line of a file, also streamed");
   group->add_option("--bench", a.bench, "Encode every line of a text file; print MB/s");

@@ -1,0 +1,56 @@
+// Chat templates: the Jinja subset Hugging Face chat templates are written in, rendered as
+// transformers' apply_chat_template renders them (jinja2's ImmutableSandboxedEnvironment with
+// trim_blocks, lstrip_blocks and loop controls; https://jinja.palletsprojects.com/templates/).
+//
+//   KRAKEN_ASSIGN_OR_RETURN(ChatTemplate t, ChatTemplate::Parse(source));
+//   KRAKEN_ASSIGN_OR_RETURN(std::string prompt, t.Render(context));   // {"messages": [...], ...}
+//
+// Supported: {{ }}, {% %} and {# #} with whitespace control ({%- -%}); if/elif/else, for (with a
+// filter condition, else, tuple targets, loop.index/index0/first/last/length/revindex/revindex0,
+// break and continue), set (a name, or a namespace attribute), generation blocks (rendered as their
+// body). Expressions: literals (strings, numbers, true/false/none in either case, lists, dicts),
+// names, attributes and subscripts (a dict's attribute is its item), slices, the operators
+// + - * / // % ** ~, comparisons, in / not in, and / or / not, conditional expressions, calls of
+// raise_exception, namespace, range and strftime_now, the str and dict methods templates use,
+// filters and tests (listed in chat_template.cc). Anything else (macros, call blocks, includes,
+// custom filters) is refused by name when the template is parsed, never skipped.
+//
+// Values follow Python's rules as jinja2 applies them: None prints "None", booleans "True" /
+// "False", an undefined name prints nothing and is false; / divides into a float, // and % floor.
+// Rendering is bounded: at most kMaxRenderBytes of output and kMaxRenderSteps evaluations.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "base/status.h"
+
+namespace kraken::tokenizer {
+
+/// A parsed chat template, immutable: Render may run on several threads at once.
+class ChatTemplate {
+ public:
+  static constexpr size_t kMaxRenderBytes = size_t{8} << 20;
+  static constexpr int64_t kMaxRenderSteps = 4'000'000;
+  static constexpr size_t kMaxSourceBytes = size_t{1} << 20;
+
+  /// Parses a template's source. INVALID_ARGUMENT naming the line and what is wrong (a syntax
+  /// error, an unclosed block, a construct outside the supported subset), or the size limit.
+  static StatusOr<ChatTemplate> Parse(std::string_view source);
+
+  /// Renders with `context` (an object: messages, add_generation_prompt, bos_token, ...; its
+  /// keys are the template's top-level names). INVALID_ARGUMENT with the template's own message
+  /// for raise_exception, or naming the line and the problem (an undefined value used as an
+  /// object, a type error, a limit reached).
+  StatusOr<std::string> Render(const nlohmann::ordered_json& context) const;
+
+  struct Node;
+
+ private:
+  std::shared_ptr<const Node> root_;
+};
+
+}  // namespace kraken::tokenizer

@@ -33,7 +33,7 @@ Status ValidatePrompt(const GenerationRequest& req, const RequestLimits& lim, co
     size_t bad_at = 0;
     if (!tokenizer::IsValidUtf8(text, &bad_at))
       return Bad(names.text, StrCat("is not valid UTF-8 (first invalid byte at offset ", bad_at, ")"));
-    KRAKEN_ASSIGN_OR_RETURN(p->prompt, tok.Encode(text));
+    KRAKEN_ASSIGN_OR_RETURN(p->prompt, tok.Encode(text, /*parse_special=*/true, req.add_special_tokens));
     if (p->prompt.empty()) return Bad(names.text, "gives no tokens");
     p->prompt_text = text;
   } else if (req.token_ids.has_value()) {

@@ -44,6 +44,7 @@ struct GenerationRequest {
   std::string request_id;
   // The prompt: exactly one of the two.
   std::optional<std::string> text;
+  bool add_special_tokens = true;  // text: the tokenizer's template (a BOS); false for a rendered chat
   std::optional<std::vector<int64_t>> token_ids;
   std::optional<int64_t> max_tokens;  // tokens to generate; unset: RequestLimits::default_max_tokens
   int64_t min_tokens = 0;

@@ -29,7 +29,9 @@ std::string RandomHex() {
 
 // What every chunk or body of one completion repeats.
 struct CompletionContext {
-  std::string id;  // "cmpl-..."
+  std::string id;          // "cmpl-..." ("chatcmpl-..." for a chat)
+  std::string request_id;  // X-Request-Id: the id without its prefix
+  bool chat = false;       // the chat completions API's objects (messages and deltas) instead of text choices
   std::string model;
   int64_t created = 0;
   bool stream = false;
@@ -140,10 +142,14 @@ class CompletionStream final : public http::Stream {
           Choice(i, text, s.taken.logprobs, FinishReason(s.taken), StopReason(s.taken), PromptLogprobs(i)));
       completion_tokens += s.taken.completion_tokens;
     }
-    json body{{"id", c_.id},       {"object", "text_completion"},   {"created", c_.created},
-              {"model", c_.model}, {"choices", std::move(choices)}, {"usage", UsageWith(completion_tokens)}};
+    json body{{"id", c_.id},
+              {"object", c_.chat ? "chat.completion" : "text_completion"},
+              {"created", c_.created},
+              {"model", c_.model},
+              {"choices", std::move(choices)},
+              {"usage", UsageWith(completion_tokens)}};
     piece->head = JsonResponse(200, body);
-    piece->head->headers.emplace_back("X-Request-Id", c_.id.substr(5));
+    piece->head->headers.emplace_back("X-Request-Id", c_.request_id);
     return true;
   }
 
@@ -156,10 +162,21 @@ class CompletionStream final : public http::Stream {
       piece->head = http::Response{
           .status = 200,
           .content_type = "text/event-stream",
-          .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}, {"X-Request-Id", c_.id.substr(5)}}};
+          .headers = {{"Cache-Control", "no-cache"}, {"X-Accel-Buffering", "no"}, {"X-Request-Id", c_.request_id}}};
     }
     pump_.TakeAll();
     const Sample* failed = pump_.Failed();
+    if (c_.chat && !echo_sent_) {  // each choice opens with the assistant's role, as OpenAI streams a chat
+      echo_sent_ = true;
+      for (size_t i = 0; i < pump_.size(); ++i) {
+        json chunk = Base(0);
+        chunk["choices"] = json::array({json{{"index", i},
+                                             {"delta", {{"role", "assistant"}, {"content", ""}}},
+                                             {"logprobs", nullptr},
+                                             {"finish_reason", nullptr}}});
+        piece->data += Event(chunk);
+      }
+    }
     if (params().echo && !echo_sent_) {
       // The echoed prompt comes first in every choice; with logprobs, once the prefills have
       // scored every prompt (each before its samples' first tokens).
@@ -206,7 +223,10 @@ class CompletionStream final : public http::Stream {
 
   // What every chunk repeats; `chunk_tokens`: the tokens of the chunk being built (continuous usage).
   json Base(int64_t chunk_tokens) const {
-    json j{{"id", c_.id}, {"object", "text_completion"}, {"created", c_.created}, {"model", c_.model}};
+    json j{{"id", c_.id},
+           {"object", c_.chat ? "chat.completion.chunk" : "text_completion"},
+           {"created", c_.created},
+           {"model", c_.model}};
     if (c_.continuous_usage)  // vLLM's continuous_usage_stats: the tokens sent so far, this chunk's included
       j["usage"] = TotalUsage(chunk_tokens);
     else if (c_.include_usage)
@@ -225,6 +245,17 @@ class CompletionStream final : public http::Stream {
 
   json Choice(size_t index, const std::string& text, const std::vector<core::TokenLogprobs>& lps, json finish,
               json stop, const std::vector<core::TokenLogprobs>* prompt = nullptr) {
+    if (c_.chat) {  // a message, or in a stream a delta of one
+      json choice{{"index", index}};
+      if (c_.stream)
+        choice["delta"] = text.empty() ? json::object() : json{{"content", text}};
+      else
+        choice["message"] = json{{"role", "assistant"}, {"content", text}};
+      choice["logprobs"] = ChatLogprobs(lps);
+      choice["finish_reason"] = std::move(finish);
+      choice["stop_reason"] = std::move(stop);
+      return choice;
+    }
     return json{{"index", index},
                 {"text", text},
                 {"logprobs", Logprobs(index, lps, prompt)},
@@ -273,6 +304,30 @@ class CompletionStream final : public http::Stream {
       }
     }
     return json{{"tokens", tokens}, {"token_logprobs", values}, {"top_logprobs", tops}, {"text_offset", offsets}};
+  }
+
+  // The chat API's logprobs object: {"content": [{"token", "logprob", "bytes", "top_logprobs":
+  // [the top_logprobs most likely, each {"token", "logprob", "bytes"}]}]}, or null without logprobs.
+  json ChatLogprobs(const std::vector<core::TokenLogprobs>& lps) const {
+    if (!params().logprobs) return nullptr;
+    auto entry = [&](int32_t token, float logprob) {
+      const std::string piece = TokenText(token);
+      json bytes = json::array();
+      for (unsigned char b : piece) bytes.push_back(static_cast<int>(b));
+      return json{{"token", piece}, {"logprob", logprob}, {"bytes", std::move(bytes)}};
+    };
+    json content = json::array();
+    const size_t k = static_cast<size_t>(params().sampling.top_logprobs);
+    for (const core::TokenLogprobs& lp : lps) {
+      json e = entry(lp.token, lp.logprob);
+      json tops = json::array();
+      // The engine adds the chosen token when it is not among the k most likely; the chat API
+      // reports the k most likely alone.
+      for (size_t i = 0; i < std::min(k, lp.top.size()); ++i) tops.push_back(entry(lp.top[i].token, lp.top[i].logprob));
+      e["top_logprobs"] = std::move(tops);
+      content.push_back(std::move(e));
+    }
+    return json{{"content", std::move(content)}};
   }
 
   std::string TokenText(int32_t id) const {
@@ -347,24 +402,73 @@ http::Reply Api::Completions(const http::Request& req) {
       call,
       [&](std::string*) -> StatusOr<std::vector<core::GenerationRequest>> {
         KRAKEN_ASSIGN_OR_RETURN(parsed, ParseCompletionRequest(req.body, limits_.context_length));
-        if (parsed->model && *parsed->model != options_.served_model_name) {
-          return WithField(absl::NotFoundError(StrCat("field 'model' names '", *parsed->model,
-                                                      "', which this server does not serve (it serves '",
-                                                      options_.served_model_name, "')")),
-                           "model");
-        }
+        KRAKEN_RETURN_IF_ERROR(CheckModel(parsed->model));
         return parsed->generations;
       },
       kCompletionFields);
   if (!handles.ok()) return ErrorResponse(handles.status());
+  const std::string request_id = call.request_id.empty() ? RandomHex() : call.request_id;
   CompletionContext c{
-      .id = "cmpl-" + (call.request_id.empty() ? RandomHex() : call.request_id),
+      .id = "cmpl-" + request_id,
+      .request_id = request_id,
       .model = options_.served_model_name,
       .created =
           std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
       .stream = parsed->stream,
       .include_usage = parsed->include_usage,
       .continuous_usage = parsed->continuous_usage,
+      .tok = &tok_};
+  return std::make_unique<CompletionStream>(std::move(*handles), std::move(c));
+}
+
+Status Api::CheckModel(const std::optional<std::string>& model) const {
+  if (!model || *model == options_.served_model_name) return absl::OkStatus();
+  return WithField(
+      absl::NotFoundError(StrCat("field 'model' names '", *model, "', which this server does not serve (it serves '",
+                                 options_.served_model_name, "')")),
+      "model");
+}
+
+StatusOr<std::string> Api::RenderChat(const ChatRequest& chat) const {
+  if (!options_.chat_template)
+    return FieldError("messages", "cannot be rendered: the model '", options_.served_model_name,
+                      "' has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); serve it "
+                      "with --chat-template FILE, or send the prompt as text to /v1/completions");
+  // What transformers' apply_chat_template gives a template: the special tokens, then these.
+  nlohmann::ordered_json context = options_.chat_template->special_tokens;
+  context["messages"] = chat.messages;
+  context["add_generation_prompt"] = chat.add_generation_prompt;
+  context["tools"] = nullptr;
+  context["documents"] = nullptr;
+  return options_.chat_template->chat_template.Render(context);
+}
+
+http::Reply Api::Chat(const http::Request& req) {
+  const core::Call call = CallOf(req);
+  std::optional<ChatRequest> parsed;
+  auto handles = door_.Accept(
+      call,
+      [&](std::string*) -> StatusOr<core::GenerationRequest> {
+        KRAKEN_ASSIGN_OR_RETURN(parsed, ParseChatRequest(req.body, limits_.context_length));
+        KRAKEN_RETURN_IF_ERROR(CheckModel(parsed->completion.model));
+        KRAKEN_ASSIGN_OR_RETURN(std::string prompt, RenderChat(*parsed));
+        core::GenerationRequest g = parsed->completion.generation;
+        g.text = std::move(prompt);
+        return g;
+      },
+      kChatFieldNames);
+  if (!handles.ok()) return ErrorResponse(handles.status());
+  const std::string request_id = call.request_id.empty() ? RandomHex() : call.request_id;
+  CompletionContext c{
+      .id = "chatcmpl-" + request_id,
+      .request_id = request_id,
+      .chat = true,
+      .model = options_.served_model_name,
+      .created =
+          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
+      .stream = parsed->completion.stream,
+      .include_usage = parsed->completion.include_usage,
+      .continuous_usage = parsed->completion.continuous_usage,
       .tok = &tok_};
   return std::make_unique<CompletionStream>(std::move(*handles), std::move(c));
 }
@@ -446,12 +550,7 @@ http::Reply Api::Health() const {
 
 void Api::Register(http::Server& server) {
   server.Route("POST", "/v1/completions", [this](const http::Request& r) { return Completions(r); });
-  server.Route("POST", "/v1/chat/completions", [this](const http::Request& r) -> http::Reply {
-    if (Status a = Authorize(r); !a.ok()) return ErrorResponse(a);
-    return ErrorResponse(InvalidArgument("the model '", options_.served_model_name,
-                                         "' is a base model with no chat template, and this server applies none of "
-                                         "its own: use /v1/completions with the prompt as text"));
-  });
+  server.Route("POST", "/v1/chat/completions", [this](const http::Request& r) { return Chat(r); });
   server.Route("GET", "/v1/models", [this](const http::Request& r) -> http::Reply {
     if (Status a = Authorize(r); !a.ok()) return ErrorResponse(a);
     return Models();

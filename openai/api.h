@@ -1,6 +1,6 @@
 // The OpenAI-compatible HTTP API over the serving core, as vLLM serves it:
 //   POST /v1/completions        text or token-id prompt; JSON, or SSE chunks ending "data: [DONE]"
-//   POST /v1/chat/completions   400: the bundled models are base models with no chat template
+//   POST /v1/chat/completions   messages rendered with the model's chat template; JSON or SSE chunks
 //   GET  /v1/models             the one served model; GET /v1/models/{id}: that model
 //   POST /tokenize, /detokenize vLLM's tokenizer endpoints
 //   GET  /health                200 while serving, 503 while the workers recover or the server drains
@@ -20,12 +20,15 @@
 
 #include "core/admission.h"
 #include "http/server.h"
+#include "tokenizer/chat_template.h"
 #include "tokenizer/tokenizer.h"
 
 namespace kraken::openai {
 
 struct ApiOptions {
-  std::string served_model_name;              // the only accepted `model`; others get 404
+  std::string served_model_name;  // the only accepted `model`; others get 404
+  // The model's chat template (tokenizer/chat_template.h); without one, chat requests get 400.
+  std::shared_ptr<const tokenizer::ModelChatTemplate> chat_template;
   std::function<std::string()> metrics_text;  // GET /metrics; unset: 404
   std::string version;
 };
@@ -47,6 +50,12 @@ class Api {
 
  private:
   http::Reply Completions(const http::Request& req);
+  http::Reply Chat(const http::Request& req);
+  // NOT_FOUND naming `model` unless it is absent or the served model's name.
+  Status CheckModel(const std::optional<std::string>& model) const;
+  // The prompt text of a chat: its messages through the chat template. INVALID_ARGUMENT when the
+  // model has none, or with the template's own message (raise_exception).
+  StatusOr<std::string> RenderChat(const struct ChatRequest& chat) const;
   http::Reply Tokenize(const http::Request& req) const;
   http::Reply Detokenize(const http::Request& req) const;
   http::Reply Models() const;

@@ -201,9 +201,15 @@ Status ReadSampling(const json& body, core::GenerationRequest* g) {
     if (seed && *seed < 0) return FieldError("seed", "must be >= 0, got ", *seed);
     if (seed) g->seed = static_cast<uint64_t>(*seed);
   }
+  return absl::OkStatus();
+}
+
+// The completions API's "logprobs": how many alternatives (a boolean reads as 1 or 0, as
+// pydantic-based servers such as vLLM read it).
+Status ReadCompletionLogprobs(const json& body, core::GenerationRequest* g) {
   std::optional<int64_t> logprobs;
   if (auto it = body.find("logprobs"); it != body.end() && it->is_boolean()) {
-    logprobs = it->get<bool>() ? 1 : 0;  // as pydantic-based servers (vLLM) read a boolean here
+    logprobs = it->get<bool>() ? 1 : 0;
   } else {
     KRAKEN_RETURN_IF_ERROR(ReadInt(body, "logprobs", &logprobs));
   }
@@ -214,32 +220,16 @@ Status ReadSampling(const json& body, core::GenerationRequest* g) {
   return absl::OkStatus();
 }
 
-}  // namespace
-
-const core::FieldNames kCompletionFields = kNames;
-
-std::string Dump(const nlohmann::json& j) {
-  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
-
-StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int context_length) {
-  KRAKEN_ASSIGN_OR_RETURN(json body, ParseJsonStrict(text, "the request body", kMaxRequestJsonDepth));
-  if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", Shown(body));
-  for (const auto& [key, value] : body.items()) {
-    if (std::find(kKnownFields.begin(), kKnownFields.end(), key) == kKnownFields.end())
-      return FieldError(key, "is not a field of the completions API (did you mean '", Closest(key, kKnownFields),
-                        "'?)");
-  }
-  CompletionRequest r;
-  core::GenerationRequest& g = r.generation;
+// The fields the completions and chat APIs share (every one but the prompt, echo, logprobs,
+// best_of and suffix on one side, messages and the chat's logprobs on the other).
+Status ReadShared(const json& body, int context_length, CompletionRequest* r) {
+  core::GenerationRequest& g = r->generation;
   if (auto it = body.find("model"); it != body.end() && !it->is_null()) {
     if (!it->is_string()) return WrongType("model", "a string", *it);
-    r.model = it->get<std::string>();
+    r->model = it->get<std::string>();
   }
   if (auto it = body.find("user"); it != body.end() && !it->is_null() && !it->is_string())
     return WrongType("user", "a string", *it);
-  std::vector<core::GenerationRequest> more_prompts;
-  KRAKEN_RETURN_IF_ERROR(ReadPrompt(body, &g, &more_prompts));
   if (auto it = body.find("max_tokens"); it != body.end() && it->is_null()) {
     g.max_tokens = context_length;  // as many as fit: ValidateGeneration fits it to the prompt
   } else {
@@ -254,22 +244,53 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
   KRAKEN_RETURN_IF_ERROR(ReadInt(body, "n", &g.n));
   KRAKEN_RETURN_IF_ERROR(ReadStops(body, &g));
   KRAKEN_RETURN_IF_ERROR(ReadLogitBias(body, &g));
-  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "echo", &g.echo));
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "ignore_eos", &g.ignore_eos));
   bool skip_special = true;
   KRAKEN_RETURN_IF_ERROR(ReadBool(body, "skip_special_tokens", &skip_special));
   g.skip_special_tokens = skip_special;
-  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "stream", &r.stream));
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "stream", &r->stream));
   if (auto it = body.find("stream_options"); it != body.end() && !it->is_null()) {
     if (!it->is_object()) return WrongType("stream_options", "an object", *it);
     for (const auto& [key, value] : it->items()) {
       if (key != "include_usage" && key != "continuous_usage_stats")
         return FieldError("stream_options." + key, "is not a stream option (include_usage)");
     }
-    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "include_usage", &r.include_usage));
-    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "continuous_usage_stats", &r.continuous_usage));
-    if (!r.stream) return FieldError("stream_options", "is allowed only with 'stream': true");
+    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "include_usage", &r->include_usage));
+    KRAKEN_RETURN_IF_ERROR(ReadBool(*it, "continuous_usage_stats", &r->continuous_usage));
+    if (!r->stream) return FieldError("stream_options", "is allowed only with 'stream': true");
   }
+  return absl::OkStatus();
+}
+
+// A body that is a JSON object of known fields (`api` names the API in the refusal).
+StatusOr<json> ParseBody(std::string_view text, const std::vector<std::string>& known, const char* api) {
+  KRAKEN_ASSIGN_OR_RETURN(json body, ParseJsonStrict(text, "the request body", kMaxRequestJsonDepth));
+  if (!body.is_object()) return InvalidArgument("the request body must be a JSON object, got ", Shown(body));
+  for (const auto& [key, value] : body.items()) {
+    if (std::find(known.begin(), known.end(), key) == known.end())
+      return FieldError(key, "is not a field of the ", api, " API (did you mean '", Closest(key, known), "'?)");
+  }
+  return body;
+}
+
+}  // namespace
+
+const core::FieldNames kCompletionFields = kNames;
+const core::FieldNames kChatFieldNames{.text = "messages", .token_ids = "messages", .top_logprobs = "top_logprobs"};
+
+std::string Dump(const nlohmann::json& j) {
+  return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int context_length) {
+  KRAKEN_ASSIGN_OR_RETURN(json body, ParseBody(text, kKnownFields, "completions"));
+  CompletionRequest r;
+  core::GenerationRequest& g = r.generation;
+  KRAKEN_RETURN_IF_ERROR(ReadShared(body, context_length, &r));
+  std::vector<core::GenerationRequest> more_prompts;
+  KRAKEN_RETURN_IF_ERROR(ReadPrompt(body, &g, &more_prompts));
+  KRAKEN_RETURN_IF_ERROR(ReadCompletionLogprobs(body, &g));
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "echo", &g.echo));
   KRAKEN_RETURN_IF_ERROR(CheckUnsupported(body, g));
   g.prompt_logprobs = g.echo && g.logprobs;  // the echoed prompt comes with its logprobs
   r.generations.push_back(g);
@@ -279,6 +300,103 @@ StatusOr<CompletionRequest> ParseCompletionRequest(std::string_view text, int co
     copy.token_ids = std::move(other.token_ids);
     r.generations.push_back(std::move(copy));
   }
+  return r;
+}
+
+namespace {
+
+// Every field of the chat completions API this server knows, supported or not.
+const std::vector<std::string> kChatFields = {"model",
+                                              "messages",
+                                              "max_tokens",
+                                              "max_completion_tokens",
+                                              "temperature",
+                                              "top_p",
+                                              "top_k",
+                                              "min_p",
+                                              "typical_p",
+                                              "presence_penalty",
+                                              "frequency_penalty",
+                                              "repetition_penalty",
+                                              "seed",
+                                              "stop",
+                                              "stop_token_ids",
+                                              "logprobs",
+                                              "top_logprobs",
+                                              "n",
+                                              "stream",
+                                              "stream_options",
+                                              "user",
+                                              "logit_bias",
+                                              "min_tokens",
+                                              "ignore_eos",
+                                              "skip_special_tokens",
+                                              "priority",
+                                              "add_generation_prompt",
+                                              "tools",
+                                              "tool_choice",
+                                              "response_format",
+                                              "parallel_tool_calls"};
+
+// "messages": a non-empty array of objects, each with a string "role" and a "content" that is a
+// string, an array of content parts ({"type": "text", "text": ...} and others the template
+// reads), or null.
+Status CheckMessages(const nlohmann::ordered_json& messages) {
+  if (!messages.is_array() || messages.empty())
+    return FieldError("messages", "must be a non-empty array of messages, got ",
+                      messages.is_array() ? "an empty array" : messages.type_name());
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    const std::string field = StrCat("messages[", i, "]");
+    if (!m.is_object()) return FieldError(field, "must be an object with 'role' and 'content', got ", m.type_name());
+    if (!m.contains("role") || !m["role"].is_string())
+      return FieldError(field + ".role", "must be a string (system, user, assistant, ...)");
+    if (m.contains("content") && !m["content"].is_string() && !m["content"].is_array() && !m["content"].is_null())
+      return FieldError(field + ".content", "must be a string, an array of content parts or null, got ",
+                        m["content"].type_name());
+  }
+  return absl::OkStatus();
+}
+
+// Fields of the chat API whose non-default values this server does not offer.
+Status CheckChatUnsupported(const json& body) {
+  if (auto it = body.find("tools"); it != body.end() && !it->is_null() && !(it->is_array() && it->empty()))
+    return FieldError("tools", "is not supported (this server does not parse tool calls), got ", Shown(*it));
+  if (auto it = body.find("tool_choice"); it != body.end() && !it->is_null() && *it != "none" && *it != "auto")
+    return FieldError("tool_choice", "is not supported, got ", Shown(*it));
+  if (auto it = body.find("response_format"); it != body.end() && !it->is_null()) {
+    if (!it->is_object() || it->value("type", "") != "text")
+      return FieldError("response_format", "may only be {\"type\": \"text\"} (no guided decoding here), got ",
+                        Shown(*it));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+StatusOr<ChatRequest> ParseChatRequest(std::string_view text, int context_length) {
+  KRAKEN_ASSIGN_OR_RETURN(json body, ParseBody(text, kChatFields, "chat completions"));
+  ChatRequest r;
+  core::GenerationRequest& g = r.completion.generation;
+  KRAKEN_RETURN_IF_ERROR(ReadShared(body, context_length, &r.completion));
+  std::optional<int64_t> max_completion_tokens;
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "max_completion_tokens", &max_completion_tokens));
+  if (max_completion_tokens) g.max_tokens = max_completion_tokens;
+  bool logprobs = false;
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "logprobs", &logprobs));
+  std::optional<int64_t> top_logprobs;
+  KRAKEN_RETURN_IF_ERROR(ReadInt(body, "top_logprobs", &top_logprobs));
+  if (top_logprobs && *top_logprobs > 0 && !logprobs)
+    return FieldError("top_logprobs", "needs 'logprobs': true, got ", *top_logprobs);
+  g.logprobs = logprobs;
+  g.top_logprobs = top_logprobs.value_or(0);
+  KRAKEN_RETURN_IF_ERROR(ReadBool(body, "add_generation_prompt", &r.add_generation_prompt));
+  KRAKEN_RETURN_IF_ERROR(CheckChatUnsupported(body));
+  // The messages keep their keys' order (a template may print a message as JSON).
+  if (!body.contains("messages")) return FieldError("messages", "must be set");
+  r.messages = nlohmann::ordered_json::parse(text, nullptr, /*allow_exceptions=*/false)["messages"];
+  KRAKEN_RETURN_IF_ERROR(CheckMessages(r.messages));
+  g.add_special_tokens = false;  // the template writes its own BOS, as transformers and vLLM render chats
   return r;
 }
 

@@ -29,8 +29,26 @@ struct CompletionRequest {
   bool continuous_usage = false;  // stream_options.continuous_usage_stats (vLLM): usage on every chunk
 };
 
+/// A /v1/chat/completions body, parsed: the messages to render with the model's chat template,
+/// and the completion's fields (the rendered text becomes `completion.generation.text`).
+struct ChatRequest {
+  CompletionRequest completion;
+  nlohmann::ordered_json messages;  // as sent, key order kept
+  bool add_generation_prompt = true;
+};
+
+/// Parses a /v1/chat/completions body: the fields of ParseCompletionRequest but the prompt, echo,
+/// best_of and suffix; `messages` (INVALID_ARGUMENT naming messages[i].role or .content);
+/// `logprobs` (a boolean) with `top_logprobs` (alternatives; only with logprobs true);
+/// `max_completion_tokens` (OpenAI's newer name of max_tokens, which it overrides);
+/// `add_generation_prompt` (vLLM's, default true). `tools` and `response_format` other than text
+/// are refused by name.
+StatusOr<ChatRequest> ParseChatRequest(std::string_view body, int context_length);
+
 /// How the completions API spells the fields core::ValidateGeneration names.
 extern const core::FieldNames kCompletionFields;
+/// How the chat API spells them (the rendered messages are the prompt).
+extern const core::FieldNames kChatFieldNames;
 
 /// Parses a /v1/completions body. INVALID_ARGUMENT naming the field and the value for: a body
 /// that is not a JSON object; a field of the wrong type; a field this API does not have (with the

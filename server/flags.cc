@@ -231,6 +231,9 @@ void AddServerFlags(CLI::App& app, ServerFlags& f) {
   opt("--request-timeout", f.request_timeout_s,
       "seconds a generation request may take from arrival, on every API (a gRPC deadline may be shorter); 0 = none")
       ->check(CLI::Range(0.0, 86400.0));
+  opt("--chat-template", f.chat_template,
+      "Jinja chat template file for /v1/chat/completions; default: the model's chat_template.jinja or "
+      "tokenizer_config.json chat_template");
   opt("--served-model-name", f.served_model_name,
       "the model's name in the APIs (OpenAI 'model', /v1/models); default: the model folder's name");
   opt("--threads-per-worker", f.threads_per_worker, "CPU threads per worker; 0 = cores / workers");

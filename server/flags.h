@@ -47,6 +47,7 @@ struct ServerFlags {
   double http_idle_timeout_s = Seconds(http::ServerOptions{}.idle_timeout);
   double request_timeout_s = 0;
   std::string served_model_name;
+  std::string chat_template;  // a Jinja file for /v1/chat/completions; empty: the model's own
   int threads_per_worker = runtime::WorkerGroupOptions{}.threads_per_worker;
   int max_batch_tokens = scheduler::SchedulerOptions{}.max_batch_tokens;
   int max_batch_seqs = scheduler::SchedulerOptions{}.max_batch_seqs;

@@ -384,13 +384,15 @@ StatusOr<std::unique_ptr<http::Server>> StartHttp(const Flags& f, int port, bool
 // Starts gRPC, the OpenAI-compatible HTTP API and /metrics over `engine`. The exit code when one
 // cannot listen.
 StatusOr<Frontends> StartFrontends(const Flags& f, const core::Admission& door, server::ServiceOptions so,
+                                   std::shared_ptr<const tokenizer::ModelChatTemplate> chat_template,
                                    metrics::Registry& registry, core::Health& health) {
   Frontends fe;
   KRAKEN_ASSIGN_OR_RETURN(auto creds, Credentials(f));
   auto metrics_text = [&registry] { return registry.Serialize(); };
-  fe.api = std::make_unique<openai::Api>(
-      door, openai::ApiOptions{
-                .served_model_name = so.info.model_name(), .metrics_text = metrics_text, .version = KRAKEN_VERSION});
+  fe.api = std::make_unique<openai::Api>(door, openai::ApiOptions{.served_model_name = so.info.model_name(),
+                                                                  .chat_template = std::move(chat_template),
+                                                                  .metrics_text = metrics_text,
+                                                                  .version = KRAKEN_VERSION});
   if (f.metrics_port >= 0) {
     KRAKEN_ASSIGN_OR_RETURN(fe.metrics_http, StartHttp(f, f.metrics_port, false, *fe.api, [&](http::Server& s) {
                               s.Route("GET", "/metrics", [metrics_text](const http::Request&) -> http::Reply {
@@ -530,6 +532,7 @@ int FormGroup(const Flags& f, const engine::ModelConfig& config, runtime::Worker
 // a fatal worker failure. Returns the exit code.
 int Serve(const Flags& f, const engine::ModelConfig& config, const core::RequestLimits& limits,
           const runtime::WorkerGroupOptions& wo, const tokenizer::Tokenizer& tok,
+          std::shared_ptr<const tokenizer::ModelChatTemplate> chat_template,
           std::unique_ptr<runtime::WorkerGroup> group, Signals& signals) {
   const runtime::Limits rl = group->limits();
   const int world = group->world_size();
@@ -558,7 +561,7 @@ int Serve(const Flags& f, const engine::ModelConfig& config, const core::Request
           .request_timeout = std::chrono::milliseconds(static_cast<int64_t>(f.request_timeout_s * 1000 + 0.5))});
   server::ServiceOptions so{.info = std::move(info), .max_message_bytes = f.max_message_bytes};
   signals.Serving();  // from the first accepted request on, a signal drains
-  auto fe = StartFrontends(f, door, so, registry, health);
+  auto fe = StartFrontends(f, door, so, std::move(chat_template), registry, health);
   if (!fe.ok()) {
     spdlog::critical("{}", std::string(fe.status().message()));
     return fe.status().code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -607,6 +610,18 @@ int Run(const Flags& given, const sigset_t& sigs) {
     spdlog::critical("cannot load tokenizer: {}", tok.status().ToString());
     return 2;
   }
+  auto chat = tokenizer::LoadChatTemplate(f.model, f.chat_template);
+  if (!chat.ok()) {
+    spdlog::critical("cannot load the chat template: {}", std::string(chat.status().message()));
+    return 2;
+  }
+  std::shared_ptr<const tokenizer::ModelChatTemplate> chat_template;
+  if (chat->has_value()) {
+    spdlog::info("chat template: {}", (*chat)->origin);
+    chat_template = std::make_shared<const tokenizer::ModelChatTemplate>(std::move(**chat));
+  } else {
+    spdlog::info("chat template: none (/v1/chat/completions answers 400; --chat-template FILE gives one)");
+  }
   if (auto creds = Credentials(f); !creds.ok()) {
     spdlog::critical("{}", std::string(creds.status().message()));
     return 2;
@@ -622,7 +637,7 @@ int Run(const Flags& given, const sigset_t& sigs) {
     const absl::StatusCode code = group.status().code();
     return code == absl::StatusCode::kInvalidArgument || code == absl::StatusCode::kResourceExhausted ? 2 : 1;
   }
-  return Serve(f, *config, limits, *wo, **tok, std::move(*group), signals);
+  return Serve(f, *config, limits, *wo, **tok, std::move(chat_template), std::move(*group), signals);
 }
 
 }  // namespace

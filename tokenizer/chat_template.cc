@@ -4,10 +4,13 @@
 #include <charconv>
 #include <cmath>
 #include <ctime>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <optional>
 #include <vector>
 
+#include "base/json_util.h"
 #include "tokenizer/utf8.h"
 
 namespace kraken::tokenizer {
@@ -1640,6 +1643,61 @@ StatusOr<std::string> ChatTemplate::Render(const json& context) const {
     return InvalidArgument("a chat template renders an object of names, got a ", context.type_name());
   Renderer r(context);
   return r.Run(*root_);
+}
+
+namespace {
+
+StatusOr<std::optional<std::string>> ReadIfPresent(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::optional<std::string>();
+  return std::optional<std::string>(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()));
+}
+
+// A special token as tokenizer_config.json spells it: a string, or an object with "content".
+std::optional<std::string> TokenText(const nlohmann::json& v) {
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v["content"].is_string()) return v["content"].get<std::string>();
+  return std::nullopt;
+}
+
+}  // namespace
+
+StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::string& dir, const std::string& override_path) {
+  ModelChatTemplate m;
+  std::optional<std::string> source;
+  KRAKEN_ASSIGN_OR_RETURN(std::optional<std::string> config_text, ReadIfPresent(dir + "/tokenizer_config.json"));
+  nlohmann::json config = nlohmann::json::object();
+  if (config_text) {
+    KRAKEN_ASSIGN_OR_RETURN(config, ParseJsonStrict(*config_text, dir + "/tokenizer_config.json", 32));
+    for (const char* name : {"bos_token", "eos_token", "unk_token", "pad_token"}) {
+      if (!config.is_object() || !config.contains(name)) continue;
+      if (std::optional<std::string> t = TokenText(config[name])) m.special_tokens[name] = *t;
+    }
+  }
+  KRAKEN_ASSIGN_OR_RETURN(std::optional<std::string> file, ReadIfPresent(dir + "/chat_template.jinja"));
+  if (!override_path.empty()) {
+    KRAKEN_ASSIGN_OR_RETURN(source, ReadIfPresent(override_path));
+    if (!source) return NotFound("cannot read the chat template '", override_path, "' (--chat-template)");
+    m.origin = override_path;
+  } else if (file) {
+    source = std::move(file);
+    m.origin = dir + "/chat_template.jinja";
+  } else if (config.is_object() && config.contains("chat_template")) {
+    const nlohmann::json& t = config["chat_template"];
+    if (t.is_string()) source = t.get<std::string>();
+    if (t.is_array())
+      for (const nlohmann::json& named : t)
+        if (named.is_object() && named.value("name", "") == "default" && named.contains("template") &&
+            named["template"].is_string())
+          source = named["template"].get<std::string>();
+    m.origin = dir + "/tokenizer_config.json";
+  }
+  if (!source) return std::optional<ModelChatTemplate>();
+  StatusOr<ChatTemplate> parsed = ChatTemplate::Parse(*source);
+  if (!parsed.ok()) return InvalidArgument(m.origin, ": ", std::string(parsed.status().message()));
+  m.chat_template = std::move(*parsed);
+  return std::optional<ModelChatTemplate>(std::move(m));
 }
 
 }  // namespace kraken::tokenizer

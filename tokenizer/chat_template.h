@@ -21,6 +21,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -52,5 +53,20 @@ class ChatTemplate {
  private:
   std::shared_ptr<const Node> root_;
 };
+
+/// A model's chat template and the special tokens its tokenizer_config.json names (bos_token,
+/// eos_token, unk_token, pad_token as strings: the names transformers passes to the template).
+struct ModelChatTemplate {
+  ChatTemplate chat_template;
+  nlohmann::ordered_json special_tokens = nlohmann::ordered_json::object();
+  std::string origin;  // the file it came from, for logs
+};
+
+/// The chat template to serve: the file `override_path` when not empty (--chat-template), else
+/// `dir`/chat_template.jinja, else tokenizer_config.json's "chat_template" (a string, or of a
+/// list of {"name", "template"} the one named "default"). nullopt when the model has none.
+/// NOT_FOUND for an override that cannot be read; INVALID_ARGUMENT naming the file for a template
+/// that does not parse or a tokenizer_config.json that is not valid JSON.
+StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::string& dir, const std::string& override_path);
 
 }  // namespace kraken::tokenizer

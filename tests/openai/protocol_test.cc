@@ -120,6 +120,35 @@ TEST(ParseCompletionRequest, APromptArrayIsOneGenerationPerPromptWithTheSharedFi
   }
 }
 
+TEST(ParseChatRequest, MessagesKeepTheirOrderAndTheFieldsReachTheCore) {
+  auto r =
+      ParseChatRequest(R"({"messages":[{"role":"user","content":"hi","name":"a"},{"role":"assistant","content":null}],)"
+                       R"("max_tokens":9,"max_completion_tokens":4,"logprobs":true,"top_logprobs":3,"n":2,)"
+                       R"("add_generation_prompt":false,"stream":true,"logit_bias":{"7":-100}})",
+                       64);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->messages.size(), 2u);
+  EXPECT_EQ(r->messages[0].dump(), R"({"role":"user","content":"hi","name":"a"})") << "the order as sent";
+  const core::GenerationRequest& g = r->completion.generation;
+  EXPECT_EQ(g.max_tokens, 4) << "max_completion_tokens wins";
+  EXPECT_TRUE(g.logprobs);
+  EXPECT_EQ(g.top_logprobs, 3);
+  EXPECT_EQ(g.n, 2);
+  EXPECT_FALSE(g.add_special_tokens) << "the template writes its own BOS";
+  EXPECT_FALSE(r->add_generation_prompt);
+  EXPECT_TRUE(r->completion.stream);
+  ASSERT_EQ(g.logit_bias.size(), 1u);
+  EXPECT_EQ(ParseChatRequest(R"({"messages":[{"role":"user","content":"x"}],"echo":true})", 64).status().message(),
+            "field 'echo' is not a field of the chat completions API (did you mean 'seed'?)");
+  EXPECT_EQ(ParseChatRequest(R"({"messages":[{"role":"user","content":"x"}],"logprobs":2})", 64).status().message(),
+            "field 'logprobs' must be true or false, got number 2");
+  EXPECT_EQ(
+      ParseChatRequest(R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}})", 64)
+          .status()
+          .message(),
+      R"(field 'response_format' may only be {"type": "text"} (no guided decoding here), got object {"type":"json_object"})");
+}
+
 TEST(ParseCompletionRequest, NestingPastTheLimitIsRefusedWithoutRecursion) {
   const int depth = 200000;
   const std::string deep = R"({"prompt":)" + std::string(depth, '[') + std::string(depth, ']') + "}";

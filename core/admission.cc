@@ -1,5 +1,7 @@
 #include "core/admission.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 namespace kraken::core {
@@ -82,6 +84,14 @@ StatusOr<Handles> Admission::AcceptBatch(const Call& call, const ParseBatchFn& p
   if (Status a = Authorize(call.authorization, call.spelling); !a.ok()) return Refuse(request_id, a);
   StatusOr<std::vector<GenerationRequest>> requests = parse(&request_id);
   if (!requests.ok()) return Refuse(request_id, requests.status());
+  if (requests->empty()) return Refuse(request_id, FieldError(names.text, "must hold a prompt"));
+  // The samples asked for fit the queue before any prompt is tokenized.
+  const int64_t asked = static_cast<int64_t>(requests->size()) * std::max<int64_t>(requests->front().n.value_or(1), 1);
+  if (requests->size() > 1 && asked > options_.limits.max_samples)
+    return Refuse(request_id, FieldError(names.text, "holds ", requests->size(),
+                                         " prompts of n = ", requests->front().n.value_or(1), " samples each, ", asked,
+                                         " samples in all; the limit per request is ", options_.limits.max_samples,
+                                         " (the waiting queue's capacity, --max-waiting)"));
   // Every prompt is checked before any runs.
   std::vector<RequestParams> all;
   int64_t samples = 0;

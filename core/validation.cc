@@ -142,8 +142,17 @@ Status ValidateLogitBias(const GenerationRequest& req, const RequestLimits& lim,
                                       engine::kMaxLogitBiasValue, ", ", engine::kMaxLogitBiasValue, "]"));
     p->logit_bias.push_back({static_cast<int32_t>(id), static_cast<float>(bias)});
   }
-  std::sort(p->logit_bias.begin(), p->logit_bias.end(),
-            [](const engine::TokenBias& a, const engine::TokenBias& b) { return a.token < b.token; });
+  // One bias per token, the last one given ("5" and "05" name the same token), in token order.
+  std::stable_sort(p->logit_bias.begin(), p->logit_bias.end(),
+                   [](const engine::TokenBias& a, const engine::TokenBias& b) { return a.token < b.token; });
+  std::vector<engine::TokenBias> merged;
+  for (const engine::TokenBias& b : p->logit_bias) {
+    if (!merged.empty() && merged.back().token == b.token)
+      merged.back() = b;
+    else
+      merged.push_back(b);
+  }
+  p->logit_bias = std::move(merged);
   return absl::OkStatus();
 }
 

@@ -403,7 +403,7 @@ http::Reply Api::Completions(const http::Request& req) {
       [&](std::string*) -> StatusOr<std::vector<core::GenerationRequest>> {
         KRAKEN_ASSIGN_OR_RETURN(parsed, ParseCompletionRequest(req.body, limits_.context_length));
         KRAKEN_RETURN_IF_ERROR(CheckModel(parsed->model));
-        return parsed->generations;
+        return std::move(parsed->generations);
       },
       kCompletionFields);
   if (!handles.ok()) return ErrorResponse(handles.status());

@@ -116,6 +116,8 @@ Status ReadPrompt(const json& body, core::GenerationRequest* g, std::vector<core
   if (!p.is_array() || p.empty() || !(p.front().is_string() || p.front().is_array()))
     return ReadOnePrompt(p, "prompt", g);
   if (p.size() == 1) return ReadOnePrompt(p.front(), "prompt", g);
+  if (p.size() > static_cast<size_t>(kMaxPromptsPerRequest))
+    return FieldError("prompt", "holds ", p.size(), " prompts; at most ", kMaxPromptsPerRequest, " per request");
   for (size_t i = 0; i < p.size(); ++i) {
     const std::string field = StrCat("prompt[", i, "]");
     if (!p[i].is_string() && !p[i].is_array()) return WrongType(field, "a string or an array of token ids", p[i]);
@@ -345,6 +347,8 @@ Status CheckMessages(const nlohmann::ordered_json& messages) {
   if (!messages.is_array() || messages.empty())
     return FieldError("messages", "must be a non-empty array of messages, got ",
                       messages.is_array() ? "an empty array" : messages.type_name());
+  if (messages.size() > static_cast<size_t>(kMaxChatMessages))
+    return FieldError("messages", "holds ", messages.size(), " messages; at most ", kMaxChatMessages, " per request");
   for (size_t i = 0; i < messages.size(); ++i) {
     const auto& m = messages[i];
     const std::string field = StrCat("messages[", i, "]");

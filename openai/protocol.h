@@ -16,6 +16,9 @@
 
 namespace kraken::openai {
 
+/// Most prompts one /v1/completions request may hold (each becomes a request of its own).
+inline constexpr int kMaxPromptsPerRequest = 1024;
+
 /// A /v1/completions body, parsed (not yet validated against the model: core::ValidateGeneration
 /// does that with FieldNames kCompletionFields).
 struct CompletionRequest {
@@ -28,6 +31,9 @@ struct CompletionRequest {
   bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
   bool continuous_usage = false;  // stream_options.continuous_usage_stats (vLLM): usage on every chunk
 };
+
+/// Most messages one chat request may hold (a template's work grows with them).
+inline constexpr int kMaxChatMessages = 4096;
 
 /// A /v1/chat/completions body, parsed: the messages to render with the model's chat template,
 /// and the completion's fields (the rendered text becomes `completion.generation.text`).

@@ -6,6 +6,7 @@
 #include <ctime>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <optional>
 #include <vector>
@@ -79,6 +80,15 @@ StatusOr<std::vector<Token>> Tokenize(std::string_view s, int line) {
         ++j;
         while (j < s.size() && std::isdigit(static_cast<unsigned char>(s[j]))) ++j;
       }
+      if (j < s.size() && (s[j] == 'e' || s[j] == 'E')) {  // an exponent: 1e16, 2.5e-7
+        size_t k = j + 1;
+        if (k < s.size() && (s[k] == '+' || s[k] == '-')) ++k;
+        if (k < s.size() && std::isdigit(static_cast<unsigned char>(s[k]))) {
+          is_float = true;
+          j = k;
+          while (j < s.size() && std::isdigit(static_cast<unsigned char>(s[j]))) ++j;
+        }
+      }
       std::string digits;
       for (size_t k = i; k < j; ++k)
         if (s[k] != '_') digits += s[k];
@@ -131,6 +141,7 @@ StatusOr<std::vector<Piece>> Split(std::string_view src) {
   int line = 1;
   bool strip_next = false;    // a "-" closed the previous tag
   bool newline_next = false;  // trim_blocks: drop one newline after a block or comment tag
+  bool line_start = true;     // the text being read starts a line (lstrip_blocks)
   while (pos <= src.size()) {
     size_t open = src.find('{', pos);
     while (open != std::string_view::npos && open + 1 < src.size() && src[open + 1] != '{' && src[open + 1] != '%' &&
@@ -145,6 +156,7 @@ StatusOr<std::vector<Piece>> Split(std::string_view src) {
       if (text.find_first_not_of(" \t\r\n") == std::string::npos) text.clear();
     } else if (newline_next && !text.empty() && text[0] == '\n') {
       text.erase(0, 1);
+      line_start = true;
     }
     strip_next = newline_next = false;
     if (open == std::string_view::npos) {
@@ -164,8 +176,7 @@ StatusOr<std::vector<Piece>> Split(std::string_view src) {
     } else if (kind != '{') {  // lstrip_blocks
       const size_t nl = text.find_last_of('\n');
       const size_t from = nl == std::string::npos ? 0 : nl + 1;
-      if (text.find_first_not_of(" \t", from) == std::string::npos &&
-          (nl != std::string::npos || !pieces.empty() || pos == 0))
+      if (text.find_first_not_of(" \t", from) == std::string::npos && (nl != std::string::npos || line_start))
         text.erase(from);
     }
     if (!text.empty()) pieces.push_back({PieceKind::kText, std::move(text), {}, text_line});
@@ -178,6 +189,7 @@ StatusOr<std::vector<Piece>> Split(std::string_view src) {
     pos = close_at + 2;
     strip_next = minus_close;
     newline_next = kind != '{';
+    line_start = false;
   }
   return pieces;
 }
@@ -269,7 +281,16 @@ class ExprParser {
   }
 
  private:
+  // Expressions are small; a long chain of operators (a ~ a ~ ...) would build a tree as deep as
+  // it is long, which evaluating and freeing walk recursively: refused past kMaxExprNodes.
+  static constexpr int kMaxExprNodes = 1000;
+  Status Size() const {
+    if (nodes_ <= kMaxExprNodes) return absl::OkStatus();
+    return ErrorAt(Peek().line, StrCat("an expression of more than ", kMaxExprNodes, " parts"));
+  }
+
   ExprPtr Make(Expr::Kind kind, std::vector<ExprPtr> args, std::string name = "") {
+    ++nodes_;
     auto e = std::make_shared<Expr>();
     e->kind = kind;
     e->args = std::move(args);
@@ -284,6 +305,7 @@ class ExprParser {
       ++i_;
       KRAKEN_ASSIGN_OR_RETURN(ExprPtr r, And(depth));
       e = Make(Expr::kOr, {e, r});
+      KRAKEN_RETURN_IF_ERROR(Size());
     }
     return e;
   }
@@ -293,6 +315,7 @@ class ExprParser {
       ++i_;
       KRAKEN_ASSIGN_OR_RETURN(ExprPtr r, Not(depth));
       e = Make(Expr::kAnd, {e, r});
+      KRAKEN_RETURN_IF_ERROR(Size());
     }
     return e;
   }
@@ -322,6 +345,7 @@ class ExprParser {
       }
       KRAKEN_ASSIGN_OR_RETURN(ExprPtr r, Binary(depth, 0));
       e = Make(Expr::kBinary, {e, r}, op);
+      KRAKEN_RETURN_IF_ERROR(Size());
     }
   }
   // Binary operators by precedence level: ~, then + -, then * / // %, then **.
@@ -334,6 +358,7 @@ class ExprParser {
       const std::string op = Next().text;
       KRAKEN_ASSIGN_OR_RETURN(ExprPtr r, Binary(depth, level + 1));
       e = Make(Expr::kBinary, {e, r}, op);
+      KRAKEN_RETURN_IF_ERROR(Size());
     }
     return e;
   }
@@ -349,6 +374,7 @@ class ExprParser {
   }
   StatusOr<ExprPtr> Postfix(ExprPtr e, int depth, bool filters) {
     while (true) {
+      KRAKEN_RETURN_IF_ERROR(Size());
       if (IsOp(".")) {
         ++i_;
         KRAKEN_ASSIGN_OR_RETURN(std::string name, ExpectName());
@@ -517,6 +543,7 @@ class ExprParser {
 
   const std::vector<Token>& t_;
   size_t i_ = 0;
+  int nodes_ = 0;
 };
 
 // Statements: builds the tree from the pieces, block by block.
@@ -585,10 +612,13 @@ class StatementParser {
       ep.Next();
       KRAKEN_ASSIGN_OR_RETURN(n->expr, ep.Expression());
     } else if (keyword == "break" || keyword == "continue") {
+      if (loops_ == 0) return ErrorAt(piece.line, StrCat("{% ", keyword, " %} outside a loop"));
       n->kind = keyword == "break" ? Node::kBreak : Node::kContinue;
     } else if (keyword == "generation") {  // transformers' assistant-mask marker: its body renders as is
       std::string end;
-      return Block({"endgeneration"}, &end, depth + 1);
+      KRAKEN_ASSIGN_OR_RETURN(NodePtr body, Block({"endgeneration"}, &end, depth + 1));
+      KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
+      return body;
     } else {
       return ErrorAt(piece.line, StrCat("{% ", keyword, " %} is not supported in chat templates here"));
     }
@@ -600,20 +630,29 @@ class StatementParser {
     auto n = std::make_shared<Node>();
     n->kind = Node::kIf;
     KRAKEN_ASSIGN_OR_RETURN(ExprPtr cond, first.Expression());
+    KRAKEN_RETURN_IF_ERROR(Ended(first, "if"));
     while (true) {
       std::string end;
       KRAKEN_ASSIGN_OR_RETURN(NodePtr body, Block({"elif", "else", "endif"}, &end, depth + 1));
       n->branches.emplace_back(cond, body);
-      if (end == "endif") return n;
+      if (end == "endif") return Ended(*current_, end).ok() ? StatusOr<NodePtr>(n) : Ended(*current_, end);
       if (end == "else") {
-        cond = nullptr;
+        KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
         std::string last;
         KRAKEN_ASSIGN_OR_RETURN(NodePtr tail, Block({"endif"}, &last, depth + 1));
+        KRAKEN_RETURN_IF_ERROR(Ended(*current_, last));
         n->branches.emplace_back(nullptr, tail);
         return n;
       }
       KRAKEN_ASSIGN_OR_RETURN(cond, current_->Expression());
+      KRAKEN_RETURN_IF_ERROR(Ended(*current_, "elif"));
     }
+  }
+
+  // Nothing may follow a statement's own parts ({% if a b %} is an error, not "if a").
+  Status Ended(const ExprParser& ep, std::string_view keyword) const {
+    if (ep.AtEnd()) return absl::OkStatus();
+    return ErrorAt(ep.Peek().line, StrCat("unexpected '", ep.Peek().text, "' in {% ", keyword, " %}"));
   }
 
   StatusOr<NodePtr> For(ExprParser& ep, const Piece& piece, int depth) {
@@ -636,10 +675,15 @@ class StatementParser {
     if (ep.IsName("recursive")) return ErrorAt(piece.line, "recursive loops are not supported");
     if (!ep.AtEnd()) return ErrorAt(piece.line, StrCat("unexpected '", ep.Peek().text, "' in {% for %}"));
     std::string end;
-    KRAKEN_ASSIGN_OR_RETURN(NodePtr body, Block({"else", "endfor"}, &end, depth + 1));
-    n->children.push_back(body);
+    ++loops_;
+    StatusOr<NodePtr> body = Block({"else", "endfor"}, &end, depth + 1);
+    --loops_;
+    if (!body.ok()) return body.status();
+    KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
+    n->children.push_back(*body);
     if (end == "else") {
       KRAKEN_ASSIGN_OR_RETURN(NodePtr otherwise, Block({"endfor"}, &end, depth + 1));
+      KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
       n->children.push_back(otherwise);
     }
     return n;
@@ -648,6 +692,7 @@ class StatementParser {
   std::vector<Piece> p_;
   size_t i_ = 0;
   std::unique_ptr<ExprParser> current_;  // the parser of the statement that ended the last block
+  int loops_ = 0;                        // for-loops around the statement being read
   const Piece* current_piece_ = nullptr;
 };
 
@@ -657,7 +702,19 @@ StatusOr<ChatTemplate> ChatTemplate::Parse(std::string_view source) {
   if (source.size() > kMaxSourceBytes)
     return InvalidArgument("chat template is ", source.size(), " bytes; the limit is ", kMaxSourceBytes);
   if (!IsValidUtf8(source)) return InvalidArgument("chat template is not valid UTF-8");
-  KRAKEN_ASSIGN_OR_RETURN(std::vector<Piece> pieces, Split(source));
+  // As jinja2 reads a template: \r\n and \r become \n, and one trailing newline goes.
+  std::string text;
+  text.reserve(source.size());
+  for (size_t i = 0; i < source.size(); ++i) {
+    if (source[i] != '\r') {
+      text += source[i];
+    } else {
+      text += '\n';
+      if (i + 1 < source.size() && source[i + 1] == '\n') ++i;
+    }
+  }
+  if (!text.empty() && text.back() == '\n') text.pop_back();
+  KRAKEN_ASSIGN_OR_RETURN(std::vector<Piece> pieces, Split(text));
   StatementParser parser(std::move(pieces));
   std::string end;
   KRAKEN_ASSIGN_OR_RETURN(NodePtr root, parser.Block({}, &end, 0));
@@ -671,16 +728,18 @@ StatusOr<ChatTemplate> ChatTemplate::Parse(std::string_view source) {
 
 namespace {
 
+// A value: immutable JSON shared by every copy (a lookup of `messages` copies a pointer, not the
+// conversation), a namespace (mutable, shared), or undefined.
 struct Value {
   enum Kind { kUndefined, kJson, kNamespace } kind = kUndefined;
-  json j;                    // kJson
-  std::shared_ptr<json> ns;  // kNamespace: its attributes, shared by every copy
-  std::string name;          // kUndefined: what was looked up, for messages
+  std::shared_ptr<const json> j;  // kJson
+  std::shared_ptr<json> ns;       // kNamespace: its attributes, shared by every copy
+  std::string name;               // kUndefined: what was looked up, for messages
 
   static Value Of(json v) {
     Value x;
     x.kind = kJson;
-    x.j = std::move(v);
+    x.j = std::make_shared<const json>(std::move(v));
     return x;
   }
   static Value Undefined(std::string what) {
@@ -691,19 +750,38 @@ struct Value {
   bool undefined() const { return kind == kUndefined; }
   const json& J() const {
     static const json null;
-    return kind == kNamespace ? *ns : kind == kJson ? j : null;
+    return kind == kNamespace ? *ns : kind == kJson ? *j : null;
   }
 };
 
-// Python's repr of a float, as jinja2 prints it: the shortest round trip, with ".0" when integral.
+// Python's repr of a float, as jinja2 prints it: the shortest digits that read back the same, in
+// fixed notation for exponents in [-4, 16) (with ".0" when integral), else as 1.5e+20 / 1e-05.
 std::string FloatText(double d) {
   if (std::isnan(d)) return "nan";
   if (std::isinf(d)) return d > 0 ? "inf" : "-inf";
+  if (d == 0) return std::signbit(d) ? "-0.0" : "0.0";
   char buf[64];
-  auto r = std::to_chars(buf, buf + sizeof buf, d);
-  std::string s(buf, r.ptr);
-  if (s.find_first_of(".e") == std::string::npos) s += ".0";
-  return s;
+  const auto r = std::to_chars(buf, buf + sizeof buf, std::fabs(d), std::chars_format::scientific);
+  const std::string sci(buf, r.ptr);  // "d.ddde+XX" or "de+XX"
+  const size_t e = sci.find('e');
+  std::string digits = sci.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  const int exp = std::stoi(sci.substr(e + 1));
+  std::string out = d < 0 ? "-" : "";
+  if (exp >= -4 && exp < 16) {
+    if (exp >= 0) {
+      std::string whole = digits.substr(0, std::min<size_t>(digits.size(), static_cast<size_t>(exp) + 1));
+      whole.append(static_cast<size_t>(exp) + 1 - whole.size(), '0');
+      const std::string frac = digits.size() > whole.size() ? digits.substr(whole.size()) : "";
+      return out + whole + "." + (frac.empty() ? "0" : frac);
+    }
+    return out + "0." + std::string(static_cast<size_t>(-exp - 1), '0') + digits;
+  }
+  out += digits.substr(0, 1);
+  if (digits.size() > 1) out += "." + digits.substr(1);
+  char ebuf[16];
+  std::snprintf(ebuf, sizeof ebuf, "e%c%02d", exp < 0 ? '-' : '+', std::abs(exp));
+  return out + ebuf;
 }
 
 std::string PyRepr(const json& v);
@@ -718,8 +796,9 @@ std::string Text(const json& v) {
     case json::value_t::string:
       return v.get<std::string>();
     case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
       return std::to_string(v.get<int64_t>());
+    case json::value_t::number_unsigned:
+      return std::to_string(v.get<uint64_t>());
     case json::value_t::number_float:
       return FloatText(v.get<double>());
     default:
@@ -860,7 +939,7 @@ void JsonDump(const json& v, int indent, int level, std::string* out) {
 bool Truthy(const Value& x) {
   if (x.undefined()) return false;
   if (x.kind == Value::kNamespace) return true;
-  const json& v = x.j;
+  const json& v = x.J();
   switch (v.type()) {
     case json::value_t::null:
       return false;
@@ -947,7 +1026,7 @@ class Renderer {
         return absl::OkStatus();
       case Node::kOutput: {
         KRAKEN_ASSIGN_OR_RETURN(Value v, Eval(*n.expr));
-        if (!v.undefined()) out_ += v.kind == Value::kNamespace ? "<Namespace>" : Text(v.j);
+        if (!v.undefined()) out_ += v.kind == Value::kNamespace ? "<Namespace>" : Text(v.J());
         return absl::OkStatus();
       }
       case Node::kIf:
@@ -1011,6 +1090,7 @@ class Renderer {
     }
     const int64_t len = static_cast<int64_t>(items.size());
     for (int64_t i = 0; i < len; ++i) {
+      scopes_.back().clear();  // what an iteration sets is gone in the next, as in jinja2
       KRAKEN_RETURN_IF_ERROR(Bind(n, items[i]));
       scopes_.back()["loop"] = Value::Of(json{{"index", i + 1},
                                               {"index0", i},
@@ -1111,7 +1191,10 @@ StatusOr<Value> Renderer::Eval(const Expr& e) {
     case Expr::kNeg: {
       KRAKEN_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0]));
       if (!IsNumber(v.J())) return ErrorAt(e.line, StrCat("cannot negate a ", v.J().type_name()));
-      return Value::Of(IsInt(v.J()) ? json(-v.J().get<int64_t>()) : json(-v.J().get<double>()));
+      if (!IsInt(v.J())) return Value::Of(-v.J().get<double>());
+      int64_t r = 0;
+      if (__builtin_sub_overflow(int64_t{0}, v.J().get<int64_t>(), &r)) return ErrorAt(e.line, "integer overflow in -");
+      return Value::Of(r);
     }
     case Expr::kNot: {
       KRAKEN_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0]));
@@ -1414,8 +1497,10 @@ StatusOr<bool> RunTest(const std::string& name, const Value& x, const std::vecto
   if (name == "iterable") return v.is_array() || v.is_object() || v.is_string();
   if (name == "sequence") return v.is_array() || v.is_string() || v.is_object();
   if (name == "even" || name == "odd") return IsInt(v) && (v.get<int64_t>() % 2 == 0) == (name == "even");
-  if (name == "divisibleby")
-    return IsInt(v) && IsInt(arg()) && arg().get<int64_t>() != 0 && v.get<int64_t>() % arg().get<int64_t>() == 0;
+  if (name == "divisibleby") {
+    if (!IsInt(v) || !IsInt(arg()) || arg().get<int64_t>() == 0) return false;
+    return arg().get<int64_t>() == -1 || v.get<int64_t>() % arg().get<int64_t>() == 0;
+  }
   if (name == "equalto" || name == "eq" || name == "==" || name == "sameas") return v == arg();
   if (name == "ne" || name == "!=") return v != arg();
   if (name == "in")
@@ -1469,9 +1554,10 @@ StatusOr<Value> Renderer::SequenceFilter(const Expr& e, const Value& x, const st
     if (!attribute || !attribute->J().is_string()) return ErrorAt(e.line, StrCat(f, "() needs an attribute name"));
     const std::string attr = attribute->J().get<std::string>();
     for (const json& item : v) {
+      KRAKEN_RETURN_IF_ERROR(Step(e.line));  // a filter's work counts, so a filter in a loop stays bounded
       KRAKEN_ASSIGN_OR_RETURN(Value a, Attribute(Value::Of(item), attr, e.line));
-      if (f == "map") {
-        out.push_back(a.J());
+      if (f == "map") {  // a missing attribute maps to jinja2's Undefined, which prints as ""
+        out.push_back(a.undefined() ? json("") : a.J());
         continue;
       }
       bool keep = Truthy(a);
@@ -1545,18 +1631,55 @@ StatusOr<Value> Renderer::Filter(const Expr& e) {
     return Value::Of(out);
   }
   if (f == "int" || f == "float") {
+    if (f == "int" && IsInt(v)) return x;
     double d = 0;
     if (IsNumber(v))
       d = v.get<double>();
     else if (v.is_string())
       d = std::strtod(v.get<std::string>().c_str(), nullptr);
-    return f == "int" ? Value::Of(static_cast<int64_t>(d)) : Value::Of(d);
+    if (f == "float") return Value::Of(d);
+    if (!(std::fabs(d) < 9.2e18)) return ErrorAt(e.line, StrCat("the filter 'int' cannot hold ", FloatText(d)));
+    return Value::Of(static_cast<int64_t>(d));
   }
-  if (f == "abs" && IsNumber(v))
-    return Value::Of(IsInt(v) ? json(std::llabs(v.get<int64_t>())) : json(std::fabs(v.get<double>())));
+  if (f == "abs" && IsNumber(v)) {
+    if (!IsInt(v)) return Value::Of(std::fabs(v.get<double>()));
+    if (v.get<int64_t>() == std::numeric_limits<int64_t>::min()) return ErrorAt(e.line, "integer overflow in abs");
+    return Value::Of(std::llabs(v.get<int64_t>()));
+  }
   if (f == "list" || f == "items" || f == "reverse" || f == "selectattr" || f == "rejectattr" || f == "map")
     return SequenceFilter(e, x, args);
   return ErrorAt(e.line, StrCat("the filter '", f, "' is not supported here (on a ", v.type_name(), ")"));
+}
+
+// Python's integer arithmetic on two int64s, overflow refused; nullopt for "/" and the others it
+// leaves to floats.
+std::optional<StatusOr<Value>> IntegerOp(const std::string& op, int64_t p, int64_t q, int line) {
+  int64_t r = 0;
+  const Status overflow = ErrorAt(line, StrCat("integer overflow in ", p, " ", op, " ", q));
+  if (op == "+") return __builtin_add_overflow(p, q, &r) ? StatusOr<Value>(overflow) : Value::Of(r);
+  if (op == "-") return __builtin_sub_overflow(p, q, &r) ? StatusOr<Value>(overflow) : Value::Of(r);
+  if (op == "*") return __builtin_mul_overflow(p, q, &r) ? StatusOr<Value>(overflow) : Value::Of(r);
+  if ((op == "//" || op == "%") && q == 0) return ErrorAt(line, "division by zero");
+  if ((op == "//" || op == "%") && q == -1) {  // p / -1 overflows for the smallest p
+    if (op == "%") return Value::Of(int64_t{0});
+    return __builtin_sub_overflow(int64_t{0}, p, &r) ? StatusOr<Value>(overflow) : Value::Of(r);
+  }
+  const int64_t fl = p / q - ((p % q != 0) && ((p < 0) != (q < 0)) ? 1 : 0);  // Python's floor division
+  if (op == "//") return Value::Of(fl);
+  if (op == "%") return Value::Of(p - fl * q);
+  if (op == "**" && q >= 0) {
+    r = 1;
+    for (int64_t i = 0; i < q; ++i) {  // at most 63 rounds for |p| >= 2 before it overflows
+      if (p == -1) {
+        r = q % 2 == 0 ? 1 : -1;
+        break;
+      }
+      if (__builtin_mul_overflow(r, p, &r)) return overflow;
+      if (p == 0 || p == 1) break;
+    }
+    return Value::Of(r);
+  }
+  return std::nullopt;
 }
 
 StatusOr<Value> Renderer::Binary(const std::string& op, const Value& a, const Value& b, int line) {
@@ -1574,10 +1697,8 @@ StatusOr<Value> Renderer::Binary(const std::string& op, const Value& a, const Va
       found = std::find(y.begin(), y.end(), x) != y.end();
     else if (y.is_object())
       found = x.is_string() && y.contains(x.get<std::string>());
-    else if (!b.undefined())
+    else if (!b.undefined())  // nothing is in an undefined value, as jinja2 tests it
       return ErrorAt(line, StrCat("'in' needs a string, list or dict on its right, got a ", y.type_name()));
-    else
-      return ErrorAt(line, StrCat("'", b.name, "' is undefined"));
     return Value::Of(found == (op == "in"));
   }
   if (a.undefined()) return ErrorAt(line, StrCat("'", a.name, "' is undefined"));
@@ -1611,19 +1732,7 @@ StatusOr<Value> Renderer::Binary(const std::string& op, const Value& a, const Va
     return Value::Of(x.get<double>() / y.get<double>());
   }
   if (IsInt(x) && IsInt(y)) {
-    const int64_t p = x.get<int64_t>(), q = y.get<int64_t>();
-    if (op == "+") return Value::Of(p + q);
-    if (op == "-") return Value::Of(p - q);
-    if (op == "*") return Value::Of(p * q);
-    if ((op == "//" || op == "%") && q == 0) return ErrorAt(line, "division by zero");
-    const int64_t fl = p / q - ((p % q != 0) && ((p < 0) != (q < 0)) ? 1 : 0);  // Python's floor division
-    if (op == "//") return Value::Of(fl);
-    if (op == "%") return Value::Of(p - fl * q);
-    if (op == "**" && q >= 0) {
-      int64_t r = 1;
-      for (int64_t i = 0; i < q && i < 64; ++i) r *= p;
-      return Value::Of(r);
-    }
+    if (std::optional<StatusOr<Value>> r = IntegerOp(op, x.get<int64_t>(), y.get<int64_t>(), line)) return *r;
   }
   const double p = x.get<double>(), q = y.get<double>();
   if (op == "+") return Value::Of(p + q);
@@ -1670,9 +1779,17 @@ StatusOr<std::optional<ModelChatTemplate>> LoadChatTemplate(const std::string& d
   nlohmann::json config = nlohmann::json::object();
   if (config_text) {
     KRAKEN_ASSIGN_OR_RETURN(config, ParseJsonStrict(*config_text, dir + "/tokenizer_config.json", 32));
-    for (const char* name : {"bos_token", "eos_token", "unk_token", "pad_token"}) {
+    for (const char* name :
+         {"bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"}) {
       if (!config.is_object() || !config.contains(name)) continue;
       if (std::optional<std::string> t = TokenText(config[name])) m.special_tokens[name] = *t;
+    }
+    if (config.is_object() && config.contains("additional_special_tokens") &&
+        config["additional_special_tokens"].is_array()) {
+      nlohmann::ordered_json extra = nlohmann::ordered_json::array();
+      for (const nlohmann::json& t : config["additional_special_tokens"])
+        if (std::optional<std::string> text = TokenText(t)) extra.push_back(*text);
+      m.special_tokens["additional_special_tokens"] = std::move(extra);
     }
   }
   KRAKEN_ASSIGN_OR_RETURN(std::optional<std::string> file, ReadIfPresent(dir + "/chat_template.jinja"));

@@ -12,8 +12,9 @@
 // names, attributes and subscripts (a dict's attribute is its item), slices, the operators
 // + - * / // % ** ~, comparisons, in / not in, and / or / not, conditional expressions, calls of
 // raise_exception, namespace, range and strftime_now, the str and dict methods templates use,
-// filters and tests (listed in chat_template.cc). Anything else (macros, call blocks, includes,
-// custom filters) is refused by name when the template is parsed, never skipped.
+// filters and tests (listed in chat_template.cc). Statements outside that set (macros, call
+// blocks, includes), stray tokens in a statement and break/continue outside a loop are refused by
+// name when the template is parsed; an unsupported filter, test or method when it is first used.
 //
 // Values follow Python's rules as jinja2 applies them: None prints "None", booleans "True" /
 // "False", an undefined name prints nothing and is false; / divides into a float, // and % floor.
@@ -54,8 +55,9 @@ class ChatTemplate {
   std::shared_ptr<const Node> root_;
 };
 
-/// A model's chat template and the special tokens its tokenizer_config.json names (bos_token,
-/// eos_token, unk_token, pad_token as strings: the names transformers passes to the template).
+/// A model's chat template and the special tokens its tokenizer_config.json names (bos, eos,
+/// unk, pad, sep, cls and mask tokens as strings, additional_special_tokens as a list: what
+/// transformers passes to the template as its special_tokens_map).
 struct ModelChatTemplate {
   ChatTemplate chat_template;
   nlohmann::ordered_json special_tokens = nlohmann::ordered_json::object();

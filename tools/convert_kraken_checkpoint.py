@@ -11,9 +11,10 @@ What it does (docs/kraken.md "The authors' checkpoint"):
   * checks every remaining tensor against the shapes model_args implies, and refuses anything
     unexpected or missing, naming it;
   * derives N = n_head / n_heads_in_split and writes our config.json;
-  * names the end-of-text token (--eos-token-id; default GPT-2's <|endoftext|>, 50256, which the
-    released recipe's data preparation appends after every document) in config.json and in a
-    generation_config.json, so generation stops where the model learned to end a text.
+  * names the end-of-text token (--eos-token-id; for GPT-2's vocabulary, 50257 or 50304 tokens, by
+    default GPT-2's <|endoftext|>, 50256, which the released recipe's data preparation appends
+    after every document) in config.json and in a generation_config.json, so generation stops
+    where the model learned to end a text.
 Weights keep the authors' PyTorch [out, in] layout and names, so nothing is transposed.
 
 Refused, with one line on stderr naming the file and the problem and exit status 1 (never a
@@ -50,6 +51,8 @@ ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 # GPT-2's <|endoftext|> (tiktoken "gpt2" eot_token): the released recipe tokenizes with tiktoken's
 # gpt2 encoding and appends it after each document (nanoGPT data/openwebtext/prepare.py).
 GPT2_EOT = 50256
+GPT2_VOCAB_SIZES = (50257, 50304)  # GPT-2's, and nanoGPT's padding of it to a multiple of 64
+GPT2_DEFAULT = object()  # --eos-token-id not given: GPT-2's <|endoftext|>, for GPT-2's vocabulary only
 
 
 class ConversionError(Exception):
@@ -149,17 +152,18 @@ def expected_shapes(args: dict) -> dict:
     return shapes
 
 
-def convert(ckpt_path: str, out_dir: str, dtype: str = "bf16", eos_token_id: int | None = GPT2_EOT) -> dict:
-    """Converts; returns the config.json dict written. `eos_token_id` (None: none) goes into
-    config.json (eos_token_id, bos_token_id) and generation_config.json. Raises ConversionError on
-    bad input, its message starting with `ckpt_path`."""
+def convert(ckpt_path: str, out_dir: str, dtype: str = "bf16", eos_token_id=GPT2_DEFAULT) -> dict:
+    """Converts; returns the config.json dict written. `eos_token_id` (None: none; by default
+    GPT-2's <|endoftext|> for GPT-2's vocabulary sizes, refused for others) goes into config.json
+    (eos_token_id, bos_token_id) and generation_config.json. Raises ConversionError on bad input,
+    its message starting with `ckpt_path`."""
     try:
         return _convert(ckpt_path, out_dir, dtype, eos_token_id)
     except ConversionError as e:
         raise ConversionError(f"{ckpt_path}: {e}") from None
 
 
-def _convert(ckpt_path: str, out_dir: str, dtype: str, eos_token_id: int | None) -> dict:
+def _convert(ckpt_path: str, out_dir: str, dtype: str, eos_token_id) -> dict:
     ckpt = load_checkpoint(ckpt_path)
     if not isinstance(ckpt, dict):
         raise ConversionError(f"holds a {type(ckpt).__name__}, not the dict with 'model' and 'model_args' of a "
@@ -208,6 +212,11 @@ def _convert(ckpt_path: str, out_dir: str, dtype: str, eos_token_id: int | None)
         "bias": bool(args.get("bias", False)),
         "layer_norm_epsilon": 1e-5,
     }
+    if eos_token_id is GPT2_DEFAULT:
+        if args["vocab_size"] not in GPT2_VOCAB_SIZES:
+            raise ConversionError(f"vocab_size {args['vocab_size']} is not GPT-2's (50257, or 50304 padded), so its "
+                                  "end-of-text token is unknown: pass --eos-token-id ID (or -1 for none)")
+        eos_token_id = GPT2_EOT
     if eos_token_id is not None:
         if not 0 <= eos_token_id < args["vocab_size"]:
             raise ConversionError(f"--eos-token-id {eos_token_id} is outside the vocabulary [0, {args['vocab_size']}); "
@@ -216,9 +225,15 @@ def _convert(ckpt_path: str, out_dir: str, dtype: str, eos_token_id: int | None)
     try:
         save_model_dir(out_dir, config, {k: v.float() for k, v in sd.items()}, DTYPES[dtype],
                        metadata={"converted_from": os.path.basename(ckpt_path)})
-        if eos_token_id is not None:
-            with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-                json.dump({"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}, f, indent=2, sort_keys=True)
+        if eos_token_id is not None:  # kept: what an existing generation_config.json already says
+            path = os.path.join(out_dir, "generation_config.json")
+            generation = {}
+            if os.path.exists(path):
+                with open(path) as f:
+                    generation = json.load(f)
+            generation.update({"bos_token_id": eos_token_id, "eos_token_id": eos_token_id})
+            with open(path, "w") as f:
+                json.dump(generation, f, indent=2, sort_keys=True)
                 f.write("\n")
     except OSError as e:
         raise ConversionError(f"cannot write the model directory '{out_dir}': {e.strerror or first_line(e)}") from None
@@ -230,12 +245,14 @@ def main() -> int:
     ap.add_argument("ckpt", help="the authors' ckpt.pt")
     ap.add_argument("out_dir", help="model directory to write")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="stored weight type (default bf16)")
-    ap.add_argument("--eos-token-id", type=int, default=GPT2_EOT,
+    ap.add_argument("--eos-token-id", type=int, default=None,
                     help=f"the end-of-text token id, written to config.json and generation_config.json "
-                         f"(default {GPT2_EOT}, GPT-2's <|endoftext|>; -1: none)")
+                         f"(default {GPT2_EOT}, GPT-2's <|endoftext|>, for a vocabulary of 50257 or 50304 "
+                         f"tokens; required for another; -1: none)")
     a = ap.parse_args()
     try:
-        cfg = convert(a.ckpt, a.out_dir, a.dtype, None if a.eos_token_id < 0 else a.eos_token_id)
+        eos = GPT2_DEFAULT if a.eos_token_id is None else None if a.eos_token_id < 0 else a.eos_token_id
+        cfg = convert(a.ckpt, a.out_dir, a.dtype, eos)
     except ConversionError as e:
         print(f"convert_kraken_checkpoint: {e}", file=sys.stderr)
         return 1

@@ -96,13 +96,14 @@ TEST(ValidateGeneration, RefusalsNameTheFieldTheLimitAndTheValue) {
 }
 
 TEST(ValidateGeneration, LogitBiasesReachTheParamsInTokenOrder) {
-  auto p = ValidateGeneration({.text = "a", .logit_bias = {{9, -100.0}, {2, 0.5}, {4095, 100.0}}},
+  auto p = ValidateGeneration({.text = "a", .logit_bias = {{9, -100.0}, {2, 0.5}, {4095, 100.0}, {9, 50.0}}},
                               RequestLimits{.context_length = 64, .vocab_size = 4096}, KjvTokenizer());
   ASSERT_TRUE(p.ok()) << p.status();
   ASSERT_EQ(p->logit_bias.size(), 3u);
   EXPECT_EQ(p->logit_bias[0].token, 2);
   EXPECT_EQ(p->logit_bias[0].bias, 0.5f);
   EXPECT_EQ(p->logit_bias[1].token, 9);
+  EXPECT_EQ(p->logit_bias[1].bias, 50.f) << "one bias per token: the last given";
   EXPECT_EQ(p->logit_bias[2].token, 4095);
   EXPECT_EQ(p->logit_bias[2].bias, 100.f);
 }

@@ -95,6 +95,9 @@ TEST(ParseCompletionRequest, RefusalsNameTheFieldAndTheValue) {
             "field 'prompt[1]' must be a string or an array of token ids, got number 5");
   EXPECT_EQ(Refusal(R"({"prompt":[[1],[2,"x"]]})"),
             "field 'prompt[1][1]' must be an integer token id, got string \"x\"");
+  std::string many = R"({"prompt":[)";
+  for (int i = 0; i <= kMaxPromptsPerRequest; ++i) many += i ? R"(,"a")" : R"("a")";
+  EXPECT_EQ(Refusal(many + "]}"), "field 'prompt' holds 1025 prompts; at most 1024 per request");
 }
 
 TEST(ParseCompletionRequest, APromptArrayIsOneGenerationPerPromptWithTheSharedFields) {

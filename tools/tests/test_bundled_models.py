@@ -128,13 +128,13 @@ def test_kraken_round_trip_through_the_authors_layout(tmp_path, generate_bin):
     torch.save(to_authors_checkpoint(cfg, W), tmp_path / "ckpt.pt")
     out = tmp_path / "converted"
     r = subprocess.run([sys.executable, os.path.join(TOOLS, "convert_kraken_checkpoint.py"), str(tmp_path / "ckpt.pt"),
-                        str(out), "--dtype", "bf16"], capture_output=True, text=True)
+                        str(out), "--dtype", "bf16", "--eos-token-id", "0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     back = load_model_dir(str(out))
     assert back.keys() == W.keys()
     assert all(torch.equal(back[k], W[k]) for k in W)
     for k in ("model_type", "n_layer", "n_embd", "kraken_degree", "n_head_per_sublayer", "ffn_expansion", "vocab_size",
-              "n_positions", "bias"):
+              "n_positions", "bias", "eos_token_id", "bos_token_id"):
         assert json.load(open(os.path.join(out, "config.json")))[k] == json.load(open(os.path.join(d, "config.json")))[k]
     ids = "1,50,300,7,999,42,3000,11"
     a = run_generate(generate_bin, d, "--score", "--prompt-ids", ids)["scores"]

@@ -185,6 +185,15 @@ TEMPLATES = {
         "|{% for x in [] %}x{% else %}empty{% endfor %}"
         "|{{ 'Hello World'.lower().replace('world', 'there').title() }}|{{ '  pad  ' | trim }}|"
         "{{ messages[0].get('name', 'anonymous') }}|{{ 'a,b,,c'.split(',') }}|{{ [1, 'two', none, true] }}"),
+    # What jinja2 does at the edges: spaces before a tag after an expression on its line stay;
+    # CRLF reads as LF and one trailing newline goes; what a loop body sets is gone next time round;
+    # floats print as Python's repr; nothing is in an undefined value; map() of a missing key is "".
+    "edges": ("{{ messages | length }}  {% if true %}x{% endif %}\r\n"
+              "{%- for m in messages %}{% if loop.first %}{% set seen = 'first' %}{% endif %}"
+              "[{{ seen | default('unset') }}]{% endfor %}\r\n"
+              "{{ 100000.0 }} {{ 0.0001 }} {{ 0.00001 }} {{ 1e16 }} {{ 2.5e-7 }} {{ 1.0 / 3 }} {{ -0.5 }} {{ 1e300 * 10 }}\n"
+              "{{ 'x' in nothing }} {{ messages | map(attribute='nope') | join('|') }} {{ 7 // -2 }} {{ -7 % 3 }}"
+              " {{ 2 ** 62 }} {{ messages | map(attribute='role') | list | tojson }}\n"),
 }
 
 CONVERSATIONS = {
@@ -220,7 +229,7 @@ def hf_render(template, messages, add_generation_prompt):
 def cases():
     for name, template in TEMPLATES.items():
         for conv, messages in CONVERSATIONS.items():
-            if name != "content-parts" and conv == "parts":
+            if name not in ("content-parts", "edges") and conv == "parts":
                 continue
             for gen in (True, False):
                 yield name, conv, gen, template, messages
@@ -259,6 +268,11 @@ def test_the_corpus_renders_as_transformers_renders_it(tmp_path):
     ("{{ 'a' + 1 }}", "chat template line 1: '+' between a string and a number is not defined"),
     ("{% for i in range(100000000) %}{% endfor %}", "steps"),
     ("{{ 'x' * 100000000 }}{{ 'y' }}", "bytes"),
+    ("{{ 9223372036854775807 + 1 }}", "integer overflow in 9223372036854775807 + 1"),
+    ("{{ (-9223372036854775807 - 1) // -1 }}", "integer overflow"),
+    ("{% if true false %}x{% endif %}", "chat template line 1: unexpected 'false' in {% if %}"),
+    ("{% break %}", "chat template line 1: {% break %} outside a loop"),
+    ("{{ " + " ~ ".join(["'a'"] * 2000) + " }}", "an expression of more than 1000 parts"),
     ("{{ (((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1" + ")" * 70 + " }}",
      "nest too deeply"),
 ])

@@ -73,8 +73,10 @@ def test_the_default_end_of_text_is_gpt2s_where_the_server_and_transformers_read
 
     # A vocabulary without that id: the default is refused by name; None writes no end-of-text.
     save_authors_ckpt(tmp_path / "small.pt", CFG, ref.random_weights(CFG, seed=24))
-    with pytest.raises(conv.ConversionError, match=r"--eos-token-id 50256 is outside the vocabulary \[0, 120\)"):
+    with pytest.raises(conv.ConversionError, match=r"vocab_size 120 is not GPT-2's .* pass --eos-token-id ID"):
         conv.convert(str(tmp_path / "small.pt"), str(tmp_path / "n"), "f32")
+    with pytest.raises(conv.ConversionError, match=r"--eos-token-id 120 is outside the vocabulary \[0, 120\)"):
+        conv.convert(str(tmp_path / "small.pt"), str(tmp_path / "n"), "f32", 120)
     conv.convert(str(tmp_path / "small.pt"), str(tmp_path / "none"), "f32", None)
     assert "eos_token_id" not in json.load(open(tmp_path / "none" / "config.json"))
     assert not (tmp_path / "none" / "generation_config.json").exists()

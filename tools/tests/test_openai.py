@@ -178,17 +178,21 @@ def test_a_burst_of_600_requests_queues_at_the_default_capacity(server):
     assert all(r.usage.completion_tokens == 2 for r in results)
 
 
-def test_a_prompt_array_past_the_waiting_queue_is_refused_by_name(server):
+def test_a_prompt_array_past_its_limits_is_refused_by_name(server):
     limit = server.stub.GetModelInfo(pb.GetModelInfoRequest()).max_waiting_requests
     assert 1024 <= limit <= 16384, "--max-waiting 0: from the host's memory, within its bounds"
-    prompts = limit // 16 + 1
-    status, _, raw = http(server, "POST", "/v1/completions", {"prompt": ["a"] * prompts, "n": 16, "max_tokens": 1})
+    status, _, raw = http(server, "POST", "/v1/completions", {"prompt": ["a"] * 1025, "max_tokens": 1})
     assert status == 400
     err = json.loads(raw)["error"]
-    assert err["message"] == (f"field 'prompt' holds {prompts} prompts of n = 16 samples each, {prompts * 16} "
-                              f"samples in all; the limit per request is {limit} (the waiting queue's capacity, "
-                              "--max-waiting)")
-    assert err["param"] == "prompt"
+    assert err["message"] == "field 'prompt' holds 1025 prompts; at most 1024 per request" and err["param"] == "prompt"
+    # Past the waiting queue's capacity (prompts x n), before any prompt is tokenized.
+    prompts = limit // 16 + 1
+    if prompts <= 1024:
+        status, _, raw = http(server, "POST", "/v1/completions", {"prompt": ["a"] * prompts, "n": 16, "max_tokens": 1})
+        assert status == 400
+        assert json.loads(raw)["error"]["message"] == (
+            f"field 'prompt' holds {prompts} prompts of n = 16 samples each, {prompts * 16} samples in all; the limit "
+            f"per request is {limit} (the waiting queue's capacity, --max-waiting)")
 
 
 def test_logit_bias_forces_and_bans_tokens_as_kraken_v1_does(server):

@@ -213,6 +213,17 @@ def test_logit_bias_forces_and_bans_tokens_as_kraken_v1_does(server):
     assert first[0] not in g.token_ids and banned.choices[0].text == g.text != greedy.choices[0].text
 
 
+def test_a_batch_full_of_logit_biases_fits_the_step_plan(server):
+    # 48 prompts of 300 biases each in one request: 28,800 bias slots in a step, more than the
+    # contexts alone reserve (64 x 256); every prompt is answered and nobody's step fails.
+    bias = {str(i): -1.0 for i in range(1, 301)}
+    r = server.openai().completions.create(model=MODEL, prompt=["And God said,"] * 48, max_tokens=2, temperature=0,
+                                           logit_bias=bias, extra_body={"ignore_eos": True})
+    assert len(r.choices) == 48 and all(c.finish_reason == "length" for c in r.choices)
+    assert len({c.text for c in r.choices}) == 1
+    assert r.usage.completion_tokens == 96
+
+
 def test_stop_string_and_echo(server):
     client = server.openai()
     free = client.completions.create(model=MODEL, prompt="And God said,", max_tokens=20, temperature=0)

@@ -92,9 +92,8 @@ StatusOr<Handles> Admission::AcceptBatch(const Call& call, const ParseBatchFn& p
                                          " prompts of n = ", requests->front().n.value_or(1), " samples each, ", asked,
                                          " samples in all; the limit per request is ", options_.limits.max_samples,
                                          " (the waiting queue's capacity, --max-waiting)"));
-  // Every prompt is checked before any runs.
+  // Every prompt is checked before any runs (n was counted above; validation keeps it).
   std::vector<RequestParams> all;
-  int64_t samples = 0;
   for (size_t i = 0; i < requests->size(); ++i) {
     GenerationRequest& request = (*requests)[i];
     request.request_id = request_id;
@@ -105,14 +104,8 @@ StatusOr<Handles> Admission::AcceptBatch(const Call& call, const ParseBatchFn& p
     }
     StatusOr<RequestParams> params = ValidateGeneration(request, options_.limits, tok_, indexed);
     if (!params.ok()) return Refuse(request_id, params.status());
-    samples += params->n;
     all.push_back(std::move(*params));
   }
-  if (samples > options_.limits.max_samples)
-    return Refuse(request_id,
-                  FieldError(names.text, "holds ", all.size(), " prompts of n = ", all[0].n, " samples each, ", samples,
-                             " samples in all; the limit per request is ", options_.limits.max_samples,
-                             " (the waiting queue's capacity, --max-waiting)"));
   Handles handles;
   for (RequestParams& params : all) {
     StatusOr<Handles> more = submit_(std::move(params), arrival, deadline);

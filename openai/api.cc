@@ -362,6 +362,24 @@ core::Call CallOf(const http::Request& req) {
                     .spelling = {.name = "Authorization", .carrier = "header"}};
 }
 
+// What every chunk or body of the answer to `call` repeats: its ids ("cmpl-" or "chatcmpl-" and the
+// request id, given or drawn), the model, the time, and how it streams.
+CompletionContext Context(const core::Call& call, const CompletionRequest& r, bool chat, const std::string& model,
+                          const tokenizer::Tokenizer* tok) {
+  const std::string request_id = call.request_id.empty() ? RandomHex() : call.request_id;
+  return CompletionContext{
+      .id = (chat ? "chatcmpl-" : "cmpl-") + request_id,
+      .request_id = request_id,
+      .chat = chat,
+      .model = model,
+      .created =
+          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
+      .stream = r.stream,
+      .include_usage = r.include_usage,
+      .continuous_usage = r.continuous_usage,
+      .tok = tok};
+}
+
 }  // namespace
 
 http::Response ErrorResponse(const Status& s) {
@@ -407,18 +425,8 @@ http::Reply Api::Completions(const http::Request& req) {
       },
       kCompletionFields);
   if (!handles.ok()) return ErrorResponse(handles.status());
-  const std::string request_id = call.request_id.empty() ? RandomHex() : call.request_id;
-  CompletionContext c{
-      .id = "cmpl-" + request_id,
-      .request_id = request_id,
-      .model = options_.served_model_name,
-      .created =
-          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
-      .stream = parsed->stream,
-      .include_usage = parsed->include_usage,
-      .continuous_usage = parsed->continuous_usage,
-      .tok = &tok_};
-  return std::make_unique<CompletionStream>(std::move(*handles), std::move(c));
+  return std::make_unique<CompletionStream>(std::move(*handles),
+                                            Context(call, *parsed, /*chat=*/false, options_.served_model_name, &tok_));
 }
 
 Status Api::CheckModel(const std::optional<std::string>& model) const {
@@ -458,19 +466,8 @@ http::Reply Api::Chat(const http::Request& req) {
       },
       kChatFieldNames);
   if (!handles.ok()) return ErrorResponse(handles.status());
-  const std::string request_id = call.request_id.empty() ? RandomHex() : call.request_id;
-  CompletionContext c{
-      .id = "chatcmpl-" + request_id,
-      .request_id = request_id,
-      .chat = true,
-      .model = options_.served_model_name,
-      .created =
-          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count(),
-      .stream = parsed->completion.stream,
-      .include_usage = parsed->completion.include_usage,
-      .continuous_usage = parsed->completion.continuous_usage,
-      .tok = &tok_};
-  return std::make_unique<CompletionStream>(std::move(*handles), std::move(c));
+  return std::make_unique<CompletionStream>(
+      std::move(*handles), Context(call, parsed->completion, /*chat=*/true, options_.served_model_name, &tok_));
 }
 
 http::Reply Api::Tokenize(const http::Request& req) const {

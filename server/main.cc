@@ -107,9 +107,6 @@ StatusOr<runtime::WorkerGroupOptions> WorkerOptions(const Flags& f, const engine
   KRAKEN_ASSIGN_OR_RETURN(wo.kv_sizing.kv_dtype, engine::KvCacheDType(f.kv_cache_dtype, f.model));
   wo.kv_sizing.memory_utilization =
       f.memory_utilization > 0 ? f.memory_utilization : wo.devices.front().traits().default_memory_utilization;
-  // Per sequence: its prompt and output (penalties), the ids banned while min_tokens is not reached
-  // (stop ids and EOS), its logit biases (two slots each).
-  wo.max_history = f.max_batch_seqs * (config.n_positions + limits.max_stop_token_ids + 1 + 2 * engine::kMaxLogitBias);
   wo.max_restarts = f.max_restarts;
   auto ms = [](double seconds) { return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000 + 0.5)); };
   wo.restart_window = ms(f.restart_window_s);

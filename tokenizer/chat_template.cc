@@ -580,7 +580,6 @@ class StatementParser {
       if (std::find(ends.begin(), ends.end(), keyword) != ends.end()) {
         *end = keyword;
         current_ = std::make_unique<ExprParser>(std::move(ep));
-        current_piece_ = &piece;
         return seq;
       }
       KRAKEN_ASSIGN_OR_RETURN(NodePtr n, Statement(keyword, ep, piece, depth));
@@ -622,7 +621,7 @@ class StatementParser {
     } else {
       return ErrorAt(piece.line, StrCat("{% ", keyword, " %} is not supported in chat templates here"));
     }
-    if (!ep.AtEnd()) return ErrorAt(piece.line, StrCat("unexpected '", ep.Peek().text, "' in {% ", keyword, " %}"));
+    KRAKEN_RETURN_IF_ERROR(Ended(ep, keyword));
     return n;
   }
 
@@ -635,7 +634,10 @@ class StatementParser {
       std::string end;
       KRAKEN_ASSIGN_OR_RETURN(NodePtr body, Block({"elif", "else", "endif"}, &end, depth + 1));
       n->branches.emplace_back(cond, body);
-      if (end == "endif") return Ended(*current_, end).ok() ? StatusOr<NodePtr>(n) : Ended(*current_, end);
+      if (end == "endif") {
+        KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
+        return n;
+      }
       if (end == "else") {
         KRAKEN_RETURN_IF_ERROR(Ended(*current_, end));
         std::string last;
@@ -673,7 +675,7 @@ class StatementParser {
       n->expr = n->expr->args[1];
     }
     if (ep.IsName("recursive")) return ErrorAt(piece.line, "recursive loops are not supported");
-    if (!ep.AtEnd()) return ErrorAt(piece.line, StrCat("unexpected '", ep.Peek().text, "' in {% for %}"));
+    KRAKEN_RETURN_IF_ERROR(Ended(ep, "for"));
     std::string end;
     ++loops_;
     StatusOr<NodePtr> body = Block({"else", "endfor"}, &end, depth + 1);
@@ -693,7 +695,6 @@ class StatementParser {
   size_t i_ = 0;
   std::unique_ptr<ExprParser> current_;  // the parser of the statement that ended the last block
   int loops_ = 0;                        // for-loops around the statement being read
-  const Piece* current_piece_ = nullptr;
 };
 
 }  // namespace

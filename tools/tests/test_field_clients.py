@@ -3,12 +3,16 @@
 backend's tensor names) complete without errors with the request count they were given, and the
 TTFT and ITL they measure agree with the server's own histograms (/metrics) over the same run.
 genai-perf (--endpoint-type kserve) runs too, or fails in the one known way (see its test).
+guidellm's default sweep completes without an error on the server's defaults.
 
-The clients live in .venv-clients (their pins clash with ours; scripts/setup.sh makes it) and run
-through bench/field_clients_bench.py's helpers, by subprocess. Figures: docs/benchmarks.md, "The
+aiperf, perf_analyzer and genai-perf live in .venv-clients (their pins clash with ours; scripts/setup.sh
+makes it), guidellm in .venv; all run by subprocess, the first three through
+bench/field_clients_bench.py's helpers. Figures: docs/benchmarks.md, "The
 field's clients"."""
+import json
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -90,3 +94,43 @@ def test_genai_perf_kserve(server, tmp_path, backend):
     assert row["errors"] == 0, row
     assert row["requests"] == REQUESTS
     check_agreement(row)
+
+
+GUIDELLM = os.path.join(os.path.dirname(sys.executable), "guidellm")
+GUIDELLM_PHASE_S = 4  # each phase of the sweep runs this long
+
+
+def test_guidellm_default_sweep_completes_on_the_default_queue_bound(tmp_path):
+    """guidellm's sweep as its users run it: its default profile (a synchronous phase, then a
+    throughput phase that opens 512 concurrent streams, then constant rates between the two) against
+    a server on its own defaults, over guidellm's default route (/v1/chat/completions, streamed, with
+    ignore_eos and content parts). Only the sweep's length is shortened (3 phases of a few seconds).
+    No request may fail: a queue bound below the throughput phase's concurrency answers 429s there."""
+    if not os.path.exists(GUIDELLM):
+        pytest.fail(f"{GUIDELLM} is missing: run scripts/setup.sh (requirements.txt pins guidellm)")
+    server = Server()
+    try:
+        out = tmp_path / "sweep.json"
+        model = os.path.join(ROOT, "models", "kraken-kjv-4way")
+        cmd = [GUIDELLM, "run",
+               "--backend", f"kind=openai_http,target={server.http_url},model=kraken-kjv-4way",
+               "--profile", "kind=sweep,sweep_size=3",
+               "--constraint", f"kind=max_duration,seconds={GUIDELLM_PHASE_S}",
+               "--data", f"kind=synthetic_text,prompt_tokens=32,output_tokens={OSL // 2}",
+               "--tokenizer", f"kind=hf_auto,model={model}",
+               "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        with open(out) as f:
+            phases = json.load(f)["benchmarks"]
+        kinds = [p["config"]["strategy"]["type_"] for p in phases]
+        for kind, phase in zip(kinds, phases):
+            totals = phase["metrics"]["request_totals"]
+            assert totals["errored"] == 0 and totals["successful"] > 0, (kind, totals, server.read_log()[-2000:])
+            tokens = phase["metrics"]["output_token_count"]["successful"]
+            assert tokens["min"] == tokens["max"] == OSL // 2, (kind, tokens)
+        assert kinds == ["synchronous", "throughput", "constant"], kinds
+        assert phases[1]["config"]["strategy"]["max_concurrency"] == 512  # guidellm's default, not lowered
+    finally:
+        server.close()

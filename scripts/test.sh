@@ -2,7 +2,7 @@
 # Builds and runs every test that runs without a GPU:
 #   0. clang-format and the module layering (scripts/check_layers.sh)
 #   1. Release build, warnings as errors; ctest (all labels but gpu), then the engine's tests again
-#      on the AVX2 kernel level (KRAKEN_CPU_ISA=avx2)
+#      on the AVX2 kernel level (KRAKEN_CPU_ISA=avx2) and the opt-in AMX level (KRAKEN_CPU_ISA=amx)
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
 #   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
@@ -39,6 +39,13 @@ step "engine tests on the lower kernel level (KRAKEN_CPU_ISA=avx2)"
 # CPU with both tests both. On an AVX2-only CPU it repeats the same level.
 for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
   KRAKEN_SOURCE_DIR="$root" KRAKEN_CPU_ISA=avx2 "$root/build/tests/engine/$t" --gtest_brief=1 | tail -n 2
+done
+
+step "engine tests on the opt-in AMX level (KRAKEN_CPU_ISA=amx)"
+# BF16-weight GEMMs on AMX-BF16 tiles with BF16 activations: the invariances hold bit for bit, the
+# reference within its own tolerance. A CPU (or OS) without AMX falls back to the best level below.
+for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
+  KRAKEN_SOURCE_DIR="$root" KRAKEN_CPU_ISA=amx "$root/build/tests/engine/$t" --gtest_brief=1 | tail -n 2
 done
 
 step "Python tests"

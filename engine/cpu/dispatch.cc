@@ -1,6 +1,8 @@
 // Chooses the CPU kernels' instruction-set level once (kernels.h) and forwards the kernel calls.
 #if defined(__x86_64__)
 #include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include <cstdio>
@@ -13,6 +15,9 @@
 namespace kraken::engine::cpu {
 
 #if KRAKEN_CPU_HAS_X86_ISAS
+namespace amx {
+extern const KernelTable kKernels;
+}
 namespace avx512 {
 extern const KernelTable kKernels;
 }
@@ -29,7 +34,10 @@ namespace {
 
 struct Level {
   const KernelTable* table;
-  const char* const* features;  // __builtin_cpu_supports names, NULL-terminated
+  const char* const* features;  // CpuHasFeature names, NULL-terminated
+  // Chosen only when KRAKEN_CPU_ISA names it: its results differ from the levels below (amx
+  // rounds the activations of BF16-weight GEMMs to BF16).
+  bool opt_in = false;
 };
 
 #if KRAKEN_CPU_HAS_X86_ISAS
@@ -38,7 +46,31 @@ struct Level {
 const char* const kAvx512Features[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd",
                                        "avx2",    "fma",      "f16c",     "bmi2",     nullptr};
 const char* const kAvx2Features[] = {"avx2", "fma", "f16c", "bmi2", nullptr};
-const Level kLevels[] = {{&avx512::kKernels, kAvx512Features}, {&avx2::kKernels, kAvx2Features}};
+const char* const kAmxFeatures[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2",
+                                    "fma",     "f16c",     "bmi2",     "amx",      nullptr};
+const Level kLevels[] = {{&amx::kKernels, kAmxFeatures, /*opt_in=*/true},
+                         {&avx512::kKernels, kAvx512Features},
+                         {&avx2::kKernels, kAvx2Features}};
+
+// AMX-BF16 tiles and AVX512-BF16, with the tile state enabled by the OS (XCR0 bits 17-18) and
+// granted to this process (Linux arch_prctl ARCH_REQ_XCOMP_PERM, kernel 5.16+; the grant covers
+// every thread). Asked once.
+bool AmxUsable() {
+  static const bool usable = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    const bool tile = (d >> 24) & 1u, amx_bf16 = (d >> 22) & 1u;
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0) return false;
+    const bool avx512_bf16 = (a >> 5) & 1u;
+    if (!tile || !amx_bf16 || !avx512_bf16) return false;
+    unsigned xcr0 = 0, xcr0_hi = 0;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));  // OSXSAVE: the AVX2 levels need it too
+    if ((xcr0 & (3u << 17)) != (3u << 17)) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return usable;
+}
 #else
 const char* const kNoFeatures[] = {nullptr};
 const Level kLevels[] = {{&generic::kKernels, kNoFeatures}};
@@ -62,6 +94,7 @@ bool CpuHasFeature(const char* f) {
     return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
   }
   if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
+  if (std::strcmp(f, "amx") == 0) return AmxUsable();
   return false;
 #else
   return true;
@@ -76,6 +109,8 @@ std::vector<std::string> BuiltCpuIsas() {
 
 StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(const char* feature)) {
   size_t first = 0;
+  while (first + 1 < std::size(kLevels) && kLevels[first].opt_in) ++first;
+  const size_t best_default = first;
   if (cap != nullptr && cap[0] != '\0') {
     first = std::size(kLevels);
     for (size_t i = 0; i < std::size(kLevels); ++i) {
@@ -92,7 +127,7 @@ StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(
     if (ok) return kLevels[i].table;
   }
   return InvalidArgument("this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='",
-                         cap != nullptr && cap[0] != '\0' ? cap : kLevels[0].table->isa,
+                         cap != nullptr && cap[0] != '\0' ? cap : kLevels[best_default].table->isa,
                          "' (built: ", absl::StrJoin(BuiltCpuIsas(), ", "), ")");
 }
 

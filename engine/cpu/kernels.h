@@ -60,7 +60,7 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
 /// One instruction-set level's kernels (isa_kernels.h); the free functions above call the
 /// active level's.
 struct KernelTable {
-  const char* isa;  // "avx2", "avx512" or "generic"
+  const char* isa;  // "amx", "avx512", "avx2" or "generic"
   size_t (*gemm_scratch_floats)(int m, int k);
   void (*gemm)(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
                bool accumulate, float* packed_a);
@@ -75,16 +75,19 @@ struct KernelTable {
                     AttentionScratch* scratch);
 };
 
-/// The levels this binary holds kernels for, best first ({"avx512", "avx2"} on x86-64,
+/// The levels this binary holds kernels for, best first ({"amx", "avx512", "avx2"} on x86-64,
 /// {"generic"} elsewhere).
 std::vector<std::string> BuiltCpuIsas();
 
 /// Whether this CPU has `feature` (a __builtin_cpu_supports name among those the levels need:
-/// avx512f, avx512bw, avx512dq, avx512vl, avx512cd, avx2, fma, f16c, bmi2); true off x86.
+/// avx512f, avx512bw, avx512dq, avx512vl, avx512cd, avx2, fma, f16c, bmi2; or "amx": AMX-BF16
+/// tiles and AVX512-BF16, which the OS enables and grants this process); true off x86.
 bool CpuHasFeature(const char* feature);
 
-/// The best built level that `has_feature` (a __builtin_cpu_supports name -> bool) allows, no
-/// higher than `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()).
+/// The best built level that `has_feature` (a CpuHasFeature name -> bool) allows, no higher than
+/// `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()). Without a cap the amx level
+/// is passed over: it rounds the activations of BF16-weight GEMMs to BF16, a different product
+/// from the other levels', so only KRAKEN_CPU_ISA=amx chooses it.
 /// INVALID_ARGUMENT naming KRAKEN_CPU_ISA when `cap` is not a built level, or when the CPU lacks
 /// every level up to the cap (the start-up CPU check normally refuses such a CPU first).
 StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(const char* feature));

@@ -3,12 +3,14 @@
 #include <gtest/gtest.h>
 #include <omp.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <random>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "engine/cpu/kernels.h"
 #include "tests/engine/test_util.h"
@@ -23,12 +25,12 @@ bool FakeCpu(const char* f) {
 }
 
 const std::set<std::string> kZen3 = {"avx2", "fma", "f16c", "bmi2"};
-const std::set<std::string> kSapphireRapids = {"avx2",     "fma",      "f16c",     "bmi2",    "avx512f",
-                                               "avx512bw", "avx512dq", "avx512vl", "avx512cd"};
+const std::set<std::string> kSapphireRapids = {"avx2",     "fma",      "f16c",     "bmi2",     "avx512f",
+                                               "avx512bw", "avx512dq", "avx512vl", "avx512cd", "amx"};
 
 #if defined(__x86_64__)
-TEST(CpuDispatch, BuildsAvx2AndAvx512Levels) {
-  EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"avx512", "avx2"}));
+TEST(CpuDispatch, BuildsAmxAvx512AndAvx2Levels) {
+  EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"amx", "avx512", "avx2"}));
 }
 
 TEST(CpuDispatch, ReadsThisCpusFeatures) {
@@ -41,6 +43,7 @@ TEST(CpuDispatch, ReadsThisCpusFeatures) {
 
 TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
   g_features = kSapphireRapids;
+  // amx changes BF16 results (BF16 activations): never chosen unasked.
   EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx512");
   EXPECT_STREQ((*SelectKernels("", &FakeCpu))->isa, "avx512");
   g_features = kZen3;
@@ -53,10 +56,14 @@ TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
 
 TEST(CpuDispatch, TheCapLowersTheLevelButNeverRaisesIt) {
   g_features = kSapphireRapids;
+  EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "amx");
   EXPECT_STREQ((*SelectKernels("avx2", &FakeCpu))->isa, "avx2");
   EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx512");
+  g_features.erase("amx");  // an AVX-512 CPU without AMX, or an OS that does not grant the tiles
+  EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "avx512");
   g_features = kZen3;
   EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx2");
+  EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "avx2");
 }
 
 TEST(CpuDispatch, AnUnknownCapOrAnUnfitCpuIsRefusedByName) {
@@ -64,12 +71,12 @@ TEST(CpuDispatch, AnUnknownCapOrAnUnfitCpuIsRefusedByName) {
   StatusOr<const KernelTable*> t = SelectKernels("avx512bf16", &FakeCpu);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().message(),
-            "KRAKEN_CPU_ISA must be one of the levels this binary holds (avx512, avx2), got 'avx512bf16'");
+            "KRAKEN_CPU_ISA must be one of the levels this binary holds (amx, avx512, avx2), got 'avx512bf16'");
   g_features = {"avx2", "f16c", "bmi2"};  // no FMA
   t = SelectKernels(nullptr, &FakeCpu);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().message(),
-            "this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='avx512' (built: avx512, avx2)");
+            "this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='avx512' (built: amx, avx512, avx2)");
 }
 #endif
 
@@ -152,12 +159,20 @@ std::vector<float> RunAll(const KernelTable& kt) {
   return out;
 }
 
-TEST(CpuDispatch, EveryLevelThisCpuRunsGivesTheSameBits) {
+// The built levels this CPU runs, best first.
+std::vector<const KernelTable*> RunnableLevels() {
   std::vector<const KernelTable*> runnable;
   for (const std::string& isa : BuiltCpuIsas()) {
     StatusOr<const KernelTable*> t = SelectKernels(isa.c_str(), &CpuHasFeature);
     if (t.ok() && isa == (*t)->isa) runnable.push_back(*t);
   }
+  return runnable;
+}
+
+// The amx level (BF16 activations in BF16-weight GEMMs) is compared by its own tests below.
+TEST(CpuDispatch, EveryLevelThisCpuRunsGivesTheSameBits) {
+  std::vector<const KernelTable*> runnable = RunnableLevels();
+  std::erase_if(runnable, [](const KernelTable* t) { return std::strcmp(t->isa, "amx") == 0; });
   ASSERT_FALSE(runnable.empty());
   const std::vector<float> first = RunAll(*runnable[0]);
   for (float v : first) ASSERT_TRUE(std::isfinite(v));
@@ -171,6 +186,130 @@ TEST(CpuDispatch, EveryLevelThisCpuRunsGivesTheSameBits) {
     }
   }
   if (runnable.size() < 2) GTEST_SKIP() << "only the " << runnable[0]->isa << " level runs on this CPU";
+}
+
+const KernelTable* Level(const char* isa) {
+  for (const KernelTable* t : RunnableLevels()) {
+    if (std::strcmp(t->isa, isa) == 0) return t;
+  }
+  return nullptr;
+}
+
+// A BF16 weight W [n, k] (row-major bits) packed as a PyTorch Linear weight.
+PackedMatrix PackBf16(const std::vector<uint16_t>& w, int n, int k) {
+  MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()),
+                   .dtype = DType::kBF16,
+                   .out_stride = k,
+                   .in_stride = 1,
+                   .in = k};
+  src.rows.resize(n);
+  std::iota(src.rows.begin(), src.rows.end(), 0);
+  return std::move(PackedMatrix::Pack(src)).value();
+}
+
+// Y = X · W^T (+ bias, + 0.25 in Y when accumulating) on one level's table.
+std::vector<float> Bf16Gemm(const KernelTable& kt, const std::vector<float>& x, int m, const PackedMatrix& w,
+                            const float* bias, bool accumulate) {
+  std::vector<float> y(static_cast<size_t>(m) * w.out(), 0.25f), packed_a(kt.gemm_scratch_floats(m, w.in()));
+  kt.gemm(x.data(), m, w.in(), w, bias, y.data(), w.out(), accumulate, packed_a.data());
+  return y;
+}
+
+// Every output is Σ_k bf16(x_k) w_k (+ bias, + Y): activations rounded to nearest even, every k
+// counted once, F32 accumulation (TDPBF16PS) — within 2^-20 of the terms' magnitudes of that sum
+// in double, where taking x unrounded (the F32 levels' product) is off by up to 2^-9 per term.
+// Shapes cover partial tiles: rows 1-16 and 17-32 (one fused pass), past 32 (whole panels), k
+// not a multiple of 32, n not a multiple of 16.
+TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
+  const KernelTable* amx = Level("amx");
+  if (amx == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
+  omp_set_num_threads(2);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  for (int k : {1, 31, 32, 33, 131, 200}) {
+    for (int n : {1, 31, 77}) {
+      std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
+      for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
+      const PackedMatrix w = PackBf16(wb, n, k);
+      std::vector<float> bias(n);
+      for (float& v : bias) v = nd(rng);
+      for (int m : {1, 5, 16, 17, 32, 33, 50}) {
+        std::vector<float> x(static_cast<size_t>(m) * k);
+        for (float& v : x) v = nd(rng);
+        for (bool accumulate : {false, true}) {
+          const std::vector<float> y = Bf16Gemm(*amx, x, m, w, bias.data(), accumulate);
+          int rounding_seen = 0;
+          for (int r = 0; r < m; ++r) {
+            for (int c = 0; c < n; ++c) {
+              double rounded = 0, exact = 0, size = 0;
+              for (int i = 0; i < k; ++i) {
+                const double wv = Bf16ToF32(wb[static_cast<size_t>(c) * k + i]), xv = x[r * k + i];
+                rounded += Bf16ToF32(F32ToBf16(x[r * k + i])) * wv;
+                exact += xv * wv;
+                size += std::fabs(xv * wv);
+              }
+              const double want = rounded + bias[c] + (accumulate ? 0.25 : 0.0);
+              const double got = y[static_cast<size_t>(r) * n + c];
+              ASSERT_NEAR(got, want, 0x1p-20 * (size + std::fabs(bias[c]) + 1))
+                  << "m=" << m << " n=" << n << " k=" << k << " at (" << r << ", " << c << ")";
+              rounding_seen += std::fabs(exact - rounded) > 0x1p-18 * (size + 1);
+            }
+          }
+          if (k >= 31 && m * n >= 31) {
+            EXPECT_GT(rounding_seen, 0) << "the activations were not rounded to BF16";
+          }
+        }
+      }
+    }
+  }
+}
+
+// The batch-invariance contract on the amx level: a row gives the same bits alone (one fused pass
+// over 16 rows) as in a batch of 50 (whole panels, two tile rows at a time), wherever it sits.
+TEST(CpuDispatch, TheAmxLevelIsBatchInvariant) {
+  const KernelTable* amx = Level("amx");
+  if (amx == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
+  omp_set_num_threads(2);
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd;
+  const int m = 50, n = 100, k = 200;
+  std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
+  for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
+  const PackedMatrix w = PackBf16(wb, n, k);
+  std::vector<float> x(static_cast<size_t>(m) * k), bias(n);
+  for (float& v : x) v = nd(rng);
+  for (float& v : bias) v = nd(rng);
+  const std::vector<float> batch = Bf16Gemm(*amx, x, m, w, bias.data(), true);
+  for (int r : {0, 15, 16, 31, 32, 49}) {
+    const std::vector<float> row(x.begin() + r * k, x.begin() + (r + 1) * k);
+    const std::vector<float> alone = Bf16Gemm(*amx, row, 1, w, bias.data(), true);
+    ASSERT_EQ(std::memcmp(alone.data(), batch.data() + static_cast<size_t>(r) * n, n * sizeof(float)), 0)
+        << "row " << r;
+  }
+  omp_set_num_threads(1);
+  EXPECT_EQ(Bf16Gemm(*amx, x, m, w, bias.data(), true), batch) << "one thread and two differ";
+}
+
+// Only BF16-weight GEMMs change on the amx level: everything else RunAll computes is the avx512
+// level's bits.
+TEST(CpuDispatch, TheAmxLevelChangesOnlyBf16Gemms) {
+  const KernelTable* amx = Level("amx");
+  const KernelTable* avx512 = Level("avx512");
+  if (amx == nullptr || avx512 == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
+  const std::vector<float> a = RunAll(*amx), b = RunAll(*avx512);
+  ASSERT_EQ(a.size(), b.size());
+  // RunAll's layout: per dtype (F32, BF16, F16) the GEMM [23 x 77] then the embedding [4 x 131].
+  const size_t gemm = 23 * 77, per_dtype = gemm + 4 * 131, bf16_begin = per_dtype, bf16_end = per_dtype + gemm;
+  size_t differ = 0;
+  for (size_t j = 0; j < a.size(); ++j) {
+    if (j >= bf16_begin && j < bf16_end) {
+      differ += std::memcmp(&a[j], &b[j], 4) != 0;
+      ASSERT_NEAR(a[j], b[j], 0.05f * (1 + std::fabs(b[j]))) << j;
+    } else {
+      ASSERT_EQ(std::memcmp(&a[j], &b[j], 4), 0) << "output " << j << ": " << a[j] << " vs " << b[j];
+    }
+  }
+  EXPECT_GT(differ, gemm / 2) << "the BF16 GEMM did not run the AMX product";
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <numeric>
@@ -13,6 +14,7 @@
 #include <thread>
 #include <tuple>
 
+#include "engine/cpu/kernels.h"
 #include "engine/model.h"
 #include "tests/engine/in_process_group.h"
 #include "tests/engine/test_util.h"
@@ -27,6 +29,16 @@ using testing::Golden;
 // BF16/F16 models store rounded weights but compute in F32 exactly like the reference (which
 // widens the same stored values), so the same tolerance applies to them.
 constexpr double kRelTol = 1e-4;
+// On the amx kernel level (KRAKEN_CPU_ISA=amx) a BF16 model's GEMMs round their activations to
+// BF16 (engine/cpu/gemm_kernels.cc), a different product from the reference's: measured up to
+// 4.6e-3 of the largest logit (kraken-n4-bf16) and 2.5e-3 in the intermediates.
+constexpr double kRelTolBf16Activations = 1e-2;
+
+// The reference tolerance for `model` on the active kernel level.
+double RelTol(const std::string& model) {
+  const bool bf16_products = std::strcmp(cpu::Kernels().isa, "amx") == 0 && model.ends_with("-bf16");
+  return bf16_products ? kRelTolBf16Activations : kRelTol;
+}
 
 struct Fixture {
   std::unique_ptr<Backend> backend;
@@ -107,7 +119,7 @@ TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
   const std::vector<float> want = g.Floats("logits", &shape);
   ASSERT_EQ(logits.size(), want.size());
   const auto d = Compare(logits.data(), want.data(), want.size());
-  EXPECT_LE(d.max_abs, kRelTol * d.max_ref)
+  EXPECT_LE(d.max_abs, RelTol(name) * d.max_ref)
       << name << ": logits differ by " << d.max_abs << " (max |logit| " << d.max_ref << ")";
   std::printf("[ %s ] logits: max |diff| %.3g, max |logit| %.3g\n", name.c_str(), d.max_abs, d.max_ref);
 
@@ -121,7 +133,7 @@ TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
     const std::vector<float> ref = g.Floats(tname);
     ASSERT_EQ(it->second.size(), ref.size());
     const auto td = Compare(it->second.data(), ref.data(), ref.size());
-    EXPECT_LE(td.max_abs, kRelTol * std::max(1.0, td.max_ref)) << "max |diff| " << td.max_abs;
+    EXPECT_LE(td.max_abs, RelTol(name) * std::max(1.0, td.max_ref)) << "max |diff| " << td.max_abs;
     ++compared;
   }
   EXPECT_GE(compared, 8);
@@ -129,7 +141,7 @@ TEST_P(GoldenModel, LogitsAndIntermediatesMatchTheReference) {
   if (g.Has("hf_logits")) {  // GPT-2: also Hugging Face transformers' own forward
     const std::vector<float> hf = g.Floats("hf_logits");
     const auto hd = Compare(logits.data(), hf.data(), hf.size());
-    EXPECT_LE(hd.max_abs, kRelTol * hd.max_ref) << "vs GPT2LMHeadModel: " << hd.max_abs;
+    EXPECT_LE(hd.max_abs, RelTol(name) * hd.max_ref) << "vs GPT2LMHeadModel: " << hd.max_abs;
     std::printf("[ %s ] vs transformers GPT2LMHeadModel: max |diff| %.3g\n", name.c_str(), hd.max_abs);
   }
 }
@@ -169,7 +181,7 @@ TEST_P(GoldenModelKv, ChunkingDecodingScatteringAndBatchingChangeNoBits) {
   const std::vector<float> small_logits = RunChunked(small, tokens, 11, table);
   const std::vector<float> want = kv_dtype == DType::kF32 ? g.Floats("logits") : full;
   const auto d = Compare(small_logits.data(), want.data(), want.size());
-  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << "block size 3";
+  EXPECT_LE(d.max_abs, RelTol(name) * d.max_ref) << "block size 3";
 
   // Batched with unrelated sequences at different positions (prefill and decode mixed).
   const int V = f.model->config().vocab_size;
@@ -234,6 +246,10 @@ std::vector<double> LogSoftmax(const std::vector<float>& logits, int V) {
 // Bounds on what a 16-bit KV cache changes: the largest logprob difference from an F32 cache over
 // every position and vocabulary entry of the golden prompts (docs/api.md "Memory" gives the figures).
 constexpr double kMaxLogprobDiffBf16 = 0.05, kMaxLogprobDiffF16 = 0.01;
+// On the amx level a BF16 model's activations are rounded to BF16 at every GEMM, so a change in
+// the KV cache's last bits can move an activation by a whole BF16 step: the cache dtypes then
+// differ by what BF16 activations differ by (measured up to 0.11, kraken-n4-bf16).
+constexpr double kMaxLogprobDiffBf16Activations = 0.25;
 
 TEST_P(GoldenModel, SixteenBitKvCacheStaysNearTheF32Cache) {
   const std::string name = GetParam();
@@ -261,7 +277,10 @@ TEST_P(GoldenModel, SixteenBitKvCacheStaysNearTheF32Cache) {
     std::printf("[ %s ] KV %s vs F32: max |logprob diff| %.3g over %d positions x %d tokens; top-1 same at %d/%d\n",
                 name.c_str(), std::string(DTypeName(dtype)).c_str(), max_diff, T, V, top1_same, T);
     EXPECT_GT(max_diff, 0.0) << "a 16-bit cache that changes nothing is not rounding";
-    EXPECT_LE(max_diff, dtype == DType::kBF16 ? kMaxLogprobDiffBf16 : kMaxLogprobDiffF16);
+    const double bound = RelTol(name) == kRelTolBf16Activations ? kMaxLogprobDiffBf16Activations
+                         : dtype == DType::kBF16                ? kMaxLogprobDiffBf16
+                                                                : kMaxLogprobDiffF16;
+    EXPECT_LE(max_diff, bound);
   }
 }
 
@@ -321,7 +340,7 @@ TEST_P(ShardedWorld, ShardsTogetherMatchTheReference) {
   const std::vector<float> want = g.Floats("logits");
   ASSERT_EQ(logits[0].size(), want.size());
   const auto d = Compare(logits[0].data(), want.data(), want.size());
-  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << name << " over " << W << " ranks: max |diff| " << d.max_abs;
+  EXPECT_LE(d.max_abs, RelTol(name) * d.max_ref) << name << " over " << W << " ranks: max |diff| " << d.max_abs;
   std::printf("[ %s, W=%d ] logits: max |diff| %.3g\n", name.c_str(), W, d.max_abs);
 }
 

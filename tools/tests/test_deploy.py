@@ -245,12 +245,16 @@ def test_print_resources_names_the_cpu_kernel_level_and_cpu_isa_caps_it():
     assert json.loads(run().stdout)["cpu_kernels"] == cpu_kernel_level()
     assert json.loads(run("--cpu-isa", "avx512").stdout)["cpu_kernels"] == cpu_kernel_level()  # a cap, never a raise
     assert json.loads(run("--cpu-isa", "avx2").stdout)["cpu_kernels"] == "avx2"
+    # amx only when asked for, and only where the CPU has the tiles (else the best level below).
+    flags = set(open("/proc/cpuinfo").read().split())
+    amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+    assert json.loads(run("--cpu-isa", "amx").stdout)["cpu_kernels"] == ("amx" if amx else cpu_kernel_level())
     assert json.loads(run(env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == "avx2"
     # The command line wins over the environment, also when it says auto.
     assert json.loads(run("--cpu-isa", "auto", env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == cpu_kernel_level()
     bad = run(env={"KRAKEN_CPU_ISA": "avx512bf16"})
     assert bad.returncode == 2
-    assert "--cpu-isa: avx512bf16 not in {auto,avx512,avx2}" in bad.stderr
+    assert "--cpu-isa: avx512bf16 not in {auto,amx,avx512,avx2}" in bad.stderr
     assert "environment variable KRAKEN_CPU_ISA" in bad.stderr
 
 

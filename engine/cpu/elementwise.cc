@@ -41,13 +41,16 @@ void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& 
   const size_t es = DTypeSize(wte.dtype());
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < out.rows; ++t) {
-    // Row n of the packed matrix: element k sits at panel n / 32, offset k * 32 + n % 32.
-    const int n = tokens[t];
-    const uint8_t* e = wte.panel(n / kPanelWidth) + static_cast<size_t>(n % kPanelWidth) * es;
-    const size_t step = static_cast<size_t>(kPanelWidth) * es;
+    // Row n of the packed matrix (gemm.h gives both layouts).
+    const int n = tokens[t], lane = n % kPanelWidth;
+    const uint8_t* panel = wte.panel(n / kPanelWidth);
     const float* p = wpe + static_cast<int64_t>(positions[t]) * d;
     float* o = out.Row(t);
-    for (int i = 0; i < d; ++i, e += step) {
+    for (int i = 0; i < d; ++i) {
+      const uint8_t* e =
+          panel + (wte.pairs() ? static_cast<size_t>(2 * (i / kPairBlock) + lane / 16) * 1024 +
+                                     static_cast<size_t>(i % kPairBlock / 2) * 64 + ((lane % 16) * 2 + i % 2) * es
+                               : (static_cast<size_t>(i) * kPanelWidth + lane) * es);
       float w;
       if (wte.dtype() == DType::kF32) {
         std::memcpy(&w, e, sizeof w);

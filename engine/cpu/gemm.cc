@@ -13,6 +13,10 @@ void PackedMatrix::Free::operator()(uint8_t* p) const {
 }
 
 StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
+  return Pack(src, Kernels().bf16_pairs);
+}
+
+StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src, bool bf16_pairs) {
   if (!IsComputeFloat(src.dtype)) {
     return InvalidArgument("weight dtype ", DTypeName(src.dtype), " cannot be used in a matrix multiply");
   }
@@ -20,9 +24,11 @@ StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
   m.in_ = src.in;
   m.out_ = static_cast<int>(src.rows.size());
   m.dtype_ = src.dtype;
+  m.pairs_ = bf16_pairs && src.dtype == DType::kBF16;
   m.panels_ = (m.out_ + kPanelWidth - 1) / kPanelWidth;
   const size_t es = DTypeSize(src.dtype);
-  m.panel_bytes_ = (static_cast<size_t>(m.in_) * kPanelWidth * es + 63) / 64 * 64;
+  const size_t k_rows = m.pairs_ ? (m.in_ + kPairBlock - 1) / kPairBlock * kPairBlock : m.in_;
+  m.panel_bytes_ = (k_rows * kPanelWidth * es + 63) / 64 * 64;
   m.bytes_ = m.panel_bytes_ * m.panels_;
   void* mem = std::aligned_alloc(64, std::max<size_t>(m.bytes_, 64));
   if (mem == nullptr) return ResourceExhausted("cannot allocate ", m.bytes_, " bytes for a packed weight");
@@ -34,7 +40,10 @@ StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src) {
     const int64_t row = src.rows[n];
     for (int k = 0; k < m.in_; ++k) {
       const int64_t e = row * src.out_stride + static_cast<int64_t>(src.in_begin + k) * src.in_stride;
-      std::memcpy(panel + (static_cast<size_t>(k) * kPanelWidth + lane) * es, src.data + e * es, es);
+      const size_t at = m.pairs_ ? static_cast<size_t>(2 * (k / kPairBlock) + lane / 16) * 1024 +
+                                       static_cast<size_t>(k % kPairBlock / 2) * 64 + ((lane % 16) * 2 + k % 2) * es
+                                 : (static_cast<size_t>(k) * kPanelWidth + lane) * es;
+      std::memcpy(panel + at, src.data + e * es, es);
     }
   }
   return m;
@@ -44,6 +53,7 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
           bool accumulate, GemmScratch* scratch) {
   if (m <= 0 || w.out() == 0) return;
   const KernelTable& isa = Kernels();
+  KRAKEN_CHECK(!w.pairs() || isa.bf16_pairs, "a pair-interleaved weight reached a level that reads k-major ones");
   const size_t need = isa.gemm_scratch_floats(m, w.in());
   if (scratch->packed_a.size() < need) scratch->packed_a.resize(need);
   isa.gemm(x, m, lda, w, bias, y, ldc, accumulate, scratch->packed_a.data());

@@ -39,17 +39,31 @@ struct MatrixSource {
   std::vector<int> rows;  // N source rows
 };
 
-/// W [N, K] in panels of kPanelWidth output features, k-major inside a panel, zero-padded to a
-/// whole panel: element (n, k) at panel n / 32, offset k * 32 + n % 32.
+/// k per block of the pair-interleaved layout (one AMX tile row: 16 pairs of BF16).
+inline constexpr int kPairBlock = 32;
+
+/// W [N, K] in panels of kPanelWidth output features, zero-padded to a whole panel, in one of two
+/// layouts:
+/// - k-major (every level's F32 and F16, and BF16 below amx): element (n, k) at panel n / 32,
+///   element offset k * 32 + n % 32;
+/// - pair-interleaved (`pairs()`, BF16 on the amx level; K zero-padded to a multiple of 32): per
+///   k block b = k / 32 two 16 x 64-byte tiles, the one of outputs 16j..16j+15 (j = (n % 32) / 16)
+///   at byte (2b + j) * 1024, whose row q holds (n, 32b + 2q), (n, 32b + 2q + 1) for each n: the
+///   operand TDPBF16PS reads (Intel SDM, "TDPBF16PS").
 class PackedMatrix {
  public:
-  /// Packs `src`. The dtype must be F32, BF16 or F16 (INVALID_ARGUMENT otherwise).
+  /// Packs `src` in the layout the active kernel level reads. The dtype must be F32, BF16 or F16
+  /// (INVALID_ARGUMENT otherwise); RESOURCE_EXHAUSTED when the memory cannot be had.
   static StatusOr<PackedMatrix> Pack(const MatrixSource& src);
+  /// The same, pair-interleaving BF16 weights when `bf16_pairs` (for a given level's table).
+  static StatusOr<PackedMatrix> Pack(const MatrixSource& src, bool bf16_pairs);
 
   int in() const { return in_; }
   int out() const { return out_; }
   int panels() const { return panels_; }
   DType dtype() const { return dtype_; }
+  /// Whether the layout is pair-interleaved (above).
+  bool pairs() const { return pairs_; }
   /// Bytes held by the packed copy.
   size_t bytes() const { return bytes_; }
   const uint8_t* panel(int p) const { return data_.get() + static_cast<size_t>(p) * panel_bytes_; }
@@ -60,6 +74,7 @@ class PackedMatrix {
   };
   int in_ = 0, out_ = 0, panels_ = 0;
   DType dtype_ = DType::kF32;
+  bool pairs_ = false;
   size_t panel_bytes_ = 0, bytes_ = 0;
   std::unique_ptr<uint8_t, Free> data_;
 };

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <utility>
 
 #include "engine/cpu/isa_kernels.h"
@@ -205,17 +204,17 @@ KernelFn SelectKernel(DType t, int mr, int np) {
 #if KRAKEN_CPU_AMX
 // AMX-BF16 for BF16 weights: Y = bf16(X) · W^T with F32 accumulation in tiles. X is rounded to
 // BF16 (round to nearest even, as VCVTNEPS2BF16 does) into a [M16][K32] buffer, zero-padded to 16
-// rows and 32 columns; each weight panel (32 outputs) is rearranged per thread into two tiles per
-// 32-k block in the pair-interleaved form TDPBF16PS reads (row p of a tile: (n, 2p), (n, 2p + 1)
-// for n = 0..15). Every output element is the same TDPBF16PS sequence over k blocks in order
-// whatever M is and whichever thread runs it: batch-invariant, but a different product from the
-// F32 kernels above (BF16 activations), so the amx level is chosen only when asked for.
+// rows and 32 columns; the weights were packed pair-interleaved (gemm.h), so each k block of a
+// panel is two B tiles as they lie. Every output element is the same TDPBF16PS sequence over k
+// blocks in order whatever M is and whichever thread runs it: batch-invariant, but a different
+// product from the F32 kernels above (BF16 activations), so the amx level is chosen only when
+// asked for.
 // Tiles: 0-3 accumulators C[i][j], 4-5 activations A[i], 6-7 weights B[j] (i, j in {0, 1}).
 namespace amx_tiles {
 
 constexpr int kTileRows = 16;  // rows of an A or C tile
-constexpr int kKBlock = 32;    // k per tile: 16 pairs of BF16 in a 64-byte row
 constexpr int kTileBytes = 1024;
+constexpr int kPrefetchBlocks = 4;  // k blocks (2 KiB of weights each) a one-tile-row pass prefetches ahead
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -257,35 +256,8 @@ void ConvertRows(const float* x, int64_t lda, int k, int kp, int r0, int r1, int
   }
 }
 
-// k rows [k0, k0 + 32) of a panel (k-major, 32 outputs per 64-byte k row; rows past k read as
-// zero) as the two B tiles of that k block: tile j (outputs 16j..16j+15) at buf + j * 1024 bytes,
-// its row q holding (n, k0 + 2q), (n, k0 + 2q + 1) for each n.
-inline void InterleaveBlock(const uint8_t* panel, int k, int k0, uint8_t* buf) {
-  alignas(64) static constexpr uint16_t kIdx[2][32] = {
-      {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
-      {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
-  const __m512i lo = _mm512_load_si512(kIdx[0]), hi = _mm512_load_si512(kIdx[1]);
-  const __m512i zero = _mm512_setzero_si512();
-  for (int q = 0; q < kKBlock / 2; ++q) {
-    const int ke = k0 + 2 * q;
-    Prefetch(panel + static_cast<size_t>(ke + 2 * kKBlock) * 64);
-    const __m512i even = ke < k ? _mm512_loadu_si512(panel + static_cast<size_t>(ke) * 64) : zero;
-    const __m512i odd = ke + 1 < k ? _mm512_loadu_si512(panel + static_cast<size_t>(ke + 1) * 64) : zero;
-    _mm512_store_si512(buf + q * 64, _mm512_permutex2var_epi16(even, lo, odd));
-    _mm512_store_si512(buf + kTileBytes + q * 64, _mm512_permutex2var_epi16(even, hi, odd));
-  }
-}
-
-// The whole panel, block after block (block b at buf + 2b * 1024 bytes).
-void InterleavePanel(const uint8_t* panel, int k, int kp, uint8_t* buf) {
-  for (int k0 = 0; k0 < kp; k0 += kKBlock)
-    InterleaveBlock(panel, k, k0, buf + static_cast<size_t>(k0 / kKBlock) * 2 * kTileBytes);
-}
-
-// C tiles (MT row tiles x 2) of rows [r0, r0 + 16 MT) and the panel's 32 columns into Y:
-// (acc + bias), then added to Y when accumulating; rows past m and columns past n_valid dropped.
+// C tiles (MT row tiles x 2) of `rows` rows and the panel's 32 columns into Y: (acc + bias), then
+// added to Y when accumulating; columns past n_valid dropped.
 template <int MT>
 void StoreTiles(float* y, int64_t ldc, int rows, int n_valid, const float* bias, bool accumulate) {
   alignas(64) float c[MT][2][kTileRows][16];
@@ -310,9 +282,9 @@ void StoreTiles(float* y, int64_t ldc, int rows, int n_valid, const float* bias,
   }
 }
 
-// MT (1 or 2) row tiles of A from row r0 against one interleaved panel, over all k blocks.
+// MT (1 or 2) row tiles of A (from its first row) against one panel, over all k blocks.
 template <int MT>
-void TileKernel(const uint16_t* a, int kp, const uint8_t* b, float* y, int64_t ldc, int rows, int n_valid,
+void TileKernel(const uint16_t* a, int kp, const uint8_t* panel, float* y, int64_t ldc, int rows, int n_valid,
                 const float* bias, bool accumulate) {
   const int64_t stride = static_cast<int64_t>(kp) * 2;
   _tile_zero(0);
@@ -321,96 +293,41 @@ void TileKernel(const uint16_t* a, int kp, const uint8_t* b, float* y, int64_t l
     _tile_zero(2);
     _tile_zero(3);
   }
-  for (int kb = 0; kb < kp / kKBlock; ++kb) {
-    const uint8_t* bk = b + static_cast<size_t>(kb) * 2 * kTileBytes;
-    _tile_loadd(6, bk, 64);
-    _tile_loadd(7, bk + kTileBytes, 64);
-    _tile_loadd(4, a + kb * kKBlock, stride);
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MT == 2) {
-      _tile_loadd(5, a + static_cast<size_t>(kTileRows) * kp + kb * kKBlock, stride);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
+  for (int kb = 0; kb < kp / kPairBlock; ++kb) {
+    const uint8_t* b = panel + static_cast<size_t>(kb) * 2 * kTileBytes;
+    if constexpr (MT == 1) {
+      // A decode step streams the weights once: ask for the block kPrefetchBlocks ahead.
+      for (int line = 0; line < 2 * kTileBytes; line += 64) Prefetch(b + kPrefetchBlocks * 2 * kTileBytes + line);
     }
-  }
-  StoreTiles<MT>(y, ldc, rows, n_valid, bias, accumulate);
-}
-
-// At most 32 rows (a decode step): each k block of the panel is interleaved into L1 just before
-// its tiles are multiplied, instead of the whole panel first. The same TDPBF16PS sequence.
-template <int MT>
-void FusedKernel(const uint16_t* a, int k, int kp, const uint8_t* panel, float* y, int64_t ldc, int rows, int n_valid,
-                 const float* bias, bool accumulate) {
-  alignas(64) uint8_t b[2 * kTileBytes];
-  const int64_t stride = static_cast<int64_t>(kp) * 2;
-  _tile_zero(0);
-  _tile_zero(1);
-  if constexpr (MT == 2) {
-    _tile_zero(2);
-    _tile_zero(3);
-  }
-  for (int kb = 0; kb < kp / kKBlock; ++kb) {
-    InterleaveBlock(panel, k, kb * kKBlock, b);
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kTileBytes, 64);
-    _tile_loadd(4, a + kb * kKBlock, stride);
+    _tile_loadd(4, a + kb * kPairBlock, stride);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT == 2) {
-      _tile_loadd(5, a + static_cast<size_t>(kTileRows) * kp + kb * kKBlock, stride);
+      _tile_loadd(5, a + static_cast<size_t>(kTileRows) * kp + kb * kPairBlock, stride);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
   }
   StoreTiles<MT>(y, ldc, rows, n_valid, bias, accumulate);
-}
-
-// Per-thread space for one interleaved panel: grows to the largest K seen, then is reused.
-uint8_t* PanelBuffer(size_t bytes) {
-  struct Free {
-    void operator()(uint8_t* p) const { std::free(p); }
-  };
-  thread_local std::unique_ptr<uint8_t, Free> buf;
-  thread_local size_t size = 0;
-  if (size < bytes) {
-    buf.reset(static_cast<uint8_t*>(std::aligned_alloc(64, bytes)));
-    KRAKEN_CHECK(buf != nullptr, "cannot allocate the AMX panel buffer");
-    size = bytes;
-  }
-  return buf.get();
 }
 
 size_t ScratchFloats(int m, int k) {
-  return static_cast<size_t>(RoundUp(m, kTileRows)) * RoundUp(k, kKBlock) / 2;
+  return static_cast<size_t>(RoundUp(m, kTileRows)) * RoundUp(k, kPairBlock) / 2;
 }
 
 void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
           bool accumulate, float* scratch) {
-  const int k = w.in(), kp = RoundUp(k, kKBlock), mp = RoundUp(m, kTileRows);
+  const int k = w.in(), kp = RoundUp(k, kPairBlock), mp = RoundUp(m, kTileRows);
   uint16_t* a = reinterpret_cast<uint16_t*>(scratch);
-  const size_t panel_buf_bytes = static_cast<size_t>(kp) * 64;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
     for (int t = 0; t < mp / kTileRows; ++t) ConvertRows(x, lda, k, kp, t * kTileRows, (t + 1) * kTileRows, m, a);
     ConfigureTiles();
-    if (m <= 2 * kTileRows) {
 #pragma omp for schedule(static)
-      for (int p = 0; p < w.panels(); ++p) {
-        const int n_valid = w.out() - p * kPanelWidth;
-        const float* bp = bias != nullptr ? bias + p * kPanelWidth : nullptr;
-        if (m > kTileRows) {
-          FusedKernel<2>(a, k, kp, w.panel(p), y + p * kPanelWidth, ldc, m, n_valid, bp, accumulate);
-        } else {
-          FusedKernel<1>(a, k, kp, w.panel(p), y + p * kPanelWidth, ldc, m, n_valid, bp, accumulate);
-        }
-      }
-    }
-    uint8_t* b = m > 2 * kTileRows ? PanelBuffer(panel_buf_bytes) : nullptr;
-#pragma omp for schedule(static)
-    for (int p = 0; p < (b != nullptr ? w.panels() : 0); ++p) {
-      InterleavePanel(w.panel(p), k, kp, b);
+    for (int p = 0; p < w.panels(); ++p) {
       const int n_valid = w.out() - p * kPanelWidth;
       const float* bp = bias != nullptr ? bias + p * kPanelWidth : nullptr;
       for (int r0 = 0; r0 < m; r0 += 2 * kTileRows) {
@@ -418,9 +335,9 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
         const uint16_t* ap = a + static_cast<size_t>(r0) * kp;
         const int rows = std::min(2 * kTileRows, m - r0);
         if (rows > kTileRows) {
-          TileKernel<2>(ap, kp, b, yp, ldc, rows, n_valid, bp, accumulate);
+          TileKernel<2>(ap, kp, w.panel(p), yp, ldc, rows, n_valid, bp, accumulate);
         } else {
-          TileKernel<1>(ap, kp, b, yp, ldc, rows, n_valid, bp, accumulate);
+          TileKernel<1>(ap, kp, w.panel(p), yp, ldc, rows, n_valid, bp, accumulate);
         }
       }
     }
@@ -445,7 +362,7 @@ size_t GemmScratchFloats(int m, int k) {
 void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
           bool accumulate, float* packed) {
 #if KRAKEN_CPU_AMX
-  if (w.dtype() == DType::kBF16) {
+  if (w.pairs()) {
     if (m > 0 && w.out() > 0) amx_tiles::Gemm(x, m, lda, w, bias, y, ldc, accumulate, packed);
     return;
   }

@@ -8,6 +8,11 @@ namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
 
 const KernelTable kKernels = {
     .isa = KRAKEN_STRINGIFY(KRAKEN_CPU_ISA),
+#if KRAKEN_CPU_AMX
+    .bf16_pairs = true,
+#else
+    .bf16_pairs = false,
+#endif
     .gemm_scratch_floats = &GemmScratchFloats,
     .gemm = &Gemm,
     .embed = &Embed,

@@ -61,6 +61,7 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
 /// active level's.
 struct KernelTable {
   const char* isa;  // "amx", "avx512", "avx2" or "generic"
+  bool bf16_pairs;  // this level's GEMM reads BF16 weights pair-interleaved (PackedMatrix)
   size_t (*gemm_scratch_floats)(int m, int k);
   void (*gemm)(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
                bool accumulate, float* packed_a);

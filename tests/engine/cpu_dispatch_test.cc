@@ -118,7 +118,7 @@ std::vector<float> RunAll(const KernelTable& kt) {
                      .in = k};
     src.rows.resize(n);
     std::iota(src.rows.begin(), src.rows.end(), 0);
-    PackedMatrix w = std::move(PackedMatrix::Pack(src)).value();
+    PackedMatrix w = std::move(PackedMatrix::Pack(src, kt.bf16_pairs)).value();
     std::vector<float> packed_a(kt.gemm_scratch_floats(m, k));
     std::fill(y.begin(), y.end(), 0.5f);
     kt.gemm(x.data(), m, k, w, bias.data(), y.data(), n, /*accumulate=*/true, packed_a.data());
@@ -195,8 +195,8 @@ const KernelTable* Level(const char* isa) {
   return nullptr;
 }
 
-// A BF16 weight W [n, k] (row-major bits) packed as a PyTorch Linear weight.
-PackedMatrix PackBf16(const std::vector<uint16_t>& w, int n, int k) {
+// A BF16 weight W [n, k] (row-major bits) packed as a PyTorch Linear weight, for level `kt`.
+PackedMatrix PackBf16(const KernelTable& kt, const std::vector<uint16_t>& w, int n, int k) {
   MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()),
                    .dtype = DType::kBF16,
                    .out_stride = k,
@@ -204,7 +204,7 @@ PackedMatrix PackBf16(const std::vector<uint16_t>& w, int n, int k) {
                    .in = k};
   src.rows.resize(n);
   std::iota(src.rows.begin(), src.rows.end(), 0);
-  return std::move(PackedMatrix::Pack(src)).value();
+  return std::move(PackedMatrix::Pack(src, kt.bf16_pairs)).value();
 }
 
 // Y = X · W^T (+ bias, + 0.25 in Y when accumulating) on one level's table.
@@ -230,7 +230,7 @@ TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
     for (int n : {1, 31, 77}) {
       std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
       for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-      const PackedMatrix w = PackBf16(wb, n, k);
+      const PackedMatrix w = PackBf16(*amx, wb, n, k);
       std::vector<float> bias(n);
       for (float& v : bias) v = nd(rng);
       for (int m : {1, 5, 16, 17, 32, 33, 50}) {
@@ -275,7 +275,7 @@ TEST(CpuDispatch, TheAmxLevelIsBatchInvariant) {
   const int m = 50, n = 100, k = 200;
   std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
   for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-  const PackedMatrix w = PackBf16(wb, n, k);
+  const PackedMatrix w = PackBf16(*amx, wb, n, k);
   std::vector<float> x(static_cast<size_t>(m) * k), bias(n);
   for (float& v : x) v = nd(rng);
   for (float& v : bias) v = nd(rng);

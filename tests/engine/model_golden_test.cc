@@ -458,9 +458,12 @@ TEST(ModelMemory, WeightsAreHeldOnceInTheirStoredDtype) {
       const bool vector = t->shape.size() == 1 || name.ends_with("wpe.weight");
       low += vector ? t->numel() * 4 : static_cast<int64_t>(t->nbytes);
       if (!vector) {
-        // The output features are padded; which axis holds them depends on the tensor's layout.
-        auto pad = [](int64_t n) { return (n + 31) / 32 * 32 - n; };
-        padding += std::max(pad(t->shape[0]) * t->shape[1], pad(t->shape[1]) * t->shape[0]) *
+        // The output features are padded to 32, and so are the input features of a BF16 weight
+        // the amx level pair-interleaves; which axis holds the outputs depends on the layout.
+        const bool pairs = t->dtype == DType::kBF16 && cpu::Kernels().bf16_pairs;
+        auto up = [](int64_t n) { return (n + 31) / 32 * 32; };
+        auto extra = [&](int64_t out, int64_t in) { return up(out) * (pairs ? up(in) : in) - out * in; };
+        padding += std::max(extra(t->shape[0], t->shape[1]), extra(t->shape[1], t->shape[0])) *
                    static_cast<int64_t>(DTypeSize(t->dtype));
       }
       if (name.ends_with("wte.weight")) wte_bytes = t->numel() * 4;

@@ -238,20 +238,21 @@ void ConfigureTiles() {
   _tile_loadconfig(&c);
 }
 
-// Rows [r0, r1) of X into the BF16 buffer (row stride kp elements; columns k..kp zero).
-void ConvertRows(const float* x, int64_t lda, int k, int kp, int r0, int r1, int m, uint16_t* a) {
-  for (int r = r0; r < r1; ++r) {
-    uint16_t* dst = a + static_cast<size_t>(r) * kp;
-    if (r >= m) {
-      std::memset(dst, 0, static_cast<size_t>(kp) * 2);
-      continue;
-    }
+// Row tile t (rows 16t..16t+15) of X into the BF16 buffer, one contiguous 1 KiB A tile per k
+// block: tile (t, b) at element (t * kp / 32 + b) * 512, its row r holding k = 32b..32b+31 of row
+// 16t + r. Rows past m and columns past k are zero.
+void ConvertTile(const float* x, int64_t lda, int k, int kp, int t, int m, uint16_t* a) {
+  const int blocks = kp / kPairBlock;
+  uint16_t* tiles = a + static_cast<size_t>(t) * blocks * (kTileBytes / 2);
+  for (int rr = 0; rr < kTileRows; ++rr) {
+    const int r = t * kTileRows + rr;
     const float* src = x + r * lda;
     for (int c = 0; c < kp; c += 16) {
-      const int n = std::max(0, std::min(16, k - c));
-      const __m512 v = _mm512_maskz_loadu_ps(FirstLanes(n), src + c);
+      const int n = r < m ? std::max(0, std::min(16, k - c)) : 0;
+      const __m512 v = _mm512_maskz_loadu_ps(FirstLanes(n), n > 0 ? src + c : nullptr);
       const __m256bh h = _mm512_cvtneps_pbh(v);
-      std::memcpy(dst + c, &h, sizeof(h));
+      std::memcpy(tiles + static_cast<size_t>(c / kPairBlock) * (kTileBytes / 2) + rr * kPairBlock + c % kPairBlock, &h,
+                  sizeof(h));
     }
   }
 }
@@ -286,7 +287,7 @@ void StoreTiles(float* y, int64_t ldc, int rows, int n_valid, const float* bias,
 template <int MT>
 void TileKernel(const uint16_t* a, int kp, const uint8_t* panel, float* y, int64_t ldc, int rows, int n_valid,
                 const float* bias, bool accumulate) {
-  const int64_t stride = static_cast<int64_t>(kp) * 2;
+  const size_t next_tile = static_cast<size_t>(kp / kPairBlock) * (kTileBytes / 2);  // elements
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (MT == 2) {
@@ -301,11 +302,11 @@ void TileKernel(const uint16_t* a, int kp, const uint8_t* panel, float* y, int64
     }
     _tile_loadd(6, b, 64);
     _tile_loadd(7, b + kTileBytes, 64);
-    _tile_loadd(4, a + kb * kPairBlock, stride);
+    _tile_loadd(4, a + static_cast<size_t>(kb) * (kTileBytes / 2), 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_dpbf16ps(1, 4, 7);
     if constexpr (MT == 2) {
-      _tile_loadd(5, a + static_cast<size_t>(kTileRows) * kp + kb * kPairBlock, stride);
+      _tile_loadd(5, a + next_tile + static_cast<size_t>(kb) * (kTileBytes / 2), 64);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -324,7 +325,7 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int t = 0; t < mp / kTileRows; ++t) ConvertRows(x, lda, k, kp, t * kTileRows, (t + 1) * kTileRows, m, a);
+    for (int t = 0; t < mp / kTileRows; ++t) ConvertTile(x, lda, k, kp, t, m, a);
     ConfigureTiles();
 #pragma omp for schedule(static)
     for (int p = 0; p < w.panels(); ++p) {
@@ -332,7 +333,7 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
       const float* bp = bias != nullptr ? bias + p * kPanelWidth : nullptr;
       for (int r0 = 0; r0 < m; r0 += 2 * kTileRows) {
         float* yp = y + r0 * ldc + p * kPanelWidth;
-        const uint16_t* ap = a + static_cast<size_t>(r0) * kp;
+        const uint16_t* ap = a + static_cast<size_t>(r0) * kp;  // tile r0 / 16: r0 * kp elements in
         const int rows = std::min(2 * kTileRows, m - r0);
         if (rows > kTileRows) {
           TileKernel<2>(ap, kp, w.panel(p), yp, ldc, rows, n_valid, bp, accumulate);

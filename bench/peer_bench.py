@@ -133,11 +133,14 @@ def make_models(workdir: str, tree: str) -> dict:
     return out
 
 
-def ours(build: str, model: str, prefill, batches, threads: int) -> dict:
+def ours(build: str, model: str, prefill, batches, threads: int, cpu_isa: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "KRAKEN_CPU_ISA"}
+    if cpu_isa != "auto":
+        env["KRAKEN_CPU_ISA"] = cpu_isa
     r = json.loads(run([os.path.join(build, "bench", "engine_bench"), "--model", model, "--prefill",
                         ",".join(map(str, prefill)), "--decode-batch", ",".join(map(str, batches)), "--context",
                         "128", "--decode-steps", "16", "--repeats", "3", "--threads", str(threads)],
-                       capture_output=True).stdout)
+                       capture_output=True, env=env).stdout)
     cells = {f"pp{p['tokens']}": p["tokens"] / p["seconds"] for p in r["prefill"]}
     cells.update({f"tg_b{d['batch']}": d["tokens_per_second"] for d in r["decode"]})
     cells["memory_read_gbps"] = r["memory_read_gbps"]
@@ -289,7 +292,7 @@ def load(port: int, model: str, prompts: list[str], concurrency: int, max_tokens
             "output_tokens_per_s": tokens / wall, "requests": len(ttft), "errors": errors[:3]}
 
 
-def serve(build: str, workdir: str, model_dir: str, gguf: str, dt: str, threads: int, lengths, concurrencies,
+def serve(build: str, workdir: str, model_dir: str, gguf: str, dt: str, threads: int, cpu_isa: str, lengths, concurrencies,
           max_tokens: int) -> dict:
     """Each server in turn on the same prompts: {server: {f"T{len}/c{conc}": cell, "rss_kib": peak}}."""
     slots = max(concurrencies)
@@ -302,7 +305,7 @@ def serve(build: str, workdir: str, model_dir: str, gguf: str, dt: str, threads:
         if name == "kraken":
             cmd = [os.path.join(build, "server", "kraken-server"), "--model", model_dir, "--devices", "cpu:1",
                    "--threads-per-worker", str(threads), "--host", "127.0.0.1", "--http-port", str(port), "--port",
-                   str(free_port()), "--metrics-port", "-1", "--max-batch-seqs", str(slots)]
+                   str(free_port()), "--metrics-port", "-1", "--max-batch-seqs", str(slots), "--cpu-isa", cpu_isa]
             env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_")}
         else:
             cmd = [os.path.join(workdir, "llama-build", "bin", "llama-server"), "-m", gguf, "-t", str(threads), "-tb",
@@ -345,6 +348,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="T = 128, 512; b = 1, 8; one round")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--cpu-isa", default="auto", choices=["auto", "amx", "avx512", "avx2"],
+                    help="our kernel level (engine_bench's KRAKEN_CPU_ISA, kraken-server's --cpu-isa)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES), help="weight dtypes to compare, comma-separated")
     ap.add_argument("--serving-dtype", default="bf16", choices=DTYPES + ["none"],
                     help="weights both servers serve (none: skip the serving comparison)")
     a = ap.parse_args()
@@ -356,21 +362,22 @@ def main() -> int:
     tree = build_llama(workdir)
     models = make_models(workdir, tree)
     before = cpu_description()
-    samples = {dt: {"ours": [], "theirs": []} for dt in DTYPES}
+    dtypes = [dt for dt in DTYPES if dt in a.dtypes.split(",")]
+    samples = {dt: {"ours": [], "theirs": []} for dt in dtypes}
     for _ in range(rounds):
-        for dt in DTYPES:
+        for dt in dtypes:
             d, gguf = models[dt]
-            samples[dt]["ours"].append(ours(a.build, d, prefill, batches, a.threads))
+            samples[dt]["ours"].append(ours(a.build, d, prefill, batches, a.threads, a.cpu_isa))
             samples[dt]["theirs"].append(theirs(workdir, gguf, dt, prefill, batches, a.threads))
     after = open("/proc/loadavg").read().split()[:3]
     keys = [f"pp{t}" for t in prefill] + [f"tg_b{b}" for b in batches]
-    result = {"cpu": before, "loadavg_after": after, "threads": a.threads, "rounds": rounds,
+    result = {"cpu": before, "loadavg_after": after, "threads": a.threads, "rounds": rounds, "cpu_isa": a.cpu_isa,
               "llama_cpp_python": LLAMA_CPP_PYTHON, "cells": {}}
-    print(f"CPU: {before['model']} ({', '.join(before['flags'])}); {a.threads} threads; load "
+    print(f"CPU: {before['model']} ({', '.join(before['flags'])}); {a.threads} threads; our kernels: --cpu-isa {a.cpu_isa}; load "
           f"{' '.join(before['loadavg'])} -> {' '.join(after)}; llama.cpp from llama-cpp-python {LLAMA_CPP_PYTHON}")
     print("tokens/s, median of rounds; ratio = ours / theirs (> 1: ours faster)\n")
     print(f"{'dtype':5} {'cell':7} {'ours':>9} {'theirs':>9} {'ratio':>6}")
-    for dt in DTYPES:
+    for dt in dtypes:
         for k in keys:
             o = statistics.median(s[k] for s in samples[dt]["ours"])
             t = statistics.median(s[k] for s in samples[dt]["theirs"])
@@ -384,7 +391,7 @@ def main() -> int:
     if a.serving_dtype != "none":
         lengths, concs, out_tokens = ([128, 512], [1, 4] if a.quick else [1, 4, 16], 64)
         d, gguf = models[a.serving_dtype]
-        sv = serve(a.build, workdir, d, gguf, a.serving_dtype, a.threads, lengths, concs, out_tokens)
+        sv = serve(a.build, workdir, d, gguf, a.serving_dtype, a.threads, a.cpu_isa, lengths, concs, out_tokens)
         result["serving"] = sv
         print(f"\nserving, {a.serving_dtype} weights, {out_tokens} tokens out, OpenAI streaming completions; "
               "kraken-server (1 worker) / llama-server (continuous batching)")

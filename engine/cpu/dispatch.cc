@@ -52,24 +52,29 @@ const Level kLevels[] = {{&amx::kKernels, kAmxFeatures, /*opt_in=*/true},
                          {&avx512::kKernels, kAvx512Features},
                          {&avx2::kKernels, kAvx2Features}};
 
-// AMX-BF16 tiles and AVX512-BF16, with the tile state enabled by the OS (XCR0 bits 17-18) and
-// granted to this process (Linux arch_prctl ARCH_REQ_XCOMP_PERM, kernel 5.16+; the grant covers
-// every thread). Asked once.
-bool AmxUsable() {
-  static const bool usable = [] {
+// Why this process cannot use AMX-BF16 tiles and AVX512-BF16, or nullptr when it can: the CPU
+// must have them (CPUID 7.0 EDX bits 22 and 24, 7.1 EAX bit 5), the OS must enable the tile state
+// (XCR0 bits 17-18, read with XGETBV once CPUID 1 ECX bit 27 says the OS allows it) and grant it
+// to this process (Linux arch_prctl ARCH_REQ_XCOMP_PERM, kernel 5.16+; the grant covers every
+// thread). Asked once.
+const char* AmxUnusableReason() {
+  static const char* const reason = []() -> const char* {
     unsigned a = 0, b = 0, c = 0, d = 0;
-    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return "the CPU reports no CPUID leaf 7";
     const bool tile = (d >> 24) & 1u, amx_bf16 = (d >> 22) & 1u;
-    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0) return false;
-    const bool avx512_bf16 = (a >> 5) & 1u;
-    if (!tile || !amx_bf16 || !avx512_bf16) return false;
+    if (!tile || !amx_bf16) return "the CPU has no AMX-BF16 tiles";
+    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0 || ((a >> 5) & 1u) == 0) return "the CPU has no AVX512-BF16";
+    if (__get_cpuid(1, &a, &b, &c, &d) == 0 || ((c >> 27) & 1u) == 0) return "the OS does not enable XSAVE";
     unsigned xcr0 = 0, xcr0_hi = 0;
-    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));  // OSXSAVE: the AVX2 levels need it too
-    if ((xcr0 & (3u << 17)) != (3u << 17)) return false;
+    __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0 & (3u << 17)) != (3u << 17)) return "the OS does not enable the AMX tile state (XCR0)";
     constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) {
+      return "the kernel refused the AMX tile state to this process (arch_prctl ARCH_REQ_XCOMP_PERM)";
+    }
+    return nullptr;
   }();
-  return usable;
+  return reason;
 }
 #else
 const char* const kNoFeatures[] = {nullptr};
@@ -94,7 +99,7 @@ bool CpuHasFeature(const char* f) {
     return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
   }
   if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
-  if (std::strcmp(f, "amx") == 0) return AmxUsable();
+  if (std::strcmp(f, "amx") == 0) return AmxUnusableReason() == nullptr;
   return false;
 #else
   return true;
@@ -133,11 +138,17 @@ StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(
 
 const KernelTable& Kernels() {
   static const KernelTable* const active = [] {
-    StatusOr<const KernelTable*> t = SelectKernels(std::getenv("KRAKEN_CPU_ISA"), &CpuHasFeature);
+    const char* cap = std::getenv("KRAKEN_CPU_ISA");
+    StatusOr<const KernelTable*> t = SelectKernels(cap, &CpuHasFeature);
     if (!t.ok()) {
       std::fprintf(stderr, "%s\n", std::string(t.status().message()).c_str());
       std::exit(2);
     }
+#if KRAKEN_CPU_HAS_X86_ISAS
+    if (cap != nullptr && std::strcmp(cap, "amx") == 0 && std::strcmp((*t)->isa, "amx") != 0) {
+      std::fprintf(stderr, "KRAKEN_CPU_ISA=amx: %s; running the %s kernels\n", AmxUnusableReason(), (*t)->isa);
+    }
+#endif
     return *t;
   }();
   return *active;

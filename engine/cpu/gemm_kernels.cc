@@ -214,7 +214,9 @@ namespace amx_tiles {
 
 constexpr int kTileRows = 16;  // rows of an A or C tile
 constexpr int kTileBytes = 1024;
-constexpr int kPrefetchBlocks = 4;  // k blocks (2 KiB of weights each) a one-tile-row pass prefetches ahead
+constexpr int kPrefetchBlocks = 4;
+constexpr int kChunkRows = 128;  // rows of a work item (four pairs of row tiles)  // k blocks (2 KiB of weights each) a
+                                 // one-tile-row pass prefetches ahead
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -228,14 +230,21 @@ inline int RoundUp(int v, int to) {
   return (v + to - 1) / to * to;
 }
 
-// Every tile 16 rows x 64 bytes.
-void ConfigureTiles() {
+// Every tile 16 rows x 64 bytes. In static storage, whole before any load: GCC 12's
+// _tile_loadconfig tells the compiler it reads only the first 8 bytes, so stores to a local
+// config's later fields could be dropped as dead.
+constexpr TileConfig MakeTileConfig() {
   TileConfig c;
   for (int t = 0; t < 8; ++t) {
     c.colsb[t] = 64;
     c.rows[t] = kTileRows;
   }
-  _tile_loadconfig(&c);
+  return c;
+}
+constinit const TileConfig kTileConfig = MakeTileConfig();
+
+void ConfigureTiles() {
+  _tile_loadconfig(&kTileConfig);
 }
 
 // Row tile t (rows 16t..16t+15) of X into the BF16 buffer, one contiguous 1 KiB A tile per k
@@ -288,6 +297,8 @@ template <int MT>
 void TileKernel(const uint16_t* a, int kp, const uint8_t* panel, float* y, int64_t ldc, int rows, int n_valid,
                 const float* bias, bool accumulate) {
   const size_t next_tile = static_cast<size_t>(kp / kPairBlock) * (kTileBytes / 2);  // elements
+  // GCC 12's _tile_loadd declares no memory read: the A tiles' stores must not move past it.
+  asm volatile("" ::: "memory");
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (MT == 2) {
@@ -327,11 +338,16 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
 #pragma omp for schedule(static)
     for (int t = 0; t < mp / kTileRows; ++t) ConvertTile(x, lda, k, kp, t, m, a);
     ConfigureTiles();
+    // Work items: one panel x one chunk of rows, panel-major, so a thread's share is a run of
+    // whole panels (each weight panel read from memory once) when there are more panels than
+    // threads, and many threads still find work on a narrow matrix.
+    const int chunks = (m + kChunkRows - 1) / kChunkRows;
 #pragma omp for schedule(static)
-    for (int p = 0; p < w.panels(); ++p) {
+    for (int64_t item = 0; item < static_cast<int64_t>(w.panels()) * chunks; ++item) {
+      const int p = static_cast<int>(item / chunks), chunk = static_cast<int>(item % chunks);
       const int n_valid = w.out() - p * kPanelWidth;
       const float* bp = bias != nullptr ? bias + p * kPanelWidth : nullptr;
-      for (int r0 = 0; r0 < m; r0 += 2 * kTileRows) {
+      for (int r0 = chunk * kChunkRows; r0 < std::min(m, (chunk + 1) * kChunkRows); r0 += 2 * kTileRows) {
         float* yp = y + r0 * ldc + p * kPanelWidth;
         const uint16_t* ap = a + static_cast<size_t>(r0) * kp;  // tile r0 / 16: r0 * kp elements in
         const int rows = std::min(2 * kTileRows, m - r0);

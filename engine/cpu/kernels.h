@@ -4,10 +4,12 @@
 // batch invariant. Multi-threaded with OpenMP over rows / (sequence, head, query tile) items.
 //
 // The kernel files are built once per x86 instruction-set level (AVX2 + FMA + F16C, AVX-512
-// F/BW/DQ/VL) and one level is chosen at start from CPUID, capped by the environment variable
-// KRAKEN_CPU_ISA (avx2, avx512): one binary runs at its best on any x86-64-v3 CPU. Every level
-// computes each element with the same operations in the same order (one FMA chain per GEMM
-// output, the same exp polynomial), so results are the same bits on every level.
+// F/BW/DQ/VL, and AVX-512 with AMX-BF16) and one level is chosen at start from CPUID, capped by the
+// environment variable KRAKEN_CPU_ISA (avx2, avx512, amx): one binary runs at its best on any
+// x86-64-v3 CPU. The avx2 and avx512 levels compute each element with the same operations in the
+// same order (one FMA chain per GEMM output, the same exp polynomial), so their results are the
+// same bits. The amx level, chosen only when KRAKEN_CPU_ISA names it, multiplies BF16 weights by
+// BF16-rounded activations (gemm_kernels.cc): batch-invariant too, but other bits.
 #pragma once
 
 #include <cstddef>

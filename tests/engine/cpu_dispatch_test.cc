@@ -290,6 +290,39 @@ TEST(CpuDispatch, TheAmxLevelIsBatchInvariant) {
   EXPECT_EQ(Bf16Gemm(*amx, x, m, w, bias.data(), true), batch) << "one thread and two differ";
 }
 
+// The pair-interleaved layout holds the same matrix: every level's embedding reads the same rows
+// from it as from the k-major one (runs on any CPU; the layout is plain C++).
+TEST(CpuDispatch, ThePairInterleavedLayoutHoldsTheSameRows) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> nd;
+  const int n = 77, k = 131;  // a partial panel, a partial k block
+  std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
+  for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
+  MatrixSource src{.data = reinterpret_cast<const uint8_t*>(wb.data()),
+                   .dtype = DType::kBF16,
+                   .out_stride = k,
+                   .in_stride = 1,
+                   .in = k};
+  src.rows.resize(n);
+  std::iota(src.rows.begin(), src.rows.end(), 0);
+  const PackedMatrix pairs = std::move(PackedMatrix::Pack(src, true)).value();
+  const PackedMatrix kmajor = std::move(PackedMatrix::Pack(src, false)).value();
+  ASSERT_TRUE(pairs.pairs());
+  ASSERT_FALSE(kmajor.pairs());
+  std::vector<int32_t> tokens(n), positions(n, 0);
+  std::iota(tokens.begin(), tokens.end(), 0);
+  const std::vector<float> wpe(k, 0.f);
+  for (const KernelTable* kt : RunnableLevels()) {
+    std::vector<float> a(static_cast<size_t>(n) * k), b(a.size());
+    kt->embed(tokens.data(), positions.data(), pairs, wpe.data(), Mat(a.data(), n, k));
+    kt->embed(tokens.data(), positions.data(), kmajor, wpe.data(), Mat(b.data(), n, k));
+    for (int i = 0; i < n * k; ++i) {
+      ASSERT_EQ(a[i], Bf16ToF32(wb[i])) << kt->isa << " pair layout, element " << i;
+      ASSERT_EQ(b[i], Bf16ToF32(wb[i])) << kt->isa << " k-major layout, element " << i;
+    }
+  }
+}
+
 // Only BF16-weight GEMMs change on the amx level: everything else RunAll computes is the avx512
 // level's bits.
 TEST(CpuDispatch, TheAmxLevelChangesOnlyBf16Gemms) {
@@ -304,6 +337,7 @@ TEST(CpuDispatch, TheAmxLevelChangesOnlyBf16Gemms) {
   for (size_t j = 0; j < a.size(); ++j) {
     if (j >= bf16_begin && j < bf16_end) {
       differ += std::memcmp(&a[j], &b[j], 4) != 0;
+      // Loose on purpose: the exact amx product is checked above; this only says "near".
       ASSERT_NEAR(a[j], b[j], 0.05f * (1 + std::fabs(b[j]))) << j;
     } else {
       ASSERT_EQ(std::memcmp(&a[j], &b[j], 4), 0) << "output " << j << ": " << a[j] << " vs " << b[j];

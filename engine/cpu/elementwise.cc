@@ -38,7 +38,6 @@ float RowSquaredDeviation(const float* x, int n, float mean) {
 
 void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out) {
   const int d = out.cols;
-  const size_t es = DTypeSize(wte.dtype());
 #pragma omp parallel for schedule(static)
   for (int t = 0; t < out.rows; ++t) {
     // Row n of the packed matrix (gemm.h gives both layouts).
@@ -47,10 +46,7 @@ void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& 
     const float* p = wpe + static_cast<int64_t>(positions[t]) * d;
     float* o = out.Row(t);
     for (int i = 0; i < d; ++i) {
-      const uint8_t* e =
-          panel + (wte.pairs() ? static_cast<size_t>(2 * (i / kPairBlock) + lane / 16) * 1024 +
-                                     static_cast<size_t>(i % kPairBlock / 2) * 64 + ((lane % 16) * 2 + i % 2) * es
-                               : (static_cast<size_t>(i) * kPanelWidth + lane) * es);
+      const uint8_t* e = panel + wte.OffsetInPanel(lane, i);
       float w;
       if (wte.dtype() == DType::kF32) {
         std::memcpy(&w, e, sizeof w);

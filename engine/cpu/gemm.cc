@@ -40,10 +40,7 @@ StatusOr<PackedMatrix> PackedMatrix::Pack(const MatrixSource& src, bool bf16_pai
     const int64_t row = src.rows[n];
     for (int k = 0; k < m.in_; ++k) {
       const int64_t e = row * src.out_stride + static_cast<int64_t>(src.in_begin + k) * src.in_stride;
-      const size_t at = m.pairs_ ? static_cast<size_t>(2 * (k / kPairBlock) + lane / 16) * 1024 +
-                                       static_cast<size_t>(k % kPairBlock / 2) * 64 + ((lane % 16) * 2 + k % 2) * es
-                                 : (static_cast<size_t>(k) * kPanelWidth + lane) * es;
-      std::memcpy(panel + at, src.data + e * es, es);
+      std::memcpy(panel + m.OffsetInPanel(lane, k), src.data + e * es, es);
     }
   }
   return m;

@@ -67,6 +67,15 @@ class PackedMatrix {
   /// Bytes held by the packed copy.
   size_t bytes() const { return bytes_; }
   const uint8_t* panel(int p) const { return data_.get() + static_cast<size_t>(p) * panel_bytes_; }
+  /// Byte offset of element (n, k) inside panel n / 32, lane = n % 32, in this matrix's layout.
+  /// Always inlined: the per-level kernel copies call it, and an out-of-line copy compiled for one
+  /// level could be the one the linker keeps for all (engine/cpu/isa_kernels.h).
+  [[gnu::always_inline]] size_t OffsetInPanel(int lane, int k) const {
+    const size_t es = DTypeSize(dtype_);
+    if (!pairs_) return (static_cast<size_t>(k) * kPanelWidth + lane) * es;
+    return static_cast<size_t>(2 * (k / kPairBlock) + lane / 16) * 1024 + static_cast<size_t>(k % kPairBlock / 2) * 64 +
+           static_cast<size_t>((lane % 16) * 2 + k % 2) * es;
+  }
 
  private:
   struct Free {

@@ -214,9 +214,8 @@ namespace amx_tiles {
 
 constexpr int kTileRows = 16;  // rows of an A or C tile
 constexpr int kTileBytes = 1024;
-constexpr int kPrefetchBlocks = 4;
-constexpr int kChunkRows = 128;  // rows of a work item (four pairs of row tiles)  // k blocks (2 KiB of weights each) a
-                                 // one-tile-row pass prefetches ahead
+constexpr int kPrefetchBlocks = 4;  // k blocks (2 KiB of weights each) a one-tile-row pass prefetches ahead
+constexpr int kChunkRows = 128;     // rows of a work item (four pairs of row tiles)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;

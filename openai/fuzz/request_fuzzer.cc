@@ -20,8 +20,6 @@ const kraken::tokenizer::Tokenizer& Tok() {
   return kraken::tokenizer::FuzzTokenizer();
 }
 
-}  // namespace
-
 const kraken::tokenizer::ChatTemplate& Template() {
   static const kraken::tokenizer::ChatTemplate t = *kraken::tokenizer::ChatTemplate::Parse(
       "{%- for m in messages %}{{ m.role | upper }}: {% if m.content is string %}{{ m.content | trim }}"
@@ -41,6 +39,8 @@ void Chat(std::string_view body) {
   auto text = Template().Render(context);
   if (!text.ok() && text.status().code() != absl::StatusCode::kInvalidArgument) std::abort();
 }
+
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string_view body(reinterpret_cast<const char*>(data), size);

@@ -195,8 +195,9 @@ const KernelTable* Level(const char* isa) {
   return nullptr;
 }
 
-// A BF16 weight W [n, k] (row-major bits) packed as a PyTorch Linear weight, for level `kt`.
-PackedMatrix PackBf16(const KernelTable& kt, const std::vector<uint16_t>& w, int n, int k) {
+// A BF16 weight W [n, k] (row-major bits) packed as a PyTorch Linear weight, pair-interleaved or
+// k-major.
+PackedMatrix PackBf16(const std::vector<uint16_t>& w, int n, int k, bool pairs) {
   MatrixSource src{.data = reinterpret_cast<const uint8_t*>(w.data()),
                    .dtype = DType::kBF16,
                    .out_stride = k,
@@ -204,7 +205,7 @@ PackedMatrix PackBf16(const KernelTable& kt, const std::vector<uint16_t>& w, int
                    .in = k};
   src.rows.resize(n);
   std::iota(src.rows.begin(), src.rows.end(), 0);
-  return std::move(PackedMatrix::Pack(src, kt.bf16_pairs)).value();
+  return std::move(PackedMatrix::Pack(src, pairs)).value();
 }
 
 // Y = X · W^T (+ bias, + 0.25 in Y when accumulating) on one level's table.
@@ -230,7 +231,7 @@ TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
     for (int n : {1, 31, 77}) {
       std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
       for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-      const PackedMatrix w = PackBf16(*amx, wb, n, k);
+      const PackedMatrix w = PackBf16(wb, n, k, amx->bf16_pairs);
       std::vector<float> bias(n);
       for (float& v : bias) v = nd(rng);
       for (int m : {1, 5, 16, 17, 32, 33, 50}) {
@@ -275,7 +276,7 @@ TEST(CpuDispatch, TheAmxLevelIsBatchInvariant) {
   const int m = 50, n = 100, k = 200;
   std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
   for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-  const PackedMatrix w = PackBf16(*amx, wb, n, k);
+  const PackedMatrix w = PackBf16(wb, n, k, amx->bf16_pairs);
   std::vector<float> x(static_cast<size_t>(m) * k), bias(n);
   for (float& v : x) v = nd(rng);
   for (float& v : bias) v = nd(rng);
@@ -298,15 +299,7 @@ TEST(CpuDispatch, ThePairInterleavedLayoutHoldsTheSameRows) {
   const int n = 77, k = 131;  // a partial panel, a partial k block
   std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
   for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-  MatrixSource src{.data = reinterpret_cast<const uint8_t*>(wb.data()),
-                   .dtype = DType::kBF16,
-                   .out_stride = k,
-                   .in_stride = 1,
-                   .in = k};
-  src.rows.resize(n);
-  std::iota(src.rows.begin(), src.rows.end(), 0);
-  const PackedMatrix pairs = std::move(PackedMatrix::Pack(src, true)).value();
-  const PackedMatrix kmajor = std::move(PackedMatrix::Pack(src, false)).value();
+  const PackedMatrix pairs = PackBf16(wb, n, k, true), kmajor = PackBf16(wb, n, k, false);
   ASSERT_TRUE(pairs.pairs());
   ASSERT_FALSE(kmajor.pairs());
   std::vector<int32_t> tokens(n), positions(n, 0);

@@ -348,7 +348,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="T = 128, 512; b = 1, 8; one round")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--cpu-isa", default="auto", choices=["auto", "amx", "avx512", "avx2"],
+    ap.add_argument("--cpu-isa", default="auto", choices=["auto", "amx", "avx512bf16", "avx512", "avx2"],
                     help="our kernel level (engine_bench's KRAKEN_CPU_ISA, kraken-server's --cpu-isa)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="weight dtypes to compare, comma-separated")
     ap.add_argument("--serving-dtype", default="bf16", choices=DTYPES + ["none"],

@@ -2,7 +2,7 @@
 # Builds and runs every test that runs without a GPU:
 #   0. clang-format and the module layering (scripts/check_layers.sh)
 #   1. Release build, warnings as errors; ctest (all labels but gpu), then the engine's tests again
-#      on the AVX2 kernel level (KRAKEN_CPU_ISA=avx2) and the opt-in AMX level (KRAKEN_CPU_ISA=amx)
+#      on the AVX2 kernel level (KRAKEN_CPU_ISA=avx2) and the opt-in BF16-product levels (amx, avx512bf16)
 #   2. Python tests (PyTorch reference vs engine, converter, Hugging Face GPT-2)
 #   3. the golden files regenerate identically from the reference
 #   4. AddressSanitizer + UndefinedBehaviorSanitizer build; unit and model tests under it
@@ -41,11 +41,17 @@ for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
   KRAKEN_SOURCE_DIR="$root" KRAKEN_CPU_ISA=avx2 "$root/build/tests/engine/$t" --gtest_brief=1 | tail -n 2
 done
 
-step "engine tests on the opt-in AMX level (KRAKEN_CPU_ISA=amx)"
-# BF16-weight GEMMs on AMX-BF16 tiles with BF16 activations: the invariances hold bit for bit, the
-# reference within its own tolerance. A CPU (or OS) without AMX falls back to the best level below.
-for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
-  KRAKEN_SOURCE_DIR="$root" KRAKEN_CPU_ISA=amx "$root/build/tests/engine/$t" --gtest_brief=1 | tail -n 2
+# The opt-in levels with BF16 products: BF16-weight GEMMs on AMX-BF16 tiles (amx) or with
+# VDPBF16PS (avx512bf16), BF16-rounded activations either way: the invariances hold bit for bit,
+# the reference within its own tolerance. KRAKEN_CPU_ISA=amx on a CPU without AMX runs the best
+# level below (avx512bf16 on Zen 4/5), so avx512bf16 gets its own run only where amx ran.
+bf16_levels=(amx)
+grep -qw amx_tile /proc/cpuinfo 2>/dev/null && bf16_levels+=(avx512bf16)
+for level in "${bf16_levels[@]}"; do
+  step "engine tests on the opt-in level KRAKEN_CPU_ISA=$level"
+  for t in engine_unit_tests engine_model_tests engine_allocation_tests; do
+    KRAKEN_SOURCE_DIR="$root" KRAKEN_CPU_ISA=$level "$root/build/tests/engine/$t" --gtest_brief=1 | tail -n 2
+  done
 done
 
 step "Python tests"

@@ -254,9 +254,10 @@ void AddServerFlags(CLI::App& app, ServerFlags& f) {
   opt("--log-format", f.log_format, "plain or json (one JSON object per line)")
       ->check(CLI::IsMember({"plain", "json"}));
   opt("--cpu-isa", f.cpu_isa,
-      "highest CPU kernel level to use: auto (the best this CPU has, amx aside), amx (AMX-BF16 tiles for BF16 "
-      "weights, with BF16-rounded activations), avx512 or avx2; the workers inherit it")
-      ->check(CLI::IsMember({"auto", "amx", "avx512", "avx2"}));
+      "highest CPU kernel level to use: auto (the best this CPU has, amx and avx512bf16 aside), amx (AMX-BF16 "
+      "tiles for BF16 weights, with BF16-rounded activations), avx512bf16 (the same product with AVX512-BF16 dot "
+      "products), avx512 or avx2; the workers inherit it")
+      ->check(CLI::IsMember({"auto", "amx", "avx512bf16", "avx512", "avx2"}));
   app.add_flag("--print-resources", f.print_resources,
                "print what this configuration needs (workers, GPUs, shared memory, KV cache) as JSON and exit");
   opt("--metrics-port", f.metrics_port, "Prometheus /metrics port; -1 = off")->check(CLI::Range(-1, 65535));

@@ -18,6 +18,9 @@ namespace kraken::engine::cpu {
 namespace amx {
 extern const KernelTable kKernels;
 }
+namespace avx512bf16 {
+extern const KernelTable kKernels;
+}
 namespace avx512 {
 extern const KernelTable kKernels;
 }
@@ -35,8 +38,8 @@ namespace {
 struct Level {
   const KernelTable* table;
   const char* const* features;  // CpuHasFeature names, NULL-terminated
-  // Chosen only when KRAKEN_CPU_ISA names it: its results differ from the levels below (amx
-  // rounds the activations of BF16-weight GEMMs to BF16).
+  // Chosen only when KRAKEN_CPU_ISA names it (or a level above it): its results differ from the
+  // levels below (amx and avx512bf16 round the activations of BF16-weight GEMMs to BF16).
   bool opt_in = false;
 };
 
@@ -46,11 +49,21 @@ struct Level {
 const char* const kAvx512Features[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd",
                                        "avx2",    "fma",      "f16c",     "bmi2",     nullptr};
 const char* const kAvx2Features[] = {"avx2", "fma", "f16c", "bmi2", nullptr};
+const char* const kAvx512Bf16Features[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl",   "avx512cd", "avx2",
+                                           "fma",     "f16c",     "bmi2",     "avx512bf16", nullptr};
 const char* const kAmxFeatures[] = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2",
                                     "fma",     "f16c",     "bmi2",     "amx",      nullptr};
 const Level kLevels[] = {{&amx::kKernels, kAmxFeatures, /*opt_in=*/true},
+                         {&avx512bf16::kKernels, kAvx512Bf16Features, /*opt_in=*/true},
                          {&avx512::kKernels, kAvx512Features},
                          {&avx2::kKernels, kAvx2Features}};
+
+// Whether the CPU has AVX512-BF16 (CPUID 7.1 EAX bit 5). AVX-512's register state, which it also
+// needs, comes with the avx512f check (the compiler's CPU model tests XCR0).
+bool Avx512Bf16() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) != 0 && ((a >> 5) & 1u) != 0;
+}
 
 // Why this process cannot use AMX-BF16 tiles and AVX512-BF16, or nullptr when it can: the CPU
 // must have them (CPUID 7.0 EDX bits 22 and 24, 7.1 EAX bit 5), the OS must enable the tile state
@@ -63,7 +76,7 @@ const char* AmxUnusableReason() {
     if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return "the CPU reports no CPUID leaf 7";
     const bool tile = (d >> 24) & 1u, amx_bf16 = (d >> 22) & 1u;
     if (!tile || !amx_bf16) return "the CPU has no AMX-BF16 tiles";
-    if (__get_cpuid_count(7, 1, &a, &b, &c, &d) == 0 || ((a >> 5) & 1u) == 0) return "the CPU has no AVX512-BF16";
+    if (!Avx512Bf16()) return "the CPU has no AVX512-BF16";
     if (__get_cpuid(1, &a, &b, &c, &d) == 0 || ((c >> 27) & 1u) == 0) return "the OS does not enable XSAVE";
     unsigned xcr0 = 0, xcr0_hi = 0;
     __asm__("xgetbv" : "=a"(xcr0), "=d"(xcr0_hi) : "c"(0));
@@ -99,6 +112,7 @@ bool CpuHasFeature(const char* f) {
     return __get_cpuid(1, &a, &b, &c, &d) != 0 && (c & bit_F16C) != 0;
   }
   if (std::strcmp(f, "bmi2") == 0) return __builtin_cpu_supports("bmi2");
+  if (std::strcmp(f, "avx512bf16") == 0) return Avx512Bf16();
   if (std::strcmp(f, "amx") == 0) return AmxUnusableReason() == nullptr;
   return false;
 #else
@@ -147,6 +161,9 @@ const KernelTable& Kernels() {
 #if KRAKEN_CPU_HAS_X86_ISAS
     if (cap != nullptr && std::strcmp(cap, "amx") == 0 && std::strcmp((*t)->isa, "amx") != 0) {
       std::fprintf(stderr, "KRAKEN_CPU_ISA=amx: %s; running the %s kernels\n", AmxUnusableReason(), (*t)->isa);
+    } else if (cap != nullptr && std::strcmp(cap, "avx512bf16") == 0 && std::strcmp((*t)->isa, "avx512bf16") != 0) {
+      std::fprintf(stderr, "KRAKEN_CPU_ISA=avx512bf16: the CPU has no %s; running the %s kernels\n",
+                   CpuHasFeature("avx512f") ? "AVX512-BF16" : "AVX-512", (*t)->isa);
     }
 #endif
     return *t;

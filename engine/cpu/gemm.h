@@ -44,12 +44,13 @@ inline constexpr int kPairBlock = 32;
 
 /// W [N, K] in panels of kPanelWidth output features, zero-padded to a whole panel, in one of two
 /// layouts:
-/// - k-major (every level's F32 and F16, and BF16 below amx): element (n, k) at panel n / 32,
+/// - k-major (every level's F32 and F16, and BF16 on the F32 levels): element (n, k) at panel n / 32,
 ///   element offset k * 32 + n % 32;
-/// - pair-interleaved (`pairs()`, BF16 on the amx level; K zero-padded to a multiple of 32): per
+/// - pair-interleaved (`pairs()`, BF16 on the amx and avx512bf16 levels; K zero-padded to a multiple of 32): per
 ///   k block b = k / 32 two 16 x 64-byte tiles, the one of outputs 16j..16j+15 (j = (n % 32) / 16)
 ///   at byte (2b + j) * 1024, whose row q holds (n, 32b + 2q), (n, 32b + 2q + 1) for each n: the
-///   operand TDPBF16PS reads (Intel SDM, "TDPBF16PS").
+///   operand TDPBF16PS reads (Intel SDM, "TDPBF16PS"), and row q alone the 16-output operand of
+///   VDPBF16PS for k pair 16b + q.
 class PackedMatrix {
  public:
   /// Packs `src` in the layout the active kernel level reads. The dtype must be F32, BF16 or F16

@@ -364,27 +364,105 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
 }  // namespace amx_tiles
 #endif  // KRAKEN_CPU_AMX
 
-}  // namespace
+#if KRAKEN_CPU_BF16DOT
+// AVX512-BF16 for BF16 weights: Y = bf16(X) · W^T with F32 accumulation, VDPBF16PS adding one k
+// pair's two products to 16 outputs per instruction (Intel SDM, "VDPBF16PS"). X is rounded to
+// BF16 (round to nearest even, VCVTNE2PS2BF16) into row tiles of kMr rows laid [K/2][kMr] pairs,
+// K zero-padded to a multiple of 32; the weights are packed pair-interleaved (gemm.h), whose tile
+// row q of k block b is exactly the operand VDPBF16PS reads for k pair 16b + q. Every output
+// element is the same VDPBF16PS chain over the k pairs in order whatever M is and whichever thread
+// runs it: batch-invariant, but a different product from the F32 kernels (BF16 activations), so
+// the avx512bf16 level is chosen only when asked for.
+namespace dot_bf16 {
 
-size_t GemmScratchFloats(int m, int k) {
-  const size_t f32 = static_cast<size_t>((m + kMr - 1) / kMr) * kMr * k;
-#if KRAKEN_CPU_AMX
-  return std::max(f32, amx_tiles::ScratchFloats(m, k));
-#else
-  return f32;
-#endif
+constexpr int kPrefetchBlocks = 2;  // k blocks (2 KiB of a panel each) the kernel prefetches ahead
+
+// K pairs of a row, K padded to a whole pair-interleaved block.
+inline int PairsOf(int k) {
+  return (k + kPairBlock - 1) / kPairBlock * (kPairBlock / 2);
 }
 
-void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
-          bool accumulate, float* packed) {
-#if KRAKEN_CPU_AMX
-  if (w.pairs()) {
-    if (m > 0 && w.out() > 0) amx_tiles::Gemm(x, m, lda, w, bias, y, ldc, accumulate, packed);
-    return;
+// Rows r0 .. r0 + mr of X as [PairsOf(k)][mr] BF16 pairs (the low half the even k).
+void PackTile(const float* x, int64_t lda, int k, int r0, int mr, uint32_t* dst) {
+  const int pairs = PairsOf(k);
+  for (int r = 0; r < mr; ++r) {
+    const float* src = x + (r0 + r) * lda;
+    for (int c = 0; c < 2 * pairs; c += 32) {
+      const int lo = std::clamp(k - c, 0, 16), hi = std::clamp(k - c - 16, 0, 16);
+      const __m512 vlo = _mm512_maskz_loadu_ps(FirstLanes(lo), lo > 0 ? src + c : src);
+      const __m512 vhi = _mm512_maskz_loadu_ps(FirstLanes(hi), hi > 0 ? src + c + 16 : src);
+      alignas(64) uint32_t p[16];
+      _mm512_store_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(vhi, vlo)));
+      for (int i = 0; i < 16; ++i) dst[static_cast<size_t>(c / 2 + i) * mr + r] = p[i];
+    }
   }
-#endif
-  const int k_dim = w.in();
-  if (m <= 0 || w.out() == 0) return;
+}
+
+// MR rows x NP panels over `pairs` k pairs; `a` is the tile's [pairs][MR] BF16 pairs (passed as
+// floats through KernelFn).
+template <int MR, int NP>
+void Kernel(int pairs, const float* a_floats, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
+            const float* bias, bool accumulate) {
+  const uint32_t* a = reinterpret_cast<const uint32_t*>(a_floats);
+  __m512 acc[MR][2 * NP];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 2 * NP; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int kb = 0; kb < pairs / (kPairBlock / 2); ++kb) {
+    const uint8_t* block = w + static_cast<size_t>(kb) * 2 * 1024;
+    for (int q = 0; q < kPairBlock / 2; ++q) {
+      __m512bh b[2 * NP];
+      for (int p = 0; p < NP; ++p) {
+        const uint8_t* src = block + p * panel_bytes + q * 64;
+        // The two tiles of a block are two streams that jump 1 KiB at every block: the hardware
+        // prefetchers lose them, so each step asks for its lines kPrefetchBlocks blocks ahead.
+        Prefetch(src + kPrefetchBlocks * 2 * 1024);
+        Prefetch(src + kPrefetchBlocks * 2 * 1024 + 1024);
+        b[2 * p] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src));
+        b[2 * p + 1] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src + 1024));
+      }
+      const uint32_t* ak = a + static_cast<size_t>(kb * (kPairBlock / 2) + q) * MR;
+      for (int r = 0; r < MR; ++r) {
+        const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ak[r])));
+        for (int j = 0; j < 2 * NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, b[j]);
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldc;
+    for (int j = 0; j < 2 * NP; ++j) {
+      const int c0 = j * 16;
+      const int n = std::min(16, n_valid - c0);
+      if (n <= 0) break;
+      __m512 t = acc[r][j];
+      if (bias != nullptr) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(FirstLanes(n), bias + c0));
+      if (accumulate) t = _mm512_add_ps(_mm512_maskz_loadu_ps(FirstLanes(n), yr + c0), t);
+      _mm512_mask_storeu_ps(yr + c0, FirstLanes(n), t);
+    }
+  }
+}
+
+template <int MR>
+constexpr KernelFn Pick(int np) {
+  if (np == PanelsPerCall(MR)) return &Kernel<MR, PanelsPerCall(MR)>;
+  return &Kernel<MR, 1>;
+}
+
+template <int... I>
+KernelFn SelectRows(int mr, int np, std::integer_sequence<int, I...>) {
+  KernelFn f = nullptr;
+  static_cast<void>(((mr == I + 1 ? (f = Pick<I + 1>(np), true) : false) || ...));
+  return f;
+}
+
+}  // namespace dot_bf16
+#endif  // KRAKEN_CPU_BF16DOT
+
+// The threaded driver of the register-tile kernels: X in row tiles of kMr rows, each packed by
+// `pack(r0, mr, dst)` into `tile_floats` floats, then every (panel group, row chunk) work item
+// runs `kernel_for(mr, np)(k_arg, tile, ...)`.
+template <class PackFn, class KernelFor>
+void RunTiles(int m, int k_arg, size_t tile_floats, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+              bool accumulate, float* packed, PackFn pack, KernelFor kernel_for) {
   const int tiles = (m + kMr - 1) / kMr;
   const int chunks = (tiles + kTilesPerChunk - 1) / kTilesPerChunk;
   const int np = PanelsPerCall(std::min(m, kMr));
@@ -394,15 +472,10 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
 
 #pragma omp parallel
   {
-    // Pack activations: tile t holds rows [12t, 12t + mr) as [K][mr].
 #pragma omp for schedule(static)
     for (int t = 0; t < tiles; ++t) {
-      const int r0 = t * kMr, mr = std::min(kMr, m - r0);
-      float* dst = packed + static_cast<size_t>(t) * kMr * k_dim;
-      for (int r = 0; r < mr; ++r) {
-        const float* src = x + (r0 + r) * lda;
-        for (int k = 0; k < k_dim; ++k) dst[static_cast<size_t>(k) * mr + r] = src[k];
-      }
+      const int r0 = t * kMr;
+      pack(r0, std::min(kMr, m - r0), packed + static_cast<size_t>(t) * tile_floats);
     }
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
@@ -413,22 +486,68 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
       const int t_end = std::min(tiles, (chunk + 1) * kTilesPerChunk);
       for (int t = chunk * kTilesPerChunk; t < t_end; ++t) {
         const int r0 = t * kMr, mr = std::min(kMr, m - r0);
-        const float* a = packed + static_cast<size_t>(t) * kMr * k_dim;
+        const float* a = packed + static_cast<size_t>(t) * tile_floats;
         const int p0 = g * np, p_end = std::min(w.panels(), p0 + np);
         if (p_end - p0 == np) {
-          SelectKernel(w.dtype(), mr, np)(k_dim, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth, ldc,
-                                          w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr,
-                                          accumulate);
+          kernel_for(mr, np)(k_arg, a, w.panel(p0), panel_bytes, y + r0 * ldc + p0 * kPanelWidth, ldc,
+                             w.out() - p0 * kPanelWidth, bias ? bias + p0 * kPanelWidth : nullptr, accumulate);
         } else {
           for (int p = p0; p < p_end; ++p) {
-            SelectKernel(w.dtype(), mr, 1)(k_dim, a, w.panel(p), panel_bytes, y + r0 * ldc + p * kPanelWidth, ldc,
-                                           w.out() - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr,
-                                           accumulate);
+            kernel_for(mr, 1)(k_arg, a, w.panel(p), panel_bytes, y + r0 * ldc + p * kPanelWidth, ldc,
+                              w.out() - p * kPanelWidth, bias ? bias + p * kPanelWidth : nullptr, accumulate);
           }
         }
       }
     }
   }
+}
+
+}  // namespace
+
+size_t GemmScratchFloats(int m, int k) {
+  const size_t tiles = static_cast<size_t>((m + kMr - 1) / kMr);
+  size_t floats = tiles * kMr * k;
+#if KRAKEN_CPU_BF16DOT
+  floats = std::max(floats, tiles * kMr * dot_bf16::PairsOf(k));
+#endif
+#if KRAKEN_CPU_AMX
+  floats = std::max(floats, amx_tiles::ScratchFloats(m, k));
+#endif
+  return floats;
+}
+
+void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
+          bool accumulate, float* packed) {
+  if (m <= 0 || w.out() == 0) return;
+#if KRAKEN_CPU_AMX
+  if (w.pairs()) {
+    amx_tiles::Gemm(x, m, lda, w, bias, y, ldc, accumulate, packed);
+    return;
+  }
+#endif
+  const int k_dim = w.in();
+#if KRAKEN_CPU_BF16DOT
+  if (w.pairs()) {
+    const int pairs = dot_bf16::PairsOf(k_dim);
+    RunTiles(
+        m, pairs, static_cast<size_t>(kMr) * pairs, w, bias, y, ldc, accumulate, packed,
+        [&](int r0, int mr, float* dst) {
+          dot_bf16::PackTile(x, lda, k_dim, r0, mr, reinterpret_cast<uint32_t*>(dst));
+        },
+        [](int mr, int np) { return dot_bf16::SelectRows(mr, np, std::make_integer_sequence<int, kMr>()); });
+    return;
+  }
+#endif
+  // Tile t holds rows [12t, 12t + mr) as [K][mr].
+  RunTiles(
+      m, k_dim, static_cast<size_t>(kMr) * k_dim, w, bias, y, ldc, accumulate, packed,
+      [&](int r0, int mr, float* dst) {
+        for (int r = 0; r < mr; ++r) {
+          const float* src = x + (r0 + r) * lda;
+          for (int k = 0; k < k_dim; ++k) dst[static_cast<size_t>(k) * mr + r] = src[k];
+        }
+      },
+      [&](int mr, int np) { return SelectKernel(w.dtype(), mr, np); });
 }
 
 }  // namespace kraken::engine::cpu::KRAKEN_CPU_ISA

@@ -1,5 +1,5 @@
 // The CPU kernels of one instruction-set level, declared inside that level's namespace
-// (KRAKEN_CPU_ISA: avx2, avx512, amx or generic). Each kernel file is compiled once per level with
+// (KRAKEN_CPU_ISA: avx2, avx512, avx512bf16, amx or generic). Each kernel file is compiled once per level with
 // that level's -march; dispatch.cc picks one level at start (kernels.h) and calls through its
 // KernelTable. Nothing outside these namespaces may be defined by those compilations: a shared
 // inline or template symbol built for AVX-512 could be the copy the linker keeps for everyone

@@ -8,7 +8,7 @@ namespace kraken::engine::cpu::KRAKEN_CPU_ISA {
 
 const KernelTable kKernels = {
     .isa = KRAKEN_STRINGIFY(KRAKEN_CPU_ISA),
-#if KRAKEN_CPU_AMX
+#if KRAKEN_CPU_AMX || KRAKEN_CPU_BF16DOT
     .bf16_pairs = true,
 #else
     .bf16_pairs = false,

@@ -4,12 +4,13 @@
 // batch invariant. Multi-threaded with OpenMP over rows / (sequence, head, query tile) items.
 //
 // The kernel files are built once per x86 instruction-set level (AVX2 + FMA + F16C, AVX-512
-// F/BW/DQ/VL, and AVX-512 with AMX-BF16) and one level is chosen at start from CPUID, capped by the
-// environment variable KRAKEN_CPU_ISA (avx2, avx512, amx): one binary runs at its best on any
+// F/BW/DQ/VL, AVX-512 with AVX512-BF16, and AVX-512 with AMX-BF16) and one level is chosen at start
+// from CPUID, capped by the environment variable KRAKEN_CPU_ISA (avx2, avx512, avx512bf16, amx):
+// one binary runs at its best on any
 // x86-64-v3 CPU. The avx2 and avx512 levels compute each element with the same operations in the
 // same order (one FMA chain per GEMM output, the same exp polynomial), so their results are the
-// same bits. The amx level, chosen only when KRAKEN_CPU_ISA names it, multiplies BF16 weights by
-// BF16-rounded activations (gemm_kernels.cc): batch-invariant too, but other bits.
+// same bits. The amx and avx512bf16 levels, chosen only when KRAKEN_CPU_ISA names them, multiply
+// BF16 weights by BF16-rounded activations (gemm_kernels.cc): batch-invariant too, but other bits.
 #pragma once
 
 #include <cstddef>
@@ -62,7 +63,7 @@ void Attention(Mat q, const KvSlot& slot, const AttentionBatch& batch, float sca
 /// One instruction-set level's kernels (isa_kernels.h); the free functions above call the
 /// active level's.
 struct KernelTable {
-  const char* isa;  // "amx", "avx512", "avx2" or "generic"
+  const char* isa;  // "amx", "avx512bf16", "avx512", "avx2" or "generic"
   bool bf16_pairs;  // this level's GEMM reads BF16 weights pair-interleaved (PackedMatrix)
   size_t (*gemm_scratch_floats)(int m, int k);
   void (*gemm)(const float* x, int m, int64_t lda, const PackedMatrix& w, const float* bias, float* y, int64_t ldc,
@@ -78,19 +79,21 @@ struct KernelTable {
                     AttentionScratch* scratch);
 };
 
-/// The levels this binary holds kernels for, best first ({"amx", "avx512", "avx2"} on x86-64,
+/// The levels this binary holds kernels for, best first ({"amx", "avx512bf16", "avx512", "avx2"} on x86-64,
 /// {"generic"} elsewhere).
 std::vector<std::string> BuiltCpuIsas();
 
 /// Whether this CPU has `feature` (a __builtin_cpu_supports name among those the levels need:
-/// avx512f, avx512bw, avx512dq, avx512vl, avx512cd, avx2, fma, f16c, bmi2; or "amx": AMX-BF16
-/// tiles and AVX512-BF16, which the OS enables and grants this process); true off x86.
+/// avx512f, avx512bw, avx512dq, avx512vl, avx512cd, avx2, fma, f16c, bmi2; "avx512bf16" (CPUID 7.1
+/// EAX bit 5); or "amx": AMX-BF16 tiles and AVX512-BF16, which the OS enables and grants this
+/// process); true off x86.
 bool CpuHasFeature(const char* feature);
 
 /// The best built level that `has_feature` (a CpuHasFeature name -> bool) allows, no higher than
-/// `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()). Without a cap the amx level
-/// is passed over: it rounds the activations of BF16-weight GEMMs to BF16, a different product
-/// from the other levels', so only KRAKEN_CPU_ISA=amx chooses it.
+/// `cap` (nullptr or "" for no cap; otherwise one of BuiltCpuIsas()). Without a cap the amx and
+/// avx512bf16 levels are passed over: they round the activations of BF16-weight GEMMs to BF16, a
+/// different product from the other levels', so only a KRAKEN_CPU_ISA naming one chooses it (amx
+/// on a CPU without AMX: avx512bf16 where the CPU has it).
 /// INVALID_ARGUMENT naming KRAKEN_CPU_ISA when `cap` is not a built level, or when the CPU lacks
 /// every level up to the cap (the start-up CPU check normally refuses such a CPU first).
 StatusOr<const KernelTable*> SelectKernels(const char* cap, bool (*has_feature)(const char* feature));

@@ -27,7 +27,7 @@
 #endif
 
 // Kernel files are compiled once per instruction-set level, each copy inside its own namespace
-// (KRAKEN_CPU_ISA: avx2, avx512, amx, generic; engine/CMakeLists.txt), so that the copies never share
+// (KRAKEN_CPU_ISA: avx2, avx512, avx512bf16, amx, generic; engine/CMakeLists.txt), so that the copies never share
 // a symbol. A file compiled once (a test) gets `native`: whatever its own -march allows.
 #ifndef KRAKEN_CPU_ISA
 #define KRAKEN_CPU_ISA native

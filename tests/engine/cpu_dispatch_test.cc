@@ -25,27 +25,32 @@ bool FakeCpu(const char* f) {
 }
 
 const std::set<std::string> kZen3 = {"avx2", "fma", "f16c", "bmi2"};
-const std::set<std::string> kSapphireRapids = {"avx2",     "fma",      "f16c",     "bmi2",     "avx512f",
-                                               "avx512bw", "avx512dq", "avx512vl", "avx512cd", "amx"};
+const std::set<std::string> kZen4 = {"avx2",     "fma",      "f16c",     "bmi2",     "avx512f",
+                                     "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512bf16"};
+const std::set<std::string> kSapphireRapids = {"avx2",     "fma",      "f16c",     "bmi2",       "avx512f", "avx512bw",
+                                               "avx512dq", "avx512vl", "avx512cd", "avx512bf16", "amx"};
 
 #if defined(__x86_64__)
-TEST(CpuDispatch, BuildsAmxAvx512AndAvx2Levels) {
-  EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"amx", "avx512", "avx2"}));
+TEST(CpuDispatch, BuildsAmxAvx512Bf16Avx512AndAvx2Levels) {
+  EXPECT_EQ(BuiltCpuIsas(), (std::vector<std::string>{"amx", "avx512bf16", "avx512", "avx2"}));
 }
 
 TEST(CpuDispatch, ReadsThisCpusFeatures) {
   // This binary is built for x86-64-v3 and checks that at start: the AVX2 level's features are here.
   for (const char* f : {"avx2", "fma", "f16c", "bmi2"}) EXPECT_TRUE(CpuHasFeature(f)) << f;
-  EXPECT_FALSE(CpuHasFeature("avx512bf16"));  // a name the levels do not ask about
+  EXPECT_FALSE(CpuHasFeature("avx512vp2intersect"));  // a name the levels do not ask about
   const bool avx512 = CpuHasFeature("avx512f");
   EXPECT_EQ(avx512, __builtin_cpu_supports("avx512f") != 0);
+  EXPECT_EQ(CpuHasFeature("avx512bf16"), __builtin_cpu_supports("avx512bf16") != 0);
 }
 
 TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
   g_features = kSapphireRapids;
-  // amx changes BF16 results (BF16 activations): never chosen unasked.
+  // amx and avx512bf16 change BF16 results (BF16 activations): never chosen unasked.
   EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx512");
   EXPECT_STREQ((*SelectKernels("", &FakeCpu))->isa, "avx512");
+  g_features = kZen4;
+  EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx512");
   g_features = kZen3;
   EXPECT_STREQ((*SelectKernels(nullptr, &FakeCpu))->isa, "avx2");
   // AVX-512 F without BW/DQ/VL (Knights Landing) is not the AVX-512 level.
@@ -59,24 +64,34 @@ TEST(CpuDispatch, TheCapLowersTheLevelButNeverRaisesIt) {
   EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "amx");
   EXPECT_STREQ((*SelectKernels("avx2", &FakeCpu))->isa, "avx2");
   EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx512");
-  g_features.erase("amx");  // an AVX-512 CPU without AMX, or an OS that does not grant the tiles
+  EXPECT_STREQ((*SelectKernels("avx512bf16", &FakeCpu))->isa, "avx512bf16");
+  // An AVX-512 CPU with BF16 dot products but no AMX (Zen 4, Zen 5), or an OS that does not grant
+  // the tiles: amx asks for BF16 products, and the best level below with them runs.
+  g_features = kZen4;
+  EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "avx512bf16");
+  EXPECT_STREQ((*SelectKernels("avx512bf16", &FakeCpu))->isa, "avx512bf16");
+  g_features.erase("avx512bf16");  // Ice Lake, Zen 3 with AVX-512 masked off: the F32 levels only
   EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "avx512");
+  EXPECT_STREQ((*SelectKernels("avx512bf16", &FakeCpu))->isa, "avx512");
   g_features = kZen3;
   EXPECT_STREQ((*SelectKernels("avx512", &FakeCpu))->isa, "avx2");
+  EXPECT_STREQ((*SelectKernels("avx512bf16", &FakeCpu))->isa, "avx2");
   EXPECT_STREQ((*SelectKernels("amx", &FakeCpu))->isa, "avx2");
 }
 
 TEST(CpuDispatch, AnUnknownCapOrAnUnfitCpuIsRefusedByName) {
   g_features = kZen3;
-  StatusOr<const KernelTable*> t = SelectKernels("avx512bf16", &FakeCpu);
+  StatusOr<const KernelTable*> t = SelectKernels("avx512fp16", &FakeCpu);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().message(),
-            "KRAKEN_CPU_ISA must be one of the levels this binary holds (amx, avx512, avx2), got 'avx512bf16'");
+            "KRAKEN_CPU_ISA must be one of the levels this binary holds (amx, avx512bf16, avx512, avx2), got "
+            "'avx512fp16'");
   g_features = {"avx2", "f16c", "bmi2"};  // no FMA
   t = SelectKernels(nullptr, &FakeCpu);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().message(),
-            "this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='avx512' (built: amx, avx512, avx2)");
+            "this CPU has none of the kernel levels up to KRAKEN_CPU_ISA='avx512' (built: amx, avx512bf16, avx512, "
+            "avx2)");
 }
 #endif
 
@@ -169,10 +184,11 @@ std::vector<const KernelTable*> RunnableLevels() {
   return runnable;
 }
 
-// The amx level (BF16 activations in BF16-weight GEMMs) is compared by its own tests below.
+// The levels with BF16 products (amx, avx512bf16: BF16 activations in BF16-weight GEMMs) are
+// compared by their own tests below.
 TEST(CpuDispatch, EveryLevelThisCpuRunsGivesTheSameBits) {
   std::vector<const KernelTable*> runnable = RunnableLevels();
-  std::erase_if(runnable, [](const KernelTable* t) { return std::strcmp(t->isa, "amx") == 0; });
+  std::erase_if(runnable, [](const KernelTable* t) { return t->bf16_pairs; });
   ASSERT_FALSE(runnable.empty());
   const std::vector<float> first = RunAll(*runnable[0]);
   for (float v : first) ASSERT_TRUE(std::isfinite(v));
@@ -216,14 +232,25 @@ std::vector<float> Bf16Gemm(const KernelTable& kt, const std::vector<float>& x, 
   return y;
 }
 
+// The levels whose BF16-weight GEMMs multiply BF16-rounded activations: amx (AMX-BF16 tiles,
+// TDPBF16PS) and avx512bf16 (VDPBF16PS). Each test skips a level this CPU (or OS) cannot run.
+class Bf16ProductLevel : public ::testing::TestWithParam<const char*> {
+ protected:
+  void SetUp() override {
+    level_ = Level(GetParam());
+    if (level_ == nullptr) GTEST_SKIP() << "this CPU (or OS) cannot run the " << GetParam() << " level";
+    ASSERT_TRUE(level_->bf16_pairs);
+  }
+  const KernelTable* level_ = nullptr;
+};
+
 // Every output is Σ_k bf16(x_k) w_k (+ bias, + Y): activations rounded to nearest even, every k
-// counted once, F32 accumulation (TDPBF16PS) — within 2^-20 of the terms' magnitudes of that sum
-// in double, where taking x unrounded (the F32 levels' product) is off by up to 2^-9 per term.
-// Shapes cover partial tiles: rows 1-16 and 17-32 (one fused pass), past 32 (whole panels), k
-// not a multiple of 32, n not a multiple of 16.
-TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
-  const KernelTable* amx = Level("amx");
-  if (amx == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
+// counted once, F32 accumulation — within 2^-20 of the terms' magnitudes of that sum in double,
+// where taking x unrounded (the F32 levels' product) is off by up to 2^-9 per term. Shapes cover
+// partial tiles: rows 1-16 and 17-32 (one AMX pass; 12-row register tiles and their remainders on
+// avx512bf16), past 32 (whole panels), k not a multiple of 32, n not a multiple of 16.
+TEST_P(Bf16ProductLevel, MultipliesBf16RoundedActivationsByBf16Weights) {
+  const KernelTable* level = level_;
   omp_set_num_threads(2);
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
@@ -231,14 +258,14 @@ TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
     for (int n : {1, 31, 77}) {
       std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
       for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-      const PackedMatrix w = PackBf16(wb, n, k, amx->bf16_pairs);
+      const PackedMatrix w = PackBf16(wb, n, k, level->bf16_pairs);
       std::vector<float> bias(n);
       for (float& v : bias) v = nd(rng);
       for (int m : {1, 5, 16, 17, 32, 33, 50}) {
         std::vector<float> x(static_cast<size_t>(m) * k);
         for (float& v : x) v = nd(rng);
         for (bool accumulate : {false, true}) {
-          const std::vector<float> y = Bf16Gemm(*amx, x, m, w, bias.data(), accumulate);
+          const std::vector<float> y = Bf16Gemm(*level, x, m, w, bias.data(), accumulate);
           int rounding_seen = 0;
           for (int r = 0; r < m; ++r) {
             for (int c = 0; c < n; ++c) {
@@ -265,30 +292,30 @@ TEST(CpuDispatch, TheAmxLevelMultipliesBf16RoundedActivationsByBf16Weights) {
   }
 }
 
-// The batch-invariance contract on the amx level: a row gives the same bits alone (one fused pass
-// over 16 rows) as in a batch of 50 (whole panels, two tile rows at a time), wherever it sits.
-TEST(CpuDispatch, TheAmxLevelIsBatchInvariant) {
-  const KernelTable* amx = Level("amx");
-  if (amx == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
+// The batch-invariance contract on the BF16-product levels: a row gives the same bits alone (one
+// AMX pass over 16 rows; a 1-row register tile over several panels) as in a batch of 50 (whole
+// panels, two tile rows or 12-row register tiles at a time), wherever it sits.
+TEST_P(Bf16ProductLevel, IsBatchInvariant) {
+  const KernelTable* level = level_;
   omp_set_num_threads(2);
   std::mt19937 rng(12);
   std::normal_distribution<float> nd;
   const int m = 50, n = 100, k = 200;
   std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
   for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
-  const PackedMatrix w = PackBf16(wb, n, k, amx->bf16_pairs);
+  const PackedMatrix w = PackBf16(wb, n, k, level->bf16_pairs);
   std::vector<float> x(static_cast<size_t>(m) * k), bias(n);
   for (float& v : x) v = nd(rng);
   for (float& v : bias) v = nd(rng);
-  const std::vector<float> batch = Bf16Gemm(*amx, x, m, w, bias.data(), true);
+  const std::vector<float> batch = Bf16Gemm(*level, x, m, w, bias.data(), true);
   for (int r : {0, 15, 16, 31, 32, 49}) {
     const std::vector<float> row(x.begin() + r * k, x.begin() + (r + 1) * k);
-    const std::vector<float> alone = Bf16Gemm(*amx, row, 1, w, bias.data(), true);
+    const std::vector<float> alone = Bf16Gemm(*level, row, 1, w, bias.data(), true);
     ASSERT_EQ(std::memcmp(alone.data(), batch.data() + static_cast<size_t>(r) * n, n * sizeof(float)), 0)
         << "row " << r;
   }
   omp_set_num_threads(1);
-  EXPECT_EQ(Bf16Gemm(*amx, x, m, w, bias.data(), true), batch) << "one thread and two differ";
+  EXPECT_EQ(Bf16Gemm(*level, x, m, w, bias.data(), true), batch) << "one thread and two differ";
 }
 
 // The pair-interleaved layout holds the same matrix: every level's embedding reads the same rows
@@ -316,13 +343,13 @@ TEST(CpuDispatch, ThePairInterleavedLayoutHoldsTheSameRows) {
   }
 }
 
-// Only BF16-weight GEMMs change on the amx level: everything else RunAll computes is the avx512
-// level's bits.
-TEST(CpuDispatch, TheAmxLevelChangesOnlyBf16Gemms) {
-  const KernelTable* amx = Level("amx");
+// Only BF16-weight GEMMs change on a BF16-product level: everything else RunAll computes is the
+// avx512 level's bits.
+TEST_P(Bf16ProductLevel, ChangesOnlyBf16Gemms) {
+  const KernelTable* level = level_;
   const KernelTable* avx512 = Level("avx512");
-  if (amx == nullptr || avx512 == nullptr) GTEST_SKIP() << "this CPU (or OS) gives no AMX-BF16 tiles";
-  const std::vector<float> a = RunAll(*amx), b = RunAll(*avx512);
+  ASSERT_NE(avx512, nullptr);
+  const std::vector<float> a = RunAll(*level), b = RunAll(*avx512);
   ASSERT_EQ(a.size(), b.size());
   // RunAll's layout: per dtype (F32, BF16, F16) the GEMM [23 x 77] then the embedding [4 x 131].
   const size_t gemm = 23 * 77, per_dtype = gemm + 4 * 131, bf16_begin = per_dtype, bf16_end = per_dtype + gemm;
@@ -330,14 +357,17 @@ TEST(CpuDispatch, TheAmxLevelChangesOnlyBf16Gemms) {
   for (size_t j = 0; j < a.size(); ++j) {
     if (j >= bf16_begin && j < bf16_end) {
       differ += std::memcmp(&a[j], &b[j], 4) != 0;
-      // Loose on purpose: the exact amx product is checked above; this only says "near".
+      // Loose on purpose: the exact BF16 product is checked above; this only says "near".
       ASSERT_NEAR(a[j], b[j], 0.05f * (1 + std::fabs(b[j]))) << j;
     } else {
       ASSERT_EQ(std::memcmp(&a[j], &b[j], 4), 0) << "output " << j << ": " << a[j] << " vs " << b[j];
     }
   }
-  EXPECT_GT(differ, gemm / 2) << "the BF16 GEMM did not run the AMX product";
+  EXPECT_GT(differ, gemm / 2) << "the BF16 GEMM did not run the " << GetParam() << " product";
 }
+
+INSTANTIATE_TEST_SUITE_P(CpuDispatch, Bf16ProductLevel, ::testing::Values("amx", "avx512bf16"),
+                         [](const ::testing::TestParamInfo<const char*>& p) { return std::string(p.param); });
 
 }  // namespace
 }  // namespace kraken::engine::cpu

@@ -60,9 +60,10 @@ PackedMatrix PackAll(const Weights& w, DType t, int out, int in) {
 
 class GemmTest : public ::testing::TestWithParam<DType> {};
 
-// Whether the active kernel level rounds the activations of a GEMM with `t` weights to BF16 (amx).
+// Whether the active kernel level rounds the activations of a GEMM with `t` weights to BF16 (amx,
+// avx512bf16: the levels that pair-interleave BF16 weights).
 bool Bf16Activations(DType t) {
-  return t == DType::kBF16 && std::strcmp(Kernels().isa, "amx") == 0;
+  return t == DType::kBF16 && Kernels().bf16_pairs;
 }
 
 TEST_P(GemmTest, MatchesDoublePrecisionReference) {
@@ -134,7 +135,7 @@ TEST_P(GemmTest, RowResultsAreBitwiseIndependentOfBatchSizeAndThreads) {
 // what makes results the same on every CPU, not only batch invariant on one.
 TEST_P(GemmTest, EveryElementIsTheInOrderFmaChainBitForBit) {
   if (Bf16Activations(GetParam())) {
-    GTEST_SKIP() << "the amx level's BF16 product is TDPBF16PS over BF16 activations (cpu_dispatch_test)";
+    GTEST_SKIP() << "the " << Kernels().isa << " level's BF16 product is over BF16 activations (cpu_dispatch_test)";
   }
   const DType t = GetParam();
   const uint32_t seed = testing::TestSeed();

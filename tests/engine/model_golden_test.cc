@@ -29,14 +29,15 @@ using testing::Golden;
 // BF16/F16 models store rounded weights but compute in F32 exactly like the reference (which
 // widens the same stored values), so the same tolerance applies to them.
 constexpr double kRelTol = 1e-4;
-// On the amx kernel level (KRAKEN_CPU_ISA=amx) a BF16 model's GEMMs round their activations to
-// BF16 (engine/cpu/gemm_kernels.cc), a different product from the reference's: measured up to
-// 4.6e-3 of the largest logit (kraken-n4-bf16) and 2.5e-3 in the intermediates.
+// On the levels with BF16 products (KRAKEN_CPU_ISA=amx or avx512bf16) a BF16 model's GEMMs round
+// their activations to BF16 (engine/cpu/gemm_kernels.cc), a different product from the
+// reference's: measured up to 4.6e-3 of the largest logit (kraken-n4-bf16) and 2.5e-3 in the
+// intermediates.
 constexpr double kRelTolBf16Activations = 1e-2;
 
 // The reference tolerance for `model` on the active kernel level.
 double RelTol(const std::string& model) {
-  const bool bf16_products = std::strcmp(cpu::Kernels().isa, "amx") == 0 && model.ends_with("-bf16");
+  const bool bf16_products = cpu::Kernels().bf16_pairs && model.ends_with("-bf16");
   return bf16_products ? kRelTolBf16Activations : kRelTol;
 }
 
@@ -246,7 +247,7 @@ std::vector<double> LogSoftmax(const std::vector<float>& logits, int V) {
 // Bounds on what a 16-bit KV cache changes: the largest logprob difference from an F32 cache over
 // every position and vocabulary entry of the golden prompts (docs/api.md "Memory" gives the figures).
 constexpr double kMaxLogprobDiffBf16 = 0.05, kMaxLogprobDiffF16 = 0.01;
-// On the amx level a BF16 model's activations are rounded to BF16 at every GEMM, so a change in
+// On the BF16-product levels a BF16 model's activations are rounded to BF16 at every GEMM, so a change in
 // the KV cache's last bits can move an activation by a whole BF16 step: the cache dtypes then
 // differ by what BF16 activations differ by (measured up to 0.11, kraken-n4-bf16).
 constexpr double kMaxLogprobDiffBf16Activations = 0.25;
@@ -459,7 +460,7 @@ TEST(ModelMemory, WeightsAreHeldOnceInTheirStoredDtype) {
       low += vector ? t->numel() * 4 : static_cast<int64_t>(t->nbytes);
       if (!vector) {
         // The output features are padded to 32, and so are the input features of a BF16 weight
-        // the amx level pair-interleaves; which axis holds the outputs depends on the layout.
+        // the BF16-product levels pair-interleave; which axis holds the outputs depends on the layout.
         const bool pairs = t->dtype == DType::kBF16 && cpu::Kernels().bf16_pairs;
         auto up = [](int64_t n) { return (n + 31) / 32 * 32; };
         auto extra = [&](int64_t out, int64_t in) { return up(out) * (pairs ? up(in) : in) - out * in; };

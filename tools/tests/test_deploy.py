@@ -245,16 +245,23 @@ def test_print_resources_names_the_cpu_kernel_level_and_cpu_isa_caps_it():
     assert json.loads(run().stdout)["cpu_kernels"] == cpu_kernel_level()
     assert json.loads(run("--cpu-isa", "avx512").stdout)["cpu_kernels"] == cpu_kernel_level()  # a cap, never a raise
     assert json.loads(run("--cpu-isa", "avx2").stdout)["cpu_kernels"] == "avx2"
-    # amx only when asked for, and only where the CPU has the tiles (else the best level below).
+    # amx and avx512bf16 only when asked for, and only where the CPU has them (else the best level
+    # below: avx512bf16 for amx on Zen 4/5).
     flags = set(open("/proc/cpuinfo").read().split())
-    amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
-    assert json.loads(run("--cpu-isa", "amx").stdout)["cpu_kernels"] == ("amx" if amx else cpu_kernel_level())
+    bf16 = "avx512_bf16" in flags and cpu_kernel_level() == "avx512"
+    amx = {"amx_tile", "amx_bf16"} <= flags and bf16
+    bf16_level = "avx512bf16" if bf16 else cpu_kernel_level()
+    asked_amx = run("--cpu-isa", "amx")
+    assert json.loads(asked_amx.stdout)["cpu_kernels"] == ("amx" if amx else bf16_level)
+    if not amx:  # the fallback says why, and what runs instead
+        assert "KRAKEN_CPU_ISA=amx: " in asked_amx.stderr and f"; running the {bf16_level} kernels" in asked_amx.stderr
+    assert json.loads(run("--cpu-isa", "avx512bf16").stdout)["cpu_kernels"] == bf16_level
     assert json.loads(run(env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == "avx2"
     # The command line wins over the environment, also when it says auto.
     assert json.loads(run("--cpu-isa", "auto", env={"KRAKEN_CPU_ISA": "avx2"}).stdout)["cpu_kernels"] == cpu_kernel_level()
-    bad = run(env={"KRAKEN_CPU_ISA": "avx512bf16"})
+    bad = run(env={"KRAKEN_CPU_ISA": "avx512fp16"})
     assert bad.returncode == 2
-    assert "--cpu-isa: avx512bf16 not in {auto,amx,avx512,avx2}" in bad.stderr
+    assert "--cpu-isa: avx512fp16 not in {auto,amx,avx512bf16,avx512,avx2}" in bad.stderr
     assert "environment variable KRAKEN_CPU_ISA" in bad.stderr
 
 

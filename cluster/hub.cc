@@ -97,7 +97,8 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
   KRAKEN_ASSIGN_OR_RETURN(std::vector<engine::Device> devices, CheckHello(hello, peer,
                                                                           {.ranks_per_node = options_.ranks_per_node,
                                                                            .device_kind = options_.device_kind,
-                                                                           .model = options_.model}));
+                                                                           .model = options_.model,
+                                                                           .cpu_kernels = options_.cpu_kernels}));
   std::vector<RankHolder> ranks(nodes_.size());
   const uint64_t now = runtime::NowNs();
   for (size_t n = 0; n < nodes_.size(); ++n) {

@@ -11,6 +11,11 @@ std::string LayoutSizes() {
                 " PlanSeq=", sizeof(runtime::PlanSeq));
 }
 
+std::string KernelNumerics(const std::string& cpu_kernels) {
+  if (cpu_kernels == "amx" || cpu_kernels == "avx512bf16") return cpu_kernels;
+  return "f32";
+}
+
 StatusOr<std::vector<engine::Device>> CheckHello(const v1::Hello& hello, const std::string& peer,
                                                  const MembershipRules& rules) {
   if (hello.protocol_version() != runtime::kProtocolVersion || hello.layout_sizes() != LayoutSizes()) {
@@ -37,6 +42,13 @@ StatusOr<std::vector<engine::Device>> CheckHello(const v1::Hello& hello, const s
   if (hello.devices_size() != rules.ranks_per_node) {
     return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
                            " workers; every node needs as many as the leader (", rules.ranks_per_node, ")");
+  }
+  if (rules.device_kind == "cpu" && KernelNumerics(hello.cpu_kernels()) != KernelNumerics(rules.cpu_kernels)) {
+    return FailedPrecondition("node at ", peer, " runs the ",
+                              hello.cpu_kernels().empty() ? "unnamed" : hello.cpu_kernels(),
+                              " CPU kernels and the leader the ", rules.cpu_kernels,
+                              " ones, whose BF16-weight products differ: give every node a --cpu-isa its CPU runs "
+                              "alike (auto, avx512 and avx2 give the same bits everywhere)");
   }
   return devices;
 }

@@ -474,7 +474,10 @@ int RunFollowerNode(const Flags& f) {
     spdlog::critical("{}", std::string(devices.status().message()));
     return 2;
   }
-  cluster::FollowerOptions fo{.leader = f.join, .node_rank = f.node_rank, .model = ModelFingerprint(f.model)};
+  cluster::FollowerOptions fo{.leader = f.join,
+                              .node_rank = f.node_rank,
+                              .model = ModelFingerprint(f.model),
+                              .cpu_kernels = engine::cpu::Kernels().isa};
   fo.tls = ClusterTlsOf(f);
   fo.workers.model_dir = f.model;
   fo.workers.devices = *devices;
@@ -496,6 +499,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
                                                           .device_kind = std::string(wo.devices.front().traits().kind),
                                                           .model = ModelFingerprint(f.model),
                                                           .model_dir = f.model,
+                                                          .cpu_kernels = engine::cpu::Kernels().isa,
                                                           .heartbeat_timeout = wo.heartbeat_timeout,
                                                           .collective_timeout = wo.collective_timeout,
                                                           .start_timeout = wo.start_timeout,

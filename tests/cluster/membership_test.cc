@@ -10,16 +10,17 @@
 namespace kraken::cluster {
 namespace {
 
-v1::Hello Hello(std::vector<std::string> devices, std::string model = "fp") {
+v1::Hello Hello(std::vector<std::string> devices, std::string model = "fp", std::string cpu_kernels = "avx512") {
   v1::Hello h;
   h.set_protocol_version(runtime::kProtocolVersion);
   h.set_layout_sizes(LayoutSizes());
   h.set_model(model);
+  h.set_cpu_kernels(cpu_kernels);
   for (auto& d : devices) h.add_devices(d);
   return h;
 }
 
-const MembershipRules kRules{.ranks_per_node = 2, .device_kind = "cpu", .model = "fp"};
+const MembershipRules kRules{.ranks_per_node = 2, .device_kind = "cpu", .model = "fp", .cpu_kernels = "avx2"};
 
 TEST(CheckHello, ANodeOfTheSameBuildModelKindAndSizeJoinsWithItsDevices) {
   auto devices = CheckHello(Hello({"cpu", "cpu"}), "10.0.0.2:5000", kRules);
@@ -48,6 +49,29 @@ TEST(CheckHello, EachDifferenceIsRefusedByName) {
   EXPECT_EQ(CheckHello(Hello({"cpu", "tpu"}), "p", kRules).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(CheckHello(Hello({"cpu"}), "p", kRules).status(),
             absl::InvalidArgumentError("node at p has 1 workers; every node needs as many as the leader (2)"));
+}
+
+// A CPU node must compute what the leader computes: the F32 levels (avx2, avx512) give the same
+// bits and mix freely; a BF16-product level (amx, avx512bf16) joins only a leader on the same one.
+TEST(CheckHello, ACpuNodeWithOtherKernelNumericsIsRefusedByName) {
+  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512"), "p", kRules).ok());
+  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", ""), "p", kRules).ok());  // a node that does not say
+  MembershipRules amx = kRules;
+  amx.cpu_kernels = "amx";
+  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx"), "p", amx).ok());
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512bf16"), "10.0.0.4:7", amx).status(),
+            absl::FailedPreconditionError(
+                "node at 10.0.0.4:7 runs the avx512bf16 CPU kernels and the leader the amx ones, whose BF16-weight "
+                "products differ: give every node a --cpu-isa its CPU runs alike (auto, avx512 and avx2 give the "
+                "same bits everywhere)"));
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512"), "p", amx).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx"), "p", kRules).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // GPU workers do not run the CPU kernels: their nodes' levels do not matter.
+  MembershipRules cuda = amx;
+  cuda.device_kind = "cuda";
+  EXPECT_TRUE(CheckHello(Hello({"cuda:0", "cuda:1"}, "fp", "avx2"), "p", cuda).ok());
 }
 
 // The rank assigned, or -1 (with the refusal reported) when it was refused.

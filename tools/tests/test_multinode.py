@@ -369,6 +369,16 @@ def test_a_node_the_leader_cannot_use_is_refused_by_name():
             assert "has a worker on cuda:0; the leader's are cpu devices" in f.read_log()
         finally:
             f.close()
+        # Other CPU kernel numerics than the leader's (auto: an F32 level): a shard would compute
+        # other bits on this node. Only where this CPU has a BF16-product level to ask for.
+        if "avx512_bf16" in open("/proc/cpuinfo").read().split():
+            f = Follower(cluster_port, "--cpu-isa", "amx")
+            try:
+                assert f.wait(20) == 2
+                log = f.read_log()
+                assert "CPU kernels and the leader the avx512 ones, whose BF16-weight products differ" in log, log
+            finally:
+                f.close()
     finally:
         lead.kill()
         lead.wait()

@@ -126,39 +126,53 @@ template <int rows>
   }
 }
 
+// Step 3 for n rows and one slice of 16 output columns: o_i = o_i * corr_i + sum_j p_ij v_j over
+// the keys row i sees, j in order (`v`: the slice's first column in the block's V, row stride dh;
+// `p`, `visible`, `corr`, `o`: the group's first row). Its own function so that the p_ij broadcasts
+// are made in the FMAs: inlined, the compiler hoists all n x bs of them out of the slice loop and
+// parks them on the stack. kPadded: the score-row stride when fixed (16 for the default block
+// size, so that one base register addresses every row's scores), 0 when `padded_bs` gives it.
+template <int n, int kPadded, typename Kv>
+[[gnu::noinline]] void AccumulateSlice(const typename Kv::T* v, const float* p, int padded_bs_runtime, int dh, int bs,
+                                       int lanes, const int* visible, const float* corr, float* o) {
+  const int padded_bs = kPadded != 0 ? kPadded : padded_bs_runtime;
+  F32x16 acc[n];
+#pragma GCC unroll 16
+  for (int i = 0; i < n; ++i) {
+    acc[i] = visible[i] == 0 ? F32x16::Zero() : F32x16::LoadPartial(o + i * dh, lanes) * F32x16::Broadcast(corr[i]);
+  }
+  if (visible[0] == bs) {
+    for (int j = 0; j < bs; ++j) {
+      const F32x16 vv = Kv::LoadPartial(v + static_cast<int64_t>(j) * dh, lanes);
+#pragma GCC unroll 16
+      for (int i = 0; i < n; ++i) acc[i] = Fma(F32x16::Broadcast(p[i * padded_bs + j]), vv, acc[i]);
+    }
+  } else {
+    for (int j = 0; j < visible[n - 1]; ++j) {
+      const F32x16 vv = Kv::LoadPartial(v + static_cast<int64_t>(j) * dh, lanes);
+#pragma GCC unroll 16
+      for (int i = 0; i < n; ++i) {
+        if (j < visible[i]) acc[i] = Fma(F32x16::Broadcast(p[i * padded_bs + j]), vv, acc[i]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < n; ++i) {
+    if (visible[i] != 0) acc[i].StorePartial(o + i * dh, lanes);
+  }
+}
+
 // Step 3 of AttendTile for one key block: o_r = o_r * corr_r + sum_j p_rj v_j over the keys row r
 // sees, j in order (`vb`: the block's V, [bs][dh]). Row 0 has the earliest position, so when it
 // sees the whole block every row does (the common case, without per-key masks).
-template <int rows, typename Kv>
+template <int rows, int kPadded, typename Kv>
 [[gnu::always_inline]] inline void AccumulateValues(const typename Kv::T* vb, const float* p, int padded_bs, int dh,
                                                     int bs, const int* visible, const float* corr, float* o) {
-  const bool whole_block = visible[0] == bs;
   for (int e0 = 0; e0 < dh; e0 += kLanes) {
     const int lanes = std::min(kLanes, dh - e0);
     ForRowGroups<rows>([&]<int r0, int n>() {
-      F32x16 acc[n];
-      for (int i = 0; i < n; ++i) {
-        const int r = r0 + i;
-        acc[i] =
-            visible[r] == 0 ? F32x16::Zero() : F32x16::LoadPartial(o + r * dh + e0, lanes) * F32x16::Broadcast(corr[r]);
-      }
-      const float* pg = p + r0 * padded_bs;
-      if (whole_block) {
-        for (int j = 0; j < bs; ++j) {
-          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-          for (int i = 0; i < n; ++i) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
-        }
-      } else {
-        for (int j = 0; j < visible[r0 + n - 1]; ++j) {
-          const F32x16 vv = Kv::LoadPartial(vb + static_cast<int64_t>(j) * dh + e0, lanes);
-          for (int i = 0; i < n; ++i) {
-            if (j < visible[r0 + i]) acc[i] = Fma(F32x16::Broadcast(pg[i * padded_bs + j]), vv, acc[i]);
-          }
-        }
-      }
-      for (int i = 0; i < n; ++i) {
-        if (visible[r0 + i] != 0) acc[i].StorePartial(o + (r0 + i) * dh + e0, lanes);
-      }
+      AccumulateSlice<n, kPadded, Kv>(vb + e0, p + r0 * padded_bs, padded_bs, dh, bs, lanes, visible + r0, corr + r0,
+                                      o + r0 * dh + e0);
     });
   }
 }
@@ -230,7 +244,7 @@ void AttendTile(Mat q, const KvSlot& slot, const AttentionTile& t, float scale, 
     float corr[rows] = {};
     SoftmaxUpdate<rows>(p, padded_bs, chunks, visible, m, l, corr);
     // 3. o_r = o_r * corr_r + sum_j p_rj v_j over the visible keys, j in order.
-    AccumulateValues<rows, Kv>(vb, p, padded_bs, dh, bs, visible, corr, o);
+    AccumulateValues<rows, kBlock16 ? kLanes : 0, Kv>(vb, p, padded_bs, dh, bs, visible, corr, o);
   }
 
   for (int r = 0; r < rows; ++r) {

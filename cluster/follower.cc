@@ -95,7 +95,7 @@ int Follower::Join() {
   h->set_protocol_version(runtime::kProtocolVersion);
   h->set_layout_sizes(LayoutSizes());
   h->set_model(o_.model);
-  h->set_cpu_kernels(o_.cpu_kernels);
+  h->set_cpu_numerics(o_.cpu_numerics);
   auto creds = ChannelCredentials(o_.tls);
   if (!creds.ok()) {
     spdlog::critical("{}", std::string(creds.status().message()));

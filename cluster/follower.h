@@ -19,10 +19,10 @@
 namespace kraken::cluster {
 
 struct FollowerOptions {
-  std::string leader;       // host:port of the leader's --cluster-port
-  int node_rank = 0;        // 1 .. nodes - 1; 0 = the leader assigns the lowest free one
-  std::string model;        // the model's fingerprint (the leader refuses another); empty with no model_dir
-  std::string cpu_kernels;  // this node's CPU kernel level (the leader refuses other numerics than its own)
+  std::string leader;        // host:port of the leader's --cluster-port
+  int node_rank = 0;         // 1 .. nodes - 1; 0 = the leader assigns the lowest free one
+  std::string model;         // the model's fingerprint (the leader refuses another); empty with no model_dir
+  std::string cpu_numerics;  // this node's engine::cpu::KernelNumerics() (the leader refuses other than its own)
   // model_dir (empty: the path the leader loads), devices (this node's, in rank order),
   // threads_per_worker, collective_host, worker_binary; the limits, timeouts and ranks come from
   // the leader.
@@ -34,8 +34,7 @@ struct FollowerOptions {
 /// Runs the follower until the leader ends it or is lost. Returns the process exit code: 0 after
 /// the leader's shutdown, 1 when the leader was lost or never reached, 2 when it refused this node
 /// (a different build, model or CPU kernel numerics, a node rank out of range, a different worker
-/// count) or the TLS
-/// settings are incomplete or unreadable.
+/// count) or the TLS settings are incomplete or unreadable.
 int RunFollower(const FollowerOptions& options);
 
 }  // namespace kraken::cluster

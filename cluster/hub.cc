@@ -98,7 +98,7 @@ StatusOr<int> Hub::Admit(const v1::Hello& hello, const std::string& peer) {
                                                                           {.ranks_per_node = options_.ranks_per_node,
                                                                            .device_kind = options_.device_kind,
                                                                            .model = options_.model,
-                                                                           .cpu_kernels = options_.cpu_kernels}));
+                                                                           .cpu_numerics = options_.cpu_numerics}));
   std::vector<RankHolder> ranks(nodes_.size());
   const uint64_t now = runtime::NowNs();
   for (size_t n = 0; n < nodes_.size(); ++n) {

@@ -39,13 +39,13 @@
 namespace kraken::cluster {
 
 struct HubOptions {
-  std::string listen = "0.0.0.0:8003";                // host:port (port 0: any; Hub::port() tells)
-  int nodes = 2;                                      // including the leader
-  int ranks_per_node = 1;                             // the leader's workers; every node must have as many
-  std::string device_kind = "cpu";                    // the leader's: "cpu" or "cuda"; every node's must match
-  std::string model;                                  // the model's fingerprint; a node with another is refused
-  std::string model_dir;                              // sent to the nodes: where a node given no model finds it
-  std::string cpu_kernels;                            // the leader's CPU kernel level; CPU nodes must compute alike
+  std::string listen = "0.0.0.0:8003";  // host:port (port 0: any; Hub::port() tells)
+  int nodes = 2;                        // including the leader
+  int ranks_per_node = 1;               // the leader's workers; every node must have as many
+  std::string device_kind = "cpu";      // the leader's: "cpu" or "cuda"; every node's must match
+  std::string model;                    // the model's fingerprint; a node with another is refused
+  std::string model_dir;                // sent to the nodes: where a node given no model finds it
+  std::string cpu_numerics;             // the leader's engine::cpu::KernelNumerics(); CPU nodes must match
   std::chrono::milliseconds heartbeat_timeout{1000};  // a node silent 2 x this long (plus its freezes) is given up
   std::chrono::milliseconds collective_timeout{30000};
   std::chrono::milliseconds start_timeout{120000};

@@ -11,11 +11,6 @@ std::string LayoutSizes() {
                 " PlanSeq=", sizeof(runtime::PlanSeq));
 }
 
-std::string KernelNumerics(const std::string& cpu_kernels) {
-  if (cpu_kernels == "amx" || cpu_kernels == "avx512bf16") return cpu_kernels;
-  return "f32";
-}
-
 StatusOr<std::vector<engine::Device>> CheckHello(const v1::Hello& hello, const std::string& peer,
                                                  const MembershipRules& rules) {
   if (hello.protocol_version() != runtime::kProtocolVersion || hello.layout_sizes() != LayoutSizes()) {
@@ -43,12 +38,11 @@ StatusOr<std::vector<engine::Device>> CheckHello(const v1::Hello& hello, const s
     return InvalidArgument("node at ", peer, " has ", hello.devices_size(),
                            " workers; every node needs as many as the leader (", rules.ranks_per_node, ")");
   }
-  if (rules.device_kind == "cpu" && KernelNumerics(hello.cpu_kernels()) != KernelNumerics(rules.cpu_kernels)) {
-    return FailedPrecondition("node at ", peer, " runs the ",
-                              hello.cpu_kernels().empty() ? "unnamed" : hello.cpu_kernels(),
-                              " CPU kernels and the leader the ", rules.cpu_kernels,
-                              " ones, whose BF16-weight products differ: give every node a --cpu-isa its CPU runs "
-                              "alike (auto, avx512 and avx2 give the same bits everywhere)");
+  if (rules.device_kind == "cpu" && hello.cpu_numerics() != rules.cpu_numerics) {
+    return FailedPrecondition("node at ", peer, " runs CPU kernels of numerics '", hello.cpu_numerics(),
+                              "' and the leader '", rules.cpu_numerics,
+                              "': BF16-weight products would differ between ranks; give every node a --cpu-isa "
+                              "that computes alike on its CPU (auto, avx512 and avx2 give the same bits on every CPU)");
   }
   return devices;
 }

@@ -22,22 +22,16 @@ struct MembershipRules {
   int ranks_per_node = 1;           // the leader's workers; every node must have as many
   std::string device_kind = "cpu";  // engine::DeviceTraits::kind of the leader's devices
   std::string model;                // the model's fingerprint; empty in a Hello: the node loads the leader's
-  std::string cpu_kernels;          // the leader's CPU kernel level (engine::cpu::KernelTable::isa)
+  std::string cpu_numerics;         // the leader's engine::cpu::KernelNumerics(); CPU nodes must match it
 };
-
-/// The numerics a CPU kernel level gives: "amx" and "avx512bf16" (BF16-weight GEMMs over
-/// BF16-rounded activations, each its own instruction) are their own; every other level ("avx2",
-/// "avx512", "generic", or "" from a node that does not say) computes the same F32 products bit
-/// for bit, "f32" (docs/engine.md "CPU kernels").
-std::string KernelNumerics(const std::string& cpu_kernels);
 
 /// Checks a node's Hello against the rules: the same runtime protocol and plan layout
 /// (FAILED_PRECONDITION: "run the same kraken-server build on every node"), the same model
 /// (FAILED_PRECONDITION), workers on devices of the leader's kind (INVALID_ARGUMENT: one group
 /// speaks one collective library) and as many of them as the leader has (INVALID_ARGUMENT), and,
-/// for CPU workers, a CPU kernel level of the leader's numerics (FAILED_PRECONDITION: a rank's
-/// shard would compute other bits on another node). Each message names the peer. Returns the
-/// node's devices.
+/// for CPU workers, CPU kernels of the leader's numerics (FAILED_PRECONDITION: a rank's shard
+/// would compute other bits on another node). Each message names the peer. Returns the node's
+/// devices.
 StatusOr<std::vector<engine::Device>> CheckHello(const v1::Hello& hello, const std::string& peer,
                                                  const MembershipRules& rules);
 

@@ -29,7 +29,7 @@
 namespace kraken::runtime {
 
 inline constexpr uint64_t kMagic = 0x31564e454b41524bull;  // "KRAKENV1"
-inline constexpr uint32_t kProtocolVersion = 7;
+inline constexpr uint32_t kProtocolVersion = 8;
 inline constexpr int kMaxWorld = 64;
 inline constexpr int kMessageBytes = 512;
 inline constexpr int kSeqErrorBytes = 160;

@@ -477,7 +477,7 @@ int RunFollowerNode(const Flags& f) {
   cluster::FollowerOptions fo{.leader = f.join,
                               .node_rank = f.node_rank,
                               .model = ModelFingerprint(f.model),
-                              .cpu_kernels = engine::cpu::Kernels().isa};
+                              .cpu_numerics = engine::cpu::KernelNumerics()};
   fo.tls = ClusterTlsOf(f);
   fo.workers.model_dir = f.model;
   fo.workers.devices = *devices;
@@ -499,7 +499,7 @@ Status JoinNodes(const Flags& f, runtime::WorkerGroupOptions& wo) {
                                                           .device_kind = std::string(wo.devices.front().traits().kind),
                                                           .model = ModelFingerprint(f.model),
                                                           .model_dir = f.model,
-                                                          .cpu_kernels = engine::cpu::Kernels().isa,
+                                                          .cpu_numerics = engine::cpu::KernelNumerics(),
                                                           .heartbeat_timeout = wo.heartbeat_timeout,
                                                           .collective_timeout = wo.collective_timeout,
                                                           .start_timeout = wo.start_timeout,

@@ -171,6 +171,31 @@ const KernelTable& Kernels() {
   return *active;
 }
 
+std::string KernelNumerics() {
+  const KernelTable& kt = Kernels();
+  if (!kt.bf16_pairs) return "f32";
+  std::string id = kt.isa;
+#if KRAKEN_CPU_HAS_X86_ISAS
+  // CPUID 0: the vendor string in EBX, EDX, ECX; CPUID 1 EAX: family and model with their
+  // extensions (Intel SDM Vol. 2A, "CPUID": the display family and model).
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  char vendor[13] = {};
+  if (__get_cpuid(0, &a, &b, &c, &d) != 0) {
+    std::memcpy(vendor, &b, 4);
+    std::memcpy(vendor + 4, &d, 4);
+    std::memcpy(vendor + 8, &c, 4);
+  }
+  if (__get_cpuid(1, &a, &b, &c, &d) != 0) {
+    const unsigned base_family = (a >> 8) & 0xf, base_model = (a >> 4) & 0xf;
+    const unsigned family = base_family == 0xf ? base_family + ((a >> 20) & 0xff) : base_family;
+    const unsigned model =
+        base_family == 0x6 || base_family == 0xf ? base_model + (((a >> 16) & 0xf) << 4) : base_model;
+    id += " on " + std::string(vendor) + " family " + std::to_string(family) + " model " + std::to_string(model);
+  }
+#endif
+  return id;
+}
+
 void Embed(const int32_t* tokens, const int32_t* positions, const PackedMatrix& wte, const float* wpe, Mat out) {
   Kernels().embed(tokens, positions, wte, wpe, out);
 }

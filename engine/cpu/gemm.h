@@ -103,7 +103,9 @@ void Gemm(const float* x, int m, int64_t lda, const PackedMatrix& w, const float
           bool accumulate, GemmScratch* scratch);
 
 /// Floats of GemmScratch::packed_a a Gemm of an [m, k] input needs on the active kernel level
-/// (row tiles of 6 on AVX2, 12 on AVX-512): what a memory budget reserves up front.
+/// (row tiles of 6 on AVX2, 12 on AVX-512; on avx512bf16 and amx also the BF16 copy of the
+/// activations, k padded to 32, which is no larger for k >= 32): what a memory budget reserves up
+/// front.
 size_t GemmScratchFloats(int m, int k);
 
 }  // namespace kraken::engine::cpu

@@ -79,6 +79,13 @@ struct KernelTable {
                     AttentionScratch* scratch);
 };
 
+/// What decides the bits the active level computes, for comparing processes (the nodes of a
+/// multi-node group): "f32" for every level whose products are the F32 levels' (avx2, avx512,
+/// generic: the same bits on any CPU), else the level and the CPU it runs on, e.g. "avx512bf16 on
+/// AuthenticAMD family 26 model 2": the BF16 dot-product instructions round as each CPU design
+/// does (docs/engine.md "CPU kernels").
+std::string KernelNumerics();
+
 /// The levels this binary holds kernels for, best first ({"amx", "avx512bf16", "avx512", "avx2"} on x86-64,
 /// {"generic"} elsewhere).
 std::vector<std::string> BuiltCpuIsas();

@@ -10,17 +10,17 @@
 namespace kraken::cluster {
 namespace {
 
-v1::Hello Hello(std::vector<std::string> devices, std::string model = "fp", std::string cpu_kernels = "avx512") {
+v1::Hello Hello(std::vector<std::string> devices, std::string model = "fp", std::string cpu_numerics = "f32") {
   v1::Hello h;
   h.set_protocol_version(runtime::kProtocolVersion);
   h.set_layout_sizes(LayoutSizes());
   h.set_model(model);
-  h.set_cpu_kernels(cpu_kernels);
+  h.set_cpu_numerics(cpu_numerics);
   for (auto& d : devices) h.add_devices(d);
   return h;
 }
 
-const MembershipRules kRules{.ranks_per_node = 2, .device_kind = "cpu", .model = "fp", .cpu_kernels = "avx2"};
+const MembershipRules kRules{.ranks_per_node = 2, .device_kind = "cpu", .model = "fp", .cpu_numerics = "f32"};
 
 TEST(CheckHello, ANodeOfTheSameBuildModelKindAndSizeJoinsWithItsDevices) {
   auto devices = CheckHello(Hello({"cpu", "cpu"}), "10.0.0.2:5000", kRules);
@@ -51,27 +51,35 @@ TEST(CheckHello, EachDifferenceIsRefusedByName) {
             absl::InvalidArgumentError("node at p has 1 workers; every node needs as many as the leader (2)"));
 }
 
-// A CPU node must compute what the leader computes: the F32 levels (avx2, avx512) give the same
-// bits and mix freely; a BF16-product level (amx, avx512bf16) joins only a leader on the same one.
+// A CPU node must compute what the leader computes (engine::cpu::KernelNumerics): every F32
+// level is "f32" on any CPU and they mix freely; a BF16-product level joins only a leader of the
+// same level on the same CPU design; a node that does not say is refused.
 TEST(CheckHello, ACpuNodeWithOtherKernelNumericsIsRefusedByName) {
-  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512"), "p", kRules).ok());
-  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", ""), "p", kRules).ok());  // a node that does not say
+  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "f32"), "p", kRules).ok());
   MembershipRules amx = kRules;
-  amx.cpu_kernels = "amx";
-  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx"), "p", amx).ok());
-  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512bf16"), "10.0.0.4:7", amx).status(),
+  amx.cpu_numerics = "amx on GenuineIntel family 6 model 143";
+  EXPECT_TRUE(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx on GenuineIntel family 6 model 143"), "p", amx).ok());
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512bf16 on AuthenticAMD family 26 model 2"), "10.0.0.4:7", amx)
+                .status(),
             absl::FailedPreconditionError(
-                "node at 10.0.0.4:7 runs the avx512bf16 CPU kernels and the leader the amx ones, whose BF16-weight "
-                "products differ: give every node a --cpu-isa its CPU runs alike (auto, avx512 and avx2 give the "
-                "same bits everywhere)"));
-  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "avx512"), "p", amx).status().code(),
+                "node at 10.0.0.4:7 runs CPU kernels of numerics 'avx512bf16 on AuthenticAMD family 26 model 2' and "
+                "the leader 'amx on GenuineIntel family 6 model 143': BF16-weight products would differ between "
+                "ranks; give every node a --cpu-isa that computes alike on its CPU (auto, avx512 and avx2 give the "
+                "same bits on every CPU)"));
+  // The same level on another CPU design: its dot-product rounding is that design's.
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx on GenuineIntel family 6 model 173"), "p", amx).status().code(),
             absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "amx"), "p", kRules).status().code(),
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", "f32"), "p", amx).status().code(),
             absl::StatusCode::kFailedPrecondition);
-  // GPU workers do not run the CPU kernels: their nodes' levels do not matter.
+  EXPECT_EQ(
+      CheckHello(Hello({"cpu", "cpu"}, "fp", "amx on GenuineIntel family 6 model 143"), "p", kRules).status().code(),
+      absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(CheckHello(Hello({"cpu", "cpu"}, "fp", ""), "p", kRules).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  // GPU workers do not run the CPU kernels: their nodes' numerics do not matter.
   MembershipRules cuda = amx;
   cuda.device_kind = "cuda";
-  EXPECT_TRUE(CheckHello(Hello({"cuda:0", "cuda:1"}, "fp", "avx2"), "p", cuda).ok());
+  EXPECT_TRUE(CheckHello(Hello({"cuda:0", "cuda:1"}, "fp", "f32"), "p", cuda).ok());
 }
 
 // The rank assigned, or -1 (with the refusal reported) when it was refused.

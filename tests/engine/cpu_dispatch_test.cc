@@ -41,7 +41,10 @@ TEST(CpuDispatch, ReadsThisCpusFeatures) {
   EXPECT_FALSE(CpuHasFeature("avx512vp2intersect"));  // a name the levels do not ask about
   const bool avx512 = CpuHasFeature("avx512f");
   EXPECT_EQ(avx512, __builtin_cpu_supports("avx512f") != 0);
-  EXPECT_EQ(CpuHasFeature("avx512bf16"), __builtin_cpu_supports("avx512bf16") != 0);
+  // Raw CPUID for the BF16 bit; the level also asks for avx512f, which covers the OS's AVX-512 state.
+  if (avx512) {
+    EXPECT_EQ(CpuHasFeature("avx512bf16"), __builtin_cpu_supports("avx512bf16") != 0);
+  }
 }
 
 TEST(CpuDispatch, PicksTheBestLevelTheCpuHas) {
@@ -94,6 +97,22 @@ TEST(CpuDispatch, AnUnknownCapOrAnUnfitCpuIsRefusedByName) {
             "avx2)");
 }
 #endif
+
+// What a node's Hello says its kernels compute (the leader compares it): "f32" on the F32 levels
+// whatever the CPU, else the level and the CPU design.
+TEST(CpuDispatch, KernelNumericsNameTheLevelAndCpuOnlyForBf16Products) {
+  const std::string numerics = KernelNumerics();
+  if (!Kernels().bf16_pairs) {
+    EXPECT_EQ(numerics, "f32");
+    return;
+  }
+  const std::string prefix = std::string(Kernels().isa) + " on ";
+  ASSERT_EQ(numerics.substr(0, prefix.size()), prefix) << numerics;
+  const bool vendor = numerics.find("on GenuineIntel family ") != std::string::npos ||
+                      numerics.find("on AuthenticAMD family ") != std::string::npos;
+  EXPECT_TRUE(vendor) << numerics;
+  EXPECT_NE(numerics.find(" model "), std::string::npos) << numerics;
+}
 
 // The suite runs once per level in scripts/test.sh (KRAKEN_CPU_ISA=...): the active level must be
 // the one asked for when this CPU has it.
@@ -248,20 +267,21 @@ class Bf16ProductLevel : public ::testing::TestWithParam<const char*> {
 // counted once, F32 accumulation — within 2^-20 of the terms' magnitudes of that sum in double,
 // where taking x unrounded (the F32 levels' product) is off by up to 2^-9 per term. Shapes cover
 // partial tiles: rows 1-16 and 17-32 (one AMX pass; 12-row register tiles and their remainders on
-// avx512bf16), past 32 (whole panels), k not a multiple of 32, n not a multiple of 16.
+// avx512bf16, where 1-2 rows take 4 panels per call and 3-4 rows 2: n = 128), past 32 (whole
+// panels), k not a multiple of 32, n not a multiple of 16.
 TEST_P(Bf16ProductLevel, MultipliesBf16RoundedActivationsByBf16Weights) {
   const KernelTable* level = level_;
   omp_set_num_threads(2);
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
   for (int k : {1, 31, 32, 33, 131, 200}) {
-    for (int n : {1, 31, 77}) {
+    for (int n : {1, 31, 77, 128}) {
       std::vector<uint16_t> wb(static_cast<size_t>(n) * k);
       for (uint16_t& v : wb) v = F32ToBf16(nd(rng));
       const PackedMatrix w = PackBf16(wb, n, k, level->bf16_pairs);
       std::vector<float> bias(n);
       for (float& v : bias) v = nd(rng);
-      for (int m : {1, 5, 16, 17, 32, 33, 50}) {
+      for (int m : {1, 2, 3, 4, 5, 16, 17, 32, 33, 50}) {
         std::vector<float> x(static_cast<size_t>(m) * k);
         for (float& v : x) v = nd(rng);
         for (bool accumulate : {false, true}) {

@@ -131,6 +131,25 @@ inline F32x16 LoadW(const uint8_t* p) {
   }
 }
 
+// A register tile's MR rows x 2 * NP accumulators into Y: (acc + bias), then added to Y when
+// accumulating; columns past n_valid dropped. Inlined, so the accumulators stay in registers.
+template <int MR, int NP>
+[[gnu::always_inline]] inline void StoreTile(const F32x16 (&acc)[MR][2 * NP], float* y, int64_t ldc, int n_valid,
+                                             const float* bias, bool accumulate) {
+  for (int r = 0; r < MR; ++r) {
+    float* yr = y + r * ldc;
+    for (int j = 0; j < 2 * NP; ++j) {
+      const int c0 = j * 16;
+      const int n = std::min(16, n_valid - c0);
+      if (n <= 0) break;
+      F32x16 t = acc[r][j];
+      if (bias != nullptr) t = t + F32x16::LoadPartial(bias + c0, n);
+      if (accumulate) t = F32x16::LoadPartial(yr + c0, n) + t;
+      t.StorePartial(yr + c0, n);
+    }
+  }
+}
+
 // MR rows x NP panels. `a` is the packed tile [K][MR]; `w` the first panel, `panel_bytes` apart.
 // Every accumulator is a single FMA chain over k in order: this is the batch-invariance contract.
 template <DType T, int MR, int NP>
@@ -153,18 +172,7 @@ void Kernel(int k_dim, const float* a, const uint8_t* w, size_t panel_bytes, flo
       for (int j = 0; j < 2 * NP; ++j) acc[r][j] = Fma(av, b[j], acc[r][j]);
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    float* yr = y + r * ldc;
-    for (int j = 0; j < 2 * NP; ++j) {
-      const int c0 = j * 16;
-      const int n = std::min(16, n_valid - c0);
-      if (n <= 0) break;
-      F32x16 t = acc[r][j];
-      if (bias != nullptr) t = t + F32x16::LoadPartial(bias + c0, n);
-      if (accumulate) t = F32x16::LoadPartial(yr + c0, n) + t;
-      t.StorePartial(yr + c0, n);
-    }
-  }
+  StoreTile<MR, NP>(acc, y, ldc, n_valid, bias, accumulate);
 }
 
 // Panels per kernel call for a tile of `mr` rows: small tiles take several panels so enough
@@ -404,9 +412,9 @@ template <int MR, int NP>
 void Kernel(int pairs, const float* a_floats, const uint8_t* w, size_t panel_bytes, float* y, int64_t ldc, int n_valid,
             const float* bias, bool accumulate) {
   const uint32_t* a = reinterpret_cast<const uint32_t*>(a_floats);
-  __m512 acc[MR][2 * NP];
+  F32x16 acc[MR][2 * NP];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 2 * NP; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 2 * NP; ++j) acc[r][j] = F32x16::Zero();
   for (int kb = 0; kb < pairs / (kPairBlock / 2); ++kb) {
     const uint8_t* block = w + static_cast<size_t>(kb) * 2 * 1024;
     for (int q = 0; q < kPairBlock / 2; ++q) {
@@ -423,22 +431,11 @@ void Kernel(int pairs, const float* a_floats, const uint8_t* w, size_t panel_byt
       const uint32_t* ak = a + static_cast<size_t>(kb * (kPairBlock / 2) + q) * MR;
       for (int r = 0; r < MR; ++r) {
         const __m512bh av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(ak[r])));
-        for (int j = 0; j < 2 * NP; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], av, b[j]);
+        for (int j = 0; j < 2 * NP; ++j) acc[r][j].v = _mm512_dpbf16_ps(acc[r][j].v, av, b[j]);
       }
     }
   }
-  for (int r = 0; r < MR; ++r) {
-    float* yr = y + r * ldc;
-    for (int j = 0; j < 2 * NP; ++j) {
-      const int c0 = j * 16;
-      const int n = std::min(16, n_valid - c0);
-      if (n <= 0) break;
-      __m512 t = acc[r][j];
-      if (bias != nullptr) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(FirstLanes(n), bias + c0));
-      if (accumulate) t = _mm512_add_ps(_mm512_maskz_loadu_ps(FirstLanes(n), yr + c0), t);
-      _mm512_mask_storeu_ps(yr + c0, FirstLanes(n), t);
-    }
-  }
+  StoreTile<MR, NP>(acc, y, ldc, n_valid, bias, accumulate);
 }
 
 template <int MR>
